@@ -1,0 +1,178 @@
+"""``qdelta_rule``: the public Q-Delta op. Input checks, q/k normalisation and dispatch.
+
+Implementations (``implementation=``):
+
+* ``"reference"`` -- :func:`qdelta_jax.reference.qdelta_scan`, a ``lax.scan`` over time; the
+  definition. Slow, and its autodiff keeps every per-token state: use it to check things.
+* ``"xla"`` -- :mod:`qdelta_jax.xla`, the chunkwise form in plain ``jnp`` with an analytic
+  ``custom_vjp``; runs on every backend.
+* ``"pallas"`` -- :mod:`qdelta_jax.pallas`, GPU kernels (Pallas, Triton lowering) behind the same
+  chunked layout; on a machine without a GPU they run in Pallas interpret mode (slow; for tests).
+
+``None`` picks ``"pallas"`` on GPUs and ``"xla"`` elsewhere.
+
+All checks read only shapes and dtypes (and the values of ``cu_seqlens`` when they are concrete),
+so they run once at trace time and cost nothing in a compiled step.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array, Float, Int
+
+from qdelta_jax import reference
+
+IMPLEMENTATIONS = ("reference", "xla", "pallas")
+
+
+def _fmt(shape) -> str:
+    return "[" + ", ".join(str(s) for s in shape) + "]"
+
+
+def _check_float(name: str, x) -> None:
+    if not jnp.issubdtype(jnp.result_type(x), jnp.floating):
+        raise TypeError(f"{name} must have a floating dtype (float32 or bfloat16), got {x.dtype}")
+
+
+def _check_shape(name: str, x, expected: tuple, legend: str) -> None:
+    if tuple(x.shape) != tuple(expected):
+        raise ValueError(
+            f"{name} must have shape {legend} = {_fmt(expected)}, got {_fmt(x.shape)}"
+        )
+
+
+def _check_cu_seqlens(cu_seqlens, B: int, T: int) -> int:
+    """Checks ``cu_seqlens`` and returns N, the number of sequences."""
+    if B != 1:
+        raise ValueError(
+            f"with cu_seqlens the batch must be packed into one row: q has batch size {B}, "
+            "expected 1 (shape [1, T, H, K])"
+        )
+    if cu_seqlens.ndim != 1 or cu_seqlens.shape[0] < 2:
+        raise ValueError(
+            f"cu_seqlens must be a 1-D array of N+1 >= 2 offsets, got shape {_fmt(cu_seqlens.shape)}"
+        )
+    if not jnp.issubdtype(jnp.result_type(cu_seqlens), jnp.integer):
+        raise TypeError(f"cu_seqlens must have an integer dtype, got {cu_seqlens.dtype}")
+    if not isinstance(cu_seqlens, jax.core.Tracer):
+        cu = np.asarray(cu_seqlens)
+        if cu[0] != 0:
+            raise ValueError(f"cu_seqlens must start at 0, got {cu[0]}")
+        if np.any(np.diff(cu) < 0):
+            raise ValueError(f"cu_seqlens must be non-decreasing, got {cu.tolist()}")
+        if cu[-1] != T:
+            raise ValueError(
+                f"cu_seqlens must end at the sequence length T = {T}, got {cu[-1]}"
+            )
+    return cu_seqlens.shape[0] - 1
+
+
+def default_implementation() -> str:
+    """``"pallas"`` when the default backend is a GPU, else ``"xla"``."""
+    return "pallas" if jax.default_backend() == "gpu" else "xla"
+
+
+def qdelta_rule(
+    q: Float[Array, "B T H K"],
+    k: Float[Array, "B T H K"],
+    v: Float[Array, "B T H V"],
+    g: Float[Array, "B T H"],
+    beta: Float[Array, "B T H"],
+    lam: Float[Array, "B T H"],
+    *,
+    scale: float | None = None,
+    initial_state: Float[Array, "N H K V"] | None = None,
+    output_final_state: bool = False,
+    normalize_qk: bool = True,
+    cu_seqlens: Int[Array, "N+1"] | None = None,
+    chunk_size: int = 64,
+    implementation: str | None = None,
+) -> tuple[Float[Array, "B T H V"], Float[Array, "N H K V"] | None]:
+    """The Q-Delta recurrence (``../shared/SPEC.md`` section 1) over a batch of sequences.
+
+    Args:
+      q, k: ``[B, T, H, K]`` queries and keys, float32 or bfloat16.
+      v: ``[B, T, H, V]`` values; ``o`` gets this dtype.
+      g: ``[B, T, H]`` log decay (``a_t = exp(g_t)``, ``g <= 0``).
+      beta: ``[B, T, H]`` write strength. lam: ``[B, T, H]`` query mixing ``x = k + lam q``.
+      scale: output scale, default ``K ** -0.5``; it touches the output only.
+      initial_state: ``[N, H, K, V]`` state entering each sequence (``N = B``, or the number of
+        packed sequences with ``cu_seqlens``); zero when ``None``.
+      output_final_state: return the float32 ``[N, H, K, V]`` final states (else ``None``).
+      normalize_qk: L2-normalise ``q`` and ``k`` over K inside the op (as the authors do).
+      cu_seqlens: ``[N + 1]`` integer offsets of packed sequences in one row (``B == 1``); the
+        state resets at every offset.
+      chunk_size: chunk length C of the chunked implementations, a power of two.
+      implementation: ``"reference"``, ``"xla"``, ``"pallas"`` or ``None`` (fastest available).
+
+    Returns:
+      ``(o, final_state)``: ``o [B, T, H, V]`` in ``v``'s dtype; ``final_state`` or ``None``.
+
+    Raises:
+      ValueError / TypeError naming the argument for wrong shapes, dtypes or settings.
+    """
+    if implementation is None:
+        implementation = default_implementation()
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(
+            f"implementation must be one of {IMPLEMENTATIONS} or None, got {implementation!r}"
+        )
+    for name, x in (("q", q), ("k", k), ("v", v), ("g", g), ("beta", beta), ("lam", lam)):
+        if not hasattr(x, "shape") or not hasattr(x, "dtype"):
+            raise TypeError(f"{name} must be an array, got {type(x).__name__}")
+        _check_float(name, x)
+    if q.ndim != 4:
+        raise ValueError(f"q must have shape [B, T, H, K], got {_fmt(q.shape)}")
+    B, T, H, K = q.shape
+    _check_shape("k", k, (B, T, H, K), "[B, T, H, K]")
+    if v.ndim != 4 or tuple(v.shape[:3]) != (B, T, H):
+        raise ValueError(
+            f"v must have shape [B, T, H, V] = {_fmt((B, T, H, 'V'))}, got {_fmt(v.shape)}"
+        )
+    V = v.shape[-1]
+    for name, x in (("g", g), ("beta", beta), ("lam", lam)):
+        _check_shape(name, x, (B, T, H), "[B, T, H]")
+    if T == 0 or K == 0 or V == 0 or H == 0:
+        raise ValueError(f"q and v must have non-empty T, H, K, V, got q {_fmt(q.shape)}, "
+                         f"v {_fmt(v.shape)}")
+    if not isinstance(chunk_size, (int, np.integer)) or chunk_size < 1 or (
+        chunk_size & (chunk_size - 1)
+    ):
+        raise ValueError(f"chunk_size must be a power of two (16, 32, 64, 128), got {chunk_size!r}")
+    if scale is None:
+        scale = K**-0.5
+    elif not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise ValueError(f"scale must be a finite float or None, got {scale!r}")
+    N = B
+    if cu_seqlens is not None:
+        N = _check_cu_seqlens(cu_seqlens, B, T)
+    if initial_state is not None:
+        _check_float("initial_state", initial_state)
+        _check_shape("initial_state", initial_state, (N, H, K, V), "[N, H, K, V]")
+
+    if normalize_qk:
+        q = reference.l2_normalize(q).astype(q.dtype)
+        k = reference.l2_normalize(k).astype(k.dtype)
+
+    if implementation == "reference":
+        o, final = reference.qdelta_scan(
+            q, k, v, g, beta, lam, scale=float(scale), initial_state=initial_state,
+            cu_seqlens=cu_seqlens,
+        )
+    else:
+        from qdelta_jax import xla
+
+        core = None
+        if implementation == "pallas":
+            from qdelta_jax import pallas
+
+            core = pallas.chunked_core(K=K, V=V, dtype=q.dtype, chunk_size=chunk_size)
+        o, final = xla.qdelta_chunked(
+            q, k, v, g, beta, lam, scale=float(scale), initial_state=initial_state,
+            cu_seqlens=cu_seqlens, chunk_size=int(chunk_size), core=core,
+        )
+    return o.astype(v.dtype), (final if output_final_state else None)

@@ -1,0 +1,117 @@
+"""The Q-Delta recurrence, one token at a time: the definition every fast path is tested against.
+
+Dimension letters used throughout the package: B batch, T time, H heads, K key/query head
+dim, V value head dim, C chunk length, N sequences (rows of ``initial_state``).
+
+Per batch element and head, with the state ``S`` of shape ``[K, V]`` (key-major, as in
+flash-linear-attention; the paper writes the transpose)::
+
+    x_t = k_t + lam_t * q_t               # mixed key-query read vector
+    S   = exp(g_t) * S                    # decay
+    e_t = v_t - S^T x_t                   # mixed prediction error        [V]
+    S   = S + beta_t * k_t e_t^T          # delta-rule write along k
+    o_t = scale * S^T q_t                 # read-out after the update
+
+``qdelta_step`` is that update for one token; it is shared by the scan below and by the
+decoding path of :mod:`qdelta_jax.model`, so there is exactly one copy of the math.
+
+Everything here runs in float32 with ``precision=HIGHEST`` (on GPUs XLA's default float32
+matmul is TF32, which is not exact enough for a reference).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jaxtyping import Array, Float, Int
+
+HIGHEST = lax.Precision.HIGHEST
+
+
+def l2_normalize(x: Array, eps: float = 1e-6) -> Array:
+    """``x / sqrt(sum(x**2) + eps)`` over the last axis, computed in float32."""
+    x = x.astype(jnp.float32)
+    return x * lax.rsqrt(jnp.sum(x * x, axis=-1, keepdims=True) + eps)
+
+
+def qdelta_step(
+    state: Float[Array, "... K V"],
+    q: Float[Array, "... K"],
+    k: Float[Array, "... K"],
+    v: Float[Array, "... V"],
+    g: Float[Array, "..."],
+    beta: Float[Array, "..."],
+    lam: Float[Array, "..."],
+    scale: float,
+) -> tuple[Float[Array, "... K V"], Float[Array, "... V"]]:
+    """One token of the recurrence for any leading batch axes (``q``, ``k`` already normalised).
+
+    Returns ``(new_state, o)``; the state is float32, ``o`` is float32.
+    """
+    f32 = jnp.float32
+    state = state.astype(f32)
+    q, k, v = q.astype(f32), k.astype(f32), v.astype(f32)
+    g, beta, lam = g.astype(f32), beta.astype(f32), lam.astype(f32)
+    x = k + lam[..., None] * q
+    s = jnp.exp(g)[..., None, None] * state
+    pred = jnp.einsum("...kv,...k->...v", s, x, precision=HIGHEST)
+    err = v - pred
+    s = s + beta[..., None, None] * (k[..., :, None] * err[..., None, :])
+    o = scale * jnp.einsum("...kv,...k->...v", s, q, precision=HIGHEST)
+    return s, o
+
+
+def qdelta_scan(
+    q: Float[Array, "B T H K"],
+    k: Float[Array, "B T H K"],
+    v: Float[Array, "B T H V"],
+    g: Float[Array, "B T H"],
+    beta: Float[Array, "B T H"],
+    lam: Float[Array, "B T H"],
+    *,
+    scale: float,
+    initial_state: Float[Array, "N H K V"] | None = None,
+    cu_seqlens: Int[Array, "N+1"] | None = None,
+) -> tuple[Float[Array, "B T H V"], Float[Array, "N H K V"]]:
+    """The recurrence as a ``jax.lax.scan`` over time (``q``, ``k`` already normalised).
+
+    Without ``cu_seqlens`` each batch row is one sequence (``N = B``). With ``cu_seqlens``
+    (``B == 1``) the state resets to ``initial_state[n]`` (or zero) at ``cu_seqlens[n]``.
+    Returns float32 outputs and float32 final states ``[N, H, K, V]``.
+    """
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    f32 = jnp.float32
+    if cu_seqlens is None:
+        N = B
+        h0 = jnp.zeros((B, H, K, V), f32) if initial_state is None else initial_state.astype(f32)
+        xs = [jnp.moveaxis(a, 1, 0) for a in (q, k, v, g, beta, lam)]
+
+        def body(s, inp):
+            s, o = qdelta_step(s, *inp, scale)
+            return s, o
+
+        final, o = lax.scan(body, h0, xs)
+        return jnp.moveaxis(o, 0, 1), final
+
+    cu = cu_seqlens.astype(jnp.int32)
+    N = cu.shape[0] - 1
+    h0 = jnp.zeros((N, H, K, V), f32) if initial_state is None else initial_state.astype(f32)
+    t = jnp.arange(T, dtype=jnp.int32)
+    seq = jnp.clip(jnp.searchsorted(cu, t, side="right") - 1, 0, N - 1)
+    is_first = t == cu[seq]
+    is_last = t == cu[seq + 1] - 1
+    xs = [a[0] for a in (q, k, v, g, beta, lam)] + [seq, is_first, is_last]
+
+    def body_varlen(carry, inp):
+        s, finals = carry
+        qt, kt, vt, gt, bt, lt, n, first, last = inp
+        s = jnp.where(first, h0[n], s)
+        s, o = qdelta_step(s, qt, kt, vt, gt, bt, lt, scale)
+        finals = finals.at[n].set(jnp.where(last, s, finals[n]))
+        return (s, finals), o
+
+    # Empty sequences keep their initial state as the final state.
+    (_, finals), o = lax.scan(body_varlen, (jnp.zeros((H, K, V), f32), h0), xs)
+    return o[None], finals

@@ -1,0 +1,416 @@
+"""The chunkwise form of Q-Delta in plain ``jnp`` (SPEC section 2), with an analytic backward.
+
+Time is split into chunks of C tokens. Inside a chunk (indices i, j; ``G`` the inclusive
+cumulative sum of ``g``; ``h`` the state entering the chunk)::
+
+    A_ij = beta_i (x_i . k_j) exp(G_i - G_j)   for i > j     # x on the ROW index
+    T    = (I + A)^-1                                         # unit lower triangular
+    W    = T (beta gamma X),   U = T (beta V)
+    D    = U - W h                                            # the per-token writes
+    O    = scale ((gamma Q) h + ((Q K^T) o exp(G_i - G_j) o [i >= j]) D)
+    h'   = gamma_C h + (K o exp(G_C - G))^T D
+
+This module is the CPU/TPU path and the oracle for the Pallas kernels: each stage is its own
+function (:func:`chunk_local`, :func:`state_pass`, :func:`chunk_output` and the backward stages) so
+a kernel can be checked stage by stage.
+
+Layout. :func:`qdelta_chunked` pads every sequence to whole chunks. Without ``cu_seqlens`` each
+batch row is one sequence, padded at its end. With ``cu_seqlens`` the packed row is re-laid so
+that every sequence starts on a chunk boundary; the state pass then resets at those chunks. Pad
+tokens have ``k = q = v = 0``, ``g = beta = lam = 0``: they leave the state unchanged. The "core"
+(:func:`chunked_core`, or a kernel with the same contract) sees ``[B, Tp, H, *]`` arrays with
+``Tp`` a multiple of C plus per-chunk metadata ``reset``, ``is_last``, ``seq`` of shape
+``[B, NC]``.
+
+Backward. Nothing per chunk is saved: the backward recomputes ``W, U`` and the chunk-entry
+states (one forward state pass), runs a reverse pass over chunks for the state gradient, then
+computes all local gradients in parallel over chunks. Residuals are the inputs and the
+per-sequence initial states only.
+
+Numerics: ``G``, the triangular solve and the states are float32. Matmul inputs are in the
+compute dtype (bfloat16 inputs stay bfloat16, float32 uses ``precision=HIGHEST``), with float32
+accumulation. ``exp(G_i - G_j)`` is only evaluated where ``i >= j``, so it never overflows.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jaxtyping import Array, Bool, Float, Int
+
+F32 = jnp.float32
+
+
+def _mm(eq: str, a: Array, b: Array, dt) -> Array:
+    """einsum with inputs in the compute dtype ``dt`` and float32 accumulation."""
+    prec = lax.Precision.HIGHEST if dt == F32 else None
+    return jnp.einsum(eq, a.astype(dt), b.astype(dt), preferred_element_type=F32, precision=prec)
+
+
+def _masks(C: int) -> tuple[Array, Array]:
+    i = jnp.arange(C)
+    return i[:, None] > i[None, :], i[:, None] >= i[None, :]
+
+
+def _decay(G: Array, mask: Array) -> Array:
+    """``exp(G_i - G_j)`` where ``mask`` holds, else 0; never evaluates an unmasked exponent."""
+    diff = G[..., :, None] - G[..., None, :]
+    return jnp.where(mask, jnp.exp(jnp.where(mask, diff, 0.0)), 0.0)
+
+
+# ----------------------------------------------------------------------------- layout
+
+
+class ChunkMeta(NamedTuple):
+    """Per-chunk bookkeeping, each ``[B, NC]``: the chunk starts sequence ``seq`` (``reset``),
+    the chunk is the last one of sequence ``seq`` (``is_last``)."""
+
+    reset: Bool[Array, "B NC"]
+    is_last: Bool[Array, "B NC"]
+    seq: Int[Array, "B NC"]
+
+
+class Layout(NamedTuple):
+    meta: ChunkMeta
+    pos: Int[Array, "T"] | None  # padded position of each packed token (varlen only)
+    Tp: int
+
+
+def make_layout(B: int, T: int, C: int, cu_seqlens: Array | None) -> Layout:
+    if cu_seqlens is None:
+        NC = -(-T // C)
+        c = jnp.arange(NC)
+        reset = jnp.broadcast_to(c == 0, (B, NC))
+        is_last = jnp.broadcast_to(c == NC - 1, (B, NC))
+        seq = jnp.broadcast_to(jnp.arange(B, dtype=jnp.int32)[:, None], (B, NC))
+        return Layout(ChunkMeta(reset, is_last, seq), None, NC * C)
+    cu = cu_seqlens.astype(jnp.int32)
+    N = cu.shape[0] - 1
+    # Every sequence rounds up to whole chunks: at most (T + N (C - 1)) / C chunks in all.
+    NC = max(1, (T + N * (C - 1)) // C)
+    lengths = cu[1:] - cu[:-1]
+    nchunks = (lengths + C - 1) // C
+    start = jnp.concatenate([jnp.zeros(1, jnp.int32), jnp.cumsum(nchunks)[:-1]]).astype(jnp.int32)
+    t = jnp.arange(T, dtype=jnp.int32)
+    tok_seq = jnp.clip(jnp.searchsorted(cu, t, side="right") - 1, 0, N - 1)
+    pos = t - cu[tok_seq] + start[tok_seq] * C
+    c = jnp.arange(NC, dtype=jnp.int32)
+    seq = jnp.clip(jnp.searchsorted(start, c, side="right") - 1, 0, N - 1).astype(jnp.int32)
+    nonempty = nchunks[seq] > 0
+    reset = (c == start[seq]) & nonempty
+    is_last = (c == start[seq] + nchunks[seq] - 1) & nonempty
+    return Layout(ChunkMeta(reset[None], is_last[None], seq[None]), pos, NC * C)
+
+
+def to_padded(x: Array, layout: Layout) -> Array:
+    """``[B, T, ...] -> [B, Tp, ...]`` with zeros in pad positions."""
+    T = x.shape[1]
+    if layout.pos is None:
+        pad = [(0, 0)] * x.ndim
+        pad[1] = (0, layout.Tp - T)
+        return jnp.pad(x, pad)
+    out = jnp.zeros((1, layout.Tp) + x.shape[2:], x.dtype)
+    return out.at[:, layout.pos].set(x)
+
+
+def from_padded(x: Array, layout: Layout, T: int) -> Array:
+    if layout.pos is None:
+        return x[:, :T]
+    return x[:, layout.pos]
+
+
+# ----------------------------------------------------------------------------- forward stages
+
+
+def _split(x: Array, C: int) -> Array:
+    """``[B, Tp, H, *] -> [B, H, NC, C, *]``."""
+    B, Tp, H = x.shape[:3]
+    x = x.reshape((B, Tp // C, C, H) + x.shape[3:])
+    return jnp.moveaxis(x, 3, 1)
+
+
+def _merge(x: Array) -> Array:
+    """``[B, H, NC, C, *] -> [B, Tp, H, *]``."""
+    x = jnp.moveaxis(x, 1, 3)
+    B, NC, C, H = x.shape[:4]
+    return x.reshape((B, NC * C, H) + x.shape[4:])
+
+
+class Local(NamedTuple):
+    """Per-chunk quantities that need no state, each ``[B, H, NC, C, ...]``."""
+
+    G: Array  # [.., C]     inclusive cumulative log decay (f32)
+    X: Array  # [.., C, K]  k + lam q (f32)
+    Rd: Array  # [.., C, C] (X K^T) o exp(G_i - G_j), strictly lower (f32)
+    A: Array  # [.., C, C]  beta_i Rd_ij (f32)
+    Tinv: Array  # [.., C, C] (I + A)^-1 (f32)
+    W: Array  # [.., C, K]  (f32)
+    U: Array  # [.., C, V]  (f32)
+
+
+def chunk_local(q, k, v, g, beta, lam) -> Local:
+    """``A``, ``T = (I + A)^-1``, ``W`` and ``U`` for every chunk (inputs ``[B, H, NC, C, *]``)."""
+    dt = q.dtype
+    C = q.shape[-2]
+    strict, _ = _masks(C)
+    G = jnp.cumsum(g.astype(F32), axis=-1)
+    beta = beta.astype(F32)
+    X = k.astype(F32) + lam.astype(F32)[..., None] * q.astype(F32)
+    Rd = _mm("...ik,...jk->...ij", X, k, dt) * _decay(G, strict)
+    A = beta[..., :, None] * Rd
+    eye = jnp.eye(C, dtype=F32)
+    Tinv = lax.linalg.triangular_solve(
+        eye + A, jnp.broadcast_to(eye, A.shape), left_side=True, lower=True, unit_diagonal=True
+    )
+    gam = jnp.exp(G)
+    W = _mm("...ij,...jk->...ik", Tinv, (beta * gam)[..., None] * X, dt)
+    U = _mm("...ij,...jv->...iv", Tinv, beta[..., None] * v.astype(F32), dt)
+    return Local(G, X, Rd, A, Tinv, W, U)
+
+
+def _time_major(*xs):
+    return [jnp.moveaxis(x, 2, 0) for x in xs]
+
+
+def state_pass(k, G, W, U, h0, meta: ChunkMeta, dt):
+    """Sequential pass over chunks. Returns ``h_in [B, H, NC, K, V]`` (the state entering each
+    chunk, in ``dt``), ``D [B, H, NC, C, V]`` (float32) and the final states ``[N, H, K, V]``."""
+    def body(carry, inp):
+        h, final = carry
+        k_c, G_c, W_c, U_c, reset, last, seq = inp
+        h = jnp.where(reset[:, None, None, None], h0[seq], h)
+        D = U_c - _mm("bhck,bhkv->bhcv", W_c, h, dt)
+        gC = G_c[..., -1]
+        kd = k_c.astype(F32) * jnp.exp(gC[..., None] - G_c)[..., None]
+        h_new = jnp.exp(gC)[..., None, None] * h + _mm("bhck,bhcv->bhkv", kd, D, dt)
+        final = final.at[seq].set(jnp.where(last[:, None, None, None], h_new, final[seq]))
+        return (h_new, final), (h.astype(dt), D)
+
+    B, H, _, _, K = k.shape
+    V = U.shape[-1]
+    xs = _time_major(k, G, W, U) + [m.T for m in meta]
+    (_, final), (h_in, D) = lax.scan(body, (jnp.zeros((B, H, K, V), F32), h0), xs)
+    return jnp.moveaxis(h_in, 0, 2), jnp.moveaxis(D, 0, 2), final
+
+
+def chunk_output(q, k, G, h_in, D, scale, dt):
+    """``O = scale ((gamma Q) h + (Q K^T o decay o causal) D)`` for every chunk, float32."""
+    C = q.shape[-2]
+    _, incl = _masks(C)
+    P = _mm("...ik,...jk->...ij", q, k, dt) * _decay(G, incl)
+    qg = q.astype(F32) * jnp.exp(G)[..., None]
+    inter = _mm("...ck,...kv->...cv", qg, h_in, dt)
+    return scale * (inter + _mm("...ij,...jv->...iv", P, D, dt))
+
+
+def _forward(q, k, v, g, beta, lam, h0, meta, scale):
+    dt = q.dtype
+    C = meta_chunk(q, meta)
+    qs, ks, vs = _split(q, C), _split(k, C), _split(v, C)
+    gs, bs, ls = _split(g, C), _split(beta, C), _split(lam, C)
+    loc = chunk_local(qs, ks, vs, gs, bs, ls)
+    h_in, D, final = state_pass(ks, loc.G, loc.W, loc.U, h0, meta, dt)
+    o = chunk_output(qs, ks, loc.G, h_in, D, scale, dt)
+    return _merge(o).astype(v.dtype), final
+
+
+def meta_chunk(q: Array, meta: ChunkMeta) -> int:
+    """The chunk length implied by ``q [B, Tp, H, K]`` and ``meta [B, NC]``."""
+    return q.shape[1] // meta.reset.shape[1]
+
+
+# ----------------------------------------------------------------------------- backward stages
+
+
+def reverse_state_pass(k, G, W, q, do, dD0, dfinal, meta: ChunkMeta, scale, N, dt):
+    """Reverse pass over chunks for the state gradient.
+
+    Returns ``dh_out [B, H, NC, K, V]`` (gradient w.r.t. the state leaving each chunk, in ``dt``)
+    and ``dh0 [N, H, K, V]`` (gradient w.r.t. the initial states of the sequences that own at
+    least one chunk). ``dD0 = scale P^T dO`` is the state-independent part of ``dD``.
+    """
+
+    def body(carry, inp):
+        dh, dh0 = carry
+        k_c, G_c, W_c, q_c, do_c, dD0_c, reset, last, seq = inp
+        dh = jnp.where(last[:, None, None, None], dfinal[seq], dh)
+        gC = G_c[..., -1]
+        kd = k_c.astype(F32) * jnp.exp(gC[..., None] - G_c)[..., None]
+        dD = dD0_c + _mm("bhck,bhkv->bhcv", kd, dh, dt)
+        qg = q_c.astype(F32) * jnp.exp(G_c)[..., None]
+        dh_in = (
+            scale * _mm("bhck,bhcv->bhkv", qg, do_c, dt)
+            + jnp.exp(gC)[..., None, None] * dh
+            - _mm("bhck,bhcv->bhkv", W_c, dD, dt)
+        )
+        r = reset[:, None, None, None]
+        dh0 = dh0.at[seq].add(jnp.where(r, dh_in, 0.0))
+        return (jnp.where(r, 0.0, dh_in), dh0), dh.astype(dt)
+
+    B, H, _, _, K = k.shape
+    V = do.shape[-1]
+    xs = _time_major(k, G, W, q, do, dD0) + [m.T for m in meta]
+    init = (jnp.zeros((B, H, K, V), F32), jnp.zeros((N, H, K, V), F32))
+    (_, dh0), dh_out = lax.scan(body, init, xs, reverse=True)
+    return jnp.moveaxis(dh_out, 0, 2), dh0
+
+
+def chunk_grads(q, k, v, beta, lam, loc: Local, h_in, D, do, dh_out, scale, dt):
+    """All local gradients, in parallel over chunks. Returns f32 ``dq, dk, dv, dg, dbeta, dlam``
+    in the ``[B, H, NC, C, *]`` layout."""
+    C = q.shape[-2]
+    strict, incl = _masks(C)
+    G, X, Rd, A, Tinv, W, U = loc
+    qf, kf, vf = q.astype(F32), k.astype(F32), v.astype(F32)
+    beta, lam = beta.astype(F32), lam.astype(F32)
+    gam = jnp.exp(G)
+    gC = G[..., -1:]
+    e = jnp.exp(gC - G)
+    kd = kf * e[..., None]
+
+    # Output: O = scale ((gamma Q) h + P D), P = (Q K^T) o decay o causal.
+    dec_incl = _decay(G, incl)
+    QK = _mm("...ik,...jk->...ij", q, k, dt)
+    dD = scale * _mm("...ij,...iv->...jv", QK * dec_incl, do, dt)
+    dD = dD + _mm("...ck,...kv->...cv", kd, dh_out, dt)
+    dP = scale * _mm("...iv,...jv->...ij", do, D, dt) * dec_incl
+    dq = _mm("...ij,...jk->...ik", dP, k, dt)
+    dk = _mm("...ij,...ik->...jk", dP, q, dt)
+    ZP = dP * QK
+    dG = ZP.sum(-1) - ZP.sum(-2)
+    doh = _mm("...cv,...kv->...ck", do, h_in, dt)  # dO h^T
+    dq = dq + scale * gam[..., None] * doh
+    dG = dG + scale * gam * (doh * qf).sum(-1)
+
+    # State out: h' = gamma_C h + (K o e)^T D, e_i = exp(G_C - G_i).
+    dkd = _mm("...cv,...kv->...ck", D, dh_out, dt)
+    dk = dk + e[..., None] * dkd
+    de = (dkd * kf).sum(-1) * e
+    dG = dG - de
+    dGC = de.sum(-1) + jnp.exp(gC[..., 0]) * jnp.einsum(
+        "...kv,...kv->...", h_in.astype(F32), dh_out.astype(F32)
+    )
+    dG = dG.at[..., -1].add(dGC)
+
+    # D = U - W h.
+    dW = -_mm("...cv,...kv->...ck", dD, h_in, dt)
+    dU = dD
+
+    # W = T (beta gamma X), U = T (beta V), T = (I + A)^-1.
+    bx = (beta * gam)[..., None] * X
+    bv = beta[..., None] * vf
+    dT = _mm("...ik,...jk->...ij", dW, bx, dt) + _mm("...iv,...jv->...ij", dU, bv, dt)
+    dbx = _mm("...ji,...jk->...ik", Tinv, dW, dt)
+    dbv = _mm("...ji,...jv->...iv", Tinv, dU, dt)
+    hp = lax.Precision.HIGHEST
+    dA = -jnp.einsum("...ji,...jk,...lk->...il", Tinv, dT, Tinv, precision=hp)
+    dA = jnp.where(strict, dA, 0.0)
+
+    # A = beta_i (X K^T) o decay, strictly lower.
+    ZA = dA * A
+    dG = dG + ZA.sum(-1) - ZA.sum(-2)
+    dbeta = (dA * Rd).sum(-1)
+    dR = dA * beta[..., :, None] * _decay(G, strict)
+    dX = _mm("...ij,...jk->...ik", dR, k, dt)
+    dk = dk + _mm("...ij,...ik->...jk", dR, X, dt)
+    bxX = (dbx * X).sum(-1)
+    dX = dX + (beta * gam)[..., None] * dbx
+    dbeta = dbeta + gam * bxX
+    dG = dG + beta * gam * bxX
+    dv = beta[..., None] * dbv
+    dbeta = dbeta + (dbv * vf).sum(-1)
+
+    # X = k + lam q; G = cumsum(g).
+    dk = dk + dX
+    dq = dq + lam[..., None] * dX
+    dlam = (dX * qf).sum(-1)
+    dg = jnp.flip(jnp.cumsum(jnp.flip(dG, -1), -1), -1)
+    return dq, dk, dv, dg, dbeta, dlam
+
+
+# ----------------------------------------------------------------------------- custom_vjp core
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(10,))
+def chunked_core(q, k, v, g, beta, lam, h0, reset, is_last, seq, scale):
+    """The chunked op on the padded layout. ``q, k [B, Tp, H, K]``, ``v [B, Tp, H, V]``,
+    ``g, beta, lam [B, Tp, H]``, ``h0 [N, H, K, V]`` float32, metadata ``[B, NC]``.
+    Returns ``(o [B, Tp, H, V] in v's dtype, final [N, H, K, V] float32)``."""
+    return _forward(q, k, v, g, beta, lam, h0, ChunkMeta(reset, is_last, seq), scale)
+
+
+def _core_fwd(q, k, v, g, beta, lam, h0, reset, is_last, seq, scale):
+    out = _forward(q, k, v, g, beta, lam, h0, ChunkMeta(reset, is_last, seq), scale)
+    return out, (q, k, v, g, beta, lam, h0, reset, is_last, seq)
+
+
+def _core_bwd(scale, res, cts):
+    q, k, v, g, beta, lam, h0, reset, is_last, seq = res
+    do, dfinal = cts
+    meta = ChunkMeta(reset, is_last, seq)
+    dt = q.dtype
+    C = meta_chunk(q, meta)
+    N = h0.shape[0]
+    qs, ks, vs = _split(q, C), _split(k, C), _split(v, C)
+    gs, bs, ls = _split(g, C), _split(beta, C), _split(lam, C)
+    dos = _split(do, C)
+    loc = chunk_local(qs, ks, vs, gs, bs, ls)
+    h_in, D, _ = state_pass(ks, loc.G, loc.W, loc.U, h0, meta, dt)
+    _, incl = _masks(C)
+    P = _mm("...ik,...jk->...ij", qs, ks, dt) * _decay(loc.G, incl)
+    dD0 = scale * _mm("...ij,...iv->...jv", P, dos, dt)
+    dh_out, dh0 = reverse_state_pass(
+        ks, loc.G, loc.W, qs, dos, dD0, dfinal.astype(F32), meta, scale, N, dt
+    )
+    # Sequences that own no chunk (empty in cu_seqlens) pass their initial state through.
+    owns = jnp.zeros((N,), bool).at[seq.reshape(-1)].max(reset.reshape(-1))
+    dh0 = dh0 + jnp.where(owns[:, None, None, None], 0.0, dfinal.astype(F32))
+    grads = chunk_grads(qs, ks, vs, bs, ls, loc, h_in, D, dos, dh_out, scale, dt)
+    dq, dk, dv, dg, db, dl = (_merge(x) for x in grads)
+    return (
+        dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), dg.astype(g.dtype),
+        db.astype(beta.dtype), dl.astype(lam.dtype), dh0.astype(h0.dtype), None, None, None,
+    )
+
+
+chunked_core.defvjp(_core_fwd, _core_bwd)
+
+
+# ----------------------------------------------------------------------------- entry point
+
+
+def qdelta_chunked(
+    q: Float[Array, "B T H K"],
+    k: Float[Array, "B T H K"],
+    v: Float[Array, "B T H V"],
+    g: Float[Array, "B T H"],
+    beta: Float[Array, "B T H"],
+    lam: Float[Array, "B T H"],
+    *,
+    scale: float,
+    initial_state: Float[Array, "N H K V"] | None = None,
+    cu_seqlens: Int[Array, "N+1"] | None = None,
+    chunk_size: int = 64,
+    core=None,
+) -> tuple[Float[Array, "B T H V"], Float[Array, "N H K V"]]:
+    """Chunked Q-Delta on already-normalised ``q, k`` (use :func:`qdelta_jax.qdelta_rule`, which
+    checks its inputs). ``core`` replaces :func:`chunked_core` (the Pallas kernels plug in here).
+    Returns ``o`` in ``v``'s dtype and float32 final states."""
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    C = chunk_size
+    layout = make_layout(B, T, C, cu_seqlens)
+    N = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
+    h0 = jnp.zeros((N, H, K, V), F32) if initial_state is None else initial_state.astype(F32)
+    dt = jnp.promote_types(q.dtype, k.dtype)
+    args = [to_padded(x.astype(dt), layout) for x in (q, k)]
+    args.append(to_padded(v, layout))
+    args += [to_padded(x.astype(F32), layout) for x in (g, beta, lam)]
+    core = chunked_core if core is None else core
+    meta = layout.meta
+    o, final = core(*args, h0, meta.reset, meta.is_last, meta.seq, scale)
+    return from_padded(o, layout, T), final
