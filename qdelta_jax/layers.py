@@ -1,0 +1,474 @@
+"""The Q-Delta layer (SPEC section 4) as a Flax NNX module, its parts, and a Linen wrapper.
+
+Dimension letters as in :mod:`qdelta_jax.reference`: B batch, T time, D hidden, H query/key
+heads, HV value heads (``num_v_heads``, a multiple of H), K key head dim, V value head dim,
+W conv width, S documents per row.
+
+One layer, from ``x [B, T, D]``::
+
+    q, k, v = SiLU(ShortConv(W_q x)), SiLU(ShortConv(W_k x)), SiLU(ShortConv(W_v x))
+    beta    = sigmoid(W_b x)                       (x2 with allow_neg_eigval)
+    lam     = sigmoid(W_lam x - lam_bias)          (x2 with allow_neg_eigval; or fixed_lam)
+    g       = -exp(A_log) * softplus(W_a x + dt_bias)      (0 with use_decay=False)
+    o       = qdelta_rule(l2norm(q), l2norm(k), v, g, beta, lam)
+    y       = W_o GatedRMSNorm(o, SiLU(W_g x))     (per head; plain RMSNorm without use_gate)
+
+Training and decoding compute the same function: ``q`` and ``k`` are L2-normalised here, once,
+and the op is called with ``normalize_qk=False``; the one-token decoding step uses
+:func:`qdelta_jax.reference.qdelta_step` (the single copy of the update) and the short conv uses
+the same code for every length, its cache holding the last ``W - 1`` inputs.
+
+Packed documents: ``cu_seqlens [B, S + 1]`` gives per-row offsets (each row starts at 0, ends at
+T, non-decreasing; pad by repeating T). The op is vmapped over rows with a 1-D ``cu_seqlens``
+each, so the batch axis stays shardable, and the conv masks taps that would cross a boundary.
+
+Padding for decoding: ``mask [B, T]`` (True = real token). At masked positions the conv input is
+zero and ``beta = g = 0``, so the recurrent state and the conv cache are untouched by left
+padding: a left-padded row computes exactly what the unpadded row computes.
+
+Parameter names (what :func:`qdelta_jax.model.no_decay_mask` keys on): ``A_log`` and
+``dt_bias`` (no weight decay, SPEC section 4), norm weights are called ``scale``; linear and conv
+weights are ``kernel``. There are no biases.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jaxtyping import Array, Bool, Float, Int
+
+from qdelta_jax import ops, reference
+
+F32 = jnp.float32
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def normalize_cu_seqlens(cu_seqlens, B: int, T: int) -> Int[Array, "B S+1"]:
+    """Checks packed-document offsets and returns them as ``[B, S + 1]`` int32.
+
+    Accepts ``[B, S + 1]`` (per-row offsets) or ``[S + 1]`` when ``B == 1``. Values are checked
+    when concrete: every row starts at 0, is non-decreasing and ends at ``T``.
+    """
+    cu = jnp.asarray(cu_seqlens)
+    if not jnp.issubdtype(cu.dtype, jnp.integer):
+        raise TypeError(f"cu_seqlens must have an integer dtype, got {cu.dtype}")
+    if cu.ndim == 1:
+        if B != 1:
+            raise ValueError(
+                f"a 1-D cu_seqlens [S+1] needs batch size 1, got B = {B}; pass per-row offsets "
+                "of shape [B, S+1]"
+            )
+        cu = cu[None]
+    if cu.ndim != 2 or cu.shape[0] != B or cu.shape[1] < 2:
+        raise ValueError(
+            f"cu_seqlens must have shape [B, S+1] = [{B}, S+1] with S >= 1, got {list(cu.shape)}"
+        )
+    if not isinstance(cu_seqlens, jax.core.Tracer):
+        c = np.asarray(cu)
+        if np.any(c[:, 0] != 0):
+            raise ValueError(f"every row of cu_seqlens must start at 0, got {c[:, 0].tolist()}")
+        if np.any(np.diff(c, axis=1) < 0):
+            raise ValueError("every row of cu_seqlens must be non-decreasing")
+        if np.any(c[:, -1] != T):
+            raise ValueError(
+                f"every row of cu_seqlens must end at T = {T} (pad rows by repeating T), got "
+                f"{c[:, -1].tolist()}"
+            )
+    return cu.astype(jnp.int32)
+
+
+def doc_starts(cu: Int[Array, "B S+1"], T: int) -> Int[Array, "B T"]:
+    """The position where each token's document starts."""
+    t = jnp.arange(T, dtype=jnp.int32)
+
+    def row(c):
+        return c[jnp.searchsorted(c, t, side="right") - 1]
+
+    return jax.vmap(row)(cu)
+
+
+def _normal(std: float):
+    return nnx.initializers.normal(stddev=std)
+
+
+# ----------------------------------------------------------------------------- parts
+
+
+class RMSNorm(nnx.Module):
+    """RMSNorm over the last axis, computed in float32; weight ``scale`` initialised to 1."""
+
+    def __init__(self, dim: int, *, eps: float = 1e-6, param_dtype=F32,
+                 rngs: nnx.Rngs | None = None):
+        del rngs
+        self.eps = eps
+        self.scale = nnx.Param(jnp.ones((dim,), param_dtype))
+
+    def __call__(self, x: Array) -> Array:
+        xf = x.astype(F32)
+        y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+        return (y * self.scale[...].astype(F32)).astype(x.dtype)
+
+
+class GatedRMSNorm(nnx.Module):
+    """Per-head RMSNorm of ``x`` times ``SiLU(gate)``: ``rmsnorm(x) * scale * silu(gate)``.
+
+    ``x``, ``gate``: ``[..., V]`` (the norm runs over the head's V channels, one weight ``[V]``
+    shared by all heads). Computed in float32, returned in ``x``'s dtype.
+    """
+
+    def __init__(self, dim: int, *, eps: float = 1e-6, param_dtype=F32,
+                 rngs: nnx.Rngs | None = None):
+        del rngs
+        self.eps = eps
+        self.scale = nnx.Param(jnp.ones((dim,), param_dtype))
+
+    def __call__(self, x: Array, gate: Array) -> Array:
+        xf = x.astype(F32)
+        y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+        y = y * self.scale[...].astype(F32) * jax.nn.silu(gate.astype(F32))
+        return y.astype(x.dtype)
+
+
+class ShortConv(nnx.Module):
+    """Causal depthwise conv over time, width W, no bias (activation applied by the caller).
+
+    ``y[t] = sum_i kernel[i] * x[t - (W - 1) + i]`` (PyTorch's causal ``Conv1d`` convention).
+
+    ``__call__(x [B, L, C], cache [B, W-1, C] | None, *, starts=None, mask=None)`` returns
+    ``(y [B, L, C], new_cache [B, W-1, C])``. ``cache`` holds the inputs preceding ``x`` (zeros
+    at the start of a sequence); the same code serves training (no cache), prefill and one-token
+    steps. ``starts [B, L]``: the position where each token's document starts; taps reaching
+    before it are dropped, so packed documents do not mix. ``mask [B, L]``: False positions
+    contribute a zero input (left padding).
+    """
+
+    def __init__(self, channels: int, width: int = 4, *, std: float = 0.02, dtype=F32,
+                 param_dtype=F32, rngs: nnx.Rngs):
+        self.width = width
+        self.channels = channels
+        self.dtype = dtype
+        self.kernel = nnx.Param(_normal(std)(rngs.params(), (width, channels), param_dtype))
+
+    def init_cache(self, batch_size: int) -> Float[Array, "B Wm1 C"]:
+        return jnp.zeros((batch_size, self.width - 1, self.channels), self.dtype)
+
+    def __call__(self, x, cache=None, *, starts=None, mask=None):
+        B, L, C = x.shape
+        Wm1 = self.width - 1
+        x = x.astype(self.dtype)
+        if mask is not None:
+            x = jnp.where(mask[..., None], x, jnp.zeros((), x.dtype))
+        if cache is None:
+            cache = jnp.zeros((B, Wm1, C), x.dtype)
+        elif starts is not None:
+            raise ValueError("ShortConv: a cache and document starts cannot be combined")
+        xc = jnp.concatenate([cache.astype(x.dtype), x], axis=1)  # [B, Wm1 + L, C]
+        w = self.kernel[...].astype(F32)
+        t = jnp.arange(L)
+        y = jnp.zeros((B, L, C), F32)
+        for i in range(self.width):
+            lag = Wm1 - i  # tap i reads x[t - lag]
+            tap = xc[:, i : i + L].astype(F32)
+            if starts is not None:
+                tap = jnp.where((t - lag >= starts)[..., None], tap, 0.0)
+            y = y + w[i] * tap
+        new_cache = xc[:, L:] if Wm1 > 0 else xc[:, :0]
+        return y.astype(self.dtype), new_cache
+
+
+# ----------------------------------------------------------------------------- the layer
+
+
+class LayerCache(NamedTuple):
+    """Decoding cache of one layer: the recurrent state and the short-conv inputs.
+
+    ``state [B, HV, K, V]`` float32; ``conv_q``, ``conv_k`` ``[B, W-1, H*K]``, ``conv_v``
+    ``[B, W-1, HV*V]`` in the compute dtype (``None`` without the short conv).
+    """
+
+    state: Float[Array, "B HV K V"]
+    conv_q: Array | None
+    conv_k: Array | None
+    conv_v: Array | None
+
+
+class QDelta(nnx.Module):
+    """The Q-Delta token mixer (SPEC section 4).
+
+    Args:
+      hidden_size: D. num_heads: H (query/key heads). head_dim: K.
+      expand_v: V = expand_v * K (must be an integer).
+      num_v_heads: HV value heads, a multiple of H (``None``: H); q and k are repeated across
+        the HV / H value heads of their group.
+      use_gate: output gate ``SiLU(W_g x)`` in the output norm. use_short_conv / conv_size: the
+        causal depthwise conv on q, k, v (width W).
+      allow_neg_eigval: double beta and lam (range (0, 2)).
+      lam_bias: ``lam = sigmoid(W_lam x - lam_bias)``.
+      fixed_lam: ``None`` learns lam; a number fixes lam to that constant (no ``lam_proj``);
+        0.0 gives exactly Gated DeltaNet.
+      use_decay: ``False`` forces ``g = 0`` (no ``a_proj``, ``A_log``, ``dt_bias``); with
+        ``fixed_lam=0.0`` that is DeltaNet.
+      norm_eps: eps of the output norm. chunk_size, implementation: passed to ``qdelta_rule``.
+      initializer_range: std of the normal init of every linear and conv kernel.
+      dtype: compute dtype (float32 or bfloat16); param_dtype: parameter dtype.
+
+    Parameters: ``q_proj, k_proj, v_proj, b_proj, [lam_proj], [a_proj, A_log, dt_bias],
+    [q_conv1d, k_conv1d, v_conv1d], [g_proj], o_norm, o_proj``.
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        num_heads: int,
+        head_dim: int,
+        *,
+        expand_v: float = 2.0,
+        num_v_heads: int | None = None,
+        use_gate: bool = True,
+        use_short_conv: bool = True,
+        conv_size: int = 4,
+        allow_neg_eigval: bool = False,
+        lam_bias: float = 0.9,
+        fixed_lam: float | None = None,
+        use_decay: bool = True,
+        norm_eps: float = 1e-6,
+        chunk_size: int = 64,
+        implementation: str | None = None,
+        initializer_range: float = 0.02,
+        dtype=F32,
+        param_dtype=F32,
+        rngs: nnx.Rngs,
+    ):
+        num_v_heads = num_heads if num_v_heads is None else num_v_heads
+        value_dim = expand_v * head_dim
+        if value_dim != int(value_dim) or value_dim <= 0:
+            raise ValueError(
+                f"expand_v * head_dim must be a positive integer, got {expand_v} * {head_dim}"
+            )
+        if num_v_heads % num_heads:
+            raise ValueError(
+                f"num_v_heads ({num_v_heads}) must be a multiple of num_heads ({num_heads})"
+            )
+        if implementation is not None and implementation not in ops.IMPLEMENTATIONS:
+            raise ValueError(
+                f"implementation must be one of {ops.IMPLEMENTATIONS} or None, got "
+                f"{implementation!r}"
+            )
+        self.hidden_size = hidden_size
+        self.num_heads = num_heads
+        self.num_v_heads = num_v_heads
+        self.head_dim = head_dim
+        self.head_v_dim = int(value_dim)
+        self.use_gate = use_gate
+        self.use_short_conv = use_short_conv
+        self.conv_size = conv_size
+        self.allow_neg_eigval = allow_neg_eigval
+        self.lam_bias = float(lam_bias)
+        self.fixed_lam = None if fixed_lam is None else float(fixed_lam)
+        self.use_decay = use_decay
+        self.chunk_size = chunk_size
+        self.implementation = implementation
+        self.dtype = jnp.dtype(dtype)
+
+        D, H, HV, K, V = hidden_size, num_heads, num_v_heads, head_dim, self.head_v_dim
+        init = _normal(initializer_range)
+
+        def linear(n_in, n_out):
+            return nnx.Linear(n_in, n_out, use_bias=False, kernel_init=init, dtype=dtype,
+                              param_dtype=param_dtype, rngs=rngs)
+
+        self.q_proj = linear(D, H * K)
+        self.k_proj = linear(D, H * K)
+        self.v_proj = linear(D, HV * V)
+        self.b_proj = linear(D, HV)
+        self.lam_proj = linear(D, HV) if self.fixed_lam is None else None
+        if use_decay:
+            self.a_proj = linear(D, HV)
+            # SPEC section 4: A ~ U(0, 16), A_log = log A (A clipped away from 0, a measure-zero
+            # event, so the log stays finite); dt = exp(U(log 1e-3, log 1e-1)) floored at 1e-4,
+            # dt_bias = inverse softplus(dt).
+            A = jax.random.uniform(rngs.params(), (HV,), F32, 0.0, 16.0)
+            self.A_log = nnx.Param(jnp.log(jnp.maximum(A, 1e-12)).astype(param_dtype))
+            u = jax.random.uniform(rngs.params(), (HV,), F32)
+            dt = jnp.exp(u * (math.log(1e-1) - math.log(1e-3)) + math.log(1e-3))
+            dt = jnp.maximum(dt, 1e-4)
+            self.dt_bias = nnx.Param((dt + jnp.log(-jnp.expm1(-dt))).astype(param_dtype))
+        else:
+            self.a_proj = self.A_log = self.dt_bias = None
+        if use_short_conv:
+            def conv(c):
+                return ShortConv(c, conv_size, std=initializer_range, dtype=dtype,
+                                 param_dtype=param_dtype, rngs=rngs)
+
+            self.q_conv1d, self.k_conv1d, self.v_conv1d = conv(H * K), conv(H * K), conv(HV * V)
+        else:
+            self.q_conv1d = self.k_conv1d = self.v_conv1d = None
+        if use_gate:
+            self.g_proj = linear(D, HV * V)
+            self.o_norm = GatedRMSNorm(V, eps=norm_eps, param_dtype=param_dtype)
+        else:
+            self.g_proj = None
+            self.o_norm = RMSNorm(V, eps=norm_eps, param_dtype=param_dtype)
+        self.o_proj = linear(HV * V, D)
+
+    # ------------------------------------------------------------------ pieces
+
+    def init_cache(self, batch_size: int) -> LayerCache:
+        """Zero state and conv caches for ``batch_size`` sequences."""
+        state = jnp.zeros((batch_size, self.num_v_heads, self.head_dim, self.head_v_dim), F32)
+        if not self.use_short_conv:
+            return LayerCache(state, None, None, None)
+        return LayerCache(state, self.q_conv1d.init_cache(batch_size),
+                          self.k_conv1d.init_cache(batch_size),
+                          self.v_conv1d.init_cache(batch_size))
+
+    def _gates(self, x, mask):
+        """beta, lam, g ``[B, T, HV]`` float32."""
+        beta = jax.nn.sigmoid(self.b_proj(x).astype(F32))
+        if self.fixed_lam is None:
+            lam = jax.nn.sigmoid(self.lam_proj(x).astype(F32) - self.lam_bias)
+        else:
+            lam = jnp.full(beta.shape, self.fixed_lam, F32)
+        if self.allow_neg_eigval:
+            beta = beta * 2.0
+            if self.fixed_lam is None:
+                lam = lam * 2.0
+        if self.use_decay:
+            a = self.a_proj(x).astype(F32) + self.dt_bias[...].astype(F32)
+            g = -jnp.exp(self.A_log[...].astype(F32)) * jax.nn.softplus(a)
+        else:
+            g = jnp.zeros_like(beta)
+        if mask is not None:
+            # Padded positions must not touch the state: no write, no decay.
+            beta = jnp.where(mask[..., None], beta, 0.0)
+            g = jnp.where(mask[..., None], g, 0.0)
+        return beta, lam, g
+
+    def _qkv(self, x, cache, starts, mask):
+        B, T, _ = x.shape
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        conv_caches = (None, None, None)
+        if self.use_short_conv:
+            cq, ck, cv = (None, None, None) if cache is None else cache[1:]
+            q, cq = self.q_conv1d(q, cq, starts=starts, mask=mask)
+            k, ck = self.k_conv1d(k, ck, starts=starts, mask=mask)
+            v, cv = self.v_conv1d(v, cv, starts=starts, mask=mask)
+            conv_caches = (cq, ck, cv)
+        q, k, v = jax.nn.silu(q), jax.nn.silu(k), jax.nn.silu(v)
+        H, HV, K, V = self.num_heads, self.num_v_heads, self.head_dim, self.head_v_dim
+        q = q.reshape(B, T, H, K)
+        k = k.reshape(B, T, H, K)
+        v = v.reshape(B, T, HV, V)
+        # Normalise once, here, for every path (the op is called with normalize_qk=False).
+        q = reference.l2_normalize(q).astype(self.dtype)
+        k = reference.l2_normalize(k).astype(self.dtype)
+        if HV != H:
+            q = jnp.repeat(q, HV // H, axis=2)
+            k = jnp.repeat(k, HV // H, axis=2)
+        return q, k, v.astype(self.dtype), conv_caches
+
+    def _rule(self, q, k, v, g, beta, lam, *, cu, initial_state, output_final_state):
+        kw = dict(scale=self.head_dim**-0.5, normalize_qk=False, chunk_size=self.chunk_size,
+                  implementation=self.implementation)
+        if cu is None:
+            return ops.qdelta_rule(q, k, v, g, beta, lam, initial_state=initial_state,
+                                   output_final_state=output_final_state, **kw)
+
+        # One packed row per batch element: vmap keeps the batch axis (shardable).
+        def row(q, k, v, g, beta, lam, c):
+            o, _ = ops.qdelta_rule(q[None], k[None], v[None], g[None], beta[None], lam[None],
+                                   cu_seqlens=c, **kw)
+            return o[0]
+
+        return jax.vmap(row)(q, k, v, g, beta, lam, cu), None
+
+    # ------------------------------------------------------------------ call
+
+    def __call__(
+        self,
+        x: Float[Array, "B T D"],
+        *,
+        cu_seqlens: Int[Array, "B S+1"] | None = None,
+        cache: LayerCache | None = None,
+        mask: Bool[Array, "B T"] | None = None,
+        return_aux: bool = False,
+    ):
+        """Applies the layer.
+
+        Args:
+          x: ``[B, T, D]``.
+          cu_seqlens: packed-document offsets ``[B, S + 1]`` (or ``[S + 1]`` with B == 1); the
+            state and the conv restart at each offset. Not with ``cache``.
+          cache: a :class:`LayerCache` (``init_cache``) to continue from; T == 1 runs the
+            one-token update :func:`qdelta_jax.reference.qdelta_step`, T > 1 the chunked op with
+            the cached state as ``initial_state``.
+          mask: ``[B, T]`` bool, False at padding (the state and conv ignore those positions).
+          return_aux: also return ``dict(q, k, beta, lam, g)`` (normalised q, k
+            ``[B, T, HV, K]``; gates ``[B, T, HV]`` float32) for diagnostics.
+
+        Returns:
+          ``y [B, T, D]`` without a cache, ``(y, new_cache)`` with one; with ``return_aux`` an
+          extra trailing ``aux`` element (``(y, aux)`` or ``(y, new_cache, aux)``).
+        """
+        if x.ndim != 3 or x.shape[-1] != self.hidden_size:
+            raise ValueError(f"x must have shape [B, T, {self.hidden_size}], got {list(x.shape)}")
+        B, T, _ = x.shape
+        if cu_seqlens is not None and cache is not None:
+            raise ValueError("cu_seqlens (packed training) and cache (decoding) cannot be combined")
+        if mask is not None and tuple(mask.shape) != (B, T):
+            raise ValueError(f"mask must have shape [B, T] = [{B}, {T}], got {list(mask.shape)}")
+        cu = starts = None
+        if cu_seqlens is not None:
+            cu = normalize_cu_seqlens(cu_seqlens, B, T)
+            starts = doc_starts(cu, T)
+        x = x.astype(self.dtype)
+        q, k, v, conv_caches = self._qkv(x, cache, starts, mask)
+        beta, lam, g = self._gates(x, mask)
+
+        new_cache = None
+        if cache is None:
+            o, _ = self._rule(q, k, v, g, beta, lam, cu=cu, initial_state=None,
+                              output_final_state=False)
+        elif T == 1:
+            state, o = reference.qdelta_step(cache.state, q[:, 0], k[:, 0], v[:, 0], g[:, 0],
+                                             beta[:, 0], lam[:, 0], self.head_dim**-0.5)
+            o = o[:, None].astype(v.dtype)
+            new_cache = LayerCache(state, *conv_caches)
+        else:
+            o, state = self._rule(q, k, v, g, beta, lam, cu=None, initial_state=cache.state,
+                                  output_final_state=True)
+            new_cache = LayerCache(state, *conv_caches)
+
+        if self.use_gate:
+            gate = self.g_proj(x).reshape(B, T, self.num_v_heads, self.head_v_dim)
+            o = self.o_norm(o, gate)
+        else:
+            o = self.o_norm(o)
+        y = self.o_proj(o.reshape(B, T, self.num_v_heads * self.head_v_dim))
+
+        out = (y,) if cache is None else (y, new_cache)
+        if return_aux:
+            out = out + (dict(q=q, k=k, beta=beta, lam=lam, g=g),)
+        return out[0] if len(out) == 1 else out
+
+
+# ----------------------------------------------------------------------------- Linen interop
+
+
+def qdelta_linen(hidden_size: int, num_heads: int, head_dim: int, *, name: str | None = None,
+                 **kwargs):
+    """The :class:`QDelta` layer as a Linen module, through Flax's NNX-Linen bridge.
+
+    ``qdelta_linen(D, H, K, **options)`` returns a ``flax.linen.Module``; use it inside a Linen
+    model (``@nn.compact``) like any Linen layer. Its parameters live in the ``params``
+    collection under the same names as the NNX layer (``A_log``, ``dt_bias`` included). Call it
+    as ``layer(x)`` or ``layer(x, cu_seqlens=...)``.
+    """
+    return nnx.bridge.to_linen(QDelta, hidden_size, num_heads, head_dim, name=name, **kwargs)
