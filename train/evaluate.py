@@ -1,0 +1,183 @@
+"""``qdelta-eval RUN_DIR``: recall accuracy of a trained run by sequence length (and needle depth).
+
+Loads ``RUN_DIR/config.json`` and the latest good checkpoint, evaluates on held-out batches of the
+run's task at several sequence lengths (default: 0.5x, 1x, 2x and 4x the training length, those
+the task allows; the recurrent model runs at any length) and, for ``niah``, at needle depths
+0, 0.25, 0.5, 0.75 and 1. Prints a table and writes ``RUN_DIR/eval.json`` and
+``RUN_DIR/eval_recall.png`` (the plot needs matplotlib; without it the table is still printed).
+
+Columns: ``accuracy`` is token accuracy on the masked positions (MQAR: the queried values; niah:
+the answer bytes; text: every next token), ``exact`` the share of rows whose masked positions are
+all right (niah: exact-match answers), ``loss`` the masked cross-entropy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+from qdelta_jax.train import checkpoint as ckpt
+from qdelta_jax.train import sharding as shd
+from qdelta_jax.train import trainer
+from qdelta_jax.train.trainer import TrainArgs, UsageError
+
+PROG = "qdelta-eval"
+DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
+
+
+def load_run(run_dir: Path, mesh_spec: str | None = None):
+    """Returns ``(args, model_cfg, session, state)`` of a run directory's latest checkpoint."""
+    from qdelta_jax.model import QDeltaConfig
+
+    if not run_dir.is_dir():
+        raise UsageError(f"RUN_DIR {run_dir}: no such directory", "RUN_DIR")
+    saved = ckpt.read_run_config(run_dir)
+    if saved is None:
+        raise UsageError(f"RUN_DIR {run_dir}: no {ckpt.CONFIG_FILE}; not a qdelta-train run",
+                         "RUN_DIR")
+    fields = {f.name for f in dataclasses.fields(TrainArgs)}
+    args = TrainArgs(**{k: v for k, v in saved["train"].items() if k in fields})
+    model_cfg = QDeltaConfig(**saved["model"])
+    try:
+        mesh = shd.make_mesh(mesh_spec)
+    except shd.MeshError as e:
+        raise UsageError(str(e), "--mesh") from None
+    sess = trainer.Session(args, model_cfg, mesh)
+    checkpointer = ckpt.Checkpointer(run_dir, async_save=False)
+    try:
+        restored = checkpointer.restore_latest(sess.abstract_state.to_dict())
+    except ckpt.RunDirError as e:
+        raise UsageError(str(e), "RUN_DIR") from None
+    finally:
+        checkpointer.close()
+    if restored is None:
+        raise UsageError(f"RUN_DIR {run_dir}: no checkpoint to evaluate", "RUN_DIR")
+    step, state, _ = restored
+    sess.restore_rest()
+    return args, model_cfg, sess, state, step
+
+
+def default_lengths(args: TrainArgs) -> list[int]:
+    T = args.resolved_seq_len()
+    return sorted({max(2, T // 2), T, 2 * T, 4 * T})
+
+
+def evaluate_run(run_dir: str | Path, *, seq_lens=None, depths=None, batches: int | None = None,
+                 batch_size: int | None = None, mesh: str | None = None, plot: bool = True,
+                 log=print) -> list[dict]:
+    run_dir = Path(run_dir)
+    args, _, sess, state, step = load_run(run_dir, mesh)
+    seq_lens = list(seq_lens or default_lengths(args))
+    if args.task == "niah":
+        depths = list(depths if depths is not None else DEPTHS)
+    else:
+        depths = [None]
+    n = mesh_batch = sess.mesh.size
+    bs = batch_size or max(args.batch_size, n)
+    if bs % mesh_batch:
+        raise UsageError(f"--batch-size {bs} must be a multiple of the {n} devices",
+                         "--batch-size")
+    batches = batches or args.eval_batches
+    text_tokens = trainer.open_text(args)
+    rows = []
+    for T in seq_lens:
+        for depth in depths:
+            try:
+                _, src = trainer.make_sources(args, batch_size=bs, seq_len=T,
+                                              text_tokens=text_tokens, depth=depth)
+            except UsageError as e:
+                log(f"skipping seq_len {T}: {e}")
+                break
+            r = sess.evaluate(state["params"], src, batches)
+            rows.append({"seq_len": T, "depth": depth, **r})
+    table = format_table(rows, args.task)
+    log(f"{run_dir} ({args.task}, preset {args.preset}, step {step}):")
+    log(table)
+    with open(run_dir / "eval.json", "w") as f:
+        json.dump({"step": step, "task": args.task, "rows": rows}, f, indent=2)
+    if plot:
+        png = plot_rows(rows, args.task, run_dir / "eval_recall.png", step)
+        log(f"plot: {png}" if png else "plot skipped: it needs matplotlib "
+            "(pip install matplotlib); the table above has the numbers")
+    return rows
+
+
+def format_table(rows: list[dict], task: str) -> str:
+    depth = task == "niah"
+    head = ["seq_len"] + (["depth"] if depth else []) + ["accuracy", "exact", "loss", "tokens"]
+    lines = ["  ".join(f"{h:>9}" for h in head)]
+    for r in rows:
+        cells = [f"{r['seq_len']:>9d}"]
+        if depth:
+            cells.append(f"{r['depth']:>9.2f}")
+        cells += [f"{r['accuracy']:>9.4f}", f"{r['exact_match']:>9.4f}", f"{r['loss']:>9.4f}",
+                  f"{int(r['tokens']):>9d}"]
+        lines.append("  ".join(cells))
+    return "\n".join(lines)
+
+
+def plot_rows(rows: list[dict], task: str, path: Path, step: int) -> Path | None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 4))
+    metric = "exact_match" if task == "niah" else "accuracy"
+    if task == "niah":
+        for d in sorted({r["depth"] for r in rows}):
+            sel = [r for r in rows if r["depth"] == d]
+            ax.plot([r["seq_len"] for r in sel], [r[metric] for r in sel], "o-",
+                    label=f"depth {d:.2f}")
+        ax.legend()
+    else:
+        ax.plot([r["seq_len"] for r in rows], [r[metric] for r in rows], "o-")
+    ax.set_xscale("log", base=2)
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_xlabel("sequence length")
+    ax.set_ylabel("exact match" if task == "niah" else "recall accuracy")
+    ax.set_title(f"{task}, step {step}")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def _ints(s: str) -> list[int]:
+    return [int(x) for x in s.split(",") if x.strip()]
+
+
+def _floats(s: str) -> list[float]:
+    return [float(x) for x in s.split(",") if x.strip()]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog=PROG, description="Recall accuracy of a qdelta-train run "
+                                "by sequence length (and needle depth for niah).")
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("--seq-lens", type=_ints, help="comma-separated lengths (default: 0.5x, 1x, "
+                   "2x, 4x the training length)")
+    p.add_argument("--depths", type=_floats, help="niah needle depths (default 0,.25,.5,.75,1)")
+    p.add_argument("--batches", type=int, help="batches per cell (default: the run's "
+                   "--eval-batches)")
+    p.add_argument("--batch-size", type=int, help="rows per batch (default: the run's)")
+    p.add_argument("--mesh", help="device mesh, as for qdelta-train")
+    p.add_argument("--no-plot", action="store_true", help="skip the PNG")
+    a = p.parse_args(argv)
+    try:
+        evaluate_run(a.run_dir, seq_lens=a.seq_lens, depths=a.depths, batches=a.batches,
+                     batch_size=a.batch_size, mesh=a.mesh, plot=not a.no_plot)
+    except UsageError as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

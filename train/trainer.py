@@ -1,0 +1,542 @@
+"""The training driver behind ``qdelta-train``: builds the data, model, mesh, optimizer and
+checkpoints from :class:`TrainArgs`, runs the loop and writes metrics.
+
+Loop details:
+
+* the host dispatches step ``i + 1`` before it reads step ``i``'s metrics, so data preparation
+  and logging overlap device work;
+* ``RUN_DIR/metrics.jsonl`` gets one JSON line per step (``step``, ``loss``, ``accuracy``,
+  ``grad_norm``, ``lr``, ``skipped``, ``step_time_s``, ``tokens_per_s``, ``mfu``) and one per
+  evaluation (``split: "eval"``, ``loss``, ``accuracy``, ``exact_match``); TensorBoard events
+  too when ``tensorboardX`` is importable;
+* throughput: ``tokens_per_s`` counts every input token (``B * T``) over the wall time between
+  consecutive steps; ``mfu = flops_per_token * tokens_per_s / (devices * peak)`` with
+  :func:`qdelta_jax.train.loop.flops_per_token` (6 x matmul params + the Q-Delta op) and the
+  device's dense bf16 peak (half of it for float32, i.e. TF32; ``--peak-tflops`` overrides;
+  unknown devices such as CPUs report no MFU). The first step (compilation) is left out of the
+  summary's averages.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+from qdelta_jax.train import checkpoint as ckpt
+from qdelta_jax.train import data as data_mod
+from qdelta_jax.train import loop
+from qdelta_jax.train import sharding as shd
+
+
+class UsageError(ValueError):
+    """A bad option value; ``flag`` names the option. The CLI prints it and exits with 2."""
+
+    def __init__(self, message: str, flag: str | None = None):
+        super().__init__(message)
+        self.flag = flag
+
+
+class BadStepsError(RuntimeError):
+    """Too many consecutive non-finite steps."""
+
+
+TASK_SEQ_LEN = {"mqar": 64, "niah": 512, "text": 512}
+
+
+@dataclasses.dataclass
+class TrainArgs:
+    """Every option of ``qdelta-train`` (the CLI flag is the field name with dashes)."""
+
+    preset: str = "tiny"
+    task: str = "mqar"
+    data: str | None = None
+    steps: int = 400
+    batch_size: int = 32
+    seq_len: int | None = None  # None: TASK_SEQ_LEN[task]
+    lr: float = 1e-2
+    warmup: int = 40
+    weight_decay: float = 0.1
+    save_every: int = 200
+    eval_every: int = 100
+    eval_batches: int = 4
+    run_dir: str | None = None
+    mesh: str | None = None
+    seed: int = 0
+    num_pairs: int = 4
+    mqar_vocab: int = 64
+    niah_variant: str = "passkey"
+    eos_id: int | None = None
+    grad_accum: int = 1
+    dtype: str = "float32"
+    implementation: str | None = None
+    fixed_lam: float | None = None
+    no_decay_gate: bool = False
+    remat: bool = False
+    model_overrides: str | None = None
+    max_bad_steps: int = 10
+    stop_after: int | None = None
+    peak_tflops: float | None = None
+    progress: bool = True
+
+    def resolved_seq_len(self) -> int:
+        return int(self.seq_len if self.seq_len is not None else TASK_SEQ_LEN.get(self.task, 512))
+
+
+# Options whose change between invocations changes what a resumed run computes.
+_RESUME_SENSITIVE = ("task", "data", "seed", "batch_size", "seq_len", "num_pairs", "mqar_vocab",
+                     "niah_variant", "eos_id", "grad_accum", "lr", "warmup", "steps",
+                     "weight_decay")
+
+
+def validate(a: TrainArgs) -> None:
+    from qdelta_jax.model import DTYPES, PRESETS
+
+    def need(cond, flag, msg):
+        if not cond:
+            raise UsageError(f"{flag} {msg}", flag)
+
+    need(a.preset in PRESETS, "--preset", f"{a.preset!r} is unknown; presets: "
+         + ", ".join(sorted(PRESETS)))
+    need(a.task in data_mod.TASKS, "--task", f"{a.task!r} is unknown; tasks: "
+         + ", ".join(data_mod.TASKS))
+    need(a.steps >= 1, "--steps", f"must be >= 1, got {a.steps}")
+    need(a.batch_size >= 1, "--batch-size", f"must be >= 1, got {a.batch_size}")
+    need(a.seq_len is None or a.seq_len >= 2, "--seq-len", f"must be >= 2, got {a.seq_len}")
+    need(math.isfinite(a.lr) and a.lr > 0, "--lr", f"must be a positive number, got {a.lr}")
+    need(a.warmup >= 0, "--warmup", f"must be >= 0, got {a.warmup}")
+    need(a.weight_decay >= 0, "--weight-decay", f"must be >= 0, got {a.weight_decay}")
+    need(a.save_every >= 0, "--save-every", f"must be >= 0 (0: only at the end), got "
+         f"{a.save_every}")
+    need(a.eval_every >= 0, "--eval-every", f"must be >= 0 (0: only at the end), got "
+         f"{a.eval_every}")
+    need(a.eval_batches >= 1, "--eval-batches", f"must be >= 1, got {a.eval_batches}")
+    need(a.grad_accum >= 1, "--grad-accum", f"must be >= 1, got {a.grad_accum}")
+    need(a.batch_size % a.grad_accum == 0, "--grad-accum",
+         f"{a.grad_accum} must divide --batch-size {a.batch_size}")
+    need(a.max_bad_steps >= 1, "--max-bad-steps", f"must be >= 1, got {a.max_bad_steps}")
+    need(a.stop_after is None or a.stop_after >= 1, "--stop-after",
+         f"must be >= 1, got {a.stop_after}")
+    need(a.dtype in DTYPES, "--dtype", f"must be one of {', '.join(DTYPES)}, got {a.dtype!r}")
+    from qdelta_jax.ops import IMPLEMENTATIONS
+
+    need(a.implementation in (None, *IMPLEMENTATIONS), "--implementation",
+         f"must be one of {', '.join(IMPLEMENTATIONS)}, got {a.implementation!r}")
+    need(a.fixed_lam is None or math.isfinite(a.fixed_lam), "--fixed-lam",
+         f"must be a finite number, got {a.fixed_lam}")
+    need(a.num_pairs >= 1, "--num-pairs", f"must be >= 1, got {a.num_pairs}")
+    need(a.mqar_vocab >= 8, "--mqar-vocab", f"must be >= 8, got {a.mqar_vocab}")
+    need(a.task != "text" or a.data is not None, "--data",
+         "is required with --task text (a UTF-8 file or folder, a .bin or a .npy token file)")
+    if a.data is not None and not Path(a.data).exists():
+        raise UsageError(f"--data {a.data}: no such file or directory", "--data")
+
+
+def parse_overrides(text: str | None) -> dict[str, Any]:
+    """``"hidden_size=128,num_hidden_layers=4"`` -> dict, values parsed as JSON when possible."""
+    out: dict[str, Any] = {}
+    if not text:
+        return out
+    for part in text.split(","):
+        if "=" not in part:
+            raise UsageError(f"--model-overrides: expected KEY=VALUE pairs, got {part!r}",
+                             "--model-overrides")
+        k, v = (s.strip() for s in part.split("=", 1))
+        try:
+            out[k] = json.loads(v)
+        except json.JSONDecodeError:
+            out[k] = v
+    return out
+
+
+def _round_up(n: int, m: int) -> int:
+    return m * ((n + m - 1) // m)
+
+
+def model_config_for(a: TrainArgs, data_vocab: int, pretokenised: bool):
+    """The model config of a run: the preset, the task's vocabulary (rounded up to a multiple of
+    64; for pre-tokenised text at least the preset's) and the ablation/dtype flags."""
+    from qdelta_jax.model import PRESETS, QDeltaConfig
+
+    vocab = _round_up(data_vocab, 64)
+    if pretokenised:
+        vocab = max(vocab, PRESETS[a.preset].get("vocab_size", 0))
+    fields: dict[str, Any] = {"vocab_size": vocab, "compute_dtype": a.dtype}
+    if a.implementation is not None:
+        fields["implementation"] = a.implementation
+    if a.fixed_lam is not None:
+        fields["fixed_lam"] = float(a.fixed_lam)
+    if a.no_decay_gate:
+        fields["use_decay"] = False
+    if a.remat:
+        fields["remat"] = True
+    fields.update(parse_overrides(a.model_overrides))
+    if fields["vocab_size"] < data_vocab:
+        raise UsageError(f"--model-overrides vocab_size {fields['vocab_size']} is below the "
+                         f"{data_vocab} token ids of the data", "--model-overrides")
+    try:
+        return QDeltaConfig.from_preset(a.preset, **fields)
+    except (ValueError, TypeError) as e:
+        raise UsageError(f"bad model options: {e}", "--model-overrides") from None
+
+
+def make_sources(a: TrainArgs, batch_size: int | None = None, seq_len: int | None = None,
+                 text_tokens=None, depth=None):
+    T = seq_len or a.resolved_seq_len()
+    B = batch_size or a.batch_size
+    kw = dict(batch_size=B, seq_len=T, seed=a.seed, num_pairs=a.num_pairs,
+              mqar_vocab=a.mqar_vocab, niah_variant=a.niah_variant, data=a.data,
+              eos_id=a.eos_id, text_tokens=text_tokens, depth=depth)
+    try:
+        return (data_mod.make_source(a.task, split="train", **kw),
+                data_mod.make_source(a.task, split="eval", **kw))
+    except data_mod.DataError as e:
+        raise UsageError(str(e), e.flag) from None
+
+
+def data_vocab_of(a: TrainArgs, text_tokens) -> tuple[int, bool]:
+    if a.task == "mqar":
+        return a.mqar_vocab, False
+    if a.task == "niah":
+        return 256, False
+    _, _, vocab = text_tokens
+    return vocab, Path(a.data).suffix in (".bin", ".npy")
+
+
+def open_text(a: TrainArgs):
+    if a.task != "text":
+        return None
+    try:
+        return data_mod.load_tokens(a.data, a.eos_id)
+    except data_mod.DataError as e:
+        raise UsageError(str(e), e.flag) from None
+
+
+class Session:
+    """Model, optimizer, mesh and jitted steps of a run (shared by training and evaluation)."""
+
+    def __init__(self, a: TrainArgs, model_cfg, mesh):
+        from flax import nnx
+
+        from qdelta_jax.model import QDeltaLM
+
+        self.args, self.model_cfg, self.mesh = a, model_cfg, mesh
+        self.fns = loop.ModelFns(lambda: QDeltaLM(model_cfg, rngs=nnx.Rngs(a.seed)))
+        self.ocfg = loop.OptimConfig(lr=a.lr, warmup=a.warmup, steps=a.steps,
+                                     weight_decay=a.weight_decay, grad_accum=a.grad_accum)
+        self.tx = loop.make_optimizer(self.ocfg)
+        self.param_shardings = shd.tree_shardings(mesh, self.fns.abstract_params)
+        abstract = jax.eval_shape(
+            lambda p: loop.init_train_state(p, self.tx, a.seed), self.fns.abstract_params
+        )
+        self.state_shardings = shd.tree_shardings(mesh, abstract)
+        self.abstract_state = jax.tree.map(
+            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+            abstract, self.state_shardings,
+        )
+        self.batch_sharding = shd.batch_sharding(mesh)
+        self.repl = shd.replicated(mesh)
+        self._train_step = None
+        self._eval_step = None
+
+    def init_state(self) -> loop.TrainState:
+        params = self.fns.init(self.param_shardings)
+        init = jax.jit(lambda p: loop.init_train_state(p, self.tx, self.args.seed),
+                       out_shardings=self.state_shardings)
+        return init(params)
+
+    def restore_rest(self) -> None:
+        """Materialises the model's non-param state (none for QDeltaLM) without keeping params."""
+        if jax.tree.leaves(self.fns.abstract_rest):
+            self.fns.init(self.param_shardings)
+
+    def _batch_shardings(self, batch):
+        return {k: self.batch_sharding for k in batch}
+
+    def train_step(self, state, batch):
+        if self._train_step is None:
+            fn = loop.make_train_step(self.fns, self.tx, self.args.grad_accum,
+                                      loop.lr_schedule(self.ocfg))
+            self._train_step = jax.jit(
+                fn,
+                in_shardings=(self.state_shardings, self._batch_shardings(batch)),
+                out_shardings=(self.state_shardings, self.repl),
+                donate_argnums=0,
+            )
+        return self._train_step(state, batch)
+
+    def eval_step(self, params, batch):
+        if self._eval_step is None:
+            self._eval_step = jax.jit(
+                loop.make_eval_step(self.fns),
+                in_shardings=(self.state_shardings.params, self._batch_shardings(batch)),
+                out_shardings=self.repl,
+            )
+        return self._eval_step(params, batch)
+
+    def evaluate(self, params, source, n_batches: int) -> dict[str, float]:
+        sums = [self.eval_step(params, shd.shard_batch(source.batch(i), self.mesh))
+                for i in range(n_batches)]
+        return loop.summarise_eval(jax.device_get(sums))
+
+
+class MetricsWriter:
+    """Appends JSON lines to ``metrics.jsonl`` (and TensorBoard when tensorboardX exists)."""
+
+    def __init__(self, run_dir: Path, enabled: bool = True):
+        self.enabled = enabled
+        self.f = open(run_dir / "metrics.jsonl", "a") if enabled else None  # noqa: SIM115
+        self.tb = None
+        if enabled:
+            try:
+                from tensorboardX import SummaryWriter  # optional
+
+                self.tb = SummaryWriter(str(run_dir / "tb"))
+            except ImportError:
+                pass
+
+    def write(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        self.f.write(json.dumps(record) + "\n")
+        self.f.flush()
+        if self.tb is not None:
+            prefix = record.get("split", "train")
+            for k, v in record.items():
+                if isinstance(v, (int, float)) and k != "step" and v is not None:
+                    self.tb.add_scalar(f"{prefix}/{k}", v, record["step"])
+
+    def close(self) -> None:
+        if self.f is not None:
+            self.f.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+def default_run_dir(a: TrainArgs) -> str:
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    return str(Path("runs") / f"{a.task}-{a.preset}-{stamp}")
+
+
+def _to_float(x):
+    x = float(x)
+    return x if math.isfinite(x) else None if math.isnan(x) else x
+
+
+def run(a: TrainArgs, *, log=print) -> dict[str, Any]:
+    """Trains (or resumes) a run; returns the summary dict. Raises :class:`UsageError` for bad
+    options and :class:`BadStepsError` when ``max_bad_steps`` consecutive steps were not
+    finite."""
+    t_start = time.perf_counter()
+    validate(a)
+    shd.maybe_initialize_distributed()
+    main_process = jax.process_index() == 0
+    text_tokens = open_text(a)
+    train_src, eval_src = make_sources(a, text_tokens=text_tokens)
+    data_vocab, pretok = data_vocab_of(a, text_tokens)
+    model_cfg = model_config_for(a, data_vocab, pretok)
+
+    try:
+        mesh = shd.make_mesh(a.mesh)
+        shd.check_batch_size(a.batch_size, mesh, a.grad_accum)
+    except shd.MeshError as e:
+        raise UsageError(str(e), "--mesh") from None
+
+    run_dir = Path(a.run_dir or default_run_dir(a))
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UsageError(f"--run-dir {run_dir} exists and is not a directory", "--run-dir")
+    saved = ckpt.read_run_config(run_dir) if run_dir.exists() else None
+    requested = {"model": model_cfg.to_dict(), "train": dataclasses.asdict(a)}
+    requested["train"]["run_dir"] = str(run_dir)
+    if saved is None and run_dir.exists() and (run_dir / "checkpoints").exists():
+        raise UsageError(f"--run-dir {run_dir} has checkpoints but no {ckpt.CONFIG_FILE}; "
+                         "it is not a run directory this program can resume", "--run-dir")
+    if saved is not None:
+        try:
+            ckpt.check_model_config(run_dir, saved.get("model", {}), requested["model"])
+        except ckpt.RunDirError as e:
+            raise UsageError(str(e), "--run-dir") from None
+        diffs = [d for d in ckpt.diff_dicts(
+            {k: saved.get("train", {}).get(k) for k in _RESUME_SENSITIVE},
+            {k: requested["train"].get(k) for k in _RESUME_SENSITIVE})]
+        if diffs:
+            log("warning: resuming with different training options (a resumed run then differs "
+                "from an uninterrupted one):\n  " + "\n  ".join(diffs))
+    if main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        ckpt.write_run_config(run_dir, requested)
+
+    sess = Session(a, model_cfg, mesh)
+    checkpointer = ckpt.Checkpointer(run_dir)
+    try:
+        restored = checkpointer.restore_latest(sess.abstract_state.to_dict())
+    except ckpt.RunDirError as e:
+        checkpointer.close()
+        raise UsageError(str(e), "--run-dir") from None
+    it = data_mod.DataIterator(train_src)
+    if restored is not None:
+        step0, state_dict, data_state = restored
+        state = loop.TrainState.from_dict(state_dict)
+        it.load_state_dict(data_state)
+        sess.restore_rest()
+        log(f"resumed {run_dir} from step {step0}")
+    else:
+        step0 = 0
+        state = sess.init_state()
+    n_params = loop.count_params(sess.fns.abstract_params)
+    T = a.resolved_seq_len()
+    tokens_per_step = a.batch_size * T
+    fpt = loop.flops_per_token(sess.fns.abstract_params, model_cfg, T)
+    n_dev = mesh.size
+    dev_kind = jax.devices()[0].device_kind
+    peak = loop.peak_flops(dev_kind, a.dtype, a.peak_tflops)
+    log(f"run dir {run_dir}: {a.task}, preset {a.preset} ({n_params / 1e6:.2f}M params, vocab "
+        f"{model_cfg.vocab_size}), batch {a.batch_size} x {T}, mesh data={mesh.shape['data']} "
+        f"fsdp={mesh.shape['fsdp']} on {n_dev} {dev_kind}, steps {step0} -> {a.steps}")
+
+    writer = MetricsWriter(run_dir, main_process)
+    pbar = None
+    if a.progress and main_process:
+        from tqdm import tqdm
+
+        pbar = tqdm(total=a.steps, initial=step0, desc="train", dynamic_ncols=True,
+                    file=sys.stderr)
+
+    def save(step, st):
+        checkpointer.save(step, st.to_dict(), {"index": int(step)})
+
+    last_eval: dict[str, float] | None = None
+    step_times: list[float] = []
+
+    def do_eval(step, st):
+        nonlocal last_eval
+        nonlocal t_prev
+        last_eval = sess.evaluate(st.params, eval_src, a.eval_batches)
+        t_prev = time.perf_counter()  # keep evaluation time out of the next step's time
+        writer.write({"step": step, "split": "eval", **last_eval})
+        if pbar is not None:
+            pbar.write(f"step {step}: eval loss {last_eval['loss']:.4f} accuracy "
+                       f"{last_eval['accuracy']:.4f} exact {last_eval['exact_match']:.4f}")
+
+    status, last_metrics = "done", {}
+    pending = None  # (step number, metrics future)
+    t_prev = time.perf_counter()
+    stop_at = a.steps if a.stop_after is None else min(a.steps, step0 + a.stop_after)
+
+    def consume(step, m):
+        nonlocal t_prev, last_metrics
+        m = jax.device_get(m)
+        now = time.perf_counter()
+        dt, t_prev = now - t_prev, now
+        tps = tokens_per_step / dt
+        rec = {
+            "step": step,
+            "loss": _to_float(m["loss"]),
+            "accuracy": float(m["accuracy"]),
+            "grad_norm": _to_float(m["grad_norm"]),
+            "lr": float(m["lr"]),
+            "skipped": int(m["skipped"]),
+            "step_time_s": dt,
+            "tokens_per_s": tps,
+            "mfu": (fpt * tps / (n_dev * peak)) if peak else None,
+        }
+        if step > step0 + 1:
+            step_times.append(dt)
+        last_metrics = rec
+        writer.write(rec)
+        if pbar is not None:
+            pbar.set_postfix(loss=f"{float(m['loss']):.4f}", tok_s=f"{tps:,.0f}", refresh=False)
+            pbar.update(1)
+        if int(m["bad_steps"]) >= a.max_bad_steps:
+            raise BadStepsError(
+                f"stopping at step {step}: {int(m['bad_steps'])} consecutive steps had a "
+                f"non-finite loss or gradient norm (--max-bad-steps {a.max_bad_steps}); their "
+                "updates were skipped. Lower --lr, check the data, or try --dtype float32."
+            )
+        if not bool(m["finite"]) and pbar is not None:
+            pbar.write(f"step {step}: non-finite loss or gradient norm; update skipped "
+                       f"({int(m['bad_steps'])} in a row)")
+
+    try:
+        with ckpt.StopSignal() as stop:
+            step = step0
+            while step < stop_at:
+                batch = shd.shard_batch(next(it), mesh)
+                state, metrics = sess.train_step(state, batch)
+                step += 1
+                if pending is not None:
+                    consume(*pending)
+                pending = (step, metrics)
+                if a.save_every and step % a.save_every == 0 and step < a.steps:
+                    save(step, state)
+                if a.eval_every and step % a.eval_every == 0 and step < a.steps:
+                    consume(*pending)
+                    pending = None
+                    do_eval(step, state)
+                if stop:
+                    status = "interrupted"
+                    break
+            if pending is not None:
+                consume(*pending)
+                pending = None
+            if step < a.steps and status == "done":
+                status = "stopped"
+            save(step, state)
+            if status == "done":
+                do_eval(step, state)
+    except BadStepsError:
+        checkpointer.wait()
+        raise
+    finally:
+        if pbar is not None:
+            pbar.close()
+        checkpointer.wait()
+        checkpointer.close()
+        writer.close()
+
+    wall = time.perf_counter() - t_start
+    mean_dt = float(np.mean(step_times)) if step_times else None
+    tps = tokens_per_step / mean_dt if mean_dt else None
+    summary = {
+        "status": status,
+        "run_dir": str(run_dir),
+        "step": int(step),
+        "steps": a.steps,
+        "loss": last_metrics.get("loss"),
+        "eval": last_eval,
+        "skipped_steps": last_metrics.get("skipped"),
+        "params": n_params,
+        "step_time_s": mean_dt,
+        "tokens_per_s": tps,
+        "mfu": (fpt * tps / (n_dev * peak)) if (peak and tps) else None,
+        "flops_per_token": fpt,
+        "devices": n_dev,
+        "device_kind": dev_kind,
+        "wall_s": wall,
+    }
+    if main_process:
+        with open(run_dir / "summary.json", "w") as f:
+            json.dump(summary, f, indent=2)
+    return summary
+
+
+def format_summary(s: dict[str, Any]) -> str:
+    parts = [f"{s['status']} at step {s['step']}/{s['steps']}"]
+    if s.get("loss") is not None:
+        parts.append(f"loss {s['loss']:.4f}")
+    if s.get("eval"):
+        parts.append(f"eval loss {s['eval']['loss']:.4f}, recall accuracy "
+                     f"{s['eval']['accuracy']:.4f}, exact match {s['eval']['exact_match']:.4f}")
+    if s.get("step_time_s"):
+        parts.append(f"step {s['step_time_s'] * 1e3:.1f} ms, {s['tokens_per_s']:,.0f} tokens/s")
+    if s.get("mfu") is not None:
+        parts.append(f"MFU {100 * s['mfu']:.1f}% of {s['devices']} x {s['device_kind']}")
+    parts.append(f"wall {s['wall_s']:.1f} s")
+    return "; ".join(parts)
