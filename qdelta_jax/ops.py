@@ -54,7 +54,8 @@ def _check_cu_seqlens(cu_seqlens, B: int, T: int) -> int:
         )
     if cu_seqlens.ndim != 1 or cu_seqlens.shape[0] < 2:
         raise ValueError(
-            f"cu_seqlens must be a 1-D array of N+1 >= 2 offsets, got shape {_fmt(cu_seqlens.shape)}"
+            "cu_seqlens must be a 1-D array of N+1 >= 2 offsets, "
+            f"got shape {_fmt(cu_seqlens.shape)}"
         )
     if not jnp.issubdtype(jnp.result_type(cu_seqlens), jnp.integer):
         raise TypeError(f"cu_seqlens must have an integer dtype, got {cu_seqlens.dtype}")
@@ -88,7 +89,7 @@ def qdelta_rule(
     initial_state: Float[Array, "N H K V"] | None = None,
     output_final_state: bool = False,
     normalize_qk: bool = True,
-    cu_seqlens: Int[Array, "N+1"] | None = None,
+    cu_seqlens: Int[Array, " N+1"] | None = None,
     chunk_size: int = 64,
     implementation: str | None = None,
 ) -> tuple[Float[Array, "B T H V"], Float[Array, "N H K V"] | None]:

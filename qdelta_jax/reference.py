@@ -21,7 +21,6 @@ matmul is TF32, which is not exact enough for a reference).
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 from jax import lax
 from jaxtyping import Array, Float, Int
@@ -31,7 +30,7 @@ HIGHEST = lax.Precision.HIGHEST
 
 def l2_normalize(x: Array, eps: float = 1e-6) -> Array:
     """``x / sqrt(sum(x**2) + eps)`` over the last axis, computed in float32."""
-    x = x.astype(jnp.float32)
+    x = x.astype(jnp.promote_types(x.dtype, jnp.float32))
     return x * lax.rsqrt(jnp.sum(x * x, axis=-1, keepdims=True) + eps)
 
 
@@ -49,7 +48,7 @@ def qdelta_step(
 
     Returns ``(new_state, o)``; the state is float32, ``o`` is float32.
     """
-    f32 = jnp.float32
+    f32 = jnp.promote_types(q.dtype, jnp.float32)  # float64 stays float64 (gradient checks)
     state = state.astype(f32)
     q, k, v = q.astype(f32), k.astype(f32), v.astype(f32)
     g, beta, lam = g.astype(f32), beta.astype(f32), lam.astype(f32)
@@ -72,7 +71,7 @@ def qdelta_scan(
     *,
     scale: float,
     initial_state: Float[Array, "N H K V"] | None = None,
-    cu_seqlens: Int[Array, "N+1"] | None = None,
+    cu_seqlens: Int[Array, " N+1"] | None = None,
 ) -> tuple[Float[Array, "B T H V"], Float[Array, "N H K V"]]:
     """The recurrence as a ``jax.lax.scan`` over time (``q``, ``k`` already normalised).
 
@@ -82,7 +81,7 @@ def qdelta_scan(
     """
     B, T, H, K = q.shape
     V = v.shape[-1]
-    f32 = jnp.float32
+    f32 = jnp.promote_types(q.dtype, jnp.float32)
     if cu_seqlens is None:
         N = B
         h0 = jnp.zeros((B, H, K, V), f32) if initial_state is None else initial_state.astype(f32)

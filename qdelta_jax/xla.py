@@ -45,10 +45,17 @@ from jaxtyping import Array, Bool, Float, Int
 F32 = jnp.float32
 
 
+def _acc(dt):
+    """Accumulation dtype for compute dtype ``dt``: float32, or float64 for float64 inputs (used by
+    the finite-difference gradient checks)."""
+    return jnp.promote_types(dt, F32)
+
+
 def _mm(eq: str, a: Array, b: Array, dt) -> Array:
-    """einsum with inputs in the compute dtype ``dt`` and float32 accumulation."""
-    prec = lax.Precision.HIGHEST if dt == F32 else None
-    return jnp.einsum(eq, a.astype(dt), b.astype(dt), preferred_element_type=F32, precision=prec)
+    """einsum with inputs in the compute dtype ``dt`` and float32 (or float64) accumulation."""
+    acc = _acc(dt)
+    prec = lax.Precision.HIGHEST if dt == acc else None
+    return jnp.einsum(eq, a.astype(dt), b.astype(dt), preferred_element_type=acc, precision=prec)
 
 
 def _masks(C: int) -> tuple[Array, Array]:
@@ -76,7 +83,7 @@ class ChunkMeta(NamedTuple):
 
 class Layout(NamedTuple):
     meta: ChunkMeta
-    pos: Int[Array, "T"] | None  # padded position of each packed token (varlen only)
+    pos: Int[Array, " T"] | None  # padded position of each packed token (varlen only)
     Tp: int
 
 
@@ -155,6 +162,7 @@ class Local(NamedTuple):
 def chunk_local(q, k, v, g, beta, lam) -> Local:
     """``A``, ``T = (I + A)^-1``, ``W`` and ``U`` for every chunk (inputs ``[B, H, NC, C, *]``)."""
     dt = q.dtype
+    F32 = _acc(dt)
     C = q.shape[-2]
     strict, _ = _masks(C)
     G = jnp.cumsum(g.astype(F32), axis=-1)
@@ -179,6 +187,7 @@ def _time_major(*xs):
 def state_pass(k, G, W, U, h0, meta: ChunkMeta, dt):
     """Sequential pass over chunks. Returns ``h_in [B, H, NC, K, V]`` (the state entering each
     chunk, in ``dt``), ``D [B, H, NC, C, V]`` (float32) and the final states ``[N, H, K, V]``."""
+    F32 = _acc(dt)
     def body(carry, inp):
         h, final = carry
         k_c, G_c, W_c, U_c, reset, last, seq = inp
@@ -199,6 +208,7 @@ def state_pass(k, G, W, U, h0, meta: ChunkMeta, dt):
 
 def chunk_output(q, k, G, h_in, D, scale, dt):
     """``O = scale ((gamma Q) h + (Q K^T o decay o causal) D)`` for every chunk, float32."""
+    F32 = _acc(dt)
     C = q.shape[-2]
     _, incl = _masks(C)
     P = _mm("...ik,...jk->...ij", q, k, dt) * _decay(G, incl)
@@ -233,6 +243,7 @@ def reverse_state_pass(k, G, W, q, do, dD0, dfinal, meta: ChunkMeta, scale, N, d
     and ``dh0 [N, H, K, V]`` (gradient w.r.t. the initial states of the sequences that own at
     least one chunk). ``dD0 = scale P^T dO`` is the state-independent part of ``dD``.
     """
+    F32 = _acc(dt)
 
     def body(carry, inp):
         dh, dh0 = carry
@@ -262,6 +273,7 @@ def reverse_state_pass(k, G, W, q, do, dD0, dfinal, meta: ChunkMeta, scale, N, d
 def chunk_grads(q, k, v, beta, lam, loc: Local, h_in, D, do, dh_out, scale, dt):
     """All local gradients, in parallel over chunks. Returns f32 ``dq, dk, dv, dg, dbeta, dlam``
     in the ``[B, H, NC, C, *]`` layout."""
+    F32 = _acc(dt)
     C = q.shape[-2]
     strict, incl = _masks(C)
     G, X, Rd, A, Tinv, W, U = loc
@@ -350,9 +362,10 @@ def _core_fwd(q, k, v, g, beta, lam, h0, reset, is_last, seq, scale):
 
 def _core_bwd(scale, res, cts):
     q, k, v, g, beta, lam, h0, reset, is_last, seq = res
-    do, dfinal = cts
+    do, dfinal = jnp.asarray(cts[0]), jnp.asarray(cts[1])
     meta = ChunkMeta(reset, is_last, seq)
     dt = q.dtype
+    F32 = _acc(dt)
     C = meta_chunk(q, meta)
     N = h0.shape[0]
     qs, ks, vs = _split(q, C), _split(k, C), _split(v, C)
@@ -393,7 +406,7 @@ def qdelta_chunked(
     *,
     scale: float,
     initial_state: Float[Array, "N H K V"] | None = None,
-    cu_seqlens: Int[Array, "N+1"] | None = None,
+    cu_seqlens: Int[Array, " N+1"] | None = None,
     chunk_size: int = 64,
     core=None,
 ) -> tuple[Float[Array, "B T H V"], Float[Array, "N H K V"]]:
@@ -405,8 +418,9 @@ def qdelta_chunked(
     C = chunk_size
     layout = make_layout(B, T, C, cu_seqlens)
     N = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
-    h0 = jnp.zeros((N, H, K, V), F32) if initial_state is None else initial_state.astype(F32)
     dt = jnp.promote_types(q.dtype, k.dtype)
+    F32 = _acc(dt)
+    h0 = jnp.zeros((N, H, K, V), F32) if initial_state is None else jnp.asarray(initial_state, F32)
     args = [to_padded(x.astype(dt), layout) for x in (q, k)]
     args.append(to_padded(v, layout))
     args += [to_padded(x.astype(F32), layout) for x in (g, beta, lam)]

@@ -1,0 +1,211 @@
+"""Time qdelta_rule's implementations: forward and forward+backward, tokens/s and memory.
+
+    python benchmarks/ops.py                                  # the SPEC section 6 shapes, bf16
+    python benchmarks/ops.py --shapes 8x4096x6x128x256 --impl xla pallas --reps 50
+    python benchmarks/ops.py --small                          # a CPU-sized smoke run
+
+Method: every function is jitted and compiled first (compile time is reported separately), run
+``--warmup`` times, then timed ``--reps`` times with ``block_until_ready`` around each call; the
+median is reported. Inputs are fresh random arrays (never zeros). Memory is XLA's compiled
+memory analysis of the jitted function: ``temp`` is what it allocates on top of its arguments
+and outputs (the figure the issue bounds), ``args``/``out`` are its argument and output bytes.
+When the backend reports it, ``peak`` is the device's peak bytes in use since process start.
+
+With ``--fla``, fla's ``chunk_gated_delta_rule`` forward is timed in the same run as an anchor
+(needs torch and the ``flash-linear-attention`` wheel; skipped with a note otherwise).
+
+Writes a Markdown table to stdout and, with ``--json PATH``, the raw numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+
+from qdelta_jax import qdelta_rule
+from qdelta_jax.testing import random_inputs
+
+SPEC_SHAPES = ["8x4096x6x128x256", "8x4096x16x128x128", "2x16384x6x128x256"]
+SMALL_SHAPES = ["2x512x2x64x64"]
+
+
+def parse_shape(s: str) -> tuple[int, ...]:
+    try:
+        shape = tuple(int(x) for x in s.lower().split("x"))
+    except ValueError:
+        shape = ()
+    if len(shape) != 5 or min(shape) < 1:
+        raise SystemExit(f"--shapes: expected BxTxHxKxV with positive integers, got {s!r}")
+    return shape
+
+
+def time_fn(fn, args, warmup: int, reps: int) -> float:
+    """Median wall time of ``fn(*args)`` in milliseconds, synchronised on every call."""
+    for _ in range(warmup):
+        jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def memory(compiled) -> dict:
+    try:
+        m = compiled.memory_analysis()
+        return {
+            "temp": int(m.temp_size_in_bytes),
+            "args": int(m.argument_size_in_bytes),
+            "out": int(m.output_size_in_bytes),
+        }
+    except Exception:  # noqa: BLE001 - not every backend reports it
+        return {}
+
+
+def peak_bytes() -> int | None:
+    stats = jax.devices()[0].memory_stats() or {}
+    return stats.get("peak_bytes_in_use")
+
+
+def bench_impl(impl, shape, dtype, warmup, reps, chunk_size):
+    B, T, H, K, V = shape
+    inputs = random_inputs(jax.random.key(0), B, T, H, K, V, dtype=dtype)
+    q, k, v, g, beta, lam, _ = inputs
+    do = jax.random.normal(jax.random.key(1), v.shape, jnp.float32).astype(v.dtype)
+
+    def fwd(q, k, v, g, beta, lam):
+        return qdelta_rule(q, k, v, g, beta, lam, implementation=impl, chunk_size=chunk_size)[0]
+
+    def fwd_bwd(q, k, v, g, beta, lam, do):
+        o, vjp = jax.vjp(fwd, q, k, v, g, beta, lam)
+        return o, vjp(do)
+
+    row = {"impl": impl, "shape": shape, "dtype": jnp.dtype(dtype).name}
+    for name, fn, args in (
+        ("fwd", fwd, (q, k, v, g, beta, lam)),
+        ("fwd_bwd", fwd_bwd, (q, k, v, g, beta, lam, do)),
+    ):
+        t0 = time.perf_counter()
+        try:
+            compiled = jax.jit(fn).lower(*args).compile()
+        except Exception as e:  # noqa: BLE001 - report and go on with the other rows
+            row[name] = None
+            row[f"{name}_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+            continue
+        row[f"{name}_compile_s"] = time.perf_counter() - t0
+        try:
+            row[name] = time_fn(compiled, args, warmup, reps)
+        except Exception as e:  # noqa: BLE001 - e.g. out of memory
+            row[name] = None
+            row[f"{name}_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+            continue
+        row[f"{name}_mem"] = memory(compiled)
+    row["peak"] = peak_bytes()
+    return row
+
+
+def bench_fla(shape, warmup, reps):
+    """fla's chunk_gated_delta_rule forward (lam = 0 equivalent) with torch CUDA events."""
+    try:
+        import torch
+        from fla.ops.gated_delta_rule import chunk_gated_delta_rule
+    except Exception as e:  # noqa: BLE001
+        return {"impl": "fla gated delta rule", "shape": shape, "fwd_error": f"not available: {e}"}
+    B, T, H, K, V = shape
+    dev = "cuda"
+    gen = torch.Generator(device=dev).manual_seed(0)
+    q = torch.randn(B, T, H, K, device=dev, dtype=torch.bfloat16, generator=gen)
+    k = torch.randn(B, T, H, K, device=dev, dtype=torch.bfloat16, generator=gen)
+    v = torch.randn(B, T, H, V, device=dev, dtype=torch.bfloat16, generator=gen)
+    g = -torch.nn.functional.softplus(torch.randn(B, T, H, device=dev, generator=gen) - 1) * 0.5
+    beta = torch.sigmoid(torch.randn(B, T, H, device=dev, generator=gen)).bfloat16()
+
+    def run():
+        return chunk_gated_delta_rule(q, k, v, g, beta, use_qk_l2norm_in_kernel=True)
+
+    for _ in range(warmup):
+        run()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        run()
+        e.record()
+        torch.cuda.synchronize()
+        times.append(s.elapsed_time(e))
+    return {"impl": "fla gated delta rule", "shape": shape, "fwd": statistics.median(times)}
+
+
+def fmt_ms(x):
+    return "-" if x is None else f"{x:.3f}"
+
+
+def fmt_gib(row, key):
+    m = row.get(f"{key}_mem") or {}
+    return "-" if "temp" not in m else f"{m['temp'] / 2**30:.2f}"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--shapes", nargs="+", default=None, help="BxTxHxKxV (default: SPEC section 6)")
+    p.add_argument("--impl", nargs="+", default=None,
+                   help="implementations (default: xla, plus pallas on GPU)")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    p.add_argument("--chunk-size", type=int, default=64)
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--reps", type=int, default=30)
+    p.add_argument("--small", action="store_true", help="a CPU-sized smoke run")
+    p.add_argument("--fla", action="store_true", help="time fla's gated delta rule as an anchor")
+    p.add_argument("--json", default=None, help="write raw numbers here")
+    a = p.parse_args(argv)
+    shapes = [parse_shape(s) for s in (a.shapes or (SMALL_SHAPES if a.small else SPEC_SHAPES))]
+    on_gpu = jax.default_backend() == "gpu"
+    impls = a.impl or (["xla", "pallas"] if on_gpu else ["xla"])
+    dtype = jnp.dtype(a.dtype)
+    device = jax.devices()[0].device_kind
+    print(f"# device: {device} ({jax.default_backend()}), jax {jax.__version__}, "
+          f"dtype {dtype.name}, chunk {a.chunk_size}, warmup {a.warmup}, reps {a.reps}",
+          file=sys.stderr)
+    rows = []
+    for shape in shapes:
+        for impl in impls:
+            row = bench_impl(impl, shape, dtype, a.warmup, a.reps, a.chunk_size)
+            rows.append(row)
+            print(f"# {impl} {shape}: fwd {fmt_ms(row.get('fwd'))} ms, "
+                  f"fwd+bwd {fmt_ms(row.get('fwd_bwd'))} ms "
+                  f"{row.get('fwd_error', '')} {row.get('fwd_bwd_error', '')}",
+                  file=sys.stderr, flush=True)
+        if a.fla and on_gpu:
+            rows.append(bench_fla(shape, a.warmup, a.reps))
+    print(f"\nDevice: {device}; dtype {dtype.name}; median of {a.reps} after {a.warmup} warm-up\n")
+    print("| shape B,T,H,K,V | impl | fwd ms | fwd+bwd ms | fwd Mtok/s | fwd+bwd Mtok/s "
+          "| fwd temp GiB | fwd+bwd temp GiB |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    for r in rows:
+        B, T = r["shape"][:2]
+        tok = B * T
+        f, fb = r.get("fwd"), r.get("fwd_bwd")
+        print(f"| {','.join(map(str, r['shape']))} | {r['impl']} | {fmt_ms(f)} | {fmt_ms(fb)} | "
+              f"{'-' if not f else f'{tok / f / 1e3:.1f}'} | "
+              f"{'-' if not fb else f'{tok / fb / 1e3:.1f}'} | "
+              f"{fmt_gib(r, 'fwd')} | {fmt_gib(r, 'fwd_bwd')} |")
+        for key in ("fwd_error", "fwd_bwd_error"):
+            if r.get(key):
+                print(f"|  | {r['impl']} {key}: {r[key]} | | | | | | |")
+    if a.json:
+        with open(a.json, "w") as fh:
+            json.dump({"device": device, "jax": jax.__version__, "rows": rows}, fh, indent=1,
+                      default=str)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,135 @@
+"""qdelta_rule's input checks, dispatch and dtypes."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from qdelta_jax import default_implementation, qdelta_rule
+from qdelta_jax.testing import random_inputs
+
+B, T, H, K, V = 1, 20, 2, 8, 12
+
+
+@pytest.fixture
+def inputs():
+    return random_inputs(jax.random.key(0), B, T, H, K, V)
+
+
+def call(inputs, **overrides):
+    names = ("q", "k", "v", "g", "beta", "lam")
+    args = dict(zip(names, inputs[:6]))
+    kw = {}
+    for key, val in overrides.items():
+        if key in args:
+            args[key] = val
+        else:
+            kw[key] = val
+    return qdelta_rule(*(args[n] for n in names), **kw)
+
+
+def test_default_implementation_on_cpu():
+    assert default_implementation() == ("pallas" if jax.default_backend() == "gpu" else "xla")
+
+
+def test_output_dtype_and_final_state(inputs):
+    o, final = call(inputs)
+    assert o.shape == (B, T, H, V) and o.dtype == jnp.float32 and final is None
+    o, final = call(inputs, output_final_state=True)
+    assert final.shape == (B, H, K, V) and final.dtype == jnp.float32
+    bf = [x.astype(jnp.bfloat16) for x in inputs[:3]]
+    o, _ = call(inputs, q=bf[0], k=bf[1], v=bf[2])
+    assert o.dtype == jnp.bfloat16
+
+
+def test_scale_touches_output_only(inputs):
+    o1, f1 = call(inputs, scale=1.0, output_final_state=True)
+    o2, f2 = call(inputs, scale=2.0, output_final_state=True)
+    np.testing.assert_allclose(o2, 2 * o1, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(f1, f2)
+
+
+def test_normalize_qk_flag(inputs):
+    q, k = inputs[0], inputs[1]
+    from qdelta_jax import l2_normalize
+
+    o1, _ = call(inputs)
+    o2, _ = call(inputs, q=l2_normalize(q), k=l2_normalize(k), normalize_qk=False)
+    np.testing.assert_allclose(o1, o2, rtol=1e-5, atol=1e-6)
+    o3, _ = call(inputs, normalize_qk=False)
+    assert float(jnp.abs(o3 - o1).max()) > 1e-3
+
+
+@pytest.mark.parametrize(
+    "override,match",
+    [
+        (dict(q=jnp.zeros((B, T, H))), r"q must have shape \[B, T, H, K\]"),
+        (
+            dict(k=jnp.zeros((B, T, H, K + 1))),
+            r"k must have shape \[B, T, H, K\] = \[1, 20, 2, 8\]",
+        ),
+        (dict(v=jnp.zeros((B, T + 1, H, V))), r"v must have shape \[B, T, H, V\]"),
+        (dict(g=jnp.zeros((B, T, H, 1))), r"g must have shape \[B, T, H\] = \[1, 20, 2\]"),
+        (dict(beta=jnp.zeros((B, T))), r"beta must have shape \[B, T, H\]"),
+        (dict(lam=jnp.zeros((B, T + 2, H))), r"lam must have shape"),
+        (dict(chunk_size=48), r"chunk_size must be a power of two.*48"),
+        (dict(chunk_size=0), r"chunk_size must be a power of two"),
+        (dict(implementation="cuda"), r"implementation must be one of .*'cuda'"),
+        (
+            dict(initial_state=jnp.zeros((B, H, V, K))),
+            r"initial_state must have shape \[N, H, K, V\]",
+        ),
+        (dict(scale=float("nan")), r"scale must be a finite float"),
+        (dict(cu_seqlens=jnp.array([0, 5, 3, 20])), r"cu_seqlens must be non-decreasing"),
+        (dict(cu_seqlens=jnp.array([0, 5, 19])), r"cu_seqlens must end at .* T = 20"),
+        (dict(cu_seqlens=jnp.array([1, 5, 20])), r"cu_seqlens must start at 0"),
+        (dict(cu_seqlens=jnp.array([[0, 20]])), r"cu_seqlens must be a 1-D array"),
+        (
+            dict(cu_seqlens=jnp.array([0, 5, 20]), initial_state=jnp.zeros((1, H, K, V))),
+            r"initial_state must have shape \[N, H, K, V\] = \[2, 2, 8, 12\]",
+        ),
+    ],
+)
+def test_value_errors_name_the_argument(inputs, override, match):
+    with pytest.raises(ValueError, match=match):
+        call(inputs, **override)
+
+
+@pytest.mark.parametrize(
+    "override,match",
+    [
+        (dict(q=jnp.zeros((B, T, H, K), jnp.int32)), r"q must have a floating dtype.*int32"),
+        (dict(beta=jnp.zeros((B, T, H), jnp.bool_)), r"beta must have a floating dtype"),
+        (
+            dict(initial_state=jnp.zeros((B, H, K, V), jnp.int32)),
+            r"initial_state must have a float",
+        ),
+        (dict(cu_seqlens=jnp.array([0.0, 20.0])), r"cu_seqlens must have an integer dtype"),
+        (dict(v=[[1.0]]), r"v must be an array"),
+    ],
+)
+def test_type_errors_name_the_argument(inputs, override, match):
+    with pytest.raises(TypeError, match=match):
+        call(inputs, **override)
+
+
+def test_cu_seqlens_needs_batch_one():
+    q, k, v, g, beta, lam, _ = random_inputs(jax.random.key(1), 2, T, H, K, V)
+    with pytest.raises(ValueError, match=r"batch size 2, expected 1"):
+        qdelta_rule(q, k, v, g, beta, lam, cu_seqlens=jnp.array([0, 20]))
+
+
+def test_checks_cost_nothing_at_run_time(inputs):
+    """Checks read shapes at trace time: the jitted function is compiled once, and the traced
+    cu_seqlens values are accepted without a host round trip."""
+    traces = []
+
+    @jax.jit
+    def f(cu, *xs):
+        traces.append(1)
+        return qdelta_rule(*xs[:6], cu_seqlens=cu)[0]
+
+    a = f(jnp.array([0, 5, 20]), *inputs)
+    b = f(jnp.array([0, 7, 20]), *inputs)
+    assert len(traces) == 1
+    assert float(jnp.abs(a - b).max()) > 0
