@@ -1,0 +1,277 @@
+"""Tests of :mod:`qdelta_jax.model`: decoding equals the forward pass, generation with prompts of
+different lengths, packed documents, parameter counts, gradients, weight decay mask, config."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from qdelta_jax.model import (
+    PRESETS,
+    QDeltaConfig,
+    QDeltaLM,
+    count_params,
+    generate,
+    no_decay_mask,
+    weight_decay_mask,
+)
+
+TINY = QDeltaConfig.from_preset("tiny")
+
+
+def rel(a, b) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30))
+
+
+@pytest.fixture(scope="module")
+def model() -> QDeltaLM:
+    return QDeltaLM(TINY, rngs=nnx.Rngs(0))
+
+
+def tokens(B=2, T=24, seed=1):
+    return jax.random.randint(jax.random.key(seed), (B, T), 0, TINY.vocab_size, jnp.int32)
+
+
+@nnx.jit
+def forward(model, toks, cu_seqlens=None):
+    return model(toks, cu_seqlens=cu_seqlens)
+
+
+@nnx.jit
+def step(model, toks, cache):
+    return model.step(toks, cache)
+
+
+def n_params(module_or_state) -> int:
+    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(module_or_state,
+                                                                         nnx.Param)))
+
+
+# ----------------------------------------------------------------------------- decoding
+
+
+def test_prefill_then_steps_give_forward_logits(model):
+    toks = tokens()
+    full = forward(model, toks)
+    assert full.shape == (2, 24, TINY.vocab_size) and full.dtype == jnp.float32
+    # Prefill of a prefix (chunked op, crosses a chunk boundary), then one-token steps.
+    logits, cache = step(model, toks[:, :17], model.init_cache(2))
+    parts = [logits]
+    for t in range(17, 24):
+        lt, cache = step(model, toks[:, t : t + 1], cache)
+        parts.append(lt)
+    assert rel(jnp.concatenate(parts, 1), full) < 1e-5
+    # One-token steps from the empty cache.
+    cache = model.init_cache(2)
+    for t in range(4):
+        lt, cache = step(model, toks[:, t : t + 1], cache)
+        assert rel(lt[:, 0], full[:, t]) < 1e-5
+
+
+def test_generate_prompts_of_different_lengths(model):
+    prompt = tokens(B=3, T=8, seed=2)
+    lengths = jnp.array([8, 3, 5])
+    out = generate(model, prompt, 6, temperature=0.0, prompt_lengths=lengths)
+    assert out.shape == (3, 6) and out.dtype == jnp.int32
+    # Row b equals generating it alone ...
+    alone = generate(model, prompt[1:2, :3], 6, temperature=0.0)
+    np.testing.assert_array_equal(out[1:2], alone)
+    # ... and every row is the greedy continuation under the full forward pass.
+    for b, n in enumerate(np.asarray(lengths)):
+        seq = jnp.concatenate([prompt[b, :n], out[b]])[None]
+        greedy = jnp.argmax(forward(model, seq)[0, n - 1 : -1], axis=-1)
+        np.testing.assert_array_equal(greedy, out[b])
+    # top_k=1 sampling is greedy; sampling is reproducible given the key.
+    key = jax.random.key(3)
+    np.testing.assert_array_equal(
+        generate(model, prompt, 6, top_k=1, rng=key, prompt_lengths=lengths), out)
+
+
+def test_generate_errors(model):
+    prompt = tokens(B=2, T=4)
+    with pytest.raises(ValueError, match="prompt_lengths"):
+        generate(model, prompt, 2, temperature=0.0, prompt_lengths=jnp.array([0, 4]))
+    with pytest.raises(ValueError, match="prompt_lengths"):
+        generate(model, prompt, 2, temperature=0.0, prompt_lengths=jnp.array([5, 4]))
+    with pytest.raises(ValueError, match="rng"):
+        generate(model, prompt, 2, temperature=1.0)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        generate(model, prompt, 0, temperature=0.0)
+    with pytest.raises(ValueError, match="top_k"):
+        generate(model, prompt, 2, top_k=0, rng=jax.random.key(0))
+
+
+# ----------------------------------------------------------------------------- training paths
+
+
+def test_packed_documents_equal_separate_runs(model):
+    toks = tokens()
+    cu = jnp.array([[0, 10, 24], [0, 24, 24]])
+    packed = forward(model, toks, cu)
+    # Document 2 of row 0 run alone (at the start of a row; the model is causal, so whatever
+    # follows it does not matter); row 1 is one document.
+    alone = forward(model, jnp.stack([jnp.concatenate([toks[0, 10:], toks[0, :10]]), toks[1]]))
+    assert rel(packed[0, 10:], alone[0, :14]) < 1e-5
+    assert rel(packed[1], alone[1]) < 1e-5
+    # The first document is a prefix of the unpacked row.
+    assert rel(packed[0, :10], forward(model, toks)[0, :10]) < 1e-5
+    with pytest.raises(ValueError, match="non-decreasing"):
+        model(toks, cu_seqlens=jnp.array([[0, 10, 24], [0, 20, 10]]))
+
+
+def _loss(model, toks):
+    logits = model(toks[:, :-1])
+    return optax.softmax_cross_entropy_with_integer_labels(logits, toks[:, 1:]).mean()
+
+
+@nnx.jit
+def loss_and_grads(model, toks):
+    return nnx.value_and_grad(_loss)(model, toks)
+
+
+def test_gradients_reach_every_parameter_and_remat_agrees(model):
+    toks = tokens(T=20)
+    loss, grads = loss_and_grads(model, toks)
+    assert np.isfinite(float(loss))
+    flat = nnx.to_flat_state(grads)
+    assert len(flat) == len(nnx.to_flat_state(nnx.state(model, nnx.Param)))
+    for path, g in flat:
+        assert float(jnp.max(jnp.abs(g[...]))) > 0, f"zero gradient for {path}"
+    remat = QDeltaLM(QDeltaConfig.from_preset("tiny", remat=True), rngs=nnx.Rngs(0))
+    loss_r, grads_r = loss_and_grads(remat, toks)
+    assert rel(loss_r, loss) < 1e-6
+    for (_, a), (_, b) in zip(nnx.to_flat_state(grads_r), flat, strict=True):
+        assert rel(a[...], b[...]) < 1e-4
+
+
+def test_weight_decay_mask(model):
+    params = nnx.state(model, nnx.Param)
+    mask = weight_decay_mask(params)
+    assert no_decay_mask is weight_decay_mask
+    flat = {"/".join(map(str, p)): m.get_value() for p, m in nnx.to_flat_state(mask)}
+    no_decay = {p for p, m in flat.items() if not m}
+    assert {p.split("/")[-1] for p in no_decay} == {"A_log", "dt_bias", "scale"}
+    assert "blocks/0/attn/o_norm/scale" in no_decay and "norm/scale" in no_decay
+    assert flat["blocks/1/attn/q_proj/kernel"] and flat["embed/embedding"]
+    # As optax's mask: decoupled weight decay moves exactly the masked-in parameters.
+    tx = optax.adamw(1e-2, weight_decay=0.5, mask=weight_decay_mask)
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    updates, _ = jax.jit(tx.update)(zeros, tx.init(params), params)
+    for (path, u), (_, m) in zip(nnx.to_flat_state(updates), nnx.to_flat_state(mask),
+                                 strict=True):
+        assert bool(jnp.any(u[...] != 0)) == m.get_value(), path
+    # Plain dicts (Linen params) work too.
+    d = weight_decay_mask({"mixer": {"A_log": jnp.zeros(2), "q_proj": {"kernel": jnp.ones(2)}}})
+    assert d == {"mixer": {"A_log": False, "q_proj": {"kernel": True}}}
+
+
+def test_return_aux_for_diagnostics(model):
+    toks = tokens()
+    logits, aux = nnx.jit(lambda m, t: m(t, return_aux=True))(model, toks)
+    assert rel(logits, forward(model, toks)) < 1e-6
+    assert len(aux) == TINY.num_hidden_layers
+    H, K = TINY.num_heads, TINY.head_dim
+    assert aux[0]["k"].shape == aux[0]["q"].shape == (2, 24, H, K)
+    assert aux[0]["beta"].shape == aux[0]["lam"].shape == (2, 24, H)
+
+
+def test_bfloat16_compute_with_float32_params(model):
+    cfg = QDeltaConfig.from_preset("tiny", compute_dtype="bfloat16")
+    m16 = QDeltaLM(cfg, rngs=nnx.Rngs(0))
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(nnx.state(m16, nnx.Param)))
+    toks = tokens()
+    logits = forward(m16, toks)
+    assert logits.dtype == jnp.float32
+    assert rel(logits, forward(model, toks)) < 5e-2
+
+
+# ----------------------------------------------------------------------------- sizes
+
+
+def formula(c: QDeltaConfig) -> int:
+    """The parameter count written out independently of the model code."""
+    D, H, K = c.hidden_size, c.num_heads, c.head_dim
+    HV = c.num_v_heads or H
+    V = int(K * c.expand_v)
+    inter = c.intermediate_size or 256 * -(-int(D * c.hidden_ratio * 2 / 3) // 256)
+    proj = D * (2 * H * K + HV * V) + D * HV * V + HV * V * D  # q k v, g, o
+    gates = D * HV * (1 + (c.fixed_lam is None) + c.use_decay) + 2 * HV * c.use_decay
+    conv = c.conv_size * (2 * H * K + HV * V) * c.use_short_conv
+    layer = proj - D * HV * V * (not c.use_gate) + gates + conv + V + 3 * D * inter + 2 * D
+    return c.num_hidden_layers * layer + c.vocab_size * D * (2 - c.tie_word_embeddings) + D
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_preset_parameter_counts(name):
+    c = QDeltaConfig.from_preset(name)
+    assert count_params(c) == formula(c)
+    if name == "340m":
+        assert c.mlp_size == 2816
+        assert 375e6 < count_params(c) < 385e6  # "340M" counts like the paper's: ~380M
+        abstract = nnx.eval_shape(lambda: QDeltaLM(c, rngs=nnx.Rngs(0)))
+        assert n_params(abstract) == count_params(c)
+    if name == "1b":
+        assert 1.3e9 < count_params(c) < 1.45e9
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [dict(), dict(num_v_heads=4, use_gate=False), dict(fixed_lam=0.0, use_decay=False),
+     dict(tie_word_embeddings=True, use_short_conv=False, intermediate_size=100)],
+)
+def test_count_params_matches_model(kw):
+    c = QDeltaConfig.from_preset("tiny", **kw)
+    abstract = nnx.eval_shape(lambda: QDeltaLM(c, rngs=nnx.Rngs(0)))
+    assert n_params(abstract) == count_params(c) == formula(c)
+
+
+# ----------------------------------------------------------------------------- config
+
+
+@pytest.mark.parametrize(
+    "field,value",
+    [("hidden_size", 0), ("num_heads", 2.5), ("expand_v", 0.3), ("num_v_heads", 3),
+     ("chunk_size", 48), ("compute_dtype", "float16"), ("norm_eps", -1.0),
+     ("implementation", "cuda"), ("use_gate", 1), ("fixed_lam", float("nan"))],
+)
+def test_bad_config_values_name_the_field(field, value):
+    with pytest.raises(ValueError, match=field):
+        QDeltaConfig.from_preset("tiny", **{field: value})
+
+
+def test_presets_and_json(tmp_path):
+    with pytest.raises(ValueError, match="340m"):
+        QDeltaConfig.from_preset("7b")
+    with pytest.raises(ValueError, match="hidden"):
+        QDeltaConfig.from_preset("tiny", hidden=3)
+    c = QDeltaConfig.from_preset("tiny", fixed_lam=0.5)
+    path = tmp_path / "c.json"
+    c.to_json(path)
+    assert QDeltaConfig.from_json(path) == c
+    # The authors' HF config keys.
+    hf = {"model_type": "qdelta", "hidden_size": 1024, "num_hidden_layers": 21, "num_heads": 6,
+          "head_dim": 128, "expand_v": 2, "lamb_bias": 0.9, "norm_eps": 1e-6,
+          "hidden_ratio": 4, "intermediate_size": None, "vocab_size": 32000, "conv_size": 4,
+          "use_short_conv": True, "use_gate": True, "allow_neg_eigval": False,
+          "tie_word_embeddings": False, "attn": None, "fuse_cross_entropy": True,
+          "num_v_heads": None, "mystery_key": 1}
+    (tmp_path / "hf.json").write_text(json.dumps(hf))
+    with pytest.warns(UserWarning, match="mystery_key"):
+        c = QDeltaConfig.from_json(tmp_path / "hf.json")
+    assert c == QDeltaConfig.from_preset("340m")
+    hf.pop("mystery_key")
+    (tmp_path / "bad.json").write_text(json.dumps({**hf, "lamb_bias": "high"}))
+    with warnings.catch_warnings(), pytest.raises(ValueError, match="lam_bias"):
+        warnings.simplefilter("error")
+        QDeltaConfig.from_json(tmp_path / "bad.json")
+    (tmp_path / "hybrid.json").write_text(json.dumps({**hf, "attn": {"layers": [1]}}))
+    with pytest.raises(ValueError, match="attn"):
+        QDeltaConfig.from_json(tmp_path / "hybrid.json")
