@@ -1,0 +1,243 @@
+"""Device check and timing of the Pallas kernels against the XLA chunked path, in one run.
+
+For each shape: every kernel stage against its :mod:`qdelta_jax.xla` oracle (relative error),
+the whole ``qdelta_rule`` forward and all seven gradients (pallas vs xla, and both vs an xla
+run in float32 with precision HIGHEST), then the median time of forward and forward+backward
+for pallas and xla, and of each Pallas stage alone. Prints a table and writes JSON to
+``--out`` (default ``$OUT/pallas_dev.json`` when ``OUT`` is set).
+
+    python benchmarks/pallas_dev.py                        # small shape + B8 T4096 H6 K128 V256
+    python benchmarks/pallas_dev.py --shapes 8x4096x6x128x256 --dtype bfloat16
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+import traceback
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from qdelta_jax.pallas import backward as pbwd
+from qdelta_jax.pallas import config as pcfg
+from qdelta_jax.pallas import forward as pfwd
+
+from qdelta_jax import qdelta_rule, xla
+
+F32 = jnp.float32
+
+
+def rel(a, b) -> float:
+    a = jnp.asarray(a, F32)
+    b = jnp.asarray(b, F32)
+    return float(jnp.linalg.norm((a - b).ravel()) / (jnp.linalg.norm(b.ravel()) + 1e-30))
+
+
+def inputs(key, B, T, H, K, V, dtype):
+    ks = jax.random.split(key, 8)
+    nrm = lambda x: x / jnp.linalg.norm(x, axis=-1, keepdims=True)  # noqa: E731
+    q = nrm(jax.random.normal(ks[0], (B, T, H, K), F32)).astype(dtype)
+    k = nrm(jax.random.normal(ks[1], (B, T, H, K), F32) + 0.5).astype(dtype)  # correlated keys
+    v = jax.random.normal(ks[2], (B, T, H, V), F32).astype(dtype)
+    g = -jnp.exp(jax.random.uniform(ks[3], (H,), F32, 0.0, 2.7)) * jax.nn.softplus(
+        jax.random.normal(ks[4], (B, T, H), F32) - 3.0
+    )
+    beta = jax.nn.sigmoid(jax.random.normal(ks[5], (B, T, H), F32))
+    lam = jax.nn.sigmoid(jax.random.normal(ks[6], (B, T, H), F32) - 0.9)
+    h0 = 0.1 * jax.random.normal(ks[7], (B, H, K, V), F32)
+    return q, k, v, g, beta, lam, h0
+
+
+def bench(fn, args, reps=30, warmup=3):
+    for _ in range(warmup):
+        jax.block_until_ready(fn(*args))
+    ts = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        ts.append(time.perf_counter() - t0)
+    return float(np.median(ts)) * 1e3
+
+
+def loss_fn(impl, C, precision=None):
+    def f(q, k, v, g, beta, lam, h0, w):
+        with jax.default_matmul_precision(precision) if precision else _null():
+            o, fin = qdelta_rule(q, k, v, g, beta, lam, initial_state=h0, output_final_state=True,
+                                 chunk_size=C, implementation=impl)
+        return jnp.sum(o.astype(F32) * w) + jnp.sum(fin * h0), (o, fin)
+    return f
+
+
+class _null:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *a):
+        return False
+
+
+def stage_checks(q, k, v, g, beta, lam, h0, C, res):
+    """Each kernel against its xla.py stage on the padded layout (same inputs, same dtype)."""
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    dt = q.dtype
+    cfg = pcfg.get_config(K, V, C, dt)
+    interp = jax.default_backend() != "gpu"
+    layout = xla.make_layout(B, T, C, None)
+    m = layout.meta
+    P = lambda x: xla.to_padded(x, layout)  # noqa: E731
+    qp, kp, vp, gp, bp, lp = P(q), P(k), P(v), P(g), P(beta), P(lam)
+    sp = lambda x: xla._split(x, C)  # noqa: E731
+    W, U = jax.jit(lambda *a: pfwd.chunk_local(*a, C=C, cfg=cfg.local, interpret=interp))(
+        qp, kp, vp, gp, bp, lp)
+    loc = jax.jit(xla.chunk_local)(sp(qp), sp(kp), sp(vp), sp(gp), sp(bp), sp(lp))
+    res["local.W"] = rel(sp(W), loc.W)
+    res["local.U"] = rel(sp(U), loc.U)
+    h_in, D, fin = jax.jit(lambda *a: pfwd.state_pass(*a, C=C, cfg=cfg.state, interpret=interp))(
+        kp, gp, W, U, h0, m.reset, m.is_last, m.seq)
+    xh, xD, xf = jax.jit(lambda *a: xla.state_pass(*a, m, dt))(sp(kp), loc.G, loc.W, loc.U, h0)
+    res["state.h_in"] = rel(jnp.moveaxis(h_in, 2, 1), xh)
+    res["state.D"] = rel(sp(D), xD)
+    res["state.final"] = rel(fin, xf)
+    scale = K**-0.5
+    o = jax.jit(lambda *a: pfwd.chunk_output(*a, scale=scale, out_dtype=v.dtype, C=C,
+                                             cfg=cfg.output, interpret=interp))(qp, kp, gp, h_in, D)
+    xo = jax.jit(lambda *a: xla.chunk_output(*a, scale, dt))(sp(qp), sp(kp), loc.G, xh, xD)
+    res["output.o"] = rel(sp(o), xo)
+    do = jax.random.normal(jax.random.PRNGKey(7), vp.shape, F32).astype(dt)
+    dfin = jax.random.normal(jax.random.PRNGKey(8), h0.shape, F32)
+    dh_out, dD, dh0 = jax.jit(lambda *a: pbwd.reverse_state_pass(
+        *a, scale=scale, C=C, cfg=cfg.reverse, interpret=interp))(
+        qp, kp, gp, W, do, dfin, m.reset, m.is_last, m.seq)
+    _, incl = xla._masks(C)
+    Pm = xla._mm("...ik,...jk->...ij", sp(qp), sp(kp), dt) * xla._decay(loc.G, incl)
+    dD0 = scale * xla._mm("...ij,...iv->...jv", Pm, sp(do), dt)
+    xdh, xdh0 = jax.jit(lambda *a: xla.reverse_state_pass(*a, m, scale, B, dt))(
+        sp(kp), loc.G, loc.W, sp(qp), sp(do), dD0, dfin)
+    res["reverse.dh_out"] = rel(jnp.moveaxis(dh_out, 2, 1), xdh)
+    res["reverse.dh0"] = rel(dh0, xdh0)
+    grads = jax.jit(lambda *a: xla.chunk_grads(*a, scale, dt))(
+        sp(qp), sp(kp), sp(vp), sp(bp), sp(lp), loc, xh, xD, sp(do), xdh)
+    dqp, dkp, dW, dGp = jax.jit(lambda *a: pbwd.chunk_dqkw(
+        *a, scale=scale, C=C, cfg=cfg.dqkw, interpret=interp))(qp, kp, gp, h_in, dh_out, do, D, dD)
+    out = jax.jit(lambda *a: pbwd.chunk_grads(*a, scale=scale, C=C, cfg=cfg.grads,
+                                              interpret=interp))(
+        qp, kp, vp, gp, bp, lp, do, D, dD, dW, dqp, dkp, dGp)
+    for name, a, b in zip(("dq", "dk", "dv", "dg", "dbeta", "dlam"), out, grads):
+        res[f"grads.{name}"] = rel(sp(a), b)
+    # stage timings
+    t = {}
+    t["local"] = bench(jax.jit(lambda *a: pfwd.chunk_local(*a, C=C, cfg=cfg.local,
+                                                             interpret=interp)),
+                       (qp, kp, vp, gp, bp, lp))
+    t["state"] = bench(jax.jit(lambda *a: pfwd.state_pass(*a, C=C, cfg=cfg.state,
+                                                            interpret=interp)),
+                       (kp, gp, W, U, h0, m.reset, m.is_last, m.seq))
+    t["output"] = bench(jax.jit(lambda *a: pfwd.chunk_output(
+        *a, scale=scale, out_dtype=v.dtype, C=C, cfg=cfg.output, interpret=interp)),
+        (qp, kp, gp, h_in, D))
+    t["reverse"] = bench(jax.jit(lambda *a: pbwd.reverse_state_pass(
+        *a, scale=scale, C=C, cfg=cfg.reverse, interpret=interp)),
+        (qp, kp, gp, W, do, dfin, m.reset, m.is_last, m.seq))
+    t["dqkw"] = bench(jax.jit(lambda *a: pbwd.chunk_dqkw(
+        *a, scale=scale, C=C, cfg=cfg.dqkw, interpret=interp)),
+        (qp, kp, gp, h_in, dh_out, do, D, dD))
+    t["grads"] = bench(jax.jit(lambda *a: pbwd.chunk_grads(
+        *a, scale=scale, C=C, cfg=cfg.grads, interpret=interp)),
+        (qp, kp, vp, gp, bp, lp, do, D, dD, dW, dqp, dkp, dGp))
+    return t
+
+
+def run_shape(B, T, H, K, V, dtype, C, reps, do_stages):
+    res: dict = {"shape": [B, T, H, K, V], "dtype": jnp.dtype(dtype).name, "chunk": C}
+    args = inputs(jax.random.PRNGKey(B * 7 + T + K), B, T, H, K, V, dtype)
+    w = jax.random.normal(jax.random.PRNGKey(3), (B, T, H, V), F32)
+    if do_stages:
+        try:
+            t0 = time.perf_counter()
+            res["stage_ms"] = stage_checks(*args, C, res)
+            res["stage_wall_s"] = time.perf_counter() - t0
+        except Exception as e:  # noqa: BLE001
+            res["stage_error"] = f"{type(e).__name__}: {e}"[:3000]
+            traceback.print_exc()
+    try:
+        vg = {}
+        for impl in ("pallas", "xla"):
+            f = loss_fn(impl, C)
+            vg[impl] = jax.jit(jax.value_and_grad(f, argnums=tuple(range(7)), has_aux=True))
+        f32 = [a.astype(F32) for a in args]
+        ref = jax.jit(jax.value_and_grad(loss_fn("xla", C, "highest"), argnums=tuple(range(7)),
+                                         has_aux=True))(*f32, w)
+        outs = {impl: vg[impl](*args, w) for impl in vg}
+        names = ("q", "k", "v", "g", "beta", "lam", "h0")
+        for impl, ((_, (o, fin)), gr) in outs.items():
+            res[f"{impl}.o"] = rel(o, ref[0][1][0])
+            res[f"{impl}.final"] = rel(fin, ref[0][1][1])
+            for n, a, b in zip(names, gr, ref[1]):
+                res[f"{impl}.d{n}"] = rel(a, b)
+        (_, (o_p, f_p)), g_p = outs["pallas"]
+        (_, (o_x, f_x)), g_x = outs["xla"]
+        res["pallas_vs_xla.o"] = rel(o_p, o_x)
+        res["pallas_vs_xla.final"] = rel(f_p, f_x)
+        for n, a, b in zip(names, g_p, g_x):
+            res[f"pallas_vs_xla.d{n}"] = rel(a, b)
+    except Exception as e:  # noqa: BLE001
+        res["check_error"] = f"{type(e).__name__}: {e}"[:3000]
+        traceback.print_exc()
+    try:
+        for impl in ("pallas", "xla"):
+            fwd = jax.jit(lambda *a, impl=impl: qdelta_rule(
+                *a[:6], initial_state=a[6], output_final_state=True, chunk_size=C,
+                implementation=impl))
+            res[f"{impl}.fwd_ms"] = bench(fwd, args, reps)
+            res[f"{impl}.fwdbwd_ms"] = bench(vg[impl], (*args, w), reps)
+    except Exception as e:  # noqa: BLE001
+        res["time_error"] = f"{type(e).__name__}: {e}"[:3000]
+        traceback.print_exc()
+    return res
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shapes", default="2x256x2x64x64,8x4096x6x128x256")
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--extra-fp32", default="2x256x2x64x64",
+                    help="shapes also run in float32 (comma list, empty for none)")
+    ap.add_argument("--chunk", type=int, default=64)
+    ap.add_argument("--reps", type=int, default=30)
+    ap.add_argument("--no-stages", action="store_true")
+    ap.add_argument("--out", default=None)
+    a = ap.parse_args(argv)
+    dev = jax.devices()[0]
+    print(f"device: {dev.device_kind}, jax {jax.__version__}, backend {jax.default_backend()}",
+          flush=True)
+    runs = [(s, a.dtype) for s in a.shapes.split(",") if s]
+    runs += [(s, "float32") for s in a.extra_fp32.split(",") if s]
+    allres = {"device": dev.device_kind, "jax": jax.__version__, "runs": []}
+    for s, dts in runs:
+        B, T, H, K, V = (int(x) for x in s.split("x"))
+        t0 = time.perf_counter()
+        r = run_shape(B, T, H, K, V, jnp.dtype(dts), a.chunk, a.reps, not a.no_stages)
+        r["wall_s"] = time.perf_counter() - t0
+        allres["runs"].append(r)
+        print(json.dumps(r, indent=None), flush=True)
+    out = a.out or (os.path.join(os.environ["OUT"], "pallas_dev.json") if "OUT" in os.environ
+                    else None)
+    if out:
+        with open(out, "w") as f:
+            json.dump(allres, f, indent=1)
+    print("\n== summary (" + dev.device_kind + ")")
+    for r in allres["runs"]:
+        print(r["shape"], r["dtype"])
+        for k in sorted(r):
+            if k.endswith("_ms") or k.startswith("pallas_vs_xla") or "error" in k:
+                print(f"  {k}: {r[k]}")
+        if "stage_ms" in r:
+            print("  stage_ms:", {k: round(v, 3) for k, v in r["stage_ms"].items()})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,38 @@
+"""Pallas GPU kernels (Triton lowering) for the chunked Q-Delta op, imported as
+``qdelta_jax.pallas``.
+
+:func:`chunked_core` returns a drop-in replacement for :func:`qdelta_jax.xla.chunked_core`;
+``qdelta_rule(..., implementation="pallas")`` uses it. Off the GPU the kernels run in Pallas
+interpret mode (slow; that is how the tests run them). See :mod:`.forward`, :mod:`.backward`
+for the stages and :mod:`.config` for block sizes and autotuning.
+"""
+
+from __future__ import annotations
+
+from qdelta_jax.pallas.config import Config, StageConfig, autotune, default_config, get_config
+from qdelta_jax.pallas.core import CHUNK_SIZES, MAX_K, MAX_V, make_core
+
+
+def chunked_core(K: int, V: int, dtype, chunk_size: int, *, config: Config | None = None,
+                 interpret: bool | None = None):
+    """The Pallas core for head sizes ``K, V``, compute dtype ``dtype`` and ``chunk_size``:
+    ``core(q, k, v, g, beta, lam, h0, reset, is_last, seq, scale) -> (o, final)`` with the
+    contract of :func:`qdelta_jax.xla.chunked_core`.
+
+    Raises ValueError when ``chunk_size`` is not in :data:`CHUNK_SIZES` or a head size is out of
+    range (K up to 256, V up to 512)."""
+    return make_core(K=K, V=V, dtype=dtype, chunk_size=chunk_size, config=config,
+                     interpret=interpret)
+
+
+__all__ = [
+    "CHUNK_SIZES",
+    "MAX_K",
+    "MAX_V",
+    "Config",
+    "StageConfig",
+    "autotune",
+    "chunked_core",
+    "default_config",
+    "get_config",
+]

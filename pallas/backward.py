@@ -1,0 +1,283 @@
+"""Backward kernels of the chunked Q-Delta op, Pallas with the Triton lowering.
+
+The backward recomputes ``W, U`` (:func:`forward.chunk_local`) and the chunk-entry states and
+writes ``D`` (:func:`forward.state_pass`); nothing per chunk is saved by the forward. Then:
+
+1. :func:`reverse_state_pass`, one program per (batch row, head, V tile) looping over the
+   chunks backwards with the float32 state gradient in registers. Per chunk it writes
+   ``dh_out`` (the gradient w.r.t. the state leaving the chunk) and
+   ``dD = scale P^T dO + (K o e) dh_out`` (the gradient w.r.t. the writes), and it stores
+   ``dh0[seq]`` at the chunk that starts a sequence. ``dh0`` starts as ``dfinal``, so a sequence
+   that owns no chunk passes its final-state gradient through, as in the XLA path.
+2. :func:`chunk_dqkw`, parallel over (batch, chunk, head, K tile), looping over V tiles: the
+   state-side terms ``dO h^T`` (into ``dq``, ``dG``), ``D dh_out^T`` (into ``dk``, ``dG``) and
+   ``dW = -dD h^T``.
+3. :func:`chunk_grads`, parallel over (batch, chunk, head): it recomputes ``A`` and ``T``,
+   then the intra-chunk terms (``dP``, ``dT``, ``dA = -T^T dT T^T``, ``dU``, ``dX``), adds the
+   partial results of 2 and writes ``dq, dk, dv, dg, dbeta, dlam``.
+
+The names and the math follow :func:`qdelta_jax.xla.chunk_grads`, which is the oracle of each
+kernel.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from qdelta_jax.pallas import _util as u
+from qdelta_jax.pallas.config import StageConfig
+from qdelta_jax.pallas.forward import params, spec_rows
+
+F32 = jnp.float32
+
+# ----------------------------------------------------------------------------- 1. reverse pass
+
+
+def _reverse_kernel(
+    q_ref, k_ref, w_ref, g_ref, do_ref, dfin_ref, reset_ref, last_ref, seq_ref, _dh0_in,
+    dhout_ref, dd_ref, dh0_ref, *, C, NC, BV, scale, dt, hp,
+):
+    b, h, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    vs = pl.ds(j * BV, BV)
+    K = k_ref.shape[-1]
+    _, incl = u.masks(C)
+
+    def body(i, dh):
+        c = NC - 1 - i
+        seq = seq_ref[b, c]
+        dh = lax.cond(last_ref[b, c] != 0, lambda: dfin_ref[seq, h, :, vs].astype(F32),
+                      lambda: dh)
+        dhout_ref[b, c, h, :, vs] = dh.astype(dt)
+        t = pl.ds(c * C, C)
+        g = g_ref[b, t, h]
+        G = u.cumsum(g)
+        gC = jnp.sum(g)
+        q = q_ref[b, t, h, :]
+        k = k_ref[b, t, h, :]
+        do = do_ref[b, t, h, vs]
+        P = u.dot(q, k, tb=True, dt=dt, hp=hp) * u.decay(G, G, incl)
+        kd = k.astype(F32) * jnp.exp(gC - G)[:, None]
+        dD = scale * u.dot(P, do, ta=True, dt=dt, hp=hp) + u.dot(kd, dh, dt=dt, hp=hp)
+        dd_ref[b, t, h, vs] = dD.astype(dt)
+        qg = q.astype(F32) * jnp.exp(G)[:, None]
+        dh_in = (
+            scale * u.dot(qg, do, ta=True, dt=dt, hp=hp)
+            + jnp.exp(gC) * dh
+            - u.dot(w_ref[b, t, h, :], dD, ta=True, dt=dt, hp=hp)
+        )
+        reset = reset_ref[b, c] != 0
+
+        @pl.when(reset)
+        def _():
+            dh0_ref[seq, h, :, vs] = dh_in
+
+        return jnp.where(reset, 0.0, dh_in)
+
+    lax.fori_loop(0, NC, body, jnp.zeros((K, BV), F32))
+
+
+def reverse_state_pass(q, k, g, W, do, dfinal, reset, is_last, seq, *, scale: float, C: int,
+                       cfg: StageConfig, interpret):
+    """Returns ``dh_out [B, NC, H, K, V]`` and ``dD [B, Tp, H, V]`` in the compute dtype and
+    ``dh0 [N, H, K, V]`` float32."""
+    B, Tp, H, K = k.shape
+    V = do.shape[-1]
+    NC = Tp // C
+    BV = cfg.block_v or V
+    dt = q.dtype
+    dfinal = dfinal.astype(F32)
+    kernel = functools.partial(
+        _reverse_kernel, C=C, NC=NC, BV=BV, scale=scale, dt=dt, hp=u.f32_precision(interpret)
+    )
+    return pl.pallas_call(
+        kernel,
+        out_shape=(
+            jax.ShapeDtypeStruct((B, NC, H, K, V), dt),
+            jax.ShapeDtypeStruct((B, Tp, H, V), dt),
+            jax.ShapeDtypeStruct(dfinal.shape, F32),
+        ),
+        grid=(B, H, V // BV),
+        in_specs=[pl.BlockSpec()] * 10,
+        out_specs=(pl.BlockSpec(),) * 3,
+        input_output_aliases={9: 2},
+        interpret=interpret,
+        compiler_params=params(cfg),
+        name="qdelta_reverse_state_pass",
+    )(q, k, W, g, do, dfinal, reset.astype(jnp.int32), is_last.astype(jnp.int32),
+      seq.astype(jnp.int32), dfinal)
+
+
+# ----------------------------------------------------------------------------- 2. state-side
+
+
+def _dqkw_kernel(
+    q_ref, k_ref, g_ref, hin_ref, dhout_ref, do_ref, d_ref, dd_ref,
+    dqp_ref, dkp_ref, dw_ref, dgp_ref, *, nv, BV, scale, dt, hp,
+):
+    C, BK = q_ref.shape
+
+    def body(j, carry):
+        doh, dkd, dw, hd = carry
+        vs = pl.ds(j * BV, BV)
+        hin = hin_ref[:, vs]
+        dho = dhout_ref[:, vs]
+        doh = doh + u.dot(do_ref[:, vs], hin, tb=True, dt=dt, hp=hp)
+        dkd = dkd + u.dot(d_ref[:, vs], dho, tb=True, dt=dt, hp=hp)
+        dw = dw - u.dot(dd_ref[:, vs], hin, tb=True, dt=dt, hp=hp)
+        hd = hd + jnp.sum(hin.astype(F32) * dho.astype(F32))
+        return doh, dkd, dw, hd
+
+    z = jnp.zeros((C, BK), F32)
+    doh, dkd, dw, hd = lax.fori_loop(0, nv, body, (z, z, z, jnp.zeros((), F32)))
+    g = g_ref[...].astype(F32)
+    G = u.cumsum(g)
+    gC = jnp.sum(g)
+    gam = jnp.exp(G)
+    e = jnp.exp(gC - G)
+    q = q_ref[...].astype(F32)
+    k = k_ref[...].astype(F32)
+    dqp_ref[...] = scale * gam[:, None] * doh
+    dkp_ref[...] = e[:, None] * dkd
+    dw_ref[...] = dw.astype(dw_ref.dtype)
+    de = jnp.sum(dkd * k, axis=1) * e
+    is_last = lax.broadcasted_iota(jnp.int32, (C,), 0) == C - 1
+    dG = scale * gam * jnp.sum(doh * q, axis=1) - de
+    dgp_ref[...] = dG + jnp.where(is_last, jnp.sum(de) + jnp.exp(gC) * hd, 0.0)
+
+
+def chunk_dqkw(q, k, g, h_in, dh_out, do, D, dD, *, scale: float, C: int, cfg: StageConfig,
+               interpret):
+    """State-side gradient terms: ``dq_part, dk_part [B, Tp, H, K]`` float32, ``dW`` in the
+    compute dtype, ``dG_part [B, Tp, H]`` float32 (summed over K tiles)."""
+    B, Tp, H, K = q.shape
+    V = do.shape[-1]
+    BK = cfg.block_k or K
+    BV = cfg.block_v or V
+    nk = K // BK
+    dt = q.dtype
+    kernel = functools.partial(
+        _dqkw_kernel, nv=V // BV, BV=BV, scale=scale, dt=dt, hp=u.f32_precision(interpret)
+    )
+    kspec = pl.BlockSpec((None, C, None, BK), lambda b, c, h, kk: (b, c, h, kk))
+    vspec = spec_rows(C, V)
+    sspec = pl.BlockSpec((None, None, None, BK, V), lambda b, c, h, kk: (b, c, h, kk, 0))
+    dqp, dkp, dW, dgp = pl.pallas_call(
+        kernel,
+        out_shape=(
+            jax.ShapeDtypeStruct((B, Tp, H, K), F32),
+            jax.ShapeDtypeStruct((B, Tp, H, K), F32),
+            jax.ShapeDtypeStruct((B, Tp, H, K), dt),
+            jax.ShapeDtypeStruct((nk, B, Tp, H), F32),
+        ),
+        grid=(B, Tp // C, H, nk),
+        in_specs=[kspec, kspec, spec_rows(C, None), sspec, sspec, vspec, vspec, vspec],
+        out_specs=(
+            kspec, kspec, kspec,
+            pl.BlockSpec((None, None, C, None), lambda b, c, h, kk: (kk, b, c, h)),
+        ),
+        interpret=interpret,
+        compiler_params=params(cfg),
+        name="qdelta_chunk_dqkw",
+    )(q, k, g, h_in, dh_out, do, D, dD)
+    return dqp, dkp, dW, jnp.sum(dgp, axis=0)
+
+
+# ----------------------------------------------------------------------------- 3. local grads
+
+
+def _grads_kernel(
+    q_ref, k_ref, v_ref, g_ref, b_ref, l_ref, do_ref, d_ref, dd_ref, dw_ref, dqp_ref, dkp_ref,
+    dgp_ref, dq_ref, dk_ref, dv_ref, dg_ref, db_ref, dl_ref, *, BV, scale, dt, hp,
+):
+    C = q_ref.shape[0]
+    nv = v_ref.shape[-1] // BV
+    strict, incl = u.masks(C)
+    q, k = q_ref[...], k_ref[...]
+    beta = b_ref[...].astype(F32)
+    lam = l_ref[...].astype(F32)
+    G, X, Rd, A, T = u.local(q, k, g_ref[...].astype(F32), beta, lam, dt, hp)
+    gam = jnp.exp(G)
+    bg = beta * gam
+    bx = bg[:, None] * X
+    dW = dw_ref[...]
+
+    # V side, by V tiles: dP = dO D^T; dT = dW bx^T + dU (beta V)^T with dU = dD;
+    # dv = beta T^T dU, and its dbeta term.
+    dP = jnp.zeros((C, C), F32)
+    dT = u.dot(dW, bx, tb=True, dt=dt, hp=hp)
+    dbeta = jnp.zeros((C,), F32)
+    for j in range(nv):
+        vs = pl.ds(j * BV, BV)
+        dD = dd_ref[:, vs]
+        vf = v_ref[:, vs].astype(F32)
+        dP = dP + u.dot(do_ref[:, vs], d_ref[:, vs], tb=True, dt=dt, hp=hp)
+        dT = dT + u.dot(dD, beta[:, None] * vf, tb=True, dt=dt, hp=hp)
+        dbv = u.dot(T, dD, ta=True, dt=dt, hp=hp)
+        dv_ref[:, vs] = (beta[:, None] * dbv).astype(dv_ref.dtype)
+        dbeta = dbeta + jnp.sum(dbv * vf, axis=1)
+
+    # Output, intra-chunk: dPs = scale dP o decay o causal; G enters through Q K^T o decay.
+    dPs = scale * dP * u.decay(G, G, incl)
+    ZP = dPs * u.dot(q, k, tb=True, dt=dt, hp=hp)
+    dG = jnp.sum(ZP, axis=1) - jnp.sum(ZP, axis=0)
+
+    # T = (I + A)^-1: dA = -T^T dT T^T (float32), strictly lower.
+    dA = -u.dot(u.dot(T, dT, ta=True, hp=hp), T, tb=True, hp=hp)
+    dA = jnp.where(strict, dA, 0.0)
+    ZA = dA * A
+    dG = dG + jnp.sum(ZA, axis=1) - jnp.sum(ZA, axis=0)
+    dbeta = dbeta + jnp.sum(dA * Rd, axis=1)
+    dR = dA * beta[:, None] * u.decay(G, G, strict)
+
+    # W = T (beta gamma X): dbx = T^T dW; X = k + lam q.
+    dbx = u.dot(T, dW, ta=True, dt=dt, hp=hp)
+    bxX = jnp.sum(dbx * X, axis=1)
+    dbeta = dbeta + gam * bxX
+    dG = dG + bg * bxX
+    dX = u.dot(dR, k, dt=dt, hp=hp) + bg[:, None] * dbx
+    dq = dqp_ref[...] + u.dot(dPs, k, dt=dt, hp=hp) + lam[:, None] * dX
+    dq_ref[...] = dq.astype(dq_ref.dtype)
+    dl_ref[...] = jnp.sum(dX * q.astype(F32), axis=1)
+    dk = (
+        dkp_ref[...] + u.dot(dR, X, ta=True, dt=dt, hp=hp) + u.dot(dPs, q, ta=True, dt=dt, hp=hp)
+        + dX
+    )
+    dk_ref[...] = dk.astype(dk_ref.dtype)
+    db_ref[...] = dbeta
+    # G = cumsum(g) within the chunk.
+    dg_ref[...] = u.revcumsum(dG + dgp_ref[...])
+
+
+def chunk_grads(q, k, v, g, beta, lam, do, D, dD, dW, dq_part, dk_part, dG_part, *, scale: float,
+                C: int, cfg: StageConfig, interpret):
+    """All local gradients (the counterpart of :func:`qdelta_jax.xla.chunk_grads`, given the
+    state-side terms of :func:`chunk_dqkw`). Returns ``dq, dk, dv`` in the input dtypes and
+    ``dg, dbeta, dlam`` float32, on the padded layout."""
+    B, Tp, H, K = q.shape
+    V = v.shape[-1]
+    dt = q.dtype
+    kernel = functools.partial(
+        _grads_kernel, BV=cfg.block_v or V, scale=scale, dt=dt, hp=u.f32_precision(interpret)
+    )
+    ks, vs, ss = spec_rows(C, K), spec_rows(C, V), spec_rows(C, None)
+    return pl.pallas_call(
+        kernel,
+        out_shape=(
+            jax.ShapeDtypeStruct((B, Tp, H, K), q.dtype),
+            jax.ShapeDtypeStruct((B, Tp, H, K), k.dtype),
+            jax.ShapeDtypeStruct((B, Tp, H, V), v.dtype),
+            jax.ShapeDtypeStruct((B, Tp, H), F32),
+            jax.ShapeDtypeStruct((B, Tp, H), F32),
+            jax.ShapeDtypeStruct((B, Tp, H), F32),
+        ),
+        grid=(B, Tp // C, H),
+        in_specs=[ks, ks, vs, ss, ss, ss, vs, vs, vs, ks, ks, ks, ss],
+        out_specs=(ks, ks, vs, ss, ss, ss),
+        interpret=interpret,
+        compiler_params=params(cfg),
+        name="qdelta_chunk_grads",
+    )(q, k, v, g, beta, lam, do, D, dD, dW, dq_part, dk_part, dG_part)

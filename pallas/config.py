@@ -1,0 +1,223 @@
+"""Block sizes and launch settings of the Q-Delta kernels, with an opt-in autotuner.
+
+One :class:`StageConfig` per kernel; :class:`Config` bundles them. :func:`default_config` picks
+settings from the (padded) head sizes. :func:`autotune` times candidate settings of the whole
+forward + backward on the GPU, one stage at a time, and caches the winner in memory and,
+optionally, in ``~/.cache/qdelta_jax/pallas_autotune.json``; :func:`get_config` reads those
+caches before falling back to the defaults. Nothing here autotunes unless asked.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+CACHE_FILE = Path(os.path.expanduser("~/.cache/qdelta_jax/pallas_autotune.json"))
+
+
+@dataclasses.dataclass(frozen=True)
+class StageConfig:
+    """Launch settings of one kernel. ``block_v`` / ``block_k``: the V / K tile where the
+    kernel tiles that dimension (0 = unused)."""
+
+    num_warps: int = 4
+    num_stages: int = 1
+    block_v: int = 0
+    block_k: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Settings per stage: ``local`` (A, T, W, U; forward and backward recompute), ``state``
+    (forward state pass, grid over V tiles), ``output`` (O, grid over V tiles), ``reverse``
+    (reverse state pass, grid over V tiles), ``dqkw`` (the state-side gradients, grid over K
+    tiles, loop over V tiles) and ``grads`` (local gradients through A and T, loop over V
+    tiles)."""
+
+    local: StageConfig
+    state: StageConfig
+    output: StageConfig
+    reverse: StageConfig
+    dqkw: StageConfig
+    grads: StageConfig
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Config:
+        return cls(**{k: StageConfig(**v) for k, v in d.items()})
+
+
+def default_config(K: int, V: int, chunk_size: int = 64) -> Config:
+    """Defaults for padded head sizes ``K, V`` (powers of two >= 16)."""
+    bv_state = min(V, 64 if K <= 128 else 32)
+    return Config(
+        local=StageConfig(num_warps=8, num_stages=1, block_v=min(V, 128)),
+        state=StageConfig(num_warps=8, num_stages=2, block_v=bv_state),
+        output=StageConfig(num_warps=4, num_stages=2, block_v=min(V, 128)),
+        reverse=StageConfig(num_warps=8, num_stages=2, block_v=bv_state),
+        dqkw=StageConfig(num_warps=4, num_stages=2, block_v=min(V, 64), block_k=min(K, 64)),
+        grads=StageConfig(num_warps=8, num_stages=1, block_v=min(V, 64)),
+    )
+
+
+def padded_size(n: int) -> int:
+    """The head size the kernels run at: the next power of two, at least 16."""
+    return max(16, 1 << (int(n) - 1).bit_length())
+
+
+_MEMORY: dict[str, Config] = {}
+
+
+def _key(K: int, V: int, chunk_size: int, dtype) -> str:
+    try:
+        kind = jax.devices()[0].device_kind
+    except Exception:  # noqa: BLE001 - no device: the key only needs to be stable
+        kind = "unknown"
+    return f"{kind}|K{K}|V{V}|C{chunk_size}|{jnp.dtype(dtype).name}"
+
+
+def _read_file(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def get_config(K: int, V: int, chunk_size: int, dtype, *, use_file: bool = True) -> Config:
+    """The autotuned config for head sizes ``K, V`` (as passed to the op) if one is cached
+    (memory, then ``CACHE_FILE``), else :func:`default_config` of the padded sizes."""
+    key = _key(K, V, chunk_size, dtype)
+    if key in _MEMORY:
+        return _MEMORY[key]
+    if use_file and CACHE_FILE.exists():
+        entry = _read_file(CACHE_FILE).get(key)
+        if entry is not None:
+            cfg = Config.from_dict(entry)
+            _MEMORY[key] = cfg
+            return cfg
+    return default_config(padded_size(K), padded_size(V), chunk_size)
+
+
+def _candidates(stage: str, K: int, V: int) -> list[StageConfig]:
+    pow2 = [b for b in (16, 32, 64, 128, 256) if b <= V]
+    out = []
+    if stage in ("state", "reverse"):
+        for bv in [b for b in pow2 if 16 <= b <= 128]:
+            for w in (4, 8):
+                for st in (1, 2, 3):
+                    out.append(StageConfig(num_warps=w, num_stages=st, block_v=bv))
+    elif stage == "output":
+        for bv in [b for b in pow2 if b >= 32]:
+            for w in (4, 8):
+                out.append(StageConfig(num_warps=w, num_stages=2, block_v=bv))
+    elif stage == "dqkw":
+        for bk in [b for b in (32, 64, 128) if b <= K]:
+            for bv in [b for b in pow2 if 32 <= b <= 128]:
+                for w in (4, 8):
+                    out.append(StageConfig(num_warps=w, num_stages=2, block_v=bv, block_k=bk))
+    elif stage in ("grads", "local"):
+        for bv in [b for b in pow2 if 32 <= b <= 128]:
+            for w in (4, 8):
+                out.append(StageConfig(num_warps=w, num_stages=1, block_v=bv))
+    else:
+        for w in (2, 4, 8):
+            out.append(StageConfig(num_warps=w, num_stages=1))
+    return out
+
+
+def _time(fn, args, reps: int) -> float:
+    out = fn(*args)
+    jax.block_until_ready(out)
+    ts = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        ts.append(time.perf_counter() - t0)
+    return float(np.median(ts))
+
+
+def autotune(
+    K: int,
+    V: int,
+    *,
+    dtype=jnp.bfloat16,
+    chunk_size: int = 64,
+    batch: int = 8,
+    seq_len: int = 4096,
+    heads: int = 6,
+    stages: Sequence[str] = ("state", "output", "reverse", "dqkw", "local", "grads"),
+    reps: int = 10,
+    persist: bool = False,
+    verbose: bool = False,
+) -> Config:
+    """Times candidate settings of each stage in turn (the others held at the best so far) on
+    the forward + backward of the Pallas core at ``[batch, seq_len, heads, K / V]`` and caches
+    the winner for ``(device, K, V, chunk_size, dtype)``; ``persist`` also writes it to
+    ``CACHE_FILE``. ``K, V`` are the head sizes as passed to the op. Needs a GPU."""
+    from qdelta_jax.pallas import core
+
+    if jax.default_backend() != "gpu":
+        raise RuntimeError("autotune times kernels on a GPU; the default backend is "
+                           f"{jax.default_backend()!r}")
+    Kp, Vp = padded_size(K), padded_size(V)
+    C = chunk_size
+    B, T, H = batch, seq_len, heads
+    NC = -(-T // C)
+    keys = jax.random.split(jax.random.PRNGKey(0), 8)
+    q = jax.random.normal(keys[0], (B, NC * C, H, K), jnp.float32)
+    k = jax.random.normal(keys[1], (B, NC * C, H, K), jnp.float32)
+    q = (q / jnp.linalg.norm(q, axis=-1, keepdims=True)).astype(dtype)
+    k = (k / jnp.linalg.norm(k, axis=-1, keepdims=True)).astype(dtype)
+    v = jax.random.normal(keys[2], (B, NC * C, H, V), dtype)
+    g = -0.1 * jax.nn.softplus(jax.random.normal(keys[3], (B, NC * C, H)))
+    beta = jax.nn.sigmoid(jax.random.normal(keys[4], (B, NC * C, H)))
+    lam = jax.nn.sigmoid(jax.random.normal(keys[5], (B, NC * C, H)) - 0.9)
+    h0 = jnp.zeros((B, H, K, V), jnp.float32)
+    c = jnp.arange(NC)
+    reset = jnp.broadcast_to(c == 0, (B, NC))
+    is_last = jnp.broadcast_to(c == NC - 1, (B, NC))
+    seq = jnp.broadcast_to(jnp.arange(B, dtype=jnp.int32)[:, None], (B, NC))
+    args = (q, k, v, g, beta, lam, h0)
+
+    def make(cfg: Config):
+        fn = core.make_core(K=K, V=V, dtype=dtype, chunk_size=C, config=cfg, interpret=False)
+
+        def loss(q, k, v, g, beta, lam, h0):
+            o, fin = fn(q, k, v, g, beta, lam, h0, reset, is_last, seq, K**-0.5)
+            return jnp.sum(o.astype(jnp.float32)) + jnp.sum(fin)
+
+        return jax.jit(jax.grad(loss, argnums=tuple(range(7))))
+
+    best = default_config(Kp, Vp, C)
+    best_t = _time(make(best), args, reps)
+    for stage in stages:
+        for cand in _candidates(stage, Kp, Vp):
+            cfg = dataclasses.replace(best, **{stage: cand})
+            try:
+                t = _time(make(cfg), args, reps)
+            except Exception as e:  # noqa: BLE001 - a candidate that fails to compile loses
+                if verbose:
+                    print(f"{stage} {cand}: failed ({type(e).__name__})")
+                continue
+            if verbose:
+                print(f"{stage} {cand}: {t * 1e3:.3f} ms")
+            if t < best_t:
+                best, best_t = cfg, t
+    key = _key(K, V, C, dtype)
+    _MEMORY[key] = best
+    if persist:
+        CACHE_FILE.parent.mkdir(parents=True, exist_ok=True)
+        data = _read_file(CACHE_FILE)
+        data[key] = best.to_dict()
+        CACHE_FILE.write_text(json.dumps(data, indent=1, sort_keys=True))
+    return best

@@ -1,0 +1,129 @@
+"""The Pallas chunked core: same contract as :func:`qdelta_jax.xla.chunked_core`, with a
+``custom_vjp`` whose forward and backward are the kernels of :mod:`.forward` and
+:mod:`.backward`.
+
+Head sizes: K up to 256 and V up to 512. The kernels need powers of two >= 16, so other sizes
+are zero-padded here (zeros in the K or V padding are exact: they add nothing to any dot, and
+the padded rows / columns of states and outputs are sliced off). Chunk sizes: 16, 32, 64.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from qdelta_jax.pallas import _util as u
+from qdelta_jax.pallas import backward as bwd
+from qdelta_jax.pallas import forward as fwd
+from qdelta_jax.pallas.config import Config, get_config, padded_size
+
+F32 = jnp.float32
+CHUNK_SIZES = (16, 32, 64)
+MAX_K = 256
+MAX_V = 512
+
+
+def check_sizes(K: int, V: int, chunk_size: int) -> None:
+    if chunk_size not in CHUNK_SIZES:
+        raise ValueError(
+            f"the Pallas kernels support chunk_size in {CHUNK_SIZES}, got chunk_size={chunk_size}"
+        )
+    if not 1 <= K <= MAX_K:
+        raise ValueError(
+            f"the Pallas kernels support key head size K from 1 to {MAX_K} (padded to a power of"
+            f" two >= 16), got K={K}"
+        )
+    if not 1 <= V <= MAX_V:
+        raise ValueError(
+            f"the Pallas kernels support value head size V from 1 to {MAX_V} (padded to a power"
+            f" of two >= 16), got V={V}"
+        )
+
+
+def _fwd_impl(q, k, v, g, beta, lam, h0, reset, is_last, seq, scale, cfg: Config, C, interp):
+    W, U = fwd.chunk_local(q, k, v, g, beta, lam, C=C, cfg=cfg.local, interpret=interp)
+    h_in, D, final = fwd.state_pass(
+        k, g, W, U, h0, reset, is_last, seq, C=C, cfg=cfg.state, interpret=interp
+    )
+    o = fwd.chunk_output(
+        q, k, g, h_in, D, scale=scale, out_dtype=v.dtype, C=C, cfg=cfg.output, interpret=interp
+    )
+    return o, final
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(10, 11, 12, 13))
+def _core(q, k, v, g, beta, lam, h0, reset, is_last, seq, scale, cfg, C, interp):
+    return _fwd_impl(q, k, v, g, beta, lam, h0, reset, is_last, seq, scale, cfg, C, interp)
+
+
+def _core_fwd(q, k, v, g, beta, lam, h0, reset, is_last, seq, scale, cfg, C, interp):
+    out = _fwd_impl(q, k, v, g, beta, lam, h0, reset, is_last, seq, scale, cfg, C, interp)
+    return out, (q, k, v, g, beta, lam, h0, reset, is_last, seq)
+
+
+def _core_bwd(scale, cfg: Config, C, interp, res, cts):
+    q, k, v, g, beta, lam, h0, reset, is_last, seq = res
+    do, dfinal = cts
+    do = do.astype(q.dtype)
+    W, U = fwd.chunk_local(q, k, v, g, beta, lam, C=C, cfg=cfg.local, interpret=interp)
+    h_in, D, _ = fwd.state_pass(
+        k, g, W, U, h0, reset, is_last, seq, C=C, cfg=cfg.state, interpret=interp
+    )
+    dh_out, dD, dh0 = bwd.reverse_state_pass(
+        q, k, g, W, do, dfinal, reset, is_last, seq, scale=scale, C=C, cfg=cfg.reverse,
+        interpret=interp,
+    )
+    dqp, dkp, dW, dGp = bwd.chunk_dqkw(
+        q, k, g, h_in, dh_out, do, D, dD, scale=scale, C=C, cfg=cfg.dqkw, interpret=interp
+    )
+    dq, dk, dv, dg, db, dl = bwd.chunk_grads(
+        q, k, v, g, beta, lam, do, D, dD, dW, dqp, dkp, dGp, scale=scale, C=C, cfg=cfg.grads,
+        interpret=interp,
+    )
+    return (
+        dq, dk, dv, dg.astype(g.dtype), db.astype(beta.dtype), dl.astype(lam.dtype),
+        dh0.astype(h0.dtype), None, None, None,
+    )
+
+
+_core.defvjp(_core_fwd, _core_bwd)
+
+
+def _pad_last(x, n: int):
+    if x.shape[-1] == n:
+        return x
+    pad = [(0, 0)] * (x.ndim - 1) + [(0, n - x.shape[-1])]
+    return jnp.pad(x, pad)
+
+
+def make_core(*, K: int, V: int, dtype, chunk_size: int, config: Config | None = None,
+              interpret: bool | None = None):
+    """A core function ``(q, k, v, g, beta, lam, h0, reset, is_last, seq, scale) -> (o, final)``
+    with the contract of :func:`qdelta_jax.xla.chunked_core`, differentiable w.r.t. its first 7
+    arguments. ``config`` defaults to :func:`get_config`; ``interpret`` to "not on a GPU".
+
+    Raises ValueError for unsupported ``chunk_size`` or head sizes."""
+    check_sizes(K, V, chunk_size)
+    Kp, Vp = padded_size(K), padded_size(V)
+    cfg = config if config is not None else get_config(K, V, chunk_size, dtype)
+    interp = u.interpret_default() if interpret is None else bool(interpret)
+
+    def core(q, k, v, g, beta, lam, h0, reset, is_last, seq, scale):
+        if q.shape[1] % chunk_size or q.shape[1] // chunk_size != reset.shape[1]:
+            raise ValueError(
+                f"q has {q.shape[1]} padded time steps; expected {reset.shape[1]} chunks of"
+                f" chunk_size={chunk_size}"
+            )
+        if q.shape[-1] != K or v.shape[-1] != V:
+            raise ValueError(f"core built for K={K}, V={V}; got q {q.shape}, v {v.shape}")
+        qp, kp = _pad_last(q, Kp), _pad_last(k, Kp)
+        vp = _pad_last(v, Vp)
+        h0p = _pad_last(jnp.pad(h0.astype(F32), [(0, 0), (0, 0), (0, Kp - K), (0, 0)]), Vp)
+        o, final = _core(
+            qp, kp, vp, g.astype(F32), beta.astype(F32), lam.astype(F32), h0p, reset, is_last,
+            seq, float(scale), cfg, chunk_size, interp,
+        )
+        return o[..., :V], final[:, :, :K, :V]
+
+    return core
