@@ -108,8 +108,8 @@ class MQAR:
         _, keys, values = self.layout()
         if len(keys) < self.num_pairs or len(values) < 2:
             raise DataError(
-                f"MQAR vocabulary {self.vocab_size} is too small for {self.num_pairs} distinct "
-                "keys",
+                f"MQAR vocabulary --mqar-vocab {self.vocab_size} has {len(keys)} key tokens, too "
+                f"few for --num-pairs {self.num_pairs} distinct keys",
                 "--num-pairs",
             )
 
@@ -271,8 +271,9 @@ class NIAH:
         value = _value(variant, np.random.default_rng(0))
         return len(_needle(longest, value)) + len(_question(longest)) + len(value) + 32
 
-    def _filler(self, rng: np.random.Generator, n: int) -> list[str]:
-        """Sentences (each ending in a space) totalling at least ``n`` bytes."""
+    def _filler(self, rng: np.random.Generator, n: int) -> bytes:
+        """Filler text of at least ``n`` bytes: the repeated paragraph (``passkey``) or random
+        sentences from the built-in list."""
         out, size = [], 0
         while size < n:
             if self.variant == "passkey":
@@ -281,7 +282,7 @@ class NIAH:
                 s = _VARIED[rng.integers(len(_VARIED))] + " "
             out.append(s)
             size += len(s)
-        return out
+        return "".join(out).encode()
 
     def _row(self, rng: np.random.Generator) -> tuple[bytes, int]:
         T = self.seq_len
@@ -290,15 +291,15 @@ class NIAH:
         needle, question = _needle(key, value).encode(), _question(key).encode()
         answer = value.encode()
         n_hay = T + 1 - len(needle) - len(question) - len(answer)
-        filler = self._filler(rng, n_hay)
-        text = "".join(filler).encode()[:n_hay]
         depth = rng.random() if self.depth is None else self.depth
-        # The needle goes at the sentence boundary nearest the requested depth.
-        bounds = np.cumsum([0] + [len(s) for s in filler])
-        bounds = bounds[bounds <= n_hay]
-        cut = int(bounds[np.argmin(np.abs(bounds - depth * n_hay))])
-        hay = text[:cut] + needle + text[cut:]
-        seq = hay + question + answer
+        # The needle sits exactly at the requested depth: the text before it is cut from the
+        # front (so it ends on a sentence boundary, right before the needle), the text after it
+        # is cut at the end.
+        n_before = int(round(depth * n_hay))
+        before = self._filler(rng, n_before)
+        before = before[len(before) - n_before :] if n_before else b""
+        after = self._filler(rng, n_hay - n_before)[: n_hay - n_before]
+        seq = before + needle + after + question + answer
         assert len(seq) == T + 1, (len(seq), T)
         return seq, len(answer)
 

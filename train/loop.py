@@ -213,6 +213,13 @@ def init_train_state(params: PyTree, tx: optax.GradientTransformation, seed: int
     )
 
 
+def _global_norm(tree):
+    tree_mod = getattr(optax, "tree", None)  # optax >= 0.2.5; global_norm is deprecated there
+    if tree_mod is not None and hasattr(tree_mod, "norm"):
+        return tree_mod.norm(tree)
+    return optax.global_norm(tree)
+
+
 def _token_stats(logits, targets, mask):
     """Per-position masked nll and correctness, float32."""
     logits = logits.astype(jnp.float32)
@@ -267,7 +274,7 @@ def make_train_step(
                 body, (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32)), micro
             )
             grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, state.params)
-        grad_norm = optax.global_norm(grads)
+        grad_norm = _global_norm(grads)
         ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         updates, new_opt = tx.update(grads, state.opt_state, state.params)
         new_params = optax.apply_updates(state.params, updates)

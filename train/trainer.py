@@ -184,7 +184,8 @@ def model_config_for(a: TrainArgs, data_vocab: int, pretokenised: bool):
     try:
         return QDeltaConfig.from_preset(a.preset, **fields)
     except (ValueError, TypeError) as e:
-        raise UsageError(f"bad model options: {e}", "--model-overrides") from None
+        raise UsageError(f"--model-overrides: bad model config: {e}",
+                         "--model-overrides") from None
 
 
 def make_sources(a: TrainArgs, batch_size: int | None = None, seq_len: int | None = None,
