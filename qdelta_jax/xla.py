@@ -177,7 +177,8 @@ def chunk_local(q, k, v, g, beta, lam) -> Local:
     gam = jnp.exp(G)
     W = _mm("...ij,...jk->...ik", Tinv, (beta * gam)[..., None] * X, dt)
     U = _mm("...ij,...jv->...iv", Tinv, beta[..., None] * v.astype(F32), dt)
-    return Local(G, X, Rd, A, Tinv, W, U)
+    # X, W, U only feed matmuls: keep them in the compute dtype (halves their bytes in bf16).
+    return Local(G, X.astype(dt), Rd, A, Tinv, W.astype(dt), U.astype(dt))
 
 
 def _time_major(*xs):
@@ -192,12 +193,12 @@ def state_pass(k, G, W, U, h0, meta: ChunkMeta, dt):
         h, final = carry
         k_c, G_c, W_c, U_c, reset, last, seq = inp
         h = jnp.where(reset[:, None, None, None], h0[seq], h)
-        D = U_c - _mm("bhck,bhkv->bhcv", W_c, h, dt)
+        D = U_c.astype(F32) - _mm("bhck,bhkv->bhcv", W_c, h, dt)
         gC = G_c[..., -1]
         kd = k_c.astype(F32) * jnp.exp(gC[..., None] - G_c)[..., None]
         h_new = jnp.exp(gC)[..., None, None] * h + _mm("bhck,bhcv->bhkv", kd, D, dt)
         final = final.at[seq].set(jnp.where(last[:, None, None, None], h_new, final[seq]))
-        return (h_new, final), (h.astype(dt), D)
+        return (h_new, final), (h.astype(dt), D.astype(dt))
 
     B, H, _, _, K = k.shape
     V = U.shape[-1]
@@ -225,7 +226,7 @@ def _forward(q, k, v, g, beta, lam, h0, meta, scale):
     loc = chunk_local(qs, ks, vs, gs, bs, ls)
     h_in, D, final = state_pass(ks, loc.G, loc.W, loc.U, h0, meta, dt)
     o = chunk_output(qs, ks, loc.G, h_in, D, scale, dt)
-    return _merge(o).astype(v.dtype), final
+    return _merge(o.astype(v.dtype)), final
 
 
 def meta_chunk(q: Array, meta: ChunkMeta) -> int:
@@ -251,7 +252,7 @@ def reverse_state_pass(k, G, W, q, do, dD0, dfinal, meta: ChunkMeta, scale, N, d
         dh = jnp.where(last[:, None, None, None], dfinal[seq], dh)
         gC = G_c[..., -1]
         kd = k_c.astype(F32) * jnp.exp(gC[..., None] - G_c)[..., None]
-        dD = dD0_c + _mm("bhck,bhkv->bhcv", kd, dh, dt)
+        dD = dD0_c.astype(F32) + _mm("bhck,bhkv->bhcv", kd, dh, dt)
         qg = q_c.astype(F32) * jnp.exp(G_c)[..., None]
         dh_in = (
             scale * _mm("bhck,bhcv->bhkv", qg, do_c, dt)
@@ -346,6 +347,9 @@ def chunk_grads(q, k, v, beta, lam, loc: Local, h_in, D, do, dh_out, scale, dt):
 
 # ----------------------------------------------------------------------------- custom_vjp core
 
+# Bytes of float32 temporaries the backward's local-gradient stage may hold at once.
+_GRAD_GROUP_BYTES = 256 * 2**20
+
 
 @partial(jax.custom_vjp, nondiff_argnums=(10,))
 def chunked_core(q, k, v, g, beta, lam, h0, reset, is_last, seq, scale):
@@ -375,19 +379,30 @@ def _core_bwd(scale, res, cts):
     h_in, D, _ = state_pass(ks, loc.G, loc.W, loc.U, h0, meta, dt)
     _, incl = _masks(C)
     P = _mm("...ik,...jk->...ij", qs, ks, dt) * _decay(loc.G, incl)
-    dD0 = scale * _mm("...ij,...iv->...jv", P, dos, dt)
+    dD0 = (scale * _mm("...ij,...iv->...jv", P, dos, dt)).astype(dt)
     dh_out, dh0 = reverse_state_pass(
         ks, loc.G, loc.W, qs, dos, dD0, dfinal.astype(F32), meta, scale, N, dt
     )
     # Sequences that own no chunk (empty in cu_seqlens) pass their initial state through.
     owns = jnp.zeros((N,), bool).at[seq.reshape(-1)].max(reset.reshape(-1))
     dh0 = dh0 + jnp.where(owns[:, None, None, None], 0.0, dfinal.astype(F32))
-    grads = chunk_grads(qs, ks, vs, bs, ls, loc, h_in, D, dos, dh_out, scale, dt)
-    dq, dk, dv, dg, db, dl = (_merge(x) for x in grads)
-    return (
-        dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), dg.astype(g.dtype),
-        db.astype(beta.dtype), dl.astype(lam.dtype), dh0.astype(h0.dtype), None, None, None,
-    )
+    primals = (q, k, v, g, beta, lam)
+
+    def grads_of(xs):
+        qc, kc, vc, bc, lc, loc_c, h_c, D_c, do_c, dh_c = xs
+        out = chunk_grads(qc, kc, vc, bc, lc, loc_c, h_c, D_c, do_c, dh_c, scale, dt)
+        return tuple(x.astype(p.dtype) for x, p in zip(out, primals))
+
+    # The local gradients are independent per chunk; computing them a group of chunks at a
+    # time bounds the float32 temporaries (about a dozen [C, V]-sized arrays per chunk).
+    xs = (qs, ks, vs, bs, ls, loc, h_in, D, dos, dh_out)
+    xs = jax.tree_util.tree_map(lambda x: jnp.moveaxis(x, 2, 0), xs)
+    NC = qs.shape[2]
+    per_chunk = qs.shape[0] * qs.shape[1] * C * (qs.shape[-1] + vs.shape[-1]) * 4 * 12
+    group = max(1, min(NC, _GRAD_GROUP_BYTES // max(per_chunk, 1)))
+    grads = lax.map(grads_of, xs, batch_size=group) if group < NC else jax.vmap(grads_of)(xs)
+    dq, dk, dv, dg, db, dl = (_merge(jnp.moveaxis(x, 0, 2)) for x in grads)
+    return dq, dk, dv, dg, db, dl, dh0.astype(h0.dtype), None, None, None
 
 
 chunked_core.defvjp(_core_fwd, _core_bwd)
