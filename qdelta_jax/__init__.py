@@ -10,7 +10,27 @@ from qdelta_jax.reference import l2_normalize, qdelta_scan, qdelta_step
 
 __version__ = "0.1.0"
 
+# The layer and model pull in Flax: import them on first use, so the op alone stays light.
+_LAZY = {
+    "QDelta": "qdelta_jax.layers",
+    "QDeltaConfig": "qdelta_jax.model",
+    "QDeltaLM": "qdelta_jax.model",
+    "generate": "qdelta_jax.model",
+    "count_params": "qdelta_jax.model",
+    "weight_decay_mask": "qdelta_jax.model",
+}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'qdelta_jax' has no attribute {name!r}")
+
+
 __all__ = [
+    *_LAZY,
     "IMPLEMENTATIONS",
     "default_implementation",
     "l2_normalize",
