@@ -1,0 +1,202 @@
+"""The Pallas kernels (interpret mode on the CPU) against the XLA chunked path: each stage
+against its :mod:`qdelta_jax.xla` oracle, then ``qdelta_rule(..., implementation="pallas")``
+forward and all gradients, at awkward sizes (T not a multiple of the chunk, K and V not powers
+of two, varlen with an empty sequence, gates at both extremes). Shapes are small: interpret
+mode is slow."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from qdelta_jax.pallas import backward as pbwd
+from qdelta_jax.pallas import config as pcfg
+from qdelta_jax.pallas import forward as pfwd
+
+from qdelta_jax import qdelta_rule, xla
+
+F32 = jnp.float32
+TOL = {jnp.dtype(F32): 2e-5, jnp.dtype(jnp.bfloat16): 1e-2}
+
+
+def rel(a, b) -> float:
+    a = np.asarray(jnp.asarray(a, F32), np.float64)
+    b = np.asarray(jnp.asarray(b, F32), np.float64)
+    assert np.all(np.isfinite(a)), "non-finite values"
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
+def make(seed, B, T, H, K, V, N=None, dtype=F32, g_mode="random"):
+    ks = jax.random.split(jax.random.PRNGKey(seed), 9)
+    unit = lambda x: x / jnp.linalg.norm(x, axis=-1, keepdims=True)  # noqa: E731
+    q = unit(jax.random.normal(ks[0], (B, T, H, K), F32)).astype(dtype)
+    k = unit(jax.random.normal(ks[1], (B, T, H, K), F32) + 0.3).astype(dtype)
+    v = jax.random.normal(ks[2], (B, T, H, V), F32).astype(dtype)
+    if g_mode == "zero":
+        g = jnp.zeros((B, T, H), F32)
+    elif g_mode == "steep":
+        g = -30.0 - jax.random.uniform(ks[3], (B, T, H), F32)
+    else:
+        g = -jax.nn.softplus(jax.random.normal(ks[3], (B, T, H), F32) - 1.0)
+    beta = jax.nn.sigmoid(jax.random.normal(ks[4], (B, T, H), F32))
+    lam = jax.nn.sigmoid(jax.random.normal(ks[5], (B, T, H), F32))
+    h0 = jax.random.normal(ks[6], (N or B, H, K, V), F32)
+    w = jax.random.normal(ks[7], (B, T, H, V), F32)
+    return (q, k, v, g, beta, lam, h0), w
+
+
+def value_and_grads(impl, C, cu_seqlens=None):
+    def loss(q, k, v, g, beta, lam, h0, w):
+        o, fin = qdelta_rule(q, k, v, g, beta, lam, initial_state=h0, output_final_state=True,
+                             chunk_size=C, cu_seqlens=cu_seqlens, implementation=impl)
+        return jnp.sum(o.astype(F32) * w) + jnp.sum(fin * jnp.cos(h0)), (o, fin)
+
+    return jax.jit(jax.value_and_grad(loss, argnums=tuple(range(7)), has_aux=True))
+
+
+def assert_matches_xla(args, w, C, tol, cu_seqlens=None):
+    (_, (o_p, f_p)), g_p = value_and_grads("pallas", C, cu_seqlens)(*args, w)
+    (_, (o_x, f_x)), g_x = value_and_grads("xla", C, cu_seqlens)(*args, w)
+    assert o_p.dtype == o_x.dtype and o_p.shape == o_x.shape
+    errs = {"o": rel(o_p, o_x), "final": rel(f_p, f_x)}
+    for name, a, b in zip(("q", "k", "v", "g", "beta", "lam", "h0"), g_p, g_x):
+        assert a.dtype == b.dtype and a.shape == b.shape, name
+        errs["d" + name] = rel(a, b)
+    bad = {k: v for k, v in errs.items() if not v <= tol}
+    assert not bad, f"errors above {tol}: {bad} (all: {errs})"
+
+
+# ----------------------------------------------------------------------------- stages
+
+
+@pytest.fixture(scope="module")
+def staged():
+    """Inputs on the padded layout and the xla.py stages, C = 32, float32."""
+    C, B, T, H, K, V = 32, 2, 64, 2, 16, 32
+    (q, k, v, g, beta, lam, h0), _ = make(1, B, T, H, K, V)
+    meta = xla.make_layout(B, T, C, None).meta
+    sp = lambda x: xla._split(x, C)  # noqa: E731
+    loc = xla.chunk_local(sp(q), sp(k), sp(v), sp(g), sp(beta), sp(lam))
+    xh, xD, xf = xla.state_pass(sp(k), loc.G, loc.W, loc.U, h0, meta, F32)
+    return dict(C=C, q=q, k=k, v=v, g=g, beta=beta, lam=lam, h0=h0, meta=meta, sp=sp, loc=loc,
+                xh=xh, xD=xD, xf=xf, cfg=pcfg.default_config(K, V, C), scale=K**-0.5)
+
+
+def test_forward_stages_match_xla(staged):
+    s = staged
+    C, cfg, sp, loc, m = s["C"], s["cfg"], s["sp"], s["loc"], s["meta"]
+    W, U = pfwd.chunk_local(s["q"], s["k"], s["v"], s["g"], s["beta"], s["lam"], C=C,
+                            cfg=cfg.local, interpret=True)
+    assert rel(sp(W), loc.W) < 1e-5 and rel(sp(U), loc.U) < 1e-5
+    h_in, D, fin = pfwd.state_pass(s["k"], s["g"], W, U, s["h0"], m.reset, m.is_last, m.seq, C=C,
+                                   cfg=cfg.state, interpret=True)
+    assert rel(jnp.moveaxis(h_in, 2, 1), s["xh"]) < 1e-5
+    assert rel(sp(D), s["xD"]) < 1e-5
+    assert rel(fin, s["xf"]) < 1e-5
+    o = pfwd.chunk_output(s["q"], s["k"], s["g"], h_in, D, scale=s["scale"], out_dtype=F32, C=C,
+                          cfg=cfg.output, interpret=True)
+    xo = xla.chunk_output(sp(s["q"]), sp(s["k"]), loc.G, s["xh"], s["xD"], s["scale"], F32)
+    assert rel(sp(o), xo) < 1e-5
+
+
+def test_backward_stages_match_xla(staged):
+    s = staged
+    C, cfg, sp, loc, m, scale = s["C"], s["cfg"], s["sp"], s["loc"], s["meta"], s["scale"]
+    q, k, v, g, beta, lam, h0 = (s[n] for n in ("q", "k", "v", "g", "beta", "lam", "h0"))
+    do = jax.random.normal(jax.random.PRNGKey(11), v.shape, F32)
+    dfin = jax.random.normal(jax.random.PRNGKey(12), h0.shape, F32)
+    W, U = pfwd.chunk_local(q, k, v, g, beta, lam, C=C, cfg=cfg.local, interpret=True)
+    h_in, D, _ = pfwd.state_pass(k, g, W, U, h0, m.reset, m.is_last, m.seq, C=C, cfg=cfg.state,
+                                 interpret=True)
+    dh_out, dD, dh0 = pbwd.reverse_state_pass(q, k, g, W, do, dfin, m.reset, m.is_last, m.seq,
+                                              scale=scale, C=C, cfg=cfg.reverse, interpret=True)
+    _, incl = xla._masks(C)
+    P = xla._mm("...ik,...jk->...ij", sp(q), sp(k), F32) * xla._decay(loc.G, incl)
+    dD0 = scale * xla._mm("...ij,...iv->...jv", P, sp(do), F32)
+    xdh, xdh0 = xla.reverse_state_pass(sp(k), loc.G, loc.W, sp(q), sp(do), dD0, dfin, m, scale,
+                                       h0.shape[0], F32)
+    assert rel(jnp.moveaxis(dh_out, 2, 1), xdh) < 1e-5
+    assert rel(dh0, xdh0) < 1e-5
+    dqp, dkp, dW, dGp = pbwd.chunk_dqkw(q, k, g, h_in, dh_out, do, D, dD, scale=scale, C=C,
+                                        cfg=cfg.dqkw, interpret=True)
+    got = pbwd.chunk_grads(q, k, v, g, beta, lam, do, D, dD, dW, dqp, dkp, dGp, scale=scale, C=C,
+                           cfg=cfg.grads, interpret=True)
+    want = xla.chunk_grads(sp(q), sp(k), sp(v), sp(beta), sp(lam), loc, s["xh"], s["xD"], sp(do),
+                           xdh, scale, F32)
+    for name, a, b in zip(("dq", "dk", "dv", "dg", "dbeta", "dlam"), got, want):
+        assert rel(sp(a), b) < 2e-5, name
+
+
+def test_solve_unit_lower_is_the_inverse():
+    from qdelta_jax.pallas import _util as u
+
+    C = 64
+    key1, key2 = jax.random.split(jax.random.PRNGKey(3))
+    A = jnp.tril(jax.random.uniform(key1, (C, C), F32, -1.0, 1.0), -1)
+    A = A * jax.random.uniform(key2, (C, 1), F32)  # rows scaled like beta
+    T = u.solve_unit_lower(A, jax.lax.Precision.HIGHEST)
+    want = jnp.linalg.inv(np.eye(C, dtype=np.float64) + np.asarray(A, np.float64))
+    assert rel(T, want) < 1e-5
+
+
+# ----------------------------------------------------------------------------- qdelta_rule
+
+
+@pytest.mark.parametrize(
+    "dtype,C,shape",
+    [
+        (F32, 32, (2, 50, 2, 24, 40)),  # T % C != 0, K and V padded to 32 and 64
+        (jnp.bfloat16, 16, (1, 37, 2, 32, 32)),
+        (F32, 64, (1, 70, 1, 16, 16)),
+    ],
+    ids=["fp32-C32-pad", "bf16-C16", "fp32-C64"],
+)
+def test_matches_xla(dtype, C, shape):
+    args, w = make(hash(shape) % 1000, *shape, dtype=dtype)
+    assert_matches_xla(args, w, C, TOL[jnp.dtype(dtype)])
+
+
+def test_varlen_with_empty_sequence():
+    cu = jnp.array([0, 7, 7, 30, 41], jnp.int32)  # sequence 1 is empty
+    args, w = make(21, 1, 41, 2, 16, 16, N=4)
+    assert_matches_xla(args, w, 16, TOL[jnp.dtype(F32)], cu_seqlens=cu)
+
+
+@pytest.mark.parametrize("g_mode", ["zero", "steep"])
+def test_gate_extremes(g_mode):
+    args, w = make(31, 1, 40, 1, 16, 16, g_mode=g_mode)
+    assert_matches_xla(args, w, 16, TOL[jnp.dtype(F32)])
+
+
+def test_bad_sizes_raise():
+    (q, k, v, g, beta, lam, _), _ = make(0, 1, 8, 1, 16, 16)
+    with pytest.raises(ValueError, match="chunk_size"):
+        qdelta_rule(q, k, v, g, beta, lam, chunk_size=128, implementation="pallas")
+    (q, k, v, g, beta, lam, _), _ = make(0, 1, 8, 1, 300, 16)
+    with pytest.raises(ValueError, match="K=300"):
+        qdelta_rule(q, k, v, g, beta, lam, implementation="pallas")
+    (q, k, v, g, beta, lam, _), _ = make(0, 1, 8, 1, 16, 600)
+    with pytest.raises(ValueError, match="V=600"):
+        qdelta_rule(q, k, v, g, beta, lam, implementation="pallas")
+
+
+# ----------------------------------------------------------------------------- config, check
+
+
+def test_config_defaults_and_cache(tmp_path, monkeypatch):
+    cfg = pcfg.default_config(128, 256, 64)
+    assert cfg.state.block_v == 64 and cfg.dqkw.block_k == 64
+    assert pcfg.Config.from_dict(cfg.to_dict()) == cfg
+    assert pcfg.padded_size(24) == 32 and pcfg.padded_size(5) == 16
+    monkeypatch.setattr(pcfg, "CACHE_FILE", tmp_path / "none.json")
+    assert pcfg.get_config(24, 40, 32, F32) == pcfg.default_config(32, 64, 32)
+    if jax.default_backend() != "gpu":
+        with pytest.raises(RuntimeError, match="GPU"):
+            pcfg.autotune(32, 32)
+
+
+def test_check_small_runs():
+    from qdelta_jax import check
+
+    assert check.main(["--small", "--dtype", "float32", "--shapes", "1x33x1x16x16"]) == 0
