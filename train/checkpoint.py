@@ -101,14 +101,15 @@ class Checkpointer:
             create=True,
             enable_async_checkpointing=self.async_save,
         )
-        self.manager = ocp.CheckpointManager(
-            self.dir,
-            options=options,
-            item_handlers={
-                "state": ocp.StandardCheckpointHandler(),
-                "data": ocp.JsonCheckpointHandler(),
-            },
-        )
+        # Registering the items up front lets item_metadata() read a step's tree before
+        # restoring it (used to tell a different model from a damaged checkpoint).
+        registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
+        state_handler, data_handler = ocp.StandardCheckpointHandler(), ocp.JsonCheckpointHandler()
+        registry.add("state", ocp.args.StandardSave, state_handler)
+        registry.add("state", ocp.args.StandardRestore, state_handler)
+        registry.add("data", ocp.args.JsonSave, data_handler)
+        registry.add("data", ocp.args.JsonRestore, data_handler)
+        self.manager = ocp.CheckpointManager(self.dir, options=options, handler_registry=registry)
 
     def steps(self) -> list[int]:
         return sorted(self.manager.all_steps())
@@ -156,7 +157,7 @@ class Checkpointer:
         want = _shapes(abstract_state)
         for step in steps:
             try:
-                meta = self.manager.item_metadata(step)["state"]
+                meta = self.manager.metadata(step).item_metadata["state"]
                 have = _shapes(meta)
             except Exception as e:  # noqa: BLE001 -- unreadable metadata means damage
                 self._fallback(step, e)

@@ -117,8 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--no-progress", dest=name, action="store_const", const=False,
                            help="hide the progress bar")
         else:
+            shown = help_ if d is None or "default" in help_ else f"{help_} (default: {d})"
             p.add_argument(flag, dest=name, type=conv, metavar=name.split("_")[-1].upper(),
-                           help=f"{help_} (default: {d})")
+                           help=shown)
     return p
 
 

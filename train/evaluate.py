@@ -138,6 +138,9 @@ def plot_rows(rows: list[dict], task: str, path: Path, step: int) -> Path | None
     else:
         ax.plot([r["seq_len"] for r in rows], [r[metric] for r in rows], "o-")
     ax.set_xscale("log", base=2)
+    lengths = sorted({r["seq_len"] for r in rows})
+    ax.set_xticks(lengths, [str(n) for n in lengths])
+    ax.minorticks_off()
     ax.set_ylim(-0.02, 1.02)
     ax.set_xlabel("sequence length")
     ax.set_ylabel("exact match" if task == "niah" else "recall accuracy")

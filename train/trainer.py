@@ -58,13 +58,13 @@ class TrainArgs:
     preset: str = "tiny"
     task: str = "mqar"
     data: str | None = None
-    steps: int = 400
+    steps: int = 300
     batch_size: int = 32
     seq_len: int | None = None  # None: TASK_SEQ_LEN[task]
     lr: float = 1e-2
-    warmup: int = 40
+    warmup: int = 30
     weight_decay: float = 0.1
-    save_every: int = 200
+    save_every: int = 100
     eval_every: int = 100
     eval_batches: int = 4
     run_dir: str | None = None
@@ -407,8 +407,9 @@ def run(a: TrainArgs, *, log=print) -> dict[str, Any]:
     if a.progress and main_process:
         from tqdm import tqdm
 
+        # In a log file (not a terminal) redraw rarely, so the bar does not flood it.
         pbar = tqdm(total=a.steps, initial=step0, desc="train", dynamic_ncols=True,
-                    file=sys.stderr)
+                    file=sys.stderr, mininterval=0.5 if sys.stderr.isatty() else 30.0)
 
     def save(step, st):
         checkpointer.save(step, st.to_dict(), {"index": int(step)})
@@ -507,6 +508,7 @@ def run(a: TrainArgs, *, log=print) -> dict[str, Any]:
     tps = tokens_per_step / mean_dt if mean_dt else None
     summary = {
         "status": status,
+        "task": a.task,
         "run_dir": str(run_dir),
         "step": int(step),
         "steps": a.steps,
@@ -533,7 +535,8 @@ def format_summary(s: dict[str, Any]) -> str:
     if s.get("loss") is not None:
         parts.append(f"loss {s['loss']:.4f}")
     if s.get("eval"):
-        parts.append(f"eval loss {s['eval']['loss']:.4f}, recall accuracy "
+        what = "token accuracy" if s.get("task") == "text" else "recall accuracy"
+        parts.append(f"eval loss {s['eval']['loss']:.4f}, {what} "
                      f"{s['eval']['accuracy']:.4f}, exact match {s['eval']['exact_match']:.4f}")
     if s.get("step_time_s"):
         parts.append(f"step {s['step_time_s'] * 1e3:.1f} ms, {s['tokens_per_s']:,.0f} tokens/s")
