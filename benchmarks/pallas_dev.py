@@ -13,6 +13,7 @@ for pallas and xla, and of each Pallas stage alone. Prints a table and writes JS
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import time
@@ -91,11 +92,13 @@ def stage_checks(q, k, v, g, beta, lam, h0, C, res):
     P = lambda x: xla.to_padded(x, layout)  # noqa: E731
     qp, kp, vp, gp, bp, lp = P(q), P(k), P(v), P(g), P(beta), P(lam)
     sp = lambda x: xla._split(x, C)  # noqa: E731
-    W, U = jax.jit(lambda *a: pfwd.chunk_local(*a, C=C, cfg=cfg.local, interpret=interp))(
+    W, U, Tinv = jax.jit(lambda *a: pfwd.chunk_local(*a, C=C, cfg=cfg.local, interpret=interp,
+                                                     with_t=True, cfg_a=cfg.a))(
         qp, kp, vp, gp, bp, lp)
     loc = jax.jit(xla.chunk_local)(sp(qp), sp(kp), sp(vp), sp(gp), sp(bp), sp(lp))
     res["local.W"] = rel(sp(W), loc.W)
     res["local.U"] = rel(sp(U), loc.U)
+    res["local.T"] = rel(sp(Tinv), loc.Tinv)
     h_in, D, fin = jax.jit(lambda *a: pfwd.state_pass(*a, C=C, cfg=cfg.state, interpret=interp))(
         kp, gp, W, U, h0, m.reset, m.is_last, m.seq)
     xh, xD, xf = jax.jit(lambda *a: xla.state_pass(*a, m, dt))(sp(kp), loc.G, loc.W, loc.U, h0)
@@ -124,31 +127,74 @@ def stage_checks(q, k, v, g, beta, lam, h0, C, res):
     dqp, dkp, dW, dGp = jax.jit(lambda *a: pbwd.chunk_dqkw(
         *a, scale=scale, C=C, cfg=cfg.dqkw, interpret=interp))(qp, kp, gp, h_in, dh_out, do, D, dD)
     out = jax.jit(lambda *a: pbwd.chunk_grads(*a, scale=scale, C=C, cfg=cfg.grads,
-                                              interpret=interp))(
-        qp, kp, vp, gp, bp, lp, do, D, dD, dW, dqp, dkp, dGp)
+                                              interpret=interp, cfg_k=cfg.grads_k))(
+        qp, kp, vp, gp, bp, lp, Tinv, do, D, dD, dW, dqp, dkp, dGp)
     for name, a, b in zip(("dq", "dk", "dv", "dg", "dbeta", "dlam"), out, grads):
         res[f"grads.{name}"] = rel(sp(a), b)
-    # stage timings
+    # stage timings (each stage alone, at the config's settings or a candidate's)
+    ins = dict(local=(qp, kp, vp, gp, bp, lp), a=(qp, kp, gp, bp, lp),
+               state=(kp, gp, W, U, h0, m.reset, m.is_last, m.seq),
+               output=(qp, kp, gp, h_in, D),
+               reverse=(qp, kp, gp, W, do, dfin, m.reset, m.is_last, m.seq),
+               dqkw=(qp, kp, gp, h_in, dh_out, do, D, dD),
+               grads=(qp, kp, vp, gp, bp, lp, Tinv, do, D, dD, dW, dqp, dkp, dGp))
+    ins["grads_k"] = ins["grads"]
+    ins["local_t"] = ins["local"]
+
+    def stage_fn(name, sc):
+        c = dataclasses.replace(cfg, **{name if name != "local_t" else "local": sc})
+        f = {
+            "local": lambda *a: pfwd.chunk_local(*a, C=C, cfg=c.local, interpret=interp,
+                                                 cfg_a=c.a),
+            "local_t": lambda *a: pfwd.chunk_local(*a, C=C, cfg=c.local, interpret=interp,
+                                                   cfg_a=c.a, with_t=True),
+            "a": lambda *a: pfwd.chunk_a(*a, C=C, cfg=c.a, interpret=interp),
+            "state": lambda *a: pfwd.state_pass(*a, C=C, cfg=c.state, interpret=interp),
+            "output": lambda *a: pfwd.chunk_output(*a, scale=scale, out_dtype=v.dtype, C=C,
+                                                   cfg=c.output, interpret=interp),
+            "reverse": lambda *a: pbwd.reverse_state_pass(*a, scale=scale, C=C, cfg=c.reverse,
+                                                          interpret=interp),
+            "dqkw": lambda *a: pbwd.chunk_dqkw(*a, scale=scale, C=C, cfg=c.dqkw,
+                                               interpret=interp),
+            "grads": lambda *a: pbwd.chunk_grads(*a, scale=scale, C=C, cfg=c.grads,
+                                                 interpret=interp, cfg_k=c.grads_k),
+        }
+        return jax.jit(f["grads" if name == "grads_k" else name])
+
     t = {}
-    t["local"] = bench(jax.jit(lambda *a: pfwd.chunk_local(*a, C=C, cfg=cfg.local,
-                                                             interpret=interp)),
-                       (qp, kp, vp, gp, bp, lp))
-    t["state"] = bench(jax.jit(lambda *a: pfwd.state_pass(*a, C=C, cfg=cfg.state,
-                                                            interpret=interp)),
-                       (kp, gp, W, U, h0, m.reset, m.is_last, m.seq))
-    t["output"] = bench(jax.jit(lambda *a: pfwd.chunk_output(
-        *a, scale=scale, out_dtype=v.dtype, C=C, cfg=cfg.output, interpret=interp)),
-        (qp, kp, gp, h_in, D))
-    t["reverse"] = bench(jax.jit(lambda *a: pbwd.reverse_state_pass(
-        *a, scale=scale, C=C, cfg=cfg.reverse, interpret=interp)),
-        (qp, kp, gp, W, do, dfin, m.reset, m.is_last, m.seq))
-    t["dqkw"] = bench(jax.jit(lambda *a: pbwd.chunk_dqkw(
-        *a, scale=scale, C=C, cfg=cfg.dqkw, interpret=interp)),
-        (qp, kp, gp, h_in, dh_out, do, D, dD))
-    t["grads"] = bench(jax.jit(lambda *a: pbwd.chunk_grads(
-        *a, scale=scale, C=C, cfg=cfg.grads, interpret=interp)),
-        (qp, kp, vp, gp, bp, lp, do, D, dD, dW, dqp, dkp, dGp))
+    for name in ("local", "local_t", "a", "state", "output", "reverse", "dqkw", "grads"):
+        sc = getattr(cfg, "local" if name == "local_t" else name)
+        t[name] = bench(stage_fn(name, sc), ins[name])
+    if SWEEP_DEADLINE[0]:
+        SWEEP_DEADLINE[0] += time.perf_counter()
+        sweep = res.setdefault("sweep", {})
+        for name, cands in SWEEP.items():
+            for cand in cands:
+                if time.perf_counter() > SWEEP_DEADLINE[0]:
+                    sweep["stopped"] = "deadline"
+                    return t
+                sc = pcfg.StageConfig(*cand)
+                key = f"{name} w{sc.num_warps} s{sc.num_stages} bv{sc.block_v} bk{sc.block_k}"
+                try:
+                    sweep[key] = bench(stage_fn(name, sc), ins[name], reps=20, warmup=2)
+                except Exception as e:  # noqa: BLE001 - a candidate that fails to compile loses
+                    sweep[key] = f"{type(e).__name__}: {e}"[:200]
+                print(key, sweep[key], flush=True)
     return t
+
+
+# Candidate settings per stage (num_warps, num_stages, block_v, block_k) for --sweep-s.
+SWEEP = {
+    "grads": [(8, 1, 64, 0), (4, 1, 128, 0), (4, 1, 32, 0)],
+    "grads_k": [(4, 1, 0, 0)],
+    "local": [(8, 1, 128, 0), (4, 1, 64, 0), (4, 1, 256, 0), (2, 1, 128, 0)],
+    "a": [(8, 1, 0, 0), (2, 1, 0, 0)],
+    "state": [(4, 2, 32, 0), (8, 2, 32, 0), (4, 2, 64, 0), (8, 3, 64, 0), (8, 1, 64, 0)],
+    "reverse": [(4, 2, 32, 0), (8, 2, 32, 0), (4, 2, 64, 0), (8, 3, 64, 0)],
+    "output": [(8, 2, 128, 0), (4, 2, 64, 0), (4, 2, 256, 0)],
+    "dqkw": [(8, 2, 64, 64), (4, 2, 64, 128), (4, 2, 128, 64), (8, 2, 128, 128)],
+}
+SWEEP_DEADLINE = [0.0]
 
 
 def run_shape(B, T, H, K, V, dtype, C, reps, do_stages):
@@ -210,6 +256,9 @@ def main(argv=None):
     ap.add_argument("--reps", type=int, default=30)
     ap.add_argument("--no-stages", action="store_true")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--sweep-s", type=float, default=0.0,
+                    help="also time the SWEEP candidates of each stage for up to this many seconds"
+                    " (last shape of --dtype only)")
     a = ap.parse_args(argv)
     dev = jax.devices()[0]
     print(f"device: {dev.device_kind}, jax {jax.__version__}, backend {jax.default_backend()}",
@@ -220,6 +269,8 @@ def main(argv=None):
     for s, dts in runs:
         B, T, H, K, V = (int(x) for x in s.split("x"))
         t0 = time.perf_counter()
+        last = (s, dts) == [r for r in runs if r[1] == a.dtype][-1]
+        SWEEP_DEADLINE[0] = a.sweep_s if last else 0.0
         r = run_shape(B, T, H, K, V, jnp.dtype(dts), a.chunk, a.reps, not a.no_stages)
         r["wall_s"] = time.perf_counter() - t0
         allres["runs"].append(r)

@@ -1,10 +1,16 @@
 """Helpers shared by the Q-Delta kernels: Triton-friendly matmuls, masks and the blocked
 chunk algebra.
 
-The unit lower triangular inverse (:func:`solve_unit_lower`). The Triton lowering has no
-triangular solve and cannot slice a tensor held in registers. Forward substitution runs on the
-16 x 16 diagonal blocks (all blocks at once, 15 steps of masked row gathers in a ``fori_loop``),
-then the blocks are merged with a few float32 matmuls. Why not the product form on the whole
+The unit lower triangular inverse (:func:`solve_blocks`). The Triton lowering has no
+triangular solve and cannot slice a tensor held in registers, so ``A`` is first written to HBM
+by one whole-chunk matmul (kernel ``chunk_a``) and the solve kernel loads it back as 16 x 16
+blocks and rows (:func:`chunk_blocks`): the diagonal blocks are inverted by forward
+substitution (all chains in one 15-step ``fori_loop`` on 16 x 16 tiles, one in-warp reduction
+a step), and the blocks below the diagonal are merged with small float32 matmuls. Small tiles
+keep few registers live; the earlier whole-chunk [64, 64] substitution (two cross-warp
+reductions a step on 64 x 64 tiles) spilled and ran 1.4 ms at the 340M shape. (Computing the
+16 x 16 blocks of ``A`` as separate [16, K] x [K, 16] matmuls in the solve kernel does not help:
+each warp then holds whole [16, K] operands, 255 registers.) Why not the product form on the whole
 chunk: ``(I + N)(I + N^2)...(I + N^32)`` forms ``N^32`` whose entries, for correlated keys and
 slow decay, grow like binomial coefficients (about ``C(63, 31) |N|^32``) and cancel
 catastrophically in float32; substitution never forms them.
@@ -12,9 +18,12 @@ catastrophically in float32; substitution never forms them.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.experimental import pallas as pl
 
 F32 = jnp.float32
 S = 16  # rows of one block: the smallest dot the Triton lowering takes
@@ -25,13 +34,18 @@ def interpret_default() -> bool:
     return jax.default_backend() != "gpu"
 
 
-def f32_precision(interpret: bool):
-    """Precision of float32 kernel matmuls: exact float32 in interpret mode; on the GPU three
-    TF32 passes (float32-accurate to about 1e-6 relative, on the tensor cores), since the Triton
-    lowering's IEEE float32 dot runs on the FMA units."""
+def f32_precision(interpret: bool, dtype=F32):
+    """Precision of the float32 kernel matmuls (the solve merge, ``dA = -T^T dT T^T``, states
+    where the compute dtype is float32): exact float32 in interpret mode. On the GPU, for
+    float32 inputs three TF32 passes (float32-accurate to about 1e-6 relative, on the tensor
+    cores; the Triton lowering's IEEE float32 dot runs on the FMA units); for bfloat16 inputs
+    one TF32 pass (about 5e-4 relative, under the bfloat16 rounding of every operand that
+    feeds these products: ``T`` is rounded to bfloat16 before it meets ``X`` or ``V``)."""
     if interpret:
         return lax.Precision.HIGHEST
-    return lax.DotAlgorithmPreset.TF32_TF32_F32_X3
+    if jnp.dtype(dtype) == jnp.dtype(F32):
+        return lax.DotAlgorithmPreset.TF32_TF32_F32_X3
+    return lax.DotAlgorithmPreset.TF32_TF32_F32
 
 
 def dot(a, b, *, ta: bool = False, tb: bool = False, dt=None, hp=lax.Precision.HIGHEST):
@@ -86,50 +100,100 @@ def last(x):
     return jnp.sum(jnp.where(lax.broadcasted_iota(jnp.int32, (n,), 0) == n - 1, x, 0.0))
 
 
-def solve_unit_lower(A, hp):
-    """``T = (I + A)^-1`` of a ``[C, C]`` strictly lower triangular float32 ``A``, C = 16 nb.
+def solve_blocks(row_of, block_of, nb: int, hp):
+    """``T = (I + A)^-1`` of a ``[C, C]`` strictly lower triangular float32 ``A`` (C = 16 nb),
+    as ``{(b, c): T_bc}`` (``[S, S]`` float32) for ``c <= b``. ``row_of(b, r)`` returns row r of
+    diagonal block b as ``[1, S]`` (``r`` traced), ``block_of(b, c)`` block ``A_bc``; in a kernel
+    both are loads from a ref holding A (the Triton lowering cannot slice registers).
 
-    1. The ``nb`` diagonal ``16 x 16`` blocks, all at once, by forward substitution: step r
-       solves row r of every block (rows of different blocks touch disjoint columns, so one
-       masked row-gather serves all of them).
-    2. ``(I + A) = (I + A_D)(I + T_D A_L)`` with ``A_L`` the part below the diagonal blocks, so
-       ``T = (I + N)^-1 T_D`` with ``N = T_D A_L`` nilpotent of block order ``nb``:
-       ``(I + N)^-1 = (I - N)(I + N^2)(I + N^4)...`` -- matmuls only, and the powers of N stay
-       small (at most ``nb - 1 = 3`` block steps), unlike the product form on the whole chunk.
+    1. Diagonal blocks by forward substitution, all ``nb`` chains in one 15-step loop, kept
+       transposed: column r of ``T_bb^T`` is ``e_r - sum_j T_bb^T[:, j] A_rj``, a reduction
+       along the tile's minor axis (inside a warp: no shared memory, no barrier), with the row
+       ``A_r.`` loaded straight from the ref.
+    2. Below the diagonal, block row by block row:
+       ``T_bc = -T_bb sum_{m=c}^{b-1} A_bm T_mc`` (float32 matmuls at precision ``hp``).
+    Substitution and block merges never form high powers of ``A`` (the product form
+    ``(I + N)(I + N^2)...`` does, and cancels catastrophically for correlated keys).
     """
+    row, col = iota2(S, S, 0), iota2(S, S, 1)
+    eye = jnp.where(row == col, 1.0, 0.0).astype(F32)
+
+    def step(r, Tts):
+        out = []
+        for b, Tt in enumerate(Tts):
+            a = row_of(b, r).astype(F32)  # [1, S]: A_rj, zero for j >= r
+            new = jnp.sum(Tt * a, axis=1)  # new_c = sum_j T_jc A_rj
+            out.append(jnp.where(col == r, eye - new[:, None], Tt))
+        return tuple(out)
+
+    Tts = lax.fori_loop(1, S, step, (eye,) * nb)
+    T = {(b, b): Tts[b].T for b in range(nb)}
+    for b in range(1, nb):
+        for c in range(b - 1, -1, -1):
+            acc = dot(block_of(b, c), T[c, c], hp=hp)
+            for m in range(c + 1, b):
+                acc = acc + dot(block_of(b, m), T[m, c], hp=hp)
+            T[b, c] = -dot(T[b, b], acc, hp=hp)
+    return T
+
+
+def solve_unit_lower(A, hp):
+    """``(I + A)^-1`` of a ``[C, C]`` strictly lower triangular float32 ``A`` by
+    :func:`solve_blocks` on an array (outside kernels; kernels load the blocks from a ref)."""
     C = A.shape[0]
-    i, j = iota2(C, C, 0), iota2(C, C, 1)
-    same = (i // S) == (j // S)
-    eye = jnp.where(i == j, 1.0, 0.0).astype(F32)
-    A_D = jnp.where(same, A, 0.0)
+    nb = C // S
+    A = A.astype(F32)
+    blk = lambda b, c: A[b * S:(b + 1) * S, c * S:(c + 1) * S]  # noqa: E731
+    row_of = lambda b, r: lax.dynamic_slice(A, (b * S + r, b * S), (1, S))  # noqa: E731
+    T = solve_blocks(row_of, blk, nb, hp)
+    z = jnp.zeros((S, S), F32)
+    return jnp.concatenate(
+        [jnp.concatenate([T[b, c] if c <= b else z for c in range(nb)], axis=1)
+         for b in range(nb)], axis=0)
 
-    def step(r, T):
-        sel = (i % S) == r
-        a = jnp.sum(jnp.where(sel, A_D, 0.0), axis=0)  # row r of every block, by column
-        new = jnp.sum(a[:, None] * T, axis=0)  # sum_j A_ij T_j for those rows
-        return jnp.where(sel, jnp.where(same, eye - new[None, :], 0.0), T)
 
-    T = lax.fori_loop(1, S, step, eye)
-    if C == S:
-        return T
-    N = dot(T, jnp.where(same, 0.0, A), hp=hp)
-    P = eye - N
-    Np = N
-    p = 2
-    while p < C // S:
-        Np = dot(Np, Np, hp=hp)
-        P = P + dot(P, Np, hp=hp)
-        p *= 2
-    return dot(P, T, hp=hp)
+class Blocks(NamedTuple):
+    """One chunk as ``nb = C / 16`` row blocks: ``G`` (cumulative log decay) and ``beta``
+    (lists of [S]) and ``T = (I + A)^-1`` as ``{(b, c): [S, S]}``, c <= b."""
+
+    G: list
+    beta: list
+    T: dict
+
+
+def rows(b: int):
+    """Row block ``b`` of a chunk."""
+    return pl.ds(b * S, S)
+
+
+def x_block(q_ref, k_ref, l_ref, b: int):
+    """``X = k + lam q`` (float32) of row block ``b``, from the refs."""
+    lam = l_ref[rows(b)].astype(F32)
+    return k_ref[rows(b), :].astype(F32) + lam[:, None] * q_ref[rows(b), :].astype(F32)
+
+
+def chunk_blocks(a_ref, g_ref, b_ref, hp) -> Blocks:
+    """``G``, ``beta`` and ``T = (I + A)^-1`` by row blocks, for the chunk's ``A`` in ``a_ref``
+    (``[C, C]`` float32, written by the ``chunk_a`` kernel) and ``g, beta`` refs ``[C]``."""
+    nb = a_ref.shape[0] // S
+    Gs, betas = [], []
+    off = jnp.zeros((), F32)
+    for b in range(nb):
+        g = g_ref[rows(b)].astype(F32)
+        Gs.append(cumsum(g) + off)
+        off = off + jnp.sum(g)
+        betas.append(b_ref[rows(b)].astype(F32))
+    T = solve_blocks(lambda b, r: a_ref[pl.ds(b * S + r, 1), rows(b)],
+                     lambda b, c: a_ref[rows(b), rows(c)], nb, hp)
+    return Blocks(Gs, betas, T)
 
 
 def local(q, k, g, beta, lam, dt, hp):
-    """The state-free quantities of one chunk: ``G``, ``X = k + lam q`` (float32),
-    ``Rd = (X K^T) o decay`` (strictly lower), ``A = beta_i Rd`` and ``T = (I + A)^-1``."""
+    """The state-free quantities of one chunk as whole tiles: ``G``, ``X = k + lam q``
+    (float32), ``Rd = (X K^T) o decay`` (strictly lower) and ``A = beta_i Rd``."""
     C = q.shape[0]
     strict, _ = masks(C)
     G = cumsum(g)
     X = k.astype(F32) + lam[:, None] * q.astype(F32)
-    Rd = dot(X, k, tb=True, dt=dt) * decay(G, G, strict)
-    A = beta[:, None] * Rd
-    return G, X, Rd, A, solve_unit_lower(A, hp)
+    Rd = dot(X, k, tb=True, dt=dt, hp=hp) * decay(G, G, strict)
+    return G, X, Rd, beta[:, None] * Rd

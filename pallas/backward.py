@@ -1,7 +1,8 @@
 """Backward kernels of the chunked Q-Delta op, Pallas with the Triton lowering.
 
-The backward recomputes ``W, U`` (:func:`forward.chunk_local`) and the chunk-entry states and
-writes ``D`` (:func:`forward.state_pass`); nothing per chunk is saved by the forward. Then:
+The backward recomputes ``W, U`` and ``T`` (:func:`forward.chunk_local`) and the chunk-entry
+states and writes ``D`` (:func:`forward.state_pass`); nothing per chunk is saved by the
+forward. Then:
 
 1. :func:`reverse_state_pass`, one program per (batch row, head, V tile) looping over the
    chunks backwards with the float32 state gradient in registers. Per chunk it writes
@@ -12,9 +13,10 @@ writes ``D`` (:func:`forward.state_pass`); nothing per chunk is saved by the for
 2. :func:`chunk_dqkw`, parallel over (batch, chunk, head, K tile), looping over V tiles: the
    state-side terms ``dO h^T`` (into ``dq``, ``dG``), ``D dh_out^T`` (into ``dk``, ``dG``) and
    ``dW = -dD h^T``.
-3. :func:`chunk_grads`, parallel over (batch, chunk, head): it recomputes ``A`` and ``T``,
-   then the intra-chunk terms (``dP``, ``dT``, ``dA = -T^T dT T^T``, ``dU``, ``dX``), adds the
-   partial results of 2 and writes ``dq, dk, dv, dg, dbeta, dlam``.
+3. :func:`chunk_grads`, two launches parallel over (batch, chunk, head). It reads ``T`` written
+   by the backward's ``chunk_local`` (no second solve) and recomputes ``A`` (one matmul); the V
+   side writes ``dv``, ``dPs`` and ``dA = -T^T dT T^T``, the K side the rest (``dR``, ``dX``),
+   adds the partial results of 2 and writes ``dq, dk, dg, dbeta, dlam``.
 
 The names and the math follow :func:`qdelta_jax.xla.chunk_grads`, which is the oracle of each
 kernel.
@@ -91,7 +93,7 @@ def reverse_state_pass(q, k, g, W, do, dfinal, reset, is_last, seq, *, scale: fl
     dt = q.dtype
     dfinal = dfinal.astype(F32)
     kernel = functools.partial(
-        _reverse_kernel, C=C, NC=NC, BV=BV, scale=scale, dt=dt, hp=u.f32_precision(interpret)
+        _reverse_kernel, C=C, NC=NC, BV=BV, scale=scale, dt=dt, hp=u.f32_precision(interpret, dt)
     )
     return pl.pallas_call(
         kernel,
@@ -160,7 +162,7 @@ def chunk_dqkw(q, k, g, h_in, dh_out, do, D, dD, *, scale: float, C: int, cfg: S
     nk = K // BK
     dt = q.dtype
     kernel = functools.partial(
-        _dqkw_kernel, nv=V // BV, BV=BV, scale=scale, dt=dt, hp=u.f32_precision(interpret)
+        _dqkw_kernel, nv=V // BV, BV=BV, scale=scale, dt=dt, hp=u.f32_precision(interpret, dt)
     )
     kspec = pl.BlockSpec((None, C, None, BK), lambda b, c, h, kk: (b, c, h, kk))
     vspec = spec_rows(C, V)
@@ -189,28 +191,23 @@ def chunk_dqkw(q, k, g, h_in, dh_out, do, D, dD, *, scale: float, C: int, cfg: S
 # ----------------------------------------------------------------------------- 3. local grads
 
 
-def _grads_kernel(
-    q_ref, k_ref, v_ref, g_ref, b_ref, l_ref, do_ref, d_ref, dd_ref, dw_ref, dqp_ref, dkp_ref,
-    dgp_ref, dq_ref, dk_ref, dv_ref, dg_ref, db_ref, dl_ref, *, BV, scale, dt, hp,
+def _grads_v_kernel(
+    q_ref, k_ref, v_ref, g_ref, b_ref, l_ref, t_ref, do_ref, d_ref, dd_ref, dw_ref,
+    dv_ref, dbv_ref, dps_ref, da_ref, *, BV, scale, dt, hp,
 ):
     C = q_ref.shape[0]
-    nv = v_ref.shape[-1] // BV
     strict, incl = u.masks(C)
-    q, k = q_ref[...], k_ref[...]
     beta = b_ref[...].astype(F32)
-    lam = l_ref[...].astype(F32)
-    G, X, Rd, A, T = u.local(q, k, g_ref[...].astype(F32), beta, lam, dt, hp)
-    gam = jnp.exp(G)
-    bg = beta * gam
-    bx = bg[:, None] * X
-    dW = dw_ref[...]
+    G = u.cumsum(g_ref[...].astype(F32))
+    X = k_ref[...].astype(F32) + l_ref[...].astype(F32)[:, None] * q_ref[...].astype(F32)
+    bx = (beta * jnp.exp(G))[:, None] * X
+    T = t_ref[...]
 
-    # V side, by V tiles: dP = dO D^T; dT = dW bx^T + dU (beta V)^T with dU = dD;
-    # dv = beta T^T dU, and its dbeta term.
+    # By V tiles: dP = dO D^T; dT = dW bx^T + dU (beta V)^T with dU = dD; dv = beta T^T dU.
     dP = jnp.zeros((C, C), F32)
-    dT = u.dot(dW, bx, tb=True, dt=dt, hp=hp)
+    dT = u.dot(dw_ref[...], bx, tb=True, dt=dt, hp=hp)
     dbeta = jnp.zeros((C,), F32)
-    for j in range(nv):
+    for j in range(v_ref.shape[-1] // BV):
         vs = pl.ds(j * BV, BV)
         dD = dd_ref[:, vs]
         vf = v_ref[:, vs].astype(F32)
@@ -219,22 +216,41 @@ def _grads_kernel(
         dbv = u.dot(T, dD, ta=True, dt=dt, hp=hp)
         dv_ref[:, vs] = (beta[:, None] * dbv).astype(dv_ref.dtype)
         dbeta = dbeta + jnp.sum(dbv * vf, axis=1)
+    dbv_ref[...] = dbeta
+    # Output, intra-chunk: dPs = scale dP o decay o causal.
+    dps_ref[...] = scale * dP * u.decay(G, G, incl)
+    # T = (I + A)^-1: dA = -T^T dT T^T (float32), strictly lower.
+    dA = -u.dot(u.dot(T, dT, ta=True, hp=hp), T, tb=True, hp=hp)
+    da_ref[...] = jnp.where(strict, dA, 0.0)
 
-    # Output, intra-chunk: dPs = scale dP o decay o causal; G enters through Q K^T o decay.
-    dPs = scale * dP * u.decay(G, G, incl)
+
+def _grads_k_kernel(
+    q_ref, k_ref, g_ref, b_ref, l_ref, t_ref, dw_ref, dps_ref, da_ref, dbv_ref, dqp_ref,
+    dkp_ref, dgp_ref, dq_ref, dk_ref, dg_ref, db_ref, dl_ref, *, dt, hp,
+):
+    C = q_ref.shape[0]
+    strict, _ = u.masks(C)
+    q, k = q_ref[...], k_ref[...]
+    beta = b_ref[...].astype(F32)
+    lam = l_ref[...].astype(F32)
+    G, X, Rd, A = u.local(q, k, g_ref[...].astype(F32), beta, lam, dt, hp)
+    gam = jnp.exp(G)
+    bg = beta * gam
+
+    # G enters the output through Q K^T o decay.
+    dPs = dps_ref[...]
     ZP = dPs * u.dot(q, k, tb=True, dt=dt, hp=hp)
     dG = jnp.sum(ZP, axis=1) - jnp.sum(ZP, axis=0)
 
-    # T = (I + A)^-1: dA = -T^T dT T^T (float32), strictly lower.
-    dA = -u.dot(u.dot(T, dT, ta=True, hp=hp), T, tb=True, hp=hp)
-    dA = jnp.where(strict, dA, 0.0)
+    # A = beta_i (X K^T) o decay, strictly lower.
+    dA = da_ref[...]
     ZA = dA * A
     dG = dG + jnp.sum(ZA, axis=1) - jnp.sum(ZA, axis=0)
-    dbeta = dbeta + jnp.sum(dA * Rd, axis=1)
+    dbeta = dbv_ref[...] + jnp.sum(dA * Rd, axis=1)
     dR = dA * beta[:, None] * u.decay(G, G, strict)
 
     # W = T (beta gamma X): dbx = T^T dW; X = k + lam q.
-    dbx = u.dot(T, dW, ta=True, dt=dt, hp=hp)
+    dbx = u.dot(t_ref[...], dw_ref[...], ta=True, dt=dt, hp=hp)
     bxX = jnp.sum(dbx * X, axis=1)
     dbeta = dbeta + gam * bxX
     dG = dG + bg * bxX
@@ -252,32 +268,52 @@ def _grads_kernel(
     dg_ref[...] = u.revcumsum(dG + dgp_ref[...])
 
 
-def chunk_grads(q, k, v, g, beta, lam, do, D, dD, dW, dq_part, dk_part, dG_part, *, scale: float,
-                C: int, cfg: StageConfig, interpret):
+def chunk_grads(q, k, v, g, beta, lam, Tinv, do, D, dD, dW, dq_part, dk_part, dG_part, *,
+                scale: float, C: int, cfg: StageConfig, interpret,
+                cfg_k: StageConfig | None = None):
     """All local gradients (the counterpart of :func:`qdelta_jax.xla.chunk_grads`, given the
-    state-side terms of :func:`chunk_dqkw`). Returns ``dq, dk, dv`` in the input dtypes and
-    ``dg, dbeta, dlam`` float32, on the padded layout."""
+    state-side terms of :func:`chunk_dqkw` and ``Tinv = (I + A)^-1 [B, Tp, H, C]`` from
+    ``forward.chunk_local(..., with_t=True)``). Returns ``dq, dk, dv`` in the input dtypes and
+    ``dg, dbeta, dlam`` float32, on the padded layout.
+
+    Two launches, so that each holds few tiles live: the V side (``cfg``, loop over V tiles:
+    ``dv``, the V part of ``dbeta``, ``dPs = scale dP o decay o causal`` and
+    ``dA = -T^T dT T^T``, the last two as ``[B, Tp, H, C]`` float32), then the K side
+    (``cfg_k``: everything through ``A``, ``W`` and ``X``)."""
     B, Tp, H, K = q.shape
     V = v.shape[-1]
     dt = q.dtype
-    kernel = functools.partial(
-        _grads_kernel, BV=cfg.block_v or V, scale=scale, dt=dt, hp=u.f32_precision(interpret)
-    )
-    ks, vs, ss = spec_rows(C, K), spec_rows(C, V), spec_rows(C, None)
-    return pl.pallas_call(
-        kernel,
+    hp = u.f32_precision(interpret, dt)
+    ks, vs, ss, cs = spec_rows(C, K), spec_rows(C, V), spec_rows(C, None), spec_rows(C, C)
+    dv, dbv, dPs, dA = pl.pallas_call(
+        functools.partial(_grads_v_kernel, BV=cfg.block_v or V, scale=scale, dt=dt, hp=hp),
+        out_shape=(
+            jax.ShapeDtypeStruct((B, Tp, H, V), v.dtype),
+            jax.ShapeDtypeStruct((B, Tp, H), F32),
+            jax.ShapeDtypeStruct((B, Tp, H, C), F32),
+            jax.ShapeDtypeStruct((B, Tp, H, C), F32),
+        ),
+        grid=(B, Tp // C, H),
+        in_specs=[ks, ks, vs, ss, ss, ss, cs, vs, vs, vs, ks],
+        out_specs=(vs, ss, cs, cs),
+        interpret=interpret,
+        compiler_params=params(cfg),
+        name="qdelta_chunk_grads_v",
+    )(q, k, v, g, beta, lam, Tinv, do, D, dD, dW)
+    dq, dk, dg, db, dl = pl.pallas_call(
+        functools.partial(_grads_k_kernel, dt=dt, hp=hp),
         out_shape=(
             jax.ShapeDtypeStruct((B, Tp, H, K), q.dtype),
             jax.ShapeDtypeStruct((B, Tp, H, K), k.dtype),
-            jax.ShapeDtypeStruct((B, Tp, H, V), v.dtype),
             jax.ShapeDtypeStruct((B, Tp, H), F32),
             jax.ShapeDtypeStruct((B, Tp, H), F32),
             jax.ShapeDtypeStruct((B, Tp, H), F32),
         ),
         grid=(B, Tp // C, H),
-        in_specs=[ks, ks, vs, ss, ss, ss, vs, vs, vs, ks, ks, ks, ss],
-        out_specs=(ks, ks, vs, ss, ss, ss),
+        in_specs=[ks, ks, ss, ss, ss, cs, ks, cs, cs, ss, ks, ks, ss],
+        out_specs=(ks, ks, ss, ss, ss),
         interpret=interpret,
-        compiler_params=params(cfg),
-        name="qdelta_chunk_grads",
-    )(q, k, v, g, beta, lam, do, D, dD, dW, dq_part, dk_part, dG_part)
+        compiler_params=params(cfg_k or cfg),
+        name="qdelta_chunk_grads_k",
+    )(q, k, g, beta, lam, Tinv, dW, dPs, dA, dbv, dq_part, dk_part, dG_part)
+    return dq, dk, dv, dg, db, dl

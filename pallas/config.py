@@ -39,8 +39,9 @@ class Config:
     """Settings per stage: ``local`` (A, T, W, U; forward and backward recompute), ``state``
     (forward state pass, grid over V tiles), ``output`` (O, grid over V tiles), ``reverse``
     (reverse state pass, grid over V tiles), ``dqkw`` (the state-side gradients, grid over K
-    tiles, loop over V tiles) and ``grads`` (local gradients through A and T, loop over V
-    tiles)."""
+    tiles, loop over V tiles), ``grads`` (V side of the local gradients, loop over V tiles),
+    ``a`` (the ``A`` matmul before the solve) and ``grads_k`` (K side of the local
+    gradients)."""
 
     local: StageConfig
     state: StageConfig
@@ -48,6 +49,8 @@ class Config:
     reverse: StageConfig
     dqkw: StageConfig
     grads: StageConfig
+    a: StageConfig = StageConfig(num_warps=4)
+    grads_k: StageConfig = StageConfig(num_warps=8)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -58,15 +61,19 @@ class Config:
 
 
 def default_config(K: int, V: int, chunk_size: int = 64) -> Config:
-    """Defaults for padded head sizes ``K, V`` (powers of two >= 16)."""
+    """Defaults for padded head sizes ``K, V`` (powers of two >= 16): the winners of a sweep on
+    an H200 at B8 T4096 H6 K128 V256 bfloat16 (docs/KERNELS.md), scaled down for other sizes
+    (state tiles halve for K > 128 to stay in registers)."""
     bv_state = min(V, 64 if K <= 128 else 32)
     return Config(
-        local=StageConfig(num_warps=8, num_stages=1, block_v=min(V, 128)),
-        state=StageConfig(num_warps=8, num_stages=2, block_v=bv_state),
-        output=StageConfig(num_warps=4, num_stages=2, block_v=min(V, 128)),
-        reverse=StageConfig(num_warps=8, num_stages=2, block_v=bv_state),
-        dqkw=StageConfig(num_warps=4, num_stages=2, block_v=min(V, 64), block_k=min(K, 64)),
-        grads=StageConfig(num_warps=8, num_stages=1, block_v=min(V, 64)),
+        local=StageConfig(num_warps=2, num_stages=1, block_v=min(V, 128)),
+        state=StageConfig(num_warps=4, num_stages=2, block_v=bv_state),
+        output=StageConfig(num_warps=4, num_stages=2, block_v=min(V, 256)),
+        reverse=StageConfig(num_warps=4, num_stages=2, block_v=bv_state),
+        dqkw=StageConfig(num_warps=8, num_stages=2, block_v=min(V, 128), block_k=min(K, 128)),
+        grads=StageConfig(num_warps=4, num_stages=1, block_v=min(V, 64)),
+        a=StageConfig(num_warps=4, num_stages=1),
+        grads_k=StageConfig(num_warps=4, num_stages=1),
     )
 
 
@@ -125,6 +132,9 @@ def _candidates(stage: str, K: int, V: int) -> list[StageConfig]:
             for bv in [b for b in pow2 if 32 <= b <= 128]:
                 for w in (4, 8):
                     out.append(StageConfig(num_warps=w, num_stages=2, block_v=bv, block_k=bk))
+    elif stage == "grads_k":
+        for w in (4, 8):
+            out.append(StageConfig(num_warps=w, num_stages=1))
     elif stage in ("grads", "local"):
         for bv in [b for b in pow2 if 32 <= b <= 128]:
             for w in (4, 8):
@@ -155,7 +165,8 @@ def autotune(
     batch: int = 8,
     seq_len: int = 4096,
     heads: int = 6,
-    stages: Sequence[str] = ("state", "output", "reverse", "dqkw", "local", "grads"),
+    stages: Sequence[str] = ("state", "output", "reverse", "dqkw", "local", "grads", "a",
+                             "grads_k"),
     reps: int = 10,
     persist: bool = False,
     verbose: bool = False,

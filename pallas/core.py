@@ -42,7 +42,8 @@ def check_sizes(K: int, V: int, chunk_size: int) -> None:
 
 
 def _fwd_impl(q, k, v, g, beta, lam, h0, reset, is_last, seq, scale, cfg: Config, C, interp):
-    W, U = fwd.chunk_local(q, k, v, g, beta, lam, C=C, cfg=cfg.local, interpret=interp)
+    W, U = fwd.chunk_local(q, k, v, g, beta, lam, C=C, cfg=cfg.local, interpret=interp,
+                           cfg_a=cfg.a)
     h_in, D, final = fwd.state_pass(
         k, g, W, U, h0, reset, is_last, seq, C=C, cfg=cfg.state, interpret=interp
     )
@@ -66,7 +67,8 @@ def _core_bwd(scale, cfg: Config, C, interp, res, cts):
     q, k, v, g, beta, lam, h0, reset, is_last, seq = res
     do, dfinal = cts
     do = do.astype(q.dtype)
-    W, U = fwd.chunk_local(q, k, v, g, beta, lam, C=C, cfg=cfg.local, interpret=interp)
+    W, U, Tinv = fwd.chunk_local(q, k, v, g, beta, lam, C=C, cfg=cfg.local, interpret=interp,
+                                 with_t=True, cfg_a=cfg.a)
     h_in, D, _ = fwd.state_pass(
         k, g, W, U, h0, reset, is_last, seq, C=C, cfg=cfg.state, interpret=interp
     )
@@ -78,8 +80,8 @@ def _core_bwd(scale, cfg: Config, C, interp, res, cts):
         q, k, g, h_in, dh_out, do, D, dD, scale=scale, C=C, cfg=cfg.dqkw, interpret=interp
     )
     dq, dk, dv, dg, db, dl = bwd.chunk_grads(
-        q, k, v, g, beta, lam, do, D, dD, dW, dqp, dkp, dGp, scale=scale, C=C, cfg=cfg.grads,
-        interpret=interp,
+        q, k, v, g, beta, lam, Tinv, do, D, dD, dW, dqp, dkp, dGp, scale=scale, C=C, cfg=cfg.grads,
+        interpret=interp, cfg_k=cfg.grads_k,
     )
     return (
         dq, dk, dv, dg.astype(g.dtype), db.astype(beta.dtype), dl.astype(lam.dtype),

@@ -3,8 +3,8 @@
 Three launches, on the padded layout of :mod:`qdelta_jax.xla` (``[B, Tp, H, *]``, Tp = NC C):
 
 1. :func:`chunk_local`, parallel over (batch, chunk, head): ``G``, ``A``, ``T = (I + A)^-1``
-   (blocked, see :mod:`._util`), ``W = T (beta gamma X)`` and ``U = T (beta V)``, written in
-   the compute dtype.
+   (by 16-row blocks, see :mod:`._util`), ``W = T (beta gamma X)`` and ``U = T (beta V)`` (block
+   by block), written in the compute dtype.
 2. :func:`state_pass`, one program per (batch row, head, V tile) looping over the chunks with
    the float32 state ``[K, BV]`` in registers: it resets to ``h0[seq]`` where a sequence starts,
    writes the chunk-entry state ``h_in`` and the writes ``D = U - W h``, and stores the final
@@ -51,40 +51,92 @@ def spec_rows(C: int, D: int | None):
 # ----------------------------------------------------------------------------- 1. local
 
 
-def _local_kernel(q_ref, k_ref, v_ref, g_ref, b_ref, l_ref, w_ref, u_ref, *, BV, dt, hp):
-    beta = b_ref[...].astype(F32)
-    G, X, _, _, T = u.local(
-        q_ref[...], k_ref[...], g_ref[...].astype(F32), beta, l_ref[...].astype(F32), dt, hp
-    )
-    bx = (beta * jnp.exp(G))[:, None] * X
-    w_ref[...] = u.dot(T, bx, dt=dt, hp=hp).astype(w_ref.dtype)
-    for j in range(v_ref.shape[-1] // BV):
-        vs = pl.ds(j * BV, BV)
-        bv = beta[:, None] * v_ref[:, vs].astype(F32)
-        u_ref[:, vs] = u.dot(T, bv, dt=dt, hp=hp).astype(u_ref.dtype)
+def _a_kernel(q_ref, k_ref, g_ref, b_ref, l_ref, a_ref, *, dt, hp):
+    _, _, _, A = u.local(q_ref[...], k_ref[...], g_ref[...].astype(F32),
+                         b_ref[...].astype(F32), l_ref[...].astype(F32), dt, hp)
+    a_ref[...] = A
 
 
-def chunk_local(q, k, v, g, beta, lam, *, C: int, cfg: StageConfig, interpret: bool):
-    """``W [B, Tp, H, K]`` and ``U [B, Tp, H, V]`` in ``q``'s dtype."""
+def _local_kernel(q_ref, k_ref, v_ref, g_ref, b_ref, l_ref, a_ref, w_ref, u_ref, *t_ref, BV, dt,
+                  hp):
+    blk = u.chunk_blocks(a_ref, g_ref, b_ref, hp)
+    nb = len(blk.G)
+    T = blk.T
+
+    # Row block b of W = sum_{c <= b} T_bc (beta gamma X)_c, of U likewise with beta V.
+    def bx(c):
+        return ((blk.beta[c] * jnp.exp(blk.G[c]))[:, None]
+                * u.x_block(q_ref, k_ref, l_ref, c)).astype(dt)
+
+    def bv(c, vs):
+        return (blk.beta[c][:, None] * v_ref[u.rows(c), vs].astype(F32)).astype(dt)
+
+    for b in range(nb):
+        w = u.dot(T[b, 0], bx(0), dt=dt, hp=hp)
+        for c in range(1, b + 1):
+            w = w + u.dot(T[b, c], bx(c), dt=dt, hp=hp)
+        w_ref[u.rows(b), :] = w.astype(w_ref.dtype)
+        for j in range(v_ref.shape[-1] // BV):
+            vs = pl.ds(j * BV, BV)
+            uu = u.dot(T[b, 0], bv(0, vs), dt=dt, hp=hp)
+            for c in range(1, b + 1):
+                uu = uu + u.dot(T[b, c], bv(c, vs), dt=dt, hp=hp)
+            u_ref[u.rows(b), vs] = uu.astype(u_ref.dtype)
+    if t_ref:
+        (t_ref,) = t_ref
+        z = jnp.zeros((u.S, u.S), F32)
+        for b in range(nb):
+            for c in range(nb):
+                t_ref[u.rows(b), u.rows(c)] = T[b, c] if c <= b else z
+
+
+def chunk_a(q, k, g, beta, lam, *, C: int, cfg: StageConfig, interpret: bool):
+    """``A_ij = beta_i (x_i . k_j) exp(G_i - G_j)`` (i > j, else 0) as ``[B, Tp, H, C]`` float32:
+    one whole-chunk matmul per program, for :func:`chunk_local` to load back in blocks."""
+    B, Tp, H, K = q.shape
+    dt = q.dtype
+    kernel = functools.partial(_a_kernel, dt=dt, hp=u.f32_precision(interpret, dt))
+    return pl.pallas_call(
+        kernel,
+        out_shape=jax.ShapeDtypeStruct((B, Tp, H, C), F32),
+        grid=(B, Tp // C, H),
+        in_specs=[spec_rows(C, K), spec_rows(C, K)] + [spec_rows(C, None)] * 3,
+        out_specs=spec_rows(C, C),
+        interpret=interpret,
+        compiler_params=params(cfg),
+        name="qdelta_chunk_a",
+    )(q, k, g, beta, lam)
+
+
+def chunk_local(q, k, v, g, beta, lam, *, C: int, cfg: StageConfig, interpret: bool,
+                with_t: bool = False, cfg_a: StageConfig | None = None):
+    """``W [B, Tp, H, K]`` and ``U [B, Tp, H, V]`` in ``q``'s dtype; with ``with_t`` also
+    ``T = (I + A)^-1`` as ``[B, Tp, H, C]`` float32 (row i of the chunk's T at token i), which
+    the backward's recompute hands to :func:`backward.chunk_grads` instead of solving twice.
+    Two launches: :func:`chunk_a`, then the blocked solve and ``W, U``."""
     B, Tp, H, K = q.shape
     V = v.shape[-1]
     dt = q.dtype
+    A = chunk_a(q, k, g, beta, lam, C=C, cfg=cfg_a or cfg, interpret=interpret)
     kernel = functools.partial(
-        _local_kernel, BV=cfg.block_v or V, dt=dt, hp=u.f32_precision(interpret)
+        _local_kernel, BV=cfg.block_v or V, dt=dt, hp=u.f32_precision(interpret, dt)
     )
+    out_shape = [jax.ShapeDtypeStruct((B, Tp, H, K), dt), jax.ShapeDtypeStruct((B, Tp, H, V), dt)]
+    out_specs = [spec_rows(C, K), spec_rows(C, V)]
+    if with_t:
+        out_shape.append(jax.ShapeDtypeStruct((B, Tp, H, C), F32))
+        out_specs.append(spec_rows(C, C))
     return pl.pallas_call(
         kernel,
-        out_shape=(
-            jax.ShapeDtypeStruct((B, Tp, H, K), dt),
-            jax.ShapeDtypeStruct((B, Tp, H, V), dt),
-        ),
+        out_shape=tuple(out_shape),
         grid=(B, Tp // C, H),
-        in_specs=[spec_rows(C, K), spec_rows(C, K), spec_rows(C, V)] + [spec_rows(C, None)] * 3,
-        out_specs=(spec_rows(C, K), spec_rows(C, V)),
+        in_specs=[spec_rows(C, K), spec_rows(C, K), spec_rows(C, V)] + [spec_rows(C, None)] * 3
+        + [spec_rows(C, C)],
+        out_specs=tuple(out_specs),
         interpret=interpret,
         compiler_params=params(cfg),
         name="qdelta_chunk_local",
-    )(q, k, v, g, beta, lam)
+    )(q, k, v, g, beta, lam, A)
 
 
 # ----------------------------------------------------------------------------- 2. state pass
@@ -131,7 +183,7 @@ def state_pass(k, g, W, U, h0, reset, is_last, seq, *, C: int, cfg: StageConfig,
     BV = cfg.block_v or V
     dt = k.dtype
     kernel = functools.partial(
-        _state_kernel, C=C, NC=NC, BV=BV, dt=dt, hp=u.f32_precision(interpret)
+        _state_kernel, C=C, NC=NC, BV=BV, dt=dt, hp=u.f32_precision(interpret, dt)
     )
     h0 = h0.astype(F32)
     return pl.pallas_call(
@@ -172,8 +224,9 @@ def chunk_output(q, k, g, h_in, D, *, scale: float, out_dtype, C: int, cfg: Stag
     B, Tp, H, K = q.shape
     V = D.shape[-1]
     BV = cfg.block_v or V
+    dt = q.dtype
     kernel = functools.partial(
-        _output_kernel, scale=scale, dt=q.dtype, hp=u.f32_precision(interpret)
+        _output_kernel, scale=scale, dt=dt, hp=u.f32_precision(interpret, dt)
     )
     vspec = pl.BlockSpec((None, C, None, BV), lambda b, c, h, j: (b, c, h, j))
     return pl.pallas_call(

@@ -106,7 +106,9 @@ def test_backward_stages_match_xla(staged):
     q, k, v, g, beta, lam, h0 = (s[n] for n in ("q", "k", "v", "g", "beta", "lam", "h0"))
     do = jax.random.normal(jax.random.PRNGKey(11), v.shape, F32)
     dfin = jax.random.normal(jax.random.PRNGKey(12), h0.shape, F32)
-    W, U = pfwd.chunk_local(q, k, v, g, beta, lam, C=C, cfg=cfg.local, interpret=True)
+    W, U, Tinv = pfwd.chunk_local(q, k, v, g, beta, lam, C=C, cfg=cfg.local, interpret=True,
+                                  with_t=True)
+    assert rel(sp(Tinv), loc.Tinv) < 1e-5
     h_in, D, _ = pfwd.state_pass(k, g, W, U, h0, m.reset, m.is_last, m.seq, C=C, cfg=cfg.state,
                                  interpret=True)
     dh_out, dD, dh0 = pbwd.reverse_state_pass(q, k, g, W, do, dfin, m.reset, m.is_last, m.seq,
@@ -120,8 +122,8 @@ def test_backward_stages_match_xla(staged):
     assert rel(dh0, xdh0) < 1e-5
     dqp, dkp, dW, dGp = pbwd.chunk_dqkw(q, k, g, h_in, dh_out, do, D, dD, scale=scale, C=C,
                                         cfg=cfg.dqkw, interpret=True)
-    got = pbwd.chunk_grads(q, k, v, g, beta, lam, do, D, dD, dW, dqp, dkp, dGp, scale=scale, C=C,
-                           cfg=cfg.grads, interpret=True)
+    got = pbwd.chunk_grads(q, k, v, g, beta, lam, Tinv, do, D, dD, dW, dqp, dkp, dGp,
+                           scale=scale, C=C, cfg=cfg.grads, interpret=True)
     want = xla.chunk_grads(sp(q), sp(k), sp(v), sp(beta), sp(lam), loc, s["xh"], s["xD"], sp(do),
                            xdh, scale, F32)
     for name, a, b in zip(("dq", "dk", "dv", "dg", "dbeta", "dlam"), got, want):
@@ -186,7 +188,7 @@ def test_bad_sizes_raise():
 
 def test_config_defaults_and_cache(tmp_path, monkeypatch):
     cfg = pcfg.default_config(128, 256, 64)
-    assert cfg.state.block_v == 64 and cfg.dqkw.block_k == 64
+    assert cfg.state.block_v == 64 and cfg.dqkw.block_k == 128
     assert pcfg.Config.from_dict(cfg.to_dict()) == cfg
     assert pcfg.padded_size(24) == 32 and pcfg.padded_size(5) == 16
     monkeypatch.setattr(pcfg, "CACHE_FILE", tmp_path / "none.json")
