@@ -269,7 +269,8 @@ def main(argv=None):
     for s, dts in runs:
         B, T, H, K, V = (int(x) for x in s.split("x"))
         t0 = time.perf_counter()
-        last = (s, dts) == [r for r in runs if r[1] == a.dtype][-1]
+        main_runs = [r for r in runs if r[1] == a.dtype]
+        last = bool(main_runs) and (s, dts) == main_runs[-1]
         SWEEP_DEADLINE[0] = a.sweep_s if last else 0.0
         r = run_shape(B, T, H, K, V, jnp.dtype(dts), a.chunk, a.reps, not a.no_stages)
         r["wall_s"] = time.perf_counter() - t0

@@ -188,7 +188,7 @@ def test_bad_sizes_raise():
 
 def test_config_defaults_and_cache(tmp_path, monkeypatch):
     cfg = pcfg.default_config(128, 256, 64)
-    assert cfg.state.block_v == 64 and cfg.dqkw.block_k == 128
+    assert cfg.state.block_v == 64 and cfg.dqkw.block_k == 64
     assert pcfg.Config.from_dict(cfg.to_dict()) == cfg
     assert pcfg.padded_size(24) == 32 and pcfg.padded_size(5) == 16
     monkeypatch.setattr(pcfg, "CACHE_FILE", tmp_path / "none.json")
