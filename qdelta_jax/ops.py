@@ -72,9 +72,14 @@ def _check_cu_seqlens(cu_seqlens, B: int, T: int) -> int:
     return cu_seqlens.shape[0] - 1
 
 
-def default_implementation() -> str:
-    """``"pallas"`` when the default backend is a GPU, else ``"xla"``."""
-    return "pallas" if jax.default_backend() == "gpu" else "xla"
+def default_implementation(chunk_size: int = 64) -> str:
+    """``"pallas"`` when the default backend is a GPU and the kernels take ``chunk_size``,
+    else ``"xla"``."""
+    if jax.default_backend() != "gpu":
+        return "xla"
+    from qdelta_jax import pallas
+
+    return "pallas" if chunk_size in pallas.CHUNK_SIZES else "xla"
 
 
 def qdelta_rule(
@@ -117,7 +122,7 @@ def qdelta_rule(
       ValueError / TypeError naming the argument for wrong shapes, dtypes or settings.
     """
     if implementation is None:
-        implementation = default_implementation()
+        implementation = default_implementation(chunk_size)
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(
             f"implementation must be one of {IMPLEMENTATIONS} or None, got {implementation!r}"
