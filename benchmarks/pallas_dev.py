@@ -112,32 +112,36 @@ def stage_checks(q, k, v, g, beta, lam, h0, C, res):
     res["output.o"] = rel(sp(o), xo)
     do = jax.random.normal(jax.random.PRNGKey(7), vp.shape, F32).astype(dt)
     dfin = jax.random.normal(jax.random.PRNGKey(8), h0.shape, F32)
+    pdD0 = jax.jit(lambda *a: pbwd.chunk_dd0(*a, scale=scale, C=C, cfg=cfg.dd0,
+                                             interpret=interp))(qp, kp, gp, do)
     dh_out, dD, dh0 = jax.jit(lambda *a: pbwd.reverse_state_pass(
         *a, scale=scale, C=C, cfg=cfg.reverse, interpret=interp))(
-        qp, kp, gp, W, do, dfin, m.reset, m.is_last, m.seq)
+        qp, kp, gp, W, do, pdD0, dfin, m.reset, m.is_last, m.seq)
     _, incl = xla._masks(C)
     Pm = xla._mm("...ik,...jk->...ij", sp(qp), sp(kp), dt) * xla._decay(loc.G, incl)
-    dD0 = scale * xla._mm("...ij,...iv->...jv", Pm, sp(do), dt)
+    dD0 = (scale * xla._mm("...ij,...iv->...jv", Pm, sp(do), dt)).astype(dt)
+    res["dd0.dD0"] = rel(sp(pdD0), dD0)
     xdh, xdh0 = jax.jit(lambda *a: xla.reverse_state_pass(*a, m, scale, B, dt))(
         sp(kp), loc.G, loc.W, sp(qp), sp(do), dD0, dfin)
     res["reverse.dh_out"] = rel(jnp.moveaxis(dh_out, 2, 1), xdh)
     res["reverse.dh0"] = rel(dh0, xdh0)
     grads = jax.jit(lambda *a: xla.chunk_grads(*a, scale, dt))(
         sp(qp), sp(kp), sp(vp), sp(bp), sp(lp), loc, xh, xD, sp(do), xdh)
-    dqp, dkp, dW, dGp = jax.jit(lambda *a: pbwd.chunk_dqkw(
+    dqp, dkp, dW, dGp, dPs = jax.jit(lambda *a: pbwd.chunk_dqkw(
         *a, scale=scale, C=C, cfg=cfg.dqkw, interpret=interp))(qp, kp, gp, h_in, dh_out, do, D, dD)
-    out = jax.jit(lambda *a: pbwd.chunk_grads(*a, scale=scale, C=C, cfg=cfg.grads,
+    out = jax.jit(lambda *a: pbwd.chunk_grads(*a, C=C, cfg=cfg.grads,
                                               interpret=interp, cfg_k=cfg.grads_k))(
-        qp, kp, vp, gp, bp, lp, Tinv, do, D, dD, dW, dqp, dkp, dGp)
+        qp, kp, vp, gp, bp, lp, Tinv, dD, dW, dqp, dkp, dGp, dPs)
     for name, a, b in zip(("dq", "dk", "dv", "dg", "dbeta", "dlam"), out, grads):
         res[f"grads.{name}"] = rel(sp(a), b)
     # stage timings (each stage alone, at the config's settings or a candidate's)
     ins = dict(local=(qp, kp, vp, gp, bp, lp), a=(qp, kp, gp, bp, lp),
                state=(kp, gp, W, U, h0, m.reset, m.is_last, m.seq),
                output=(qp, kp, gp, h_in, D),
-               reverse=(qp, kp, gp, W, do, dfin, m.reset, m.is_last, m.seq),
+               dd0=(qp, kp, gp, do),
+               reverse=(qp, kp, gp, W, do, pdD0, dfin, m.reset, m.is_last, m.seq),
                dqkw=(qp, kp, gp, h_in, dh_out, do, D, dD),
-               grads=(qp, kp, vp, gp, bp, lp, Tinv, do, D, dD, dW, dqp, dkp, dGp))
+               grads=(qp, kp, vp, gp, bp, lp, Tinv, dD, dW, dqp, dkp, dGp, dPs))
     ins["grads_k"] = ins["grads"]
     ins["local_t"] = ins["local"]
 
@@ -152,17 +156,19 @@ def stage_checks(q, k, v, g, beta, lam, h0, C, res):
             "state": lambda *a: pfwd.state_pass(*a, C=C, cfg=c.state, interpret=interp),
             "output": lambda *a: pfwd.chunk_output(*a, scale=scale, out_dtype=v.dtype, C=C,
                                                    cfg=c.output, interpret=interp),
+            "dd0": lambda *a: pbwd.chunk_dd0(*a, scale=scale, C=C, cfg=c.dd0, interpret=interp),
             "reverse": lambda *a: pbwd.reverse_state_pass(*a, scale=scale, C=C, cfg=c.reverse,
                                                           interpret=interp),
             "dqkw": lambda *a: pbwd.chunk_dqkw(*a, scale=scale, C=C, cfg=c.dqkw,
                                                interpret=interp),
-            "grads": lambda *a: pbwd.chunk_grads(*a, scale=scale, C=C, cfg=c.grads,
+            "grads": lambda *a: pbwd.chunk_grads(*a, C=C, cfg=c.grads,
                                                  interpret=interp, cfg_k=c.grads_k),
         }
         return jax.jit(f["grads" if name == "grads_k" else name])
 
     t = {}
-    for name in ("local", "local_t", "a", "state", "output", "reverse", "dqkw", "grads"):
+    for name in ("local", "local_t", "a", "state", "output", "dd0", "reverse", "dqkw",
+                 "grads"):
         sc = getattr(cfg, "local" if name == "local_t" else name)
         t[name] = bench(stage_fn(name, sc), ins[name])
     if SWEEP_DEADLINE[0]:
@@ -186,13 +192,14 @@ def stage_checks(q, k, v, g, beta, lam, h0, C, res):
 # Candidate settings per stage (num_warps, num_stages, block_v, block_k) for --sweep-s.
 SWEEP = {
     "grads": [(8, 1, 64, 0), (4, 1, 128, 0), (4, 1, 32, 0)],
-    "grads_k": [(4, 1, 0, 0)],
-    "local": [(8, 1, 128, 0), (4, 1, 64, 0), (4, 1, 256, 0), (2, 1, 128, 0)],
+    "grads_k": [(8, 1, 0, 0)],
+    "dd0": [(4, 1, 64, 0), (8, 1, 128, 0), (4, 1, 256, 0)],
+    "local": [(4, 1, 128, 0), (2, 1, 64, 0), (2, 1, 256, 0)],
     "a": [(8, 1, 0, 0), (2, 1, 0, 0)],
-    "state": [(4, 2, 32, 0), (8, 2, 32, 0), (4, 2, 64, 0), (8, 3, 64, 0), (8, 1, 64, 0)],
-    "reverse": [(4, 2, 32, 0), (8, 2, 32, 0), (4, 2, 64, 0), (8, 3, 64, 0)],
-    "output": [(8, 2, 128, 0), (4, 2, 64, 0), (4, 2, 256, 0)],
-    "dqkw": [(8, 2, 64, 64), (4, 2, 64, 128), (4, 2, 128, 64), (8, 2, 128, 128)],
+    "state": [(4, 1, 64, 0), (4, 3, 64, 0), (2, 2, 32, 0), (8, 2, 64, 0)],
+    "reverse": [(4, 1, 64, 0), (4, 3, 64, 0), (2, 2, 32, 0), (8, 2, 64, 0)],
+    "output": [(4, 2, 128, 0), (8, 2, 256, 0)],
+    "dqkw": [(4, 2, 64, 64), (8, 2, 64, 128), (4, 2, 128, 128)],
 }
 SWEEP_DEADLINE = [0.0]
 

@@ -39,14 +39,44 @@ F32 = jnp.float32
 # ----------------------------------------------------------------------------- 1. reverse pass
 
 
+def _dd0_kernel(q_ref, k_ref, g_ref, do_ref, dd0_ref, *, BV, scale, dt, hp):
+    _, incl = u.masks(q_ref.shape[0])
+    G = u.cumsum(g_ref[...].astype(F32))
+    P = (u.dot(q_ref[...], k_ref[...], tb=True, dt=dt, hp=hp) * u.decay(G, G, incl)).astype(dt)
+    for j in range(do_ref.shape[-1] // BV):
+        vs = pl.ds(j * BV, BV)
+        dd0_ref[:, vs] = (scale * u.dot(P, do_ref[:, vs], ta=True, dt=dt, hp=hp)).astype(dt)
+
+
+def chunk_dd0(q, k, g, do, *, scale: float, C: int, cfg: StageConfig, interpret):
+    """``dD0 = scale P^T dO [B, Tp, H, V]`` in the compute dtype (``P = Q K^T o decay o
+    causal``): the state-independent part of ``dD``, parallel over (batch, chunk, head) with a
+    loop over V tiles, so that the reverse pass keeps only the K x V products in its loop."""
+    B, Tp, H, K = q.shape
+    V = do.shape[-1]
+    dt = q.dtype
+    kernel = functools.partial(
+        _dd0_kernel, BV=cfg.block_v or V, scale=scale, dt=dt, hp=u.f32_precision(interpret, dt)
+    )
+    return pl.pallas_call(
+        kernel,
+        out_shape=jax.ShapeDtypeStruct((B, Tp, H, V), dt),
+        grid=(B, Tp // C, H),
+        in_specs=[spec_rows(C, K), spec_rows(C, K), spec_rows(C, None), spec_rows(C, V)],
+        out_specs=spec_rows(C, V),
+        interpret=interpret,
+        compiler_params=params(cfg),
+        name="qdelta_chunk_dd0",
+    )(q, k, g, do.astype(dt))
+
+
 def _reverse_kernel(
-    q_ref, k_ref, w_ref, g_ref, do_ref, dfin_ref, reset_ref, last_ref, seq_ref, _dh0_in,
+    q_ref, k_ref, w_ref, g_ref, do_ref, dd0_ref, dfin_ref, reset_ref, last_ref, seq_ref, _dh0_in,
     dhout_ref, dd_ref, dh0_ref, *, C, NC, BV, scale, dt, hp,
 ):
     b, h, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     vs = pl.ds(j * BV, BV)
     K = k_ref.shape[-1]
-    _, incl = u.masks(C)
 
     def body(i, dh):
         c = NC - 1 - i
@@ -58,16 +88,14 @@ def _reverse_kernel(
         g = g_ref[b, t, h]
         G = u.cumsum(g)
         gC = jnp.sum(g)
-        q = q_ref[b, t, h, :]
-        k = k_ref[b, t, h, :]
-        do = do_ref[b, t, h, vs]
-        P = u.dot(q, k, tb=True, dt=dt, hp=hp) * u.decay(G, G, incl)
-        kd = k.astype(F32) * jnp.exp(gC - G)[:, None]
-        dD = scale * u.dot(P, do, ta=True, dt=dt, hp=hp) + u.dot(kd, dh, dt=dt, hp=hp)
+        # On the chain dh -> dD -> dh_in: two [C, K] x [K / C, BV] products. The
+        # state-independent dD0 = scale P^T dO comes from chunk_dd0.
+        kd = k_ref[b, t, h, :].astype(F32) * jnp.exp(gC - G)[:, None]
+        dD = dd0_ref[b, t, h, vs].astype(F32) + u.dot(kd, dh, dt=dt, hp=hp)
         dd_ref[b, t, h, vs] = dD.astype(dt)
-        qg = q.astype(F32) * jnp.exp(G)[:, None]
+        qg = q_ref[b, t, h, :].astype(F32) * jnp.exp(G)[:, None]
         dh_in = (
-            scale * u.dot(qg, do, ta=True, dt=dt, hp=hp)
+            scale * u.dot(qg, do_ref[b, t, h, vs], ta=True, dt=dt, hp=hp)
             + jnp.exp(gC) * dh
             - u.dot(w_ref[b, t, h, :], dD, ta=True, dt=dt, hp=hp)
         )
@@ -82,10 +110,10 @@ def _reverse_kernel(
     lax.fori_loop(0, NC, body, jnp.zeros((K, BV), F32))
 
 
-def reverse_state_pass(q, k, g, W, do, dfinal, reset, is_last, seq, *, scale: float, C: int,
-                       cfg: StageConfig, interpret):
+def reverse_state_pass(q, k, g, W, do, dD0, dfinal, reset, is_last, seq, *, scale: float,
+                       C: int, cfg: StageConfig, interpret):
     """Returns ``dh_out [B, NC, H, K, V]`` and ``dD [B, Tp, H, V]`` in the compute dtype and
-    ``dh0 [N, H, K, V]`` float32."""
+    ``dh0 [N, H, K, V]`` float32; ``dD0`` from :func:`chunk_dd0`."""
     B, Tp, H, K = k.shape
     V = do.shape[-1]
     NC = Tp // C
@@ -103,14 +131,14 @@ def reverse_state_pass(q, k, g, W, do, dfinal, reset, is_last, seq, *, scale: fl
             jax.ShapeDtypeStruct(dfinal.shape, F32),
         ),
         grid=(B, H, V // BV),
-        in_specs=[pl.BlockSpec()] * 10,
+        in_specs=[pl.BlockSpec()] * 11,
         out_specs=(pl.BlockSpec(),) * 3,
-        input_output_aliases={9: 2},
+        input_output_aliases={10: 2},
         interpret=interpret,
         compiler_params=params(cfg),
         name="qdelta_reverse_state_pass",
-    )(q, k, W, g, do, dfinal, reset.astype(jnp.int32), is_last.astype(jnp.int32),
-      seq.astype(jnp.int32), dfinal)
+    )(q, k, W, g, do, dD0.astype(dt), dfinal, reset.astype(jnp.int32),
+      is_last.astype(jnp.int32), seq.astype(jnp.int32), dfinal)
 
 
 # ----------------------------------------------------------------------------- 2. state-side
@@ -118,25 +146,38 @@ def reverse_state_pass(q, k, g, W, do, dfinal, reset, is_last, seq, *, scale: fl
 
 def _dqkw_kernel(
     q_ref, k_ref, g_ref, hin_ref, dhout_ref, do_ref, d_ref, dd_ref,
-    dqp_ref, dkp_ref, dw_ref, dgp_ref, *, nv, BV, scale, dt, hp,
+    dqp_ref, dkp_ref, dw_ref, dgp_ref, dps_ref, *, nv, BV, scale, dt, hp,
 ):
     C, BK = q_ref.shape
 
     def body(j, carry):
-        doh, dkd, dw, hd = carry
+        doh, dkd, dw, hd, dP = carry
         vs = pl.ds(j * BV, BV)
         hin = hin_ref[:, vs]
         dho = dhout_ref[:, vs]
-        doh = doh + u.dot(do_ref[:, vs], hin, tb=True, dt=dt, hp=hp)
-        dkd = dkd + u.dot(d_ref[:, vs], dho, tb=True, dt=dt, hp=hp)
+        do = do_ref[:, vs]
+        d = d_ref[:, vs]
+        doh = doh + u.dot(do, hin, tb=True, dt=dt, hp=hp)
+        dkd = dkd + u.dot(d, dho, tb=True, dt=dt, hp=hp)
         dw = dw - u.dot(dd_ref[:, vs], hin, tb=True, dt=dt, hp=hp)
         hd = hd + jnp.sum(hin.astype(F32) * dho.astype(F32))
-        return doh, dkd, dw, hd
+        # The output's intra-chunk term, from the same dO and D tiles: dP = dO D^T.
+        dP = dP + u.dot(do, d, tb=True, dt=dt, hp=hp)
+        return doh, dkd, dw, hd, dP
 
     z = jnp.zeros((C, BK), F32)
-    doh, dkd, dw, hd = lax.fori_loop(0, nv, body, (z, z, z, jnp.zeros((), F32)))
+    doh, dkd, dw, hd, dP = lax.fori_loop(
+        0, nv, body, (z, z, z, jnp.zeros((), F32), jnp.zeros((C, C), F32))
+    )
     g = g_ref[...].astype(F32)
     G = u.cumsum(g)
+
+    # dPs = scale dP o decay o causal, written once (by the first K tile).
+    @pl.when(pl.program_id(3) == 0)
+    def _():
+        _, incl = u.masks(C)
+        dps_ref[...] = scale * dP * u.decay(G, G, incl)
+
     gC = jnp.sum(g)
     gam = jnp.exp(G)
     e = jnp.exp(gC - G)
@@ -154,7 +195,8 @@ def _dqkw_kernel(
 def chunk_dqkw(q, k, g, h_in, dh_out, do, D, dD, *, scale: float, C: int, cfg: StageConfig,
                interpret):
     """State-side gradient terms: ``dq_part, dk_part [B, Tp, H, K]`` float32, ``dW`` in the
-    compute dtype, ``dG_part [B, Tp, H]`` float32 (summed over K tiles)."""
+    compute dtype, ``dG_part [B, Tp, H]`` float32 (summed over K tiles), and the output's
+    intra-chunk term ``dPs = scale (dO D^T) o decay o causal [B, Tp, H, C]`` float32."""
     B, Tp, H, K = q.shape
     V = do.shape[-1]
     BK = cfg.block_k or K
@@ -167,58 +209,56 @@ def chunk_dqkw(q, k, g, h_in, dh_out, do, D, dD, *, scale: float, C: int, cfg: S
     kspec = pl.BlockSpec((None, C, None, BK), lambda b, c, h, kk: (b, c, h, kk))
     vspec = spec_rows(C, V)
     sspec = pl.BlockSpec((None, None, None, BK, V), lambda b, c, h, kk: (b, c, h, kk, 0))
-    dqp, dkp, dW, dgp = pl.pallas_call(
+    dqp, dkp, dW, dgp, dPs = pl.pallas_call(
         kernel,
         out_shape=(
             jax.ShapeDtypeStruct((B, Tp, H, K), F32),
             jax.ShapeDtypeStruct((B, Tp, H, K), F32),
             jax.ShapeDtypeStruct((B, Tp, H, K), dt),
             jax.ShapeDtypeStruct((nk, B, Tp, H), F32),
+            jax.ShapeDtypeStruct((B, Tp, H, C), F32),
         ),
         grid=(B, Tp // C, H, nk),
         in_specs=[kspec, kspec, spec_rows(C, None), sspec, sspec, vspec, vspec, vspec],
         out_specs=(
             kspec, kspec, kspec,
             pl.BlockSpec((None, None, C, None), lambda b, c, h, kk: (kk, b, c, h)),
+            pl.BlockSpec((None, C, None, C), lambda b, c, h, kk: (b, c, h, 0)),
         ),
         interpret=interpret,
         compiler_params=params(cfg),
         name="qdelta_chunk_dqkw",
     )(q, k, g, h_in, dh_out, do, D, dD)
-    return dqp, dkp, dW, jnp.sum(dgp, axis=0)
+    return dqp, dkp, dW, jnp.sum(dgp, axis=0), dPs
 
 
 # ----------------------------------------------------------------------------- 3. local grads
 
 
 def _grads_v_kernel(
-    q_ref, k_ref, v_ref, g_ref, b_ref, l_ref, t_ref, do_ref, d_ref, dd_ref, dw_ref,
-    dv_ref, dbv_ref, dps_ref, da_ref, *, BV, scale, dt, hp,
+    q_ref, k_ref, v_ref, g_ref, b_ref, l_ref, t_ref, dd_ref, dw_ref,
+    dv_ref, dbv_ref, da_ref, *, BV, dt, hp,
 ):
     C = q_ref.shape[0]
-    strict, incl = u.masks(C)
+    strict, _ = u.masks(C)
     beta = b_ref[...].astype(F32)
     G = u.cumsum(g_ref[...].astype(F32))
     X = k_ref[...].astype(F32) + l_ref[...].astype(F32)[:, None] * q_ref[...].astype(F32)
     bx = (beta * jnp.exp(G))[:, None] * X
     T = t_ref[...]
 
-    # By V tiles: dP = dO D^T; dT = dW bx^T + dU (beta V)^T with dU = dD; dv = beta T^T dU.
-    dP = jnp.zeros((C, C), F32)
+    # By V tiles: dT = dW bx^T + dU (beta V)^T with dU = dD; dv = beta T^T dU.
     dT = u.dot(dw_ref[...], bx, tb=True, dt=dt, hp=hp)
     dbeta = jnp.zeros((C,), F32)
     for j in range(v_ref.shape[-1] // BV):
         vs = pl.ds(j * BV, BV)
         dD = dd_ref[:, vs]
         vf = v_ref[:, vs].astype(F32)
-        dP = dP + u.dot(do_ref[:, vs], d_ref[:, vs], tb=True, dt=dt, hp=hp)
         dT = dT + u.dot(dD, beta[:, None] * vf, tb=True, dt=dt, hp=hp)
         dbv = u.dot(T, dD, ta=True, dt=dt, hp=hp)
         dv_ref[:, vs] = (beta[:, None] * dbv).astype(dv_ref.dtype)
         dbeta = dbeta + jnp.sum(dbv * vf, axis=1)
     dbv_ref[...] = dbeta
-    # Output, intra-chunk: dPs = scale dP o decay o causal.
-    dps_ref[...] = scale * dP * u.decay(G, G, incl)
     # T = (I + A)^-1: dA = -T^T dT T^T (float32), strictly lower.
     dA = -u.dot(u.dot(T, dT, ta=True, hp=hp), T, tb=True, hp=hp)
     da_ref[...] = jnp.where(strict, dA, 0.0)
@@ -233,73 +273,83 @@ def _grads_k_kernel(
     q, k = q_ref[...], k_ref[...]
     beta = b_ref[...].astype(F32)
     lam = l_ref[...].astype(F32)
-    G, X, Rd, A = u.local(q, k, g_ref[...].astype(F32), beta, lam, dt, hp)
+    G, _, Rd, A = u.local(q, k, g_ref[...].astype(F32), beta, lam, dt, hp)
     gam = jnp.exp(G)
     bg = beta * gam
 
-    # G enters the output through Q K^T o decay.
+    # Phase 1, [C, C] tiles only. G enters the output through Q K^T o decay.
     dPs = dps_ref[...]
-    ZP = dPs * u.dot(q, k, tb=True, dt=dt, hp=hp)
+    QK = u.dot(q, k, tb=True, dt=dt, hp=hp)
+    ZP = dPs * QK
     dG = jnp.sum(ZP, axis=1) - jnp.sum(ZP, axis=0)
-
     # A = beta_i (X K^T) o decay, strictly lower.
     dA = da_ref[...]
     ZA = dA * A
     dG = dG + jnp.sum(ZA, axis=1) - jnp.sum(ZA, axis=0)
     dbeta = dbv_ref[...] + jnp.sum(dA * Rd, axis=1)
     dR = dA * beta[:, None] * u.decay(G, G, strict)
+    # X = k + lam q never lives as a [C, K] float32 tile: with dX = dR k + bg dbx,
+    #   dq = dqp + dPs k + lam dX          = dqp + M k + lam bg dbx,          M = dPs + lam dR
+    #   dk = dkp + dR^T X + dPs^T q + dX   = dkp + (dR + dR^T) k + M^T q + bg dbx
+    #   dlam_i = dX_i . q_i                = sum_j dR_ij (QK)_ij + bg_i dbx_i . q_i
+    dl = jnp.sum(dR * QK, axis=1)
+    M = dPs + lam[:, None] * dR
+    S = dR + dR.T
 
-    # W = T (beta gamma X): dbx = T^T dW; X = k + lam q.
-    dbx = u.dot(t_ref[...], dw_ref[...], ta=True, dt=dt, hp=hp)
-    bxX = jnp.sum(dbx * X, axis=1)
-    dbeta = dbeta + gam * bxX
+    # Phase 2. W = T (beta gamma X): dbx = T^T dW. q and k are loaded again after a store
+    # (not kept live from phase 1); dbx is not kept live either: its row terms in dq and dk
+    # are one more matmul each, (T diag(s))^T dW = diag(s) dbx.
+    db_ref[...] = dbeta
+    q, k = q_ref[...], k_ref[...]
+    T = t_ref[...]
+    dW = dw_ref[...]
+    dbx = u.dot(T, dW, ta=True, dt=dt, hp=hp)
+    bxq = jnp.sum(dbx * q.astype(F32), axis=1)
+    bxX = jnp.sum(dbx * k.astype(F32), axis=1) + lam * bxq
+    db_ref[...] = dbeta + gam * bxX
     dG = dG + bg * bxX
-    dX = u.dot(dR, k, dt=dt, hp=hp) + bg[:, None] * dbx
-    dq = dqp_ref[...] + u.dot(dPs, k, dt=dt, hp=hp) + lam[:, None] * dX
+    dl_ref[...] = dl + bg * bxq
+    dq = (dqp_ref[...] + u.dot(M, k, dt=dt, hp=hp)
+          + u.dot(T * (lam * bg)[None, :], dW, ta=True, dt=dt, hp=hp))
     dq_ref[...] = dq.astype(dq_ref.dtype)
-    dl_ref[...] = jnp.sum(dX * q.astype(F32), axis=1)
     dk = (
-        dkp_ref[...] + u.dot(dR, X, ta=True, dt=dt, hp=hp) + u.dot(dPs, q, ta=True, dt=dt, hp=hp)
-        + dX
+        dkp_ref[...] + u.dot(S, k, dt=dt, hp=hp) + u.dot(M, q, ta=True, dt=dt, hp=hp)
+        + u.dot(T * bg[None, :], dW, ta=True, dt=dt, hp=hp)
     )
     dk_ref[...] = dk.astype(dk_ref.dtype)
-    db_ref[...] = dbeta
     # G = cumsum(g) within the chunk.
     dg_ref[...] = u.revcumsum(dG + dgp_ref[...])
 
 
-def chunk_grads(q, k, v, g, beta, lam, Tinv, do, D, dD, dW, dq_part, dk_part, dG_part, *,
-                scale: float, C: int, cfg: StageConfig, interpret,
-                cfg_k: StageConfig | None = None):
+def chunk_grads(q, k, v, g, beta, lam, Tinv, dD, dW, dq_part, dk_part, dG_part, dPs, *,
+                C: int, cfg: StageConfig, interpret, cfg_k: StageConfig | None = None):
     """All local gradients (the counterpart of :func:`qdelta_jax.xla.chunk_grads`, given the
-    state-side terms of :func:`chunk_dqkw` and ``Tinv = (I + A)^-1 [B, Tp, H, C]`` from
-    ``forward.chunk_local(..., with_t=True)``). Returns ``dq, dk, dv`` in the input dtypes and
-    ``dg, dbeta, dlam`` float32, on the padded layout.
+    state-side terms and ``dPs`` of :func:`chunk_dqkw` and ``Tinv = (I + A)^-1 [B, Tp, H, C]``
+    from ``forward.chunk_local(..., with_t=True)``). Returns ``dq, dk, dv`` in the input dtypes
+    and ``dg, dbeta, dlam`` float32, on the padded layout.
 
     Two launches, so that each holds few tiles live: the V side (``cfg``, loop over V tiles:
-    ``dv``, the V part of ``dbeta``, ``dPs = scale dP o decay o causal`` and
-    ``dA = -T^T dT T^T``, the last two as ``[B, Tp, H, C]`` float32), then the K side
-    (``cfg_k``: everything through ``A``, ``W`` and ``X``)."""
+    ``dv``, the V part of ``dbeta`` and ``dA = -T^T dT T^T`` as ``[B, Tp, H, C]`` float32),
+    then the K side (``cfg_k``: everything through ``A``, ``W`` and ``X``)."""
     B, Tp, H, K = q.shape
     V = v.shape[-1]
     dt = q.dtype
     hp = u.f32_precision(interpret, dt)
     ks, vs, ss, cs = spec_rows(C, K), spec_rows(C, V), spec_rows(C, None), spec_rows(C, C)
-    dv, dbv, dPs, dA = pl.pallas_call(
-        functools.partial(_grads_v_kernel, BV=cfg.block_v or V, scale=scale, dt=dt, hp=hp),
+    dv, dbv, dA = pl.pallas_call(
+        functools.partial(_grads_v_kernel, BV=cfg.block_v or V, dt=dt, hp=hp),
         out_shape=(
             jax.ShapeDtypeStruct((B, Tp, H, V), v.dtype),
             jax.ShapeDtypeStruct((B, Tp, H), F32),
             jax.ShapeDtypeStruct((B, Tp, H, C), F32),
-            jax.ShapeDtypeStruct((B, Tp, H, C), F32),
         ),
         grid=(B, Tp // C, H),
-        in_specs=[ks, ks, vs, ss, ss, ss, cs, vs, vs, vs, ks],
-        out_specs=(vs, ss, cs, cs),
+        in_specs=[ks, ks, vs, ss, ss, ss, cs, vs, ks],
+        out_specs=(vs, ss, cs),
         interpret=interpret,
         compiler_params=params(cfg),
         name="qdelta_chunk_grads_v",
-    )(q, k, v, g, beta, lam, Tinv, do, D, dD, dW)
+    )(q, k, v, g, beta, lam, Tinv, dD, dW)
     dq, dk, dg, db, dl = pl.pallas_call(
         functools.partial(_grads_k_kernel, dt=dt, hp=hp),
         out_shape=(

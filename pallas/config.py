@@ -40,8 +40,8 @@ class Config:
     (forward state pass, grid over V tiles), ``output`` (O, grid over V tiles), ``reverse``
     (reverse state pass, grid over V tiles), ``dqkw`` (the state-side gradients, grid over K
     tiles, loop over V tiles), ``grads`` (V side of the local gradients, loop over V tiles),
-    ``a`` (the ``A`` matmul before the solve) and ``grads_k`` (K side of the local
-    gradients)."""
+    ``a`` (the ``A`` matmul before the solve), ``grads_k`` (K side of the local
+    gradients) and ``dd0`` (``scale P^T dO`` before the reverse pass, loop over V tiles)."""
 
     local: StageConfig
     state: StageConfig
@@ -51,6 +51,7 @@ class Config:
     grads: StageConfig
     a: StageConfig = StageConfig(num_warps=4)
     grads_k: StageConfig = StageConfig(num_warps=8)
+    dd0: StageConfig = StageConfig(num_warps=4, block_v=64)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -61,19 +62,26 @@ class Config:
 
 
 def default_config(K: int, V: int, chunk_size: int = 64) -> Config:
-    """Defaults for padded head sizes ``K, V`` (powers of two >= 16), as validated (errors and
-    times) on an H200 at B8 T4096 H6 K128 V256; docs/KERNELS.md lists faster per-stage settings
-    from a sweep that still wait for an end-to-end check."""
+    """Defaults for padded head sizes ``K, V`` (powers of two >= 16): the per-stage winners of
+    the H200 sweep at B8 T4096 H6 K128 V256 (docs/KERNELS.md), each checked offline for sm_90
+    (registers and spills by ptxas). Settings that hold more registers per thread as K or V grow
+    fall back to the previously validated ones outside the swept sizes."""
     bv_state = min(V, 64 if K <= 128 else 32)
+    # State and reverse pass: [K, BV] float32 state per program; 4 warps while it is at most
+    # 128 x 64 (64 registers a thread), else 8.
+    w_state = 4 if K * bv_state <= 128 * 64 else 8
+    # Output: one V tile of up to 256 (the [C, BV] float32 accumulator) where K <= 128.
+    bv_out = min(V, 256 if K <= 128 else 128)
     return Config(
-        local=StageConfig(num_warps=4, num_stages=1, block_v=min(V, 128)),
-        state=StageConfig(num_warps=8, num_stages=2, block_v=bv_state),
-        output=StageConfig(num_warps=4, num_stages=2, block_v=min(V, 128)),
-        reverse=StageConfig(num_warps=8, num_stages=2, block_v=bv_state),
-        dqkw=StageConfig(num_warps=4, num_stages=2, block_v=min(V, 64), block_k=min(K, 64)),
+        local=StageConfig(num_warps=2 if K <= 128 else 4, num_stages=1, block_v=min(V, 128)),
+        state=StageConfig(num_warps=w_state, num_stages=2, block_v=bv_state),
+        output=StageConfig(num_warps=4, num_stages=2, block_v=bv_out),
+        reverse=StageConfig(num_warps=w_state, num_stages=2, block_v=bv_state),
+        dqkw=StageConfig(num_warps=8, num_stages=2, block_v=min(V, 128), block_k=min(K, 128)),
         grads=StageConfig(num_warps=4, num_stages=1, block_v=min(V, 64)),
         a=StageConfig(num_warps=4, num_stages=1),
-        grads_k=StageConfig(num_warps=8, num_stages=1),
+        grads_k=StageConfig(num_warps=4 if K <= 128 else 8, num_stages=1),
+        dd0=StageConfig(num_warps=4, num_stages=1, block_v=min(V, 128)),
     )
 
 
@@ -135,7 +143,7 @@ def _candidates(stage: str, K: int, V: int) -> list[StageConfig]:
     elif stage == "grads_k":
         for w in (4, 8):
             out.append(StageConfig(num_warps=w, num_stages=1))
-    elif stage in ("grads", "local"):
+    elif stage in ("grads", "local", "dd0"):
         for bv in [b for b in pow2 if 32 <= b <= 128]:
             for w in (4, 8):
                 out.append(StageConfig(num_warps=w, num_stages=1, block_v=bv))
@@ -166,7 +174,7 @@ def autotune(
     seq_len: int = 4096,
     heads: int = 6,
     stages: Sequence[str] = ("state", "output", "reverse", "dqkw", "local", "grads", "a",
-                             "grads_k"),
+                             "grads_k", "dd0"),
     reps: int = 10,
     persist: bool = False,
     verbose: bool = False,

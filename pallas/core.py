@@ -72,15 +72,16 @@ def _core_bwd(scale, cfg: Config, C, interp, res, cts):
     h_in, D, _ = fwd.state_pass(
         k, g, W, U, h0, reset, is_last, seq, C=C, cfg=cfg.state, interpret=interp
     )
+    dD0 = bwd.chunk_dd0(q, k, g, do, scale=scale, C=C, cfg=cfg.dd0, interpret=interp)
     dh_out, dD, dh0 = bwd.reverse_state_pass(
-        q, k, g, W, do, dfinal, reset, is_last, seq, scale=scale, C=C, cfg=cfg.reverse,
+        q, k, g, W, do, dD0, dfinal, reset, is_last, seq, scale=scale, C=C, cfg=cfg.reverse,
         interpret=interp,
     )
-    dqp, dkp, dW, dGp = bwd.chunk_dqkw(
+    dqp, dkp, dW, dGp, dPs = bwd.chunk_dqkw(
         q, k, g, h_in, dh_out, do, D, dD, scale=scale, C=C, cfg=cfg.dqkw, interpret=interp
     )
     dq, dk, dv, dg, db, dl = bwd.chunk_grads(
-        q, k, v, g, beta, lam, Tinv, do, D, dD, dW, dqp, dkp, dGp, scale=scale, C=C, cfg=cfg.grads,
+        q, k, v, g, beta, lam, Tinv, dD, dW, dqp, dkp, dGp, dPs, C=C, cfg=cfg.grads,
         interpret=interp, cfg_k=cfg.grads_k,
     )
     return (

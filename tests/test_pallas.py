@@ -111,19 +111,24 @@ def test_backward_stages_match_xla(staged):
     assert rel(sp(Tinv), loc.Tinv) < 1e-5
     h_in, D, _ = pfwd.state_pass(k, g, W, U, h0, m.reset, m.is_last, m.seq, C=C, cfg=cfg.state,
                                  interpret=True)
-    dh_out, dD, dh0 = pbwd.reverse_state_pass(q, k, g, W, do, dfin, m.reset, m.is_last, m.seq,
-                                              scale=scale, C=C, cfg=cfg.reverse, interpret=True)
     _, incl = xla._masks(C)
     P = xla._mm("...ik,...jk->...ij", sp(q), sp(k), F32) * xla._decay(loc.G, incl)
     dD0 = scale * xla._mm("...ij,...iv->...jv", P, sp(do), F32)
+    pdD0 = pbwd.chunk_dd0(q, k, g, do, scale=scale, C=C, cfg=cfg.dd0, interpret=True)
+    assert rel(sp(pdD0), dD0) < 1e-5
+    dh_out, dD, dh0 = pbwd.reverse_state_pass(q, k, g, W, do, pdD0, dfin, m.reset, m.is_last,
+                                              m.seq, scale=scale, C=C, cfg=cfg.reverse,
+                                              interpret=True)
     xdh, xdh0 = xla.reverse_state_pass(sp(k), loc.G, loc.W, sp(q), sp(do), dD0, dfin, m, scale,
                                        h0.shape[0], F32)
     assert rel(jnp.moveaxis(dh_out, 2, 1), xdh) < 1e-5
     assert rel(dh0, xdh0) < 1e-5
-    dqp, dkp, dW, dGp = pbwd.chunk_dqkw(q, k, g, h_in, dh_out, do, D, dD, scale=scale, C=C,
-                                        cfg=cfg.dqkw, interpret=True)
-    got = pbwd.chunk_grads(q, k, v, g, beta, lam, Tinv, do, D, dD, dW, dqp, dkp, dGp,
-                           scale=scale, C=C, cfg=cfg.grads, interpret=True)
+    dqp, dkp, dW, dGp, dPs = pbwd.chunk_dqkw(q, k, g, h_in, dh_out, do, D, dD, scale=scale,
+                                             C=C, cfg=cfg.dqkw, interpret=True)
+    xdPs = scale * xla._mm("...iv,...jv->...ij", sp(do), s["xD"], F32) * xla._decay(loc.G, incl)
+    assert rel(sp(dPs), xdPs) < 1e-5
+    got = pbwd.chunk_grads(q, k, v, g, beta, lam, Tinv, dD, dW, dqp, dkp, dGp, dPs, C=C,
+                           cfg=cfg.grads, interpret=True)
     want = xla.chunk_grads(sp(q), sp(k), sp(v), sp(beta), sp(lam), loc, s["xh"], s["xD"], sp(do),
                            xdh, scale, F32)
     for name, a, b in zip(("dq", "dk", "dv", "dg", "dbeta", "dlam"), got, want):
@@ -188,7 +193,9 @@ def test_bad_sizes_raise():
 
 def test_config_defaults_and_cache(tmp_path, monkeypatch):
     cfg = pcfg.default_config(128, 256, 64)
-    assert cfg.state.block_v == 64 and cfg.dqkw.block_k == 64
+    assert cfg.state.block_v == 64 and cfg.dqkw.block_k == 128 and cfg.output.block_v == 256
+    assert cfg.local.num_warps == 2 and cfg.state.num_warps == cfg.reverse.num_warps == 4
+    assert pcfg.default_config(256, 512, 64).output.block_v == 128
     assert pcfg.Config.from_dict(cfg.to_dict()) == cfg
     assert pcfg.padded_size(24) == 32 and pcfg.padded_size(5) == 16
     monkeypatch.setattr(pcfg, "CACHE_FILE", tmp_path / "none.json")
