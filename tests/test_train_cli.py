@@ -143,19 +143,19 @@ def test_default_task_learns_and_eval(tmp_path, capsys):
     """The default task (tiny preset, MQAR) on a shorter budget: recall well above chance
     (1 / 28 value tokens = 0.036)."""
     run = tmp_path / "learn"
-    rc = cli.main(["--steps", "150", "--warmup", "15", "--seq-len", "32", "--eval-every", "0",
-                   "--save-every", "0", "--run-dir", str(run), "--no-progress"])
+    rc = cli.main(["--steps", "120", "--seq-len", "32", "--eval-every", "0", "--save-every", "0",
+                   "--run-dir", str(run), "--no-progress"])
     assert rc == 0
     out = capsys.readouterr().out
     assert "recall accuracy" in out
     summary = json.loads((run / "summary.json").read_text())
-    assert summary["eval"]["accuracy"] > 0.4, summary
+    assert summary["eval"]["accuracy"] > 0.5, summary
     evals = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()
              if '"eval"' in x]
     assert evals and evals[-1]["split"] == "eval" and "accuracy" in evals[-1]
 
     rows = evaluate.evaluate_run(run, seq_lens=[32, 64], batches=1, log=lambda *a: None)
     assert [r["seq_len"] for r in rows] == [32, 64]
-    assert rows[0]["accuracy"] > 0.4
+    assert rows[0]["accuracy"] > 0.5
     assert (run / "eval.json").exists() and (run / "eval_recall.png").exists()
     assert evaluate.main([str(tmp_path / "missing")]) == 2

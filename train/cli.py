@@ -61,7 +61,8 @@ OPTIONS: dict[str, tuple[Any, str]] = {
     "data": (_opt(_str), "text data: a UTF-8 file or folder, a .bin (uint16; *.u32.bin: uint32) "
                          "or a .npy token file (--task text)"),
     "steps": (_int, "total optimizer steps (the lr schedule spans them)"),
-    "batch_size": (_int, "global batch size (rows); split over the mesh"),
+    "batch_size": (_opt(_int), "global batch size (rows), split over the mesh (default: mqar "
+                               "128, niah 16, text 16)"),
     "seq_len": (_opt(_int), "tokens per row (default: mqar 64, niah 512, text 512)"),
     "lr": (float, "peak learning rate"),
     "warmup": (_int, "linear warm-up steps"),

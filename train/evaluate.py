@@ -39,7 +39,7 @@ def load_run(run_dir: Path, mesh_spec: str | None = None):
         raise UsageError(f"RUN_DIR {run_dir}: no {ckpt.CONFIG_FILE}; not a qdelta-train run",
                          "RUN_DIR")
     fields = {f.name for f in dataclasses.fields(TrainArgs)}
-    args = TrainArgs(**{k: v for k, v in saved["train"].items() if k in fields})
+    args = TrainArgs(**{k: v for k, v in saved["train"].items() if k in fields}).resolved()
     model_cfg = QDeltaConfig(**saved["model"])
     try:
         mesh = shd.make_mesh(mesh_spec)

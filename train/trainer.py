@@ -48,7 +48,9 @@ class BadStepsError(RuntimeError):
     """Too many consecutive non-finite steps."""
 
 
+# Per-task defaults of --seq-len and --batch-size (None in TrainArgs).
 TASK_SEQ_LEN = {"mqar": 64, "niah": 512, "text": 512}
+TASK_BATCH = {"mqar": 128, "niah": 16, "text": 16}
 
 
 @dataclasses.dataclass
@@ -58,14 +60,14 @@ class TrainArgs:
     preset: str = "tiny"
     task: str = "mqar"
     data: str | None = None
-    steps: int = 300
-    batch_size: int = 32
+    steps: int = 200
+    batch_size: int | None = None  # None: TASK_BATCH[task]
     seq_len: int | None = None  # None: TASK_SEQ_LEN[task]
-    lr: float = 1e-2
-    warmup: int = 30
+    lr: float = 3e-3
+    warmup: int = 20
     weight_decay: float = 0.1
     save_every: int = 100
-    eval_every: int = 100
+    eval_every: int = 50
     eval_batches: int = 4
     run_dir: str | None = None
     mesh: str | None = None
@@ -89,6 +91,15 @@ class TrainArgs:
     def resolved_seq_len(self) -> int:
         return int(self.seq_len if self.seq_len is not None else TASK_SEQ_LEN.get(self.task, 512))
 
+    def resolved(self) -> TrainArgs:
+        """A copy with the per-task defaults of ``seq_len`` and ``batch_size`` filled in."""
+        return dataclasses.replace(
+            self,
+            seq_len=self.resolved_seq_len(),
+            batch_size=int(self.batch_size if self.batch_size is not None
+                           else TASK_BATCH.get(self.task, 16)),
+        )
+
 
 # Options whose change between invocations changes what a resumed run computes.
 _RESUME_SENSITIVE = ("task", "data", "seed", "batch_size", "seq_len", "num_pairs", "mqar_vocab",
@@ -108,6 +119,7 @@ def validate(a: TrainArgs) -> None:
     need(a.task in data_mod.TASKS, "--task", f"{a.task!r} is unknown; tasks: "
          + ", ".join(data_mod.TASKS))
     need(a.steps >= 1, "--steps", f"must be >= 1, got {a.steps}")
+    a = a.resolved()
     need(a.batch_size >= 1, "--batch-size", f"must be >= 1, got {a.batch_size}")
     need(a.seq_len is None or a.seq_len >= 2, "--seq-len", f"must be >= 2, got {a.seq_len}")
     need(math.isfinite(a.lr) and a.lr > 0, "--lr", f"must be a positive number, got {a.lr}")
@@ -228,6 +240,7 @@ class Session:
 
         from qdelta_jax.model import QDeltaLM
 
+        a = a.resolved()
         self.args, self.model_cfg, self.mesh = a, model_cfg, mesh
         self.fns = loop.ModelFns(lambda: QDeltaLM(model_cfg, rngs=nnx.Rngs(a.seed)))
         self.ocfg = loop.OptimConfig(lr=a.lr, warmup=a.warmup, steps=a.steps,
@@ -337,6 +350,7 @@ def run(a: TrainArgs, *, log=print) -> dict[str, Any]:
     finite."""
     t_start = time.perf_counter()
     validate(a)
+    a = a.resolved()
     shd.maybe_initialize_distributed()
     main_process = jax.process_index() == 0
     text_tokens = open_text(a)
