@@ -14,6 +14,7 @@ from pathlib import Path
 
 import jax
 import pytest
+
 from qdelta_jax.train import checkpoint as ckpt
 from qdelta_jax.train import cli
 

@@ -10,6 +10,7 @@ import sys
 
 import jax
 import pytest
+
 from qdelta_jax.train import checkpoint as ckpt
 from qdelta_jax.train import cli, evaluate
 

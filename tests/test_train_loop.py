@@ -7,6 +7,7 @@ from __future__ import annotations
 import jax
 import numpy as np
 import pytest
+
 from qdelta_jax.train import data as D
 from qdelta_jax.train import loop, trainer
 from qdelta_jax.train import sharding as shd

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
+
 from qdelta_jax.train import sharding as shd
 
 

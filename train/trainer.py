@@ -30,6 +30,7 @@ from typing import Any
 
 import jax
 import numpy as np
+
 from qdelta_jax.train import checkpoint as ckpt
 from qdelta_jax.train import data as data_mod
 from qdelta_jax.train import loop

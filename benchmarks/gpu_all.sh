@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# Every GPU measurement recorded in BENCHMARKS.md and docs/RESULTS.md, in one script, so a lease
+# runs them together on one card. Sections: check, ops, decode, train, recall (default: the
+# first four). Each step has its own time limit so that one slow step cannot eat the others.
+#
+#   bash benchmarks/gpu_all.sh                      # check ops decode train
+#   bash benchmarks/gpu_all.sh recall               # the recall experiment alone
+#
+# Writes logs and JSON under $OUT (default ./gpu_out). Uses the image's python3; installs the
+# project without dependencies, and fla (the in-run anchor) from .wheels/ when that folder exists.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-gpu_out}
+mkdir -p "$OUT"
+PY=${PYTHON:-python3}
+export PYTHONUNBUFFERED=1
+sections=${*:-check ops decode train}
+
+"$PY" -m pip install -q --no-deps --no-build-isolation -e . >"$OUT/install.log" 2>&1 || {
+    echo "install failed"; tail -20 "$OUT/install.log"; exit 1; }
+if ls .wheels/*.whl >/dev/null 2>&1; then
+    "$PY" -m pip install -q --no-deps .wheels/*.whl >>"$OUT/install.log" 2>&1 || true
+fi
+nvidia-smi -L | tee "$OUT/device.txt"
+"$PY" -c "import jax, flax, optax; print('jax', jax.__version__, 'flax', flax.__version__, \
+'optax', optax.__version__, jax.devices())" | tee -a "$OUT/device.txt"
+
+step() {  # name, seconds, command...
+    local name=$1 limit=$2
+    shift 2
+    echo "== $name (limit ${limit}s): $*"
+    local t0=$SECONDS
+    timeout "$limit" "$@" >"$OUT/$name.log" 2>&1
+    local rc=$?
+    echo "   rc=$rc in $((SECONDS - t0))s"
+    grep -v -E "Warning|warn\(|^\s*$" "$OUT/$name.log" | tail -n 30
+}
+
+for s in $sections; do
+    case $s in
+    check)
+        step check_bf16 150 qdelta-check --shapes 8x4096x6x128x256 --dtype bfloat16 --no-fd
+        step check_fp32 120 qdelta-check --shapes 2x1000x4x64x96,1x300x2x256x512 --dtype float32
+        ;;
+    ops)
+        step ops 240 "$PY" benchmarks/ops.py --fla --reps 30 --warmup 5 --json "$OUT/ops.json"
+        ;;
+    decode)
+        step decode 150 "$PY" benchmarks/decode.py --preset 340m --batch-sizes 1,16,64 \
+            --json "$OUT/decode.json"
+        ;;
+    train)
+        STEPS=${STEPS:-60} SEQ=${SEQ:-2048} BATCH_PER_GPU=${BATCH_PER_GPU:-8} \
+            step train 330 bash benchmarks/train_gpu.sh
+        ;;
+    recall)
+        step recall 560 "$PY" experiments/recall.py --out "$OUT/recall" \
+            --device-note "$(nvidia-smi -L | head -1)" ${RECALL_ARGS:-}
+        ;;
+    *) echo "unknown section $s"; exit 2 ;;
+    esac
+done
