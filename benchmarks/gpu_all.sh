@@ -6,55 +6,62 @@
 #   bash benchmarks/gpu_all.sh                      # check ops decode train
 #   bash benchmarks/gpu_all.sh recall               # the recall experiment alone
 #
-# Writes logs and JSON under $OUT (default ./gpu_out). Uses the image's python3; installs the
-# project without dependencies, and fla (the in-run anchor) from .wheels/ when that folder exists.
+# Writes logs and JSON under $RES (default /tmp/qdelta_gpu) and packs them into
+# $OUT/results.tgz when $OUT is set (the device tool returns at most 8 files). Uses the image's
+# python3; installs the project without dependencies, and fla (the in-run anchor) from .wheels/
+# when that folder exists. Re-render the recall docs afterwards with
+# `python experiments/recall.py --from-json recall/recall.json`.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-OUT=${OUT:-gpu_out}
-mkdir -p "$OUT"
+RES=${RES:-/tmp/qdelta_gpu}
+mkdir -p "$RES"
+pack() { [[ -n "${OUT:-}" ]] && tar czf "$OUT/results.tgz" -C "$RES" . ; }
+trap pack EXIT
+OUT_DIR=$RES
 PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1
 sections=${*:-check ops decode train}
 
-"$PY" -m pip install -q --no-deps --no-build-isolation -e . >"$OUT/install.log" 2>&1 || {
-    echo "install failed"; tail -20 "$OUT/install.log"; exit 1; }
+"$PY" -m pip install -q --no-deps --no-build-isolation -e . >"$OUT_DIR/install.log" 2>&1 || {
+    echo "install failed"; tail -20 "$OUT_DIR/install.log"; exit 1; }
 if ls .wheels/*.whl >/dev/null 2>&1; then
-    "$PY" -m pip install -q --no-deps .wheels/*.whl >>"$OUT/install.log" 2>&1 || true
+    "$PY" -m pip install -q --no-deps .wheels/*.whl >>"$OUT_DIR/install.log" 2>&1 || true
 fi
-nvidia-smi -L | tee "$OUT/device.txt"
+nvidia-smi -L | tee "$OUT_DIR/device.txt"
 "$PY" -c "import jax, flax, optax; print('jax', jax.__version__, 'flax', flax.__version__, \
-'optax', optax.__version__, jax.devices())" | tee -a "$OUT/device.txt"
+'optax', optax.__version__, jax.devices())" | tee -a "$OUT_DIR/device.txt"
 
 step() {  # name, seconds, command...
     local name=$1 limit=$2
     shift 2
     echo "== $name (limit ${limit}s): $*"
     local t0=$SECONDS
-    timeout "$limit" "$@" >"$OUT/$name.log" 2>&1
+    timeout "$limit" "$@" >"$OUT_DIR/$name.log" 2>&1
     local rc=$?
     echo "   rc=$rc in $((SECONDS - t0))s"
-    grep -v -E "Warning|warn\(|^\s*$" "$OUT/$name.log" | tail -n 30
+    grep -v -E "Warning|warn\(|^\s*$" "$OUT_DIR/$name.log" | tail -n 30
 }
 
 for s in $sections; do
     case $s in
     check)
-        step check_bf16 150 qdelta-check --shapes 8x4096x6x128x256 --dtype bfloat16 --no-fd
-        step check_fp32 120 qdelta-check --shapes 2x1000x4x64x96,1x300x2x256x512 --dtype float32
+        step check_bf16 150 "$PY" -m qdelta_jax.check --shapes 8x4096x6x128x256 --dtype bfloat16 --no-fd
+        step check_fp32 120 "$PY" -m qdelta_jax.check --shapes 2x1000x4x64x96,1x300x2x256x512 --dtype float32
         ;;
     ops)
-        step ops 240 "$PY" benchmarks/ops.py --fla --reps 30 --warmup 5 --json "$OUT/ops.json"
+        step ops 240 "$PY" benchmarks/ops.py --fla --reps 30 --warmup 5 --json "$OUT_DIR/ops.json"
         ;;
     decode)
         step decode 150 "$PY" benchmarks/decode.py --preset 340m --batch-sizes 1,16,64 \
-            --json "$OUT/decode.json"
+            --json "$OUT_DIR/decode.json"
         ;;
     train)
-        STEPS=${STEPS:-60} SEQ=${SEQ:-2048} BATCH_PER_GPU=${BATCH_PER_GPU:-8} \
+        OUT=$OUT_DIR STEPS=${STEPS:-60} SEQ=${SEQ:-2048} BATCH_PER_GPU=${BATCH_PER_GPU:-8} \
             step train 330 bash benchmarks/train_gpu.sh
         ;;
     recall)
-        step recall 560 "$PY" experiments/recall.py --out "$OUT/recall" \
+        step recall 560 "$PY" experiments/recall.py --out "$OUT_DIR/recall" \
+            --docs "$OUT_DIR/recall" \
             --device-note "$(nvidia-smi -L | head -1)" ${RECALL_ARGS:-}
         ;;
     *) echo "unknown section $s"; exit 2 ;;
