@@ -22,11 +22,11 @@ import traceback
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from qdelta_jax import qdelta_rule, xla
 from qdelta_jax.pallas import backward as pbwd
 from qdelta_jax.pallas import config as pcfg
 from qdelta_jax.pallas import forward as pfwd
-
-from qdelta_jax import qdelta_rule, xla
 
 F32 = jnp.float32
 
@@ -250,6 +250,29 @@ def run_shape(B, T, H, K, V, dtype, C, reps, do_stages):
     except Exception as e:  # noqa: BLE001
         res["time_error"] = f"{type(e).__name__}: {e}"[:3000]
         traceback.print_exc()
+    # The same config with save_residuals (the backward skips its recompute): gradients
+    # against the default run, and the forward + backward time.
+    key = pcfg._key(K, V, C, dtype)
+    prev = pcfg._MEMORY.get(key)
+    try:
+        pcfg._MEMORY[key] = dataclasses.replace(pcfg.get_config(K, V, C, dtype),
+                                                save_residuals=True)
+        f = jax.jit(jax.value_and_grad(loss_fn("pallas", C), argnums=tuple(range(7)),
+                                       has_aux=True))
+        (_, (o_s, f_s)), g_s = f(*args, w)
+        (_, (o_p, f_p)), g_p = vg["pallas"](*args, w)
+        res["pallas_saved_vs_pallas.final"] = rel(f_s, f_p)
+        for n, a_, b_ in zip(("q", "k", "v", "g", "beta", "lam", "h0"), g_s, g_p):
+            res[f"pallas_saved_vs_pallas.d{n}"] = rel(a_, b_)
+        res["pallas_saved.fwdbwd_ms"] = bench(f, (*args, w), reps)
+    except Exception as e:  # noqa: BLE001
+        res["saved_error"] = f"{type(e).__name__}: {e}"[:3000]
+        traceback.print_exc()
+    finally:
+        if prev is None:
+            pcfg._MEMORY.pop(key, None)
+        else:
+            pcfg._MEMORY[key] = prev
     return res
 
 
@@ -292,7 +315,8 @@ def main(argv=None):
     for r in allres["runs"]:
         print(r["shape"], r["dtype"])
         for k in sorted(r):
-            if k.endswith("_ms") or k.startswith("pallas_vs_xla") or "error" in k:
+            if (k.endswith("_ms") or k.startswith(("pallas_vs_xla", "pallas_saved_vs"))
+                    or "error" in k):
                 print(f"  {k}: {r[k]}")
         if "stage_ms" in r:
             print("  stage_ms:", {k: round(v, 3) for k, v in r["stage_ms"].items()})

@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
+
 from qdelta_jax.pallas import _util as u
 from qdelta_jax.pallas.config import StageConfig
 from qdelta_jax.pallas.forward import params, spec_rows

@@ -41,7 +41,13 @@ class Config:
     (reverse state pass, grid over V tiles), ``dqkw`` (the state-side gradients, grid over K
     tiles, loop over V tiles), ``grads`` (V side of the local gradients, loop over V tiles),
     ``a`` (the ``A`` matmul before the solve), ``grads_k`` (K side of the local
-    gradients) and ``dd0`` (``scale P^T dO`` before the reverse pass, loop over V tiles)."""
+    gradients) and ``dd0`` (``scale P^T dO`` before the reverse pass, loop over V tiles).
+
+    ``save_residuals``: the forward also writes ``T`` and keeps ``W, T, h_in, D`` for the
+    backward, which then skips its recompute (``chunk_a``, ``chunk_local``, ``state_pass``) at
+    the cost of holding them until the backward runs (``2 K + 4 C + 2 K V / C + 2 V`` bytes a
+    token and head in bfloat16: 300 MB at B8 T4096 H6 K128 V256). Off by default, as in the
+    XLA path, which saves nothing per chunk."""
 
     local: StageConfig
     state: StageConfig
@@ -52,13 +58,15 @@ class Config:
     a: StageConfig = StageConfig(num_warps=4)
     grads_k: StageConfig = StageConfig(num_warps=8)
     dd0: StageConfig = StageConfig(num_warps=4, block_v=64)
+    save_residuals: bool = False
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> Config:
-        return cls(**{k: StageConfig(**v) for k, v in d.items()})
+        return cls(**{k: StageConfig(**v) if isinstance(v, dict) else bool(v)
+                      for k, v in d.items()})
 
 
 def default_config(K: int, V: int, chunk_size: int = 64) -> Config:

@@ -13,6 +13,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+
 from qdelta_jax.pallas import _util as u
 from qdelta_jax.pallas import backward as bwd
 from qdelta_jax.pallas import forward as fwd
@@ -59,19 +60,33 @@ def _core(q, k, v, g, beta, lam, h0, reset, is_last, seq, scale, cfg, C, interp)
 
 
 def _core_fwd(q, k, v, g, beta, lam, h0, reset, is_last, seq, scale, cfg, C, interp):
-    out = _fwd_impl(q, k, v, g, beta, lam, h0, reset, is_last, seq, scale, cfg, C, interp)
-    return out, (q, k, v, g, beta, lam, h0, reset, is_last, seq)
+    inputs = (q, k, v, g, beta, lam, h0, reset, is_last, seq)
+    if not cfg.save_residuals:
+        out = _fwd_impl(q, k, v, g, beta, lam, h0, reset, is_last, seq, scale, cfg, C, interp)
+        return out, (inputs, None)
+    W, U, Tinv = fwd.chunk_local(q, k, v, g, beta, lam, C=C, cfg=cfg.local, interpret=interp,
+                                 with_t=True, cfg_a=cfg.a)
+    h_in, D, final = fwd.state_pass(
+        k, g, W, U, h0, reset, is_last, seq, C=C, cfg=cfg.state, interpret=interp
+    )
+    o = fwd.chunk_output(
+        q, k, g, h_in, D, scale=scale, out_dtype=v.dtype, C=C, cfg=cfg.output, interpret=interp
+    )
+    return (o, final), (inputs, (W, Tinv, h_in, D))
 
 
 def _core_bwd(scale, cfg: Config, C, interp, res, cts):
-    q, k, v, g, beta, lam, h0, reset, is_last, seq = res
+    (q, k, v, g, beta, lam, h0, reset, is_last, seq), saved = res
     do, dfinal = cts
     do = do.astype(q.dtype)
-    W, U, Tinv = fwd.chunk_local(q, k, v, g, beta, lam, C=C, cfg=cfg.local, interpret=interp,
-                                 with_t=True, cfg_a=cfg.a)
-    h_in, D, _ = fwd.state_pass(
-        k, g, W, U, h0, reset, is_last, seq, C=C, cfg=cfg.state, interpret=interp
-    )
+    if saved is None:  # recompute W, T, h_in, D (nothing per chunk saved by the forward)
+        W, U, Tinv = fwd.chunk_local(q, k, v, g, beta, lam, C=C, cfg=cfg.local,
+                                     interpret=interp, with_t=True, cfg_a=cfg.a)
+        h_in, D, _ = fwd.state_pass(
+            k, g, W, U, h0, reset, is_last, seq, C=C, cfg=cfg.state, interpret=interp
+        )
+    else:
+        W, Tinv, h_in, D = saved
     dD0 = bwd.chunk_dd0(q, k, g, do, scale=scale, C=C, cfg=cfg.dd0, interpret=interp)
     dh_out, dD, dh0 = bwd.reverse_state_pass(
         q, k, g, W, do, dD0, dfinal, reset, is_last, seq, scale=scale, C=C, cfg=cfg.reverse,

@@ -30,6 +30,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
+
 from qdelta_jax.pallas import _util as u
 from qdelta_jax.pallas.config import StageConfig
 

@@ -10,11 +10,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+
+from qdelta_jax import qdelta_rule, xla
 from qdelta_jax.pallas import backward as pbwd
 from qdelta_jax.pallas import config as pcfg
 from qdelta_jax.pallas import forward as pfwd
-
-from qdelta_jax import qdelta_rule, xla
 
 F32 = jnp.float32
 TOL = {jnp.dtype(F32): 2e-5, jnp.dtype(jnp.bfloat16): 1e-2}
@@ -127,6 +127,11 @@ def test_backward_stages_match_xla(staged):
                                              C=C, cfg=cfg.dqkw, interpret=True)
     xdPs = scale * xla._mm("...iv,...jv->...ij", sp(do), s["xD"], F32) * xla._decay(loc.G, incl)
     assert rel(sp(dPs), xdPs) < 1e-5
+    # Two K tiles (dPs written by the first only) and two V tiles give the same terms.
+    tiled = pbwd.chunk_dqkw(q, k, g, h_in, dh_out, do, D, dD, scale=scale, C=C,
+                            cfg=pcfg.StageConfig(block_v=16, block_k=8), interpret=True)
+    for a, b in zip(tiled, (dqp, dkp, dW, dGp, dPs)):
+        assert rel(a, b) < 1e-6
     got = pbwd.chunk_grads(q, k, v, g, beta, lam, Tinv, dD, dW, dqp, dkp, dGp, dPs, C=C,
                            cfg=cfg.grads, interpret=True)
     want = xla.chunk_grads(sp(q), sp(k), sp(v), sp(beta), sp(lam), loc, s["xh"], s["xD"], sp(do),
@@ -162,6 +167,35 @@ def test_solve_unit_lower_is_the_inverse():
 def test_matches_xla(dtype, C, shape):
     args, w = make(hash(shape) % 1000, *shape, dtype=dtype)
     assert_matches_xla(args, w, C, TOL[jnp.dtype(dtype)])
+
+
+def test_save_residuals_matches_xla():
+    """``save_residuals``: the backward uses W, T, h_in, D saved by the forward."""
+    import dataclasses
+
+    from qdelta_jax.pallas import core as pcore
+
+    B, T, H, K, V, C = 1, 40, 2, 16, 32, 16
+    (q, k, v, g, beta, lam, h0), w = make(5, B, T, H, K, V)
+    cfg = dataclasses.replace(pcfg.default_config(K, V, C), save_residuals=True)
+    assert pcfg.Config.from_dict(cfg.to_dict()) == cfg
+    layout = xla.make_layout(B, T, C, None)
+    m = layout.meta
+    P = lambda x: xla.to_padded(x, layout)  # noqa: E731
+
+    def loss(core, q, k, v, g, beta, lam, h0):
+        o, fin = core(P(q), P(k), P(v), P(g), P(beta), P(lam), h0, m.reset, m.is_last, m.seq,
+                      K**-0.5)
+        return jnp.sum(o.astype(F32) * P(w)) + jnp.sum(fin * jnp.cos(h0))
+
+    pc = pcore.make_core(K=K, V=V, dtype=F32, chunk_size=C, config=cfg, interpret=True)
+    args = (q, k, v, g, beta, lam, h0)
+    got = jax.jit(jax.value_and_grad(lambda *a: loss(pc, *a), argnums=tuple(range(7))))(*args)
+    want = jax.jit(jax.value_and_grad(lambda *a: loss(xla.chunked_core, *a),
+                                      argnums=tuple(range(7))))(*args)
+    assert rel(got[0], want[0]) < 2e-5
+    for name, a, b in zip(("q", "k", "v", "g", "beta", "lam", "h0"), got[1], want[1]):
+        assert rel(a, b) < 2e-5, name
 
 
 def test_varlen_with_empty_sequence():
