@@ -69,18 +69,21 @@ class Config:
                       for k, v in d.items()})
 
 
-def default_config(K: int, V: int, chunk_size: int = 64) -> Config:
+def default_config(K: int, V: int, chunk_size: int = 64, dtype=None) -> Config:
     """Defaults for padded head sizes ``K, V`` (powers of two >= 16): the per-stage winners of
-    the H200 sweep at B8 T4096 H6 K128 V256 (docs/KERNELS.md), each checked offline for sm_90
-    (registers and spills by ptxas). Settings that hold more registers per thread as K or V grow
-    fall back to the previously validated ones outside the swept sizes."""
+    the H200 sweep at B8 T4096 H6 K128 V256 bf16 (docs/KERNELS.md), each checked offline for
+    sm_90 (registers and spills by ptxas). Settings that hold more registers per thread as K or
+    V grow fall back to the previously validated ones outside the swept sizes. For 4-byte
+    ``dtype`` (float32) the tiles that would need more than the 227 KB of shared memory of an
+    H100 / H200 at K = 128 (Triton 3.6's count: output V tile 256, dqkw 128 x 128, the reverse
+    pass pipelined) are the smaller ones."""
     bv_state = min(V, 64 if K <= 128 else 32)
     # State and reverse pass: [K, BV] float32 state per program; 4 warps while it is at most
     # 128 x 64 (64 registers a thread), else 8.
     w_state = 4 if K * bv_state <= 128 * 64 else 8
     # Output: one V tile of up to 256 (the [C, BV] float32 accumulator) where K <= 128.
     bv_out = min(V, 256 if K <= 128 else 128)
-    return Config(
+    cfg = Config(
         local=StageConfig(num_warps=2 if K <= 128 else 4, num_stages=1, block_v=min(V, 128)),
         state=StageConfig(num_warps=w_state, num_stages=2, block_v=bv_state),
         output=StageConfig(num_warps=4, num_stages=2, block_v=bv_out),
@@ -91,6 +94,14 @@ def default_config(K: int, V: int, chunk_size: int = 64) -> Config:
         grads_k=StageConfig(num_warps=4 if K <= 128 else 8, num_stages=1),
         dd0=StageConfig(num_warps=4, num_stages=1, block_v=min(V, 128)),
     )
+    if dtype is not None and jnp.dtype(dtype).itemsize >= 4:
+        cfg = dataclasses.replace(
+            cfg,
+            output=dataclasses.replace(cfg.output, block_v=min(V, 128)),
+            reverse=dataclasses.replace(cfg.reverse, num_stages=1),
+            dqkw=dataclasses.replace(cfg.dqkw, block_v=min(V, 64), block_k=min(K, 64)),
+        )
+    return cfg
 
 
 def padded_size(n: int) -> int:
@@ -128,7 +139,7 @@ def get_config(K: int, V: int, chunk_size: int, dtype, *, use_file: bool = True)
             cfg = Config.from_dict(entry)
             _MEMORY[key] = cfg
             return cfg
-    return default_config(padded_size(K), padded_size(V), chunk_size)
+    return default_config(padded_size(K), padded_size(V), chunk_size, dtype)
 
 
 def _candidates(stage: str, K: int, V: int) -> list[StageConfig]:
@@ -225,7 +236,7 @@ def autotune(
 
         return jax.jit(jax.grad(loss, argnums=tuple(range(7))))
 
-    best = default_config(Kp, Vp, C)
+    best = default_config(Kp, Vp, C, dtype)
     best_t = _time(make(best), args, reps)
     for stage in stages:
         for cand in _candidates(stage, Kp, Vp):

@@ -233,7 +233,10 @@ def test_config_defaults_and_cache(tmp_path, monkeypatch):
     assert pcfg.Config.from_dict(cfg.to_dict()) == cfg
     assert pcfg.padded_size(24) == 32 and pcfg.padded_size(5) == 16
     monkeypatch.setattr(pcfg, "CACHE_FILE", tmp_path / "none.json")
-    assert pcfg.get_config(24, 40, 32, F32) == pcfg.default_config(32, 64, 32)
+    assert pcfg.get_config(24, 40, 32, F32) == pcfg.default_config(32, 64, 32, F32)
+    f32 = pcfg.default_config(128, 256, 64, F32)  # shared memory: smaller tiles in float32
+    assert f32.output.block_v == 128 and f32.dqkw.block_k == 64 and f32.reverse.num_stages == 1
+    assert pcfg.default_config(128, 256, 64, jnp.bfloat16) == cfg
     if jax.default_backend() != "gpu":
         with pytest.raises(RuntimeError, match="GPU"):
             pcfg.autotune(32, 32)
