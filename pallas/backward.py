@@ -322,6 +322,82 @@ def _grads_k_kernel(
     dg_ref[...] = u.revcumsum(dG + dgp_ref[...])
 
 
+def _grads_k_split_kernel(
+    q_ref, k_ref, g_ref, b_ref, l_ref, t_ref, dw_ref, dps_ref, da_ref, dbv_ref, dqp_ref,
+    dkp_ref, dgp_ref, dq_ref, dk_ref, dg_ref, db_ref, dl_ref, *, BK, dt, hp,
+):
+    """:func:`_grads_k_kernel` by K slices of BK (for float32 at K 256, whose whole-K operands
+    do not fit shared memory); the same algebra, summed or written slice by slice."""
+    C, K = q_ref.shape
+    nk = K // BK
+    strict, _ = u.masks(C)
+    beta = b_ref[...].astype(F32)
+    lam = l_ref[...].astype(F32)
+    G = u.cumsum(g_ref[...].astype(F32))
+    gam = jnp.exp(G)
+    bg = beta * gam
+
+    # Phase 1, [C, C] tiles only: Q K^T and Rd = (X K^T) o decay (strictly lower),
+    # X = k + lam q, summed over the K slices; A = beta_i Rd.
+    QK = XK = None
+    for kk in range(nk):
+        ks = pl.ds(kk * BK, BK)
+        q, k = q_ref[:, ks], k_ref[:, ks]
+        X = k.astype(F32) + lam[:, None] * q.astype(F32)
+        qk = u.dot(q, k, tb=True, dt=dt, hp=hp)
+        xk = u.dot(X, k, tb=True, dt=dt, hp=hp)
+        QK = qk if QK is None else QK + qk
+        XK = xk if XK is None else XK + xk
+    Rd = XK * u.decay(G, G, strict)
+    A = beta[:, None] * Rd
+    # G enters the output through Q K^T o decay.
+    dPs = dps_ref[...]
+    ZP = dPs * QK
+    dG = jnp.sum(ZP, axis=1) - jnp.sum(ZP, axis=0)
+    dA = da_ref[...]
+    ZA = dA * A
+    dG = dG + jnp.sum(ZA, axis=1) - jnp.sum(ZA, axis=0)
+    dbeta = dbv_ref[...] + jnp.sum(dA * Rd, axis=1)
+    dR = dA * beta[:, None] * u.decay(G, G, strict)
+    # X, dX and dbx never live as [C, K] float32 tiles: with dX = dR k + bg dbx,
+    #   dq = dqp + dPs k + lam dX          = dqp + M k + lam bg dbx,          M = dPs + lam dR
+    #   dk = dkp + dR^T X + dPs^T q + dX   = dkp + (dR + dR^T) k + M^T q + bg dbx
+    #   dlam_i = dX_i . q_i                = sum_j dR_ij (QK)_ij + bg_i dbx_i . q_i
+    dl = jnp.sum(dR * QK, axis=1)
+    M = dPs + lam[:, None] * dR
+    S = dR + dR.T
+
+    # Phase 2, by K slices. W = T (beta gamma X): dbx = T^T dW; its row terms in dq and dk are
+    # one more matmul each, (T diag(s))^T dW = diag(s) dbx. q and k are loaded again after a
+    # store (not kept live from phase 1).
+    db_ref[...] = dbeta
+    T = t_ref[...]
+    bxq = bxk = None
+    for kk in range(nk):
+        ks = pl.ds(kk * BK, BK)
+        q, k = q_ref[:, ks], k_ref[:, ks]
+        dW = dw_ref[:, ks]
+        dbx = u.dot(T, dW, ta=True, dt=dt, hp=hp)
+        sq = jnp.sum(dbx * q.astype(F32), axis=1)
+        sk = jnp.sum(dbx * k.astype(F32), axis=1)
+        bxq = sq if bxq is None else bxq + sq
+        bxk = sk if bxk is None else bxk + sk
+        dq = (dqp_ref[:, ks] + u.dot(M, k, dt=dt, hp=hp)
+              + u.dot(T * (lam * bg)[None, :], dW, ta=True, dt=dt, hp=hp))
+        dq_ref[:, ks] = dq.astype(dq_ref.dtype)
+        dk = (
+            dkp_ref[:, ks] + u.dot(S, k, dt=dt, hp=hp) + u.dot(M, q, ta=True, dt=dt, hp=hp)
+            + u.dot(T * bg[None, :], dW, ta=True, dt=dt, hp=hp)
+        )
+        dk_ref[:, ks] = dk.astype(dk_ref.dtype)
+    bxX = bxk + lam * bxq
+    db_ref[...] = dbeta + gam * bxX
+    dG = dG + bg * bxX
+    dl_ref[...] = dl + bg * bxq
+    # G = cumsum(g) within the chunk.
+    dg_ref[...] = u.revcumsum(dG + dgp_ref[...])
+
+
 def chunk_grads(q, k, v, g, beta, lam, Tinv, dD, dW, dq_part, dk_part, dG_part, dPs, *,
                 C: int, cfg: StageConfig, interpret, cfg_k: StageConfig | None = None):
     """All local gradients (the counterpart of :func:`qdelta_jax.xla.chunk_grads`, given the
@@ -337,6 +413,7 @@ def chunk_grads(q, k, v, g, beta, lam, Tinv, dD, dW, dq_part, dk_part, dG_part, 
     dt = q.dtype
     hp = u.f32_precision(interpret, dt)
     ks, vs, ss, cs = spec_rows(C, K), spec_rows(C, V), spec_rows(C, None), spec_rows(C, C)
+    bk_k = (cfg_k or cfg).block_k or K
     dv, dbv, dA = pl.pallas_call(
         functools.partial(_grads_v_kernel, BV=cfg.block_v or V, dt=dt, hp=hp),
         out_shape=(
@@ -352,7 +429,8 @@ def chunk_grads(q, k, v, g, beta, lam, Tinv, dD, dW, dq_part, dk_part, dG_part, 
         name="qdelta_chunk_grads_v",
     )(q, k, v, g, beta, lam, Tinv, dD, dW)
     dq, dk, dg, db, dl = pl.pallas_call(
-        functools.partial(_grads_k_kernel, dt=dt, hp=hp),
+        functools.partial(_grads_k_kernel, dt=dt, hp=hp) if bk_k == K
+        else functools.partial(_grads_k_split_kernel, BK=bk_k, dt=dt, hp=hp),
         out_shape=(
             jax.ShapeDtypeStruct((B, Tp, H, K), q.dtype),
             jax.ShapeDtypeStruct((B, Tp, H, K), k.dtype),

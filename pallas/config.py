@@ -75,8 +75,8 @@ def default_config(K: int, V: int, chunk_size: int = 64, dtype=None) -> Config:
     sm_90 (registers and spills by ptxas). Settings that hold more registers per thread as K or
     V grow fall back to the previously validated ones outside the swept sizes. For 4-byte
     ``dtype`` (float32) the tiles that would need more than the 227 KB of shared memory of an
-    H100 / H200 at K = 128 (Triton 3.6's count: output V tile 256, dqkw 128 x 128, the reverse
-    pass pipelined) are the smaller ones."""
+    H100 / H200 (Triton 3.6's count: output V tile 256, dqkw 128 x 128, the reverse pass
+    pipelined; at K 256 also whole-K operands in output and grads_k) are the smaller ones."""
     bv_state = min(V, 64 if K <= 128 else 32)
     # State and reverse pass: [K, BV] float32 state per program; 4 warps while it is at most
     # 128 x 64 (64 registers a thread), else 8.
@@ -101,6 +101,14 @@ def default_config(K: int, V: int, chunk_size: int = 64, dtype=None) -> Config:
             reverse=dataclasses.replace(cfg.reverse, num_stages=1),
             dqkw=dataclasses.replace(cfg.dqkw, block_v=min(V, 64), block_k=min(K, 64)),
         )
+        if K > 128:  # K 256: K slices of 128 in output and grads_k, smaller state tiles
+            cfg = dataclasses.replace(
+                cfg,
+                state=dataclasses.replace(cfg.state, num_stages=1),
+                reverse=dataclasses.replace(cfg.reverse, block_v=min(V, 16)),
+                output=dataclasses.replace(cfg.output, block_v=min(V, 64), block_k=128),
+                grads_k=dataclasses.replace(cfg.grads_k, block_k=128),
+            )
     return cfg
 
 

@@ -209,13 +209,26 @@ def state_pass(k, g, W, U, h0, reset, is_last, seq, *, C: int, cfg: StageConfig,
 # ----------------------------------------------------------------------------- 3. output
 
 
-def _output_kernel(q_ref, k_ref, g_ref, hin_ref, d_ref, o_ref, *, scale, dt, hp):
-    _, incl = u.masks(q_ref.shape[0])
-    q = q_ref[...]
+def _output_kernel(q_ref, k_ref, g_ref, hin_ref, d_ref, o_ref, *, scale, BK, dt, hp):
+    C, K = q_ref.shape
+    _, incl = u.masks(C)
     G = u.cumsum(g_ref[...].astype(F32))
-    P = u.dot(q, k_ref[...], tb=True, dt=dt, hp=hp) * u.decay(G, G, incl)
-    qg = q.astype(F32) * jnp.exp(G)[:, None]
-    o = u.dot(qg, hin_ref[...], dt=dt, hp=hp) + u.dot(P, d_ref[...], dt=dt, hp=hp)
+    if BK == K:
+        q = q_ref[...]
+        P = u.dot(q, k_ref[...], tb=True, dt=dt, hp=hp) * u.decay(G, G, incl)
+        qg = q.astype(F32) * jnp.exp(G)[:, None]
+        o = u.dot(qg, hin_ref[...], dt=dt, hp=hp) + u.dot(P, d_ref[...], dt=dt, hp=hp)
+    else:  # by K slices (float32 at K 256: whole-K operands do not fit shared memory)
+        gam = jnp.exp(G)[:, None]
+        P = o = None
+        for kk in range(K // BK):
+            ks = pl.ds(kk * BK, BK)
+            q = q_ref[:, ks]
+            p = u.dot(q, k_ref[:, ks], tb=True, dt=dt, hp=hp)
+            oq = u.dot(q.astype(F32) * gam, hin_ref[ks, :], dt=dt, hp=hp)
+            P = p if P is None else P + p
+            o = oq if o is None else o + oq
+        o = o + u.dot(P * u.decay(G, G, incl), d_ref[...], dt=dt, hp=hp)
     o_ref[...] = (scale * o).astype(o_ref.dtype)
 
 
@@ -227,7 +240,8 @@ def chunk_output(q, k, g, h_in, D, *, scale: float, out_dtype, C: int, cfg: Stag
     BV = cfg.block_v or V
     dt = q.dtype
     kernel = functools.partial(
-        _output_kernel, scale=scale, dt=dt, hp=u.f32_precision(interpret, dt)
+        _output_kernel, scale=scale, BK=cfg.block_k or K, dt=dt,
+        hp=u.f32_precision(interpret, dt),
     )
     vspec = pl.BlockSpec((None, C, None, BV), lambda b, c, h, j: (b, c, h, j))
     return pl.pallas_call(

@@ -98,6 +98,9 @@ def test_forward_stages_match_xla(staged):
                           cfg=cfg.output, interpret=True)
     xo = xla.chunk_output(sp(s["q"]), sp(s["k"]), loc.G, s["xh"], s["xD"], s["scale"], F32)
     assert rel(sp(o), xo) < 1e-5
+    o2 = pfwd.chunk_output(s["q"], s["k"], s["g"], h_in, D, scale=s["scale"], out_dtype=F32, C=C,
+                           cfg=pcfg.StageConfig(block_v=16, block_k=8), interpret=True)
+    assert rel(sp(o2), xo) < 1e-5  # by K slices
 
 
 def test_backward_stages_match_xla(staged):
@@ -138,6 +141,10 @@ def test_backward_stages_match_xla(staged):
                            xdh, scale, F32)
     for name, a, b in zip(("dq", "dk", "dv", "dg", "dbeta", "dlam"), got, want):
         assert rel(sp(a), b) < 2e-5, name
+    got = pbwd.chunk_grads(q, k, v, g, beta, lam, Tinv, dD, dW, dqp, dkp, dGp, dPs, C=C,
+                           cfg=cfg.grads, interpret=True, cfg_k=pcfg.StageConfig(block_k=8))
+    for name, a, b in zip(("dq", "dk", "dv", "dg", "dbeta", "dlam"), got, want):
+        assert rel(sp(a), b) < 2e-5, name + " (K slices)"
 
 
 def test_solve_unit_lower_is_the_inverse():
@@ -236,6 +243,8 @@ def test_config_defaults_and_cache(tmp_path, monkeypatch):
     assert pcfg.get_config(24, 40, 32, F32) == pcfg.default_config(32, 64, 32, F32)
     f32 = pcfg.default_config(128, 256, 64, F32)  # shared memory: smaller tiles in float32
     assert f32.output.block_v == 128 and f32.dqkw.block_k == 64 and f32.reverse.num_stages == 1
+    f32 = pcfg.default_config(256, 512, 64, F32)
+    assert f32.output.block_k == f32.grads_k.block_k == 128 and f32.reverse.block_v == 16
     assert pcfg.default_config(128, 256, 64, jnp.bfloat16) == cfg
     if jax.default_backend() != "gpu":
         with pytest.raises(RuntimeError, match="GPU"):
