@@ -3,7 +3,7 @@
 # runs them together on one card. Sections: check, ops, decode, train, recall (default: the
 # first four). Each step has its own time limit so that one slow step cannot eat the others.
 #
-#   bash benchmarks/gpu_all.sh                      # check ops decode train
+#   bash benchmarks/gpu_all.sh                      # ops train decode check
 #   bash benchmarks/gpu_all.sh recall               # the recall experiment alone
 #
 # Writes logs and JSON under $RES (default /tmp/qdelta_gpu) and packs them into
@@ -20,7 +20,7 @@ trap pack EXIT
 OUT_DIR=$RES
 PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1
-sections=${*:-check ops decode train}
+sections=${*:-ops train decode check}
 
 "$PY" -m pip install -q --no-deps --no-build-isolation -e . >"$OUT_DIR/install.log" 2>&1 || {
     echo "install failed"; tail -20 "$OUT_DIR/install.log"; exit 1; }
@@ -40,27 +40,28 @@ step() {  # name, seconds, command...
     local rc=$?
     echo "   rc=$rc in $((SECONDS - t0))s"
     grep -v -E "Warning|warn\(|^\s*$" "$OUT_DIR/$name.log" | tail -n 30
+    pack  # after every step: a lease that runs out still returns what is done
 }
 
 for s in $sections; do
     case $s in
     check)
-        step check_bf16 150 "$PY" -m qdelta_jax.check --shapes 8x4096x6x128x256 --dtype bfloat16 --no-fd
-        step check_fp32 120 "$PY" -m qdelta_jax.check --shapes 2x1000x4x64x96,1x300x2x256x512 --dtype float32
+        step check_bf16 120 "$PY" -m qdelta_jax.check --shapes 8x4096x6x128x256 --dtype bfloat16 --no-fd
+        step check_fp32 90 "$PY" -m qdelta_jax.check --shapes 2x1000x4x64x96,1x300x2x256x512 --dtype float32
         ;;
     ops)
-        step ops 240 "$PY" benchmarks/ops.py --fla --reps 30 --warmup 5 --json "$OUT_DIR/ops.json"
+        step ops 210 "$PY" benchmarks/ops.py --fla --reps 30 --warmup 5 --json "$OUT_DIR/ops.json"
         ;;
     decode)
-        step decode 150 "$PY" benchmarks/decode.py --preset 340m --batch-sizes 1,16,64 \
+        step decode 120 "$PY" benchmarks/decode.py --preset 340m --batch-sizes 1,16,64 \
             --json "$OUT_DIR/decode.json"
         ;;
     train)
-        OUT=$OUT_DIR STEPS=${STEPS:-60} SEQ=${SEQ:-2048} BATCH_PER_GPU=${BATCH_PER_GPU:-8} \
-            step train 330 bash benchmarks/train_gpu.sh
+        OUT=$OUT_DIR STEPS=${STEPS:-50} SEQ=${SEQ:-2048} BATCH_PER_GPU=${BATCH_PER_GPU:-8} \
+            step train 240 bash benchmarks/train_gpu.sh
         ;;
     recall)
-        step recall 560 "$PY" experiments/recall.py --out "$OUT_DIR/recall" \
+        step recall ${RECALL_LIMIT:-400} "$PY" experiments/recall.py --out "$OUT_DIR/recall" \
             --docs "$OUT_DIR/recall" \
             --device-note "$(nvidia-smi -L | head -1)" ${RECALL_ARGS:-}
         ;;
