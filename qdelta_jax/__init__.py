@@ -5,8 +5,22 @@ language model and the training loop live in :mod:`qdelta_jax.layers`, :mod:`qde
 and :mod:`qdelta_jax.train`.
 """
 
+import os as _os
+
 from qdelta_jax.ops import IMPLEMENTATIONS, default_implementation, qdelta_rule
 from qdelta_jax.reference import l2_normalize, qdelta_scan, qdelta_step
+
+# In a source checkout the GPU kernels and the training package sit beside this folder
+# (``pallas/``, ``train/``) and are mapped to ``qdelta_jax.pallas`` and ``qdelta_jax.train`` at
+# install time. When this very file is imported from the checkout (``python -m ...`` from the
+# repository root puts the checkout first on ``sys.path``), let the package find them there too.
+# An installed copy has neither folder beside it and is left as it is.
+_root = _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))
+if _os.path.isfile(_os.path.join(_root, "pyproject.toml")) and all(
+    _os.path.isfile(_os.path.join(_root, sub, "__init__.py")) for sub in ("pallas", "train")
+):
+    __path__.append(_root)  # noqa: F821 - the package's own __path__
+
 
 __version__ = "0.1.0"
 
