@@ -91,8 +91,10 @@ OPTIONS: dict[str, tuple[Any, str]] = {
                                "schedule still spans --steps"),
     "peak_tflops": (_opt(float), "peak TFLOP/s of one device for MFU (default: by device kind)"),
     "progress": (_bool, "show the progress bar"),
+    "diagnostics": (_bool, "add the stability diagnostic (beta * c, SPEC section 1) to every "
+                           "eval line of metrics.jsonl"),
 }
-BOOL_FLAGS = {"no_decay_gate", "remat"}
+BOOL_FLAGS = {"no_decay_gate", "remat", "diagnostics"}
 
 
 class _Parser(argparse.ArgumentParser):

@@ -88,6 +88,7 @@ class TrainArgs:
     stop_after: int | None = None
     peak_tflops: float | None = None
     progress: bool = True
+    diagnostics: bool = False
 
     def resolved_seq_len(self) -> int:
         return int(self.seq_len if self.seq_len is not None else TASK_SEQ_LEN.get(self.task, 512))
@@ -436,6 +437,11 @@ def run(a: TrainArgs, *, log=print) -> dict[str, Any]:
         nonlocal last_eval
         nonlocal t_prev
         last_eval = sess.evaluate(st.params, eval_src, a.eval_batches)
+        if a.diagnostics:  # beta * c of SPEC section 1 on the first eval batch
+            from qdelta_jax import diagnostics
+
+            last_eval["stability"] = diagnostics.compact(
+                diagnostics.summary_from_params(sess.fns, st.params, eval_src.batch(0)))
         t_prev = time.perf_counter()  # keep evaluation time out of the next step's time
         writer.write({"step": step, "split": "eval", **last_eval})
         if pbar is not None:
