@@ -12,7 +12,6 @@ import sys
 import time
 from pathlib import Path
 
-import jax
 import pytest
 
 from qdelta_jax.train import checkpoint as ckpt
@@ -23,21 +22,7 @@ BASE = ["--steps", "6", "--batch-size", "4", "--seq-len", "32", "--save-every", 
         "--no-progress"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def xla_cache(tmp_path_factory):
-    """Persistent compilation cache for this session (see test_train_loop.py)."""
-    from jax._src import compilation_cache as cc
-
-    old = (jax.config.jax_compilation_cache_dir,
-           jax.config.jax_persistent_cache_min_compile_time_secs)
-    path = str(tmp_path_factory.getbasetemp() / "xla-cache")
-    jax.config.update("jax_compilation_cache_dir", path)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-    cc.reset_cache()
-    yield path
-    jax.config.update("jax_compilation_cache_dir", old[0])
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", old[1])
-    cc.reset_cache()
+pytestmark = pytest.mark.usefixtures("xla_cache")
 
 
 def train_losses(run_dir) -> dict[int, float]:

@@ -8,28 +8,12 @@ import json
 import subprocess
 import sys
 
-import jax
 import pytest
 
 from qdelta_jax.train import checkpoint as ckpt
 from qdelta_jax.train import cli, evaluate
 
-
-@pytest.fixture(scope="module", autouse=True)
-def xla_cache(tmp_path_factory):
-    """Persistent compilation cache for this session (see test_train_loop.py)."""
-    from jax._src import compilation_cache as cc
-
-    old = (jax.config.jax_compilation_cache_dir,
-           jax.config.jax_persistent_cache_min_compile_time_secs)
-    jax.config.update("jax_compilation_cache_dir",
-                      str(tmp_path_factory.getbasetemp() / "xla-cache"))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-    cc.reset_cache()
-    yield
-    jax.config.update("jax_compilation_cache_dir", old[0])
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", old[1])
-    cc.reset_cache()
+pytestmark = pytest.mark.usefixtures("xla_cache")
 
 
 @pytest.fixture

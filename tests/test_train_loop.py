@@ -12,24 +12,7 @@ from qdelta_jax.train import data as D
 from qdelta_jax.train import loop, trainer
 from qdelta_jax.train import sharding as shd
 
-
-@pytest.fixture(scope="module", autouse=True)
-def xla_cache(tmp_path_factory):
-    """A persistent compilation cache shared by this session's training tests (identical
-    programs compile once). Uses JAX's private reset so a cache state left by earlier modules
-    does not stick; restored afterwards."""
-    from jax._src import compilation_cache as cc
-
-    old = (jax.config.jax_compilation_cache_dir,
-           jax.config.jax_persistent_cache_min_compile_time_secs)
-    jax.config.update("jax_compilation_cache_dir",
-                      str(tmp_path_factory.getbasetemp() / "xla-cache"))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-    cc.reset_cache()
-    yield
-    jax.config.update("jax_compilation_cache_dir", old[0])
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", old[1])
-    cc.reset_cache()
+pytestmark = pytest.mark.usefixtures("xla_cache")
 
 
 def make_session(**kw):
