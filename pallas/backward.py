@@ -265,6 +265,27 @@ def _grads_v_kernel(
     da_ref[...] = jnp.where(strict, dA, 0.0)
 
 
+def _grads_k_phase1(dps_ref, da_ref, dbv_ref, QK, Rd, A, G, beta, lam, strict):
+    """The [C, C] part of the K-side gradients, shared by both K-side kernels. G enters the
+    output through Q K^T o decay and A = beta_i (X K^T) o decay (strictly lower). X = k + lam q
+    never lives as a [C, K] float32 tile: with dX = dR k + bg dbx,
+      dq = dqp + dPs k + lam dX          = dqp + M k + lam bg dbx,          M = dPs + lam dR
+      dk = dkp + dR^T X + dPs^T q + dX   = dkp + (dR + dR^T) k + M^T q + bg dbx
+      dlam_i = dX_i . q_i                = sum_j dR_ij (QK)_ij + bg_i dbx_i . q_i
+    Returns the [C] partial ``dG``, ``dbeta``, ``dlam`` and the [C, C] ``M`` and ``S = dR + dR^T``.
+    """
+    dPs = dps_ref[...]
+    ZP = dPs * QK
+    dG = jnp.sum(ZP, axis=1) - jnp.sum(ZP, axis=0)
+    dA = da_ref[...]
+    ZA = dA * A
+    dG = dG + jnp.sum(ZA, axis=1) - jnp.sum(ZA, axis=0)
+    dbeta = dbv_ref[...] + jnp.sum(dA * Rd, axis=1)
+    dR = dA * beta[:, None] * u.decay(G, G, strict)
+    dl = jnp.sum(dR * QK, axis=1)
+    return dG, dbeta, dl, dPs + lam[:, None] * dR, dR + dR.T
+
+
 def _grads_k_kernel(
     q_ref, k_ref, g_ref, b_ref, l_ref, t_ref, dw_ref, dps_ref, da_ref, dbv_ref, dqp_ref,
     dkp_ref, dgp_ref, dq_ref, dk_ref, dg_ref, db_ref, dl_ref, *, dt, hp,
@@ -278,24 +299,10 @@ def _grads_k_kernel(
     gam = jnp.exp(G)
     bg = beta * gam
 
-    # Phase 1, [C, C] tiles only. G enters the output through Q K^T o decay.
-    dPs = dps_ref[...]
+    # Phase 1, [C, C] tiles only.
     QK = u.dot(q, k, tb=True, dt=dt, hp=hp)
-    ZP = dPs * QK
-    dG = jnp.sum(ZP, axis=1) - jnp.sum(ZP, axis=0)
-    # A = beta_i (X K^T) o decay, strictly lower.
-    dA = da_ref[...]
-    ZA = dA * A
-    dG = dG + jnp.sum(ZA, axis=1) - jnp.sum(ZA, axis=0)
-    dbeta = dbv_ref[...] + jnp.sum(dA * Rd, axis=1)
-    dR = dA * beta[:, None] * u.decay(G, G, strict)
-    # X = k + lam q never lives as a [C, K] float32 tile: with dX = dR k + bg dbx,
-    #   dq = dqp + dPs k + lam dX          = dqp + M k + lam bg dbx,          M = dPs + lam dR
-    #   dk = dkp + dR^T X + dPs^T q + dX   = dkp + (dR + dR^T) k + M^T q + bg dbx
-    #   dlam_i = dX_i . q_i                = sum_j dR_ij (QK)_ij + bg_i dbx_i . q_i
-    dl = jnp.sum(dR * QK, axis=1)
-    M = dPs + lam[:, None] * dR
-    S = dR + dR.T
+    dG, dbeta, dl, M, S = _grads_k_phase1(dps_ref, da_ref, dbv_ref, QK, Rd, A, G, beta, lam,
+                                          strict)
 
     # Phase 2. W = T (beta gamma X): dbx = T^T dW. q and k are loaded again after a store
     # (not kept live from phase 1); dbx is not kept live either: its row terms in dq and dk
@@ -350,22 +357,8 @@ def _grads_k_split_kernel(
         XK = xk if XK is None else XK + xk
     Rd = XK * u.decay(G, G, strict)
     A = beta[:, None] * Rd
-    # G enters the output through Q K^T o decay.
-    dPs = dps_ref[...]
-    ZP = dPs * QK
-    dG = jnp.sum(ZP, axis=1) - jnp.sum(ZP, axis=0)
-    dA = da_ref[...]
-    ZA = dA * A
-    dG = dG + jnp.sum(ZA, axis=1) - jnp.sum(ZA, axis=0)
-    dbeta = dbv_ref[...] + jnp.sum(dA * Rd, axis=1)
-    dR = dA * beta[:, None] * u.decay(G, G, strict)
-    # X, dX and dbx never live as [C, K] float32 tiles: with dX = dR k + bg dbx,
-    #   dq = dqp + dPs k + lam dX          = dqp + M k + lam bg dbx,          M = dPs + lam dR
-    #   dk = dkp + dR^T X + dPs^T q + dX   = dkp + (dR + dR^T) k + M^T q + bg dbx
-    #   dlam_i = dX_i . q_i                = sum_j dR_ij (QK)_ij + bg_i dbx_i . q_i
-    dl = jnp.sum(dR * QK, axis=1)
-    M = dPs + lam[:, None] * dR
-    S = dR + dR.T
+    dG, dbeta, dl, M, S = _grads_k_phase1(dps_ref, da_ref, dbv_ref, QK, Rd, A, G, beta, lam,
+                                          strict)
 
     # Phase 2, by K slices. W = T (beta gamma X): dbx = T^T dW; its row terms in dq and dk are
     # one more matmul each, (T diag(s))^T dW = diag(s) dbx. q and k are loaded again after a
