@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 
 from qdelta_jax import qdelta_rule
-from qdelta_jax.testing import random_inputs
+from qdelta_jax.testing import random_inputs, time_fn
 
 SPEC_SHAPES = ["8x4096x6x128x256", "8x4096x16x128x128", "2x16384x6x128x256"]
 SMALL_SHAPES = ["2x512x2x64x64"]
@@ -43,18 +43,6 @@ def parse_shape(s: str) -> tuple[int, ...]:
     if len(shape) != 5 or min(shape) < 1:
         raise SystemExit(f"--shapes: expected BxTxHxKxV with positive integers, got {s!r}")
     return shape
-
-
-def time_fn(fn, args, warmup: int, reps: int) -> float:
-    """Median wall time of ``fn(*args)`` in milliseconds, synchronised on every call."""
-    for _ in range(warmup):
-        jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
 
 
 def memory(compiled) -> dict:

@@ -21,12 +21,12 @@ import traceback
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from qdelta_jax import qdelta_rule, xla
 from qdelta_jax.pallas import backward as pbwd
 from qdelta_jax.pallas import config as pcfg
 from qdelta_jax.pallas import forward as pfwd
+from qdelta_jax.testing import time_fn
 
 F32 = jnp.float32
 
@@ -53,14 +53,7 @@ def inputs(key, B, T, H, K, V, dtype):
 
 
 def bench(fn, args, reps=30, warmup=3):
-    for _ in range(warmup):
-        jax.block_until_ready(fn(*args))
-    ts = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        ts.append(time.perf_counter() - t0)
-    return float(np.median(ts)) * 1e3
+    return time_fn(fn, args, warmup=warmup, reps=reps)
 
 
 def loss_fn(impl, C, precision=None):

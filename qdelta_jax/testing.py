@@ -5,6 +5,9 @@ Not imported by the package itself; tests, ``qdelta-check`` and the benchmarks s
 
 from __future__ import annotations
 
+import statistics
+import time
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -63,3 +66,16 @@ def tolerance(dtype, length: int = 64) -> float:
     eps = float(jnp.finfo(dtype).eps)
     factor = 32.0 if jnp.dtype(dtype) == jnp.float32 else 2.0
     return factor * eps * float(np.sqrt(max(length, 64) / 64))
+
+
+def time_fn(fn, args, warmup: int = 5, reps: int = 30) -> float:
+    """Median wall time of ``fn(*args)`` in milliseconds over ``reps`` calls after ``warmup``
+    calls, each synchronised with ``block_until_ready`` (device work is asynchronous)."""
+    for _ in range(warmup):
+        jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
