@@ -66,6 +66,9 @@ class QDeltaConfig:
     ``intermediate_size=None`` derives it from ``hidden_ratio`` (see
     :func:`derived_intermediate_size`); ``num_v_heads=None`` means ``num_heads``.
     ``compute_dtype`` / ``param_dtype``: ``"float32"`` or ``"bfloat16"``.
+    ``scan_layers=True`` stores the blocks' parameters stacked on a leading ``[num_hidden_layers]``
+    axis and runs them with ``lax.scan`` (one compiled block instead of an unrolled loop: much
+    faster compilation for deep models); see :class:`QDeltaLM`.
     """
 
     vocab_size: int = 32000
@@ -90,6 +93,7 @@ class QDeltaConfig:
     chunk_size: int = 64
     implementation: str | None = None
     remat: bool = False
+    scan_layers: bool = False
     compute_dtype: str = "float32"
     param_dtype: str = "float32"
 
@@ -109,7 +113,7 @@ class QDeltaConfig:
             if not is_int(getattr(self, name)) or getattr(self, name) < 1:
                 bad(name, "a positive integer")
         for name in ("use_short_conv", "use_gate", "allow_neg_eigval", "use_decay",
-                     "tie_word_embeddings", "remat"):
+                     "tie_word_embeddings", "remat", "scan_layers"):
             if not isinstance(getattr(self, name), bool):
                 bad(name, "a bool")
         if not is_num(self.expand_v) or self.expand_v <= 0:
@@ -356,6 +360,15 @@ class QDeltaLM(nnx.Module):
 
     Parameters: ``embed.embedding [vocab, D]``, ``blocks[i].{attn_norm, attn, mlp_norm, mlp}``,
     ``norm``, ``lm_head.kernel [D, vocab]`` (absent when tied).
+
+    With ``config.scan_layers``: ``blocks`` is one :class:`Block` whose parameters carry a
+    leading ``[num_hidden_layers]`` axis (``blocks.attn.q_proj.kernel [L, D, H*K]``; created
+    with ``nnx.vmap``, so the per-layer initial values differ from the unrolled model's for the
+    same seed, though they have the same distribution). The forward pass is a ``lax.scan`` over
+    layers (``remat`` checkpoints the scanned body), decoding too, and the decoding cache is
+    one :class:`qdelta_jax.layers.LayerCache` whose arrays have a leading ``[L]`` axis instead of
+    a tuple of per-layer caches. :func:`to_scanned` converts an unrolled model to that layout
+    (same parameters).
     """
 
     def __init__(self, config: QDeltaConfig, *, rngs: nnx.Rngs):
@@ -366,7 +379,15 @@ class QDeltaLM(nnx.Module):
         self.embed = nnx.Embed(c.vocab_size, c.hidden_size, dtype=dtype, param_dtype=pdtype,
                                embedding_init=nnx.initializers.normal(c.initializer_range),
                                rngs=rngs)
-        self.blocks = nnx.List([Block(c, rngs=rngs) for _ in range(c.num_hidden_layers)])
+        if c.scan_layers:
+            @nnx.split_rngs(splits=c.num_hidden_layers)
+            @nnx.vmap(in_axes=0, out_axes=0)
+            def stacked_blocks(rngs):
+                return Block(c, rngs=rngs)
+
+            self.blocks = stacked_blocks(rngs)
+        else:
+            self.blocks = nnx.List([Block(c, rngs=rngs) for _ in range(c.num_hidden_layers)])
         self.norm = RMSNorm(c.hidden_size, eps=c.norm_eps, param_dtype=pdtype)
         if c.tie_word_embeddings:
             self.lm_head = None
@@ -408,6 +429,10 @@ class QDeltaLM(nnx.Module):
         if cu_seqlens is not None:
             cu_seqlens = normalize_cu_seqlens(cu_seqlens, B, T)
         x = self.embed(tokens)
+        if self.config.scan_layers:
+            x, aux = self._scan_blocks(x, cu_seqlens, return_aux)
+            logits = self._logits(x)
+            return (logits, aux) if return_aux else logits
         fwd = nnx.remat(_block_forward, static_argnums=(3,)) if self.config.remat else (
             _block_forward)
         aux = []
@@ -421,10 +446,32 @@ class QDeltaLM(nnx.Module):
         logits = self._logits(x)
         return (logits, tuple(aux)) if return_aux else logits
 
+    def _scan_blocks(self, x, cu_seqlens, return_aux: bool):
+        """The stacked blocks as one ``lax.scan`` over layers; aux as a per-layer tuple."""
+        graphdef, params = nnx.split(self.blocks)
+
+        def body(x, p):
+            out = nnx.merge(graphdef, p)(x, cu_seqlens=cu_seqlens, return_aux=return_aux)
+            return out if return_aux else (out, None)
+
+        if self.config.remat:
+            body = jax.checkpoint(body, prevent_cse=False)
+        x, aux = jax.lax.scan(body, x, params)
+        if return_aux:
+            aux = tuple(jax.tree.map(lambda a, i=i: a[i], aux)
+                        for i in range(self.config.num_hidden_layers))
+        return x, aux
+
     # ------------------------------------------------------------------ decoding
 
-    def init_cache(self, batch_size: int) -> ModelCache:
-        """Zero decoding cache: a tuple of :class:`qdelta_jax.layers.LayerCache`, one per layer."""
+    def init_cache(self, batch_size: int) -> ModelCache | LayerCache:
+        """Zero decoding cache: a tuple of :class:`qdelta_jax.layers.LayerCache`, one per layer
+        (with ``scan_layers``: one ``LayerCache`` of arrays with a leading ``[L]`` axis)."""
+        if self.config.scan_layers:
+            # QDelta.init_cache reads only static sizes, so the stacked module gives one layer's.
+            L = self.config.num_hidden_layers
+            return jax.tree.map(lambda a: jnp.zeros((L,) + a.shape, a.dtype),
+                                self.blocks.attn.init_cache(batch_size))
         return tuple(block.attn.init_cache(batch_size) for block in self.blocks)
 
     def step(
@@ -440,6 +487,8 @@ class QDeltaLM(nnx.Module):
         left padding) keeps pad positions from touching the state and the conv caches.
         """
         self._check_tokens(tokens)
+        if self.config.scan_layers:
+            return self._scan_step(tokens, cache, mask)
         if len(cache) != len(self.blocks):
             raise ValueError(f"cache has {len(cache)} layers, the model {len(self.blocks)}")
         x = self.embed(tokens)
@@ -448,6 +497,41 @@ class QDeltaLM(nnx.Module):
             x, c = block(x, cache=LayerCache(*layer_cache), mask=mask)
             new.append(c)
         return self._logits(x), tuple(new)
+
+    def _scan_step(self, tokens, cache: LayerCache, mask):
+        L = self.config.num_hidden_layers
+        if not isinstance(cache, LayerCache) or cache.state.ndim != 5 or cache.state.shape[0] != L:
+            raise ValueError(
+                f"with scan_layers the cache is one LayerCache with a leading [{L}] axis (as "
+                "init_cache returns)"
+            )
+        graphdef, params = nnx.split(self.blocks)
+
+        def body(x, xs):
+            p, layer_cache = xs
+            return nnx.merge(graphdef, p)(x, cache=LayerCache(*layer_cache), mask=mask)
+
+        x, new = jax.lax.scan(body, self.embed(tokens), (params, cache))
+        return self._logits(x), LayerCache(*new)
+
+
+def to_scanned(model: QDeltaLM) -> QDeltaLM:
+    """A ``scan_layers=True`` copy of an unrolled model with the same parameters (the blocks'
+    parameters stacked on a leading layer axis); computes the same function."""
+    if model.config.scan_layers:
+        raise ValueError("the model already has scan_layers=True")
+    c = dataclasses.replace(model.config, scan_layers=True)
+    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: QDeltaLM(c, rngs=nnx.Rngs(0))))
+    src = dict(nnx.to_flat_state(nnx.state(model)))
+    flat = []
+    for path, var in nnx.to_flat_state(abstract):
+        if path[0] == "blocks":
+            value = jnp.stack([src[("blocks", i, *path[1:])][...]
+                               for i in range(c.num_hidden_layers)])
+        else:
+            value = src[path][...]
+        flat.append((path, var.replace(value)))
+    return nnx.merge(graphdef, nnx.from_flat_state(flat))
 
 
 # ----------------------------------------------------------------------------- generation

@@ -20,6 +20,7 @@ from qdelta_jax.model import (
     count_params,
     generate,
     no_decay_mask,
+    to_scanned,
     weight_decay_mask,
 )
 
@@ -193,6 +194,114 @@ def test_bfloat16_compute_with_float32_params(model):
     assert rel(logits, forward(model, toks)) < 5e-2
 
 
+# ----------------------------------------------------------------------------- scan_layers
+# The scanned model is built from the unrolled fixture by `to_scanned`, which stacks the
+# unrolled blocks' parameters on a leading layer axis: both hold exactly the same parameters.
+
+
+@pytest.fixture(scope="module")
+def scanned(model) -> QDeltaLM:
+    s = to_scanned(model)
+    assert s.config.scan_layers and not model.config.scan_layers
+    return s
+
+
+def test_scan_layers_logits_equal_unrolled(model, scanned):
+    q = nnx.state(scanned.blocks, nnx.Param)["attn"]["q_proj"]["kernel"][...]
+    assert q.shape == (TINY.num_hidden_layers, TINY.hidden_size, TINY.num_heads * TINY.head_dim)
+    np.testing.assert_array_equal(q[1], model.blocks[1].attn.q_proj.kernel[...])
+    toks = tokens()
+    full = forward(model, toks)
+    assert rel(forward(scanned, toks), full) < 1e-5
+    cu = jnp.array([[0, 10, 24], [0, 24, 24]])
+    assert rel(forward(scanned, toks, cu), forward(model, toks, cu)) < 1e-5
+    # Diagnostics keep their per-layer tuple.
+    logits, aux = nnx.jit(lambda m, t: m(t, return_aux=True))(scanned, toks)
+    _, aux_u = nnx.jit(lambda m, t: m(t, return_aux=True))(model, toks)
+    assert rel(logits, full) < 1e-5 and len(aux) == TINY.num_hidden_layers
+    for a, b in zip(aux, aux_u, strict=True):
+        assert a.keys() == b.keys() and all(rel(a[k], b[k]) < 1e-5 for k in a)
+    with pytest.raises(ValueError, match="already"):
+        to_scanned(scanned)
+    # Built directly (its own init): same shapes, a working forward pass.
+    direct = QDeltaLM(QDeltaConfig.from_preset("tiny", scan_layers=True), rngs=nnx.Rngs(0))
+    assert (jax.tree.map(jnp.shape, nnx.state(direct, nnx.Param))
+            == jax.tree.map(jnp.shape, nnx.state(scanned, nnx.Param)))
+    assert np.all(np.isfinite(forward(direct, toks)))
+
+
+def test_scan_layers_gradients_and_remat(model, scanned):
+    toks = tokens(T=20)
+    loss, grads = loss_and_grads(scanned, toks)
+    loss_u, grads_u = loss_and_grads(model, toks)
+    assert rel(loss, loss_u) < 1e-6
+    flat = nnx.to_flat_state(grads)
+    assert len(flat) == len(nnx.to_flat_state(nnx.state(scanned, nnx.Param)))
+    flat_u = dict(nnx.to_flat_state(grads_u))
+    for path, g in flat:
+        g = g[...]
+        if path[0] == "blocks":
+            for i in range(TINY.num_hidden_layers):  # every layer's slice gets a gradient
+                assert float(jnp.max(jnp.abs(g[i]))) > 0, f"zero gradient for {path}[{i}]"
+                assert rel(g[i], flat_u[("blocks", i, *path[1:])][...]) < 1e-4, (path, i)
+        else:
+            assert float(jnp.max(jnp.abs(g))) > 0, f"zero gradient for {path}"
+            assert rel(g, flat_u[path][...]) < 1e-4, path
+    remat = to_scanned(QDeltaLM(QDeltaConfig.from_preset("tiny", remat=True), rngs=nnx.Rngs(0)))
+    assert remat.config.remat and remat.config.scan_layers
+    loss_r, grads_r = loss_and_grads(remat, toks)
+    assert rel(loss_r, loss) < 1e-6
+    for (_, a), (_, b) in zip(nnx.to_flat_state(grads_r), flat, strict=True):
+        assert rel(a[...], b[...]) < 1e-4
+
+
+def test_scan_layers_decoding(model, scanned):
+    toks = tokens()
+    full = forward(model, toks)
+    cache = scanned.init_cache(2)
+    L = TINY.num_hidden_layers
+    assert cache.state.shape == (L, 2, TINY.num_heads, TINY.head_dim, TINY.head_dim * 2)
+    logits, cache = step(scanned, toks[:, :17], cache)
+    parts = [logits]
+    for t in range(17, 24):
+        lt, cache = step(scanned, toks[:, t : t + 1], cache)
+        parts.append(lt)
+    assert rel(jnp.concatenate(parts, 1), full) < 1e-5
+    # The stacked cache holds the unrolled model's per-layer caches.
+    _, cache_u = step(model, toks, model.init_cache(2))
+    for i in range(L):
+        for a, b in zip(cache, cache_u[i], strict=True):
+            assert rel(a[i], b) < 1e-5
+    with pytest.raises(ValueError, match="leading"):
+        scanned.step(toks, model.init_cache(2))
+    prompt, lengths = tokens(B=3, T=8, seed=2), jnp.array([8, 3, 5])
+    np.testing.assert_array_equal(
+        generate(scanned, prompt, 6, temperature=0.0, prompt_lengths=lengths),
+        generate(model, prompt, 6, temperature=0.0, prompt_lengths=lengths))
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(fixed_lam=0.0, use_decay=False, use_gate=False)])
+def test_scan_layers_count_params_and_weight_decay_mask(kw):
+    c = QDeltaConfig.from_preset("tiny", scan_layers=True, **kw)
+    abstract = nnx.eval_shape(lambda: QDeltaLM(c, rngs=nnx.Rngs(0)))
+    assert n_params(abstract) == count_params(c) == formula(c)
+    mask = weight_decay_mask(nnx.state(abstract, nnx.Param))
+    flat = {"/".join(map(str, p)): m.get_value() for p, m in nnx.to_flat_state(mask)}
+    no_decay = {p for p, m in flat.items() if not m}
+    want = {"blocks/attn_norm/scale", "blocks/mlp_norm/scale", "blocks/attn/o_norm/scale",
+            "norm/scale"} | ({"blocks/attn/A_log", "blocks/attn/dt_bias"} if not kw else set())
+    assert no_decay == want
+    assert flat["blocks/attn/q_proj/kernel"] and flat["embed/embedding"]
+
+
+def test_scan_layers_340m_count():
+    c = QDeltaConfig.from_preset("340m", scan_layers=True)
+    abstract = nnx.eval_shape(lambda: QDeltaLM(c, rngs=nnx.Rngs(0)))
+    assert n_params(abstract) == count_params(c)
+    assert nnx.state(abstract, nnx.Param)["blocks"]["mlp"]["up_proj"]["kernel"].shape == (
+        21, 1024, 2816)
+
+
 # ----------------------------------------------------------------------------- sizes
 
 
@@ -240,7 +349,8 @@ def test_count_params_matches_model(kw):
     "field,value",
     [("hidden_size", 0), ("num_heads", 2.5), ("expand_v", 0.3), ("num_v_heads", 3),
      ("chunk_size", 48), ("compute_dtype", "float16"), ("norm_eps", -1.0),
-     ("implementation", "cuda"), ("use_gate", 1), ("fixed_lam", float("nan"))],
+     ("implementation", "cuda"), ("use_gate", 1), ("fixed_lam", float("nan")),
+     ("scan_layers", 1)],
 )
 def test_bad_config_values_name_the_field(field, value):
     with pytest.raises(ValueError, match=field):
