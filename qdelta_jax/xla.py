@@ -271,7 +271,7 @@ def reverse_state_pass(k, G, W, q, do, dD0, dfinal, meta: ChunkMeta, scale, N, d
     return jnp.moveaxis(dh_out, 0, 2), dh0
 
 
-def chunk_grads(q, k, v, beta, lam, loc: Local, h_in, D, do, dh_out, scale, dt):
+def chunk_grads(q, k, v, beta, lam, loc: Local, h_in, D, do, dh_out, scale, dt, dD0=None):
     """All local gradients, in parallel over chunks. Returns f32 ``dq, dk, dv, dg, dbeta, dlam``
     in the ``[B, H, NC, C, *]`` layout."""
     F32 = _acc(dt)
@@ -288,8 +288,9 @@ def chunk_grads(q, k, v, beta, lam, loc: Local, h_in, D, do, dh_out, scale, dt):
     # Output: O = scale ((gamma Q) h + P D), P = (Q K^T) o decay o causal.
     dec_incl = _decay(G, incl)
     QK = _mm("...ik,...jk->...ij", q, k, dt)
-    dD = scale * _mm("...ij,...iv->...jv", QK * dec_incl, do, dt)
-    dD = dD + _mm("...ck,...kv->...cv", kd, dh_out, dt)
+    if dD0 is None:  # the backward passes the dD0 its reverse pass used; stage checks do not
+        dD0 = scale * _mm("...ij,...iv->...jv", QK * dec_incl, do, dt)
+    dD = dD0.astype(F32) + _mm("...ck,...kv->...cv", kd, dh_out, dt)
     dP = scale * _mm("...iv,...jv->...ij", do, D, dt) * dec_incl
     dq = _mm("...ij,...jk->...ik", dP, k, dt)
     dk = _mm("...ij,...ik->...jk", dP, q, dt)
@@ -389,13 +390,13 @@ def _core_bwd(scale, res, cts):
     primals = (q, k, v, g, beta, lam)
 
     def grads_of(xs):
-        qc, kc, vc, bc, lc, loc_c, h_c, D_c, do_c, dh_c = xs
-        out = chunk_grads(qc, kc, vc, bc, lc, loc_c, h_c, D_c, do_c, dh_c, scale, dt)
+        qc, kc, vc, bc, lc, loc_c, h_c, D_c, do_c, dh_c, dD0_c = xs
+        out = chunk_grads(qc, kc, vc, bc, lc, loc_c, h_c, D_c, do_c, dh_c, scale, dt, dD0_c)
         return tuple(x.astype(p.dtype) for x, p in zip(out, primals))
 
     # The local gradients are independent per chunk; computing them a group of chunks at a
     # time bounds the float32 temporaries (about a dozen [C, V]-sized arrays per chunk).
-    xs = (qs, ks, vs, bs, ls, loc, h_in, D, dos, dh_out)
+    xs = (qs, ks, vs, bs, ls, loc, h_in, D, dos, dh_out, dD0)
     xs = jax.tree_util.tree_map(lambda x: jnp.moveaxis(x, 2, 0), xs)
     NC = qs.shape[2]
     per_chunk = qs.shape[0] * qs.shape[1] * C * (qs.shape[-1] + vs.shape[-1]) * 4 * 12
