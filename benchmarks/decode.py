@@ -134,20 +134,23 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=8, help="warm-up steps (compilation included)")
     p.add_argument("--hbm-gbps", type=float, default=None,
                    help="HBM bandwidth in GB/s (default: 4800 H200, 3350 H100, else none)")
+    p.add_argument("--scan-layers", action="store_true",
+                   help="stack the blocks and run them in lax.scan (much faster to compile)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, help="also write the results to this file")
     args = p.parse_args(argv)
 
     cfg = QDeltaConfig.from_preset(
         args.preset, compute_dtype=args.dtype, param_dtype=args.param_dtype or args.dtype,
-        implementation=args.implementation,
+        implementation=args.implementation, scan_layers=args.scan_layers,
     )
     batches = [int(b) for b in args.batch_sizes.split(",") if b]
     dev = jax.devices()[0]
     bw = args.hbm_gbps if args.hbm_gbps is not None else default_bandwidth_gbps(dev)
     print(f"device: {dev.device_kind} ({jax.default_backend()}), jax {jax.__version__}")
     print(f"preset {args.preset}: {count_params(cfg) / 1e6:.1f}M params, compute "
-          f"{cfg.compute_dtype}, params {cfg.param_dtype}, {cfg.num_hidden_layers} layers, "
+          f"{cfg.compute_dtype}, params {cfg.param_dtype}, {cfg.num_hidden_layers} layers"
+          f"{' (scanned)' if cfg.scan_layers else ''}, "
           "state per sequence "
           f"{step_bytes(cfg, 1)['state'] / 2 / 2**20:.2f} MiB (fp32)")
     print(f"HBM bandwidth for the roofline: {f'{bw:.0f} GB/s' if bw else 'n/a (pass --hbm-gbps)'}")

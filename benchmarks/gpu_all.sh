@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Every GPU measurement recorded in BENCHMARKS.md and docs/RESULTS.md, in one script, so a lease
-# runs them together on one card. Sections: check, ops, decode, train, recall (default: the
-# first four). Each step has its own time limit so that one slow step cannot eat the others.
+# runs them together on one card. Sections: check, dev, ops, decode, train, recall (default:
+# ops train decode check). benchmarks/gpu_lanes.sh runs groups of sections on different GPUs
+# of one host at once. Each step has its own time limit so that one slow step cannot eat the others.
 #
 #   bash benchmarks/gpu_all.sh                      # ops train decode check
 #   bash benchmarks/gpu_all.sh recall               # the recall experiment alone
@@ -22,10 +23,12 @@ PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1
 sections=${*:-ops train decode check}
 
-"$PY" -m pip install -q --no-deps --no-build-isolation -e . >"$OUT_DIR/install.log" 2>&1 || {
-    echo "install failed"; tail -20 "$OUT_DIR/install.log"; exit 1; }
-if ls .wheels/*.whl >/dev/null 2>&1; then
-    "$PY" -m pip install -q --no-deps .wheels/*.whl >>"$OUT_DIR/install.log" 2>&1 || true
+if [[ -z "${SKIP_INSTALL:-}" ]]; then
+    "$PY" -m pip install -q --no-deps --no-build-isolation -e . >"$OUT_DIR/install.log" 2>&1 || {
+        echo "install failed"; tail -20 "$OUT_DIR/install.log"; exit 1; }
+    if ls .wheels/*.whl >/dev/null 2>&1; then
+        "$PY" -m pip install -q --no-deps .wheels/*.whl >>"$OUT_DIR/install.log" 2>&1 || true
+    fi
 fi
 nvidia-smi -L | tee "$OUT_DIR/device.txt"
 "$PY" -c "import jax, flax, optax; print('jax', jax.__version__, 'flax', flax.__version__, \
@@ -45,20 +48,23 @@ step() {  # name, seconds, command...
 
 for s in $sections; do
     case $s in
-    check)
-        step check_bf16 120 "$PY" -m qdelta_jax.check --shapes 8x4096x6x128x256 --dtype bfloat16 --no-fd
-        step check_fp32 90 "$PY" -m qdelta_jax.check --shapes 2x1000x4x64x96,1x300x2x256x512 --dtype float32
+    check)  # the default qdelta-check: SPEC section 6 shapes, the 1B layer, T 32768; both dtypes
+        step check ${CHECK_LIMIT:-420} "$PY" -m qdelta_jax.check
+        ;;
+    dev)  # every Pallas stage against xla.py, per-stage times, save_residuals, the config sweep
+        step pallas_dev ${DEV_LIMIT:-420} "$PY" benchmarks/pallas_dev.py --sweep-s ${SWEEP_S:-60} \
+            --out "$OUT_DIR/pallas_dev.json"
         ;;
     ops)
         step ops 210 "$PY" benchmarks/ops.py --fla --reps 30 --warmup 5 --json "$OUT_DIR/ops.json"
         ;;
     decode)
-        step decode 120 "$PY" benchmarks/decode.py --preset 340m --batch-sizes 1,16,64 \
-            --json "$OUT_DIR/decode.json"
+        step decode ${DECODE_LIMIT:-240} "$PY" benchmarks/decode.py --preset 340m \
+            --batch-sizes 1,16,64 --scan-layers --json "$OUT_DIR/decode.json"
         ;;
     train)
         OUT=$OUT_DIR STEPS=${STEPS:-50} SEQ=${SEQ:-2048} BATCH_PER_GPU=${BATCH_PER_GPU:-8} \
-            step train 240 bash benchmarks/train_gpu.sh
+            step train ${TRAIN_LIMIT:-240} bash benchmarks/train_gpu.sh
         ;;
     recall)
         step recall ${RECALL_LIMIT:-400} "$PY" experiments/recall.py --out "$OUT_DIR/recall" \

@@ -16,6 +16,7 @@
 #   STEPS=300 SEQ=2048 BATCH_PER_GPU=8 bash benchmarks/train_gpu.sh
 #   IMPL=xla bash benchmarks/train_gpu.sh         # the XLA chunked path instead of Pallas
 #   REMAT=1 bash benchmarks/train_gpu.sh          # recompute blocks if memory runs out
+#   MODEL_OVERRIDES=scan_layers=true bash benchmarks/train_gpu.sh   # blocks in lax.scan
 #
 # Results (small files only: metrics, summaries, stdout) go to $OUT/train_gpu when $OUT is set,
 # else runs/train_gpu; checkpoints stay in $RUNS (default /tmp/qdelta-train-gpu).
@@ -41,6 +42,7 @@ common=(--preset 340m --task text --data "$DATA" --steps "$STEPS" --seq-len "$SE
 [[ -n "${IMPL:-}" ]] && common+=(--implementation "$IMPL")
 [[ -n "${REMAT:-}" ]] && common+=(--remat)
 [[ -n "${PEAK_TFLOPS:-}" ]] && common+=(--peak-tflops "$PEAK_TFLOPS")
+[[ -n "${MODEL_OVERRIDES:-}" ]] && common+=(--model-overrides "$MODEL_OVERRIDES")
 
 rm -rf "$RUNS"
 mkdir -p "$RESULTS" "$RUNS"
@@ -50,7 +52,11 @@ run() {  # name, number of GPUs, extra flags...
     local name=$1 n=$2
     shift 2
     local devices
-    devices=$(seq -s, 0 $((n - 1)))
+    if [[ -n "${CUDA_VISIBLE_DEVICES:-}" ]]; then  # the first n of the GPUs we were given
+        devices=$(echo "$CUDA_VISIBLE_DEVICES" | cut -d, -f1-"$n")
+    else
+        devices=$(seq -s, 0 $((n - 1)))
+    fi
     echo "== $name: $n GPU(s)"
     CUDA_VISIBLE_DEVICES=$devices "$PY" -m qdelta_jax.train "${common[@]}" \
         --batch-size $((n * BPG)) --run-dir "$RUNS/$name" "$@" 2>&1 | tee "$RESULTS/$name.txt"

@@ -20,6 +20,7 @@ or when named in ``--implementations``: it then runs in Pallas interpret mode, w
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 import time
 
@@ -65,6 +66,7 @@ def make_inputs(key, B, T, H, K, V):
     return (q, k, v, g, beta, lam, h0), w
 
 
+@functools.lru_cache(maxsize=None)
 def _value_and_grads(impl: str, chunk_size: int):
     from qdelta_jax import qdelta_rule
 
@@ -90,24 +92,29 @@ def rel_err(a, b) -> float:
     return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
 
 
-def check_shape(shape, dtype: str, impls, chunk_size: int, seed: int):
+def check_shape(shape, dtypes, impls, chunk_size: int, seed: int):
+    """Rows ``(dtype, impl, errors, seconds, error message)``; the float32 HIGHEST reference is
+    computed once per shape and shared by every dtype."""
     B, T, H, K, V = shape
+    if isinstance(dtypes, str):
+        dtypes = (dtypes,)
     (q, k, v, g, beta, lam, h0), w = make_inputs(jax.random.PRNGKey(seed), B, T, H, K, V)
     with jax.default_matmul_precision("highest"):
         ref = _flatten(_value_and_grads("xla", chunk_size)(q, k, v, g, beta, lam, h0, w))
-    dt = jnp.dtype(dtype)
-    args = (q.astype(dt), k.astype(dt), v.astype(dt), g, beta, lam, h0, w)
     rows = []
-    for impl in impls:
-        t0 = time.perf_counter()
-        try:
-            out = _flatten(_value_and_grads(impl, chunk_size)(*args))
-            errs = [rel_err(a, b) for a, b in zip(out, ref)]
-            err_msg = None
-        except Exception as e:  # noqa: BLE001 - reported as a failed row
-            errs = [float("inf")] * len(NAMES)
-            err_msg = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
-        rows.append((impl, errs, time.perf_counter() - t0, err_msg))
+    for dtype in dtypes:
+        dt = jnp.dtype(dtype)
+        args = (q.astype(dt), k.astype(dt), v.astype(dt), g, beta, lam, h0, w)
+        for impl in impls:
+            t0 = time.perf_counter()
+            try:
+                out = _flatten(_value_and_grads(impl, chunk_size)(*args))
+                errs = [rel_err(a, b) for a, b in zip(out, ref)]
+                err_msg = None
+            except Exception as e:  # noqa: BLE001 - reported as a failed row
+                errs = [float("inf")] * len(NAMES)
+                err_msg = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+            rows.append((dtype, impl, errs, time.perf_counter() - t0, err_msg))
     return rows
 
 
@@ -178,20 +185,19 @@ def main(argv: list[str] | None = None) -> int:
     print("reference: implementation='xla' on float32 inputs, precision HIGHEST")
     failed = False
     head = f"{'shape':>22} {'dtype':>8} {'impl':>9} " + " ".join(f"{n:>8}" for n in NAMES)
+    print(head, flush=True)
     for i, shape in enumerate(shapes):
-        for dtype in dtypes:
+        rows = check_shape(shape, dtypes, impls, chunk, a.seed + i)
+        for dtype, impl, errs, secs, msg in rows:
             tol = TOL[dtype]
-            rows = check_shape(shape, dtype, impls, chunk, a.seed + i)
-            print(head)
-            for impl, errs, secs, msg in rows:
-                bad = any(not (e <= tol) for e in errs)
-                failed |= bad
-                s = "x".join(str(d) for d in shape)
-                cells = " ".join(f"{e:8.1e}" for e in errs)
-                flag = f"  FAIL (tol {tol:.0e})" if bad else f"  ok ({secs:.1f}s)"
-                print(f"{s:>22} {dtype:>8} {impl:>9} {cells}{flag}")
-                if msg:
-                    print(f"{'':>22} error: {msg}")
+            bad = any(not (e <= tol) for e in errs)
+            failed |= bad
+            s = "x".join(str(d) for d in shape)
+            cells = " ".join(f"{e:8.1e}" for e in errs)
+            flag = f"  FAIL (tol {tol:.0e})" if bad else f"  ok ({secs:.1f}s)"
+            print(f"{s:>22} {dtype:>8} {impl:>9} {cells}{flag}", flush=True)
+            if msg:
+                print(f"{'':>22} error: {msg}", flush=True)
     if not a.no_fd:
         res = fd_check("xla")
         print(f"finite differences, float64, xla: {res}")
