@@ -66,6 +66,19 @@ for s in $sections; do
         OUT=$OUT_DIR STEPS=${STEPS:-50} SEQ=${SEQ:-2048} BATCH_PER_GPU=${BATCH_PER_GPU:-8} \
             step train ${TRAIN_LIMIT:-240} bash benchmarks/train_gpu.sh
         ;;
+    train_compare)  # one GPU: unrolled blocks against scan_layers (step time and compile)
+        OUT=$OUT_DIR STEPS=${STEPS:-100} SEQ=${SEQ:-2048} BATCH_PER_GPU=${BATCH_PER_GPU:-8} \
+            GPU_COUNTS=1 TAG=-unrolled RUNS=/tmp/qdelta-train-unrolled \
+            step train_unrolled ${TRAIN_LIMIT:-240} bash benchmarks/train_gpu.sh
+        OUT=$OUT_DIR STEPS=${STEPS:-100} SEQ=${SEQ:-2048} BATCH_PER_GPU=${BATCH_PER_GPU:-8} \
+            GPU_COUNTS=1 TAG=-scan MODEL_OVERRIDES=scan_layers=true RUNS=/tmp/qdelta-train-scan \
+            step train_scan ${TRAIN_LIMIT:-240} bash benchmarks/train_gpu.sh
+        ;;
+    train2)  # the 2-GPU data-parallel run with scan_layers (compare with train_compare's gpu1-scan)
+        OUT=$OUT_DIR STEPS=${STEPS:-100} SEQ=${SEQ:-2048} BATCH_PER_GPU=${BATCH_PER_GPU:-8} \
+            GPU_COUNTS=2 TAG=-scan MODEL_OVERRIDES=scan_layers=true RUNS=/tmp/qdelta-train-2 \
+            step train2 ${TRAIN_LIMIT:-240} bash benchmarks/train_gpu.sh
+        ;;
     recall)
         step recall ${RECALL_LIMIT:-400} "$PY" experiments/recall.py --out "$OUT_DIR/recall" \
             --docs "$OUT_DIR/recall" \

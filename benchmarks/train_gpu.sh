@@ -17,6 +17,7 @@
 #   IMPL=xla bash benchmarks/train_gpu.sh         # the XLA chunked path instead of Pallas
 #   REMAT=1 bash benchmarks/train_gpu.sh          # recompute blocks if memory runs out
 #   MODEL_OVERRIDES=scan_layers=true bash benchmarks/train_gpu.sh   # blocks in lax.scan
+#   GPU_COUNTS=2 TAG=-scan bash benchmarks/train_gpu.sh   # only the 2-GPU run, named gpu2-scan
 #
 # Results (small files only: metrics, summaries, stdout) go to $OUT/train_gpu when $OUT is set,
 # else runs/train_gpu; checkpoints stay in $RUNS (default /tmp/qdelta-train-gpu).
@@ -67,20 +68,23 @@ run() {  # name, number of GPUs, extra flags...
     done
 }
 
-run gpu1 1
-if [[ "$NGPU" -ge 2 ]]; then
-    run gpu2 2 --mesh data=2
-else
-    echo "only $NGPU GPU visible: skipping the 2-GPU run"
-fi
+for n in ${GPU_COUNTS:-1 2}; do
+    if [[ "$n" -gt "$NGPU" ]]; then
+        echo "only $NGPU GPU(s) visible: skipping the $n-GPU run"
+    elif [[ "$n" == 1 ]]; then
+        run "gpu1${TAG:-}" 1
+    else
+        run "gpu$n${TAG:-}" "$n" --mesh "data=$n"
+    fi
+done
 
 "$PY" - "$RESULTS" <<'EOF'
 import json, pathlib, sys
 d = pathlib.Path(sys.argv[1])
-print(f"{'run':6} {'GPUs':>4} {'step ms':>9} {'tokens/s':>12} {'MFU %':>7} {'loss':>8}")
+print(f"{'run':12} {'GPUs':>4} {'step ms':>9} {'tokens/s':>12} {'MFU %':>7} {'loss':>8}")
 for f in sorted(d.glob("*.summary.json")):
     s = json.loads(f.read_text())
     mfu = f"{100 * s['mfu']:.1f}" if s.get("mfu") is not None else "-"
-    print(f"{f.name.split('.')[0]:6} {s['devices']:>4} {1e3 * (s['step_time_s'] or 0):>9.1f} "
+    print(f"{f.name.split('.')[0]:12} {s['devices']:>4} {1e3 * (s['step_time_s'] or 0):>9.1f} "
           f"{s['tokens_per_s'] or 0:>12,.0f} {mfu:>7} {s['loss'] or float('nan'):>8.4f}")
 EOF
