@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Every GPU measurement recorded in BENCHMARKS.md and docs/RESULTS.md, in one script, so a lease
-# runs them together on one card. Sections: check, dev, ops, decode, train, recall (default:
+# runs them together on one card. Sections: check, dev, ops, decode, train, train{1,2}_{unrolled,scan}, recall (default:
 # ops train decode check). benchmarks/gpu_lanes.sh runs groups of sections on different GPUs
 # of one host at once. Each step has its own time limit so that one slow step cannot eat the others.
 #
@@ -66,18 +66,15 @@ for s in $sections; do
         OUT=$OUT_DIR STEPS=${STEPS:-50} SEQ=${SEQ:-2048} BATCH_PER_GPU=${BATCH_PER_GPU:-8} \
             step train ${TRAIN_LIMIT:-240} bash benchmarks/train_gpu.sh
         ;;
-    train_compare)  # one GPU: unrolled blocks against scan_layers (step time and compile)
+    train1_unrolled | train1_scan | train2_unrolled | train2_scan)
+        # one training run: N GPUs (data parallel), blocks unrolled or in lax.scan (scan_layers)
+        n=${s:5:1}
+        mode=${s:7}
+        overrides=
+        [[ $mode == scan ]] && overrides=scan_layers=true
         OUT=$OUT_DIR STEPS=${STEPS:-100} SEQ=${SEQ:-2048} BATCH_PER_GPU=${BATCH_PER_GPU:-8} \
-            GPU_COUNTS=1 TAG=-unrolled RUNS=/tmp/qdelta-train-unrolled \
-            step train_unrolled ${TRAIN_LIMIT:-240} bash benchmarks/train_gpu.sh
-        OUT=$OUT_DIR STEPS=${STEPS:-100} SEQ=${SEQ:-2048} BATCH_PER_GPU=${BATCH_PER_GPU:-8} \
-            GPU_COUNTS=1 TAG=-scan MODEL_OVERRIDES=scan_layers=true RUNS=/tmp/qdelta-train-scan \
-            step train_scan ${TRAIN_LIMIT:-240} bash benchmarks/train_gpu.sh
-        ;;
-    train2)  # the 2-GPU data-parallel run with scan_layers (compare with train_compare's gpu1-scan)
-        OUT=$OUT_DIR STEPS=${STEPS:-100} SEQ=${SEQ:-2048} BATCH_PER_GPU=${BATCH_PER_GPU:-8} \
-            GPU_COUNTS=2 TAG=-scan MODEL_OVERRIDES=scan_layers=true RUNS=/tmp/qdelta-train-2 \
-            step train2 ${TRAIN_LIMIT:-240} bash benchmarks/train_gpu.sh
+            GPU_COUNTS=$n TAG=-$mode MODEL_OVERRIDES=$overrides RUNS=/tmp/qdelta-train-$n-$mode \
+            step "$s" ${TRAIN_LIMIT:-240} bash benchmarks/train_gpu.sh
         ;;
     recall)
         step recall ${RECALL_LIMIT:-400} "$PY" experiments/recall.py --out "$OUT_DIR/recall" \

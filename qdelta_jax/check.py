@@ -66,7 +66,7 @@ def make_inputs(key, B, T, H, K, V):
     return (q, k, v, g, beta, lam, h0), w
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _value_and_grads(impl: str, chunk_size: int):
     from qdelta_jax import qdelta_rule
 

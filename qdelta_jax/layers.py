@@ -387,7 +387,11 @@ class QDelta(nnx.Module):
                                    cu_seqlens=c, **kw)
             return o[0]
 
-        return jax.vmap(row)(q, k, v, g, beta, lam, cu), None
+        rows = jax.vmap(row)
+        impl = self.implementation or ops.default_implementation(self.chunk_size)
+        if impl == "pallas":  # the kernels do not partition by themselves: split the rows
+            rows = ops.shard_over_batch(rows, q.shape[0])
+        return rows(q, k, v, g, beta, lam, cu), None
 
     # ------------------------------------------------------------------ call
 

@@ -11,6 +11,14 @@ Implementations (``implementation=``):
 
 ``None`` picks ``"pallas"`` on GPUs and ``"xla"`` elsewhere.
 
+Meshes: a Pallas kernel is one opaque custom call to XLA's sharding propagation, which would
+gather a batch-sharded input onto every device and run the whole batch everywhere. So when the
+op is traced under a mesh (``with jax.set_mesh(mesh):``, as ``qdelta_jax.train`` does) whose
+batch axes (:data:`BATCH_AXES`, by default ``"data"`` and ``"fsdp"``) have more than one device
+and divide the batch, the ``"pallas"`` path runs inside ``jax.shard_map``: each device computes
+its own rows. :func:`set_batch_axes` names other axes. The ``"xla"`` and ``"reference"`` paths
+are ordinary XLA and partition by themselves.
+
 All checks read only shapes and dtypes (and the values of ``cu_seqlens`` when they are concrete),
 so they run once at trace time and cost nothing in a compiled step.
 """
@@ -70,6 +78,47 @@ def _check_cu_seqlens(cu_seqlens, B: int, T: int) -> int:
                 f"cu_seqlens must end at the sequence length T = {T}, got {cu[-1]}"
             )
     return cu_seqlens.shape[0] - 1
+
+
+#: Mesh axes over which the ``"pallas"`` path splits the batch (see the module docstring).
+BATCH_AXES: tuple[str, ...] = ("data", "fsdp")
+
+
+def set_batch_axes(axes) -> tuple[str, ...]:
+    """Sets the mesh axes the Pallas path splits the batch over (e.g. ``("dp",)``; ``()`` turns
+    the splitting off); returns the previous ones."""
+    global BATCH_AXES
+    if isinstance(axes, str) or not all(isinstance(a, str) for a in axes):
+        raise TypeError(f"axes must be a sequence of mesh axis names, got {axes!r}")
+    prev, BATCH_AXES = BATCH_AXES, tuple(axes)
+    return prev
+
+
+def batch_split(batch: int):
+    """``(mesh, axes)`` when the mesh in context splits a batch of ``batch`` rows over
+    :data:`BATCH_AXES` (axes of size 1, manual axes and absent axes are left out), else ``None``."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh is None or mesh.empty:
+        return None
+    manual = set(getattr(mesh, "manual_axes", ()) or ())
+    shape = dict(mesh.shape)
+    axes = tuple(a for a in BATCH_AXES if shape.get(a, 1) > 1 and a not in manual)
+    n = math.prod(shape[a] for a in axes)
+    if not axes or batch % n:
+        return None
+    return mesh, axes
+
+
+def shard_over_batch(fn, batch: int):
+    """``fn`` (every input and output leaf has the batch as its leading axis; ``None`` allowed)
+    run with ``jax.shard_map`` over the batch axes of the mesh in context, or ``fn`` itself when
+    there is no such mesh (see :func:`batch_split`)."""
+    split = batch_split(batch)
+    if split is None:
+        return fn
+    mesh, axes = split
+    spec = jax.sharding.PartitionSpec(axes)
+    return jax.shard_map(fn, mesh=mesh, in_specs=spec, out_specs=spec, check_vma=False)
 
 
 def default_implementation(chunk_size: int = 64) -> str:
@@ -177,8 +226,14 @@ def qdelta_rule(
             from qdelta_jax import pallas
 
             core = pallas.chunked_core(K=K, V=V, dtype=q.dtype, chunk_size=chunk_size)
-        o, final = xla.qdelta_chunked(
-            q, k, v, g, beta, lam, scale=float(scale), initial_state=initial_state,
-            cu_seqlens=cu_seqlens, chunk_size=int(chunk_size), core=core,
-        )
+
+        def run(q, k, v, g, beta, lam, initial_state):
+            return xla.qdelta_chunked(
+                q, k, v, g, beta, lam, scale=float(scale), initial_state=initial_state,
+                cu_seqlens=cu_seqlens, chunk_size=int(chunk_size), core=core,
+            )
+
+        if implementation == "pallas" and cu_seqlens is None:
+            run = shard_over_batch(run, B)
+        o, final = run(q, k, v, g, beta, lam, initial_state)
     return o.astype(v.dtype), (final if output_final_state else None)
