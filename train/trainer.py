@@ -286,7 +286,9 @@ class Session:
                 out_shardings=(self.state_shardings, self.repl),
                 donate_argnums=0,
             )
-        return self._train_step(state, batch)
+        # Traced under the mesh so that the Pallas op splits the batch per device (ops.py).
+        with jax.set_mesh(self.mesh):
+            return self._train_step(state, batch)
 
     def eval_step(self, params, batch):
         if self._eval_step is None:
@@ -295,7 +297,8 @@ class Session:
                 in_shardings=(self.state_shardings.params, self._batch_shardings(batch)),
                 out_shardings=self.repl,
             )
-        return self._eval_step(params, batch)
+        with jax.set_mesh(self.mesh):
+            return self._eval_step(params, batch)
 
     def evaluate(self, params, source, n_batches: int) -> dict[str, float]:
         sums = [self.eval_step(params, shd.shard_batch(source.batch(i), self.mesh))
