@@ -159,6 +159,39 @@ class Local(NamedTuple):
     U: Array  # [.., C, V]  (f32)
 
 
+def _inverse_trsm(A):
+    eye = jnp.eye(A.shape[-1], dtype=A.dtype)
+    return lax.linalg.triangular_solve(
+        eye + A, jnp.broadcast_to(eye, A.shape), left_side=True, lower=True, unit_diagonal=True
+    )
+
+
+def _inverse_rows(A):
+    """Forward substitution one row at a time: row ``i`` of ``T = (I + A)^-1`` is
+    ``e_i - A[i, :] T`` (``A`` strictly lower, so only the finished rows ``j < i`` count)."""
+    T = jnp.broadcast_to(jnp.eye(A.shape[-1], dtype=A.dtype), A.shape)
+
+    def row(i, T):
+        a_i = lax.dynamic_slice_in_dim(A, i, 1, axis=-2)
+        t_i = lax.dynamic_slice_in_dim(T, i, 1, axis=-2)  # still e_i
+        new = t_i - jnp.matmul(a_i, T, precision=lax.Precision.HIGHEST)
+        return lax.dynamic_update_slice_in_dim(T, new, i, axis=-2)
+
+    return lax.fori_loop(0, A.shape[-1], row, T)
+
+
+def unit_lower_inverse(A):
+    """``(I + A)^-1`` for strictly lower-triangular ``A [..., C, C]``.
+
+    On accelerators: XLA's triangular solve. On the CPU: the same substitution written as a
+    ``fori_loop`` (same arithmetic, about as fast at our sizes), because jaxlib 0.10's CPU
+    lowering calls LAPACK ``trsm`` through a kernel that, for large batches, queues tasks on
+    XLA:CPU's intra-op thread pool and blocks a pool thread until they run: with several host
+    devices, or independent solves in one program, every pool thread can end up waiting and the
+    program hangs (seen as a rendezvous abort in data-parallel CPU training)."""
+    return lax.platform_dependent(A, cpu=_inverse_rows, default=_inverse_trsm)
+
+
 def chunk_local(q, k, v, g, beta, lam) -> Local:
     """``A``, ``T = (I + A)^-1``, ``W`` and ``U`` for every chunk (inputs ``[B, H, NC, C, *]``)."""
     dt = q.dtype
@@ -170,10 +203,7 @@ def chunk_local(q, k, v, g, beta, lam) -> Local:
     X = k.astype(F32) + lam.astype(F32)[..., None] * q.astype(F32)
     Rd = _mm("...ik,...jk->...ij", X, k, dt) * _decay(G, strict)
     A = beta[..., :, None] * Rd
-    eye = jnp.eye(C, dtype=F32)
-    Tinv = lax.linalg.triangular_solve(
-        eye + A, jnp.broadcast_to(eye, A.shape), left_side=True, lower=True, unit_diagonal=True
-    )
+    Tinv = unit_lower_inverse(A)
     gam = jnp.exp(G)
     W = _mm("...ij,...jk->...ik", Tinv, (beta * gam)[..., None] * X, dt)
     U = _mm("...ij,...jv->...iv", Tinv, beta[..., None] * v.astype(F32), dt)

@@ -196,3 +196,19 @@ def test_grouped_local_gradients_equal_one_group(monkeypatch):
     for name, a, b in zip(ARGS, gx, gr):
         assert rel_err(a, b) < tolerance(jnp.float32), name
     assert rel_err(gx4, gr4) < tolerance(jnp.float32)
+
+
+def test_cpu_chunk_solve_avoids_the_blocking_kernel_and_matches_it():
+    """On the CPU the chunk solve avoids jaxlib's LAPACK trsm (whose batched kernel can deadlock
+    XLA:CPU's thread pool, see xla.unit_lower_inverse) and computes the same inverse."""
+    A = 0.2 * jnp.tril(jax.random.uniform(jax.random.PRNGKey(0), (3, 4, 64, 64), minval=-1.0,
+                                          maxval=1.0), -1)
+    target = 'custom_call_target="lapack_strsm'
+    assert target in jax.jit(xla._inverse_trsm).lower(A).compile().as_text()  # what it avoids
+    assert target not in jax.jit(xla.unit_lower_inverse).lower(A).compile().as_text()
+    T = xla.unit_lower_inverse(A)
+    eye = jnp.eye(64)
+    np.testing.assert_allclose(np.asarray(jnp.matmul(eye + A, T, precision="highest")),
+                               np.broadcast_to(np.eye(64), A.shape), atol=1e-4)
+    T_ref = xla._inverse_trsm(A)
+    assert float(jnp.max(jnp.abs(T - T_ref)) / jnp.max(jnp.abs(T_ref))) < 1e-6

@@ -17,7 +17,6 @@ from __future__ import annotations
 import math
 import os
 import re
-import warnings
 from typing import Any
 
 import jax
@@ -126,54 +125,6 @@ def shard_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array
         return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
 
     return {k: put(v) for k, v in batch.items()}
-
-
-# ----------------------------------------------------------------------------------------------
-# Work-around for a thread-pool deadlock of jaxlib's CPU LAPACK kernels
-
-_CPU_TRSM_LOWERING_REPLACED = False
-
-
-def avoid_cpu_lapack_deadlock(mesh: Mesh) -> bool:
-    """On a mesh of more than one CPU device, lowers ``triangular_solve`` (the ``(I + A)^-1`` of
-    the chunked XLA path) to XLA's own ``triangular-solve`` op instead of jaxlib's LAPACK
-    ``trsm`` custom call. Returns whether the lowering is replaced (it then stays replaced for
-    the rest of the process). Call it before the steps are traced.
-
-    Why: jaxlib 0.10's CPU LAPACK kernels (``lapack_strsm_ffi`` and the other batched ones) cut
-    a large enough batch (``batch * m * m * n >= 200000``; ``batch / threads`` per task) into
-    tasks on XLA:CPU's intra-op thread pool and then block the calling thread until those tasks
-    are done. On several host devices the programs continue on that pool's workers after their
-    first collective (the pool has ``max(cores, devices)`` threads), so when every worker is
-    inside such a kernel, or inside a collective waiting for a device that is, nothing is left to
-    run the queued tasks: the run hangs and XLA aborts at the next all-reduce/all-to-all
-    rendezvous ("only 1 of them arrived on time"). Hence only larger per-device batches hung
-    (the tiny preset's ``B/devices * heads * chunks`` solves of 16 x 16 reach the threshold at
-    49), ``--implementation reference`` (no solve) and one device (its program stays on the
-    caller's thread) did not, and ``--xla_cpu_multi_thread_eigen=false`` does not help. More
-    pool threads (``PJRT_NPROC``) only make it rarer. XLA's ``triangular-solve`` is expanded into
-    plain HLO (blocked substitution, no custom call), so nothing blocks a pool thread; the
-    results agree to float32 rounding. GPU/TPU lowerings are untouched.
-    """
-    global _CPU_TRSM_LOWERING_REPLACED
-    devices = list(mesh.devices.flat)
-    if len(devices) <= 1 or devices[0].platform != "cpu":
-        return False
-    if _CPU_TRSM_LOWERING_REPLACED:
-        return True
-    try:
-        from jax._src.lax.linalg import _triangular_solve_lowering  # the non-CPU lowering
-        from jax.interpreters import mlir
-    except ImportError:  # a jax without it: say so instead of hanging silently
-        warnings.warn(
-            "could not replace the CPU lowering of triangular_solve; data-parallel training on "
-            "several CPU devices may hang in jaxlib's LAPACK trsm kernel (use one device or "
-            "--implementation reference)", RuntimeWarning, stacklevel=2)
-        return False
-    mlir.register_lowering(jax.lax.linalg.triangular_solve_p, _triangular_solve_lowering,
-                           platform="cpu")
-    _CPU_TRSM_LOWERING_REPLACED = True
-    return True
 
 
 _COORD_VARS = ("JAX_COORDINATOR_ADDRESS", "COORDINATOR_ADDRESS")

@@ -244,9 +244,6 @@ class Session:
 
         a = a.resolved()
         self.args, self.model_cfg, self.mesh = a, model_cfg, mesh
-        # Several CPU devices: keep jaxlib's LAPACK trsm (which can deadlock the intra-op thread
-        # pool) out of the steps; see shd.avoid_cpu_lapack_deadlock.
-        shd.avoid_cpu_lapack_deadlock(mesh)
         self.fns = loop.ModelFns(lambda: QDeltaLM(model_cfg, rngs=nnx.Rngs(a.seed)))
         self.ocfg = loop.OptimConfig(lr=a.lr, warmup=a.warmup, steps=a.steps,
                                      weight_decay=a.weight_decay, grad_accum=a.grad_accum)
