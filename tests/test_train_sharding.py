@@ -94,6 +94,17 @@ def test_eight_devices_match_one(tmp_path):
             np.testing.assert_allclose(b["grad_norm"], a["grad_norm"], rtol=1e-4)
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_pallas_on_two_devices_matches_one(tmp_path):
+    """The trainer traces its steps under the mesh, so the Pallas op (interpret mode here) runs
+    per device inside shard_map (qdelta_jax.ops.shard_over_batch); same losses as one device."""
+    one = _run(tmp_path, "one", 1, ["--implementation", "pallas"])
+    two = _run(tmp_path, "two", 2, ["--implementation", "pallas", "--mesh", "data=2"])
+    assert [r["step"] for r in one] == [r["step"] for r in two]
+    for a, b in zip(one, two, strict=True):
+        np.testing.assert_allclose(b["loss"], a["loss"], rtol=1e-5)
+
+
 def test_mesh_batch_mismatch_is_a_usage_error(capsys):
     from qdelta_jax.train import cli
 
