@@ -64,7 +64,6 @@ SCRIPT = textwrap.dedent(r"""
 """)
 
 
-@pytest.mark.filterwarnings("ignore::DeprecationWarning")
 def test_pallas_op_is_split_over_the_batch_axes_of_the_mesh(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     env["JAX_PLATFORMS"] = "cpu"

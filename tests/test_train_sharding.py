@@ -94,7 +94,6 @@ def test_eight_devices_match_one(tmp_path):
             np.testing.assert_allclose(b["grad_norm"], a["grad_norm"], rtol=1e-4)
 
 
-@pytest.mark.filterwarnings("ignore::DeprecationWarning")
 def test_pallas_on_two_devices_matches_one(tmp_path):
     """The trainer traces its steps under the mesh, so the Pallas op (interpret mode here) runs
     per device inside shard_map (qdelta_jax.ops.shard_over_batch); same losses as one device."""
