@@ -9,7 +9,14 @@ for the stages and :mod:`.config` for block sizes and autotuning.
 
 from __future__ import annotations
 
-from qdelta_jax.pallas.config import Config, StageConfig, autotune, default_config, get_config
+from qdelta_jax.pallas.config import (
+    Config,
+    StageConfig,
+    autotune,
+    default_config,
+    get_config,
+    set_save_residuals,
+)
 from qdelta_jax.pallas.core import CHUNK_SIZES, MAX_K, MAX_V, make_core
 
 
@@ -35,4 +42,5 @@ __all__ = [
     "chunked_core",
     "default_config",
     "get_config",
+    "set_save_residuals",
 ]

@@ -205,6 +205,38 @@ def test_save_residuals_matches_xla():
         assert rel(a, b) < 2e-5, name
 
 
+def test_set_save_residuals_switches_the_op_path():
+    """The process-wide switch reaches ``qdelta_rule``: fewer kernels in the gradient (no
+    recompute), the same gradients, and it restores."""
+    (q, k, v, g, beta, lam, h0), w = make(6, 1, 40, 2, 16, 32)
+
+    def loss(q, k, v, g, beta, lam, h0):
+        o, fin = qdelta_rule(q, k, v, g, beta, lam, initial_state=h0, chunk_size=16,
+                             output_final_state=True, implementation="pallas")
+        return jnp.sum(o * w) + jnp.sum(fin * h0)
+
+    def grad_fn():  # a new function each time: a traced one keeps the setting it saw
+        return jax.grad(loss, argnums=tuple(range(7)))
+
+    args = (q, k, v, g, beta, lam, h0)
+    with pytest.raises(TypeError, match="bool"):
+        pcfg.set_save_residuals(1)
+    assert not pcfg.get_config(16, 32, 16, F32).save_residuals
+    n_off = str(jax.make_jaxpr(grad_fn())(*args)).count("pallas_call")
+    g_off = jax.jit(grad_fn())(*args)
+    prev = pcfg.set_save_residuals(True)
+    try:
+        assert pcfg.get_config(16, 32, 16, F32).save_residuals
+        n_on = str(jax.make_jaxpr(grad_fn())(*args)).count("pallas_call")
+        g_on = jax.jit(grad_fn())(*args)
+    finally:
+        assert pcfg.set_save_residuals(prev) is True
+    assert not pcfg.get_config(16, 32, 16, F32).save_residuals
+    assert n_on < n_off, (n_on, n_off)
+    for a, b in zip(g_on, g_off):
+        assert rel(a, b) < 1e-6
+
+
 def test_varlen_with_empty_sequence():
     cu = jnp.array([0, 7, 7, 30, 41], jnp.int32)  # sequence 1 is empty
     args, w = make(21, 1, 41, 2, 16, 16, N=4)

@@ -37,6 +37,7 @@ def bad_config(tmp_path):
     (["--num-pairs", "40"], "--seq-len", "needs --seq-len"),
     (["--task", "niah", "--seq-len", "40"], "--seq-len", "needs --seq-len"),
     (["--implementation", "cuda"], "--implementation", "one of"),
+    (["--implementation", "xla", "--save-residuals"], "--save-residuals", "pallas"),
     (["--model-overrides", "hidden_sise=3"], "--model-overrides", "hidden_sise"),
     (["--config", "/no/such.toml"], "--config", "no such file"),
 ])
@@ -144,3 +145,36 @@ def test_default_task_learns_and_eval(tmp_path, capsys):
     assert rows[0]["accuracy"] > 0.5
     assert (run / "eval.json").exists() and (run / "eval_recall.png").exists()
     assert evaluate.main([str(tmp_path / "missing")]) == 2
+
+
+def test_save_residuals_flag_trains_the_same_and_restores(tmp_path, monkeypatch):
+    """--save-residuals (Pallas kernels, interpret mode here) reaches the kernels' config, gives
+    the losses of the default run and leaves the process-wide setting as it found it."""
+    from qdelta_jax.pallas import config as pcfg
+    from qdelta_jax.pallas import core as pcore
+
+    seen = []
+
+    def spy(*a, **kw):
+        cfg = pcfg.get_config(*a, **kw)
+        seen.append(cfg.save_residuals)
+        return cfg
+
+    monkeypatch.setattr(pcore, "get_config", spy)
+
+    def train(name, extra):
+        argv = ["--steps", "2", "--batch-size", "4", "--seq-len", "32", "--warmup", "1",
+                "--implementation", "pallas", "--eval-every", "0", "--eval-batches", "1",
+                "--save-every", "0", "--no-progress", "--run-dir", str(tmp_path / name), *extra]
+        assert cli.main(argv) == 0
+        text = (tmp_path / name / "metrics.jsonl").read_text()
+        return [json.loads(x) for x in text.splitlines() if x]
+
+    base = train("base", [])
+    assert seen and not any(seen)
+    seen.clear()
+    saved = train("saved", ["--save-residuals"])
+    assert seen and all(seen)
+    assert not pcfg.get_config(16, 32, 16, "float32").save_residuals
+    for a, b in zip(base, saved, strict=True):
+        assert abs(a["loss"] - b["loss"]) <= 1e-5 * abs(a["loss"])

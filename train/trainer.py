@@ -83,6 +83,7 @@ class TrainArgs:
     fixed_lam: float | None = None
     no_decay_gate: bool = False
     remat: bool = False
+    save_residuals: bool = False
     model_overrides: str | None = None
     max_bad_steps: int = 10
     stop_after: int | None = None
@@ -143,6 +144,8 @@ def validate(a: TrainArgs) -> None:
 
     need(a.implementation in (None, *IMPLEMENTATIONS), "--implementation",
          f"must be one of {', '.join(IMPLEMENTATIONS)}, got {a.implementation!r}")
+    need(not a.save_residuals or a.implementation in (None, "pallas"), "--save-residuals",
+         f"applies to the pallas implementation only, not --implementation {a.implementation}")
     need(a.fixed_lam is None or math.isfinite(a.fixed_lam), "--fixed-lam",
          f"must be a finite number, got {a.fixed_lam}")
     need(a.num_pairs >= 1, "--num-pairs", f"must be >= 1, got {a.num_pairs}")
@@ -350,6 +353,20 @@ def _to_float(x):
 
 
 def run(a: TrainArgs, *, log=print) -> dict[str, Any]:
+    """Trains as ``a`` says (see :func:`_run`); ``--save-residuals`` switches the Pallas
+    kernels' process-wide setting for the run and restores it after."""
+    if not a.save_residuals:
+        return _run(a, log=log)
+    from qdelta_jax import pallas
+
+    prev = pallas.set_save_residuals(True)
+    try:
+        return _run(a, log=log)
+    finally:
+        pallas.set_save_residuals(prev)
+
+
+def _run(a: TrainArgs, *, log=print) -> dict[str, Any]:
     """Trains (or resumes) a run; returns the summary dict. Raises :class:`UsageError` for bad
     options and :class:`BadStepsError` when ``max_bad_steps`` consecutive steps were not
     finite."""
