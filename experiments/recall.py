@@ -780,6 +780,12 @@ def plot_all(res: dict, docs: Path) -> list[Path]:
     device = meta.get("device_note") or meta["device"]["kind"]
     paths = []
 
+    def save(fig, name: str) -> None:
+        fig.tight_layout()
+        fig.savefig(docs / name, dpi=110)
+        plt.close(fig)
+        paths.append(docs / name)
+
     if "mqar" in tasks:
         agg = aggregate([r for r in runs if r["task"] == "mqar"], "accuracy")
         sets = _settings(runs, "mqar")
@@ -802,11 +808,7 @@ def plot_all(res: dict, docs: Path) -> list[Path]:
             ax.grid(alpha=0.3)
         axes[0][0].legend(fontsize=8)
         fig.suptitle(f"Recall vs sequence length (mean ± std over seeds; {device})", fontsize=10)
-        fig.tight_layout()
-        p = docs / "recall_mqar_vs_length.png"
-        fig.savefig(p, dpi=110)
-        plt.close(fig)
-        paths.append(p)
+        save(fig, "recall_mqar_vs_length.png")
 
     fig, axes = plt.subplots(1, len(tasks), figsize=(5.2 * len(tasks), 3.6), squeeze=False)
     for ax, task in zip(axes[0], tasks, strict=True):
@@ -826,11 +828,7 @@ def plot_all(res: dict, docs: Path) -> list[Path]:
                                                         else " (pass-key)"))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    p = docs / "recall_loss_curves.png"
-    fig.savefig(p, dpi=110)
-    plt.close(fig)
-    paths.append(p)
+    save(fig, "recall_loss_curves.png")
 
     if "niah" in tasks:
         agg = aggregate([r for r in runs if r["task"] == "niah"], "exact_match")
@@ -848,11 +846,7 @@ def plot_all(res: dict, docs: Path) -> list[Path]:
         ax.set_title(f"Pass-key retrieval, T = {sets[0]['seq_len']} bytes")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-        fig.tight_layout()
-        p = docs / "recall_niah_depth.png"
-        fig.savefig(p, dpi=110)
-        plt.close(fig)
-        paths.append(p)
+        save(fig, "recall_niah_depth.png")
     return paths
 
 
