@@ -245,11 +245,8 @@ def run_shape(B, T, H, K, V, dtype, C, reps, do_stages):
         traceback.print_exc()
     # The same config with save_residuals (the backward skips its recompute): gradients
     # against the default run, and the forward + backward time.
-    key = pcfg._key(K, V, C, dtype)
-    prev = pcfg._MEMORY.get(key)
+    prev = pcfg.set_save_residuals(True)  # for what is traced below (f is traced in here)
     try:
-        pcfg._MEMORY[key] = dataclasses.replace(pcfg.get_config(K, V, C, dtype),
-                                                save_residuals=True)
         f = jax.jit(jax.value_and_grad(loss_fn("pallas", C), argnums=tuple(range(7)),
                                        has_aux=True))
         (_, (o_s, f_s)), g_s = f(*args, w)
@@ -262,10 +259,7 @@ def run_shape(B, T, H, K, V, dtype, C, reps, do_stages):
         res["saved_error"] = f"{type(e).__name__}: {e}"[:3000]
         traceback.print_exc()
     finally:
-        if prev is None:
-            pcfg._MEMORY.pop(key, None)
-        else:
-            pcfg._MEMORY[key] = prev
+        pcfg.set_save_residuals(prev)
     return res
 
 
