@@ -24,11 +24,7 @@ export PYTHONUNBUFFERED=1
 sections=${*:-ops train decode check}
 
 if [[ -z "${SKIP_INSTALL:-}" ]]; then
-    "$PY" -m pip install -q --no-deps --no-build-isolation -e . >"$OUT_DIR/install.log" 2>&1 || {
-        echo "install failed"; tail -20 "$OUT_DIR/install.log"; exit 1; }
-    if ls .wheels/*.whl >/dev/null 2>&1; then
-        "$PY" -m pip install -q --no-deps .wheels/*.whl >>"$OUT_DIR/install.log" 2>&1 || true
-    fi
+    bash benchmarks/gpu_install.sh "$OUT_DIR/install.log" || exit 1
 fi
 nvidia-smi -L | tee "$OUT_DIR/device.txt"
 "$PY" -c "import jax, flax, optax; print('jax', jax.__version__, 'flax', flax.__version__, \

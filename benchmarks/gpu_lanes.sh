@@ -12,14 +12,9 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 RES=${RES:-/tmp/qdelta_gpu}
-PY=${PYTHON:-python3}
 mkdir -p "$RES"
 pack() { [[ -n "${OUT:-}" ]] && tar czf "$OUT/results.tgz" -C "$RES" . 2>/dev/null; }
-"$PY" -m pip install -q --no-deps --no-build-isolation -e . >"$RES/install.log" 2>&1 || {
-    echo "install failed"; tail -20 "$RES/install.log"; exit 1; }
-if ls .wheels/*.whl >/dev/null 2>&1; then
-    "$PY" -m pip install -q --no-deps .wheels/*.whl >>"$RES/install.log" 2>&1 || true
-fi
+bash benchmarks/gpu_install.sh "$RES/install.log" || exit 1
 nvidia-smi -L | tee "$RES/device.txt"
 pids=()
 i=0
