@@ -96,8 +96,6 @@ def check_shape(shape, dtypes, impls, chunk_size: int, seed: int):
     """Rows ``(dtype, impl, errors, seconds, error message)``; the float32 HIGHEST reference is
     computed once per shape and shared by every dtype."""
     B, T, H, K, V = shape
-    if isinstance(dtypes, str):
-        dtypes = (dtypes,)
     (q, k, v, g, beta, lam, h0), w = make_inputs(jax.random.PRNGKey(seed), B, T, H, K, V)
     with jax.default_matmul_precision("highest"):
         ref = _flatten(_value_and_grads("xla", chunk_size)(q, k, v, g, beta, lam, h0, w))
