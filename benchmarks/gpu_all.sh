@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Every GPU measurement recorded in BENCHMARKS.md and docs/RESULTS.md, in one script, so a lease
-# runs them together on one card. Sections: check, dev, ops, decode, train, train{1,2}_{unrolled,scan}, recall (default:
+# runs them together on one card. Sections: check, dev, ops, ops340, ncu, decode, train,
+# train{1,2}_{unrolled,scan}, recall (default:
 # ops train decode check). benchmarks/gpu_lanes.sh runs groups of sections on different GPUs
 # of one host at once. Each step has its own time limit so that one slow step cannot eat the others.
 #
@@ -53,6 +54,13 @@ for s in $sections; do
         ;;
     ops)
         step ops 210 "$PY" benchmarks/ops.py --fla --reps 30 --warmup 5 --json "$OUT_DIR/ops.json"
+        ;;
+    ops340)  # the 340M layer only: pallas (with and without save_residuals), xla, fla's forward
+        step ops340 ${OPS_LIMIT:-180} "$PY" benchmarks/ops.py --shapes 8x4096x6x128x256 --fla \
+            --impl pallas pallas-saved xla --reps 30 --warmup 5 --json "$OUT_DIR/ops340.json"
+        ;;
+    ncu)  # Nsight Compute: per-kernel time, throughput, occupancy, stalls of one fwd+bwd
+        OUT=$OUT_DIR SKIP_INSTALL=1 step ncu ${NCU_LIMIT:-200} bash benchmarks/ncu_profile.sh
         ;;
     decode)
         step decode ${DECODE_LIMIT:-240} "$PY" benchmarks/decode.py --preset 340m \

@@ -6,7 +6,8 @@
 
 Method: every function is jitted and compiled first (compile time is reported separately), run
 ``--warmup`` times, then timed ``--reps`` times with ``block_until_ready`` around each call; the
-median is reported. Inputs are fresh random arrays (never zeros). Memory is XLA's compiled
+median is reported; the "pipelined" columns issue ``--reps`` calls back to back with one
+synchronisation (device throughput, as in a training loop; see ``testing.time_fn``). Inputs are fresh random arrays (never zeros). Memory is XLA's compiled
 memory analysis of the jitted function: ``temp`` is what it allocates on top of its arguments
 and outputs (the figure the issue bounds), ``args``/``out`` are its argument and output bytes.
 When the backend reports it, ``peak`` is the device's peak bytes in use since process start.
@@ -63,6 +64,21 @@ def peak_bytes() -> int | None:
 
 
 def bench_impl(impl, shape, dtype, warmup, reps, chunk_size):
+    """``impl``: an implementation of qdelta_rule, or ``pallas-saved`` (pallas with
+    ``save_residuals`` on while the functions are traced)."""
+    from qdelta_jax.pallas import set_save_residuals
+
+    saved = impl == "pallas-saved"
+    prev = set_save_residuals(saved) if saved else None
+    try:
+        return _bench_impl(impl, "pallas" if saved else impl, shape, dtype, warmup, reps,
+                           chunk_size)
+    finally:
+        if saved:
+            set_save_residuals(prev)
+
+
+def _bench_impl(name_, impl, shape, dtype, warmup, reps, chunk_size):
     B, T, H, K, V = shape
     inputs = random_inputs(jax.random.key(0), B, T, H, K, V, dtype=dtype)
     q, k, v, g, beta, lam, _ = inputs
@@ -75,7 +91,7 @@ def bench_impl(impl, shape, dtype, warmup, reps, chunk_size):
         o, vjp = jax.vjp(fwd, q, k, v, g, beta, lam)
         return o, vjp(do)
 
-    row = {"impl": impl, "shape": shape, "dtype": jnp.dtype(dtype).name}
+    row = {"impl": name_, "shape": shape, "dtype": jnp.dtype(dtype).name}
     for name, fn, args in (
         ("fwd", fwd, (q, k, v, g, beta, lam)),
         ("fwd_bwd", fwd_bwd, (q, k, v, g, beta, lam, do)),
@@ -90,6 +106,7 @@ def bench_impl(impl, shape, dtype, warmup, reps, chunk_size):
         row[f"{name}_compile_s"] = time.perf_counter() - t0
         try:
             row[name] = time_fn(compiled, args, warmup, reps)
+            row[f"{name}_pipe"] = time_fn(compiled, args, 1, reps, pipelined=True)
         except Exception as e:  # noqa: BLE001 - e.g. out of memory
             row[name] = None
             row[f"{name}_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
@@ -121,7 +138,7 @@ def bench_fla(shape, warmup, reps):
     for _ in range(warmup):
         run()
     torch.cuda.synchronize()
-    times = []
+    times, piped = [], []
     for _ in range(reps):
         s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         s.record()
@@ -129,7 +146,16 @@ def bench_fla(shape, warmup, reps):
         e.record()
         torch.cuda.synchronize()
         times.append(s.elapsed_time(e))
-    return {"impl": "fla gated delta rule", "shape": shape, "fwd": statistics.median(times)}
+    for _ in range(5):  # back to back, one synchronisation per round (as time_fn(pipelined))
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        for _ in range(reps):
+            run()
+        e.record()
+        torch.cuda.synchronize()
+        piped.append(s.elapsed_time(e) / reps)
+    return {"impl": "fla gated delta rule", "shape": shape, "fwd": statistics.median(times),
+            "fwd_pipe": statistics.median(piped)}
 
 
 def fmt_ms(x):
@@ -145,7 +171,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--shapes", nargs="+", default=None, help="BxTxHxKxV (default: SPEC section 6)")
     p.add_argument("--impl", nargs="+", default=None,
-                   help="implementations (default: xla, plus pallas on GPU)")
+                   help="implementations (default: xla, plus pallas on GPU); pallas-saved is"
+                   " pallas with save_residuals on")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     p.add_argument("--chunk-size", type=int, default=64)
     p.add_argument("--warmup", type=int, default=5)
@@ -174,20 +201,22 @@ def main(argv=None) -> int:
         if a.fla and on_gpu:
             rows.append(bench_fla(shape, a.warmup, a.reps))
     print(f"\nDevice: {device}; dtype {dtype.name}; median of {a.reps} after {a.warmup} warm-up\n")
-    print("| shape B,T,H,K,V | impl | fwd ms | fwd+bwd ms | fwd Mtok/s | fwd+bwd Mtok/s "
-          "| fwd temp GiB | fwd+bwd temp GiB |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| shape B,T,H,K,V | impl | fwd ms | fwd+bwd ms | fwd ms, pipelined "
+          "| fwd+bwd ms, pipelined | fwd Mtok/s | fwd+bwd Mtok/s | fwd temp GiB "
+          "| fwd+bwd temp GiB |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
         B, T = r["shape"][:2]
         tok = B * T
         f, fb = r.get("fwd"), r.get("fwd_bwd")
         print(f"| {','.join(map(str, r['shape']))} | {r['impl']} | {fmt_ms(f)} | {fmt_ms(fb)} | "
+              f"{fmt_ms(r.get('fwd_pipe'))} | {fmt_ms(r.get('fwd_bwd_pipe'))} | "
               f"{'-' if not f else f'{tok / f / 1e3:.1f}'} | "
               f"{'-' if not fb else f'{tok / fb / 1e3:.1f}'} | "
               f"{fmt_gib(r, 'fwd')} | {fmt_gib(r, 'fwd_bwd')} |")
         for key in ("fwd_error", "fwd_bwd_error"):
             if r.get(key):
-                print(f"|  | {r['impl']} {key}: {r[key]} | | | | | | |")
+                print(f"|  | {r['impl']} {key}: {r[key]} | | | | | | | | |")
     if a.json:
         with open(a.json, "w") as fh:
             json.dump({"device": device, "jax": jax.__version__, "rows": rows}, fh, indent=1,

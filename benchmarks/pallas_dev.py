@@ -25,6 +25,7 @@ import jax.numpy as jnp
 from qdelta_jax import qdelta_rule, xla
 from qdelta_jax.pallas import backward as pbwd
 from qdelta_jax.pallas import config as pcfg
+from qdelta_jax.pallas import core as pcore
 from qdelta_jax.pallas import forward as pfwd
 from qdelta_jax.testing import time_fn
 
@@ -84,32 +85,33 @@ def stage_checks(q, k, v, g, beta, lam, h0, C, res):
     m = layout.meta
     P = lambda x: xla.to_padded(x, layout)  # noqa: E731
     qp, kp, vp, gp, bp, lp = P(q), P(k), P(v), P(g), P(beta), P(lam)
+    Gp = pcore.chunk_cumsum(gp, C)
     sp = lambda x: xla._split(x, C)  # noqa: E731
     W, U, Tinv = jax.jit(lambda *a: pfwd.chunk_local(*a, C=C, cfg=cfg.local, interpret=interp,
                                                      with_t=True, cfg_a=cfg.a))(
-        qp, kp, vp, gp, bp, lp)
+        qp, kp, vp, Gp, bp, lp)
     loc = jax.jit(xla.chunk_local)(sp(qp), sp(kp), sp(vp), sp(gp), sp(bp), sp(lp))
     res["local.W"] = rel(sp(W), loc.W)
     res["local.U"] = rel(sp(U), loc.U)
     res["local.T"] = rel(sp(Tinv), loc.Tinv)
     h_in, D, fin = jax.jit(lambda *a: pfwd.state_pass(*a, C=C, cfg=cfg.state, interpret=interp))(
-        kp, gp, W, U, h0, m.reset, m.is_last, m.seq)
+        kp, Gp, W, U, h0, m.reset, m.is_last, m.seq)
     xh, xD, xf = jax.jit(lambda *a: xla.state_pass(*a, m, dt))(sp(kp), loc.G, loc.W, loc.U, h0)
     res["state.h_in"] = rel(jnp.moveaxis(h_in, 2, 1), xh)
     res["state.D"] = rel(sp(D), xD)
     res["state.final"] = rel(fin, xf)
     scale = K**-0.5
     o = jax.jit(lambda *a: pfwd.chunk_output(*a, scale=scale, out_dtype=v.dtype, C=C,
-                                             cfg=cfg.output, interpret=interp))(qp, kp, gp, h_in, D)
+                                             cfg=cfg.output, interpret=interp))(qp, kp, Gp, h_in, D)
     xo = jax.jit(lambda *a: xla.chunk_output(*a, scale, dt))(sp(qp), sp(kp), loc.G, xh, xD)
     res["output.o"] = rel(sp(o), xo)
     do = jax.random.normal(jax.random.PRNGKey(7), vp.shape, F32).astype(dt)
     dfin = jax.random.normal(jax.random.PRNGKey(8), h0.shape, F32)
     pdD0 = jax.jit(lambda *a: pbwd.chunk_dd0(*a, scale=scale, C=C, cfg=cfg.dd0,
-                                             interpret=interp))(qp, kp, gp, do)
+                                             interpret=interp))(qp, kp, Gp, do)
     dh_out, dD, dh0 = jax.jit(lambda *a: pbwd.reverse_state_pass(
         *a, scale=scale, C=C, cfg=cfg.reverse, interpret=interp))(
-        qp, kp, gp, W, do, pdD0, dfin, m.reset, m.is_last, m.seq)
+        qp, kp, Gp, W, do, pdD0, dfin, m.reset, m.is_last, m.seq)
     _, incl = xla._masks(C)
     Pm = xla._mm("...ik,...jk->...ij", sp(qp), sp(kp), dt) * xla._decay(loc.G, incl)
     dD0 = (scale * xla._mm("...ij,...iv->...jv", Pm, sp(do), dt)).astype(dt)
@@ -121,20 +123,20 @@ def stage_checks(q, k, v, g, beta, lam, h0, C, res):
     grads = jax.jit(lambda *a: xla.chunk_grads(*a, scale, dt))(
         sp(qp), sp(kp), sp(vp), sp(bp), sp(lp), loc, xh, xD, sp(do), xdh)
     dqp, dkp, dW, dGp, dPs = jax.jit(lambda *a: pbwd.chunk_dqkw(
-        *a, scale=scale, C=C, cfg=cfg.dqkw, interpret=interp))(qp, kp, gp, h_in, dh_out, do, D, dD)
+        *a, scale=scale, C=C, cfg=cfg.dqkw, interpret=interp))(qp, kp, Gp, h_in, dh_out, do, D, dD)
     out = jax.jit(lambda *a: pbwd.chunk_grads(*a, C=C, cfg=cfg.grads,
                                               interpret=interp, cfg_k=cfg.grads_k))(
-        qp, kp, vp, gp, bp, lp, Tinv, dD, dW, dqp, dkp, dGp, dPs)
+        qp, kp, vp, Gp, bp, lp, Tinv, dD, dW, dqp, dkp, dGp, dPs)
     for name, a, b in zip(("dq", "dk", "dv", "dg", "dbeta", "dlam"), out, grads):
         res[f"grads.{name}"] = rel(sp(a), b)
     # stage timings (each stage alone, at the config's settings or a candidate's)
-    ins = dict(local=(qp, kp, vp, gp, bp, lp), a=(qp, kp, gp, bp, lp),
-               state=(kp, gp, W, U, h0, m.reset, m.is_last, m.seq),
-               output=(qp, kp, gp, h_in, D),
-               dd0=(qp, kp, gp, do),
-               reverse=(qp, kp, gp, W, do, pdD0, dfin, m.reset, m.is_last, m.seq),
-               dqkw=(qp, kp, gp, h_in, dh_out, do, D, dD),
-               grads=(qp, kp, vp, gp, bp, lp, Tinv, dD, dW, dqp, dkp, dGp, dPs))
+    ins = dict(local=(qp, kp, vp, Gp, bp, lp), a=(qp, kp, Gp, bp, lp),
+               state=(kp, Gp, W, U, h0, m.reset, m.is_last, m.seq),
+               output=(qp, kp, Gp, h_in, D),
+               dd0=(qp, kp, Gp, do),
+               reverse=(qp, kp, Gp, W, do, pdD0, dfin, m.reset, m.is_last, m.seq),
+               dqkw=(qp, kp, Gp, h_in, dh_out, do, D, dD),
+               grads=(qp, kp, vp, Gp, bp, lp, Tinv, dD, dW, dqp, dkp, dGp, dPs))
     ins["grads_k"] = ins["grads"]
     ins["local_t"] = ins["local"]
 
@@ -145,7 +147,7 @@ def stage_checks(q, k, v, g, beta, lam, h0, C, res):
                                                  cfg_a=c.a),
             "local_t": lambda *a: pfwd.chunk_local(*a, C=C, cfg=c.local, interpret=interp,
                                                    cfg_a=c.a, with_t=True),
-            "a": lambda *a: pfwd.chunk_a(*a, C=C, cfg=c.a, interpret=interp),
+            "a": lambda *a: pfwd.chunk_solve(*a, C=C, cfg=c.a, interpret=interp),
             "state": lambda *a: pfwd.state_pass(*a, C=C, cfg=c.state, interpret=interp),
             "output": lambda *a: pfwd.chunk_output(*a, scale=scale, out_dtype=v.dtype, C=C,
                                                    cfg=c.output, interpret=interp),
@@ -187,8 +189,8 @@ SWEEP = {
     "grads": [(8, 1, 64, 0), (4, 1, 128, 0), (4, 1, 32, 0)],
     "grads_k": [(8, 1, 0, 0)],
     "dd0": [(4, 1, 64, 0), (8, 1, 128, 0), (4, 1, 256, 0)],
-    "local": [(4, 1, 128, 0), (2, 1, 64, 0), (2, 1, 256, 0)],
-    "a": [(8, 1, 0, 0), (2, 1, 0, 0)],
+    "local": [(4, 1, 64, 128), (8, 1, 128, 128), (4, 1, 256, 128), (4, 1, 128, 64)],
+    "a": [(2, 1, 0, 64), (1, 1, 0, 32), (4, 1, 0, 64), (1, 1, 0, 128)],
     "state": [(4, 1, 64, 0), (4, 3, 64, 0), (2, 2, 32, 0), (8, 2, 64, 0)],
     "reverse": [(4, 1, 64, 0), (4, 3, 64, 0), (2, 2, 32, 0), (8, 2, 64, 0)],
     "output": [(4, 2, 128, 0), (8, 2, 256, 0)],

@@ -1,24 +1,21 @@
 """Helpers shared by the Q-Delta kernels: Triton-friendly matmuls, masks and the blocked
-chunk algebra.
+unit lower triangular inverse.
 
-The unit lower triangular inverse (:func:`solve_blocks`). The Triton lowering has no
-triangular solve and cannot slice a tensor held in registers, so ``A`` is first written to HBM
-by one whole-chunk matmul (kernel ``chunk_a``) and the solve kernel loads it back as 16 x 16
-blocks and rows (:func:`chunk_blocks`): the diagonal blocks are inverted by forward
-substitution (all chains in one 15-step ``fori_loop`` on 16 x 16 tiles, one in-warp reduction
-a step), and the blocks below the diagonal are merged with small float32 matmuls. Small tiles
-keep few registers live; the earlier whole-chunk [64, 64] substitution (two cross-warp
-reductions a step on 64 x 64 tiles) spilled and ran 1.4 ms at the 340M shape. (Computing the
-16 x 16 blocks of ``A`` as separate [16, K] x [K, 16] matmuls in the solve kernel does not help:
-each warp then holds whole [16, K] operands, 255 registers.) Why not the product form on the whole
-chunk: ``(I + N)(I + N^2)...(I + N^32)`` forms ``N^32`` whose entries, for correlated keys and
-slow decay, grow like binomial coefficients (about ``C(63, 31) |N|^32``) and cancel
-catastrophically in float32; substitution never forms them.
+:func:`solve_blocks` works on 16 x 16 register tiles: the ``chunk_solve`` kernel computes the
+ten blocks of ``A`` below and on the diagonal of a 64-row chunk as separate small matmuls
+(looping over K in slices, so no warp holds a whole [16, K] operand for long), inverts the
+diagonal blocks by forward substitution (a row of a register tile is taken out by a masked
+reduction, as the Triton lowering cannot index registers) and merges the blocks below the
+diagonal with small float32 matmuls. Earlier versions wrote ``A`` to HBM and loaded its rows
+back (two launches, 2 x 50 MB of traffic at the 340M shape) and computed ``W, U`` by 16-row
+blocks in the same kernel, which cost more registers and launches (docs/KERNELS.md has the
+times).
+Why not the product form on the whole chunk: ``(I + N)(I + N^2)...(I + N^32)`` forms ``N^32``
+whose entries, for correlated keys and slow decay, grow like binomial coefficients (about
+``C(63, 31) |N|^32``) and cancel catastrophically in float32; substitution never forms them.
 """
 
 from __future__ import annotations
-
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -71,13 +68,6 @@ def masks(n: int):
     return i > j, i >= j
 
 
-def cumsum(x):
-    """Inclusive cumulative sum of a 1-D vector (a masked row sum; no scan in the kernel)."""
-    n = x.shape[0]
-    i, j = iota2(n, n, 0), iota2(n, n, 1)
-    return jnp.sum(jnp.where(j <= i, x[None, :], 0.0), axis=1)
-
-
 def revcumsum(x):
     """``out_i = sum_{j >= i} x_j`` of a 1-D vector."""
     n = x.shape[0]
@@ -100,16 +90,16 @@ def last(x):
     return jnp.sum(jnp.where(lax.broadcasted_iota(jnp.int32, (n,), 0) == n - 1, x, 0.0))
 
 
-def solve_blocks(row_of, block_of, nb: int, hp):
-    """``T = (I + A)^-1`` of a ``[C, C]`` strictly lower triangular float32 ``A`` (C = 16 nb),
-    as ``{(b, c): T_bc}`` (``[S, S]`` float32) for ``c <= b``. ``row_of(b, r)`` returns row r of
-    diagonal block b as ``[1, S]`` (``r`` traced), ``block_of(b, c)`` block ``A_bc``; in a kernel
-    both are loads from a ref holding A (the Triton lowering cannot slice registers).
+def solve_blocks(A: dict, nb: int, hp) -> dict:
+    """``T = (I + A)^-1`` of a ``[C, C]`` strictly lower triangular float32 ``A`` (C = 16 nb)
+    held in registers as 16 x 16 blocks ``A[b, c]`` (``c <= b``), returned as ``{(b, c): T_bc}``
+    (``[S, S]`` float32, ``c <= b``).
 
-    1. Diagonal blocks by forward substitution, all ``nb`` chains in one 15-step loop, kept
-       transposed: column r of ``T_bb^T`` is ``e_r - sum_j T_bb^T[:, j] A_rj``, a reduction
-       along the tile's minor axis (inside a warp: no shared memory, no barrier), with the row
-       ``A_r.`` loaded straight from the ref.
+    1. Diagonal blocks by forward substitution, all ``nb`` chains in one 14-step loop: row i
+       of ``N = T_bb - I`` is ``a + sum_j a_j N_j`` with ``a = -A_i.`` (zero from column i on),
+       ``N`` starting as ``-A_bb`` (right for rows 0 and 1). A row is taken out of a register
+       tile by a masked reduction (the Triton lowering cannot index registers); with one warp
+       per program every reduction stays inside the warp.
     2. Below the diagonal, block row by block row:
        ``T_bc = -T_bb sum_{m=c}^{b-1} A_bm T_mc`` (float32 matmuls at precision ``hp``).
     Substitution and block merges never form high powers of ``A`` (the product form
@@ -118,47 +108,38 @@ def solve_blocks(row_of, block_of, nb: int, hp):
     row, col = iota2(S, S, 0), iota2(S, S, 1)
     eye = jnp.where(row == col, 1.0, 0.0).astype(F32)
 
-    def step(r, Tts):
+    def step(i, Ns):
         out = []
-        for b, Tt in enumerate(Tts):
-            a = row_of(b, r).astype(F32)  # [1, S]: A_rj, zero for j >= r
-            new = jnp.sum(Tt * a, axis=1)  # new_c = sum_j T_jc A_rj
-            out.append(jnp.where(col == r, eye - new[:, None], Tt))
+        for b, N in enumerate(Ns):
+            a = -jnp.sum(jnp.where(row == i, A[b, b], 0.0), axis=0)  # [S]: -A_ij, 0 for j >= i
+            a = a + jnp.sum(a[:, None] * N, axis=0)
+            out.append(jnp.where(row == i, a[None, :], N))
         return tuple(out)
 
-    Tts = lax.fori_loop(1, S, step, (eye,) * nb)
-    T = {(b, b): Tts[b].T for b in range(nb)}
+    Ns = lax.fori_loop(2, S, step, tuple(-A[b, b] for b in range(nb)))
+    T = {(b, b): Ns[b] + eye for b in range(nb)}
     for b in range(1, nb):
         for c in range(b - 1, -1, -1):
-            acc = dot(block_of(b, c), T[c, c], hp=hp)
+            acc = dot(A[b, c], T[c, c], hp=hp)
             for m in range(c + 1, b):
-                acc = acc + dot(block_of(b, m), T[m, c], hp=hp)
+                acc = acc + dot(A[b, m], T[m, c], hp=hp)
             T[b, c] = -dot(T[b, b], acc, hp=hp)
     return T
 
 
 def solve_unit_lower(A, hp):
     """``(I + A)^-1`` of a ``[C, C]`` strictly lower triangular float32 ``A`` by
-    :func:`solve_blocks` on an array (outside kernels; kernels load the blocks from a ref)."""
+    :func:`solve_blocks` on an array (outside kernels, for tests)."""
     C = A.shape[0]
     nb = C // S
     A = A.astype(F32)
-    blk = lambda b, c: A[b * S:(b + 1) * S, c * S:(c + 1) * S]  # noqa: E731
-    row_of = lambda b, r: lax.dynamic_slice(A, (b * S + r, b * S), (1, S))  # noqa: E731
-    T = solve_blocks(row_of, blk, nb, hp)
+    blocks = {(b, c): A[b * S:(b + 1) * S, c * S:(c + 1) * S]
+              for b in range(nb) for c in range(b + 1)}
+    T = solve_blocks(blocks, nb, hp)
     z = jnp.zeros((S, S), F32)
     return jnp.concatenate(
         [jnp.concatenate([T[b, c] if c <= b else z for c in range(nb)], axis=1)
          for b in range(nb)], axis=0)
-
-
-class Blocks(NamedTuple):
-    """One chunk as ``nb = C / 16`` row blocks: ``G`` (cumulative log decay) and ``beta``
-    (lists of [S]) and ``T = (I + A)^-1`` as ``{(b, c): [S, S]}``, c <= b."""
-
-    G: list
-    beta: list
-    T: dict
 
 
 def rows(b: int):
@@ -166,34 +147,12 @@ def rows(b: int):
     return pl.ds(b * S, S)
 
 
-def x_block(q_ref, k_ref, l_ref, b: int):
-    """``X = k + lam q`` (float32) of row block ``b``, from the refs."""
-    lam = l_ref[rows(b)].astype(F32)
-    return k_ref[rows(b), :].astype(F32) + lam[:, None] * q_ref[rows(b), :].astype(F32)
-
-
-def chunk_blocks(a_ref, g_ref, b_ref, hp) -> Blocks:
-    """``G``, ``beta`` and ``T = (I + A)^-1`` by row blocks, for the chunk's ``A`` in ``a_ref``
-    (``[C, C]`` float32, written by the ``chunk_a`` kernel) and ``g, beta`` refs ``[C]``."""
-    nb = a_ref.shape[0] // S
-    Gs, betas = [], []
-    off = jnp.zeros((), F32)
-    for b in range(nb):
-        g = g_ref[rows(b)].astype(F32)
-        Gs.append(cumsum(g) + off)
-        off = off + jnp.sum(g)
-        betas.append(b_ref[rows(b)].astype(F32))
-    T = solve_blocks(lambda b, r: a_ref[pl.ds(b * S + r, 1), rows(b)],
-                     lambda b, c: a_ref[rows(b), rows(c)], nb, hp)
-    return Blocks(Gs, betas, T)
-
-
-def local(q, k, g, beta, lam, dt, hp):
-    """The state-free quantities of one chunk as whole tiles: ``G``, ``X = k + lam q``
-    (float32), ``Rd = (X K^T) o decay`` (strictly lower) and ``A = beta_i Rd``."""
+def local(q, k, G, beta, lam, dt, hp):
+    """The state-free quantities of one chunk as whole tiles, given ``G`` (the chunk's
+    cumulative log decay): ``X = k + lam q`` (float32), ``Rd = (X K^T) o decay`` (strictly
+    lower) and ``A = beta_i Rd``."""
     C = q.shape[0]
     strict, _ = masks(C)
-    G = cumsum(g)
     X = k.astype(F32) + lam[:, None] * q.astype(F32)
     Rd = dot(X, k, tb=True, dt=dt, hp=hp) * decay(G, G, strict)
-    return G, X, Rd, beta[:, None] * Rd
+    return X, Rd, beta[:, None] * Rd

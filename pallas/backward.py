@@ -40,16 +40,16 @@ F32 = jnp.float32
 # ----------------------------------------------------------------------------- 1. reverse pass
 
 
-def _dd0_kernel(q_ref, k_ref, g_ref, do_ref, dd0_ref, *, BV, scale, dt, hp):
+def _dd0_kernel(q_ref, k_ref, G_ref, do_ref, dd0_ref, *, BV, scale, dt, hp):
     _, incl = u.masks(q_ref.shape[0])
-    G = u.cumsum(g_ref[...].astype(F32))
+    G = G_ref[...]
     P = (u.dot(q_ref[...], k_ref[...], tb=True, dt=dt, hp=hp) * u.decay(G, G, incl)).astype(dt)
     for j in range(do_ref.shape[-1] // BV):
         vs = pl.ds(j * BV, BV)
         dd0_ref[:, vs] = (scale * u.dot(P, do_ref[:, vs], ta=True, dt=dt, hp=hp)).astype(dt)
 
 
-def chunk_dd0(q, k, g, do, *, scale: float, C: int, cfg: StageConfig, interpret):
+def chunk_dd0(q, k, G, do, *, scale: float, C: int, cfg: StageConfig, interpret):
     """``dD0 = scale P^T dO [B, Tp, H, V]`` in the compute dtype (``P = Q K^T o decay o
     causal``): the state-independent part of ``dD``, parallel over (batch, chunk, head) with a
     loop over V tiles, so that the reverse pass keeps only the K x V products in its loop."""
@@ -68,11 +68,11 @@ def chunk_dd0(q, k, g, do, *, scale: float, C: int, cfg: StageConfig, interpret)
         interpret=interpret,
         compiler_params=params(cfg),
         name="qdelta_chunk_dd0",
-    )(q, k, g, do.astype(dt))
+    )(q, k, G, do.astype(dt))
 
 
 def _reverse_kernel(
-    q_ref, k_ref, w_ref, g_ref, do_ref, dd0_ref, dfin_ref, reset_ref, last_ref, seq_ref, _dh0_in,
+    q_ref, k_ref, w_ref, G_ref, do_ref, dd0_ref, dfin_ref, reset_ref, last_ref, seq_ref, _dh0_in,
     dhout_ref, dd_ref, dh0_ref, *, C, NC, BV, scale, dt, hp,
 ):
     b, h, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
@@ -86,9 +86,8 @@ def _reverse_kernel(
                       lambda: dh)
         dhout_ref[b, c, h, :, vs] = dh.astype(dt)
         t = pl.ds(c * C, C)
-        g = g_ref[b, t, h]
-        G = u.cumsum(g)
-        gC = jnp.sum(g)
+        G = G_ref[b, t, h]
+        gC = G_ref[b, c * C + C - 1, h]
         # On the chain dh -> dD -> dh_in: two [C, K] x [K / C, BV] products. The
         # state-independent dD0 = scale P^T dO comes from chunk_dd0.
         kd = k_ref[b, t, h, :].astype(F32) * jnp.exp(gC - G)[:, None]
@@ -111,7 +110,7 @@ def _reverse_kernel(
     lax.fori_loop(0, NC, body, jnp.zeros((K, BV), F32))
 
 
-def reverse_state_pass(q, k, g, W, do, dD0, dfinal, reset, is_last, seq, *, scale: float,
+def reverse_state_pass(q, k, G, W, do, dD0, dfinal, reset, is_last, seq, *, scale: float,
                        C: int, cfg: StageConfig, interpret):
     """Returns ``dh_out [B, NC, H, K, V]`` and ``dD [B, Tp, H, V]`` in the compute dtype and
     ``dh0 [N, H, K, V]`` float32; ``dD0`` from :func:`chunk_dd0`."""
@@ -138,7 +137,7 @@ def reverse_state_pass(q, k, g, W, do, dD0, dfinal, reset, is_last, seq, *, scal
         interpret=interpret,
         compiler_params=params(cfg),
         name="qdelta_reverse_state_pass",
-    )(q, k, W, g, do, dD0.astype(dt), dfinal, reset.astype(jnp.int32),
+    )(q, k, W, G, do, dD0.astype(dt), dfinal, reset.astype(jnp.int32),
       is_last.astype(jnp.int32), seq.astype(jnp.int32), dfinal)
 
 
@@ -146,7 +145,7 @@ def reverse_state_pass(q, k, g, W, do, dD0, dfinal, reset, is_last, seq, *, scal
 
 
 def _dqkw_kernel(
-    q_ref, k_ref, g_ref, hin_ref, dhout_ref, do_ref, d_ref, dd_ref,
+    q_ref, k_ref, G_ref, hin_ref, dhout_ref, do_ref, d_ref, dd_ref,
     dqp_ref, dkp_ref, dw_ref, dgp_ref, dps_ref, *, nv, BV, scale, dt, hp,
 ):
     C, BK = q_ref.shape
@@ -170,8 +169,7 @@ def _dqkw_kernel(
     doh, dkd, dw, hd, dP = lax.fori_loop(
         0, nv, body, (z, z, z, jnp.zeros((), F32), jnp.zeros((C, C), F32))
     )
-    g = g_ref[...].astype(F32)
-    G = u.cumsum(g)
+    G = G_ref[...]
 
     # dPs = scale dP o decay o causal, written once (by the first K tile).
     @pl.when(pl.program_id(3) == 0)
@@ -179,7 +177,7 @@ def _dqkw_kernel(
         _, incl = u.masks(C)
         dps_ref[...] = scale * dP * u.decay(G, G, incl)
 
-    gC = jnp.sum(g)
+    gC = G_ref[C - 1]
     gam = jnp.exp(G)
     e = jnp.exp(gC - G)
     q = q_ref[...].astype(F32)
@@ -193,7 +191,7 @@ def _dqkw_kernel(
     dgp_ref[...] = dG + jnp.where(is_last, jnp.sum(de) + jnp.exp(gC) * hd, 0.0)
 
 
-def chunk_dqkw(q, k, g, h_in, dh_out, do, D, dD, *, scale: float, C: int, cfg: StageConfig,
+def chunk_dqkw(q, k, G, h_in, dh_out, do, D, dD, *, scale: float, C: int, cfg: StageConfig,
                interpret):
     """State-side gradient terms: ``dq_part, dk_part [B, Tp, H, K]`` float32, ``dW`` in the
     compute dtype, ``dG_part [B, Tp, H]`` float32 (summed over K tiles), and the output's
@@ -229,7 +227,7 @@ def chunk_dqkw(q, k, g, h_in, dh_out, do, D, dD, *, scale: float, C: int, cfg: S
         interpret=interpret,
         compiler_params=params(cfg),
         name="qdelta_chunk_dqkw",
-    )(q, k, g, h_in, dh_out, do, D, dD)
+    )(q, k, G, h_in, dh_out, do, D, dD)
     return dqp, dkp, dW, jnp.sum(dgp, axis=0), dPs
 
 
@@ -237,13 +235,13 @@ def chunk_dqkw(q, k, g, h_in, dh_out, do, D, dD, *, scale: float, C: int, cfg: S
 
 
 def _grads_v_kernel(
-    q_ref, k_ref, v_ref, g_ref, b_ref, l_ref, t_ref, dd_ref, dw_ref,
+    q_ref, k_ref, v_ref, G_ref, b_ref, l_ref, t_ref, dd_ref, dw_ref,
     dv_ref, dbv_ref, da_ref, *, BV, dt, hp,
 ):
     C = q_ref.shape[0]
     strict, _ = u.masks(C)
     beta = b_ref[...].astype(F32)
-    G = u.cumsum(g_ref[...].astype(F32))
+    G = G_ref[...]
     X = k_ref[...].astype(F32) + l_ref[...].astype(F32)[:, None] * q_ref[...].astype(F32)
     bx = (beta * jnp.exp(G))[:, None] * X
     T = t_ref[...]
@@ -287,7 +285,7 @@ def _grads_k_phase1(dps_ref, da_ref, dbv_ref, QK, Rd, A, G, beta, lam, strict):
 
 
 def _grads_k_kernel(
-    q_ref, k_ref, g_ref, b_ref, l_ref, t_ref, dw_ref, dps_ref, da_ref, dbv_ref, dqp_ref,
+    q_ref, k_ref, G_ref, b_ref, l_ref, t_ref, dw_ref, dps_ref, da_ref, dbv_ref, dqp_ref,
     dkp_ref, dgp_ref, dq_ref, dk_ref, dg_ref, db_ref, dl_ref, *, dt, hp,
 ):
     C = q_ref.shape[0]
@@ -295,7 +293,8 @@ def _grads_k_kernel(
     q, k = q_ref[...], k_ref[...]
     beta = b_ref[...].astype(F32)
     lam = l_ref[...].astype(F32)
-    G, _, Rd, A = u.local(q, k, g_ref[...].astype(F32), beta, lam, dt, hp)
+    G = G_ref[...]
+    _, Rd, A = u.local(q, k, G, beta, lam, dt, hp)
     gam = jnp.exp(G)
     bg = beta * gam
 
@@ -330,7 +329,7 @@ def _grads_k_kernel(
 
 
 def _grads_k_split_kernel(
-    q_ref, k_ref, g_ref, b_ref, l_ref, t_ref, dw_ref, dps_ref, da_ref, dbv_ref, dqp_ref,
+    q_ref, k_ref, G_ref, b_ref, l_ref, t_ref, dw_ref, dps_ref, da_ref, dbv_ref, dqp_ref,
     dkp_ref, dgp_ref, dq_ref, dk_ref, dg_ref, db_ref, dl_ref, *, BK, dt, hp,
 ):
     """:func:`_grads_k_kernel` by K slices of BK (for float32 at K 256, whose whole-K operands
@@ -340,7 +339,7 @@ def _grads_k_split_kernel(
     strict, _ = u.masks(C)
     beta = b_ref[...].astype(F32)
     lam = l_ref[...].astype(F32)
-    G = u.cumsum(g_ref[...].astype(F32))
+    G = G_ref[...]
     gam = jnp.exp(G)
     bg = beta * gam
 
@@ -391,7 +390,7 @@ def _grads_k_split_kernel(
     dg_ref[...] = u.revcumsum(dG + dgp_ref[...])
 
 
-def chunk_grads(q, k, v, g, beta, lam, Tinv, dD, dW, dq_part, dk_part, dG_part, dPs, *,
+def chunk_grads(q, k, v, G, beta, lam, Tinv, dD, dW, dq_part, dk_part, dG_part, dPs, *,
                 C: int, cfg: StageConfig, interpret, cfg_k: StageConfig | None = None):
     """All local gradients (the counterpart of :func:`qdelta_jax.xla.chunk_grads`, given the
     state-side terms and ``dPs`` of :func:`chunk_dqkw` and ``Tinv = (I + A)^-1 [B, Tp, H, C]``
@@ -420,7 +419,7 @@ def chunk_grads(q, k, v, g, beta, lam, Tinv, dD, dW, dq_part, dk_part, dG_part, 
         interpret=interpret,
         compiler_params=params(cfg),
         name="qdelta_chunk_grads_v",
-    )(q, k, v, g, beta, lam, Tinv, dD, dW)
+    )(q, k, v, G, beta, lam, Tinv, dD, dW)
     dq, dk, dg, db, dl = pl.pallas_call(
         functools.partial(_grads_k_kernel, dt=dt, hp=hp) if bk_k == K
         else functools.partial(_grads_k_split_kernel, BK=bk_k, dt=dt, hp=hp),
@@ -437,5 +436,5 @@ def chunk_grads(q, k, v, g, beta, lam, Tinv, dD, dW, dq_part, dk_part, dG_part, 
         interpret=interpret,
         compiler_params=params(cfg_k or cfg),
         name="qdelta_chunk_grads_k",
-    )(q, k, g, beta, lam, Tinv, dW, dPs, dA, dbv, dq_part, dk_part, dG_part)
+    )(q, k, G, beta, lam, Tinv, dW, dPs, dA, dbv, dq_part, dk_part, dG_part)
     return dq, dk, dv, dg, db, dl

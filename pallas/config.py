@@ -57,15 +57,16 @@ class StageConfig:
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-    """Settings per stage: ``local`` (A, T, W, U; forward and backward recompute), ``state``
+    """Settings per stage: ``local`` (W and U from T, grid over chunks, K and V tiles),
+    ``a`` (A and its inverse T, K slices of ``block_k``), ``state``
     (forward state pass, grid over V tiles), ``output`` (O, grid over V tiles), ``reverse``
     (reverse state pass, grid over V tiles), ``dqkw`` (the state-side gradients, grid over K
     tiles, loop over V tiles), ``grads`` (V side of the local gradients, loop over V tiles),
-    ``a`` (the ``A`` matmul before the solve), ``grads_k`` (K side of the local
+    ``grads_k`` (K side of the local
     gradients) and ``dd0`` (``scale P^T dO`` before the reverse pass, loop over V tiles).
 
     ``save_residuals``: the forward also writes ``T`` and keeps ``W, T, h_in, D`` for the
-    backward, which then skips its recompute (``chunk_a``, ``chunk_local``, ``state_pass``) at
+    backward, which then skips its recompute (``chunk_solve``, ``chunk_wu``, ``state_pass``) at
     the cost of holding them until the backward runs (``2 K + 4 C + 2 K V / C + 2 V`` bytes a
     token and head in bfloat16: 300 MB at B8 T4096 H6 K128 V256). Off by default, as in the
     XLA path, which saves nothing per chunk."""
@@ -76,7 +77,7 @@ class Config:
     reverse: StageConfig
     dqkw: StageConfig
     grads: StageConfig
-    a: StageConfig = StageConfig(num_warps=4)
+    a: StageConfig = StageConfig(num_warps=1, block_k=64)
     grads_k: StageConfig = StageConfig(num_warps=8)
     dd0: StageConfig = StageConfig(num_warps=4, block_v=64)
     save_residuals: bool = False
@@ -105,14 +106,14 @@ def default_config(K: int, V: int, chunk_size: int = 64, dtype=None) -> Config:
     # Output: one V tile of up to 256 (the [C, BV] float32 accumulator) where K <= 128.
     bv_out = min(V, 256 if K <= 128 else 128)
     cfg = Config(
-        local=StageConfig(num_warps=2 if K <= 128 else 4, num_stages=1, block_v=min(V, 128)),
+        local=StageConfig(num_warps=4, num_stages=1, block_v=min(V, 128), block_k=min(K, 128)),
         state=StageConfig(num_warps=w_state, num_stages=2, block_v=bv_state),
         output=StageConfig(num_warps=4, num_stages=2, block_v=bv_out),
         reverse=StageConfig(num_warps=w_state, num_stages=2, block_v=bv_state),
         dqkw=StageConfig(num_warps=8, num_stages=2, block_v=min(V, 128), block_k=min(K, 128)),
         grads=StageConfig(num_warps=4, num_stages=1, block_v=min(V, 64)),
-        a=StageConfig(num_warps=4, num_stages=1),
-        grads_k=StageConfig(num_warps=4 if K <= 128 else 8, num_stages=1),
+        a=StageConfig(num_warps=1, num_stages=1, block_k=min(K, 64)),
+        grads_k=StageConfig(num_warps=8, num_stages=1),
         dd0=StageConfig(num_warps=4, num_stages=1, block_v=min(V, 128)),
     )
     if dtype is not None and jnp.dtype(dtype).itemsize >= 4:
@@ -199,10 +200,19 @@ def _candidates(stage: str, K: int, V: int) -> list[StageConfig]:
     elif stage == "grads_k":
         for w in (4, 8):
             out.append(StageConfig(num_warps=w, num_stages=1))
-    elif stage in ("grads", "local", "dd0"):
+    elif stage in ("grads", "dd0"):
         for bv in [b for b in pow2 if 32 <= b <= 128]:
             for w in (4, 8):
                 out.append(StageConfig(num_warps=w, num_stages=1, block_v=bv))
+    elif stage == "local":
+        for bv in [b for b in pow2 if 64 <= b <= 256]:
+            for w in (4, 8):
+                out.append(StageConfig(num_warps=w, num_stages=1, block_v=bv,
+                                       block_k=min(K, 128)))
+    elif stage == "a":
+        for bk in [b for b in (32, 64, 128) if b <= K]:
+            for w in (1, 2, 4):
+                out.append(StageConfig(num_warps=w, num_stages=1, block_k=bk))
     else:
         for w in (2, 4, 8):
             out.append(StageConfig(num_warps=w, num_stages=1))

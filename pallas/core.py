@@ -42,14 +42,23 @@ def check_sizes(K: int, V: int, chunk_size: int) -> None:
         )
 
 
+def chunk_cumsum(g, C: int):
+    """``G [B, Tp, H]`` float32: the cumulative sum of ``g`` within each chunk of ``C`` steps
+    (one small XLA op; every kernel reads ``G`` instead of summing ``g`` itself)."""
+    B, Tp, H = g.shape
+    G = jnp.cumsum(g.astype(F32).reshape(B, Tp // C, C, H), axis=2)
+    return G.reshape(B, Tp, H)
+
+
 def _fwd_impl(q, k, v, g, beta, lam, h0, reset, is_last, seq, scale, cfg: Config, C, interp):
-    W, U = fwd.chunk_local(q, k, v, g, beta, lam, C=C, cfg=cfg.local, interpret=interp,
+    G = chunk_cumsum(g, C)
+    W, U = fwd.chunk_local(q, k, v, G, beta, lam, C=C, cfg=cfg.local, interpret=interp,
                            cfg_a=cfg.a)
     h_in, D, final = fwd.state_pass(
-        k, g, W, U, h0, reset, is_last, seq, C=C, cfg=cfg.state, interpret=interp
+        k, G, W, U, h0, reset, is_last, seq, C=C, cfg=cfg.state, interpret=interp
     )
     o = fwd.chunk_output(
-        q, k, g, h_in, D, scale=scale, out_dtype=v.dtype, C=C, cfg=cfg.output, interpret=interp
+        q, k, G, h_in, D, scale=scale, out_dtype=v.dtype, C=C, cfg=cfg.output, interpret=interp
     )
     return o, final
 
@@ -64,13 +73,14 @@ def _core_fwd(q, k, v, g, beta, lam, h0, reset, is_last, seq, scale, cfg, C, int
     if not cfg.save_residuals:
         out = _fwd_impl(q, k, v, g, beta, lam, h0, reset, is_last, seq, scale, cfg, C, interp)
         return out, (inputs, None)
-    W, U, Tinv = fwd.chunk_local(q, k, v, g, beta, lam, C=C, cfg=cfg.local, interpret=interp,
+    G = chunk_cumsum(g, C)
+    W, U, Tinv = fwd.chunk_local(q, k, v, G, beta, lam, C=C, cfg=cfg.local, interpret=interp,
                                  with_t=True, cfg_a=cfg.a)
     h_in, D, final = fwd.state_pass(
-        k, g, W, U, h0, reset, is_last, seq, C=C, cfg=cfg.state, interpret=interp
+        k, G, W, U, h0, reset, is_last, seq, C=C, cfg=cfg.state, interpret=interp
     )
     o = fwd.chunk_output(
-        q, k, g, h_in, D, scale=scale, out_dtype=v.dtype, C=C, cfg=cfg.output, interpret=interp
+        q, k, G, h_in, D, scale=scale, out_dtype=v.dtype, C=C, cfg=cfg.output, interpret=interp
     )
     return (o, final), (inputs, (W, Tinv, h_in, D))
 
@@ -79,24 +89,25 @@ def _core_bwd(scale, cfg: Config, C, interp, res, cts):
     (q, k, v, g, beta, lam, h0, reset, is_last, seq), saved = res
     do, dfinal = cts
     do = do.astype(q.dtype)
+    G = chunk_cumsum(g, C)
     if saved is None:  # recompute W, T, h_in, D (nothing per chunk saved by the forward)
-        W, U, Tinv = fwd.chunk_local(q, k, v, g, beta, lam, C=C, cfg=cfg.local,
+        W, U, Tinv = fwd.chunk_local(q, k, v, G, beta, lam, C=C, cfg=cfg.local,
                                      interpret=interp, with_t=True, cfg_a=cfg.a)
         h_in, D, _ = fwd.state_pass(
-            k, g, W, U, h0, reset, is_last, seq, C=C, cfg=cfg.state, interpret=interp
+            k, G, W, U, h0, reset, is_last, seq, C=C, cfg=cfg.state, interpret=interp
         )
     else:
         W, Tinv, h_in, D = saved
-    dD0 = bwd.chunk_dd0(q, k, g, do, scale=scale, C=C, cfg=cfg.dd0, interpret=interp)
+    dD0 = bwd.chunk_dd0(q, k, G, do, scale=scale, C=C, cfg=cfg.dd0, interpret=interp)
     dh_out, dD, dh0 = bwd.reverse_state_pass(
-        q, k, g, W, do, dD0, dfinal, reset, is_last, seq, scale=scale, C=C, cfg=cfg.reverse,
+        q, k, G, W, do, dD0, dfinal, reset, is_last, seq, scale=scale, C=C, cfg=cfg.reverse,
         interpret=interp,
     )
     dqp, dkp, dW, dGp, dPs = bwd.chunk_dqkw(
-        q, k, g, h_in, dh_out, do, D, dD, scale=scale, C=C, cfg=cfg.dqkw, interpret=interp
+        q, k, G, h_in, dh_out, do, D, dD, scale=scale, C=C, cfg=cfg.dqkw, interpret=interp
     )
     dq, dk, dv, dg, db, dl = bwd.chunk_grads(
-        q, k, v, g, beta, lam, Tinv, dD, dW, dqp, dkp, dGp, dPs, C=C, cfg=cfg.grads,
+        q, k, v, G, beta, lam, Tinv, dD, dW, dqp, dkp, dGp, dPs, C=C, cfg=cfg.grads,
         interpret=interp, cfg_k=cfg.grads_k,
     )
     return (

@@ -1,15 +1,18 @@
 """Forward kernels of the chunked Q-Delta op (SPEC section 2), Pallas with the Triton lowering.
 
-Three launches, on the padded layout of :mod:`qdelta_jax.xla` (``[B, Tp, H, *]``, Tp = NC C):
+Four launches, on the padded layout of :mod:`qdelta_jax.xla` (``[B, Tp, H, *]``, Tp = NC C),
+given ``G``, the cumulative log decay within each chunk (computed once by XLA, see
+:mod:`.core`):
 
-1. :func:`chunk_local`, parallel over (batch, chunk, head): ``G``, ``A``, ``T = (I + A)^-1``
-   (by 16-row blocks, see :mod:`._util`), ``W = T (beta gamma X)`` and ``U = T (beta V)`` (block
-   by block), written in the compute dtype.
-2. :func:`state_pass`, one program per (batch row, head, V tile) looping over the chunks with
+1. :func:`chunk_solve`, parallel over (batch, chunk, head): ``A`` by 16 x 16 blocks and
+   ``T = (I + A)^-1`` in registers (see :mod:`._util`), written as float32.
+2. :func:`chunk_wu`, parallel over (batch, chunk, head): ``W = T (beta gamma X)`` and
+   ``U = T (beta V)`` as whole-chunk matmuls, written in the compute dtype.
+3. :func:`state_pass`, one program per (batch row, head, V tile) looping over the chunks with
    the float32 state ``[K, BV]`` in registers: it resets to ``h0[seq]`` where a sequence starts,
    writes the chunk-entry state ``h_in`` and the writes ``D = U - W h``, and stores the final
    state of each sequence at its last chunk.
-3. :func:`chunk_output`, parallel over (batch, chunk, head, V tile):
+4. :func:`chunk_output`, parallel over (batch, chunk, head, V tile):
    ``O = scale ((gamma Q) h_in + (Q K^T o decay o causal) D)``.
 
 Why not fuse the output into the state pass: the pass has only ``B H V / BV`` programs and is
@@ -52,51 +55,41 @@ def spec_rows(C: int, D: int | None):
 # ----------------------------------------------------------------------------- 1. local
 
 
-def _a_kernel(q_ref, k_ref, g_ref, b_ref, l_ref, a_ref, *, dt, hp):
-    _, _, _, A = u.local(q_ref[...], k_ref[...], g_ref[...].astype(F32),
-                         b_ref[...].astype(F32), l_ref[...].astype(F32), dt, hp)
-    a_ref[...] = A
-
-
-def _local_kernel(q_ref, k_ref, v_ref, g_ref, b_ref, l_ref, a_ref, w_ref, u_ref, *t_ref, BV, dt,
-                  hp):
-    blk = u.chunk_blocks(a_ref, g_ref, b_ref, hp)
-    nb = len(blk.G)
-    T = blk.T
-
-    # Row block b of W = sum_{c <= b} T_bc (beta gamma X)_c, of U likewise with beta V.
-    def bx(c):
-        return ((blk.beta[c] * jnp.exp(blk.G[c]))[:, None]
-                * u.x_block(q_ref, k_ref, l_ref, c)).astype(dt)
-
-    def bv(c, vs):
-        return (blk.beta[c][:, None] * v_ref[u.rows(c), vs].astype(F32)).astype(dt)
-
-    for b in range(nb):
-        w = u.dot(T[b, 0], bx(0), dt=dt, hp=hp)
-        for c in range(1, b + 1):
-            w = w + u.dot(T[b, c], bx(c), dt=dt, hp=hp)
-        w_ref[u.rows(b), :] = w.astype(w_ref.dtype)
-        for j in range(v_ref.shape[-1] // BV):
-            vs = pl.ds(j * BV, BV)
-            uu = u.dot(T[b, 0], bv(0, vs), dt=dt, hp=hp)
-            for c in range(1, b + 1):
-                uu = uu + u.dot(T[b, c], bv(c, vs), dt=dt, hp=hp)
-            u_ref[u.rows(b), vs] = uu.astype(u_ref.dtype)
-    if t_ref:
-        (t_ref,) = t_ref
-        z = jnp.zeros((u.S, u.S), F32)
+def _solve_kernel(q_ref, k_ref, G_ref, b_ref, l_ref, t_ref, *, BK, dt, hp):
+    C, K = q_ref.shape
+    nb = C // u.S
+    Gs = [G_ref[u.rows(b)] for b in range(nb)]
+    beta = [b_ref[u.rows(b)].astype(F32) for b in range(nb)]
+    lam = [l_ref[u.rows(b)].astype(F32) for b in range(nb)]
+    # The blocks of X K^T on and below the diagonal (X = k + lam q), summed over K slices.
+    acc = {}
+    for kk in range(K // BK):
+        ks = pl.ds(kk * BK, BK)
+        kt = [k_ref[u.rows(c), ks] for c in range(nb)]
         for b in range(nb):
-            for c in range(nb):
-                t_ref[u.rows(b), u.rows(c)] = T[b, c] if c <= b else z
+            x = kt[b].astype(F32) + lam[b][:, None] * q_ref[u.rows(b), ks].astype(F32)
+            for c in range(b + 1):
+                p = u.dot(x, kt[c], tb=True, dt=dt, hp=hp)
+                acc[b, c] = p if kk == 0 else acc[b, c] + p
+    strict, _ = u.masks(u.S)
+    A = {(b, c): beta[b][:, None] * acc[b, c] * u.decay(Gs[b], Gs[c], strict if b == c else None)
+         for b in range(nb) for c in range(b + 1)}
+    T = u.solve_blocks(A, nb, hp)
+    z = jnp.zeros((u.S, u.S), F32)
+    for b in range(nb):
+        for c in range(nb):
+            t_ref[u.rows(b), u.rows(c)] = T[b, c] if c <= b else z
 
 
-def chunk_a(q, k, g, beta, lam, *, C: int, cfg: StageConfig, interpret: bool):
-    """``A_ij = beta_i (x_i . k_j) exp(G_i - G_j)`` (i > j, else 0) as ``[B, Tp, H, C]`` float32:
-    one whole-chunk matmul per program, for :func:`chunk_local` to load back in blocks."""
+def chunk_solve(q, k, G, beta, lam, *, C: int, cfg: StageConfig, interpret: bool):
+    """``T = (I + A)^-1`` as ``[B, Tp, H, C]`` float32 (row i of the chunk's ``T`` at token i),
+    with ``A_ij = beta_i (x_i . k_j) exp(G_i - G_j)`` (i > j, else 0): one program per
+    (batch, chunk, head) computes the 16 x 16 blocks of ``A`` by K slices of ``cfg.block_k``
+    and inverts them in registers (:func:`._util.solve_blocks`)."""
     B, Tp, H, K = q.shape
     dt = q.dtype
-    kernel = functools.partial(_a_kernel, dt=dt, hp=u.f32_precision(interpret, dt))
+    kernel = functools.partial(_solve_kernel, BK=min(cfg.block_k or K, K), dt=dt,
+                               hp=u.f32_precision(interpret, dt))
     return pl.pallas_call(
         kernel,
         out_shape=jax.ShapeDtypeStruct((B, Tp, H, C), F32),
@@ -105,46 +98,65 @@ def chunk_a(q, k, g, beta, lam, *, C: int, cfg: StageConfig, interpret: bool):
         out_specs=spec_rows(C, C),
         interpret=interpret,
         compiler_params=params(cfg),
-        name="qdelta_chunk_a",
-    )(q, k, g, beta, lam)
+        name="qdelta_chunk_solve",
+    )(q, k, G, beta, lam)
 
 
-def chunk_local(q, k, v, g, beta, lam, *, C: int, cfg: StageConfig, interpret: bool,
-                with_t: bool = False, cfg_a: StageConfig | None = None):
-    """``W [B, Tp, H, K]`` and ``U [B, Tp, H, V]`` in ``q``'s dtype; with ``with_t`` also
-    ``T = (I + A)^-1`` as ``[B, Tp, H, C]`` float32 (row i of the chunk's T at token i), which
-    the backward's recompute hands to :func:`backward.chunk_grads` instead of solving twice.
-    Two launches: :func:`chunk_a`, then the blocked solve and ``W, U``."""
+def _wu_kernel(q_ref, k_ref, v_ref, G_ref, b_ref, l_ref, t_ref, w_ref, u_ref, *, BK, BV, dt, hp):
+    K, V = q_ref.shape[-1], v_ref.shape[-1]
+    T = t_ref[...].astype(dt)
+    beta = b_ref[...].astype(F32)
+    bg = beta * jnp.exp(G_ref[...])
+    lam = l_ref[...].astype(F32)
+    for kk in range(K // BK):  # W = T (beta gamma X)
+        ks = pl.ds(kk * BK, BK)
+        x = k_ref[:, ks].astype(F32) + lam[:, None] * q_ref[:, ks].astype(F32)
+        w_ref[:, ks] = u.dot(T, bg[:, None] * x, dt=dt, hp=hp).astype(w_ref.dtype)
+    for j in range(V // BV):  # U = T (beta V)
+        vs = pl.ds(j * BV, BV)
+        bv = beta[:, None] * v_ref[:, vs].astype(F32)
+        u_ref[:, vs] = u.dot(T, bv, dt=dt, hp=hp).astype(u_ref.dtype)
+
+
+def chunk_wu(q, k, v, G, beta, lam, Tinv, *, C: int, cfg: StageConfig, interpret: bool):
+    """``W = T (beta gamma X) [B, Tp, H, K]`` and ``U = T (beta V) [B, Tp, H, V]`` in the
+    compute dtype: whole-chunk matmuls by K and V tiles (``cfg.block_k``, ``cfg.block_v``)."""
     B, Tp, H, K = q.shape
     V = v.shape[-1]
     dt = q.dtype
-    A = chunk_a(q, k, g, beta, lam, C=C, cfg=cfg_a or cfg, interpret=interpret)
     kernel = functools.partial(
-        _local_kernel, BV=cfg.block_v or V, dt=dt, hp=u.f32_precision(interpret, dt)
+        _wu_kernel, BK=min(cfg.block_k or K, K), BV=min(cfg.block_v or V, V), dt=dt,
+        hp=u.f32_precision(interpret, dt),
     )
-    out_shape = [jax.ShapeDtypeStruct((B, Tp, H, K), dt), jax.ShapeDtypeStruct((B, Tp, H, V), dt)]
-    out_specs = [spec_rows(C, K), spec_rows(C, V)]
-    if with_t:
-        out_shape.append(jax.ShapeDtypeStruct((B, Tp, H, C), F32))
-        out_specs.append(spec_rows(C, C))
     return pl.pallas_call(
         kernel,
-        out_shape=tuple(out_shape),
+        out_shape=(jax.ShapeDtypeStruct((B, Tp, H, K), dt), jax.ShapeDtypeStruct((B, Tp, H, V), dt)),
         grid=(B, Tp // C, H),
         in_specs=[spec_rows(C, K), spec_rows(C, K), spec_rows(C, V)] + [spec_rows(C, None)] * 3
         + [spec_rows(C, C)],
-        out_specs=tuple(out_specs),
+        out_specs=(spec_rows(C, K), spec_rows(C, V)),
         interpret=interpret,
         compiler_params=params(cfg),
-        name="qdelta_chunk_local",
-    )(q, k, v, g, beta, lam, A)
+        name="qdelta_chunk_wu",
+    )(q, k, v, G, beta, lam, Tinv)
+
+
+def chunk_local(q, k, v, G, beta, lam, *, C: int, cfg: StageConfig, interpret: bool,
+                with_t: bool = False, cfg_a: StageConfig | None = None):
+    """``W [B, Tp, H, K]`` and ``U [B, Tp, H, V]`` in ``q``'s dtype; with ``with_t`` also
+    ``T = (I + A)^-1`` as ``[B, Tp, H, C]`` float32, which the backward hands to
+    :func:`backward.chunk_grads` instead of solving twice. Two launches: :func:`chunk_solve`
+    (``cfg_a``), then :func:`chunk_wu` (``cfg``)."""
+    Tinv = chunk_solve(q, k, G, beta, lam, C=C, cfg=cfg_a or cfg, interpret=interpret)
+    W, U = chunk_wu(q, k, v, G, beta, lam, Tinv, C=C, cfg=cfg, interpret=interpret)
+    return (W, U, Tinv) if with_t else (W, U)
 
 
 # ----------------------------------------------------------------------------- 2. state pass
 
 
 def _state_kernel(
-    k_ref, w_ref, u_ref, g_ref, h0_ref, reset_ref, last_ref, seq_ref, _fin_in,
+    k_ref, w_ref, u_ref, G_ref, h0_ref, reset_ref, last_ref, seq_ref, _fin_in,
     hin_ref, d_ref, fin_ref, *, C, NC, BV, dt, hp,
 ):
     b, h, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
@@ -158,9 +170,8 @@ def _state_kernel(
         )
         hin_ref[b, c, h, :, vs] = state.astype(dt)
         t = pl.ds(c * C, C)
-        g = g_ref[b, t, h]
-        G = u.cumsum(g)
-        gC = jnp.sum(g)
+        G = G_ref[b, t, h]
+        gC = G_ref[b, c * C + C - 1, h]
         D = u_ref[b, t, h, vs].astype(F32) - u.dot(w_ref[b, t, h, :], state, dt=dt, hp=hp)
         d_ref[b, t, h, vs] = D.astype(dt)
         kd = k_ref[b, t, h, :].astype(F32) * jnp.exp(gC - G)[:, None]
@@ -175,7 +186,7 @@ def _state_kernel(
     lax.fori_loop(0, NC, body, jnp.zeros((K, BV), F32))
 
 
-def state_pass(k, g, W, U, h0, reset, is_last, seq, *, C: int, cfg: StageConfig, interpret):
+def state_pass(k, G, W, U, h0, reset, is_last, seq, *, C: int, cfg: StageConfig, interpret):
     """Returns ``h_in [B, NC, H, K, V]`` (compute dtype), ``D [B, Tp, H, V]`` (compute dtype)
     and ``final [N, H, K, V]`` float32 (``h0`` for sequences that own no chunk)."""
     B, Tp, H, K = k.shape
@@ -202,17 +213,17 @@ def state_pass(k, g, W, U, h0, reset, is_last, seq, *, C: int, cfg: StageConfig,
         interpret=interpret,
         compiler_params=params(cfg),
         name="qdelta_state_pass",
-    )(k, W, U, g, h0, reset.astype(jnp.int32), is_last.astype(jnp.int32), seq.astype(jnp.int32),
+    )(k, W, U, G, h0, reset.astype(jnp.int32), is_last.astype(jnp.int32), seq.astype(jnp.int32),
       h0)
 
 
 # ----------------------------------------------------------------------------- 3. output
 
 
-def _output_kernel(q_ref, k_ref, g_ref, hin_ref, d_ref, o_ref, *, scale, BK, dt, hp):
+def _output_kernel(q_ref, k_ref, G_ref, hin_ref, d_ref, o_ref, *, scale, BK, dt, hp):
     C, K = q_ref.shape
     _, incl = u.masks(C)
-    G = u.cumsum(g_ref[...].astype(F32))
+    G = G_ref[...]
     if BK == K:
         q = q_ref[...]
         P = u.dot(q, k_ref[...], tb=True, dt=dt, hp=hp) * u.decay(G, G, incl)
@@ -232,7 +243,7 @@ def _output_kernel(q_ref, k_ref, g_ref, hin_ref, d_ref, o_ref, *, scale, BK, dt,
     o_ref[...] = (scale * o).astype(o_ref.dtype)
 
 
-def chunk_output(q, k, g, h_in, D, *, scale: float, out_dtype, C: int, cfg: StageConfig,
+def chunk_output(q, k, G, h_in, D, *, scale: float, out_dtype, C: int, cfg: StageConfig,
                  interpret):
     """``O [B, Tp, H, V]`` in ``out_dtype``."""
     B, Tp, H, K = q.shape
@@ -257,4 +268,4 @@ def chunk_output(q, k, g, h_in, D, *, scale: float, out_dtype, C: int, cfg: Stag
         interpret=interpret,
         compiler_params=params(cfg),
         name="qdelta_chunk_output",
-    )(q, k, g, h_in, D)
+    )(q, k, G, h_in, D)

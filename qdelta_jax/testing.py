@@ -68,12 +68,25 @@ def tolerance(dtype, length: int = 64) -> float:
     return factor * eps * float(np.sqrt(max(length, 64) / 64))
 
 
-def time_fn(fn, args, warmup: int = 5, reps: int = 30) -> float:
-    """Median wall time of ``fn(*args)`` in milliseconds over ``reps`` calls after ``warmup``
-    calls, each synchronised with ``block_until_ready`` (device work is asynchronous)."""
+def time_fn(fn, args, warmup: int = 5, reps: int = 30, *, pipelined: bool = False) -> float:
+    """Median wall time of ``fn(*args)`` in milliseconds after ``warmup`` calls.
+
+    Default: ``reps`` calls, each synchronised with ``block_until_ready`` (device time plus
+    the host's dispatch and synchronisation, as a caller that waits for every result sees it).
+    ``pipelined``: 5 rounds of ``reps`` calls issued back to back with one synchronisation at
+    the end of each round, the median of the rounds' time per call (device throughput, as in a
+    training loop, where JAX dispatches the next step while the device runs this one)."""
     for _ in range(warmup):
         jax.block_until_ready(fn(*args))
     times = []
+    if pipelined:
+        for _ in range(5):
+            t0 = time.perf_counter()
+            outs = [fn(*args) for _ in range(reps)]
+            jax.block_until_ready(outs)
+            times.append((time.perf_counter() - t0) * 1e3 / reps)
+            del outs
+        return statistics.median(times)
     for _ in range(reps):
         t0 = time.perf_counter()
         jax.block_until_ready(fn(*args))

@@ -14,6 +14,7 @@ import pytest
 from qdelta_jax import qdelta_rule, xla
 from qdelta_jax.pallas import backward as pbwd
 from qdelta_jax.pallas import config as pcfg
+from qdelta_jax.pallas import core as pcore
 from qdelta_jax.pallas import forward as pfwd
 
 F32 = jnp.float32
@@ -79,26 +80,33 @@ def staged():
     sp = lambda x: xla._split(x, C)  # noqa: E731
     loc = xla.chunk_local(sp(q), sp(k), sp(v), sp(g), sp(beta), sp(lam))
     xh, xD, xf = xla.state_pass(sp(k), loc.G, loc.W, loc.U, h0, meta, F32)
-    return dict(C=C, q=q, k=k, v=v, g=g, beta=beta, lam=lam, h0=h0, meta=meta, sp=sp, loc=loc,
+    G = pcore.chunk_cumsum(g, C)
+    assert rel(sp(G), loc.G) < 1e-6
+    return dict(C=C, q=q, k=k, v=v, G=G, beta=beta, lam=lam, h0=h0, meta=meta, sp=sp, loc=loc,
                 xh=xh, xD=xD, xf=xf, cfg=pcfg.default_config(K, V, C), scale=K**-0.5)
 
 
 def test_forward_stages_match_xla(staged):
     s = staged
     C, cfg, sp, loc, m = s["C"], s["cfg"], s["sp"], s["loc"], s["meta"]
-    W, U = pfwd.chunk_local(s["q"], s["k"], s["v"], s["g"], s["beta"], s["lam"], C=C,
+    W, U = pfwd.chunk_local(s["q"], s["k"], s["v"], s["G"], s["beta"], s["lam"], C=C,
                             cfg=cfg.local, interpret=True)
     assert rel(sp(W), loc.W) < 1e-5 and rel(sp(U), loc.U) < 1e-5
-    h_in, D, fin = pfwd.state_pass(s["k"], s["g"], W, U, s["h0"], m.reset, m.is_last, m.seq, C=C,
+    # K slices in the solve, K and V tiles in W and U: the same numbers.
+    W2, U2 = pfwd.chunk_local(s["q"], s["k"], s["v"], s["G"], s["beta"], s["lam"], C=C,
+                              cfg=pcfg.StageConfig(block_v=16, block_k=8), interpret=True,
+                              cfg_a=pcfg.StageConfig(num_warps=1, block_k=8))
+    assert rel(W2, W) < 1e-6 and rel(U2, U) < 1e-6
+    h_in, D, fin = pfwd.state_pass(s["k"], s["G"], W, U, s["h0"], m.reset, m.is_last, m.seq, C=C,
                                    cfg=cfg.state, interpret=True)
     assert rel(jnp.moveaxis(h_in, 2, 1), s["xh"]) < 1e-5
     assert rel(sp(D), s["xD"]) < 1e-5
     assert rel(fin, s["xf"]) < 1e-5
-    o = pfwd.chunk_output(s["q"], s["k"], s["g"], h_in, D, scale=s["scale"], out_dtype=F32, C=C,
+    o = pfwd.chunk_output(s["q"], s["k"], s["G"], h_in, D, scale=s["scale"], out_dtype=F32, C=C,
                           cfg=cfg.output, interpret=True)
     xo = xla.chunk_output(sp(s["q"]), sp(s["k"]), loc.G, s["xh"], s["xD"], s["scale"], F32)
     assert rel(sp(o), xo) < 1e-5
-    o2 = pfwd.chunk_output(s["q"], s["k"], s["g"], h_in, D, scale=s["scale"], out_dtype=F32, C=C,
+    o2 = pfwd.chunk_output(s["q"], s["k"], s["G"], h_in, D, scale=s["scale"], out_dtype=F32, C=C,
                            cfg=pcfg.StageConfig(block_v=16, block_k=8), interpret=True)
     assert rel(sp(o2), xo) < 1e-5  # by K slices
 
@@ -106,42 +114,42 @@ def test_forward_stages_match_xla(staged):
 def test_backward_stages_match_xla(staged):
     s = staged
     C, cfg, sp, loc, m, scale = s["C"], s["cfg"], s["sp"], s["loc"], s["meta"], s["scale"]
-    q, k, v, g, beta, lam, h0 = (s[n] for n in ("q", "k", "v", "g", "beta", "lam", "h0"))
+    q, k, v, G, beta, lam, h0 = (s[n] for n in ("q", "k", "v", "G", "beta", "lam", "h0"))
     do = jax.random.normal(jax.random.PRNGKey(11), v.shape, F32)
     dfin = jax.random.normal(jax.random.PRNGKey(12), h0.shape, F32)
-    W, U, Tinv = pfwd.chunk_local(q, k, v, g, beta, lam, C=C, cfg=cfg.local, interpret=True,
+    W, U, Tinv = pfwd.chunk_local(q, k, v, G, beta, lam, C=C, cfg=cfg.local, interpret=True,
                                   with_t=True)
     assert rel(sp(Tinv), loc.Tinv) < 1e-5
-    h_in, D, _ = pfwd.state_pass(k, g, W, U, h0, m.reset, m.is_last, m.seq, C=C, cfg=cfg.state,
+    h_in, D, _ = pfwd.state_pass(k, G, W, U, h0, m.reset, m.is_last, m.seq, C=C, cfg=cfg.state,
                                  interpret=True)
     _, incl = xla._masks(C)
     P = xla._mm("...ik,...jk->...ij", sp(q), sp(k), F32) * xla._decay(loc.G, incl)
     dD0 = scale * xla._mm("...ij,...iv->...jv", P, sp(do), F32)
-    pdD0 = pbwd.chunk_dd0(q, k, g, do, scale=scale, C=C, cfg=cfg.dd0, interpret=True)
+    pdD0 = pbwd.chunk_dd0(q, k, G, do, scale=scale, C=C, cfg=cfg.dd0, interpret=True)
     assert rel(sp(pdD0), dD0) < 1e-5
-    dh_out, dD, dh0 = pbwd.reverse_state_pass(q, k, g, W, do, pdD0, dfin, m.reset, m.is_last,
+    dh_out, dD, dh0 = pbwd.reverse_state_pass(q, k, G, W, do, pdD0, dfin, m.reset, m.is_last,
                                               m.seq, scale=scale, C=C, cfg=cfg.reverse,
                                               interpret=True)
     xdh, xdh0 = xla.reverse_state_pass(sp(k), loc.G, loc.W, sp(q), sp(do), dD0, dfin, m, scale,
                                        h0.shape[0], F32)
     assert rel(jnp.moveaxis(dh_out, 2, 1), xdh) < 1e-5
     assert rel(dh0, xdh0) < 1e-5
-    dqp, dkp, dW, dGp, dPs = pbwd.chunk_dqkw(q, k, g, h_in, dh_out, do, D, dD, scale=scale,
+    dqp, dkp, dW, dGp, dPs = pbwd.chunk_dqkw(q, k, G, h_in, dh_out, do, D, dD, scale=scale,
                                              C=C, cfg=cfg.dqkw, interpret=True)
     xdPs = scale * xla._mm("...iv,...jv->...ij", sp(do), s["xD"], F32) * xla._decay(loc.G, incl)
     assert rel(sp(dPs), xdPs) < 1e-5
     # Two K tiles (dPs written by the first only) and two V tiles give the same terms.
-    tiled = pbwd.chunk_dqkw(q, k, g, h_in, dh_out, do, D, dD, scale=scale, C=C,
+    tiled = pbwd.chunk_dqkw(q, k, G, h_in, dh_out, do, D, dD, scale=scale, C=C,
                             cfg=pcfg.StageConfig(block_v=16, block_k=8), interpret=True)
     for a, b in zip(tiled, (dqp, dkp, dW, dGp, dPs)):
         assert rel(a, b) < 1e-6
-    got = pbwd.chunk_grads(q, k, v, g, beta, lam, Tinv, dD, dW, dqp, dkp, dGp, dPs, C=C,
+    got = pbwd.chunk_grads(q, k, v, G, beta, lam, Tinv, dD, dW, dqp, dkp, dGp, dPs, C=C,
                            cfg=cfg.grads, interpret=True)
     want = xla.chunk_grads(sp(q), sp(k), sp(v), sp(beta), sp(lam), loc, s["xh"], s["xD"], sp(do),
                            xdh, scale, F32)
     for name, a, b in zip(("dq", "dk", "dv", "dg", "dbeta", "dlam"), got, want):
         assert rel(sp(a), b) < 2e-5, name
-    got = pbwd.chunk_grads(q, k, v, g, beta, lam, Tinv, dD, dW, dqp, dkp, dGp, dPs, C=C,
+    got = pbwd.chunk_grads(q, k, v, G, beta, lam, Tinv, dD, dW, dqp, dkp, dGp, dPs, C=C,
                            cfg=cfg.grads, interpret=True, cfg_k=pcfg.StageConfig(block_k=8))
     for name, a, b in zip(("dq", "dk", "dv", "dg", "dbeta", "dlam"), got, want):
         assert rel(sp(a), b) < 2e-5, name + " (K slices)"
@@ -267,7 +275,8 @@ def test_bad_sizes_raise():
 def test_config_defaults_and_cache(tmp_path, monkeypatch):
     cfg = pcfg.default_config(128, 256, 64)
     assert cfg.state.block_v == 64 and cfg.dqkw.block_k == 128 and cfg.output.block_v == 256
-    assert cfg.local.num_warps == 2 and cfg.state.num_warps == cfg.reverse.num_warps == 4
+    assert cfg.a.num_warps == 1 and cfg.a.block_k == 64 and cfg.local.block_k == 128
+    assert cfg.state.num_warps == cfg.reverse.num_warps == 4
     assert pcfg.default_config(256, 512, 64).output.block_v == 128
     assert pcfg.Config.from_dict(cfg.to_dict()) == cfg
     assert pcfg.padded_size(24) == 32 and pcfg.padded_size(5) == 16
