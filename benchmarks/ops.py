@@ -7,7 +7,8 @@
 Method: every function is jitted and compiled first (compile time is reported separately), run
 ``--warmup`` times, then timed ``--reps`` times with ``block_until_ready`` around each call; the
 median is reported; the "pipelined" columns issue ``--reps`` calls back to back with one
-synchronisation (device throughput, as in a training loop; see ``testing.time_fn``). Inputs are fresh random arrays (never zeros). Memory is XLA's compiled
+synchronisation (device throughput, as in a training loop; see ``testing.time_fn``).
+Inputs are fresh random arrays (never zeros). Memory is XLA's compiled
 memory analysis of the jitted function: ``temp`` is what it allocates on top of its arguments
 and outputs (the figure the issue bounds), ``args``/``out`` are its argument and output bytes.
 When the backend reports it, ``peak`` is the device's peak bytes in use since process start.

@@ -130,10 +130,11 @@ def chunk_wu(q, k, v, G, beta, lam, Tinv, *, C: int, cfg: StageConfig, interpret
     )
     return pl.pallas_call(
         kernel,
-        out_shape=(jax.ShapeDtypeStruct((B, Tp, H, K), dt), jax.ShapeDtypeStruct((B, Tp, H, V), dt)),
+        out_shape=(jax.ShapeDtypeStruct((B, Tp, H, K), dt),
+                   jax.ShapeDtypeStruct((B, Tp, H, V), dt)),
         grid=(B, Tp // C, H),
-        in_specs=[spec_rows(C, K), spec_rows(C, K), spec_rows(C, V)] + [spec_rows(C, None)] * 3
-        + [spec_rows(C, C)],
+        in_specs=[spec_rows(C, K), spec_rows(C, K), spec_rows(C, V)]
+        + [spec_rows(C, None)] * 3 + [spec_rows(C, C)],
         out_specs=(spec_rows(C, K), spec_rows(C, V)),
         interpret=interpret,
         compiler_params=params(cfg),
