@@ -65,17 +65,17 @@ def peak_bytes() -> int | None:
 
 
 def bench_impl(impl, shape, dtype, warmup, reps, chunk_size):
-    """``impl``: an implementation of qdelta_rule, or ``pallas-saved`` (pallas with
-    ``save_residuals`` on while the functions are traced)."""
+    """``impl``: an implementation of qdelta_rule, or ``pallas-recompute`` (pallas with
+    ``save_residuals`` off while the functions are traced)."""
     from qdelta_jax.pallas import set_save_residuals
 
-    saved = impl == "pallas-saved"
-    prev = set_save_residuals(saved) if saved else None
+    recompute = impl == "pallas-recompute"
+    prev = set_save_residuals(False) if recompute else None
     try:
-        return _bench_impl(impl, "pallas" if saved else impl, shape, dtype, warmup, reps,
+        return _bench_impl(impl, "pallas" if recompute else impl, shape, dtype, warmup, reps,
                            chunk_size)
     finally:
-        if saved:
+        if recompute:
             set_save_residuals(prev)
 
 
@@ -172,8 +172,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--shapes", nargs="+", default=None, help="BxTxHxKxV (default: SPEC section 6)")
     p.add_argument("--impl", nargs="+", default=None,
-                   help="implementations (default: xla, plus pallas on GPU); pallas-saved is"
-                   " pallas with save_residuals on")
+                   help="implementations (default: xla, plus pallas and pallas-recompute on"
+                   " GPU); pallas-recompute is pallas with save_residuals off")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     p.add_argument("--chunk-size", type=int, default=64)
     p.add_argument("--warmup", type=int, default=5)
@@ -184,7 +184,7 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     shapes = [parse_shape(s) for s in (a.shapes or (SMALL_SHAPES if a.small else SPEC_SHAPES))]
     on_gpu = jax.default_backend() == "gpu"
-    impls = a.impl or (["xla", "pallas"] if on_gpu else ["xla"])
+    impls = a.impl or (["xla", "pallas", "pallas-recompute"] if on_gpu else ["xla"])
     dtype = jnp.dtype(a.dtype)
     device = jax.devices()[0].device_kind
     print(f"# device: {device} ({jax.default_backend()}), jax {jax.__version__}, "

@@ -22,21 +22,33 @@ import numpy as np
 
 CACHE_FILE = Path(os.path.expanduser("~/.cache/qdelta_jax/pallas_autotune.json"))
 
-# Process-wide switch for Config.save_residuals (see set_save_residuals); the environment
-# variable QDELTA_SAVE_RESIDUALS=1 turns it on at import.
-_SAVE_RESIDUALS = os.environ.get("QDELTA_SAVE_RESIDUALS", "").strip().lower() in (
-    "1", "true", "yes", "on")
+
+
+def _env_save_residuals() -> bool:
+    """``QDELTA_SAVE_RESIDUALS``: unset or 1/true/yes/on keeps the residuals (the default),
+    0/false/no/off recomputes them in the backward."""
+    raw = os.environ.get("QDELTA_SAVE_RESIDUALS", "").strip().lower()
+    if raw in ("", "1", "true", "yes", "on"):
+        return True
+    if raw in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"QDELTA_SAVE_RESIDUALS must be 1/true/yes/on or 0/false/no/off, got {raw!r}")
+
+
+# Process-wide switch for Config.save_residuals (see set_save_residuals).
+_SAVE_RESIDUALS = _env_save_residuals()
 
 
 def set_save_residuals(enabled: bool) -> bool:
-    """Turns ``Config.save_residuals`` on (or back off) for every config :func:`get_config`
-    returns, i.e. for every ``qdelta_rule(..., implementation="pallas")`` traced afterwards
-    (functions already jitted keep what they were traced with). Returns the previous setting.
+    """Sets ``Config.save_residuals`` for every config :func:`get_config` returns, i.e. for
+    every ``qdelta_rule(..., implementation="pallas")`` traced afterwards (functions already
+    jitted keep what they were traced with). Returns the previous setting.
 
-    On: the backward skips the forward's recompute (at the 340M layer shape on an H200,
-    forward+backward 3.56 instead of 4.24 ms) and holds ``W, T, h_in, D`` from the forward to
-    the backward instead (about 300 MB per call at B8 T4096 H6 K128 V256 bf16). Also
-    ``qdelta-train --save-residuals`` and ``QDELTA_SAVE_RESIDUALS=1``."""
+    On (the default): the forward keeps ``W, T, h_in, D`` for the backward (about 300 MB per
+    call at B8 T4096 H6 K128 V256 bf16), and the backward skips recomputing them (at that
+    shape on an H200, forward+backward 2.52 instead of 3.05 ms, device time). Off: less
+    memory, slower. Also ``qdelta-train --recompute-residuals`` (off for one run) and
+    ``QDELTA_SAVE_RESIDUALS=0`` (off at import)."""
     global _SAVE_RESIDUALS
     if not isinstance(enabled, bool):
         raise TypeError(f"enabled must be a bool, got {enabled!r}")
@@ -65,11 +77,11 @@ class Config:
     ``grads_k`` (K side of the local
     gradients) and ``dd0`` (``scale P^T dO`` before the reverse pass, loop over V tiles).
 
-    ``save_residuals``: the forward also writes ``T`` and keeps ``W, T, h_in, D`` for the
-    backward, which then skips its recompute (``chunk_solve``, ``chunk_wu``, ``state_pass``) at
-    the cost of holding them until the backward runs (``2 K + 4 C + 2 K V / C + 2 V`` bytes a
-    token and head in bfloat16: 300 MB at B8 T4096 H6 K128 V256). Off by default, as in the
-    XLA path, which saves nothing per chunk."""
+    ``save_residuals`` (default on): the forward keeps ``W, T, h_in, D`` for the backward,
+    which then skips its recompute (``chunk_solve``, ``chunk_wu``, ``state_pass``) at the cost
+    of holding them until the backward runs (``2 K + 4 C + 2 K V / C + 2 V`` bytes a token and
+    head in bfloat16: 300 MB at B8 T4096 H6 K128 V256). Off: nothing per chunk is kept, as in
+    the XLA path."""
 
     local: StageConfig
     state: StageConfig
@@ -80,7 +92,7 @@ class Config:
     a: StageConfig = StageConfig(num_warps=1, block_k=64)
     grads_k: StageConfig = StageConfig(num_warps=8)
     dd0: StageConfig = StageConfig(num_warps=4, block_v=64)
-    save_residuals: bool = False
+    save_residuals: bool = True
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -106,13 +118,13 @@ def default_config(K: int, V: int, chunk_size: int = 64, dtype=None) -> Config:
     # Output: one V tile of up to 256 (the [C, BV] float32 accumulator) where K <= 128.
     bv_out = min(V, 256 if K <= 128 else 128)
     cfg = Config(
-        local=StageConfig(num_warps=4, num_stages=1, block_v=min(V, 128), block_k=min(K, 128)),
+        local=StageConfig(num_warps=4, num_stages=1, block_v=min(V, 64), block_k=min(K, 128)),
         state=StageConfig(num_warps=w_state, num_stages=2, block_v=bv_state),
         output=StageConfig(num_warps=4, num_stages=2, block_v=bv_out),
         reverse=StageConfig(num_warps=w_state, num_stages=2, block_v=bv_state),
         dqkw=StageConfig(num_warps=8, num_stages=2, block_v=min(V, 128), block_k=min(K, 128)),
         grads=StageConfig(num_warps=4, num_stages=1, block_v=min(V, 64)),
-        a=StageConfig(num_warps=1, num_stages=1, block_k=min(K, 64)),
+        a=StageConfig(num_warps=1, num_stages=1, block_k=min(K, 128)),
         grads_k=StageConfig(num_warps=8, num_stages=1),
         dd0=StageConfig(num_warps=4, num_stages=1, block_v=min(V, 128)),
     )
@@ -160,10 +172,10 @@ def _read_file(path: Path) -> dict:
 def get_config(K: int, V: int, chunk_size: int, dtype, *, use_file: bool = True) -> Config:
     """The autotuned config for head sizes ``K, V`` (as passed to the op) if one is cached
     (memory, then ``CACHE_FILE``), else :func:`default_config` of the padded sizes; with
-    ``save_residuals`` on when :func:`set_save_residuals` says so."""
+    ``save_residuals`` as :func:`set_save_residuals` last said (default on)."""
     cfg = _lookup(K, V, chunk_size, dtype, use_file)
-    if _SAVE_RESIDUALS and not cfg.save_residuals:
-        cfg = dataclasses.replace(cfg, save_residuals=True)
+    if cfg.save_residuals != _SAVE_RESIDUALS:
+        cfg = dataclasses.replace(cfg, save_residuals=_SAVE_RESIDUALS)
     return cfg
 
 

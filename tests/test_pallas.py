@@ -184,15 +184,16 @@ def test_matches_xla(dtype, C, shape):
     assert_matches_xla(args, w, C, TOL[jnp.dtype(dtype)])
 
 
-def test_save_residuals_matches_xla():
-    """``save_residuals``: the backward uses W, T, h_in, D saved by the forward."""
+def test_recompute_residuals_matches_xla():
+    """``save_residuals=False``: the backward recomputes W, T, h_in, D (the default keeps them
+    from the forward; every other qdelta_rule test runs that)."""
     import dataclasses
 
     from qdelta_jax.pallas import core as pcore
 
     B, T, H, K, V, C = 1, 40, 2, 16, 32, 16
     (q, k, v, g, beta, lam, h0), w = make(5, B, T, H, K, V)
-    cfg = dataclasses.replace(pcfg.default_config(K, V, C), save_residuals=True)
+    cfg = dataclasses.replace(pcfg.default_config(K, V, C), save_residuals=False)
     assert pcfg.Config.from_dict(cfg.to_dict()) == cfg
     layout = xla.make_layout(B, T, C, None)
     m = layout.meta
@@ -213,9 +214,10 @@ def test_save_residuals_matches_xla():
         assert rel(a, b) < 2e-5, name
 
 
-def test_set_save_residuals_switches_the_op_path():
-    """The process-wide switch reaches ``qdelta_rule``: fewer kernels in the gradient (no
-    recompute), the same gradients, and it restores."""
+def test_set_save_residuals_switches_the_op_path(monkeypatch):
+    """The process-wide switch (default on) reaches ``qdelta_rule``: switched off, the gradient
+    recomputes (more kernels) and gives the same gradients; it restores. The environment
+    variable is read strictly."""
     (q, k, v, g, beta, lam, h0), w = make(6, 1, 40, 2, 16, 32)
 
     def loss(q, k, v, g, beta, lam, h0):
@@ -229,20 +231,26 @@ def test_set_save_residuals_switches_the_op_path():
     args = (q, k, v, g, beta, lam, h0)
     with pytest.raises(TypeError, match="bool"):
         pcfg.set_save_residuals(1)
-    assert not pcfg.get_config(16, 32, 16, F32).save_residuals
-    n_off = str(jax.make_jaxpr(grad_fn())(*args)).count("pallas_call")
-    g_off = jax.jit(grad_fn())(*args)
-    prev = pcfg.set_save_residuals(True)
+    assert pcfg.get_config(16, 32, 16, F32).save_residuals
+    n_on = str(jax.make_jaxpr(grad_fn())(*args)).count("pallas_call")
+    g_on = jax.jit(grad_fn())(*args)
+    prev = pcfg.set_save_residuals(False)
     try:
-        assert pcfg.get_config(16, 32, 16, F32).save_residuals
-        n_on = str(jax.make_jaxpr(grad_fn())(*args)).count("pallas_call")
-        g_on = jax.jit(grad_fn())(*args)
+        assert not pcfg.get_config(16, 32, 16, F32).save_residuals
+        n_off = str(jax.make_jaxpr(grad_fn())(*args)).count("pallas_call")
+        g_off = jax.jit(grad_fn())(*args)
     finally:
-        assert pcfg.set_save_residuals(prev) is True
-    assert not pcfg.get_config(16, 32, 16, F32).save_residuals
+        assert pcfg.set_save_residuals(prev) is False
+    assert pcfg.get_config(16, 32, 16, F32).save_residuals
     assert n_on < n_off, (n_on, n_off)
     for a, b in zip(g_on, g_off):
         assert rel(a, b) < 1e-6
+    for raw, want in (("", True), ("1", True), ("off", False), ("No", False)):
+        monkeypatch.setenv("QDELTA_SAVE_RESIDUALS", raw)
+        assert pcfg._env_save_residuals() is want
+    monkeypatch.setenv("QDELTA_SAVE_RESIDUALS", "maybe")
+    with pytest.raises(ValueError, match="QDELTA_SAVE_RESIDUALS"):
+        pcfg._env_save_residuals()
 
 
 def test_varlen_with_empty_sequence():
@@ -275,7 +283,8 @@ def test_bad_sizes_raise():
 def test_config_defaults_and_cache(tmp_path, monkeypatch):
     cfg = pcfg.default_config(128, 256, 64)
     assert cfg.state.block_v == 64 and cfg.dqkw.block_k == 128 and cfg.output.block_v == 256
-    assert cfg.a.num_warps == 1 and cfg.a.block_k == 64 and cfg.local.block_k == 128
+    assert cfg.a.num_warps == 1 and cfg.a.block_k == 128 and cfg.local.block_v == 64
+    assert cfg.save_residuals
     assert cfg.state.num_warps == cfg.reverse.num_warps == 4
     assert pcfg.default_config(256, 512, 64).output.block_v == 128
     assert pcfg.Config.from_dict(cfg.to_dict()) == cfg

@@ -37,7 +37,7 @@ def bad_config(tmp_path):
     (["--num-pairs", "40"], "--seq-len", "needs --seq-len"),
     (["--task", "niah", "--seq-len", "40"], "--seq-len", "needs --seq-len"),
     (["--implementation", "cuda"], "--implementation", "one of"),
-    (["--implementation", "xla", "--save-residuals"], "--save-residuals", "pallas"),
+    (["--implementation", "xla", "--recompute-residuals"], "--recompute-residuals", "pallas"),
     (["--model-overrides", "hidden_sise=3"], "--model-overrides", "hidden_sise"),
     (["--config", "/no/such.toml"], "--config", "no such file"),
 ])
@@ -147,9 +147,10 @@ def test_default_task_learns_and_eval(tmp_path, capsys):
     assert evaluate.main([str(tmp_path / "missing")]) == 2
 
 
-def test_save_residuals_flag_trains_the_same_and_restores(tmp_path, monkeypatch):
-    """--save-residuals (Pallas kernels, interpret mode here) reaches the kernels' config, gives
-    the losses of the default run and leaves the process-wide setting as it found it."""
+def test_recompute_residuals_flag_trains_the_same_and_restores(tmp_path, monkeypatch):
+    """--recompute-residuals (Pallas kernels, interpret mode here) reaches the kernels' config
+    (save_residuals off), gives the losses of the default run (residuals kept) and leaves the
+    process-wide setting as it found it."""
     from qdelta_jax.pallas import config as pcfg
     from qdelta_jax.pallas import core as pcore
 
@@ -171,10 +172,10 @@ def test_save_residuals_flag_trains_the_same_and_restores(tmp_path, monkeypatch)
         return [json.loads(x) for x in text.splitlines() if x]
 
     base = train("base", [])
-    assert seen and not any(seen)
-    seen.clear()
-    saved = train("saved", ["--save-residuals"])
     assert seen and all(seen)
-    assert not pcfg.get_config(16, 32, 16, "float32").save_residuals
-    for a, b in zip(base, saved, strict=True):
+    seen.clear()
+    recomputed = train("recomputed", ["--recompute-residuals"])
+    assert seen and not any(seen)
+    assert pcfg.get_config(16, 32, 16, "float32").save_residuals
+    for a, b in zip(base, recomputed, strict=True):
         assert abs(a["loss"] - b["loss"]) <= 1e-5 * abs(a["loss"])

@@ -85,8 +85,9 @@ OPTIONS: dict[str, tuple[Any, str]] = {
     "fixed_lam": (_opt(float), "ablation: a fixed lam instead of the learned one"),
     "no_decay_gate": (_bool, "ablation: no decay gate (a = 1)"),
     "remat": (_bool, "recompute each block in the backward pass (saves memory)"),
-    "save_residuals": (_bool, "Pallas kernels: keep the forward's per-chunk W, T, h_in, D for "
-                              "the backward instead of recomputing them (faster, more memory)"),
+    "recompute_residuals": (_bool, "Pallas kernels: recompute the forward's per-chunk W, T, h_in,"
+                                   " D in the backward instead of keeping them (less memory, "
+                                   "slower)"),
     "model_overrides": (_opt(_str), "model config fields, e.g. hidden_size=128,num_heads=4"),
     "max_bad_steps": (_int, "stop after this many consecutive non-finite steps"),
     "stop_after": (_opt(_int), "stop (with a checkpoint) after N steps of this invocation; the "
@@ -96,7 +97,7 @@ OPTIONS: dict[str, tuple[Any, str]] = {
     "diagnostics": (_bool, "add the stability diagnostic (beta * c, SPEC section 1) to every "
                            "eval line of metrics.jsonl"),
 }
-BOOL_FLAGS = {"no_decay_gate", "remat", "diagnostics", "save_residuals"}
+BOOL_FLAGS = {"no_decay_gate", "remat", "diagnostics", "recompute_residuals"}
 
 
 class _Parser(argparse.ArgumentParser):

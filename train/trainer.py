@@ -83,7 +83,7 @@ class TrainArgs:
     fixed_lam: float | None = None
     no_decay_gate: bool = False
     remat: bool = False
-    save_residuals: bool = False
+    recompute_residuals: bool = False
     model_overrides: str | None = None
     max_bad_steps: int = 10
     stop_after: int | None = None
@@ -144,7 +144,8 @@ def validate(a: TrainArgs) -> None:
 
     need(a.implementation in (None, *IMPLEMENTATIONS), "--implementation",
          f"must be one of {', '.join(IMPLEMENTATIONS)}, got {a.implementation!r}")
-    need(not a.save_residuals or a.implementation in (None, "pallas"), "--save-residuals",
+    need(not a.recompute_residuals or a.implementation in (None, "pallas"),
+         "--recompute-residuals",
          f"applies to the pallas implementation only, not --implementation {a.implementation}")
     need(a.fixed_lam is None or math.isfinite(a.fixed_lam), "--fixed-lam",
          f"must be a finite number, got {a.fixed_lam}")
@@ -353,13 +354,13 @@ def _to_float(x):
 
 
 def run(a: TrainArgs, *, log=print) -> dict[str, Any]:
-    """Trains as ``a`` says (see :func:`_run`); ``--save-residuals`` switches the Pallas
-    kernels' process-wide setting for the run and restores it after."""
-    if not a.save_residuals:
+    """Trains as ``a`` says (see :func:`_run`); ``--recompute-residuals`` switches the Pallas
+    kernels' process-wide ``save_residuals`` off for the run and restores it after."""
+    if not a.recompute_residuals:
         return _run(a, log=log)
     from qdelta_jax import pallas
 
-    prev = pallas.set_save_residuals(True)
+    prev = pallas.set_save_residuals(False)
     try:
         return _run(a, log=log)
     finally:
