@@ -3,8 +3,8 @@
 For each shape: every kernel stage against its :mod:`qdelta_jax.xla` oracle (relative error),
 the whole ``qdelta_rule`` forward and all seven gradients (pallas vs xla, and both vs an xla
 run in float32 with precision HIGHEST), then the median device time (calls back to back) of
-forward and forward+backward for pallas and xla, and of each Pallas stage alone. Prints a table and writes JSON to
-``--out`` (default ``$OUT/pallas_dev.json`` when ``OUT`` is set).
+forward and forward+backward for pallas and xla, and of each Pallas stage alone. Prints a
+table and writes JSON to ``--out`` (default ``$OUT/pallas_dev.json`` when ``OUT`` is set).
 
     python benchmarks/pallas_dev.py                        # small shape + B8 T4096 H6 K128 V256
     python benchmarks/pallas_dev.py --shapes 8x4096x6x128x256 --dtype bfloat16
