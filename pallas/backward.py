@@ -42,7 +42,7 @@ F32 = jnp.float32
 
 def _dd0_kernel(q_ref, k_ref, G_ref, do_ref, dd0_ref, *, BV, scale, dt, hp):
     _, incl = u.masks(q_ref.shape[0])
-    G = G_ref[...]
+    G = u.g_vec(G_ref[...], dt)
     P = (u.dot(q_ref[...], k_ref[...], tb=True, dt=dt, hp=hp) * u.decay(G, G, incl)).astype(dt)
     for j in range(do_ref.shape[-1] // BV):
         vs = pl.ds(j * BV, BV)
@@ -86,7 +86,7 @@ def _reverse_kernel(
                       lambda: dh)
         dhout_ref[b, c, h, :, vs] = dh.astype(dt)
         t = pl.ds(c * C, C)
-        G = G_ref[b, t, h]
+        G = u.g_vec(G_ref[b, t, h], dt)
         gC = G_ref[b, c * C + C - 1, h]
         # On the chain dh -> dD -> dh_in: two [C, K] x [K / C, BV] products. The
         # state-independent dD0 = scale P^T dO comes from chunk_dd0.
@@ -169,7 +169,7 @@ def _dqkw_kernel(
     doh, dkd, dw, hd, dP = lax.fori_loop(
         0, nv, body, (z, z, z, jnp.zeros((), F32), jnp.zeros((C, C), F32))
     )
-    G = G_ref[...]
+    G = u.g_vec(G_ref[...], dt)
 
     # dPs = scale dP o decay o causal, written once (by the first K tile).
     @pl.when(pl.program_id(3) == 0)
@@ -241,7 +241,7 @@ def _grads_v_kernel(
     C = q_ref.shape[0]
     strict, _ = u.masks(C)
     beta = b_ref[...].astype(F32)
-    G = G_ref[...]
+    G = u.g_vec(G_ref[...], dt)
     X = k_ref[...].astype(F32) + l_ref[...].astype(F32)[:, None] * q_ref[...].astype(F32)
     bx = (beta * jnp.exp(G))[:, None] * X
     T = t_ref[...]
@@ -293,7 +293,7 @@ def _grads_k_kernel(
     q, k = q_ref[...], k_ref[...]
     beta = b_ref[...].astype(F32)
     lam = l_ref[...].astype(F32)
-    G = G_ref[...]
+    G = u.g_vec(G_ref[...], dt)
     _, Rd, A = u.local(q, k, G, beta, lam, dt, hp)
     gam = jnp.exp(G)
     bg = beta * gam
@@ -339,7 +339,7 @@ def _grads_k_split_kernel(
     strict, _ = u.masks(C)
     beta = b_ref[...].astype(F32)
     lam = l_ref[...].astype(F32)
-    G = G_ref[...]
+    G = u.g_vec(G_ref[...], dt)
     gam = jnp.exp(G)
     bg = beta * gam
 

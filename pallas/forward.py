@@ -224,7 +224,7 @@ def state_pass(k, G, W, U, h0, reset, is_last, seq, *, C: int, cfg: StageConfig,
 def _output_kernel(q_ref, k_ref, G_ref, hin_ref, d_ref, o_ref, *, scale, BK, dt, hp):
     C, K = q_ref.shape
     _, incl = u.masks(C)
-    G = G_ref[...]
+    G = u.g_vec(G_ref[...], dt)
     if BK == K:
         q = q_ref[...]
         P = u.dot(q, k_ref[...], tb=True, dt=dt, hp=hp) * u.decay(G, G, incl)
