@@ -71,10 +71,10 @@ def masks(n: int):
 def g_vec(G, dt):
     """The chunk's ``G`` ([C] float32, just loaded) as the kernels use it. For float32 inputs
     it goes through a masked diagonal row sum (the identity), the data flow of the in-kernel
-    cumulative sum these kernels used before ``G`` was precomputed: on an H200 (jax 0.11.2, Triton 3.6) the
-    float32 output kernel with ``G`` straight from the load stopped with a misaligned-address
-    fault, while the bfloat16 kernels (and the float32 state pass, solve and W/U kernels) ran
-    correctly with the plain load."""
+    cumulative sum these kernels used before ``G`` was precomputed: on an H200 (jax 0.11.2,
+    Triton 3.6) the float32 output kernel with ``G`` straight from the load stopped with a
+    misaligned-address fault, while the bfloat16 kernels (and the float32 state pass, solve and
+    W/U kernels) ran correctly with the plain load."""
     if jnp.dtype(dt) != jnp.dtype(F32):
         return G
     n = G.shape[0]

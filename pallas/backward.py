@@ -1,8 +1,8 @@
 """Backward kernels of the chunked Q-Delta op, Pallas with the Triton lowering.
 
-The backward recomputes ``W, U`` and ``T`` (:func:`forward.chunk_local`) and the chunk-entry
-states and writes ``D`` (:func:`forward.state_pass`); nothing per chunk is saved by the
-forward. Then:
+The backward takes ``W, T``, the chunk-entry states ``h_in`` and the writes ``D`` from the
+forward (``Config.save_residuals``, the default) or recomputes them (:func:`forward.chunk_local`,
+:func:`forward.state_pass`). Then, after ``dD0 = scale P^T dO`` (:func:`chunk_dd0`):
 
 1. :func:`reverse_state_pass`, one program per (batch row, head, V tile) looping over the
    chunks backwards with the float32 state gradient in registers. Per chunk it writes
@@ -14,7 +14,7 @@ forward. Then:
    state-side terms ``dO h^T`` (into ``dq``, ``dG``), ``D dh_out^T`` (into ``dk``, ``dG``) and
    ``dW = -dD h^T``.
 3. :func:`chunk_grads`, two launches parallel over (batch, chunk, head). It reads ``T`` written
-   by the backward's ``chunk_local`` (no second solve) and recomputes ``A`` (one matmul); the V
+   by ``chunk_solve`` (no second solve) and recomputes ``A`` (one matmul); the V
    side writes ``dv``, ``dPs`` and ``dA = -T^T dT T^T``, the K side the rest (``dR``, ``dX``),
    adds the partial results of 2 and writes ``dq, dk, dg, dbeta, dlam``.
 

@@ -46,7 +46,7 @@ def set_save_residuals(enabled: bool) -> bool:
 
     On (the default): the forward keeps ``W, T, h_in, D`` for the backward (about 300 MB per
     call at B8 T4096 H6 K128 V256 bf16), and the backward skips recomputing them (at that
-    shape on an H200, forward+backward 2.52 instead of 3.05 ms, device time). Off: less
+    shape on an H200, forward+backward 2.54 instead of 3.06 ms, device time). Off: less
     memory, slower. Also ``qdelta-train --recompute-residuals`` (off for one run) and
     ``QDELTA_SAVE_RESIDUALS=0`` (off at import)."""
     global _SAVE_RESIDUALS

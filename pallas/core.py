@@ -1,6 +1,7 @@
 """The Pallas chunked core: same contract as :func:`qdelta_jax.xla.chunked_core`, with a
 ``custom_vjp`` whose forward and backward are the kernels of :mod:`.forward` and
-:mod:`.backward`.
+:mod:`.backward`. By default (``Config.save_residuals``) the forward keeps ``W, T, h_in, D``
+for the backward; switched off, the backward recomputes them.
 
 Head sizes: K up to 256 and V up to 512. The kernels need powers of two >= 16, so other sizes
 are zero-padded here (zeros in the K or V padding are exact: they add nothing to any dot, and
@@ -90,7 +91,7 @@ def _core_bwd(scale, cfg: Config, C, interp, res, cts):
     do, dfinal = cts
     do = do.astype(q.dtype)
     G = chunk_cumsum(g, C)
-    if saved is None:  # recompute W, T, h_in, D (nothing per chunk saved by the forward)
+    if saved is None:  # save_residuals off: recompute W, T, h_in, D
         W, U, Tinv = fwd.chunk_local(q, k, v, G, beta, lam, C=C, cfg=cfg.local,
                                      interpret=interp, with_t=True, cfg_a=cfg.a)
         h_in, D, _ = fwd.state_pass(
