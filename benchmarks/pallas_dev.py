@@ -90,7 +90,7 @@ def stage_checks(q, k, v, g, beta, lam, h0, C, res):
     Gp = pcore.chunk_cumsum(gp, C)
     sp = lambda x: xla._split(x, C)  # noqa: E731
     W, U, Tinv = jax.jit(lambda *a: pfwd.chunk_local(*a, C=C, cfg=cfg.local, interpret=interp,
-                                                     with_t=True, cfg_a=cfg.a))(
+                                                     cfg_a=cfg.a))(
         qp, kp, vp, Gp, bp, lp)
     loc = jax.jit(xla.chunk_local)(sp(qp), sp(kp), sp(vp), sp(gp), sp(bp), sp(lp))
     res["local.W"] = rel(sp(W), loc.W)
@@ -140,15 +140,12 @@ def stage_checks(q, k, v, g, beta, lam, h0, C, res):
                dqkw=(qp, kp, Gp, h_in, dh_out, do, D, dD),
                grads=(qp, kp, vp, Gp, bp, lp, Tinv, dD, dW, dqp, dkp, dGp, dPs))
     ins["grads_k"] = ins["grads"]
-    ins["local_t"] = ins["local"]
 
     def stage_fn(name, sc):
-        c = dataclasses.replace(cfg, **{name if name != "local_t" else "local": sc})
+        c = dataclasses.replace(cfg, **{name: sc})
         f = {
             "local": lambda *a: pfwd.chunk_local(*a, C=C, cfg=c.local, interpret=interp,
                                                  cfg_a=c.a),
-            "local_t": lambda *a: pfwd.chunk_local(*a, C=C, cfg=c.local, interpret=interp,
-                                                   cfg_a=c.a, with_t=True),
             "a": lambda *a: pfwd.chunk_solve(*a, C=C, cfg=c.a, interpret=interp),
             "state": lambda *a: pfwd.state_pass(*a, C=C, cfg=c.state, interpret=interp),
             "output": lambda *a: pfwd.chunk_output(*a, scale=scale, out_dtype=v.dtype, C=C,
@@ -164,10 +161,8 @@ def stage_checks(q, k, v, g, beta, lam, h0, C, res):
         return jax.jit(f["grads" if name == "grads_k" else name])
 
     t = {}
-    for name in ("local", "local_t", "a", "state", "output", "dd0", "reverse", "dqkw",
-                 "grads"):
-        sc = getattr(cfg, "local" if name == "local_t" else name)
-        t[name] = bench(stage_fn(name, sc), ins[name])
+    for name in ("local", "a", "state", "output", "dd0", "reverse", "dqkw", "grads"):
+        t[name] = bench(stage_fn(name, getattr(cfg, name)), ins[name])
     if SWEEP_DEADLINE[0]:
         SWEEP_DEADLINE[0] += time.perf_counter()
         sweep = res.setdefault("sweep", {})

@@ -98,12 +98,6 @@ def decay(Gi, Gj, mask=None):
     return jnp.where(mask, jnp.exp(jnp.where(mask, diff, 0.0)), 0.0)
 
 
-def last(x):
-    """The last element of a 1-D vector, as a scalar."""
-    n = x.shape[0]
-    return jnp.sum(jnp.where(lax.broadcasted_iota(jnp.int32, (n,), 0) == n - 1, x, 0.0))
-
-
 def solve_blocks(A: dict, nb: int, hp) -> dict:
     """``T = (I + A)^-1`` of a ``[C, C]`` strictly lower triangular float32 ``A`` (C = 16 nb)
     held in registers as 16 x 16 blocks ``A[b, c]`` (``c <= b``), returned as ``{(b, c): T_bc}``
@@ -163,10 +157,10 @@ def rows(b: int):
 
 def local(q, k, G, beta, lam, dt, hp):
     """The state-free quantities of one chunk as whole tiles, given ``G`` (the chunk's
-    cumulative log decay): ``X = k + lam q`` (float32), ``Rd = (X K^T) o decay`` (strictly
-    lower) and ``A = beta_i Rd``."""
+    cumulative log decay): ``Rd = (X K^T) o decay`` (strictly lower, ``X = k + lam q``) and
+    ``A = beta_i Rd``."""
     C = q.shape[0]
     strict, _ = masks(C)
     X = k.astype(F32) + lam[:, None] * q.astype(F32)
     Rd = dot(X, k, tb=True, dt=dt, hp=hp) * decay(G, G, strict)
-    return X, Rd, beta[:, None] * Rd
+    return Rd, beta[:, None] * Rd

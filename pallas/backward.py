@@ -294,7 +294,7 @@ def _grads_k_kernel(
     beta = b_ref[...].astype(F32)
     lam = l_ref[...].astype(F32)
     G = u.g_vec(G_ref[...], dt)
-    _, Rd, A = u.local(q, k, G, beta, lam, dt, hp)
+    Rd, A = u.local(q, k, G, beta, lam, dt, hp)
     gam = jnp.exp(G)
     bg = beta * gam
 
@@ -394,7 +394,7 @@ def chunk_grads(q, k, v, G, beta, lam, Tinv, dD, dW, dq_part, dk_part, dG_part, 
                 C: int, cfg: StageConfig, interpret, cfg_k: StageConfig | None = None):
     """All local gradients (the counterpart of :func:`qdelta_jax.xla.chunk_grads`, given the
     state-side terms and ``dPs`` of :func:`chunk_dqkw` and ``Tinv = (I + A)^-1 [B, Tp, H, C]``
-    from ``forward.chunk_local(..., with_t=True)``). Returns ``dq, dk, dv`` in the input dtypes
+    from ``forward.chunk_local``). Returns ``dq, dk, dv`` in the input dtypes
     and ``dg, dbeta, dlam`` float32, on the padded layout.
 
     Two launches, so that each holds few tiles live: the V side (``cfg``, loop over V tiles:

@@ -51,39 +51,37 @@ def chunk_cumsum(g, C: int):
     return G.reshape(B, Tp, H)
 
 
-def _fwd_impl(q, k, v, g, beta, lam, h0, reset, is_last, seq, scale, cfg: Config, C, interp):
-    G = chunk_cumsum(g, C)
-    W, U = fwd.chunk_local(q, k, v, G, beta, lam, C=C, cfg=cfg.local, interpret=interp,
-                           cfg_a=cfg.a)
+def _states(q, k, v, G, beta, lam, h0, reset, is_last, seq, cfg: Config, C, interp):
+    """``(W, T, h_in, D)`` (what the backward needs) and the final states: the solve, W/U and
+    the state pass, shared by the forward and the backward's recompute."""
+    W, U, Tinv = fwd.chunk_local(q, k, v, G, beta, lam, C=C, cfg=cfg.local, interpret=interp,
+                                 cfg_a=cfg.a)
     h_in, D, final = fwd.state_pass(
         k, G, W, U, h0, reset, is_last, seq, C=C, cfg=cfg.state, interpret=interp
     )
+    return (W, Tinv, h_in, D), final
+
+
+def _forward(q, k, v, g, beta, lam, h0, reset, is_last, seq, scale, cfg: Config, C, interp):
+    """``(o, final)`` and the residuals ``(W, T, h_in, D)``."""
+    G = chunk_cumsum(g, C)
+    res, final = _states(q, k, v, G, beta, lam, h0, reset, is_last, seq, cfg, C, interp)
+    _, _, h_in, D = res
     o = fwd.chunk_output(
         q, k, G, h_in, D, scale=scale, out_dtype=v.dtype, C=C, cfg=cfg.output, interpret=interp
     )
-    return o, final
+    return (o, final), res
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(10, 11, 12, 13))
 def _core(q, k, v, g, beta, lam, h0, reset, is_last, seq, scale, cfg, C, interp):
-    return _fwd_impl(q, k, v, g, beta, lam, h0, reset, is_last, seq, scale, cfg, C, interp)
+    return _forward(q, k, v, g, beta, lam, h0, reset, is_last, seq, scale, cfg, C, interp)[0]
 
 
 def _core_fwd(q, k, v, g, beta, lam, h0, reset, is_last, seq, scale, cfg, C, interp):
     inputs = (q, k, v, g, beta, lam, h0, reset, is_last, seq)
-    if not cfg.save_residuals:
-        out = _fwd_impl(q, k, v, g, beta, lam, h0, reset, is_last, seq, scale, cfg, C, interp)
-        return out, (inputs, None)
-    G = chunk_cumsum(g, C)
-    W, U, Tinv = fwd.chunk_local(q, k, v, G, beta, lam, C=C, cfg=cfg.local, interpret=interp,
-                                 with_t=True, cfg_a=cfg.a)
-    h_in, D, final = fwd.state_pass(
-        k, G, W, U, h0, reset, is_last, seq, C=C, cfg=cfg.state, interpret=interp
-    )
-    o = fwd.chunk_output(
-        q, k, G, h_in, D, scale=scale, out_dtype=v.dtype, C=C, cfg=cfg.output, interpret=interp
-    )
-    return (o, final), (inputs, (W, Tinv, h_in, D))
+    out, res = _forward(q, k, v, g, beta, lam, h0, reset, is_last, seq, scale, cfg, C, interp)
+    return out, (inputs, res if cfg.save_residuals else None)
 
 
 def _core_bwd(scale, cfg: Config, C, interp, res, cts):
@@ -92,13 +90,8 @@ def _core_bwd(scale, cfg: Config, C, interp, res, cts):
     do = do.astype(q.dtype)
     G = chunk_cumsum(g, C)
     if saved is None:  # save_residuals off: recompute W, T, h_in, D
-        W, U, Tinv = fwd.chunk_local(q, k, v, G, beta, lam, C=C, cfg=cfg.local,
-                                     interpret=interp, with_t=True, cfg_a=cfg.a)
-        h_in, D, _ = fwd.state_pass(
-            k, G, W, U, h0, reset, is_last, seq, C=C, cfg=cfg.state, interpret=interp
-        )
-    else:
-        W, Tinv, h_in, D = saved
+        saved, _ = _states(q, k, v, G, beta, lam, h0, reset, is_last, seq, cfg, C, interp)
+    W, Tinv, h_in, D = saved
     dD0 = bwd.chunk_dd0(q, k, G, do, scale=scale, C=C, cfg=cfg.dd0, interpret=interp)
     dh_out, dD, dh0 = bwd.reverse_state_pass(
         q, k, G, W, do, dD0, dfinal, reset, is_last, seq, scale=scale, C=C, cfg=cfg.reverse,

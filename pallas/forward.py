@@ -143,14 +143,14 @@ def chunk_wu(q, k, v, G, beta, lam, Tinv, *, C: int, cfg: StageConfig, interpret
 
 
 def chunk_local(q, k, v, G, beta, lam, *, C: int, cfg: StageConfig, interpret: bool,
-                with_t: bool = False, cfg_a: StageConfig | None = None):
-    """``W [B, Tp, H, K]`` and ``U [B, Tp, H, V]`` in ``q``'s dtype; with ``with_t`` also
-    ``T = (I + A)^-1`` as ``[B, Tp, H, C]`` float32, which the backward hands to
-    :func:`backward.chunk_grads` instead of solving twice. Two launches: :func:`chunk_solve`
-    (``cfg_a``), then :func:`chunk_wu` (``cfg``)."""
+                cfg_a: StageConfig | None = None):
+    """``W [B, Tp, H, K]`` and ``U [B, Tp, H, V]`` in ``q``'s dtype and ``T = (I + A)^-1`` as
+    ``[B, Tp, H, C]`` float32, which the backward hands to :func:`backward.chunk_grads` instead
+    of solving twice. Two launches: :func:`chunk_solve` (``cfg_a``), then :func:`chunk_wu`
+    (``cfg``)."""
     Tinv = chunk_solve(q, k, G, beta, lam, C=C, cfg=cfg_a or cfg, interpret=interpret)
     W, U = chunk_wu(q, k, v, G, beta, lam, Tinv, C=C, cfg=cfg, interpret=interpret)
-    return (W, U, Tinv) if with_t else (W, U)
+    return W, U, Tinv
 
 
 # ----------------------------------------------------------------------------- 2. state pass

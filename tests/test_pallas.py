@@ -89,13 +89,13 @@ def staged():
 def test_forward_stages_match_xla(staged):
     s = staged
     C, cfg, sp, loc, m = s["C"], s["cfg"], s["sp"], s["loc"], s["meta"]
-    W, U = pfwd.chunk_local(s["q"], s["k"], s["v"], s["G"], s["beta"], s["lam"], C=C,
-                            cfg=cfg.local, interpret=True)
+    W, U, _ = pfwd.chunk_local(s["q"], s["k"], s["v"], s["G"], s["beta"], s["lam"], C=C,
+                               cfg=cfg.local, interpret=True)
     assert rel(sp(W), loc.W) < 1e-5 and rel(sp(U), loc.U) < 1e-5
     # K slices in the solve, K and V tiles in W and U: the same numbers.
-    W2, U2 = pfwd.chunk_local(s["q"], s["k"], s["v"], s["G"], s["beta"], s["lam"], C=C,
-                              cfg=pcfg.StageConfig(block_v=16, block_k=8), interpret=True,
-                              cfg_a=pcfg.StageConfig(num_warps=1, block_k=8))
+    W2, U2, _ = pfwd.chunk_local(s["q"], s["k"], s["v"], s["G"], s["beta"], s["lam"], C=C,
+                                 cfg=pcfg.StageConfig(block_v=16, block_k=8), interpret=True,
+                                 cfg_a=pcfg.StageConfig(num_warps=1, block_k=8))
     assert rel(W2, W) < 1e-6 and rel(U2, U) < 1e-6
     h_in, D, fin = pfwd.state_pass(s["k"], s["G"], W, U, s["h0"], m.reset, m.is_last, m.seq, C=C,
                                    cfg=cfg.state, interpret=True)
@@ -117,8 +117,7 @@ def test_backward_stages_match_xla(staged):
     q, k, v, G, beta, lam, h0 = (s[n] for n in ("q", "k", "v", "G", "beta", "lam", "h0"))
     do = jax.random.normal(jax.random.PRNGKey(11), v.shape, F32)
     dfin = jax.random.normal(jax.random.PRNGKey(12), h0.shape, F32)
-    W, U, Tinv = pfwd.chunk_local(q, k, v, G, beta, lam, C=C, cfg=cfg.local, interpret=True,
-                                  with_t=True)
+    W, U, Tinv = pfwd.chunk_local(q, k, v, G, beta, lam, C=C, cfg=cfg.local, interpret=True)
     assert rel(sp(Tinv), loc.Tinv) < 1e-5
     h_in, D, _ = pfwd.state_pass(k, G, W, U, h0, m.reset, m.is_last, m.seq, C=C, cfg=cfg.state,
                                  interpret=True)
