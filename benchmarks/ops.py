@@ -79,10 +79,11 @@ def bench_impl(impl, shape, dtype, warmup, reps, chunk_size):
             set_save_residuals(prev)
 
 
-def _bench_impl(name_, impl, shape, dtype, warmup, reps, chunk_size):
+def op_functions(impl, shape, dtype, chunk_size=64):
+    """``[("fwd", fn, args), ("fwd_bwd", fn, args)]``: the op's forward and its ``jax.vjp``
+    pull-back of all six inputs, on fresh random inputs of ``shape`` (BxTxHxKxV)."""
     B, T, H, K, V = shape
-    inputs = random_inputs(jax.random.key(0), B, T, H, K, V, dtype=dtype)
-    q, k, v, g, beta, lam, _ = inputs
+    q, k, v, g, beta, lam, _ = random_inputs(jax.random.key(0), B, T, H, K, V, dtype=dtype)
     do = jax.random.normal(jax.random.key(1), v.shape, jnp.float32).astype(v.dtype)
 
     def fwd(q, k, v, g, beta, lam):
@@ -92,11 +93,13 @@ def _bench_impl(name_, impl, shape, dtype, warmup, reps, chunk_size):
         o, vjp = jax.vjp(fwd, q, k, v, g, beta, lam)
         return o, vjp(do)
 
+    return [("fwd", fwd, (q, k, v, g, beta, lam)),
+            ("fwd_bwd", fwd_bwd, (q, k, v, g, beta, lam, do))]
+
+
+def _bench_impl(name_, impl, shape, dtype, warmup, reps, chunk_size):
     row = {"impl": name_, "shape": shape, "dtype": jnp.dtype(dtype).name}
-    for name, fn, args in (
-        ("fwd", fwd, (q, k, v, g, beta, lam)),
-        ("fwd_bwd", fwd_bwd, (q, k, v, g, beta, lam, do)),
-    ):
+    for name, fn, args in op_functions(impl, shape, dtype, chunk_size):
         t0 = time.perf_counter()
         try:
             compiled = jax.jit(fn).lower(*args).compile()
@@ -117,13 +120,12 @@ def _bench_impl(name_, impl, shape, dtype, warmup, reps, chunk_size):
     return row
 
 
-def bench_fla(shape, warmup, reps):
-    """fla's chunk_gated_delta_rule forward (lam = 0 equivalent) with torch CUDA events."""
-    try:
-        import torch
-        from fla.ops.gated_delta_rule import chunk_gated_delta_rule
-    except Exception as e:  # noqa: BLE001
-        return {"impl": "fla gated delta rule", "shape": shape, "fwd_error": f"not available: {e}"}
+def fla_forward(shape):
+    """A function running fla's ``chunk_gated_delta_rule`` forward (q, k L2-normalised in the
+    kernel) on fresh random bf16 inputs of ``shape``; needs torch, CUDA and the fla wheel."""
+    import torch
+    from fla.ops.gated_delta_rule import chunk_gated_delta_rule
+
     B, T, H, K, V = shape
     dev = "cuda"
     gen = torch.Generator(device=dev).manual_seed(0)
@@ -136,6 +138,17 @@ def bench_fla(shape, warmup, reps):
     def run():
         return chunk_gated_delta_rule(q, k, v, g, beta, use_qk_l2norm_in_kernel=True)
 
+    return run
+
+
+def bench_fla(shape, warmup, reps):
+    """fla's chunk_gated_delta_rule forward (lam = 0 equivalent) with torch CUDA events."""
+    try:
+        import torch
+
+        run = fla_forward(shape)
+    except Exception as e:  # noqa: BLE001
+        return {"impl": "fla gated delta rule", "shape": shape, "fwd_error": f"not available: {e}"}
     for _ in range(warmup):
         run()
     torch.cuda.synchronize()

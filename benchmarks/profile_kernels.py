@@ -41,50 +41,30 @@ def cuda_profiler():
         return lib.cudaProfilerStart, lib.cudaProfilerStop
 
 
-def pallas_fn(shape, dtype, backward: bool, save_residuals: bool):
+def pallas_fn(shape, dtype, backward: bool, recompute: bool):
     import jax
-    import jax.numpy as jnp
+    from ops import op_functions
 
-    from qdelta_jax import qdelta_rule
     from qdelta_jax.pallas import set_save_residuals
-    from qdelta_jax.testing import random_inputs
 
-    set_save_residuals(save_residuals)
-    B, T, H, K, V = shape
-    q, k, v, g, beta, lam, _ = random_inputs(jax.random.key(0), B, T, H, K, V, dtype=dtype)
-    do = jax.random.normal(jax.random.key(1), v.shape, jnp.float32).astype(v.dtype)
-
-    def fwd(q, k, v, g, beta, lam):
-        return qdelta_rule(q, k, v, g, beta, lam, implementation="pallas")[0]
-
-    def fwd_bwd(q, k, v, g, beta, lam, do):
-        o, vjp = jax.vjp(fwd, q, k, v, g, beta, lam)
-        return o, vjp(do)
-
-    if backward:
-        f, args = jax.jit(fwd_bwd), (q, k, v, g, beta, lam, do)
-    else:
-        f, args = jax.jit(fwd), (q, k, v, g, beta, lam)
+    if recompute:  # before tracing: the backward then recomputes W, T, h_in, D
+        set_save_residuals(False)
+    (_, fwd, fwd_args), (_, fwd_bwd, bwd_args) = op_functions("pallas", shape, dtype)
+    f, args = (jax.jit(fwd_bwd), bwd_args) if backward else (jax.jit(fwd), fwd_args)
     return lambda: jax.block_until_ready(f(*args))
 
 
 def fla_fn(shape):
     import torch
-    from fla.ops.gated_delta_rule import chunk_gated_delta_rule
+    from ops import fla_forward
 
-    B, T, H, K, V = shape
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    q = torch.randn(B, T, H, K, device="cuda", dtype=torch.bfloat16, generator=gen)
-    k = torch.randn(B, T, H, K, device="cuda", dtype=torch.bfloat16, generator=gen)
-    v = torch.randn(B, T, H, V, device="cuda", dtype=torch.bfloat16, generator=gen)
-    g = -torch.nn.functional.softplus(torch.randn(B, T, H, device="cuda", generator=gen) - 1) * 0.5
-    beta = torch.sigmoid(torch.randn(B, T, H, device="cuda", generator=gen)).bfloat16()
+    run = fla_forward(shape)
 
-    def run():
-        chunk_gated_delta_rule(q, k, v, g, beta, use_qk_l2norm_in_kernel=True)
+    def run_and_wait():
+        run()
         torch.cuda.synchronize()
 
-    return run
+    return run_and_wait
 
 
 def main(argv=None) -> int:
@@ -93,7 +73,8 @@ def main(argv=None) -> int:
     p.add_argument("--shape", default="8x4096x6x128x256", help="BxTxHxKxV")
     p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
     p.add_argument("--forward-only", action="store_true", help="pallas: no backward")
-    p.add_argument("--save-residuals", action="store_true", help="pallas: keep W, T, h_in, D")
+    p.add_argument("--recompute-residuals", action="store_true",
+                   help="pallas: save_residuals off (the backward recomputes W, T, h_in, D)")
     p.add_argument("--warmup", type=int, default=3)
     a = p.parse_args(argv)
     from ops import parse_shape
@@ -105,7 +86,7 @@ def main(argv=None) -> int:
     else:
         import jax.numpy as jnp
 
-        run = pallas_fn(shape, jnp.dtype(a.dtype), not a.forward_only, a.save_residuals)
+        run = pallas_fn(shape, jnp.dtype(a.dtype), not a.forward_only, a.recompute_residuals)
     for _ in range(a.warmup):
         run()
     start()
