@@ -23,7 +23,7 @@ from qdelta_jax.pallas.core import CHUNK_SIZES, MAX_K, MAX_V, make_core
 def chunked_core(K: int, V: int, dtype, chunk_size: int, *, config: Config | None = None,
                  interpret: bool | None = None):
     """The Pallas core for head sizes ``K, V``, compute dtype ``dtype`` and ``chunk_size``:
-    ``core(q, k, v, g, beta, lam, h0, reset, is_last, seq, scale) -> (o, final)`` with the
+    ``core(q, k, v, G, beta, lam, h0, seg, reset, is_last, seq, scale) -> (o, final)`` with the
     contract of :func:`qdelta_jax.xla.chunked_core`.
 
     Raises ValueError when ``chunk_size`` is not in :data:`CHUNK_SIZES` or a head size is out of

@@ -82,13 +82,6 @@ def g_vec(G, dt):
     return jnp.sum(jnp.where(i == j, G[None, :], 0.0), axis=1)
 
 
-def revcumsum(x):
-    """``out_i = sum_{j >= i} x_j`` of a 1-D vector."""
-    n = x.shape[0]
-    i, j = iota2(n, n, 0), iota2(n, n, 1)
-    return jnp.sum(jnp.where(j >= i, x[None, :], 0.0), axis=1)
-
-
 def decay(Gi, Gj, mask=None):
     """``exp(Gi_i - Gj_j)`` where ``mask`` holds, else 0 (the exponent is masked first, so it
     never overflows). ``mask=None``: the block lies strictly below the diagonal, all i > j."""
@@ -155,12 +148,66 @@ def rows(b: int):
     return pl.ds(b * S, S)
 
 
-def local(q, k, G, beta, lam, dt, hp):
+def local(q, k, G, beta, lam, dt, hp, seg=None):
     """The state-free quantities of one chunk as whole tiles, given ``G`` (the chunk's
     cumulative log decay): ``Rd = (X K^T) o decay`` (strictly lower, ``X = k + lam q``) and
     ``A = beta_i Rd``."""
     C = q.shape[0]
     strict, _ = masks(C)
     X = k.astype(F32) + lam[:, None] * q.astype(F32)
-    Rd = dot(X, k, tb=True, dt=dt, hp=hp) * decay(G, G, strict)
+    Rd = dot(X, k, tb=True, dt=dt, hp=hp) * decay(G, G, within(strict, seg))
     return Rd, beta[:, None] * Rd
+
+
+# ----------------------------------------------------------------------------- documents
+# Packed documents in the row-aligned layout (qdelta_jax.packing): ``seg`` is the chunk's [C]
+# int32 document ids, non-decreasing, or None when the whole chunk is one document (then the
+# kernels compile without any of this). Decay, the intra-chunk terms and the carried state stop
+# at a boundary: gamma (decay from the chunk start) holds for the chunk's first document only,
+# e (decay to the chunk end) for its last only, and the state entering the chunk survives it
+# only when one document spans it.
+
+
+def gam_of(G, seg):
+    """``exp(G_i)``, zero past the chunk's first document."""
+    if seg is None:
+        return jnp.exp(G)
+    first = seg == jnp.min(seg)
+    return jnp.where(first, jnp.exp(jnp.where(first, G, 0.0)), 0.0)
+
+
+def e_of(G, gC, seg):
+    """``exp(G_C - G_i)``, zero before the chunk's last document."""
+    if seg is None:
+        return jnp.exp(gC - G)
+    last = seg == jnp.max(seg)
+    return jnp.where(last, jnp.exp(jnp.where(last, gC - G, 0.0)), 0.0)
+
+
+def aC_of(gC, seg):
+    """``exp(G_C)``, the carried state's decay over the chunk; zero where a document starts
+    inside it."""
+    if seg is None:
+        return jnp.exp(gC)
+    return jnp.where(jnp.min(seg) == jnp.max(seg), jnp.exp(gC), 0.0)
+
+
+def within(mask, seg_i, seg_j=None):
+    """``mask`` (None: all) restricted to pairs in one document (``seg_i`` rows, ``seg_j``
+    columns, default the same ids)."""
+    if seg_i is None:
+        return mask
+    same = seg_i[:, None] == (seg_i if seg_j is None else seg_j)[None, :]
+    return same if mask is None else mask & same
+
+
+def with_seg(kernel, n_in: int, segmented: bool):
+    """``kernel`` takes a ``seg_ref`` after its ``n_in`` inputs; without documents inside chunks
+    it gets ``None`` there and the call passes no such input."""
+    if segmented:
+        return kernel
+
+    def call(*refs):
+        return kernel(*refs[:n_in], None, *refs[n_in:])
+
+    return call

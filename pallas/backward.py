@@ -16,7 +16,8 @@ forward (``Config.save_residuals``, the default) or recomputes them (:func:`forw
 3. :func:`chunk_grads`, two launches parallel over (batch, chunk, head). It reads ``T`` written
    by ``chunk_solve`` (no second solve) and recomputes ``A`` (one matmul); the V
    side writes ``dv``, ``dPs`` and ``dA = -T^T dT T^T``, the K side the rest (``dR``, ``dX``),
-   adds the partial results of 2 and writes ``dq, dk, dg, dbeta, dlam``.
+   adds the partial results of 2 and writes ``dq, dk, dG, dbeta, dlam`` (``dG`` w.r.t. the
+   chunk's cumulative log decay: the sum back to ``g`` is XLA's, :mod:`qdelta_jax.packing`).
 
 The names and the math follow :func:`qdelta_jax.xla.chunk_grads`, which is the oracle of each
 kernel.
@@ -33,15 +34,16 @@ from jax.experimental import pallas as pl
 
 from qdelta_jax.pallas import _util as u
 from qdelta_jax.pallas.config import StageConfig
-from qdelta_jax.pallas.forward import params, spec_rows
+from qdelta_jax.pallas.forward import params, seg_args, spec_rows
 
 F32 = jnp.float32
 
 # ----------------------------------------------------------------------------- 1. reverse pass
 
 
-def _dd0_kernel(q_ref, k_ref, G_ref, do_ref, dd0_ref, *, BV, scale, dt, hp):
+def _dd0_kernel(q_ref, k_ref, G_ref, do_ref, seg_ref, dd0_ref, *, BV, scale, dt, hp):
     _, incl = u.masks(q_ref.shape[0])
+    incl = u.within(incl, None if seg_ref is None else seg_ref[...])
     G = u.g_vec(G_ref[...], dt)
     P = (u.dot(q_ref[...], k_ref[...], tb=True, dt=dt, hp=hp) * u.decay(G, G, incl)).astype(dt)
     for j in range(do_ref.shape[-1] // BV):
@@ -49,7 +51,7 @@ def _dd0_kernel(q_ref, k_ref, G_ref, do_ref, dd0_ref, *, BV, scale, dt, hp):
         dd0_ref[:, vs] = (scale * u.dot(P, do_ref[:, vs], ta=True, dt=dt, hp=hp)).astype(dt)
 
 
-def chunk_dd0(q, k, G, do, *, scale: float, C: int, cfg: StageConfig, interpret):
+def chunk_dd0(q, k, G, do, seg=None, *, scale: float, C: int, cfg: StageConfig, interpret):
     """``dD0 = scale P^T dO [B, Tp, H, V]`` in the compute dtype (``P = Q K^T o decay o
     causal``): the state-independent part of ``dD``, parallel over (batch, chunk, head) with a
     loop over V tiles, so that the reverse pass keeps only the K x V products in its loop."""
@@ -59,21 +61,23 @@ def chunk_dd0(q, k, G, do, *, scale: float, C: int, cfg: StageConfig, interpret)
     kernel = functools.partial(
         _dd0_kernel, BV=cfg.block_v or V, scale=scale, dt=dt, hp=u.f32_precision(interpret, dt)
     )
+    extra, extra_specs = seg_args(seg, C)
     return pl.pallas_call(
-        kernel,
+        u.with_seg(kernel, 4, seg is not None),
         out_shape=jax.ShapeDtypeStruct((B, Tp, H, V), dt),
         grid=(B, Tp // C, H),
-        in_specs=[spec_rows(C, K), spec_rows(C, K), spec_rows(C, None), spec_rows(C, V)],
+        in_specs=[spec_rows(C, K), spec_rows(C, K), spec_rows(C, None), spec_rows(C, V)]
+        + extra_specs,
         out_specs=spec_rows(C, V),
         interpret=interpret,
         compiler_params=params(cfg),
         name="qdelta_chunk_dd0",
-    )(q, k, G, do.astype(dt))
+    )(q, k, G, do.astype(dt), *extra)
 
 
 def _reverse_kernel(
     q_ref, k_ref, w_ref, G_ref, do_ref, dd0_ref, dfin_ref, reset_ref, last_ref, seq_ref, _dh0_in,
-    dhout_ref, dd_ref, dh0_ref, *, C, NC, BV, scale, dt, hp,
+    seg_ref, dhout_ref, dd_ref, dh0_ref, *, C, NC, BV, scale, dt, hp,
 ):
     b, h, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     vs = pl.ds(j * BV, BV)
@@ -88,15 +92,16 @@ def _reverse_kernel(
         t = pl.ds(c * C, C)
         G = u.g_vec(G_ref[b, t, h], dt)
         gC = G_ref[b, c * C + C - 1, h]
+        seg = None if seg_ref is None else seg_ref[b, t]
         # On the chain dh -> dD -> dh_in: two [C, K] x [K / C, BV] products. The
         # state-independent dD0 = scale P^T dO comes from chunk_dd0.
-        kd = k_ref[b, t, h, :].astype(F32) * jnp.exp(gC - G)[:, None]
+        kd = k_ref[b, t, h, :].astype(F32) * u.e_of(G, gC, seg)[:, None]
         dD = dd0_ref[b, t, h, vs].astype(F32) + u.dot(kd, dh, dt=dt, hp=hp)
         dd_ref[b, t, h, vs] = dD.astype(dt)
-        qg = q_ref[b, t, h, :].astype(F32) * jnp.exp(G)[:, None]
+        qg = q_ref[b, t, h, :].astype(F32) * u.gam_of(G, seg)[:, None]
         dh_in = (
             scale * u.dot(qg, do_ref[b, t, h, vs], ta=True, dt=dt, hp=hp)
-            + jnp.exp(gC) * dh
+            + u.aC_of(gC, seg) * dh
             - u.dot(w_ref[b, t, h, :], dD, ta=True, dt=dt, hp=hp)
         )
         reset = reset_ref[b, c] != 0
@@ -110,8 +115,8 @@ def _reverse_kernel(
     lax.fori_loop(0, NC, body, jnp.zeros((K, BV), F32))
 
 
-def reverse_state_pass(q, k, G, W, do, dD0, dfinal, reset, is_last, seq, *, scale: float,
-                       C: int, cfg: StageConfig, interpret):
+def reverse_state_pass(q, k, G, W, do, dD0, dfinal, reset, is_last, seq, seg=None, *,
+                       scale: float, C: int, cfg: StageConfig, interpret):
     """Returns ``dh_out [B, NC, H, K, V]`` and ``dD [B, Tp, H, V]`` in the compute dtype and
     ``dh0 [N, H, K, V]`` float32; ``dD0`` from :func:`chunk_dd0`."""
     B, Tp, H, K = k.shape
@@ -123,29 +128,30 @@ def reverse_state_pass(q, k, G, W, do, dD0, dfinal, reset, is_last, seq, *, scal
     kernel = functools.partial(
         _reverse_kernel, C=C, NC=NC, BV=BV, scale=scale, dt=dt, hp=u.f32_precision(interpret, dt)
     )
+    extra = [] if seg is None else [seg.astype(jnp.int32)]
     return pl.pallas_call(
-        kernel,
+        u.with_seg(kernel, 11, seg is not None),
         out_shape=(
             jax.ShapeDtypeStruct((B, NC, H, K, V), dt),
             jax.ShapeDtypeStruct((B, Tp, H, V), dt),
             jax.ShapeDtypeStruct(dfinal.shape, F32),
         ),
         grid=(B, H, V // BV),
-        in_specs=[pl.BlockSpec()] * 11,
+        in_specs=[pl.BlockSpec()] * (11 + len(extra)),
         out_specs=(pl.BlockSpec(),) * 3,
         input_output_aliases={10: 2},
         interpret=interpret,
         compiler_params=params(cfg),
         name="qdelta_reverse_state_pass",
     )(q, k, W, G, do, dD0.astype(dt), dfinal, reset.astype(jnp.int32),
-      is_last.astype(jnp.int32), seq.astype(jnp.int32), dfinal)
+      is_last.astype(jnp.int32), seq.astype(jnp.int32), dfinal, *extra)
 
 
 # ----------------------------------------------------------------------------- 2. state-side
 
 
 def _dqkw_kernel(
-    q_ref, k_ref, G_ref, hin_ref, dhout_ref, do_ref, d_ref, dd_ref,
+    q_ref, k_ref, G_ref, hin_ref, dhout_ref, do_ref, d_ref, dd_ref, seg_ref,
     dqp_ref, dkp_ref, dw_ref, dgp_ref, dps_ref, *, nv, BV, scale, dt, hp,
 ):
     C, BK = q_ref.shape
@@ -170,16 +176,17 @@ def _dqkw_kernel(
         0, nv, body, (z, z, z, jnp.zeros((), F32), jnp.zeros((C, C), F32))
     )
     G = u.g_vec(G_ref[...], dt)
+    seg = None if seg_ref is None else seg_ref[...]
 
     # dPs = scale dP o decay o causal, written once (by the first K tile).
     @pl.when(pl.program_id(3) == 0)
     def _():
         _, incl = u.masks(C)
-        dps_ref[...] = scale * dP * u.decay(G, G, incl)
+        dps_ref[...] = scale * dP * u.decay(G, G, u.within(incl, seg))
 
     gC = G_ref[C - 1]
-    gam = jnp.exp(G)
-    e = jnp.exp(gC - G)
+    gam = u.gam_of(G, seg)
+    e = u.e_of(G, gC, seg)
     q = q_ref[...].astype(F32)
     k = k_ref[...].astype(F32)
     dqp_ref[...] = scale * gam[:, None] * doh
@@ -188,11 +195,11 @@ def _dqkw_kernel(
     de = jnp.sum(dkd * k, axis=1) * e
     is_last = lax.broadcasted_iota(jnp.int32, (C,), 0) == C - 1
     dG = scale * gam * jnp.sum(doh * q, axis=1) - de
-    dgp_ref[...] = dG + jnp.where(is_last, jnp.sum(de) + jnp.exp(gC) * hd, 0.0)
+    dgp_ref[...] = dG + jnp.where(is_last, jnp.sum(de) + u.aC_of(gC, seg) * hd, 0.0)
 
 
-def chunk_dqkw(q, k, G, h_in, dh_out, do, D, dD, *, scale: float, C: int, cfg: StageConfig,
-               interpret):
+def chunk_dqkw(q, k, G, h_in, dh_out, do, D, dD, seg=None, *, scale: float, C: int,
+               cfg: StageConfig, interpret):
     """State-side gradient terms: ``dq_part, dk_part [B, Tp, H, K]`` float32, ``dW`` in the
     compute dtype, ``dG_part [B, Tp, H]`` float32 (summed over K tiles), and the output's
     intra-chunk term ``dPs = scale (dO D^T) o decay o causal [B, Tp, H, C]`` float32."""
@@ -208,8 +215,9 @@ def chunk_dqkw(q, k, G, h_in, dh_out, do, D, dD, *, scale: float, C: int, cfg: S
     kspec = pl.BlockSpec((None, C, None, BK), lambda b, c, h, kk: (b, c, h, kk))
     vspec = spec_rows(C, V)
     sspec = pl.BlockSpec((None, None, None, BK, V), lambda b, c, h, kk: (b, c, h, kk, 0))
+    extra, extra_specs = seg_args(seg, C)
     dqp, dkp, dW, dgp, dPs = pl.pallas_call(
-        kernel,
+        u.with_seg(kernel, 8, seg is not None),
         out_shape=(
             jax.ShapeDtypeStruct((B, Tp, H, K), F32),
             jax.ShapeDtypeStruct((B, Tp, H, K), F32),
@@ -218,7 +226,8 @@ def chunk_dqkw(q, k, G, h_in, dh_out, do, D, dD, *, scale: float, C: int, cfg: S
             jax.ShapeDtypeStruct((B, Tp, H, C), F32),
         ),
         grid=(B, Tp // C, H, nk),
-        in_specs=[kspec, kspec, spec_rows(C, None), sspec, sspec, vspec, vspec, vspec],
+        in_specs=[kspec, kspec, spec_rows(C, None), sspec, sspec, vspec, vspec, vspec]
+        + extra_specs,
         out_specs=(
             kspec, kspec, kspec,
             pl.BlockSpec((None, None, C, None), lambda b, c, h, kk: (kk, b, c, h)),
@@ -227,7 +236,7 @@ def chunk_dqkw(q, k, G, h_in, dh_out, do, D, dD, *, scale: float, C: int, cfg: S
         interpret=interpret,
         compiler_params=params(cfg),
         name="qdelta_chunk_dqkw",
-    )(q, k, G, h_in, dh_out, do, D, dD)
+    )(q, k, G, h_in, dh_out, do, D, dD, *extra)
     return dqp, dkp, dW, jnp.sum(dgp, axis=0), dPs
 
 
@@ -235,7 +244,7 @@ def chunk_dqkw(q, k, G, h_in, dh_out, do, D, dD, *, scale: float, C: int, cfg: S
 
 
 def _grads_v_kernel(
-    q_ref, k_ref, v_ref, G_ref, b_ref, l_ref, t_ref, dd_ref, dw_ref,
+    q_ref, k_ref, v_ref, G_ref, b_ref, l_ref, t_ref, dd_ref, dw_ref, seg_ref,
     dv_ref, dbv_ref, da_ref, *, BV, dt, hp,
 ):
     C = q_ref.shape[0]
@@ -243,7 +252,7 @@ def _grads_v_kernel(
     beta = b_ref[...].astype(F32)
     G = u.g_vec(G_ref[...], dt)
     X = k_ref[...].astype(F32) + l_ref[...].astype(F32)[:, None] * q_ref[...].astype(F32)
-    bx = (beta * jnp.exp(G))[:, None] * X
+    bx = (beta * u.gam_of(G, None if seg_ref is None else seg_ref[...]))[:, None] * X
     T = t_ref[...]
 
     # By V tiles: dT = dW bx^T + dU (beta V)^T with dU = dD; dv = beta T^T dU.
@@ -263,7 +272,7 @@ def _grads_v_kernel(
     da_ref[...] = jnp.where(strict, dA, 0.0)
 
 
-def _grads_k_phase1(dps_ref, da_ref, dbv_ref, QK, Rd, A, G, beta, lam, strict):
+def _grads_k_phase1(dps_ref, da_ref, dbv_ref, QK, Rd, A, G, beta, lam, strict, seg):
     """The [C, C] part of the K-side gradients, shared by both K-side kernels. G enters the
     output through Q K^T o decay and A = beta_i (X K^T) o decay (strictly lower). X = k + lam q
     never lives as a [C, K] float32 tile: with dX = dR k + bg dbx,
@@ -279,14 +288,14 @@ def _grads_k_phase1(dps_ref, da_ref, dbv_ref, QK, Rd, A, G, beta, lam, strict):
     ZA = dA * A
     dG = dG + jnp.sum(ZA, axis=1) - jnp.sum(ZA, axis=0)
     dbeta = dbv_ref[...] + jnp.sum(dA * Rd, axis=1)
-    dR = dA * beta[:, None] * u.decay(G, G, strict)
+    dR = dA * beta[:, None] * u.decay(G, G, u.within(strict, seg))
     dl = jnp.sum(dR * QK, axis=1)
     return dG, dbeta, dl, dPs + lam[:, None] * dR, dR + dR.T
 
 
 def _grads_k_kernel(
     q_ref, k_ref, G_ref, b_ref, l_ref, t_ref, dw_ref, dps_ref, da_ref, dbv_ref, dqp_ref,
-    dkp_ref, dgp_ref, dq_ref, dk_ref, dg_ref, db_ref, dl_ref, *, dt, hp,
+    dkp_ref, dgp_ref, seg_ref, dq_ref, dk_ref, dg_ref, db_ref, dl_ref, *, dt, hp,
 ):
     C = q_ref.shape[0]
     strict, _ = u.masks(C)
@@ -294,14 +303,15 @@ def _grads_k_kernel(
     beta = b_ref[...].astype(F32)
     lam = l_ref[...].astype(F32)
     G = u.g_vec(G_ref[...], dt)
-    Rd, A = u.local(q, k, G, beta, lam, dt, hp)
-    gam = jnp.exp(G)
+    seg = None if seg_ref is None else seg_ref[...]
+    Rd, A = u.local(q, k, G, beta, lam, dt, hp, seg)
+    gam = u.gam_of(G, seg)
     bg = beta * gam
 
     # Phase 1, [C, C] tiles only.
     QK = u.dot(q, k, tb=True, dt=dt, hp=hp)
     dG, dbeta, dl, M, S = _grads_k_phase1(dps_ref, da_ref, dbv_ref, QK, Rd, A, G, beta, lam,
-                                          strict)
+                                          strict, seg)
 
     # Phase 2. W = T (beta gamma X): dbx = T^T dW. q and k are loaded again after a store
     # (not kept live from phase 1); dbx is not kept live either: its row terms in dq and dk
@@ -324,13 +334,12 @@ def _grads_k_kernel(
         + u.dot(T * bg[None, :], dW, ta=True, dt=dt, hp=hp)
     )
     dk_ref[...] = dk.astype(dk_ref.dtype)
-    # G = cumsum(g) within the chunk.
-    dg_ref[...] = u.revcumsum(dG + dgp_ref[...])
+    dg_ref[...] = dG + dgp_ref[...]
 
 
 def _grads_k_split_kernel(
     q_ref, k_ref, G_ref, b_ref, l_ref, t_ref, dw_ref, dps_ref, da_ref, dbv_ref, dqp_ref,
-    dkp_ref, dgp_ref, dq_ref, dk_ref, dg_ref, db_ref, dl_ref, *, BK, dt, hp,
+    dkp_ref, dgp_ref, seg_ref, dq_ref, dk_ref, dg_ref, db_ref, dl_ref, *, BK, dt, hp,
 ):
     """:func:`_grads_k_kernel` by K slices of BK (for float32 at K 256, whose whole-K operands
     do not fit shared memory); the same algebra, summed or written slice by slice."""
@@ -340,7 +349,8 @@ def _grads_k_split_kernel(
     beta = b_ref[...].astype(F32)
     lam = l_ref[...].astype(F32)
     G = u.g_vec(G_ref[...], dt)
-    gam = jnp.exp(G)
+    seg = None if seg_ref is None else seg_ref[...]
+    gam = u.gam_of(G, seg)
     bg = beta * gam
 
     # Phase 1, [C, C] tiles only: Q K^T and Rd = (X K^T) o decay (strictly lower),
@@ -354,10 +364,10 @@ def _grads_k_split_kernel(
         xk = u.dot(X, k, tb=True, dt=dt, hp=hp)
         QK = qk if QK is None else QK + qk
         XK = xk if XK is None else XK + xk
-    Rd = XK * u.decay(G, G, strict)
+    Rd = XK * u.decay(G, G, u.within(strict, seg))
     A = beta[:, None] * Rd
     dG, dbeta, dl, M, S = _grads_k_phase1(dps_ref, da_ref, dbv_ref, QK, Rd, A, G, beta, lam,
-                                          strict)
+                                          strict, seg)
 
     # Phase 2, by K slices. W = T (beta gamma X): dbx = T^T dW; its row terms in dq and dk are
     # one more matmul each, (T diag(s))^T dW = diag(s) dbx. q and k are loaded again after a
@@ -386,12 +396,11 @@ def _grads_k_split_kernel(
     db_ref[...] = dbeta + gam * bxX
     dG = dG + bg * bxX
     dl_ref[...] = dl + bg * bxq
-    # G = cumsum(g) within the chunk.
-    dg_ref[...] = u.revcumsum(dG + dgp_ref[...])
+    dg_ref[...] = dG + dgp_ref[...]
 
 
-def chunk_grads(q, k, v, G, beta, lam, Tinv, dD, dW, dq_part, dk_part, dG_part, dPs, *,
-                C: int, cfg: StageConfig, interpret, cfg_k: StageConfig | None = None):
+def chunk_grads(q, k, v, G, beta, lam, Tinv, dD, dW, dq_part, dk_part, dG_part, dPs, seg=None,
+                *, C: int, cfg: StageConfig, interpret, cfg_k: StageConfig | None = None):
     """All local gradients (the counterpart of :func:`qdelta_jax.xla.chunk_grads`, given the
     state-side terms and ``dPs`` of :func:`chunk_dqkw` and ``Tinv = (I + A)^-1 [B, Tp, H, C]``
     from ``forward.chunk_local``). Returns ``dq, dk, dv`` in the input dtypes
@@ -406,23 +415,26 @@ def chunk_grads(q, k, v, G, beta, lam, Tinv, dD, dW, dq_part, dk_part, dG_part, 
     hp = u.f32_precision(interpret, dt)
     ks, vs, ss, cs = spec_rows(C, K), spec_rows(C, V), spec_rows(C, None), spec_rows(C, C)
     bk_k = (cfg_k or cfg).block_k or K
+    extra, extra_specs = seg_args(seg, C)
     dv, dbv, dA = pl.pallas_call(
-        functools.partial(_grads_v_kernel, BV=cfg.block_v or V, dt=dt, hp=hp),
+        u.with_seg(functools.partial(_grads_v_kernel, BV=cfg.block_v or V, dt=dt, hp=hp), 9,
+                   seg is not None),
         out_shape=(
             jax.ShapeDtypeStruct((B, Tp, H, V), v.dtype),
             jax.ShapeDtypeStruct((B, Tp, H), F32),
             jax.ShapeDtypeStruct((B, Tp, H, C), F32),
         ),
         grid=(B, Tp // C, H),
-        in_specs=[ks, ks, vs, ss, ss, ss, cs, vs, ks],
+        in_specs=[ks, ks, vs, ss, ss, ss, cs, vs, ks] + extra_specs,
         out_specs=(vs, ss, cs),
         interpret=interpret,
         compiler_params=params(cfg),
         name="qdelta_chunk_grads_v",
-    )(q, k, v, G, beta, lam, Tinv, dD, dW)
+    )(q, k, v, G, beta, lam, Tinv, dD, dW, *extra)
     dq, dk, dg, db, dl = pl.pallas_call(
-        functools.partial(_grads_k_kernel, dt=dt, hp=hp) if bk_k == K
-        else functools.partial(_grads_k_split_kernel, BK=bk_k, dt=dt, hp=hp),
+        u.with_seg(functools.partial(_grads_k_kernel, dt=dt, hp=hp) if bk_k == K
+                   else functools.partial(_grads_k_split_kernel, BK=bk_k, dt=dt, hp=hp), 13,
+                   seg is not None),
         out_shape=(
             jax.ShapeDtypeStruct((B, Tp, H, K), q.dtype),
             jax.ShapeDtypeStruct((B, Tp, H, K), k.dtype),
@@ -431,10 +443,10 @@ def chunk_grads(q, k, v, G, beta, lam, Tinv, dD, dW, dq_part, dk_part, dG_part, 
             jax.ShapeDtypeStruct((B, Tp, H), F32),
         ),
         grid=(B, Tp // C, H),
-        in_specs=[ks, ks, ss, ss, ss, cs, ks, cs, cs, ss, ks, ks, ss],
+        in_specs=[ks, ks, ss, ss, ss, cs, ks, cs, cs, ss, ks, ks, ss] + extra_specs,
         out_specs=(ks, ks, ss, ss, ss),
         interpret=interpret,
         compiler_params=params(cfg_k or cfg),
         name="qdelta_chunk_grads_k",
-    )(q, k, G, beta, lam, Tinv, dW, dPs, dA, dbv, dq_part, dk_part, dG_part)
+    )(q, k, G, beta, lam, Tinv, dW, dPs, dA, dbv, dq_part, dk_part, dG_part, *extra)
     return dq, dk, dv, dg, db, dl

@@ -290,7 +290,8 @@ def autotune(
         fn = core.make_core(K=K, V=V, dtype=dtype, chunk_size=C, config=cfg, interpret=False)
 
         def loss(q, k, v, g, beta, lam, h0):
-            o, fin = fn(q, k, v, g, beta, lam, h0, reset, is_last, seq, K**-0.5)
+            G = jnp.cumsum(g.reshape(B, NC, C, H), axis=2).reshape(g.shape)
+            o, fin = fn(q, k, v, G, beta, lam, h0, None, reset, is_last, seq, K**-0.5)
             return jnp.sum(o.astype(jnp.float32)) + jnp.sum(fin)
 
         return jax.jit(jax.grad(loss, argnums=tuple(range(7))))

@@ -3,6 +3,11 @@
 :mod:`.backward`. By default (``Config.save_residuals``) the forward keeps ``W, T, h_in, D``
 for the backward; switched off, the backward recomputes them.
 
+Packed documents: with ``seg`` (the row-aligned layout of :mod:`qdelta_jax.packing`) every
+kernel also reads the chunk's document ids and stops decay, intra-chunk terms and the carried
+state at boundaries inside a chunk; without it (no boundary inside any chunk) the kernels compile
+without those loads and masks.
+
 Head sizes: K up to 256 and V up to 512. The kernels need powers of two >= 16, so other sizes
 are zero-padded here (zeros in the K or V padding are exact: they add nothing to any dot, and
 the padded rows / columns of states and outputs are sliced off). Chunk sizes: 16, 32, 64.
@@ -43,70 +48,63 @@ def check_sizes(K: int, V: int, chunk_size: int) -> None:
         )
 
 
-def chunk_cumsum(g, C: int):
-    """``G [B, Tp, H]`` float32: the cumulative sum of ``g`` within each chunk of ``C`` steps
-    (one small XLA op; every kernel reads ``G`` instead of summing ``g`` itself)."""
-    B, Tp, H = g.shape
-    G = jnp.cumsum(g.astype(F32).reshape(B, Tp // C, C, H), axis=2)
-    return G.reshape(B, Tp, H)
-
-
-def _states(q, k, v, G, beta, lam, h0, reset, is_last, seq, cfg: Config, C, interp):
+def _states(q, k, v, G, beta, lam, h0, seg, reset, is_last, seq, cfg: Config, C, interp):
     """``(W, T, h_in, D)`` (what the backward needs) and the final states: the solve, W/U and
     the state pass, shared by the forward and the backward's recompute."""
-    W, U, Tinv = fwd.chunk_local(q, k, v, G, beta, lam, C=C, cfg=cfg.local, interpret=interp,
-                                 cfg_a=cfg.a)
+    W, U, Tinv = fwd.chunk_local(q, k, v, G, beta, lam, seg, C=C, cfg=cfg.local,
+                                 interpret=interp, cfg_a=cfg.a)
     h_in, D, final = fwd.state_pass(
-        k, G, W, U, h0, reset, is_last, seq, C=C, cfg=cfg.state, interpret=interp
+        k, G, W, U, h0, reset, is_last, seq, seg, C=C, cfg=cfg.state, interpret=interp
     )
     return (W, Tinv, h_in, D), final
 
 
-def _forward(q, k, v, g, beta, lam, h0, reset, is_last, seq, scale, cfg: Config, C, interp):
+def _forward(q, k, v, G, beta, lam, h0, seg, reset, is_last, seq, scale, cfg: Config, C,
+             interp):
     """``(o, final)`` and the residuals ``(W, T, h_in, D)``."""
-    G = chunk_cumsum(g, C)
-    res, final = _states(q, k, v, G, beta, lam, h0, reset, is_last, seq, cfg, C, interp)
+    res, final = _states(q, k, v, G, beta, lam, h0, seg, reset, is_last, seq, cfg, C, interp)
     _, _, h_in, D = res
     o = fwd.chunk_output(
-        q, k, G, h_in, D, scale=scale, out_dtype=v.dtype, C=C, cfg=cfg.output, interpret=interp
+        q, k, G, h_in, D, seg, scale=scale, out_dtype=v.dtype, C=C, cfg=cfg.output,
+        interpret=interp,
     )
     return (o, final), res
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(10, 11, 12, 13))
-def _core(q, k, v, g, beta, lam, h0, reset, is_last, seq, scale, cfg, C, interp):
-    return _forward(q, k, v, g, beta, lam, h0, reset, is_last, seq, scale, cfg, C, interp)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(11, 12, 13, 14))
+def _core(q, k, v, G, beta, lam, h0, seg, reset, is_last, seq, scale, cfg, C, interp):
+    return _forward(q, k, v, G, beta, lam, h0, seg, reset, is_last, seq, scale, cfg, C,
+                    interp)[0]
 
 
-def _core_fwd(q, k, v, g, beta, lam, h0, reset, is_last, seq, scale, cfg, C, interp):
-    inputs = (q, k, v, g, beta, lam, h0, reset, is_last, seq)
-    out, res = _forward(q, k, v, g, beta, lam, h0, reset, is_last, seq, scale, cfg, C, interp)
+def _core_fwd(q, k, v, G, beta, lam, h0, seg, reset, is_last, seq, scale, cfg, C, interp):
+    inputs = (q, k, v, G, beta, lam, h0, seg, reset, is_last, seq)
+    out, res = _forward(*inputs, scale, cfg, C, interp)
     return out, (inputs, res if cfg.save_residuals else None)
 
 
 def _core_bwd(scale, cfg: Config, C, interp, res, cts):
-    (q, k, v, g, beta, lam, h0, reset, is_last, seq), saved = res
+    (q, k, v, G, beta, lam, h0, seg, reset, is_last, seq), saved = res
     do, dfinal = cts
     do = do.astype(q.dtype)
-    G = chunk_cumsum(g, C)
     if saved is None:  # save_residuals off: recompute W, T, h_in, D
-        saved, _ = _states(q, k, v, G, beta, lam, h0, reset, is_last, seq, cfg, C, interp)
+        saved, _ = _states(q, k, v, G, beta, lam, h0, seg, reset, is_last, seq, cfg, C, interp)
     W, Tinv, h_in, D = saved
-    dD0 = bwd.chunk_dd0(q, k, G, do, scale=scale, C=C, cfg=cfg.dd0, interpret=interp)
+    dD0 = bwd.chunk_dd0(q, k, G, do, seg, scale=scale, C=C, cfg=cfg.dd0, interpret=interp)
     dh_out, dD, dh0 = bwd.reverse_state_pass(
-        q, k, G, W, do, dD0, dfinal, reset, is_last, seq, scale=scale, C=C, cfg=cfg.reverse,
-        interpret=interp,
+        q, k, G, W, do, dD0, dfinal, reset, is_last, seq, seg, scale=scale, C=C,
+        cfg=cfg.reverse, interpret=interp,
     )
     dqp, dkp, dW, dGp, dPs = bwd.chunk_dqkw(
-        q, k, G, h_in, dh_out, do, D, dD, scale=scale, C=C, cfg=cfg.dqkw, interpret=interp
+        q, k, G, h_in, dh_out, do, D, dD, seg, scale=scale, C=C, cfg=cfg.dqkw, interpret=interp
     )
-    dq, dk, dv, dg, db, dl = bwd.chunk_grads(
-        q, k, v, G, beta, lam, Tinv, dD, dW, dqp, dkp, dGp, dPs, C=C, cfg=cfg.grads,
+    dq, dk, dv, dG, db, dl = bwd.chunk_grads(
+        q, k, v, G, beta, lam, Tinv, dD, dW, dqp, dkp, dGp, dPs, seg, C=C, cfg=cfg.grads,
         interpret=interp, cfg_k=cfg.grads_k,
     )
     return (
-        dq, dk, dv, dg.astype(g.dtype), db.astype(beta.dtype), dl.astype(lam.dtype),
-        dh0.astype(h0.dtype), None, None, None,
+        dq, dk, dv, dG.astype(G.dtype), db.astype(beta.dtype), dl.astype(lam.dtype),
+        dh0.astype(h0.dtype), None, None, None, None,
     )
 
 
@@ -122,9 +120,10 @@ def _pad_last(x, n: int):
 
 def make_core(*, K: int, V: int, dtype, chunk_size: int, config: Config | None = None,
               interpret: bool | None = None):
-    """A core function ``(q, k, v, g, beta, lam, h0, reset, is_last, seq, scale) -> (o, final)``
-    with the contract of :func:`qdelta_jax.xla.chunked_core`, differentiable w.r.t. its first 7
-    arguments. ``config`` defaults to :func:`get_config`; ``interpret`` to "not on a GPU".
+    """A core function ``(q, k, v, G, beta, lam, h0, seg, reset, is_last, seq, scale) ->
+    (o, final)`` with the contract of :func:`qdelta_jax.xla.chunked_core`, differentiable
+    w.r.t. its first 7 arguments. ``config`` defaults to :func:`get_config`; ``interpret`` to
+    "not on a GPU".
 
     Raises ValueError for unsupported ``chunk_size`` or head sizes."""
     check_sizes(K, V, chunk_size)
@@ -132,7 +131,7 @@ def make_core(*, K: int, V: int, dtype, chunk_size: int, config: Config | None =
     cfg = config if config is not None else get_config(K, V, chunk_size, dtype)
     interp = u.interpret_default() if interpret is None else bool(interpret)
 
-    def core(q, k, v, g, beta, lam, h0, reset, is_last, seq, scale):
+    def core(q, k, v, G, beta, lam, h0, seg, reset, is_last, seq, scale):
         if q.shape[1] % chunk_size or q.shape[1] // chunk_size != reset.shape[1]:
             raise ValueError(
                 f"q has {q.shape[1]} padded time steps; expected {reset.shape[1]} chunks of"
@@ -144,8 +143,8 @@ def make_core(*, K: int, V: int, dtype, chunk_size: int, config: Config | None =
         vp = _pad_last(v, Vp)
         h0p = _pad_last(jnp.pad(h0.astype(F32), [(0, 0), (0, 0), (0, Kp - K), (0, 0)]), Vp)
         o, final = _core(
-            qp, kp, vp, g.astype(F32), beta.astype(F32), lam.astype(F32), h0p, reset, is_last,
-            seq, float(scale), cfg, chunk_size, interp,
+            qp, kp, vp, G.astype(F32), beta.astype(F32), lam.astype(F32), h0p, seg, reset,
+            is_last, seq, float(scale), cfg, chunk_size, interp,
         )
         return o[..., :V], final[:, :, :K, :V]
 

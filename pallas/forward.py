@@ -52,13 +52,24 @@ def spec_rows(C: int, D: int | None):
     return pl.BlockSpec((None, C, None, D), lambda b, c, h, *_: (b, c, h, 0))
 
 
+def spec_seg(C: int):
+    """BlockSpec of one chunk of the ``[B, Tp]`` document ids for a grid ``(b, c, h, ...)``."""
+    return pl.BlockSpec((None, C), lambda b, c, h, *_: (b, c))
+
+
+def seg_args(seg, C: int):
+    """The extra input and BlockSpec of a kernel parallel over chunks: none without ``seg``."""
+    return ([], []) if seg is None else ([seg.astype(jnp.int32)], [spec_seg(C)])
+
+
 # ----------------------------------------------------------------------------- 1. local
 
 
-def _solve_kernel(q_ref, k_ref, G_ref, b_ref, l_ref, t_ref, *, BK, dt, hp):
+def _solve_kernel(q_ref, k_ref, G_ref, b_ref, l_ref, seg_ref, t_ref, *, BK, dt, hp):
     C, K = q_ref.shape
     nb = C // u.S
     Gs = [G_ref[u.rows(b)] for b in range(nb)]
+    segs = [None if seg_ref is None else seg_ref[u.rows(b)] for b in range(nb)]
     beta = [b_ref[u.rows(b)].astype(F32) for b in range(nb)]
     lam = [l_ref[u.rows(b)].astype(F32) for b in range(nb)]
     # The blocks of X K^T on and below the diagonal (X = k + lam q), summed over K slices.
@@ -72,7 +83,8 @@ def _solve_kernel(q_ref, k_ref, G_ref, b_ref, l_ref, t_ref, *, BK, dt, hp):
                 p = u.dot(x, kt[c], tb=True, dt=dt, hp=hp)
                 acc[b, c] = p if kk == 0 else acc[b, c] + p
     strict, _ = u.masks(u.S)
-    A = {(b, c): beta[b][:, None] * acc[b, c] * u.decay(Gs[b], Gs[c], strict if b == c else None)
+    A = {(b, c): beta[b][:, None] * acc[b, c]
+         * u.decay(Gs[b], Gs[c], u.within(strict if b == c else None, segs[b], segs[c]))
          for b in range(nb) for c in range(b + 1)}
     T = u.solve_blocks(A, nb, hp)
     z = jnp.zeros((u.S, u.S), F32)
@@ -81,7 +93,7 @@ def _solve_kernel(q_ref, k_ref, G_ref, b_ref, l_ref, t_ref, *, BK, dt, hp):
             t_ref[u.rows(b), u.rows(c)] = T[b, c] if c <= b else z
 
 
-def chunk_solve(q, k, G, beta, lam, *, C: int, cfg: StageConfig, interpret: bool):
+def chunk_solve(q, k, G, beta, lam, seg=None, *, C: int, cfg: StageConfig, interpret: bool):
     """``T = (I + A)^-1`` as ``[B, Tp, H, C]`` float32 (row i of the chunk's ``T`` at token i),
     with ``A_ij = beta_i (x_i . k_j) exp(G_i - G_j)`` (i > j, else 0): one program per
     (batch, chunk, head) computes the 16 x 16 blocks of ``A`` by K slices of ``cfg.block_k``
@@ -90,23 +102,25 @@ def chunk_solve(q, k, G, beta, lam, *, C: int, cfg: StageConfig, interpret: bool
     dt = q.dtype
     kernel = functools.partial(_solve_kernel, BK=min(cfg.block_k or K, K), dt=dt,
                                hp=u.f32_precision(interpret, dt))
+    extra, extra_specs = seg_args(seg, C)
     return pl.pallas_call(
-        kernel,
+        u.with_seg(kernel, 5, seg is not None),
         out_shape=jax.ShapeDtypeStruct((B, Tp, H, C), F32),
         grid=(B, Tp // C, H),
-        in_specs=[spec_rows(C, K), spec_rows(C, K)] + [spec_rows(C, None)] * 3,
+        in_specs=[spec_rows(C, K), spec_rows(C, K)] + [spec_rows(C, None)] * 3 + extra_specs,
         out_specs=spec_rows(C, C),
         interpret=interpret,
         compiler_params=params(cfg),
         name="qdelta_chunk_solve",
-    )(q, k, G, beta, lam)
+    )(q, k, G, beta, lam, *extra)
 
 
-def _wu_kernel(q_ref, k_ref, v_ref, G_ref, b_ref, l_ref, t_ref, w_ref, u_ref, *, BK, BV, dt, hp):
+def _wu_kernel(q_ref, k_ref, v_ref, G_ref, b_ref, l_ref, t_ref, seg_ref, w_ref, u_ref, *, BK, BV,
+               dt, hp):
     K, V = q_ref.shape[-1], v_ref.shape[-1]
     T = t_ref[...].astype(dt)
     beta = b_ref[...].astype(F32)
-    bg = beta * jnp.exp(G_ref[...])
+    bg = beta * u.gam_of(G_ref[...], None if seg_ref is None else seg_ref[...])
     lam = l_ref[...].astype(F32)
     for kk in range(K // BK):  # W = T (beta gamma X)
         ks = pl.ds(kk * BK, BK)
@@ -118,7 +132,8 @@ def _wu_kernel(q_ref, k_ref, v_ref, G_ref, b_ref, l_ref, t_ref, w_ref, u_ref, *,
         u_ref[:, vs] = u.dot(T, bv, dt=dt, hp=hp).astype(u_ref.dtype)
 
 
-def chunk_wu(q, k, v, G, beta, lam, Tinv, *, C: int, cfg: StageConfig, interpret: bool):
+def chunk_wu(q, k, v, G, beta, lam, Tinv, seg=None, *, C: int, cfg: StageConfig,
+             interpret: bool):
     """``W = T (beta gamma X) [B, Tp, H, K]`` and ``U = T (beta V) [B, Tp, H, V]`` in the
     compute dtype: whole-chunk matmuls by K and V tiles (``cfg.block_k``, ``cfg.block_v``)."""
     B, Tp, H, K = q.shape
@@ -128,28 +143,29 @@ def chunk_wu(q, k, v, G, beta, lam, Tinv, *, C: int, cfg: StageConfig, interpret
         _wu_kernel, BK=min(cfg.block_k or K, K), BV=min(cfg.block_v or V, V), dt=dt,
         hp=u.f32_precision(interpret, dt),
     )
+    extra, extra_specs = seg_args(seg, C)
     return pl.pallas_call(
-        kernel,
+        u.with_seg(kernel, 7, seg is not None),
         out_shape=(jax.ShapeDtypeStruct((B, Tp, H, K), dt),
                    jax.ShapeDtypeStruct((B, Tp, H, V), dt)),
         grid=(B, Tp // C, H),
         in_specs=[spec_rows(C, K), spec_rows(C, K), spec_rows(C, V)]
-        + [spec_rows(C, None)] * 3 + [spec_rows(C, C)],
+        + [spec_rows(C, None)] * 3 + [spec_rows(C, C)] + extra_specs,
         out_specs=(spec_rows(C, K), spec_rows(C, V)),
         interpret=interpret,
         compiler_params=params(cfg),
         name="qdelta_chunk_wu",
-    )(q, k, v, G, beta, lam, Tinv)
+    )(q, k, v, G, beta, lam, Tinv, *extra)
 
 
-def chunk_local(q, k, v, G, beta, lam, *, C: int, cfg: StageConfig, interpret: bool,
+def chunk_local(q, k, v, G, beta, lam, seg=None, *, C: int, cfg: StageConfig, interpret: bool,
                 cfg_a: StageConfig | None = None):
     """``W [B, Tp, H, K]`` and ``U [B, Tp, H, V]`` in ``q``'s dtype and ``T = (I + A)^-1`` as
     ``[B, Tp, H, C]`` float32, which the backward hands to :func:`backward.chunk_grads` instead
     of solving twice. Two launches: :func:`chunk_solve` (``cfg_a``), then :func:`chunk_wu`
     (``cfg``)."""
-    Tinv = chunk_solve(q, k, G, beta, lam, C=C, cfg=cfg_a or cfg, interpret=interpret)
-    W, U = chunk_wu(q, k, v, G, beta, lam, Tinv, C=C, cfg=cfg, interpret=interpret)
+    Tinv = chunk_solve(q, k, G, beta, lam, seg, C=C, cfg=cfg_a or cfg, interpret=interpret)
+    W, U = chunk_wu(q, k, v, G, beta, lam, Tinv, seg, C=C, cfg=cfg, interpret=interpret)
     return W, U, Tinv
 
 
@@ -157,7 +173,7 @@ def chunk_local(q, k, v, G, beta, lam, *, C: int, cfg: StageConfig, interpret: b
 
 
 def _state_kernel(
-    k_ref, w_ref, u_ref, G_ref, h0_ref, reset_ref, last_ref, seq_ref, _fin_in,
+    k_ref, w_ref, u_ref, G_ref, h0_ref, reset_ref, last_ref, seq_ref, _fin_in, seg_ref,
     hin_ref, d_ref, fin_ref, *, C, NC, BV, dt, hp,
 ):
     b, h, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
@@ -173,10 +189,11 @@ def _state_kernel(
         t = pl.ds(c * C, C)
         G = G_ref[b, t, h]
         gC = G_ref[b, c * C + C - 1, h]
+        seg = None if seg_ref is None else seg_ref[b, t]
         D = u_ref[b, t, h, vs].astype(F32) - u.dot(w_ref[b, t, h, :], state, dt=dt, hp=hp)
         d_ref[b, t, h, vs] = D.astype(dt)
-        kd = k_ref[b, t, h, :].astype(F32) * jnp.exp(gC - G)[:, None]
-        state = jnp.exp(gC) * state + u.dot(kd, D, ta=True, dt=dt, hp=hp)
+        kd = k_ref[b, t, h, :].astype(F32) * u.e_of(G, gC, seg)[:, None]
+        state = u.aC_of(gC, seg) * state + u.dot(kd, D, ta=True, dt=dt, hp=hp)
 
         @pl.when(last_ref[b, c] != 0)
         def _():
@@ -187,7 +204,8 @@ def _state_kernel(
     lax.fori_loop(0, NC, body, jnp.zeros((K, BV), F32))
 
 
-def state_pass(k, G, W, U, h0, reset, is_last, seq, *, C: int, cfg: StageConfig, interpret):
+def state_pass(k, G, W, U, h0, reset, is_last, seq, seg=None, *, C: int, cfg: StageConfig,
+               interpret):
     """Returns ``h_in [B, NC, H, K, V]`` (compute dtype), ``D [B, Tp, H, V]`` (compute dtype)
     and ``final [N, H, K, V]`` float32 (``h0`` for sequences that own no chunk)."""
     B, Tp, H, K = k.shape
@@ -199,15 +217,16 @@ def state_pass(k, G, W, U, h0, reset, is_last, seq, *, C: int, cfg: StageConfig,
         _state_kernel, C=C, NC=NC, BV=BV, dt=dt, hp=u.f32_precision(interpret, dt)
     )
     h0 = h0.astype(F32)
+    extra = [] if seg is None else [seg.astype(jnp.int32)]
     return pl.pallas_call(
-        kernel,
+        u.with_seg(kernel, 9, seg is not None),
         out_shape=(
             jax.ShapeDtypeStruct((B, NC, H, K, V), dt),
             jax.ShapeDtypeStruct((B, Tp, H, V), dt),
             jax.ShapeDtypeStruct(h0.shape, F32),
         ),
         grid=(B, H, V // BV),
-        in_specs=[pl.BlockSpec()] * 9,
+        in_specs=[pl.BlockSpec()] * (9 + len(extra)),
         out_specs=(pl.BlockSpec(),) * 3,
         # ``final`` starts as h0: sequences that own no chunk (empty in cu_seqlens) keep it.
         input_output_aliases={8: 2},
@@ -215,23 +234,25 @@ def state_pass(k, G, W, U, h0, reset, is_last, seq, *, C: int, cfg: StageConfig,
         compiler_params=params(cfg),
         name="qdelta_state_pass",
     )(k, W, U, G, h0, reset.astype(jnp.int32), is_last.astype(jnp.int32), seq.astype(jnp.int32),
-      h0)
+      h0, *extra)
 
 
 # ----------------------------------------------------------------------------- 3. output
 
 
-def _output_kernel(q_ref, k_ref, G_ref, hin_ref, d_ref, o_ref, *, scale, BK, dt, hp):
+def _output_kernel(q_ref, k_ref, G_ref, hin_ref, d_ref, seg_ref, o_ref, *, scale, BK, dt, hp):
     C, K = q_ref.shape
     _, incl = u.masks(C)
     G = u.g_vec(G_ref[...], dt)
+    seg = None if seg_ref is None else seg_ref[...]
+    incl = u.within(incl, seg)
     if BK == K:
         q = q_ref[...]
         P = u.dot(q, k_ref[...], tb=True, dt=dt, hp=hp) * u.decay(G, G, incl)
-        qg = q.astype(F32) * jnp.exp(G)[:, None]
+        qg = q.astype(F32) * u.gam_of(G, seg)[:, None]
         o = u.dot(qg, hin_ref[...], dt=dt, hp=hp) + u.dot(P, d_ref[...], dt=dt, hp=hp)
     else:  # by K slices (float32 at K 256: whole-K operands do not fit shared memory)
-        gam = jnp.exp(G)[:, None]
+        gam = u.gam_of(G, seg)[:, None]
         P = o = None
         for kk in range(K // BK):
             ks = pl.ds(kk * BK, BK)
@@ -244,8 +265,8 @@ def _output_kernel(q_ref, k_ref, G_ref, hin_ref, d_ref, o_ref, *, scale, BK, dt,
     o_ref[...] = (scale * o).astype(o_ref.dtype)
 
 
-def chunk_output(q, k, G, h_in, D, *, scale: float, out_dtype, C: int, cfg: StageConfig,
-                 interpret):
+def chunk_output(q, k, G, h_in, D, seg=None, *, scale: float, out_dtype, C: int,
+                 cfg: StageConfig, interpret):
     """``O [B, Tp, H, V]`` in ``out_dtype``."""
     B, Tp, H, K = q.shape
     V = D.shape[-1]
@@ -256,17 +277,18 @@ def chunk_output(q, k, G, h_in, D, *, scale: float, out_dtype, C: int, cfg: Stag
         hp=u.f32_precision(interpret, dt),
     )
     vspec = pl.BlockSpec((None, C, None, BV), lambda b, c, h, j: (b, c, h, j))
+    extra, extra_specs = seg_args(seg, C)
     return pl.pallas_call(
-        kernel,
+        u.with_seg(kernel, 5, seg is not None),
         out_shape=jax.ShapeDtypeStruct((B, Tp, H, V), out_dtype),
         grid=(B, Tp // C, H, V // BV),
         in_specs=[
             spec_rows(C, K), spec_rows(C, K), spec_rows(C, None),
             pl.BlockSpec((None, None, None, K, BV), lambda b, c, h, j: (b, c, h, 0, j)),
             vspec,
-        ],
+        ] + extra_specs,
         out_specs=vspec,
         interpret=interpret,
         compiler_params=params(cfg),
         name="qdelta_chunk_output",
-    )(q, k, G, h_in, D)
+    )(q, k, G, h_in, D, *extra)

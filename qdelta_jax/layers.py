@@ -19,8 +19,9 @@ and the op is called with ``normalize_qk=False``; the one-token decoding step us
 the same code for every length, its cache holding the last ``W - 1`` inputs.
 
 Packed documents: ``cu_seqlens [B, S + 1]`` gives per-row offsets (each row starts at 0, ends at
-T, non-decreasing; pad by repeating T). The op is vmapped over rows with a 1-D ``cu_seqlens``
-each, so the batch axis stays shardable, and the conv masks taps that would cross a boundary.
+T, non-decreasing; pad by repeating T). They go to the op unchanged (chunks tile the rows, a
+boundary may fall inside a chunk: no padding, see :mod:`qdelta_jax.packing`), and the conv masks
+taps that would cross a boundary.
 
 Padding for decoding: ``mask [B, T]`` (True = real token). At masked positions the conv input is
 zero and ``beta = g = 0``, so the recurrent state and the conv cache are untouched by left
@@ -38,11 +39,10 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 from jaxtyping import Array, Bool, Float, Int
 
-from qdelta_jax import ops, reference
+from qdelta_jax import ops, packing, reference
 
 F32 = jnp.float32
 
@@ -51,47 +51,12 @@ F32 = jnp.float32
 
 
 def normalize_cu_seqlens(cu_seqlens, B: int, T: int) -> Int[Array, "B S+1"]:
-    """Checks packed-document offsets and returns them as ``[B, S + 1]`` int32.
-
-    Accepts ``[B, S + 1]`` (per-row offsets) or ``[S + 1]`` when ``B == 1``. Values are checked
-    when concrete: every row starts at 0, is non-decreasing and ends at ``T``.
-    """
-    cu = jnp.asarray(cu_seqlens)
-    if not jnp.issubdtype(cu.dtype, jnp.integer):
-        raise TypeError(f"cu_seqlens must have an integer dtype, got {cu.dtype}")
-    if cu.ndim == 1:
-        if B != 1:
-            raise ValueError(
-                f"a 1-D cu_seqlens [S+1] needs batch size 1, got B = {B}; pass per-row offsets "
-                "of shape [B, S+1]"
-            )
-        cu = cu[None]
-    if cu.ndim != 2 or cu.shape[0] != B or cu.shape[1] < 2:
-        raise ValueError(
-            f"cu_seqlens must have shape [B, S+1] = [{B}, S+1] with S >= 1, got {list(cu.shape)}"
-        )
-    if not isinstance(cu_seqlens, jax.core.Tracer):
-        c = np.asarray(cu)
-        if np.any(c[:, 0] != 0):
-            raise ValueError(f"every row of cu_seqlens must start at 0, got {c[:, 0].tolist()}")
-        if np.any(np.diff(c, axis=1) < 0):
-            raise ValueError("every row of cu_seqlens must be non-decreasing")
-        if np.any(c[:, -1] != T):
-            raise ValueError(
-                f"every row of cu_seqlens must end at T = {T} (pad rows by repeating T), got "
-                f"{c[:, -1].tolist()}"
-            )
-    return cu.astype(jnp.int32)
+    """Checks packed-document offsets (:func:`qdelta_jax.packing.check_offsets`) and returns them
+    as per-row ``[B, S + 1]`` int32 (a 1-D ``[S + 1]`` is taken as the one row of ``B == 1``)."""
+    return packing.as_rows(packing.check_offsets(cu_seqlens, B, T))
 
 
-def doc_starts(cu: Int[Array, "B S+1"], T: int) -> Int[Array, "B T"]:
-    """The position where each token's document starts."""
-    t = jnp.arange(T, dtype=jnp.int32)
-
-    def row(c):
-        return c[jnp.searchsorted(c, t, side="right") - 1]
-
-    return jax.vmap(row)(cu)
+doc_starts = packing.doc_starts
 
 
 def _normal(std: float):
@@ -377,21 +342,9 @@ class QDelta(nnx.Module):
     def _rule(self, q, k, v, g, beta, lam, *, cu, initial_state, output_final_state):
         kw = dict(scale=self.head_dim**-0.5, normalize_qk=False, chunk_size=self.chunk_size,
                   implementation=self.implementation)
-        if cu is None:
-            return ops.qdelta_rule(q, k, v, g, beta, lam, initial_state=initial_state,
-                                   output_final_state=output_final_state, **kw)
-
-        # One packed row per batch element: vmap keeps the batch axis (shardable).
-        def row(q, k, v, g, beta, lam, c):
-            o, _ = ops.qdelta_rule(q[None], k[None], v[None], g[None], beta[None], lam[None],
-                                   cu_seqlens=c, **kw)
-            return o[0]
-
-        rows = jax.vmap(row)
-        impl = self.implementation or ops.default_implementation(self.chunk_size)
-        if impl == "pallas":  # the kernels do not partition by themselves: split the rows
-            rows = ops.shard_over_batch(rows, q.shape[0])
-        return rows(q, k, v, g, beta, lam, cu), None
+        # Per-row offsets go to the op as they are: it owns packing and the split over a mesh.
+        return ops.qdelta_rule(q, k, v, g, beta, lam, initial_state=initial_state,
+                               output_final_state=output_final_state, cu_seqlens=cu, **kw)
 
     # ------------------------------------------------------------------ call
 

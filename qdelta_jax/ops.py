@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, Int
 
-from qdelta_jax import reference
+from qdelta_jax import packing, reference
 
 IMPLEMENTATIONS = ("reference", "xla", "pallas")
 
@@ -51,33 +51,6 @@ def _check_shape(name: str, x, expected: tuple, legend: str) -> None:
         raise ValueError(
             f"{name} must have shape {legend} = {_fmt(expected)}, got {_fmt(x.shape)}"
         )
-
-
-def _check_cu_seqlens(cu_seqlens, B: int, T: int) -> int:
-    """Checks ``cu_seqlens`` and returns N, the number of sequences."""
-    if B != 1:
-        raise ValueError(
-            f"with cu_seqlens the batch must be packed into one row: q has batch size {B}, "
-            "expected 1 (shape [1, T, H, K])"
-        )
-    if cu_seqlens.ndim != 1 or cu_seqlens.shape[0] < 2:
-        raise ValueError(
-            "cu_seqlens must be a 1-D array of N+1 >= 2 offsets, "
-            f"got shape {_fmt(cu_seqlens.shape)}"
-        )
-    if not jnp.issubdtype(jnp.result_type(cu_seqlens), jnp.integer):
-        raise TypeError(f"cu_seqlens must have an integer dtype, got {cu_seqlens.dtype}")
-    if not isinstance(cu_seqlens, jax.core.Tracer):
-        cu = np.asarray(cu_seqlens)
-        if cu[0] != 0:
-            raise ValueError(f"cu_seqlens must start at 0, got {cu[0]}")
-        if np.any(np.diff(cu) < 0):
-            raise ValueError(f"cu_seqlens must be non-decreasing, got {cu.tolist()}")
-        if cu[-1] != T:
-            raise ValueError(
-                f"cu_seqlens must end at the sequence length T = {T}, got {cu[-1]}"
-            )
-    return cu_seqlens.shape[0] - 1
 
 
 #: Mesh axes over which the ``"pallas"`` path splits the batch (see the module docstring).
@@ -143,7 +116,7 @@ def qdelta_rule(
     initial_state: Float[Array, "N H K V"] | None = None,
     output_final_state: bool = False,
     normalize_qk: bool = True,
-    cu_seqlens: Int[Array, " N+1"] | None = None,
+    cu_seqlens: Int[Array, " N+1"] | Int[Array, "B S+1"] | None = None,
     chunk_size: int = 64,
     implementation: str | None = None,
 ) -> tuple[Float[Array, "B T H V"], Float[Array, "N H K V"] | None]:
@@ -155,12 +128,16 @@ def qdelta_rule(
       g: ``[B, T, H]`` log decay (``a_t = exp(g_t)``, ``g <= 0``).
       beta: ``[B, T, H]`` write strength. lam: ``[B, T, H]`` query mixing ``x = k + lam q``.
       scale: output scale, default ``K ** -0.5``; it touches the output only.
-      initial_state: ``[N, H, K, V]`` state entering each sequence (``N = B``, or the number of
-        packed sequences with ``cu_seqlens``); zero when ``None``.
+      initial_state: ``[N, H, K, V]`` state entering each sequence (``N = B``; with
+        ``cu_seqlens`` one per packed document: ``N``, or ``B S`` for per-row offsets, document
+        ``s`` of row ``b`` at ``b S + s``); zero when ``None``.
       output_final_state: return the float32 ``[N, H, K, V]`` final states (else ``None``).
       normalize_qk: L2-normalise ``q`` and ``k`` over K inside the op (as the authors do).
-      cu_seqlens: ``[N + 1]`` integer offsets of packed sequences in one row (``B == 1``); the
-        state resets at every offset.
+      cu_seqlens: packed documents (:mod:`qdelta_jax.packing`): ``[N + 1]`` integer offsets of
+        the documents of one row (``B == 1``), or ``[B, S + 1]`` offsets per row (each row from
+        0 to T, padded by repeating T). The state resets at every offset. Without states in or
+        out, documents cost no padding: chunks tile the rows and a boundary may fall inside a
+        chunk.
       chunk_size: chunk length C of the chunked implementations, a power of two.
       implementation: ``"reference"``, ``"xla"``, ``"pallas"`` or ``None`` (fastest available).
 
@@ -204,7 +181,8 @@ def qdelta_rule(
         raise ValueError(f"scale must be a finite float or None, got {scale!r}")
     N = B
     if cu_seqlens is not None:
-        N = _check_cu_seqlens(cu_seqlens, B, T)
+        cu_seqlens = packing.check_offsets(cu_seqlens, B, T)
+        N = packing.num_states(cu_seqlens)
     if initial_state is not None:
         _check_float("initial_state", initial_state)
         _check_shape("initial_state", initial_state, (N, H, K, V), "[N, H, K, V]")
@@ -214,10 +192,16 @@ def qdelta_rule(
         k = reference.l2_normalize(k).astype(k.dtype)
 
     if implementation == "reference":
+        cu = cu_seqlens
+        if cu is not None and cu.ndim == 2:  # the scan takes one packed row
+            cu = packing.one_row(cu, T)
+            flat = lambda x: x.reshape((1, B * T) + x.shape[2:])  # noqa: E731
+            q, k, v, g, beta, lam = map(flat, (q, k, v, g, beta, lam))
         o, final = reference.qdelta_scan(
             q, k, v, g, beta, lam, scale=float(scale), initial_state=initial_state,
-            cu_seqlens=cu_seqlens,
+            cu_seqlens=cu,
         )
+        o = o.reshape((B, T) + o.shape[2:])
     else:
         from qdelta_jax import xla
 
@@ -227,13 +211,16 @@ def qdelta_rule(
 
             core = pallas.chunked_core(K=K, V=V, dtype=q.dtype, chunk_size=chunk_size)
 
-        def run(q, k, v, g, beta, lam, initial_state):
+        def run(q, k, v, g, beta, lam, initial_state, cu):
             return xla.qdelta_chunked(
                 q, k, v, g, beta, lam, scale=float(scale), initial_state=initial_state,
-                cu_seqlens=cu_seqlens, chunk_size=int(chunk_size), core=core,
+                output_final_state=output_final_state, cu_seqlens=cu,
+                chunk_size=int(chunk_size), core=core,
             )
 
-        if implementation == "pallas" and cu_seqlens is None:
+        # Per-row offsets keep the batch axis, so rows split over the mesh like unpacked rows
+        # (states of per-row documents are [B S, ...]: row-major, also split by rows).
+        if implementation == "pallas" and (cu_seqlens is None or cu_seqlens.ndim == 2):
             run = shard_over_batch(run, B)
-        o, final = run(q, k, v, g, beta, lam, initial_state)
+        o, final = run(q, k, v, g, beta, lam, initial_state, cu_seqlens)
     return o.astype(v.dtype), (final if output_final_state else None)

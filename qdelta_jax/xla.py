@@ -40,7 +40,10 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 from jax import lax
-from jaxtyping import Array, Bool, Float, Int
+from jaxtyping import Array, Float, Int
+
+from qdelta_jax import packing
+from qdelta_jax.packing import ChunkMeta
 
 F32 = jnp.float32
 
@@ -69,65 +72,46 @@ def _decay(G: Array, mask: Array) -> Array:
     return jnp.where(mask, jnp.exp(jnp.where(mask, diff, 0.0)), 0.0)
 
 
-# ----------------------------------------------------------------------------- layout
+# ----------------------------------------------------------------------------- segments
 
 
-class ChunkMeta(NamedTuple):
-    """Per-chunk bookkeeping, each ``[B, NC]``: the chunk starts sequence ``seq`` (``reset``),
-    the chunk is the last one of sequence ``seq`` (``is_last``)."""
-
-    reset: Bool[Array, "B NC"]
-    is_last: Bool[Array, "B NC"]
-    seq: Int[Array, "B NC"]
-
-
-class Layout(NamedTuple):
-    meta: ChunkMeta
-    pos: Int[Array, " T"] | None  # padded position of each packed token (varlen only)
-    Tp: int
+def _seg_split(seg: Array | None, C: int) -> Array | None:
+    """``seg [B, Tp] -> [B, 1, NC, C]`` (broadcasts over heads)."""
+    if seg is None:
+        return None
+    B, Tp = seg.shape
+    return seg.reshape(B, 1, Tp // C, C)
 
 
-def make_layout(B: int, T: int, C: int, cu_seqlens: Array | None) -> Layout:
-    if cu_seqlens is None:
-        NC = -(-T // C)
-        c = jnp.arange(NC)
-        reset = jnp.broadcast_to(c == 0, (B, NC))
-        is_last = jnp.broadcast_to(c == NC - 1, (B, NC))
-        seq = jnp.broadcast_to(jnp.arange(B, dtype=jnp.int32)[:, None], (B, NC))
-        return Layout(ChunkMeta(reset, is_last, seq), None, NC * C)
-    cu = cu_seqlens.astype(jnp.int32)
-    N = cu.shape[0] - 1
-    # Every sequence rounds up to whole chunks: at most (T + N (C - 1)) / C chunks in all.
-    NC = max(1, (T + N * (C - 1)) // C)
-    lengths = cu[1:] - cu[:-1]
-    nchunks = (lengths + C - 1) // C
-    start = jnp.concatenate([jnp.zeros(1, jnp.int32), jnp.cumsum(nchunks)[:-1]]).astype(jnp.int32)
-    t = jnp.arange(T, dtype=jnp.int32)
-    tok_seq = jnp.clip(jnp.searchsorted(cu, t, side="right") - 1, 0, N - 1)
-    pos = t - cu[tok_seq] + start[tok_seq] * C
-    c = jnp.arange(NC, dtype=jnp.int32)
-    seq = jnp.clip(jnp.searchsorted(start, c, side="right") - 1, 0, N - 1).astype(jnp.int32)
-    nonempty = nchunks[seq] > 0
-    reset = (c == start[seq]) & nonempty
-    is_last = (c == start[seq] + nchunks[seq] - 1) & nonempty
-    return Layout(ChunkMeta(reset[None], is_last[None], seq[None]), pos, NC * C)
+class Gates(NamedTuple):
+    """The decay factors of one chunk, document boundaries inside it included (``seg``).
+
+    ``gam_i = exp(G_i)`` (from the chunk start), zero past the chunk's first document;
+    ``e_i = exp(G_C - G_i)`` (to the chunk end), zero before its last document;
+    ``aC = exp(G_C)``, zero when a document starts inside the chunk; ``same [.., C, C]``: i and
+    j are in one document (``None``: the whole chunk is)."""
+
+    gam: Array
+    e: Array
+    aC: Array
+    same: Array | None
 
 
-def to_padded(x: Array, layout: Layout) -> Array:
-    """``[B, T, ...] -> [B, Tp, ...]`` with zeros in pad positions."""
-    T = x.shape[1]
-    if layout.pos is None:
-        pad = [(0, 0)] * x.ndim
-        pad[1] = (0, layout.Tp - T)
-        return jnp.pad(x, pad)
-    out = jnp.zeros((1, layout.Tp) + x.shape[2:], x.dtype)
-    return out.at[:, layout.pos].set(x)
+def gates(G: Array, seg: Array | None) -> Gates:
+    gC = G[..., -1:]
+    if seg is None:
+        return Gates(jnp.exp(G), jnp.exp(gC - G), jnp.exp(gC[..., 0]), None)
+    first = seg == seg[..., :1]
+    last = seg == seg[..., -1:]
+    gam = jnp.where(first, jnp.exp(jnp.where(first, G, 0.0)), 0.0)
+    e = jnp.where(last, jnp.exp(jnp.where(last, gC - G, 0.0)), 0.0)
+    aC = jnp.where(first[..., -1], jnp.exp(gC[..., 0]), 0.0)
+    same = seg[..., :, None] == seg[..., None, :]
+    return Gates(gam, e, aC, same)
 
 
-def from_padded(x: Array, layout: Layout, T: int) -> Array:
-    if layout.pos is None:
-        return x[:, :T]
-    return x[:, layout.pos]
+def _within(mask: Array, gt: Gates) -> Array:
+    return mask if gt.same is None else mask & gt.same
 
 
 # ----------------------------------------------------------------------------- forward stages
@@ -192,20 +176,21 @@ def unit_lower_inverse(A):
     return lax.platform_dependent(A, cpu=_inverse_rows, default=_inverse_trsm)
 
 
-def chunk_local(q, k, v, g, beta, lam) -> Local:
-    """``A``, ``T = (I + A)^-1``, ``W`` and ``U`` for every chunk (inputs ``[B, H, NC, C, *]``)."""
+def chunk_local(q, k, v, G, beta, lam, seg=None) -> Local:
+    """``A``, ``T = (I + A)^-1``, ``W`` and ``U`` for every chunk (inputs ``[B, H, NC, C, *]``,
+    ``G`` the chunk's cumulative log decay, ``seg [B, 1, NC, C]`` document ids or ``None``)."""
     dt = q.dtype
     F32 = _acc(dt)
     C = q.shape[-2]
     strict, _ = _masks(C)
-    G = jnp.cumsum(g.astype(F32), axis=-1)
+    G = G.astype(F32)
+    gt = gates(G, seg)
     beta = beta.astype(F32)
     X = k.astype(F32) + lam.astype(F32)[..., None] * q.astype(F32)
-    Rd = _mm("...ik,...jk->...ij", X, k, dt) * _decay(G, strict)
+    Rd = _mm("...ik,...jk->...ij", X, k, dt) * _decay(G, _within(strict, gt))
     A = beta[..., :, None] * Rd
     Tinv = unit_lower_inverse(A)
-    gam = jnp.exp(G)
-    W = _mm("...ij,...jk->...ik", Tinv, (beta * gam)[..., None] * X, dt)
+    W = _mm("...ij,...jk->...ik", Tinv, (beta * gt.gam)[..., None] * X, dt)
     U = _mm("...ij,...jv->...iv", Tinv, beta[..., None] * v.astype(F32), dt)
     # X, W, U only feed matmuls: keep them in the compute dtype (halves their bytes in bf16).
     return Local(G, X.astype(dt), Rd, A, Tinv, W.astype(dt), U.astype(dt))
@@ -215,47 +200,51 @@ def _time_major(*xs):
     return [jnp.moveaxis(x, 2, 0) for x in xs]
 
 
-def state_pass(k, G, W, U, h0, meta: ChunkMeta, dt):
+def state_pass(k, G, W, U, h0, meta: ChunkMeta, dt, seg=None):
     """Sequential pass over chunks. Returns ``h_in [B, H, NC, K, V]`` (the state entering each
     chunk, in ``dt``), ``D [B, H, NC, C, V]`` (float32) and the final states ``[N, H, K, V]``."""
     F32 = _acc(dt)
+    gt = gates(G, seg)
+
     def body(carry, inp):
         h, final = carry
-        k_c, G_c, W_c, U_c, reset, last, seq = inp
+        k_c, W_c, U_c, e_c, aC_c, reset, last, seq = inp
         h = jnp.where(reset[:, None, None, None], h0[seq], h)
         D = U_c.astype(F32) - _mm("bhck,bhkv->bhcv", W_c, h, dt)
-        gC = G_c[..., -1]
-        kd = k_c.astype(F32) * jnp.exp(gC[..., None] - G_c)[..., None]
-        h_new = jnp.exp(gC)[..., None, None] * h + _mm("bhck,bhcv->bhkv", kd, D, dt)
+        kd = k_c.astype(F32) * e_c[..., None]
+        h_new = aC_c[..., None, None] * h + _mm("bhck,bhcv->bhkv", kd, D, dt)
         final = final.at[seq].set(jnp.where(last[:, None, None, None], h_new, final[seq]))
         return (h_new, final), (h.astype(dt), D.astype(dt))
 
     B, H, _, _, K = k.shape
     V = U.shape[-1]
-    xs = _time_major(k, G, W, U) + [m.T for m in meta]
+    e, aC = (jnp.broadcast_to(x, G.shape[:x.ndim]) for x in (gt.e, gt.aC))
+    xs = _time_major(k, W, U, e, aC) + [m.T for m in meta]
     (_, final), (h_in, D) = lax.scan(body, (jnp.zeros((B, H, K, V), F32), h0), xs)
     return jnp.moveaxis(h_in, 0, 2), jnp.moveaxis(D, 0, 2), final
 
 
-def chunk_output(q, k, G, h_in, D, scale, dt):
+def chunk_output(q, k, G, h_in, D, scale, dt, seg=None):
     """``O = scale ((gamma Q) h + (Q K^T o decay o causal) D)`` for every chunk, float32."""
     F32 = _acc(dt)
     C = q.shape[-2]
     _, incl = _masks(C)
-    P = _mm("...ik,...jk->...ij", q, k, dt) * _decay(G, incl)
-    qg = q.astype(F32) * jnp.exp(G)[..., None]
+    gt = gates(G, seg)
+    P = _mm("...ik,...jk->...ij", q, k, dt) * _decay(G, _within(incl, gt))
+    qg = q.astype(F32) * gt.gam[..., None]
     inter = _mm("...ck,...kv->...cv", qg, h_in, dt)
     return scale * (inter + _mm("...ij,...jv->...iv", P, D, dt))
 
 
-def _forward(q, k, v, g, beta, lam, h0, meta, scale):
+def _forward(q, k, v, G, beta, lam, h0, seg, meta, scale):
     dt = q.dtype
     C = meta_chunk(q, meta)
     qs, ks, vs = _split(q, C), _split(k, C), _split(v, C)
-    gs, bs, ls = _split(g, C), _split(beta, C), _split(lam, C)
-    loc = chunk_local(qs, ks, vs, gs, bs, ls)
-    h_in, D, final = state_pass(ks, loc.G, loc.W, loc.U, h0, meta, dt)
-    o = chunk_output(qs, ks, loc.G, h_in, D, scale, dt)
+    Gs, bs, ls = _split(G, C), _split(beta, C), _split(lam, C)
+    sg = _seg_split(seg, C)
+    loc = chunk_local(qs, ks, vs, Gs, bs, ls, sg)
+    h_in, D, final = state_pass(ks, loc.G, loc.W, loc.U, h0, meta, dt, sg)
+    o = chunk_output(qs, ks, loc.G, h_in, D, scale, dt, sg)
     return _merge(o.astype(v.dtype)), final
 
 
@@ -267,7 +256,7 @@ def meta_chunk(q: Array, meta: ChunkMeta) -> int:
 # ----------------------------------------------------------------------------- backward stages
 
 
-def reverse_state_pass(k, G, W, q, do, dD0, dfinal, meta: ChunkMeta, scale, N, dt):
+def reverse_state_pass(k, G, W, q, do, dD0, dfinal, meta: ChunkMeta, scale, N, dt, seg=None):
     """Reverse pass over chunks for the state gradient.
 
     Returns ``dh_out [B, H, NC, K, V]`` (gradient w.r.t. the state leaving each chunk, in ``dt``)
@@ -275,18 +264,18 @@ def reverse_state_pass(k, G, W, q, do, dD0, dfinal, meta: ChunkMeta, scale, N, d
     least one chunk). ``dD0 = scale P^T dO`` is the state-independent part of ``dD``.
     """
     F32 = _acc(dt)
+    gt = gates(G, seg)
 
     def body(carry, inp):
         dh, dh0 = carry
-        k_c, G_c, W_c, q_c, do_c, dD0_c, reset, last, seq = inp
+        k_c, W_c, q_c, do_c, dD0_c, gam_c, e_c, aC_c, reset, last, seq = inp
         dh = jnp.where(last[:, None, None, None], dfinal[seq], dh)
-        gC = G_c[..., -1]
-        kd = k_c.astype(F32) * jnp.exp(gC[..., None] - G_c)[..., None]
+        kd = k_c.astype(F32) * e_c[..., None]
         dD = dD0_c.astype(F32) + _mm("bhck,bhkv->bhcv", kd, dh, dt)
-        qg = q_c.astype(F32) * jnp.exp(G_c)[..., None]
+        qg = q_c.astype(F32) * gam_c[..., None]
         dh_in = (
             scale * _mm("bhck,bhcv->bhkv", qg, do_c, dt)
-            + jnp.exp(gC)[..., None, None] * dh
+            + aC_c[..., None, None] * dh
             - _mm("bhck,bhcv->bhkv", W_c, dD, dt)
         )
         r = reset[:, None, None, None]
@@ -295,28 +284,28 @@ def reverse_state_pass(k, G, W, q, do, dD0, dfinal, meta: ChunkMeta, scale, N, d
 
     B, H, _, _, K = k.shape
     V = do.shape[-1]
-    xs = _time_major(k, G, W, q, do, dD0) + [m.T for m in meta]
+    xs = _time_major(k, W, q, do, dD0, gt.gam, gt.e, gt.aC) + [m.T for m in meta]
     init = (jnp.zeros((B, H, K, V), F32), jnp.zeros((N, H, K, V), F32))
     (_, dh0), dh_out = lax.scan(body, init, xs, reverse=True)
     return jnp.moveaxis(dh_out, 0, 2), dh0
 
 
-def chunk_grads(q, k, v, beta, lam, loc: Local, h_in, D, do, dh_out, scale, dt, dD0=None):
-    """All local gradients, in parallel over chunks. Returns f32 ``dq, dk, dv, dg, dbeta, dlam``
-    in the ``[B, H, NC, C, *]`` layout."""
+def chunk_grads(q, k, v, beta, lam, loc: Local, h_in, D, do, dh_out, scale, dt, dD0=None,
+                seg=None):
+    """All local gradients, in parallel over chunks. Returns f32 ``dq, dk, dv, dG, dbeta, dlam``
+    in the ``[B, H, NC, C, *]`` layout (``dG``: w.r.t. the chunk's cumulative log decay)."""
     F32 = _acc(dt)
     C = q.shape[-2]
     strict, incl = _masks(C)
     G, X, Rd, A, Tinv, W, U = loc
+    gt = gates(G, seg)
     qf, kf, vf = q.astype(F32), k.astype(F32), v.astype(F32)
     beta, lam = beta.astype(F32), lam.astype(F32)
-    gam = jnp.exp(G)
-    gC = G[..., -1:]
-    e = jnp.exp(gC - G)
+    gam, e = gt.gam, gt.e
     kd = kf * e[..., None]
 
     # Output: O = scale ((gamma Q) h + P D), P = (Q K^T) o decay o causal.
-    dec_incl = _decay(G, incl)
+    dec_incl = _decay(G, _within(incl, gt))
     QK = _mm("...ik,...jk->...ij", q, k, dt)
     if dD0 is None:  # the backward passes the dD0 its reverse pass used; stage checks do not
         dD0 = scale * _mm("...ij,...iv->...jv", QK * dec_incl, do, dt)
@@ -330,12 +319,12 @@ def chunk_grads(q, k, v, beta, lam, loc: Local, h_in, D, do, dh_out, scale, dt, 
     dq = dq + scale * gam[..., None] * doh
     dG = dG + scale * gam * (doh * qf).sum(-1)
 
-    # State out: h' = gamma_C h + (K o e)^T D, e_i = exp(G_C - G_i).
+    # State out: h' = aC h + (K o e)^T D, e_i = exp(G_C - G_i) (aC = exp(G_C) or 0).
     dkd = _mm("...cv,...kv->...ck", D, dh_out, dt)
     dk = dk + e[..., None] * dkd
     de = (dkd * kf).sum(-1) * e
     dG = dG - de
-    dGC = de.sum(-1) + jnp.exp(gC[..., 0]) * jnp.einsum(
+    dGC = de.sum(-1) + gt.aC * jnp.einsum(
         "...kv,...kv->...", h_in.astype(F32), dh_out.astype(F32)
     )
     dG = dG.at[..., -1].add(dGC)
@@ -358,7 +347,7 @@ def chunk_grads(q, k, v, beta, lam, loc: Local, h_in, D, do, dh_out, scale, dt, 
     ZA = dA * A
     dG = dG + ZA.sum(-1) - ZA.sum(-2)
     dbeta = (dA * Rd).sum(-1)
-    dR = dA * beta[..., :, None] * _decay(G, strict)
+    dR = dA * beta[..., :, None] * _decay(G, _within(strict, gt))
     dX = _mm("...ij,...jk->...ik", dR, k, dt)
     dk = dk + _mm("...ij,...ik->...jk", dR, X, dt)
     bxX = (dbx * X).sum(-1)
@@ -368,12 +357,11 @@ def chunk_grads(q, k, v, beta, lam, loc: Local, h_in, D, do, dh_out, scale, dt, 
     dv = beta[..., None] * dbv
     dbeta = dbeta + (dbv * vf).sum(-1)
 
-    # X = k + lam q; G = cumsum(g).
+    # X = k + lam q.
     dk = dk + dX
     dq = dq + lam[..., None] * dX
     dlam = (dX * qf).sum(-1)
-    dg = jnp.flip(jnp.cumsum(jnp.flip(dG, -1), -1), -1)
-    return dq, dk, dv, dg, dbeta, dlam
+    return dq, dk, dv, dG, dbeta, dlam
 
 
 # ----------------------------------------------------------------------------- custom_vjp core
@@ -382,21 +370,24 @@ def chunk_grads(q, k, v, beta, lam, loc: Local, h_in, D, do, dh_out, scale, dt, 
 _GRAD_GROUP_BYTES = 256 * 2**20
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(10,))
-def chunked_core(q, k, v, g, beta, lam, h0, reset, is_last, seq, scale):
+@partial(jax.custom_vjp, nondiff_argnums=(11,))
+def chunked_core(q, k, v, G, beta, lam, h0, seg, reset, is_last, seq, scale):
     """The chunked op on the padded layout. ``q, k [B, Tp, H, K]``, ``v [B, Tp, H, V]``,
-    ``g, beta, lam [B, Tp, H]``, ``h0 [N, H, K, V]`` float32, metadata ``[B, NC]``.
-    Returns ``(o [B, Tp, H, V] in v's dtype, final [N, H, K, V] float32)``."""
-    return _forward(q, k, v, g, beta, lam, h0, ChunkMeta(reset, is_last, seq), scale)
+    ``G, beta, lam [B, Tp, H]`` (``G`` the cumulative log decay within each chunk and document,
+    :func:`qdelta_jax.packing.chunk_cumsum`), ``h0 [N, H, K, V]`` float32, ``seg [B, Tp]``
+    int32 document ids (``None`` when no document boundary lies inside a chunk), metadata
+    ``[B, NC]``. Returns ``(o [B, Tp, H, V] in v's dtype, final [N, H, K, V] float32)``;
+    differentiable w.r.t. its first 7 arguments."""
+    return _forward(q, k, v, G, beta, lam, h0, seg, ChunkMeta(reset, is_last, seq), scale)
 
 
-def _core_fwd(q, k, v, g, beta, lam, h0, reset, is_last, seq, scale):
-    out = _forward(q, k, v, g, beta, lam, h0, ChunkMeta(reset, is_last, seq), scale)
-    return out, (q, k, v, g, beta, lam, h0, reset, is_last, seq)
+def _core_fwd(q, k, v, G, beta, lam, h0, seg, reset, is_last, seq, scale):
+    out = _forward(q, k, v, G, beta, lam, h0, seg, ChunkMeta(reset, is_last, seq), scale)
+    return out, (q, k, v, G, beta, lam, h0, seg, reset, is_last, seq)
 
 
 def _core_bwd(scale, res, cts):
-    q, k, v, g, beta, lam, h0, reset, is_last, seq = res
+    q, k, v, G, beta, lam, h0, seg, reset, is_last, seq = res
     do, dfinal = jnp.asarray(cts[0]), jnp.asarray(cts[1])
     meta = ChunkMeta(reset, is_last, seq)
     dt = q.dtype
@@ -404,36 +395,38 @@ def _core_bwd(scale, res, cts):
     C = meta_chunk(q, meta)
     N = h0.shape[0]
     qs, ks, vs = _split(q, C), _split(k, C), _split(v, C)
-    gs, bs, ls = _split(g, C), _split(beta, C), _split(lam, C)
+    Gs, bs, ls = _split(G, C), _split(beta, C), _split(lam, C)
+    sg = _seg_split(seg, C)
     dos = _split(do, C)
-    loc = chunk_local(qs, ks, vs, gs, bs, ls)
-    h_in, D, _ = state_pass(ks, loc.G, loc.W, loc.U, h0, meta, dt)
+    loc = chunk_local(qs, ks, vs, Gs, bs, ls, sg)
+    h_in, D, _ = state_pass(ks, loc.G, loc.W, loc.U, h0, meta, dt, sg)
     _, incl = _masks(C)
-    P = _mm("...ik,...jk->...ij", qs, ks, dt) * _decay(loc.G, incl)
+    P = _mm("...ik,...jk->...ij", qs, ks, dt) * _decay(loc.G, _within(incl, gates(loc.G, sg)))
     dD0 = (scale * _mm("...ij,...iv->...jv", P, dos, dt)).astype(dt)
     dh_out, dh0 = reverse_state_pass(
-        ks, loc.G, loc.W, qs, dos, dD0, dfinal.astype(F32), meta, scale, N, dt
+        ks, loc.G, loc.W, qs, dos, dD0, dfinal.astype(F32), meta, scale, N, dt, sg
     )
     # Sequences that own no chunk (empty in cu_seqlens) pass their initial state through.
     owns = jnp.zeros((N,), bool).at[seq.reshape(-1)].max(reset.reshape(-1))
     dh0 = dh0 + jnp.where(owns[:, None, None, None], 0.0, dfinal.astype(F32))
-    primals = (q, k, v, g, beta, lam)
+    primals = (q, k, v, G, beta, lam)
 
     def grads_of(xs):
-        qc, kc, vc, bc, lc, loc_c, h_c, D_c, do_c, dh_c, dD0_c = xs
-        out = chunk_grads(qc, kc, vc, bc, lc, loc_c, h_c, D_c, do_c, dh_c, scale, dt, dD0_c)
+        qc, kc, vc, bc, lc, loc_c, h_c, D_c, do_c, dh_c, dD0_c, sg_c = xs
+        out = chunk_grads(qc, kc, vc, bc, lc, loc_c, h_c, D_c, do_c, dh_c, scale, dt, dD0_c,
+                          sg_c)
         return tuple(x.astype(p.dtype) for x, p in zip(out, primals))
 
     # The local gradients are independent per chunk; computing them a group of chunks at a
     # time bounds the float32 temporaries (about a dozen [C, V]-sized arrays per chunk).
-    xs = (qs, ks, vs, bs, ls, loc, h_in, D, dos, dh_out, dD0)
+    xs = (qs, ks, vs, bs, ls, loc, h_in, D, dos, dh_out, dD0, sg)
     xs = jax.tree_util.tree_map(lambda x: jnp.moveaxis(x, 2, 0), xs)
     NC = qs.shape[2]
     per_chunk = qs.shape[0] * qs.shape[1] * C * (qs.shape[-1] + vs.shape[-1]) * 4 * 12
     group = max(1, min(NC, _GRAD_GROUP_BYTES // max(per_chunk, 1)))
     grads = lax.map(grads_of, xs, batch_size=group) if group < NC else jax.vmap(grads_of)(xs)
-    dq, dk, dv, dg, db, dl = (_merge(jnp.moveaxis(x, 0, 2)) for x in grads)
-    return dq, dk, dv, dg, db, dl, dh0.astype(h0.dtype), None, None, None
+    dq, dk, dv, dG, db, dl = (_merge(jnp.moveaxis(x, 0, 2)) for x in grads)
+    return dq, dk, dv, dG, db, dl, dh0.astype(h0.dtype), None, None, None, None
 
 
 chunked_core.defvjp(_core_fwd, _core_bwd)
@@ -452,25 +445,57 @@ def qdelta_chunked(
     *,
     scale: float,
     initial_state: Float[Array, "N H K V"] | None = None,
-    cu_seqlens: Int[Array, " N+1"] | None = None,
+    output_final_state: bool = True,
+    cu_seqlens: Int[Array, "..."] | None = None,
     chunk_size: int = 64,
     core=None,
-) -> tuple[Float[Array, "B T H V"], Float[Array, "N H K V"]]:
+) -> tuple[Float[Array, "B T H V"], Float[Array, "N H K V"] | None]:
     """Chunked Q-Delta on already-normalised ``q, k`` (use :func:`qdelta_jax.qdelta_rule`, which
-    checks its inputs). ``core`` replaces :func:`chunked_core` (the Pallas kernels plug in here).
-    Returns ``o`` in ``v``'s dtype and float32 final states."""
+    checks its inputs; ``cu_seqlens`` as :func:`qdelta_jax.packing.check_offsets` returns it).
+    ``core`` replaces :func:`chunked_core` (the Pallas kernels plug in here).
+
+    Packed documents use the row-aligned layout when no state goes in or out
+    (``initial_state=None, output_final_state=False``), else the per-document layout (see
+    :mod:`qdelta_jax.packing`). Returns ``o`` in ``v``'s dtype and the float32 final states
+    (``None`` when not asked for)."""
     B, T, H, K = q.shape
     V = v.shape[-1]
     C = chunk_size
-    layout = make_layout(B, T, C, cu_seqlens)
-    N = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
+    per_document = cu_seqlens is not None and (initial_state is not None or output_final_state)
+    if per_document and cu_seqlens.ndim == 2:
+        # Per-row documents with states: the one-row layout row by row (the batch axis stays).
+        S = cu_seqlens.shape[1] - 1
+        h0 = initial_state
+        if h0 is not None:
+            h0 = h0.reshape((B, S) + h0.shape[1:])
+
+        def row(q, k, v, g, beta, lam, cu, h0):
+            o, fin = qdelta_chunked(
+                q[None], k[None], v[None], g[None], beta[None], lam[None], scale=scale,
+                initial_state=h0, output_final_state=True, cu_seqlens=cu, chunk_size=C,
+                core=core,
+            )
+            return o[0], fin
+
+        o, fin = jax.vmap(row)(q, k, v, g, beta, lam, cu_seqlens, h0)
+        return o, (fin.reshape((B * S,) + fin.shape[2:]) if output_final_state else None)
+
+    layout = packing.make_layout(B, T, C, cu_seqlens, per_document=per_document)
     dt = jnp.promote_types(q.dtype, k.dtype)
     F32 = _acc(dt)
+    if cu_seqlens is not None and not per_document:
+        N = 1  # the row-aligned layout resets to zero: one zero state serves every document
+    else:
+        N = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
     h0 = jnp.zeros((N, H, K, V), F32) if initial_state is None else jnp.asarray(initial_state, F32)
-    args = [to_padded(x.astype(dt), layout) for x in (q, k)]
-    args.append(to_padded(v, layout))
-    args += [to_padded(x.astype(F32), layout) for x in (g, beta, lam)]
+    args = [packing.to_padded(x.astype(dt), layout) for x in (q, k)]
+    args.append(packing.to_padded(v, layout))
+    G = packing.chunk_cumsum(packing.to_padded(g.astype(F32), layout), C, layout.seg)
+    args.append(G)
+    args += [packing.to_padded(x.astype(F32), layout) for x in (beta, lam)]
     core = chunked_core if core is None else core
     meta = layout.meta
-    o, final = core(*args, h0, meta.reset, meta.is_last, meta.seq, scale)
-    return from_padded(o, layout, T), final
+    o, final = core(*args, h0, layout.seg, meta.reset, meta.is_last, meta.seq, scale)
+    if cu_seqlens is not None and not per_document:
+        final = None
+    return packing.from_padded(o, layout, T), (final if output_final_state else None)

@@ -83,7 +83,11 @@ def test_normalize_qk_flag(inputs):
         (dict(cu_seqlens=jnp.array([0, 5, 3, 20])), r"cu_seqlens must be non-decreasing"),
         (dict(cu_seqlens=jnp.array([0, 5, 19])), r"cu_seqlens must end at .* T = 20"),
         (dict(cu_seqlens=jnp.array([1, 5, 20])), r"cu_seqlens must start at 0"),
-        (dict(cu_seqlens=jnp.array([[0, 20]])), r"cu_seqlens must be a 1-D array"),
+        (dict(cu_seqlens=jnp.zeros((1, 1, 2), jnp.int32)),
+         r"cu_seqlens must have shape \[N\+1\] \(B == 1\) or \[B, S\+1\]"),
+        (dict(cu_seqlens=jnp.array([[0, 20], [0, 20]])),
+         r"per-row cu_seqlens must have shape \[B, S\+1\] = \[1, S\+1\]"),
+        (dict(cu_seqlens=jnp.array([[0, 5, 19]])), r"cu_seqlens must end at .* T = 20"),
         (
             dict(cu_seqlens=jnp.array([0, 5, 20]), initial_state=jnp.zeros((1, H, K, V))),
             r"initial_state must have shape \[N, H, K, V\] = \[2, 2, 8, 12\]",
@@ -115,8 +119,13 @@ def test_type_errors_name_the_argument(inputs, override, match):
 
 def test_cu_seqlens_needs_batch_one():
     q, k, v, g, beta, lam, _ = random_inputs(jax.random.key(1), 2, T, H, K, V)
-    with pytest.raises(ValueError, match=r"batch size 2, expected 1"):
+    with pytest.raises(ValueError, match=r"batch size must\s+be 1 .*got batch size 2"):
         qdelta_rule(q, k, v, g, beta, lam, cu_seqlens=jnp.array([0, 20]))
+    # Per-row offsets take any batch size.
+    o, _ = qdelta_rule(q, k, v, g, beta, lam, cu_seqlens=jnp.array([[0, 20], [0, 20]]),
+                       implementation="xla")
+    o1, _ = qdelta_rule(q, k, v, g, beta, lam, implementation="xla")
+    np.testing.assert_allclose(np.asarray(o), np.asarray(o1), rtol=1e-5, atol=1e-6)
 
 
 def test_checks_cost_nothing_at_run_time(inputs):

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from qdelta_jax import qdelta_rule, xla
+from qdelta_jax import packing, qdelta_rule, xla
 from qdelta_jax.pallas import backward as pbwd
 from qdelta_jax.pallas import config as pcfg
 from qdelta_jax.pallas import core as pcore
@@ -76,12 +76,12 @@ def staged():
     """Inputs on the padded layout and the xla.py stages, C = 32, float32."""
     C, B, T, H, K, V = 32, 2, 64, 2, 16, 32
     (q, k, v, g, beta, lam, h0), _ = make(1, B, T, H, K, V)
-    meta = xla.make_layout(B, T, C, None).meta
+    meta = packing.make_layout(B, T, C, None).meta
     sp = lambda x: xla._split(x, C)  # noqa: E731
-    loc = xla.chunk_local(sp(q), sp(k), sp(v), sp(g), sp(beta), sp(lam))
+    G = packing.chunk_cumsum(g, C)
+    assert rel(sp(G), jnp.cumsum(sp(g), axis=-1)) < 1e-6
+    loc = xla.chunk_local(sp(q), sp(k), sp(v), sp(G), sp(beta), sp(lam))
     xh, xD, xf = xla.state_pass(sp(k), loc.G, loc.W, loc.U, h0, meta, F32)
-    G = pcore.chunk_cumsum(g, C)
-    assert rel(sp(G), loc.G) < 1e-6
     return dict(C=C, q=q, k=k, v=v, G=G, beta=beta, lam=lam, h0=h0, meta=meta, sp=sp, loc=loc,
                 xh=xh, xD=xD, xf=xf, cfg=pcfg.default_config(K, V, C), scale=K**-0.5)
 
@@ -188,18 +188,17 @@ def test_recompute_residuals_matches_xla():
     from the forward; every other qdelta_rule test runs that)."""
     import dataclasses
 
-    from qdelta_jax.pallas import core as pcore
-
     B, T, H, K, V, C = 1, 40, 2, 16, 32, 16
     (q, k, v, g, beta, lam, h0), w = make(5, B, T, H, K, V)
     cfg = dataclasses.replace(pcfg.default_config(K, V, C), save_residuals=False)
     assert pcfg.Config.from_dict(cfg.to_dict()) == cfg
-    layout = xla.make_layout(B, T, C, None)
+    layout = packing.make_layout(B, T, C, None)
     m = layout.meta
-    P = lambda x: xla.to_padded(x, layout)  # noqa: E731
+    P = lambda x: packing.to_padded(x, layout)  # noqa: E731
 
     def loss(core, q, k, v, g, beta, lam, h0):
-        o, fin = core(P(q), P(k), P(v), P(g), P(beta), P(lam), h0, m.reset, m.is_last, m.seq,
+        G = packing.chunk_cumsum(P(g), C)
+        o, fin = core(P(q), P(k), P(v), G, P(beta), P(lam), h0, None, m.reset, m.is_last, m.seq,
                       K**-0.5)
         return jnp.sum(o.astype(F32) * P(w)) + jnp.sum(fin * jnp.cos(h0))
 

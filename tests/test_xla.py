@@ -8,7 +8,7 @@ import jax.test_util
 import numpy as np
 import pytest
 
-from qdelta_jax import qdelta_rule, xla
+from qdelta_jax import packing, qdelta_rule, xla
 from qdelta_jax.testing import random_inputs, rel_err, tolerance
 
 ARGS = ("q", "k", "v", "g", "beta", "lam", "initial_state")
@@ -173,10 +173,11 @@ def test_backward_keeps_no_per_chunk_states():
     """Residuals between forward and backward: the inputs and per-sequence states only."""
     B, T, H, K, V, C = 2, 256, 2, 16, 32, 32
     q, k, v, g, beta, lam, h0 = random_inputs(jax.random.key(11), B, T, H, K, V)
-    layout = xla.make_layout(B, T, C, None)
+    layout = packing.make_layout(B, T, C, None)
     meta = layout.meta
-    args = (q, k, v, g, beta, lam, h0, meta.reset, meta.is_last, meta.seq)
-    _, vjp = jax.vjp(lambda *a: xla.chunked_core(*a[:7], *args[7:], 0.25), *args[:7])
+    G = packing.chunk_cumsum(g, C)
+    args = (q, k, v, G, beta, lam, h0, meta.reset, meta.is_last, meta.seq)
+    _, vjp = jax.vjp(lambda *a: xla.chunked_core(*a[:7], None, *args[7:], 0.25), *args[:7])
     res_leaves = [x for x in jax.tree_util.tree_leaves(vjp) if hasattr(x, "size")]
     total = sum(int(x.size) for x in res_leaves)
     inputs_size = sum(int(x.size) for x in args)
