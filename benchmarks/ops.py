@@ -15,6 +15,12 @@ When the backend reports it, ``peak`` is the device's peak bytes in use since pr
 
 With ``--fla``, fla's ``chunk_gated_delta_rule`` forward is timed in the same run as an anchor
 (needs torch and the ``flash-linear-attention`` wheel; skipped with a note otherwise).
+With ``--anchors``, benchmarks/anchors.py runs first, in a torch process of its own on the same
+card (before JAX takes the GPU's memory): the authors' kernel, fla's forward and flash attention,
+and a last table sets our pipelined times beside theirs.
+
+``--docs S`` packs S documents of random lengths into every row (per-row ``cu_seqlens``, no
+state in or out: the row-aligned layout) so packed and unpacked rows can be compared.
 
 Writes a Markdown table to stdout and, with ``--json PATH``, the raw numbers.
 """
@@ -23,8 +29,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 
 import jax
@@ -64,7 +73,20 @@ def peak_bytes() -> int | None:
     return stats.get("peak_bytes_in_use")
 
 
-def bench_impl(impl, shape, dtype, warmup, reps, chunk_size):
+def random_offsets(B: int, T: int, S: int, seed: int = 0) -> jnp.ndarray:
+    """``[B, S + 1]`` offsets of S documents of random lengths in every row (some may be
+    short; none empty unless S > T)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    rows = []
+    for _ in range(B):
+        cuts = np.sort(rng.choice(np.arange(1, T), size=min(S - 1, T - 1), replace=False))
+        rows.append(np.concatenate([[0], cuts, [T] * (S - len(cuts))]))
+    return jnp.asarray(np.stack(rows), jnp.int32)
+
+
+def bench_impl(impl, shape, dtype, warmup, reps, chunk_size, docs=0):
     """``impl``: an implementation of qdelta_rule, or ``pallas-recompute`` (pallas with
     ``save_residuals`` off while the functions are traced)."""
     from qdelta_jax.pallas import set_save_residuals
@@ -73,21 +95,24 @@ def bench_impl(impl, shape, dtype, warmup, reps, chunk_size):
     prev = set_save_residuals(False) if recompute else None
     try:
         return _bench_impl(impl, "pallas" if recompute else impl, shape, dtype, warmup, reps,
-                           chunk_size)
+                           chunk_size, docs)
     finally:
         if recompute:
             set_save_residuals(prev)
 
 
-def op_functions(impl, shape, dtype, chunk_size=64):
+def op_functions(impl, shape, dtype, chunk_size=64, docs=0):
     """``[("fwd", fn, args), ("fwd_bwd", fn, args)]``: the op's forward and its ``jax.vjp``
-    pull-back of all six inputs, on fresh random inputs of ``shape`` (BxTxHxKxV)."""
+    pull-back of all six inputs, on fresh random inputs of ``shape`` (BxTxHxKxV); ``docs > 0``
+    packs that many documents into every row."""
     B, T, H, K, V = shape
     q, k, v, g, beta, lam, _ = random_inputs(jax.random.key(0), B, T, H, K, V, dtype=dtype)
     do = jax.random.normal(jax.random.key(1), v.shape, jnp.float32).astype(v.dtype)
+    cu = random_offsets(B, T, docs) if docs else None
 
     def fwd(q, k, v, g, beta, lam):
-        return qdelta_rule(q, k, v, g, beta, lam, implementation=impl, chunk_size=chunk_size)[0]
+        return qdelta_rule(q, k, v, g, beta, lam, implementation=impl, chunk_size=chunk_size,
+                           cu_seqlens=cu)[0]
 
     def fwd_bwd(q, k, v, g, beta, lam, do):
         o, vjp = jax.vjp(fwd, q, k, v, g, beta, lam)
@@ -97,9 +122,10 @@ def op_functions(impl, shape, dtype, chunk_size=64):
             ("fwd_bwd", fwd_bwd, (q, k, v, g, beta, lam, do))]
 
 
-def _bench_impl(name_, impl, shape, dtype, warmup, reps, chunk_size):
-    row = {"impl": name_, "shape": shape, "dtype": jnp.dtype(dtype).name}
-    for name, fn, args in op_functions(impl, shape, dtype, chunk_size):
+def _bench_impl(name_, impl, shape, dtype, warmup, reps, chunk_size, docs=0):
+    row = {"impl": name_ + (f" ({docs} docs/row)" if docs else ""), "shape": shape,
+           "dtype": jnp.dtype(dtype).name}
+    for name, fn, args in op_functions(impl, shape, dtype, chunk_size, docs):
         t0 = time.perf_counter()
         try:
             compiled = jax.jit(fn).lower(*args).compile()
@@ -193,20 +219,25 @@ def main(argv=None) -> int:
     p.add_argument("--reps", type=int, default=30)
     p.add_argument("--small", action="store_true", help="a CPU-sized smoke run")
     p.add_argument("--fla", action="store_true", help="time fla's gated delta rule as an anchor")
+    p.add_argument("--anchors", action="store_true",
+                   help="run benchmarks/anchors.py first (authors' kernel, fla, flash attention)")
+    p.add_argument("--docs", type=int, nargs="+", default=[0],
+                   help="documents packed per row (0 = unpacked); several values: one row each")
     p.add_argument("--json", default=None, help="write raw numbers here")
     a = p.parse_args(argv)
     shapes = [parse_shape(s) for s in (a.shapes or (SMALL_SHAPES if a.small else SPEC_SHAPES))]
     on_gpu = jax.default_backend() == "gpu"
     impls = a.impl or (["xla", "pallas", "pallas-recompute"] if on_gpu else ["xla"])
     dtype = jnp.dtype(a.dtype)
+    anchors = run_anchors(shapes, a.warmup, a.reps) if a.anchors else None
     device = jax.devices()[0].device_kind
     print(f"# device: {device} ({jax.default_backend()}), jax {jax.__version__}, "
           f"dtype {dtype.name}, chunk {a.chunk_size}, warmup {a.warmup}, reps {a.reps}",
           file=sys.stderr)
     rows = []
     for shape in shapes:
-        for impl in impls:
-            row = bench_impl(impl, shape, dtype, a.warmup, a.reps, a.chunk_size)
+        for impl, docs in [(i, d) for i in impls for d in a.docs]:
+            row = bench_impl(impl, shape, dtype, a.warmup, a.reps, a.chunk_size, docs)
             rows.append(row)
             print(f"# {impl} {shape}: fwd {fmt_ms(row.get('fwd'))} ms, "
                   f"fwd+bwd {fmt_ms(row.get('fwd_bwd'))} ms "
@@ -231,11 +262,57 @@ def main(argv=None) -> int:
         for key in ("fwd_error", "fwd_bwd_error"):
             if r.get(key):
                 print(f"|  | {r['impl']} {key}: {r[key]} | | | | | | | | |")
+    if anchors is not None:
+        print_anchor_table(rows, anchors, impls)
     if a.json:
         with open(a.json, "w") as fh:
-            json.dump({"device": device, "jax": jax.__version__, "rows": rows}, fh, indent=1,
-                      default=str)
+            json.dump({"device": device, "jax": jax.__version__, "rows": rows,
+                       "anchors": anchors}, fh, indent=1, default=str)
     return 0
+
+
+def run_anchors(shapes, warmup, reps) -> dict:
+    """benchmarks/anchors.py in its own process (torch and JAX each want the GPU's memory)."""
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "anchors.py")
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "anchors.json")
+        cmd = [sys.executable, script, "--shapes", *["x".join(map(str, s)) for s in shapes],
+               "--warmup", str(warmup), "--reps", str(reps), "--json", path]
+        print("# anchors: " + " ".join(cmd), file=sys.stderr, flush=True)
+        r = subprocess.run(cmd, check=False)
+        if r.returncode or not os.path.exists(path):
+            return {"error": f"anchors.py exited with {r.returncode}", "rows": []}
+        with open(path) as fh:
+            return json.load(fh)
+
+
+def print_anchor_table(rows, anchors, impls):
+    """Our pipelined fwd / fwd+bwd beside the anchors' (pipelined; do_bench in brackets)."""
+    def anchor(shape, name, key):
+        for r in anchors.get("rows", []):
+            if tuple(r["shape"]) == tuple(shape) and r["anchor"] == name:
+                if "error" in r:
+                    return "error"
+                t = r.get(key)
+                return "-" if t is None else f"{t['pipe']:.3f} ({t['do_bench']:.3f})"
+        return "-"
+
+    print(f"\nAnchors ({anchors.get('device', '?')}, torch {anchors.get('torch', '?')}, "
+          "separate process, same card): ms, pipelined (do_bench median)\n")
+    print("| shape B,T,H,K,V | ours | ours fwd / fwd+bwd | authors fwd | authors fwd+bwd "
+          "| fla fwd | SDPA fwd | SDPA fwd+bwd |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    for r in rows:
+        if r["impl"] not in impls and not r["impl"].startswith("pallas"):
+            continue
+        sh = r["shape"]
+        print(f"| {','.join(map(str, sh))} | {r['impl']} | {fmt_ms(r.get('fwd_pipe'))} / "
+              f"{fmt_ms(r.get('fwd_bwd_pipe'))} | {anchor(sh, 'authors', 'fwd')} | "
+              f"{anchor(sh, 'authors', 'fwd_bwd')} | {anchor(sh, 'fla', 'fwd')} | "
+              f"{anchor(sh, 'sdpa', 'fwd')} | {anchor(sh, 'sdpa', 'fwd_bwd')} |")
+    for r in anchors.get("rows", []):
+        if "error" in r:
+            print(f"\n{r['anchor']} {r['shape']}: {r['error']}")
 
 
 if __name__ == "__main__":

@@ -22,10 +22,9 @@ import traceback
 import jax
 import jax.numpy as jnp
 
-from qdelta_jax import qdelta_rule, xla
+from qdelta_jax import packing, qdelta_rule, xla
 from qdelta_jax.pallas import backward as pbwd
 from qdelta_jax.pallas import config as pcfg
-from qdelta_jax.pallas import core as pcore
 from qdelta_jax.pallas import forward as pfwd
 from qdelta_jax.testing import time_fn
 
@@ -83,16 +82,16 @@ def stage_checks(q, k, v, g, beta, lam, h0, C, res):
     dt = q.dtype
     cfg = pcfg.get_config(K, V, C, dt)
     interp = jax.default_backend() != "gpu"
-    layout = xla.make_layout(B, T, C, None)
+    layout = packing.make_layout(B, T, C, None)
     m = layout.meta
-    P = lambda x: xla.to_padded(x, layout)  # noqa: E731
+    P = lambda x: packing.to_padded(x, layout)  # noqa: E731
     qp, kp, vp, gp, bp, lp = P(q), P(k), P(v), P(g), P(beta), P(lam)
-    Gp = pcore.chunk_cumsum(gp, C)
+    Gp = packing.chunk_cumsum(gp, C)
     sp = lambda x: xla._split(x, C)  # noqa: E731
     W, U, Tinv = jax.jit(lambda *a: pfwd.chunk_local(*a, C=C, cfg=cfg.local, interpret=interp,
                                                      cfg_a=cfg.a))(
         qp, kp, vp, Gp, bp, lp)
-    loc = jax.jit(xla.chunk_local)(sp(qp), sp(kp), sp(vp), sp(gp), sp(bp), sp(lp))
+    loc = jax.jit(xla.chunk_local)(sp(qp), sp(kp), sp(vp), sp(Gp), sp(bp), sp(lp))
     res["local.W"] = rel(sp(W), loc.W)
     res["local.U"] = rel(sp(U), loc.U)
     res["local.T"] = rel(sp(Tinv), loc.Tinv)

@@ -303,3 +303,36 @@ def test_check_small_runs():
     from qdelta_jax import check
 
     assert check.main(["--small", "--dtype", "float32", "--shapes", "1x33x1x16x16"]) == 0
+
+
+# ----------------------------------------------------------------------------- packed rows
+
+
+# Row 0: a one-token document, an empty one, a document ending exactly on a chunk boundary;
+# row 1: more documents than chunks. No state in or out: the row-aligned layout, so every
+# kernel sees boundaries inside chunks.
+CU_ROWS = jnp.array([[0, 1, 1, 16, 29, 40], [0, 3, 6, 10, 13, 40]], jnp.int32)
+
+
+def packed_value_and_grads(impl, C, cu):
+    def loss(q, k, v, g, beta, lam, w):
+        o, _ = qdelta_rule(q, k, v, g, beta, lam, chunk_size=C, cu_seqlens=cu,
+                           implementation=impl)
+        return jnp.sum(o.astype(F32) * w), o
+
+    return jax.jit(jax.value_and_grad(loss, argnums=tuple(range(6)), has_aux=True))
+
+
+@pytest.mark.parametrize("dtype,C", [(F32, 16), (jnp.bfloat16, 32)])
+def test_packed_rows_match_xla(dtype, C):
+    (q, k, v, g, beta, lam, _), w = make(41, 2, 40, 2, 16, 24, dtype=dtype)
+    args = (q, k, v, g, beta, lam, w)
+    (_, o_p), g_p = packed_value_and_grads("pallas", C, CU_ROWS)(*args)
+    (_, o_x), g_x = packed_value_and_grads("xla", C, CU_ROWS)(*args)
+    errs = {"o": rel(o_p, o_x)}
+    for name, a, b in zip(("q", "k", "v", "g", "beta", "lam"), g_p, g_x):
+        assert a.dtype == b.dtype and a.shape == b.shape, name
+        errs["d" + name] = rel(a, b)
+    tol = TOL[jnp.dtype(dtype)]
+    bad = {k: v for k, v in errs.items() if not v <= tol}
+    assert not bad, f"errors above {tol}: {bad} (all: {errs})"
