@@ -336,3 +336,18 @@ def test_packed_rows_match_xla(dtype, C):
     tol = TOL[jnp.dtype(dtype)]
     bad = {k: v for k, v in errs.items() if not v <= tol}
     assert not bad, f"errors above {tol}: {bad} (all: {errs})"
+
+
+def test_sequential_block_v_follows_the_grid():
+    cfg = pcfg.default_config(128, 256, 64)
+    assert cfg.state.block_v == 64
+    # B8 H6: 48 rows x 4 tiles = 192 programs for 132 SMs: kept.
+    assert pcore.sequential_block_v(cfg, 48, 256, 132) == cfg
+    # B2 H6: 12 rows x 4 tiles = 48 programs: tiles of 16 (192 programs).
+    fit = pcore.sequential_block_v(cfg, 12, 256, 132)
+    assert fit.state.block_v == 16 and fit.reverse.block_v == 16
+    assert fit.output == cfg.output  # only the sequential passes change
+    # B4 H6: 24 rows: tiles of 32 (192 programs).
+    assert pcore.sequential_block_v(cfg, 24, 256, 132).state.block_v == 32
+    assert pcore.sequential_block_v(cfg, 1024, 256, 132) == cfg
+    assert pcore.sequential_block_v(cfg, 12, 256, None) == cfg
