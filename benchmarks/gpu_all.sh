@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every GPU measurement recorded in BENCHMARKS.md and docs/RESULTS.md, in one script, so a lease
-# runs them together on one card. Sections: check, dev, ops, ops340, ncu, decode, train,
-# train{1,2}_{unrolled,scan}, recall (default:
+# runs them together on one card. Sections: check, check340, dev, seqsweep, ops, ops340,
+# opspack, anchors, mosaic, ncu, decode, train, train{1,2}_{unrolled,scan}, recall (default:
 # ops train decode check). benchmarks/gpu_lanes.sh runs groups of sections on different GPUs
 # of one host at once. Each step has its own time limit so that one slow step cannot eat the others.
 #
@@ -51,6 +51,29 @@ for s in $sections; do
     dev)  # every Pallas stage against xla.py, per-stage times, save_residuals, the config sweep
         step pallas_dev ${DEV_LIMIT:-420} "$PY" benchmarks/pallas_dev.py --sweep-s ${SWEEP_S:-60} \
             --out "$OUT_DIR/pallas_dev.json"
+        ;;
+    check340)  # the 340M layer, unpacked and 32 packed documents a row; B2 T16384 (bf16)
+        step check340 ${CHECK_LIMIT:-300} "$PY" -m qdelta_jax.check --shapes 8x4096x6x128x256 --no-fd
+        step check340p ${CHECK_LIMIT:-300} "$PY" -m qdelta_jax.check --shapes 8x4096x6x128x256 \
+            --docs 32 --no-fd
+        step check16k ${CHECK_LIMIT:-300} "$PY" -m qdelta_jax.check --shapes 2x16384x6x128x256 \
+            --dtype bfloat16 --no-fd
+        ;;
+    opspack)  # pallas unpacked and with 32 packed documents a row, fla's forward, SPEC shapes
+        step opspack ${OPS_LIMIT:-300} "$PY" benchmarks/ops.py --fla --impl pallas --docs 0 32 \
+            --reps 30 --warmup 5 --json "$OUT_DIR/opspack.json"
+        ;;
+    anchors)  # pallas beside the authors' kernel, fla's forward and flash attention (torch)
+        step anchors ${ANCHORS_LIMIT:-540} "$PY" benchmarks/ops.py --anchors --impl pallas \
+            --reps 30 --warmup 5 --json "$OUT_DIR/anchors.json"
+        ;;
+    seqsweep)  # per-stage checks and times at B2 T16384, the sequential passes' V tiles swept
+        step seqsweep ${DEV_LIMIT:-300} "$PY" benchmarks/pallas_dev.py \
+            --shapes 2x16384x6x128x256 --extra-fp32 "" --sweep-s ${SWEEP_S:-90} \
+            --out "$OUT_DIR/seqsweep.json"
+        ;;
+    mosaic)  # the Mosaic GPU kernels against the xla stages and the Triton kernels
+        step mosaic ${MOSAIC_LIMIT:-300} "$PY" benchmarks/mosaic_dev.py
         ;;
     ops)
         step ops ${OPS_LIMIT:-300} "$PY" benchmarks/ops.py --fla --reps 30 --warmup 5 --json "$OUT_DIR/ops.json"

@@ -343,11 +343,12 @@ def test_sequential_block_v_follows_the_grid():
     assert cfg.state.block_v == 64
     # B8 H6: 48 rows x 4 tiles = 192 programs for 132 SMs: kept.
     assert pcore.sequential_block_v(cfg, 48, 256, 132) == cfg
-    # B2 H6: 12 rows x 4 tiles = 48 programs: tiles of 16 (192 programs).
+    # B2 H6: 12 rows x 4 tiles = 48 programs: tiles of 32 (96 programs, at least half of 132).
     fit = pcore.sequential_block_v(cfg, 12, 256, 132)
-    assert fit.state.block_v == 16 and fit.reverse.block_v == 16
+    assert fit.state.block_v == 32 and fit.reverse.block_v == 32
     assert fit.output == cfg.output  # only the sequential passes change
-    # B4 H6: 24 rows: tiles of 32 (192 programs).
-    assert pcore.sequential_block_v(cfg, 24, 256, 132).state.block_v == 32
+    # B1 H2: 2 rows: 16 is the floor.
+    assert pcore.sequential_block_v(cfg, 2, 256, 132).state.block_v == 16
+    assert pcore.sequential_block_v(cfg, 24, 256, 132) == cfg  # B4 H6: 96 programs
     assert pcore.sequential_block_v(cfg, 1024, 256, 132) == cfg
     assert pcore.sequential_block_v(cfg, 12, 256, None) == cfg
