@@ -188,8 +188,13 @@ def qdelta_rule(
         _check_shape("initial_state", initial_state, (N, H, K, V), "[N, H, K, V]")
 
     if normalize_qk:
-        q = reference.l2_normalize(q).astype(q.dtype)
-        k = reference.l2_normalize(k).astype(k.dtype)
+        if implementation == "pallas":  # one kernel each way instead of XLA's two passes
+            from qdelta_jax.pallas import l2norm
+
+            q, k = l2norm.l2_normalize(q), l2norm.l2_normalize(k)
+        else:
+            q = reference.l2_normalize(q).astype(q.dtype)
+            k = reference.l2_normalize(k).astype(k.dtype)
 
     if implementation == "reference":
         cu = cu_seqlens
