@@ -1,7 +1,7 @@
 """The chunkwise form of Q-Delta in plain ``jnp`` (SPEC section 2), with an analytic backward.
 
 Time is split into chunks of C tokens. Inside a chunk (indices i, j; ``G`` the inclusive
-cumulative sum of ``g``; ``h`` the state entering the chunk)::
+cumulative sum of ``g``; ``gamma = exp(G)``; ``h`` the state entering the chunk)::
 
     A_ij = beta_i (x_i . k_j) exp(G_i - G_j)   for i > j     # x on the ROW index
     T    = (I + A)^-1                                         # unit lower triangular
@@ -14,13 +14,18 @@ This module is the CPU/TPU path and the oracle for the Pallas kernels: each stag
 function (:func:`chunk_local`, :func:`state_pass`, :func:`chunk_output` and the backward stages) so
 a kernel can be checked stage by stage.
 
-Layout. :func:`qdelta_chunked` pads every sequence to whole chunks. Without ``cu_seqlens`` each
-batch row is one sequence, padded at its end. With ``cu_seqlens`` the packed row is re-laid so
-that every sequence starts on a chunk boundary; the state pass then resets at those chunks. Pad
-tokens have ``k = q = v = 0``, ``g = beta = lam = 0``: they leave the state unchanged. The "core"
-(:func:`chunked_core`, or a kernel with the same contract) sees ``[B, Tp, H, *]`` arrays with
-``Tp`` a multiple of C plus per-chunk metadata ``reset``, ``is_last``, ``seq`` of shape
-``[B, NC]``.
+Layout (:mod:`qdelta_jax.packing`). Without ``cu_seqlens`` each batch row is one sequence,
+padded at its end to whole chunks. Packed documents without states in or out keep that
+row-aligned layout: a document boundary may fall inside a chunk, and ``seg`` (per-token
+document ids) cuts every decay, intra-chunk term and the carried state there (:func:`gates`:
+``gamma`` holds for the chunk's first document only, ``exp(G_C - G)`` for its last only, and the
+state entering a chunk survives it only when one document spans the whole chunk). With
+initial or final states every document starts on a chunk boundary instead (the per-document
+layout) and the state pass resets at those chunks. Pad tokens have ``k = q = v = 0``,
+``g = beta = lam = 0``: they leave the state unchanged. The "core" (:func:`chunked_core`, or a
+kernel with the same contract) sees ``[B, Tp, H, *]`` arrays with ``Tp`` a multiple of C, ``G``
+(the cumulative log decay within each chunk and document), ``seg`` or ``None``, and per-chunk
+metadata ``reset``, ``is_last``, ``seq`` of shape ``[B, NC]``.
 
 Backward. Nothing per chunk is saved: the backward recomputes ``W, U`` and the chunk-entry
 states (one forward state pass), runs a reverse pass over chunks for the state gradient, then
