@@ -371,6 +371,9 @@ def chunk_grads(q, k, v, beta, lam, loc: Local, h_in, D, do, dh_out, scale, dt, 
 
 # ----------------------------------------------------------------------------- custom_vjp core
 
+# The floor of the log decay the chunked paths use (see qdelta_chunked).
+G_FLOOR = -110.0
+
 # Bytes of float32 temporaries the backward's local-gradient stage may hold at once.
 _GRAD_GROUP_BYTES = 256 * 2**20
 
@@ -495,7 +498,10 @@ def qdelta_chunked(
     h0 = jnp.zeros((N, H, K, V), F32) if initial_state is None else jnp.asarray(initial_state, F32)
     args = [packing.to_padded(x.astype(dt), layout) for x in (q, k)]
     args.append(packing.to_padded(v, layout))
-    G = packing.chunk_cumsum(packing.to_padded(g.astype(F32), layout), C, layout.seg)
+    # exp(g) is exactly 0 in float32 from g = -104 on, so a floor there changes no decay but
+    # keeps g = -inf (a full reset) from making exp(G_i - G_j) = exp(-inf + inf) a NaN.
+    g = jnp.maximum(g.astype(F32), G_FLOOR)
+    G = packing.chunk_cumsum(packing.to_padded(g, layout), C, layout.seg)
     args.append(G)
     args += [packing.to_padded(x.astype(F32), layout) for x in (beta, lam)]
     core = chunked_core if core is None else core

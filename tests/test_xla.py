@@ -213,3 +213,19 @@ def test_cpu_chunk_solve_avoids_the_blocking_kernel_and_matches_it():
                                np.broadcast_to(np.eye(64), A.shape), atol=1e-4)
     T_ref = xla._inverse_trsm(A)
     assert float(jnp.max(jnp.abs(T - T_ref)) / jnp.max(jnp.abs(T_ref))) < 1e-6
+
+
+@pytest.mark.parametrize("impl", ["xla", "pallas"])
+def test_minus_infinity_decay_is_a_reset(impl):
+    """g = -inf zeroes the state exactly (as the recurrence does): the chunked paths stay finite
+    and equal the reference, forward and gradients."""
+    q, k, v, g, beta, lam, h0 = random_inputs(jax.random.key(21), 1, 40, 2, 16, 16)
+    g = g.at[0, 5, 0].set(-jnp.inf).at[0, 20, :].set(-jnp.inf).at[0, 33, 1].set(-1e30)
+    inputs = (q, k, v, g, beta, lam, h0)
+    gr = grads("reference", inputs)
+    gx = grads(impl, inputs, chunk_size=16)
+    o_r, f_r = _call("reference", inputs)
+    o_x, f_x = _call(impl, inputs, chunk_size=16)
+    assert rel_err(o_x, o_r) < tolerance(jnp.float32) and rel_err(f_x, f_r) < tolerance(jnp.float32)
+    for name, a, b in zip(ARGS, gx, gr):
+        assert rel_err(a, b) < 2 * tolerance(jnp.float32), name
