@@ -1,6 +1,6 @@
 """Time qdelta_rule's implementations: forward and forward+backward, tokens/s and memory.
 
-    python benchmarks/ops.py                                  # the SPEC section 6 shapes, bf16
+    python benchmarks/ops.py                        # the three shapes of BENCHMARKS.md, bf16
     python benchmarks/ops.py --shapes 8x4096x6x128x256 --impl xla pallas --reps 50
     python benchmarks/ops.py --small                          # a CPU-sized smoke run
 
@@ -42,7 +42,7 @@ import jax.numpy as jnp
 from qdelta_jax import qdelta_rule
 from qdelta_jax.testing import random_inputs, time_fn
 
-SPEC_SHAPES = ["8x4096x6x128x256", "8x4096x16x128x128", "2x16384x6x128x256"]
+BENCH_SHAPES = ["8x4096x6x128x256", "8x4096x16x128x128", "2x16384x6x128x256"]
 SMALL_SHAPES = ["2x512x2x64x64"]
 
 
@@ -209,7 +209,8 @@ def fmt_gib(row, key):
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--shapes", nargs="+", default=None, help="BxTxHxKxV (default: SPEC section 6)")
+    p.add_argument("--shapes", nargs="+", default=None,
+                   help="BxTxHxKxV (default: the three shapes of BENCHMARKS.md)")
     p.add_argument("--impl", nargs="+", default=None,
                    help="implementations (default: xla, plus pallas and pallas-recompute on"
                    " GPU); pallas-recompute is pallas with save_residuals off")
@@ -225,7 +226,7 @@ def main(argv=None) -> int:
                    help="documents packed per row (0 = unpacked); several values: one row each")
     p.add_argument("--json", default=None, help="write raw numbers here")
     a = p.parse_args(argv)
-    shapes = [parse_shape(s) for s in (a.shapes or (SMALL_SHAPES if a.small else SPEC_SHAPES))]
+    shapes = [parse_shape(s) for s in (a.shapes or (SMALL_SHAPES if a.small else BENCH_SHAPES))]
     on_gpu = jax.default_backend() == "gpu"
     impls = a.impl or (["xla", "pallas", "pallas-recompute"] if on_gpu else ["xla"])
     dtype = jnp.dtype(a.dtype)

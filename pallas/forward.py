@@ -1,4 +1,5 @@
-"""Forward kernels of the chunked Q-Delta op (SPEC section 2), Pallas with the Triton lowering.
+"""Forward kernels of the chunked Q-Delta op (docs/MATH.md section 2), Pallas with the Triton
+lowering.
 
 Four launches, on the padded layout of :mod:`qdelta_jax.xla` (``[B, Tp, H, *]``, Tp = NC C),
 given ``G``, the cumulative log decay within each chunk (computed once by XLA, see

@@ -1,6 +1,6 @@
 """qdelta-jax: Q-Delta linear attention for JAX and Flax.
 
-``qdelta_rule`` is the op (SPEC section 1, exactly, in every implementation); the layer, the
+``qdelta_rule`` is the op (docs/MATH.md section 1, exactly, in every implementation); the layer, the
 language model and the training loop live in :mod:`qdelta_jax.layers`, :mod:`qdelta_jax.model`
 and :mod:`qdelta_jax.train`.
 """

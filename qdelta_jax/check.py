@@ -12,7 +12,7 @@ Implementations: ``xla`` always; ``pallas`` on a GPU (on other backends only wit
 or when named in ``--implementations``: it then runs in Pallas interpret mode, which is slow);
 ``reference`` (the ``lax.scan``) only when named, since its backward stores every state.
 
-    qdelta-check                      # SPEC section 6 shapes, the 1B layer, T = 32768
+    qdelta-check                      # BENCHMARKS.md's shapes, the 1B layer, T = 32768
     qdelta-check --small              # a quick CPU-sized run (used by the tests)
     qdelta-check --shapes 2x128x2x32x64 --dtype float32
     qdelta-check --shapes 8x4096x6x128x256 --docs 32   # 32 packed documents per row
@@ -182,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     ap.add_argument("--shapes", type=str, default=None,
-                    help="comma-separated BxTxHxKxV shapes (default: SPEC section 6 shapes, the "
+                    help="comma-separated BxTxHxKxV shapes (default: BENCHMARKS.md's shapes, the "
                          "1B layer and T=32768)")
     ap.add_argument("--dtype", choices=("bfloat16", "float32", "both"), default="both")
     ap.add_argument("--chunk-size", type=int, default=64)

@@ -120,7 +120,7 @@ def qdelta_rule(
     chunk_size: int = 64,
     implementation: str | None = None,
 ) -> tuple[Float[Array, "B T H V"], Float[Array, "N H K V"] | None]:
-    """The Q-Delta recurrence (``../shared/SPEC.md`` section 1) over a batch of sequences.
+    """The Q-Delta recurrence (docs/MATH.md section 1) over a batch of sequences.
 
     Args:
       q, k: ``[B, T, H, K]`` queries and keys, float32 or bfloat16.

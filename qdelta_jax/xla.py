@@ -1,4 +1,5 @@
-"""The chunkwise form of Q-Delta in plain ``jnp`` (SPEC section 2), with an analytic backward.
+"""The chunkwise form of Q-Delta in plain ``jnp`` (docs/MATH.md section 2), with an analytic
+backward.
 
 Time is split into chunks of C tokens. Inside a chunk (indices i, j; ``G`` the inclusive
 cumulative sum of ``g``; ``gamma = exp(G)``; ``h`` the state entering the chunk)::

@@ -1,4 +1,4 @@
-"""The lax.scan reference against float64 numpy loops written here from SPEC section 1."""
+"""The lax.scan reference against float64 numpy loops written here from docs/MATH.md section 1."""
 
 import jax
 import jax.numpy as jnp
@@ -10,7 +10,8 @@ from qdelta_jax.testing import random_inputs
 
 
 def numpy_qdelta(q, k, v, g, beta, lam, h0, scale, normalize=True):
-    """SPEC section 1 in float64 numpy, one token at a time, no shared code with the package."""
+    """docs/MATH.md section 1 in float64 numpy, one token at a time, no code shared with the
+    package."""
     q, k, v, g, beta, lam, h0 = (np.asarray(x, np.float64) for x in (q, k, v, g, beta, lam, h0))
     B, T, H, K = q.shape
     if normalize:
