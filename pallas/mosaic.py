@@ -1,0 +1,303 @@
+"""Hopper-native (Mosaic GPU, ``plgpu``) kernel of the chunked Q-Delta forward: the state pass
+with the output fused into it (SPEC section 2, given ``W``, ``U`` and ``G``).
+
+Why this exists: the Triton-lowered forward (:mod:`.forward`) runs the state pass and the output
+as two launches that cross HBM with ``h_in [B, NC, H, K, V]`` and ``D``, and its state pass
+issues its matmuls as plain ``mma`` with synchronous loads. On sm_90 the tensor cores are fed
+by ``wgmma`` from shared memory with the accumulator in registers, and TMA copies complete on
+barriers without holding threads: here one CTA (one warpgroup) per (batch row, head, V tile)
+keeps the float32 state ``h [K, BV]`` in registers across all chunks and, per chunk,
+
+1. ``W h``, ``Q h`` (``[C, K] x [K, BV]``) and ``Q K^T`` (``[C, K] x [K, C]``): three wgmmas
+   issued together, reading ``h`` from shared memory in the compute dtype;
+2. ``D = U - W h``; ``O = scale (gamma o (Q h) + (Q K^T o decay o causal) D)``, the second
+   product with ``P`` from registers;
+3. ``h' = gamma_C h + K^T (exp(G_C - G) o D)``: a ``[K, C] x [C, BV]`` wgmma (``K`` read
+   transposed from shared memory) accumulating onto ``gamma_C h``;
+
+while :func:`plgpu.emit_pipeline` streams the next chunks' ``Q, K, W, U, G`` in by TMA
+(``max_concurrent_steps`` buffers) and ``O`` out. Neither ``h_in`` nor ``D`` touches HBM.
+
+Numerics: the same rounding points as :func:`qdelta_jax.xla.state_pass` and
+:func:`qdelta_jax.xla.chunk_output` (the state and every accumulation in float32, matmul
+operands in the compute dtype: ``h`` is rounded before ``W h`` and ``Q h``, ``D`` before
+``P D``), with two reassociations that keep the float32 factors out of the rounded operands:
+``gamma`` scales ``Q h`` after the product instead of ``Q`` before it, and the chunk-end decay
+``exp(G_C - G)`` scales the rows of ``D`` instead of those of ``K``.
+
+Backend: needs ``jax.experimental.pallas.mosaic_gpu`` (jax >= 0.10) and, to run, an sm_90 GPU;
+with ``interpret=True`` it runs on the CPU in Mosaic GPU interpret mode (``InterpretGPUParams``,
+exported from jax 0.11). Importing this module never fails; calling the kernel without Mosaic GPU raises
+``RuntimeError``. Supported: chunk size 64 (the wgmma M of the ``[C, *]`` products), K a multiple
+of 64 up to 256, V tiles of 64 or 128 dividing V, bfloat16 or float16 inputs, one sequence per
+batch row (no ``cu_seqlens``: the state starts from ``h0[b]`` at chunk 0 and ends at the last
+chunk). :func:`check_supported` says why a shape is not.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+try:  # Mosaic GPU ships with jax >= 0.10; the module must import on any jax.
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+except ImportError as e:  # pragma: no cover - depends on the installed jax
+    plgpu = None
+    _IMPORT_ERROR: Exception | None = e
+else:
+    _IMPORT_ERROR = None
+
+# Mosaic GPU interpret mode: public in jax >= 0.11, present but not exported in jax 0.10.
+_INTERPRET_PARAMS = getattr(plgpu, "InterpretGPUParams", None)
+if plgpu is not None and _INTERPRET_PARAMS is None:  # pragma: no cover - jax 0.10
+    try:
+        from jax._src.pallas.mosaic_gpu.interpret.params import (
+            InterpretGPUParams as _INTERPRET_PARAMS,
+        )
+    except ImportError:
+        _INTERPRET_PARAMS = None
+
+F32 = jnp.float32
+CHUNK = 64  # wgmma's M for the [C, *] accumulators of one warpgroup
+SMEM_BYTES = 227 * 1024  # shared memory a CTA may use on an H100 / H200
+DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+SEMANTICS = ("warpgroup", "lane")
+
+
+def available() -> bool:
+    """Whether ``jax.experimental.pallas.mosaic_gpu`` imported (not whether a GPU is present)."""
+    return plgpu is not None
+
+
+def interpret_available() -> bool:
+    """Whether this jax has Mosaic GPU interpret mode (jax >= 0.10: it runs the kernels on the
+    CPU, simulating shared memory, TMA and barriers)."""
+    return _INTERPRET_PARAMS is not None
+
+
+def _require_plgpu():
+    if plgpu is None:
+        raise RuntimeError(
+            "the Mosaic GPU kernels need jax.experimental.pallas.mosaic_gpu, which failed to"
+            f" import with jax {jax.__version__}: {_IMPORT_ERROR!r}"
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class MosaicConfig:
+    """Launch settings of :func:`state_output`.
+
+    ``block_v``: the V tile of one CTA (64 or 128; the grid is ``B x H x V / block_v``).
+    ``max_concurrent_steps``: chunks in flight in the TMA pipeline (1: the next chunk's loads
+    start only after this chunk's math; 2 or more: they overlap it).
+    ``lowering_semantics``: ``"warpgroup"`` (Pallas infers register layouts; the default of
+    jax 0.11) or ``"lane"`` (per-thread layouts, the older lowering)."""
+
+    block_v: int = 64
+    max_concurrent_steps: int = 2
+    lowering_semantics: str = "lane"
+
+    def __post_init__(self):
+        if self.block_v not in (64, 128):
+            raise ValueError(f"block_v must be 64 or 128, got {self.block_v}")
+        if not isinstance(self.max_concurrent_steps, int) or self.max_concurrent_steps < 1:
+            raise ValueError(
+                f"max_concurrent_steps must be an int >= 1, got {self.max_concurrent_steps!r}"
+            )
+        if self.lowering_semantics not in SEMANTICS:
+            raise ValueError(
+                f"lowering_semantics must be one of {SEMANTICS}, got {self.lowering_semantics!r}"
+            )
+
+
+def smem_bytes(K: int, C: int, BV: int, itemsize: int, steps: int, out_itemsize: int) -> int:
+    """Shared memory of one CTA: ``steps`` pipeline buffers of ``Q, K, W`` (``[C, K]``), ``U``
+    and ``O`` (``[C, BV]``) and ``G`` (``[C]`` float32), plus ``h`` (``[K, BV]``), ``D`` and the
+    decayed ``D`` (``[C, BV]``) in the compute dtype and the float32 ``[K, BV]`` buffer that
+    carries ``h0`` in and the final state out."""
+    per_step = 3 * C * K * itemsize + C * BV * (itemsize + out_itemsize) + 4 * C
+    return steps * per_step + (K * BV + 2 * C * BV) * itemsize + 4 * K * BV
+
+
+def check_supported(*, K: int, V: int, C: int, dtype, out_dtype=None,
+                    cfg: MosaicConfig | None = None) -> None:
+    """Raises ``ValueError`` naming the first size, dtype or setting this kernel does not take
+    (see the module docstring)."""
+    cfg = cfg or MosaicConfig()
+    dt = jnp.dtype(dtype)
+    if dt not in DTYPES:
+        raise ValueError(
+            f"the Mosaic GPU kernel takes bfloat16 or float16 inputs (wgmma of 16-bit operands),"
+            f" got dtype={dt.name}"
+        )
+    if C != CHUNK:
+        raise ValueError(f"the Mosaic GPU kernel needs chunk_size={CHUNK}, got chunk_size={C}")
+    if K % 64 or not 64 <= K <= 256:
+        raise ValueError(f"the Mosaic GPU kernel needs K a multiple of 64 up to 256, got K={K}")
+    if V % cfg.block_v:
+        raise ValueError(f"V={V} is not a multiple of block_v={cfg.block_v}")
+    osz = jnp.dtype(out_dtype or dt).itemsize
+    need = smem_bytes(K, C, cfg.block_v, dt.itemsize, cfg.max_concurrent_steps, osz)
+    if need > SMEM_BYTES:
+        raise ValueError(
+            f"K={K}, block_v={cfg.block_v}, max_concurrent_steps={cfg.max_concurrent_steps} need"
+            f" {need} bytes of shared memory per CTA, more than {SMEM_BYTES}"
+        )
+
+
+def _transforms(minor: int, dt):
+    """Tiling and swizzle of a wgmma operand whose minor dimension holds ``minor`` elements."""
+    swizzle = plgpu.find_swizzle(minor * jnp.dtype(dt).itemsize * 8)
+    return (plgpu.TilingTransform((8, swizzle // jnp.dtype(dt).itemsize)),
+            plgpu.SwizzleTransform(swizzle))
+
+
+def _rows(x, shape):
+    """A vector along the rows of a 2-D tile (``x[:, None]``, in a form the Mosaic GPU layouts
+    take)."""
+    return lax.broadcast_in_dim(x, shape, [0])
+
+
+def _cols(x, shape):
+    """A vector along the columns of a 2-D tile (``x[None, :]``)."""
+    return lax.broadcast_in_dim(x, shape, [1])
+
+
+def _kernel(q_ref, k_ref, w_ref, u_ref, g_ref, h0_ref, o_ref, fin_ref,
+            h_s, d_s, dd_s, f_s, bar, *, C, NC, BV, scale, steps, dt):
+    b, h, j = lax.axis_index("b"), lax.axis_index("h"), lax.axis_index("v")
+    K = q_ref.shape[-1]
+    vs = pl.ds(j * BV, BV)
+    plgpu.copy_gmem_to_smem(h0_ref.at[b, h, :, vs], f_s, bar)
+    plgpu.barrier_wait(bar)
+    state0 = plgpu.load(f_s, layout=plgpu.Layout.WGMMA)
+
+    # The causal mask in the layout of the Q K^T accumulator.
+    row = plgpu.broadcasted_iota(jnp.int32, (C, C), 0, layout=plgpu.Layout.WGMMA)
+    col = plgpu.broadcasted_iota(jnp.int32, (C, C), 1, layout=plgpu.Layout.WGMMA)
+    causal = row >= col
+
+    def chunk(_, q_s, k_s, w_s, u_s, g_s, o_s, state):
+        h_s[...] = state.astype(dt)
+        plgpu.commit_smem()  # h is read by wgmma (the async proxy) below
+
+        def products(acc_wh, acc_qh, acc_p):
+            plgpu.wgmma(acc_wh, w_s, h_s)
+            plgpu.wgmma(acc_qh, q_s, h_s)
+            plgpu.wgmma(acc_p, q_s, k_s.T)
+            return acc_wh[...], acc_qh[...], acc_p[...]
+
+        wh, qh, qk = pl.run_scoped(
+            products, plgpu.ACC((C, BV), F32), plgpu.ACC((C, BV), F32), plgpu.ACC((C, C), F32)
+        )
+        # G indexed by the rows and by the columns of a [C, *] accumulator
+        Gi = plgpu.load(g_s, layout=plgpu.Layout.WGMMA.reduce(1))
+        Gj = plgpu.load(g_s, layout=plgpu.Layout.WGMMA.reduce(0))
+        gC = g_s[C - 1]
+        D = plgpu.load(u_s, layout=plgpu.Layout.WGMMA).astype(F32) - wh
+        d_s[...] = D.astype(dt)
+        dd_s[...] = (D * _rows(jnp.exp(gC - Gi), D.shape)).astype(dt)
+        plgpu.commit_smem()
+        # exp(G_i - G_j) only where i >= j, so the exponent never overflows
+        diff = jnp.where(causal, _rows(Gi, (C, C)) - _cols(Gj, (C, C)), 0.0)
+        P = jnp.where(causal, qk * jnp.exp(diff), 0.0).astype(dt)
+
+        def updates(accs):
+            acc_o, acc_h = accs
+            plgpu.wgmma(acc_o, P, d_s)
+            plgpu.wgmma(acc_h, k_s.T, dd_s)
+
+        o, state = pl.run_state(updates)(
+            (plgpu.ACC.init(_rows(jnp.exp(Gi), qh.shape) * qh), plgpu.ACC.init(jnp.exp(gC) * state))
+        )
+        o_s[...] = (scale * o).astype(o_s.dtype)
+        return state
+
+    tk, tv = _transforms(K, dt), _transforms(BV, dt)
+    rows_k = lambda c: (b, c, h, 0)  # noqa: E731
+    rows_v = lambda c: (b, c, h, j)  # noqa: E731
+    final = plgpu.emit_pipeline(
+        chunk,
+        grid=(NC,),
+        in_specs=[
+            plgpu.BlockSpec((None, C, None, K), rows_k, transforms=tk),  # q
+            plgpu.BlockSpec((None, C, None, K), rows_k, transforms=tk),  # k
+            plgpu.BlockSpec((None, C, None, K), rows_k, transforms=tk),  # W
+            plgpu.BlockSpec((None, C, None, BV), rows_v, transforms=tv),  # U
+            plgpu.BlockSpec((None, None, C), lambda c: (b, h, c)),  # G, [B, H, Tp]
+        ],
+        out_specs=[plgpu.BlockSpec((None, C, None, BV), rows_v, transforms=tv)],  # O
+        max_concurrent_steps=steps,
+        init_carry=state0,
+    )(q_ref, k_ref, w_ref, u_ref, g_ref, o_ref)
+    f_s[...] = final
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(f_s, fin_ref.at[b, h, :, vs])
+    plgpu.wait_smem_to_gmem(0)
+
+
+def state_output(q, k, G, W, U, h0, *, scale: float, out_dtype=None, C: int = CHUNK,
+                 cfg: MosaicConfig | None = None, interpret: bool = False):
+    """The fused state pass and output of the unpacked forward.
+
+    Args (the padded layout of :mod:`qdelta_jax.xla`, ``Tp = NC C``): ``q, k, W``
+    ``[B, Tp, H, K]`` and ``U [B, Tp, H, V]`` in the compute dtype (bfloat16 or float16),
+    ``G [B, Tp, H]`` float32 (the within-chunk cumulative log decay,
+    :func:`.core.chunk_cumsum`), ``h0 [B, H, K, V]`` (the state of row ``b`` at chunk 0).
+
+    Returns ``O [B, Tp, H, V]`` in ``out_dtype`` (default: ``q``'s dtype) and the final states
+    ``[B, H, K, V]`` float32.
+
+    Raises ``RuntimeError`` without Mosaic GPU (or, with ``interpret``, without its interpret
+    mode), ``ValueError`` for shapes and dtypes it does not take (:func:`check_supported`)."""
+    _require_plgpu()
+    cfg = cfg or MosaicConfig()
+    B, Tp, H, K = q.shape
+    V = U.shape[-1]
+    dt = jnp.dtype(q.dtype)
+    out_dtype = jnp.dtype(out_dtype or dt)
+    check_supported(K=K, V=V, C=C, dtype=dt, out_dtype=out_dtype, cfg=cfg)
+    for name, x, shape in (("k", k, (B, Tp, H, K)), ("W", W, (B, Tp, H, K)),
+                           ("U", U, (B, Tp, H, V)), ("G", G, (B, Tp, H)),
+                           ("h0", h0, (B, H, K, V))):
+        if tuple(x.shape) != shape:
+            raise ValueError(f"{name} has shape {tuple(x.shape)}, expected {shape}")
+    for name, x in (("k", k), ("W", W), ("U", U)):
+        if jnp.dtype(x.dtype) != dt:
+            raise ValueError(f"{name} has dtype {jnp.dtype(x.dtype).name}, expected {dt.name}")
+    if Tp % C:
+        raise ValueError(f"q has {Tp} time steps, not a multiple of chunk_size={C}")
+    if interpret and not interpret_available():
+        raise RuntimeError(
+            f"Mosaic GPU interpret mode is not in jax {jax.__version__}"
+        )
+    NC, BV = Tp // C, cfg.block_v
+    steps = min(cfg.max_concurrent_steps, NC)
+    semantics = {"warpgroup": plgpu.LoweringSemantics.Warpgroup,
+                 "lane": plgpu.LoweringSemantics.Lane}[cfg.lowering_semantics]
+    kernel = functools.partial(_kernel, C=C, NC=NC, BV=BV, scale=float(scale), steps=steps,
+                               dt=dt)
+    call = plgpu.kernel(
+        kernel,
+        out_type=(jax.ShapeDtypeStruct((B, Tp, H, V), out_dtype),
+                  jax.ShapeDtypeStruct((B, H, K, V), F32)),
+        scratch_types=[
+            plgpu.SMEM((K, BV), dt, transforms=_transforms(BV, dt)),  # h
+            plgpu.SMEM((C, BV), dt, transforms=_transforms(BV, dt)),  # D
+            plgpu.SMEM((C, BV), dt, transforms=_transforms(BV, dt)),  # exp(G_C - G) D
+            plgpu.SMEM((K, BV), F32, transforms=_transforms(BV, F32)),  # h0 in, final out
+            plgpu.Barrier(),
+        ],
+        grid=(B, H, V // BV),
+        grid_names=("b", "h", "v"),
+        compiler_params=plgpu.CompilerParams(lowering_semantics=semantics),
+        interpret=_INTERPRET_PARAMS() if interpret else None,
+    )
+    # G time-minor, so that one chunk of it is one contiguous 256-byte TMA copy.
+    Gt = jnp.swapaxes(G.astype(F32), 1, 2)
+    return call(q, k, W, U, Gt, h0.astype(F32))
