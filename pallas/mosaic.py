@@ -25,10 +25,13 @@ operands in the compute dtype: ``h`` is rounded before ``W h`` and ``Q h``, ``D`
 ``gamma`` scales ``Q h`` after the product instead of ``Q`` before it, and the chunk-end decay
 ``exp(G_C - G)`` scales the rows of ``D`` instead of those of ``K``.
 
-Backend: needs ``jax.experimental.pallas.mosaic_gpu`` (jax >= 0.10) and, to run, an sm_90 GPU;
-with ``interpret=True`` it runs on the CPU in Mosaic GPU interpret mode (``InterpretGPUParams``,
-exported from jax 0.11). Importing this module never fails; calling the kernel without Mosaic GPU raises
-``RuntimeError``. Supported: chunk size 64 (the wgmma M of the ``[C, *]`` products), K a multiple
+Backend: needs ``jax.experimental.pallas.mosaic_gpu`` (jax >= 0.10) and, to run, an sm_90 GPU.
+Importing this module never fails; calling the kernel without Mosaic GPU raises
+``RuntimeError``. Off the GPU the kernel can be lowered (``jax.jit(f).trace(...).lower(
+lowering_platforms=("cuda",))`` runs the whole Mosaic GPU lowering, register layouts included)
+but not run: Mosaic GPU interpret mode (jax 0.11.2) does not simulate a wgmma whose left operand
+is in registers (``P`` here) nor accumulators initialised through ``pl.run_state``.
+Supported: chunk size 64 (the wgmma M of the ``[C, *]`` products), K a multiple
 of 64 up to 256, V tiles of 64 or 128 dividing V, bfloat16 or float16 inputs, one sequence per
 batch row (no ``cu_seqlens``: the state starts from ``h0[b]`` at chunk 0 and ends at the last
 chunk). :func:`check_supported` says why a shape is not.
@@ -52,32 +55,16 @@ except ImportError as e:  # pragma: no cover - depends on the installed jax
 else:
     _IMPORT_ERROR = None
 
-# Mosaic GPU interpret mode: public in jax >= 0.11, present but not exported in jax 0.10.
-_INTERPRET_PARAMS = getattr(plgpu, "InterpretGPUParams", None)
-if plgpu is not None and _INTERPRET_PARAMS is None:  # pragma: no cover - jax 0.10
-    try:
-        from jax._src.pallas.mosaic_gpu.interpret.params import (
-            InterpretGPUParams as _INTERPRET_PARAMS,
-        )
-    except ImportError:
-        _INTERPRET_PARAMS = None
-
 F32 = jnp.float32
 CHUNK = 64  # wgmma's M for the [C, *] accumulators of one warpgroup
 SMEM_BYTES = 227 * 1024  # shared memory a CTA may use on an H100 / H200
 DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
-SEMANTICS = ("warpgroup", "lane")
+SEMANTICS = ("lane", "warpgroup")
 
 
 def available() -> bool:
     """Whether ``jax.experimental.pallas.mosaic_gpu`` imported (not whether a GPU is present)."""
     return plgpu is not None
-
-
-def interpret_available() -> bool:
-    """Whether this jax has Mosaic GPU interpret mode (jax >= 0.10: it runs the kernels on the
-    CPU, simulating shared memory, TMA and barriers)."""
-    return _INTERPRET_PARAMS is not None
 
 
 def _require_plgpu():
@@ -95,8 +82,9 @@ class MosaicConfig:
     ``block_v``: the V tile of one CTA (64 or 128; the grid is ``B x H x V / block_v``).
     ``max_concurrent_steps``: chunks in flight in the TMA pipeline (1: the next chunk's loads
     start only after this chunk's math; 2 or more: they overlap it).
-    ``lowering_semantics``: ``"warpgroup"`` (Pallas infers register layouts; the default of
-    jax 0.11) or ``"lane"`` (per-thread layouts, the older lowering)."""
+    ``lowering_semantics``: ``"lane"`` (register layouts as the kernel states them) or
+    ``"warpgroup"`` (Pallas infers them; jax 0.11.2 finds no solution for this kernel, after
+    minutes of search)."""
 
     block_v: int = 64
     max_concurrent_steps: int = 2
@@ -157,6 +145,15 @@ def _transforms(minor: int, dt):
             plgpu.SwizzleTransform(swizzle))
 
 
+def _load(ref, layout):
+    """``ref[...]`` in registers with ``layout`` (jax 0.10's ``plgpu.load`` takes the index as
+    a required argument, jax 0.11 deprecates it)."""
+    try:
+        return plgpu.load(ref, layout=layout)
+    except TypeError:  # pragma: no cover - jax 0.10
+        return plgpu.load(ref, (), layout=layout)
+
+
 def _rows(x, shape):
     """A vector along the rows of a 2-D tile (``x[:, None]``, in a form the Mosaic GPU layouts
     take)."""
@@ -175,7 +172,7 @@ def _kernel(q_ref, k_ref, w_ref, u_ref, g_ref, h0_ref, o_ref, fin_ref,
     vs = pl.ds(j * BV, BV)
     plgpu.copy_gmem_to_smem(h0_ref.at[b, h, :, vs], f_s, bar)
     plgpu.barrier_wait(bar)
-    state0 = plgpu.load(f_s, layout=plgpu.Layout.WGMMA)
+    state0 = _load(f_s, plgpu.Layout.WGMMA)
 
     # The causal mask in the layout of the Q K^T accumulator.
     row = plgpu.broadcasted_iota(jnp.int32, (C, C), 0, layout=plgpu.Layout.WGMMA)
@@ -196,10 +193,10 @@ def _kernel(q_ref, k_ref, w_ref, u_ref, g_ref, h0_ref, o_ref, fin_ref,
             products, plgpu.ACC((C, BV), F32), plgpu.ACC((C, BV), F32), plgpu.ACC((C, C), F32)
         )
         # G indexed by the rows and by the columns of a [C, *] accumulator
-        Gi = plgpu.load(g_s, layout=plgpu.Layout.WGMMA.reduce(1))
-        Gj = plgpu.load(g_s, layout=plgpu.Layout.WGMMA.reduce(0))
+        Gi = _load(g_s, plgpu.Layout.WGMMA.reduce(1))
+        Gj = _load(g_s, plgpu.Layout.WGMMA.reduce(0))
         gC = g_s[C - 1]
-        D = plgpu.load(u_s, layout=plgpu.Layout.WGMMA).astype(F32) - wh
+        D = _load(u_s, plgpu.Layout.WGMMA).astype(F32) - wh
         d_s[...] = D.astype(dt)
         dd_s[...] = (D * _rows(jnp.exp(gC - Gi), D.shape)).astype(dt)
         plgpu.commit_smem()
@@ -242,7 +239,7 @@ def _kernel(q_ref, k_ref, w_ref, u_ref, g_ref, h0_ref, o_ref, fin_ref,
 
 
 def state_output(q, k, G, W, U, h0, *, scale: float, out_dtype=None, C: int = CHUNK,
-                 cfg: MosaicConfig | None = None, interpret: bool = False):
+                 cfg: MosaicConfig | None = None):
     """The fused state pass and output of the unpacked forward.
 
     Args (the padded layout of :mod:`qdelta_jax.xla`, ``Tp = NC C``): ``q, k, W``
@@ -253,8 +250,8 @@ def state_output(q, k, G, W, U, h0, *, scale: float, out_dtype=None, C: int = CH
     Returns ``O [B, Tp, H, V]`` in ``out_dtype`` (default: ``q``'s dtype) and the final states
     ``[B, H, K, V]`` float32.
 
-    Raises ``RuntimeError`` without Mosaic GPU (or, with ``interpret``, without its interpret
-    mode), ``ValueError`` for shapes and dtypes it does not take (:func:`check_supported`)."""
+    Raises ``RuntimeError`` without Mosaic GPU, ``ValueError`` for shapes and dtypes it does
+    not take (:func:`check_supported`)."""
     _require_plgpu()
     cfg = cfg or MosaicConfig()
     B, Tp, H, K = q.shape
@@ -272,10 +269,6 @@ def state_output(q, k, G, W, U, h0, *, scale: float, out_dtype=None, C: int = CH
             raise ValueError(f"{name} has dtype {jnp.dtype(x.dtype).name}, expected {dt.name}")
     if Tp % C:
         raise ValueError(f"q has {Tp} time steps, not a multiple of chunk_size={C}")
-    if interpret and not interpret_available():
-        raise RuntimeError(
-            f"Mosaic GPU interpret mode is not in jax {jax.__version__}"
-        )
     NC, BV = Tp // C, cfg.block_v
     steps = min(cfg.max_concurrent_steps, NC)
     semantics = {"warpgroup": plgpu.LoweringSemantics.Warpgroup,
@@ -296,7 +289,6 @@ def state_output(q, k, G, W, U, h0, *, scale: float, out_dtype=None, C: int = CH
         grid=(B, H, V // BV),
         grid_names=("b", "h", "v"),
         compiler_params=plgpu.CompilerParams(lowering_semantics=semantics),
-        interpret=_INTERPRET_PARAMS() if interpret else None,
     )
     # G time-minor, so that one chunk of it is one contiguous 256-byte TMA copy.
     Gt = jnp.swapaxes(G.astype(F32), 1, 2)
