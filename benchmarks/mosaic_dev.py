@@ -25,9 +25,8 @@ import traceback
 import jax
 import jax.numpy as jnp
 
-from qdelta_jax import qdelta_rule, xla
+from qdelta_jax import packing, qdelta_rule, xla
 from qdelta_jax.pallas import config as pcfg
-from qdelta_jax.pallas import core as pcore
 from qdelta_jax.pallas import forward as pfwd
 from qdelta_jax.pallas import mosaic
 from qdelta_jax.testing import time_fn
@@ -103,12 +102,11 @@ def run_shape(shape, dtype, reps, variants):
     res: dict = {"shape": list(shape), "dtype": jnp.dtype(dtype).name, "variants": {}}
     scale = K**-0.5
     q, k, v, g, beta, lam, h0 = inputs(jax.random.PRNGKey(B * 7 + T + K), B, T, H, K, V, dtype)
-    layout = xla.make_layout(B, T, C, None)
-    m = layout.meta
+    m = packing.make_layout(B, T, C, None).meta
     sp = lambda x: xla._split(x, C)  # noqa: E731
-    loc = jax.jit(xla.chunk_local)(sp(q), sp(k), sp(v), sp(g), sp(beta), sp(lam))
+    G = packing.chunk_cumsum(g, C)
+    loc = jax.jit(xla.chunk_local)(sp(q), sp(k), sp(v), sp(G), sp(beta), sp(lam))
     W, U = xla._merge(loc.W), xla._merge(loc.U)
-    G = pcore.chunk_cumsum(g, C)
 
     def oracle(k, q, G4, W4, U4, h0):
         h_in, D, fin = xla.state_pass(k, G4, W4, U4, h0, m, dtype)

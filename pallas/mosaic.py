@@ -242,10 +242,11 @@ def state_output(q, k, G, W, U, h0, *, scale: float, out_dtype=None, C: int = CH
                  cfg: MosaicConfig | None = None):
     """The fused state pass and output of the unpacked forward.
 
-    Args (the padded layout of :mod:`qdelta_jax.xla`, ``Tp = NC C``): ``q, k, W``
+    Args (the padded layout of :mod:`qdelta_jax.packing`, ``Tp = NC C``): ``q, k, W``
     ``[B, Tp, H, K]`` and ``U [B, Tp, H, V]`` in the compute dtype (bfloat16 or float16),
     ``G [B, Tp, H]`` float32 (the within-chunk cumulative log decay,
-    :func:`.core.chunk_cumsum`), ``h0 [B, H, K, V]`` (the state of row ``b`` at chunk 0).
+    :func:`qdelta_jax.packing.chunk_cumsum`), ``h0 [B, H, K, V]`` (the state of row ``b``
+    at chunk 0).
 
     Returns ``O [B, Tp, H, V]`` in ``out_dtype`` (default: ``q``'s dtype) and the final states
     ``[B, H, K, V]`` float32.
