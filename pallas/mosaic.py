@@ -1,5 +1,5 @@
 """Hopper-native (Mosaic GPU, ``plgpu``) kernel of the chunked Q-Delta forward: the state pass
-with the output fused into it (SPEC section 2, given ``W``, ``U`` and ``G``).
+with the output fused into it (docs/MATH.md section 2, given ``W``, ``U`` and ``G``).
 
 Why this exists: the Triton-lowered forward (:mod:`.forward`) runs the state pass and the output
 as two launches that cross HBM with ``h_in [B, NC, H, K, V]`` and ``D``, and its state pass
