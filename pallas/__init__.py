@@ -21,15 +21,18 @@ from qdelta_jax.pallas.core import CHUNK_SIZES, MAX_K, MAX_V, make_core
 
 
 def chunked_core(K: int, V: int, dtype, chunk_size: int, *, config: Config | None = None,
-                 interpret: bool | None = None):
+                 interpret: bool | None = None, forward_backend: str = "auto"):
     """The Pallas core for head sizes ``K, V``, compute dtype ``dtype`` and ``chunk_size``:
     ``core(q, k, v, G, beta, lam, h0, seg, reset, is_last, seq, scale) -> (o, final)`` with the
     contract of :func:`qdelta_jax.xla.chunked_core`.
 
+    ``forward_backend`` (``"auto"``, ``"mosaic"``, ``"triton"``): which kernels compute the
+    forward where no gradient is taken (see :func:`.core.make_core`).
+
     Raises ValueError when ``chunk_size`` is not in :data:`CHUNK_SIZES` or a head size is out of
     range (K up to 256, V up to 512)."""
     return make_core(K=K, V=V, dtype=dtype, chunk_size=chunk_size, config=config,
-                     interpret=interpret)
+                     interpret=interpret, forward_backend=forward_backend)
 
 
 __all__ = [

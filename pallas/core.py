@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 
 import jax
 import jax.numpy as jnp
@@ -24,7 +25,11 @@ import jax.numpy as jnp
 from qdelta_jax.pallas import _util as u
 from qdelta_jax.pallas import backward as bwd
 from qdelta_jax.pallas import forward as fwd
+from qdelta_jax.pallas import mosaic
 from qdelta_jax.pallas.config import Config, get_config, padded_size
+
+log = logging.getLogger(__name__)
+FORWARD_BACKENDS = ("auto", "mosaic", "triton")
 
 F32 = jnp.float32
 CHUNK_SIZES = (16, 32, 64)
@@ -72,19 +77,28 @@ def _forward(q, k, v, G, beta, lam, h0, seg, reset, is_last, seq, scale, cfg: Co
     return (o, final), res
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(11, 12, 13, 14))
-def _core(q, k, v, G, beta, lam, h0, seg, reset, is_last, seq, scale, cfg, C, interp):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(11, 12, 13, 14, 15))
+def _core(q, k, v, G, beta, lam, h0, seg, reset, is_last, seq, scale, cfg, C, interp, mcfg):
+    # The primal runs where no gradient is taken (inference, prefill): there the Mosaic GPU
+    # kernel, when chosen (mcfg), fuses the state pass and the output; it keeps no residuals,
+    # so differentiated calls (_core_fwd) take the Triton kernels.
+    if mcfg is not None:
+        W, U, _ = fwd.chunk_local(q, k, v, G, beta, lam, None, C=C, cfg=cfg.local,
+                                  interpret=interp, cfg_a=cfg.a)
+        return mosaic.state_output(q, k, G, W, U, h0, scale=scale, out_dtype=v.dtype, C=C,
+                                   cfg=mcfg)
     return _forward(q, k, v, G, beta, lam, h0, seg, reset, is_last, seq, scale, cfg, C,
                     interp)[0]
 
 
-def _core_fwd(q, k, v, G, beta, lam, h0, seg, reset, is_last, seq, scale, cfg, C, interp):
+def _core_fwd(q, k, v, G, beta, lam, h0, seg, reset, is_last, seq, scale, cfg, C, interp, mcfg):
+    del mcfg
     inputs = (q, k, v, G, beta, lam, h0, seg, reset, is_last, seq)
     out, res = _forward(*inputs, scale, cfg, C, interp)
     return out, (inputs, res if cfg.save_residuals else None)
 
 
-def _core_bwd(scale, cfg: Config, C, interp, res, cts):
+def _core_bwd(scale, cfg: Config, C, interp, mcfg, res, cts):
     (q, k, v, G, beta, lam, h0, seg, reset, is_last, seq), saved = res
     do, dfinal = cts
     do = do.astype(q.dtype)
@@ -143,6 +157,25 @@ def _sm_count() -> int | None:
         return None
 
 
+def mosaic_reason(K: int, V: int, chunk_size: int, dtype, out_dtype, *, interpret: bool,
+                  rows_are_sequences: bool, seg) -> str | None:
+    """Why the Mosaic GPU forward cannot serve this call (``None``: it can)."""
+    if interpret:
+        return "kernels run in interpret mode (no GPU)"
+    if not mosaic.available():
+        return "this jax has no Mosaic GPU (jax.experimental.pallas.mosaic_gpu)"
+    cc = getattr(jax.devices()[0], "compute_capability", None)
+    if cc != "9.0":
+        return f"the device is not an sm_90 (Hopper) GPU (compute capability {cc})"
+    if not rows_are_sequences or seg is not None:
+        return "packed documents (the Mosaic kernel takes one sequence per row)"
+    try:
+        mosaic.check_supported(K=K, V=V, C=chunk_size, dtype=dtype, out_dtype=out_dtype)
+    except ValueError as e:
+        return str(e)
+    return None
+
+
 def _pad_last(x, n: int):
     if x.shape[-1] == n:
         return x
@@ -151,21 +184,30 @@ def _pad_last(x, n: int):
 
 
 def make_core(*, K: int, V: int, dtype, chunk_size: int, config: Config | None = None,
-              interpret: bool | None = None):
+              interpret: bool | None = None, forward_backend: str = "auto"):
     """A core function ``(q, k, v, G, beta, lam, h0, seg, reset, is_last, seq, scale) ->
     (o, final)`` with the contract of :func:`qdelta_jax.xla.chunked_core`, differentiable
     w.r.t. its first 7 arguments. ``config`` defaults to :func:`get_config`; ``interpret`` to
-    "not on a GPU".
+    "not on a GPU". ``forward_backend``: where no gradient is taken, ``"auto"`` runs the Mosaic
+    GPU state pass + output (:mod:`.mosaic`) where it supports the call (the reason it does not
+    goes to this module's debug log) and the Triton kernels elsewhere; ``"mosaic"`` insists
+    (ValueError naming the reason otherwise); ``"triton"`` never uses it. The core takes
+    ``rows_are_sequences=True`` when each batch row is one sequence with its own ``h0`` entry.
 
-    Raises ValueError for unsupported ``chunk_size`` or head sizes."""
+    Raises ValueError for unsupported ``chunk_size``, head sizes or ``forward_backend``."""
     check_sizes(K, V, chunk_size)
+    if forward_backend not in FORWARD_BACKENDS:
+        raise ValueError(
+            f"forward_backend must be one of {FORWARD_BACKENDS}, got {forward_backend!r}"
+        )
     Kp, Vp = padded_size(K), padded_size(V)
     base = config if config is not None else get_config(K, V, chunk_size, dtype)
     interp = u.interpret_default() if interpret is None else bool(interpret)
     # An explicit config is used as given; the defaults fit the sequential passes to the grid.
     sms = None if (config is not None or interp) else _sm_count()
 
-    def core(q, k, v, G, beta, lam, h0, seg, reset, is_last, seq, scale):
+    def core(q, k, v, G, beta, lam, h0, seg, reset, is_last, seq, scale, *,
+             rows_are_sequences: bool = False):
         if q.shape[1] % chunk_size or q.shape[1] // chunk_size != reset.shape[1]:
             raise ValueError(
                 f"q has {q.shape[1]} padded time steps; expected {reset.shape[1]} chunks of"
@@ -177,9 +219,19 @@ def make_core(*, K: int, V: int, dtype, chunk_size: int, config: Config | None =
         qp, kp = _pad_last(q, Kp), _pad_last(k, Kp)
         vp = _pad_last(v, Vp)
         h0p = _pad_last(jnp.pad(h0.astype(F32), [(0, 0), (0, 0), (0, Kp - K), (0, 0)]), Vp)
+        mcfg = None
+        if forward_backend != "triton":
+            why = mosaic_reason(Kp, Vp, chunk_size, q.dtype, v.dtype, interpret=interp,
+                                rows_are_sequences=rows_are_sequences, seg=seg)
+            if why is None:
+                mcfg = mosaic.MosaicConfig()
+            elif forward_backend == "mosaic":
+                raise ValueError(f"the Mosaic GPU forward cannot run this call: {why}")
+            else:
+                log.debug("qdelta pallas forward: Triton kernels, not Mosaic GPU: %s", why)
         o, final = _core(
             qp, kp, vp, G.astype(F32), beta.astype(F32), lam.astype(F32), h0p, seg, reset,
-            is_last, seq, float(scale), cfg, chunk_size, interp,
+            is_last, seq, float(scale), cfg, chunk_size, interp, mcfg,
         )
         return o[..., :V], final[:, :, :K, :V]
 

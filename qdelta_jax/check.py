@@ -4,9 +4,10 @@ in float32 with precision HIGHEST, plus a finite-difference gradient check in fl
 For each shape it draws fresh random inputs (unit ``q, k``, correlated keys, gates from slow to
 fast), runs each implementation in the chosen dtype, and prints the relative error
 ``|x - ref| / |ref|`` of the output, the final state and the gradients w.r.t. all six inputs
-and the initial state. The reference is ``implementation="xla"`` on float32 copies of the
-inputs under ``jax.default_matmul_precision("highest")``. Exits 1 when any error exceeds the
-dtype's tolerance.
+and the initial state, and (``o_infer``) of the output where no gradient is taken (on Hopper
+the pallas forward runs other kernels there). The reference is ``implementation="xla"`` on
+float32 copies of the inputs under ``jax.default_matmul_precision("highest")``. Exits 1 when
+any error exceeds the dtype's tolerance.
 
 Implementations: ``xla`` always; ``pallas`` on a GPU (on other backends only with ``--small``
 or when named in ``--implementations``: it then runs in Pallas interpret mode, which is slow);
@@ -43,7 +44,7 @@ DEFAULT_SHAPES = (
 )
 SMALL_SHAPES = ("2x45x2x16x32", "1x70x1x24x40")
 TOL = {"float32": 1e-4, "bfloat16": 3e-2}
-NAMES = ("o", "final", "dq", "dk", "dv", "dg", "dbeta", "dlam", "dh0")
+NAMES = ("o", "final", "dq", "dk", "dv", "dg", "dbeta", "dlam", "dh0", "o_infer")
 
 
 def parse_shape(s: str) -> tuple[int, int, int, int, int]:
@@ -91,6 +92,22 @@ def _value_and_grads(impl: str, chunk_size: int, packed: bool = False):
     return jax.jit(jax.value_and_grad(loss, argnums=tuple(range(7)), has_aux=True))
 
 
+@functools.cache
+def _forward_only(impl: str, chunk_size: int, packed: bool = False):
+    """The output where no gradient is taken (the inference path; on Hopper GPUs the pallas
+    forward may run other kernels there than under differentiation)."""
+    from qdelta_jax import qdelta_rule
+
+    def fwd(q, k, v, g, beta, lam, state):
+        if packed:
+            return qdelta_rule(q, k, v, g, beta, lam, cu_seqlens=state, chunk_size=chunk_size,
+                               implementation=impl)[0]
+        return qdelta_rule(q, k, v, g, beta, lam, initial_state=state, chunk_size=chunk_size,
+                           implementation=impl)[0]
+
+    return jax.jit(fwd)
+
+
 def _flatten(out):
     (_, (o, fin)), grads = out
     grads = list(grads) + [None] * (7 - len(grads))
@@ -132,7 +149,9 @@ def check_shape(shape, dtypes, impls, chunk_size: int, seed: int, docs: int = 0)
             t0 = time.perf_counter()
             try:
                 out = _flatten(_value_and_grads(impl, chunk_size, packed)(*args))
-                errs = [float("nan") if b is None else rel_err(a, b) for a, b in zip(out, ref)]
+                out.append(_forward_only(impl, chunk_size, packed)(*args[:7]))
+                errs = [float("nan") if b is None else rel_err(a, b)
+                        for a, b in zip(out, ref + [ref[0]])]
                 err_msg = None
             except Exception as e:  # noqa: BLE001 - reported as a failed row
                 errs = [float("inf")] * len(NAMES)

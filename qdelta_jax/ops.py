@@ -6,8 +6,13 @@ Implementations (``implementation=``):
   definition. Slow, and its autodiff keeps every per-token state: use it to check things.
 * ``"xla"`` -- :mod:`qdelta_jax.xla`, the chunkwise form in plain ``jnp`` with an analytic
   ``custom_vjp``; runs on every backend.
-* ``"pallas"`` -- :mod:`qdelta_jax.pallas`, GPU kernels (Pallas, Triton lowering) behind the same
-  chunked layout; on a machine without a GPU they run in Pallas interpret mode (slow; for tests).
+* ``"pallas"`` -- :mod:`qdelta_jax.pallas`, GPU kernels (Pallas) behind the same chunked layout;
+  on a machine without a GPU they run in Pallas interpret mode (slow; for tests). Training
+  (differentiated calls) runs the Triton-lowered kernels; where no gradient is taken, on Hopper
+  GPUs, a Mosaic GPU kernel fuses the state pass and the output for unpacked rows (bfloat16,
+  chunk 64; elsewhere the Triton kernels, the reason in the ``qdelta_jax.pallas.core`` debug
+  log). ``"pallas-triton"`` never uses the Mosaic kernel; ``"pallas-mosaic"`` insists on it
+  (a ValueError says why it cannot run).
 
 ``None`` picks ``"pallas"`` on GPUs and ``"xla"`` elsewhere.
 
@@ -34,7 +39,7 @@ from jaxtyping import Array, Float, Int
 
 from qdelta_jax import packing, reference
 
-IMPLEMENTATIONS = ("reference", "xla", "pallas")
+IMPLEMENTATIONS = ("reference", "xla", "pallas", "pallas-triton", "pallas-mosaic")
 
 
 def _fmt(shape) -> str:
@@ -139,7 +144,8 @@ def qdelta_rule(
         out, documents cost no padding: chunks tile the rows and a boundary may fall inside a
         chunk.
       chunk_size: chunk length C of the chunked implementations, a power of two.
-      implementation: ``"reference"``, ``"xla"``, ``"pallas"`` or ``None`` (fastest available).
+      implementation: ``"reference"``, ``"xla"``, ``"pallas"`` (or ``"pallas-triton"`` /
+        ``"pallas-mosaic"`` to choose the forward kernels), or ``None`` (fastest available).
 
     Returns:
       ``(o, final_state)``: ``o [B, T, H, V]`` in ``v``'s dtype; ``final_state`` or ``None``.
@@ -188,7 +194,7 @@ def qdelta_rule(
         _check_shape("initial_state", initial_state, (N, H, K, V), "[N, H, K, V]")
 
     if normalize_qk:
-        if implementation == "pallas":  # one kernel each way instead of XLA's two passes
+        if implementation.startswith("pallas"):  # one kernel each way, not XLA's two passes
             from qdelta_jax.pallas import l2norm
 
             q, k = l2norm.l2_normalize(q), l2norm.l2_normalize(k)
@@ -211,10 +217,12 @@ def qdelta_rule(
         from qdelta_jax import xla
 
         core = None
-        if implementation == "pallas":
+        if implementation.startswith("pallas"):
             from qdelta_jax import pallas
 
-            core = pallas.chunked_core(K=K, V=V, dtype=q.dtype, chunk_size=chunk_size)
+            backend = {"pallas": "auto", "pallas-triton": "triton", "pallas-mosaic": "mosaic"}
+            core = pallas.chunked_core(K=K, V=V, dtype=q.dtype, chunk_size=chunk_size,
+                                       forward_backend=backend[implementation])
 
         def run(q, k, v, g, beta, lam, initial_state, cu):
             return xla.qdelta_chunked(
@@ -225,7 +233,7 @@ def qdelta_rule(
 
         # Per-row offsets keep the batch axis, so rows split over the mesh like unpacked rows
         # (states of per-row documents are [B S, ...]: row-major, also split by rows).
-        if implementation == "pallas" and (cu_seqlens is None or cu_seqlens.ndim == 2):
+        if core is not None and (cu_seqlens is None or cu_seqlens.ndim == 2):
             run = shard_over_batch(run, B)
         o, final = run(q, k, v, g, beta, lam, initial_state, cu_seqlens)
     return o.astype(v.dtype), (final if output_final_state else None)

@@ -461,7 +461,8 @@ def qdelta_chunked(
 ) -> tuple[Float[Array, "B T H V"], Float[Array, "N H K V"] | None]:
     """Chunked Q-Delta on already-normalised ``q, k`` (use :func:`qdelta_jax.qdelta_rule`, which
     checks its inputs; ``cu_seqlens`` as :func:`qdelta_jax.packing.check_offsets` returns it).
-    ``core`` replaces :func:`chunked_core` (the Pallas kernels plug in here).
+    ``core`` replaces :func:`chunked_core` (the Pallas kernels plug in here; it is also told
+    ``rows_are_sequences``).
 
     Packed documents use the row-aligned layout when no state goes in or out
     (``initial_state=None, output_final_state=False``), else the per-document layout (see
@@ -505,9 +506,12 @@ def qdelta_chunked(
     G = packing.chunk_cumsum(packing.to_padded(g, layout), C, layout.seg)
     args.append(G)
     args += [packing.to_padded(x.astype(F32), layout) for x in (beta, lam)]
-    core = chunked_core if core is None else core
     meta = layout.meta
-    o, final = core(*args, h0, layout.seg, meta.reset, meta.is_last, meta.seq, scale)
+    if core is None:
+        o, final = chunked_core(*args, h0, layout.seg, meta.reset, meta.is_last, meta.seq, scale)
+    else:  # a kernel core may take a faster path when every row is one sequence
+        o, final = core(*args, h0, layout.seg, meta.reset, meta.is_last, meta.seq, scale,
+                        rows_are_sequences=cu_seqlens is None)
     if cu_seqlens is not None and not per_document:
         final = None
     return packing.from_padded(o, layout, T), (final if output_final_state else None)

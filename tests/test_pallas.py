@@ -352,3 +352,16 @@ def test_sequential_block_v_follows_the_grid():
     assert pcore.sequential_block_v(cfg, 24, 256, 132) == cfg  # B4 H6: 96 programs
     assert pcore.sequential_block_v(cfg, 1024, 256, 132) == cfg
     assert pcore.sequential_block_v(cfg, 12, 256, None) == cfg
+
+
+def test_forward_backend_choice_off_the_gpu():
+    (q, k, v, g, beta, lam, _), _ = make(51, 1, 20, 1, 16, 16)
+    o_t, _ = qdelta_rule(q, k, v, g, beta, lam, chunk_size=16, implementation="pallas-triton")
+    o_x, _ = qdelta_rule(q, k, v, g, beta, lam, chunk_size=16, implementation="xla")
+    assert rel(o_t, o_x) < TOL[jnp.dtype(F32)]
+    with pytest.raises(ValueError, match="Mosaic GPU forward cannot run this call: kernels run in"):
+        qdelta_rule(q, k, v, g, beta, lam, chunk_size=16, implementation="pallas-mosaic")
+    assert pcore.mosaic_reason(128, 256, 64, jnp.bfloat16, jnp.bfloat16, interpret=False,
+                               rows_are_sequences=False, seg=None) is not None
+    with pytest.raises(ValueError, match="forward_backend"):
+        pcore.make_core(K=16, V=16, dtype=F32, chunk_size=16, forward_backend="cuda")
