@@ -480,9 +480,11 @@ def chunked_cross_entropy(
         raise ValueError(f"chunk_tokens must be a positive integer, got {chunk_tokens!r}")
     N = math.prod(lead)
     dtype = jnp.dtype(compute_dtype if compute_dtype is not None else h.dtype)
-    nll, correct = _chunked_ce(h.reshape(N, h.shape[-1]), w, targets.reshape(N),
-                               mask.reshape(N).astype(F32), int(min(chunk_tokens, max(N, 1))),
-                               dtype, bool(return_correct))
+    with jax.named_scope("lm_head_loss"):  # the name profiles of the train step look for
+        nll, correct = _chunked_ce(h.reshape(N, h.shape[-1]), w, targets.reshape(N),
+                                   mask.reshape(N).astype(F32),
+                                   int(min(chunk_tokens, max(N, 1))), dtype,
+                                   bool(return_correct))
     return (nll, correct) if return_correct else nll
 
 

@@ -230,12 +230,12 @@ class ModelFns:
         model = self._model(params)
         kw = {} if batch.get("cu_seqlens") is None else {"cu_seqlens": batch["cu_seqlens"]}
         if hasattr(model, "loss"):
-            with jax.named_scope("lm_head_loss"):
-                out = model.loss(batch["inputs"], batch["targets"], batch["mask"],
-                                 return_correct=with_correct, **kw)
+            out = model.loss(batch["inputs"], batch["targets"], batch["mask"],
+                             return_correct=with_correct, **kw)
             return out if with_correct else (out, jnp.zeros((), jnp.float32))
-        nll, correct = _token_stats(model(batch["inputs"], **kw), batch["targets"],
-                                    batch["mask"])
+        logits = model(batch["inputs"], **kw)
+        with jax.named_scope("lm_head_loss"):
+            nll, correct = _token_stats(logits, batch["targets"], batch["mask"])
         return jnp.sum(nll), (jnp.sum(correct) if with_correct else jnp.zeros((), jnp.float32))
 
 
