@@ -363,8 +363,9 @@ LOSS_CHUNK_TOKENS = 4096
 
 
 def _ce_chunks(h, w, targets, mask, chunk, dtype, with_correct, with_grads):
-    """Scans ``chunk`` tokens at a time: per-token nll, the correct count and, ``with_grads``,
-    the gradients of the nll sum with respect to ``h`` and ``w``."""
+    """Scans ``chunk`` tokens at a time: the per-token nll (not masked), the masked correct
+    count and, ``with_grads``, the gradients of the masked nll sum with respect to ``h``
+    and ``w``."""
     N, D = h.shape
     n = -(-N // chunk)
     pad = n * chunk - N
@@ -382,7 +383,7 @@ def _ce_chunks(h, w, targets, mask, chunk, dtype, with_correct, with_grads):
         logits = jnp.dot(x, wc, preferred_element_type=F32)  # [chunk, vocab]
         lse = jax.nn.logsumexp(logits, axis=-1)
         picked = jnp.take_along_axis(logits, t[:, None], axis=-1)[:, 0]
-        nll = (lse - picked) * m
+        nll = lse - picked
         correct = (jnp.sum((jnp.argmax(logits, axis=-1) == t) * m) if with_correct
                    else jnp.zeros((), F32))
         if not with_grads:
@@ -408,7 +409,7 @@ def _ce_chunks(h, w, targets, mask, chunk, dtype, with_correct, with_grads):
 @partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
 def _chunked_ce(h, w, targets, mask, chunk, dtype, with_correct):
     nll, correct, _, _ = _ce_chunks(h, w, targets, mask, chunk, dtype, with_correct, False)
-    return jnp.sum(nll), correct
+    return jnp.sum(nll * mask), correct
 
 
 def _chunked_ce_fwd(h, w, targets, mask, chunk, dtype, with_correct):
@@ -417,7 +418,7 @@ def _chunked_ce_fwd(h, w, targets, mask, chunk, dtype, with_correct):
     # gradient stays float32 until then: summed over chunks, it would lose bits in bfloat16.
     nll, correct, dx, dw = _ce_chunks(h, w, targets, mask, chunk, dtype, with_correct, True)
     w_like = jnp.zeros((0,), w.dtype)  # carries w's dtype to the backward pass
-    return (jnp.sum(nll), correct), (nll, dx, dw, w_like)
+    return (jnp.sum(nll * mask), correct), (nll, dx, dw, w_like)
 
 
 def _chunked_ce_bwd(chunk, dtype, with_correct, res, cts):
