@@ -46,13 +46,14 @@ import llama  # noqa: E402
 import step_common  # noqa: E402
 
 from qdelta_jax.model import QDeltaConfig, QDeltaLM  # noqa: E402
-from qdelta_jax.train import loop  # noqa: E402
+from qdelta_jax.train import loop, trainer  # noqa: E402
 
 MODELS = ("qdelta", "llama")
 
 
 def model_configs(a):
-    overrides = {"compute_dtype": a.dtype, "scan_layers": not a.unrolled, "remat": a.remat}
+    overrides = {"compute_dtype": a.dtype, "scan_layers": not a.unrolled, "remat": a.remat,
+                 **trainer.parse_overrides(a.model_overrides)}
     if a.implementation is not None:
         overrides["implementation"] = a.implementation
     qcfg = QDeltaConfig.from_preset(a.preset, **overrides)
@@ -190,6 +191,8 @@ def parse_args(argv=None):
                    help="dot_product_attention implementation: auto (cudnn on GPU), xla, cudnn")
     p.add_argument("--unrolled", action="store_true", help="Q-Delta layers unrolled, not scanned")
     p.add_argument("--remat", action="store_true", help="recompute each block in the backward")
+    p.add_argument("--model-overrides", default=None,
+                   help="fields of the preset for both models, e.g. num_hidden_layers=12")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--out", default="crossover.png", help="PNG path")

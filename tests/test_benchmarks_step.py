@@ -121,6 +121,7 @@ def test_crossover_plan_and_smoke_run(tmp_path, capsys):
     png = tmp_path / "x.png"
     rows = xo.main(["--preset", "tiny", "--seq-lens", "32", "--tokens-per-step", "64",
                     "--no-long", "--steps", "1", "--warmup", "0", "--out", str(png),
+                    "--model-overrides", "num_hidden_layers=1",
                     "--json", str(tmp_path / "x.json")])
     out = capsys.readouterr().out
     assert [(r["model"], r["seq_len"], r["batch"]) for r in rows] == [("qdelta", 32, 2),

@@ -9,7 +9,10 @@ inside the traced step.
 
 * computes the masked next-token cross-entropy, summed over every masked position of the global
   batch and divided by their count (so gradient accumulation over micro-batches gives exactly the
-  full-batch gradient, and every device count gives the same mean),
+  full-batch gradient, and every device count gives the same mean), through the model's own
+  ``loss`` (the chunked LM head + cross-entropy of :func:`qdelta_jax.model.chunked_cross_entropy`:
+  no ``[B, T, vocab]`` logits are kept); the token accuracy (an argmax over the vocabulary) only
+  with ``accuracy=True``,
 * skips the update when the loss or the gradient norm is not finite: params and optimizer state
   are kept, ``bad_steps`` (consecutive) and ``skipped`` (total) count up; the driver stops the
   run after ``--max-bad-steps`` consecutive ones,
@@ -17,7 +20,11 @@ inside the traced step.
 
 Optimizer (SPEC section 5): AdamW ``b1 0.9, b2 0.95, eps 1e-15``, weight decay 0.1 except on
 ``A_log``, ``dt_bias``, norm weights and biases; linear warm-up to the peak lr, then cosine to
-0.1x peak at the last step; gradients clipped to global norm 1.0.
+0.1x peak at the last step; gradients clipped to global norm 1.0. With bfloat16 params the
+optimizer runs on a float32 master copy kept in its state (:func:`with_float32_master`).
+
+The step's loss and optimizer run under the named scopes ``lm_head_loss`` and ``optimizer``, so
+profiles (``benchmarks/profile_step.py``) can attribute their kernels.
 """
 
 from __future__ import annotations
