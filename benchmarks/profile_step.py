@@ -287,11 +287,13 @@ def read_trace(trace_dir: str):
 
 
 def summarize(events, instrs: dict, module: str | None, n_steps: int):
-    """``(per-category seconds per step, top kernels)`` of the events of ``module``."""
+    """``(per-category seconds per step, per-category kernels per step, top kernels, seconds
+    per step of kernels naming no instruction of the module)`` of the events of ``module``."""
     mine = [e for e in events if module is not None and e[2] == module]
     if not mine:  # the module name is not recorded on every backend
         mine = [e for e in events if e[1] is not None and e[1] in instrs] or events
     per_cat = dict.fromkeys(CATEGORIES, 0.0)
+    calls = dict.fromkeys(CATEGORIES, 0.0)
     per_kernel: dict[tuple[str, str], list] = {}
     for name, hlo_op, _, seconds in mine:
         info = instrs.get(hlo_op) if hlo_op else None
@@ -299,6 +301,7 @@ def summarize(events, instrs: dict, module: str | None, n_steps: int):
             continue
         cat = categorize(name, info)
         per_cat[cat] += seconds / n_steps
+        calls[cat] += 1 / n_steps
         key = (name if name.startswith("qdelta_") or hlo_op is None else hlo_op, cat)
         acc = per_kernel.setdefault(key, [0.0, 0])
         acc[0] += seconds / n_steps
@@ -306,7 +309,7 @@ def summarize(events, instrs: dict, module: str | None, n_steps: int):
     top = sorted(((k[0], k[1], v[0], v[1] / n_steps) for k, v in per_kernel.items()),
                  key=lambda r: -r[2])
     unmapped = sum(e[3] for e in mine if not e[1] or e[1] not in instrs) / n_steps
-    return per_cat, top, unmapped
+    return per_cat, calls, top, unmapped
 
 
 # ------------------------------------------------------------------------------ main
@@ -353,13 +356,18 @@ def run(a) -> dict:
     loss = float(metrics["loss"])
 
     trace_dir = a.trace_dir or tempfile.mkdtemp(prefix="qdelta-profile-")
-    jax.profiler.start_trace(trace_dir)
+    try:
+        from jax.profiler import ProfileData  # noqa: F401
+        chrome = False
+    except ImportError:  # read the Chrome-format trace instead
+        chrome = True
+    jax.profiler.start_trace(trace_dir, create_perfetto_trace=chrome)
     try:
         state, _, _ = step_common.time_steps(compiled, state, batches, a.profile_steps)
     finally:
         jax.profiler.stop_trace()
-    per_cat, top, unmapped = summarize(read_trace(trace_dir), instrs, module,
-                                       a.profile_steps)
+    per_cat, calls, top, unmapped = summarize(read_trace(trace_dir), instrs, module,
+                                              a.profile_steps)
     tokens = a.batch * a.seq_len
     return {
         "preset": a.preset, "batch": a.batch, "seq_len": a.seq_len, "dtype": a.dtype,
@@ -368,7 +376,7 @@ def run(a) -> dict:
         "device": jax.devices()[0].device_kind, "jax": jax.__version__,
         "compile_s": compile_s, "step_s": step_s, "tokens_per_s": tokens / step_s,
         "loss": loss, "device_s_per_step": sum(per_cat.values()),
-        "categories_s": per_cat, "unmapped_s_per_step": unmapped,
+        "categories_s": per_cat, "categories_calls": calls, "unmapped_s_per_step": unmapped,
         "top_kernels": [{"kernel": k, "category": c, "s_per_step": s, "calls_per_step": n}
                         for k, c, s, n in top[: a.top]],
         "memory": step_common.memory_analysis(compiled), "peak_bytes": step_common.peak_bytes(),
@@ -388,13 +396,15 @@ def format_table(r: dict) -> str:
         f"{r['unmapped_s_per_step'] * 1e3:.1f} ms in kernels naming no HLO instruction of the "
         "step (categorised by kernel name only)",
         "",
-        "| category | ms / step | share |",
-        "| --- | ---: | ---: |",
+        "| category | ms / step | share | kernels / step |",
+        "| --- | ---: | ---: | ---: |",
     ]
     for cat in CATEGORIES:
         s = r["categories_s"][cat]
-        lines.append(f"| {cat} | {s * 1e3:.2f} | {100 * s / total:.1f}% |")
-    lines.append(f"| total device time | {total * 1e3:.2f} | 100% |")
+        lines.append(f"| {cat} | {s * 1e3:.2f} | {100 * s / total:.1f}% | "
+                     f"{r['categories_calls'][cat]:.0f} |")
+    lines.append(f"| total device time | {total * 1e3:.2f} | 100% | "
+                 f"{sum(r['categories_calls'].values()):.0f} |")
     lines += ["", "| kernel / HLO op | category | ms / step | calls / step |",
               "| --- | --- | ---: | ---: |"]
     for k in r["top_kernels"]:
