@@ -10,11 +10,13 @@ Both models (``--preset``'s width, depth, MLP size and vocabulary; the transform
 128 channels, rotary positions, SwiGLU, RMSNorm and ``jax.nn.dot_product_attention`` with
 ``implementation="cudnn"`` on GPUs, see ``llama.py``) train with the same step: the trainer's
 ``make_train_step`` with AdamW, clipping and the chunked LM head + cross-entropy, bf16 compute
-over float32 params, layers under ``lax.scan`` (``--unrolled`` for the Q-Delta model's unrolled
-loop). Every sequence length gets ``--tokens-per-step`` tokens a step (batch =
-tokens / T, at least 1 row: above that length a step holds one row of T tokens) of random ids
-in unpacked rows. Each point is compiled ahead of time, run ``--warmup`` steps, then timed over
-``--steps`` back-to-back steps.
+over float32 params, layers under ``lax.scan`` by default: one compiled block per point keeps
+the whole run within minutes, but a scanned step is slower than an unrolled one (the README
+measured 34% for the Q-Delta 340m step); ``--unrolled`` unrolls both models (about a minute of
+compilation per Q-Delta point on an H200: run fewer points per call). Every sequence length
+gets ``--tokens-per-step`` tokens a step (batch = tokens / T, at least 1 row: above that length
+a step holds one row of T tokens) of random ids in unpacked rows. Each point is compiled ahead
+of time, run ``--warmup`` steps, then timed over ``--steps`` back-to-back steps.
 
 Long context (``--long-seq-lens``, default 16384 and 32768, batch 1 and 2): the Q-Delta model
 trains at those lengths; points the crossover already ran are not run twice. A point that runs
@@ -189,7 +191,8 @@ def parse_args(argv=None):
     p.add_argument("--implementation", default=None, help="the Q-Delta op's implementation")
     p.add_argument("--attention", default="auto",
                    help="dot_product_attention implementation: auto (cudnn on GPU), xla, cudnn")
-    p.add_argument("--unrolled", action="store_true", help="Q-Delta layers unrolled, not scanned")
+    p.add_argument("--unrolled", action="store_true",
+                   help="both models' layers unrolled, not scanned (slow to compile)")
     p.add_argument("--remat", action="store_true", help="recompute each block in the backward")
     p.add_argument("--model-overrides", default=None,
                    help="fields of the preset for both models, e.g. num_hidden_layers=12")

@@ -6,7 +6,8 @@ embeddings (rotate-half form, base ``rope_theta``) on q and k, causal softmax at
 GPUs; XLA elsewhere), a final RMSNorm and an untied head. The norms and the SwiGLU are the Q-Delta
 model's own classes, so the two models differ only in the token mixer. Parameters live in
 ``param_dtype`` and are cast to ``compute_dtype`` for the matmuls, as in ``QDeltaLM``; the layers
-are stacked and run with ``lax.scan`` (one compiled block). ``loss`` is the same chunked LM head
+are stacked and run with ``lax.scan`` (one compiled block; ``scan_layers=False``: an unrolled
+loop, like the Q-Delta model's default). ``loss`` is the same chunked LM head
 + cross-entropy as :meth:`qdelta_jax.model.QDeltaLM.loss`, so the training steps of the two
 models differ only in the blocks.
 """
@@ -40,6 +41,7 @@ class LlamaConfig:
     param_dtype: str = "float32"
     attention: str | None = None  # jax.nn.dot_product_attention's implementation
     remat: bool = False
+    scan_layers: bool = True
 
     @classmethod
     def like(cls, c: QDeltaConfig, **overrides) -> LlamaConfig:
@@ -52,7 +54,7 @@ class LlamaConfig:
                       num_hidden_layers=c.num_hidden_layers, num_heads=c.hidden_size // head_dim,
                       head_dim=head_dim, intermediate_size=c.mlp_size, norm_eps=c.norm_eps,
                       initializer_range=c.initializer_range, compute_dtype=c.compute_dtype,
-                      param_dtype=c.param_dtype, remat=c.remat)
+                      param_dtype=c.param_dtype, remat=c.remat, scan_layers=c.scan_layers)
         return cls(**{**fields, **overrides})
 
 
@@ -116,12 +118,16 @@ class LlamaLM(nnx.Module):
         self.embed = nnx.Embed(c.vocab_size, c.hidden_size, dtype=dtype, param_dtype=pdtype,
                                embedding_init=init, rngs=rngs)
 
-        @nnx.split_rngs(splits=c.num_hidden_layers)
-        @nnx.vmap(in_axes=0, out_axes=0)
-        def stacked(rngs):
-            return LlamaBlock(c, rngs=rngs)
+        if c.scan_layers:
+            @nnx.split_rngs(splits=c.num_hidden_layers)
+            @nnx.vmap(in_axes=0, out_axes=0)
+            def stacked(rngs):
+                return LlamaBlock(c, rngs=rngs)
 
-        self.blocks = stacked(rngs)
+            self.blocks = stacked(rngs)
+        else:
+            self.blocks = nnx.List([LlamaBlock(c, rngs=rngs)
+                                    for _ in range(c.num_hidden_layers)])
         self.norm = RMSNorm(c.hidden_size, eps=c.norm_eps, param_dtype=pdtype)
         self.lm_head = nnx.Linear(c.hidden_size, c.vocab_size, use_bias=False, dtype=dtype,
                                   param_dtype=pdtype, kernel_init=init,
@@ -131,6 +137,12 @@ class LlamaLM(nnx.Module):
         if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
             raise ValueError(f"tokens must be an integer array [B, T], got {tokens.dtype} "
                              f"{list(tokens.shape)}")
+        x = self.embed(tokens)
+        if not self.config.scan_layers:
+            fwd = nnx.remat(_block) if self.config.remat else _block
+            for block in self.blocks:
+                x = fwd(block, x)
+            return x
         graphdef, params = nnx.split(self.blocks)
 
         def body(x, p):
@@ -138,7 +150,7 @@ class LlamaLM(nnx.Module):
 
         if self.config.remat:
             body = jax.checkpoint(body, prevent_cse=False)
-        x, _ = jax.lax.scan(body, self.embed(tokens), params)
+        x, _ = jax.lax.scan(body, x, params)
         return x
 
     def __call__(self, tokens, *, cu_seqlens=None):
@@ -152,6 +164,10 @@ class LlamaLM(nnx.Module):
         return chunked_cross_entropy(h, self.lm_head.kernel[...], targets, mask,
                                      compute_dtype=self.dtype, chunk_tokens=chunk_tokens,
                                      return_correct=return_correct)
+
+
+def _block(block: LlamaBlock, x):
+    return block(x)
 
 
 def _no_packing(cu_seqlens):

@@ -136,10 +136,12 @@ def test_crossover_plan_and_smoke_run(tmp_path, capsys):
     assert len(json.loads((tmp_path / "x.json").read_text())["rows"]) == 2
 
 
-def test_llama_is_causal_and_its_loss_is_the_loss_of_its_logits():
+@pytest.mark.parametrize("scan_layers", [True, False])
+def test_llama_is_causal_and_its_loss_is_the_loss_of_its_logits(scan_layers):
     llama = load("llama")
     cfg = llama.LlamaConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_heads=2,
-                            head_dim=16, intermediate_size=64, compute_dtype="float32")
+                            head_dim=16, intermediate_size=64, compute_dtype="float32",
+                            scan_layers=scan_layers)
     m = llama.LlamaLM(cfg, rngs=nnx.Rngs(0))
     rng = np.random.default_rng(0)
     tokens = jnp.asarray(rng.integers(0, 64, (2, 12)), jnp.int32)
