@@ -1,13 +1,17 @@
 """Tests of :mod:`qdelta_jax.train.loop` on the real tiny QDeltaLM: non-finite steps are skipped,
 gradient accumulation equals the full batch, the schedule and the weight-decay mask follow the
-recipe."""
+recipe; the chunked LM head + cross-entropy equals the plain loss; bfloat16 params with a float32
+master copy train like float32 params."""
 
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
+from qdelta_jax.model import QDeltaConfig, QDeltaLM, chunked_cross_entropy
 from qdelta_jax.train import data as D
 from qdelta_jax.train import loop, trainer
 from qdelta_jax.train import sharding as shd
@@ -116,3 +120,124 @@ def test_flops_per_token(session):
     assert 6 * (n - emb) < f < 6 * n + 1e7
     assert loop.peak_flops("NVIDIA H100 80GB HBM3", "bfloat16") == 989e12
     assert loop.peak_flops("cpu", "float32") is None
+
+
+# ----------------------------------------------------------------------------------------------
+# The chunked LM head + cross-entropy, and bfloat16 params with a float32 master copy
+
+
+def _plain_nll(h, w, targets, mask, dtype):
+    logits = jnp.dot(h.astype(dtype), w.astype(dtype), preferred_element_type=jnp.float32)
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    correct = jnp.sum((jnp.argmax(logits, axis=-1) == targets) * mask)
+    return jnp.sum((lse - picked) * mask), correct
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_chunked_cross_entropy_matches_plain_loss(dtype):
+    """Loss, correct count and gradients (h, w, mask) equal the plain [N, vocab] computation;
+    N = 74 is not a multiple of the chunk (16), D and vocab are not powers of two."""
+    dtype = jnp.dtype(dtype)
+    k = jax.random.split(jax.random.key(1), 4)
+    B, T, D, V = 2, 37, 24, 50
+    h = jax.random.normal(k[0], (B, T, D)).astype(dtype)
+    w = jax.random.normal(k[1], (D, V)) * 0.3  # float32 storage, cast to dtype for the matmul
+    targets = jax.random.randint(k[2], (B, T), 0, V)
+    mask = (jax.random.uniform(k[3], (B, T)) > 0.3).astype(jnp.float32)
+
+    def chunked(h, w, mask):
+        return chunked_cross_entropy(h, w, targets, mask, compute_dtype=dtype, chunk_tokens=16,
+                                     return_correct=True)
+
+    (nll, correct), grads = jax.value_and_grad(chunked, (0, 1, 2), has_aux=True)(h, w, mask)
+    (nll0, correct0), grads0 = jax.value_and_grad(
+        lambda h, w, m: _plain_nll(h, w, targets, m, dtype), (0, 1, 2), has_aux=True)(h, w, mask)
+    assert float(correct) == float(correct0)
+    # float32: summation order only. bfloat16: the gradients are rounded to bfloat16 at
+    # different points (eps 2^-8), the loss is float32 in both.
+    rtol = 1e-5 if dtype == jnp.float32 else 2e-2
+    np.testing.assert_allclose(float(nll), float(nll0), rtol=1e-5)
+    for g, g0 in zip(grads, grads0, strict=True):
+        assert g.dtype == g0.dtype
+        g, g0 = np.asarray(g, np.float32), np.asarray(g0, np.float32)
+        np.testing.assert_allclose(g, g0, rtol=rtol, atol=rtol * np.abs(g0).max())
+    # Under jit and without the count, the same loss.
+    np.testing.assert_allclose(
+        float(jax.jit(lambda h, w: chunked_cross_entropy(h, w, targets, mask,
+                                                         compute_dtype=dtype))(h, w)),
+        float(nll0), rtol=1e-5)
+
+
+def test_chunked_cross_entropy_bad_input():
+    h, w = jnp.ones((2, 3, 4)), jnp.ones((4, 5))
+    t, m = jnp.zeros((2, 3), jnp.int32), jnp.ones((2, 3))
+    with pytest.raises(ValueError, match="w \\[D, vocab\\]"):
+        chunked_cross_entropy(h, jnp.ones((5, 4)), t, m)
+    with pytest.raises(ValueError, match="leading shape"):
+        chunked_cross_entropy(h, w, t[:, :2], m)
+    with pytest.raises(TypeError, match="targets must be integer"):
+        chunked_cross_entropy(h, w, t.astype(jnp.float32), m)
+    with pytest.raises(ValueError, match="chunk_tokens"):
+        chunked_cross_entropy(h, w, t, m, chunk_tokens=0)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_model_loss_equals_loss_of_logits(tied):
+    """QDeltaLM.loss (chunked, 3 chunks of 32 over 2 x 40 tokens) equals the masked nll of the
+    model's logits, and so do the gradients of every parameter (float32)."""
+    cfg = QDeltaConfig.from_preset("tiny", tie_word_embeddings=tied, implementation="xla")
+    model = QDeltaLM(cfg, rngs=nnx.Rngs(0))
+    rng = np.random.default_rng(0)
+    tokens = jnp.asarray(rng.integers(0, cfg.vocab_size, (2, 40)), jnp.int32)
+    targets = jnp.asarray(rng.integers(0, cfg.vocab_size, (2, 40)), jnp.int32)
+    mask = jnp.asarray(rng.random((2, 40)) > 0.2, jnp.float32)
+
+    def chunked(m):
+        return m.loss(tokens, targets, mask, chunk_tokens=32)
+
+    def plain(m):
+        nll, _ = loop._token_stats(m(tokens), targets, mask)
+        return jnp.sum(nll)
+
+    l1, g1 = nnx.value_and_grad(chunked)(model)
+    l0, g0 = nnx.value_and_grad(plain)(model)
+    np.testing.assert_allclose(float(l1), float(l0), rtol=1e-5)
+    leaves1, leaves0 = jax.tree.leaves(g1), jax.tree.leaves(g0)
+    assert len(leaves1) == len(leaves0)
+    for a, b in zip(leaves1, leaves0, strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4,
+                                   atol=1e-5 * float(np.abs(np.asarray(b)).max()) + 1e-8)
+
+
+def test_bfloat16_params_track_float32():
+    """--param-dtype bfloat16: params stay bfloat16, the optimizer holds a float32 master copy,
+    and the losses of 8 steps on one batch follow the float32-param run (same bfloat16
+    compute).
+    --train-accuracy adds the accuracy metric; without it the step computes none."""
+    f32 = make_session(dtype="bfloat16")
+    b16 = make_session(dtype="bfloat16", param_dtype="bfloat16", train_accuracy=True)
+    s32, s16 = f32.init_state(), b16.init_state()
+    assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(s16.params))
+    assert isinstance(s16.opt_state, loop.MasterCopyState)
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(s16.opt_state.master))
+    l32, l16 = [], []
+    batch = batch_of(f32, 0)
+    for _ in range(8):
+        s32, m32 = f32.train_step(s32, shd.shard_batch(batch, f32.mesh))
+        s16, m16 = b16.train_step(s16, shd.shard_batch(batch, b16.mesh))
+        l32.append(float(m32["loss"]))
+        l16.append(float(m16["loss"]))
+        assert "accuracy" not in m32 and 0.0 <= float(m16["accuracy"]) <= 1.0
+    assert l16[-1] < l16[0] - 0.1, (l16, l32)  # it trains
+    np.testing.assert_allclose(l16, l32, rtol=0.02, err_msg=str((l16, l32)))
+    # The params are the master copy rounded, and the master moved by less than a bfloat16
+    # ulp somewhere (what the copy is for).
+    master = host(s16.opt_state.master)
+    jax.tree.map(lambda p, m: np.testing.assert_array_equal(
+        np.asarray(p, np.float32), np.asarray(m.astype(jnp.bfloat16), np.float32)),
+        host(s16.params), master)
+    start = host(b16.init_state().params)
+    moved = [np.any((m != np.asarray(p, np.float32)) & (m.astype(jnp.bfloat16) == p))
+             for m, p in zip(jax.tree.leaves(master), jax.tree.leaves(start), strict=True)]
+    assert any(moved)

@@ -79,7 +79,11 @@ OPTIONS: dict[str, tuple[Any, str]] = {
     "niah_variant": (_str, "needle task: passkey | number | uuid"),
     "eos_id": (_opt(_int), "end-of-document id of a .bin/.npy file (document boundaries)"),
     "grad_accum": (_int, "micro-batches per step (gradient accumulation)"),
-    "dtype": (_str, "compute dtype: float32 | bfloat16 (params stay float32)"),
+    "dtype": (_str, "compute dtype: float32 | bfloat16"),
+    "param_dtype": (_str, "parameter dtype: float32 | bfloat16 (bfloat16: the optimizer keeps "
+                          "a float32 master copy)"),
+    "train_accuracy": (_bool, "log the token accuracy of every training batch (an argmax over "
+                              "the vocabulary per token)"),
     "implementation": (_opt(_str), "Q-Delta op: reference | xla | pallas (default: pallas on "
                                    "GPU, xla elsewhere)"),
     "fixed_lam": (_opt(float), "ablation: a fixed lam instead of the learned one"),
@@ -97,7 +101,7 @@ OPTIONS: dict[str, tuple[Any, str]] = {
     "diagnostics": (_bool, "add the stability diagnostic (beta * c, SPEC section 1) to every "
                            "eval line of metrics.jsonl"),
 }
-BOOL_FLAGS = {"no_decay_gate", "remat", "diagnostics", "recompute_residuals"}
+BOOL_FLAGS = {"no_decay_gate", "remat", "diagnostics", "recompute_residuals", "train_accuracy"}
 
 
 class _Parser(argparse.ArgumentParser):

@@ -9,7 +9,10 @@ inside the traced step.
 
 * computes the masked next-token cross-entropy, summed over every masked position of the global
   batch and divided by their count (so gradient accumulation over micro-batches gives exactly the
-  full-batch gradient, and every device count gives the same mean),
+  full-batch gradient, and every device count gives the same mean), through the model's own
+  ``loss`` (the chunked LM head + cross-entropy of :func:`qdelta_jax.model.chunked_cross_entropy`:
+  no ``[B, T, vocab]`` logits are kept); the token accuracy (an argmax over the vocabulary) only
+  with ``accuracy=True``,
 * skips the update when the loss or the gradient norm is not finite: params and optimizer state
   are kept, ``bad_steps`` (consecutive) and ``skipped`` (total) count up; the driver stops the
   run after ``--max-bad-steps`` consecutive ones,
@@ -17,7 +20,11 @@ inside the traced step.
 
 Optimizer (SPEC section 5): AdamW ``b1 0.9, b2 0.95, eps 1e-15``, weight decay 0.1 except on
 ``A_log``, ``dt_bias``, norm weights and biases; linear warm-up to the peak lr, then cosine to
-0.1x peak at the last step; gradients clipped to global norm 1.0.
+0.1x peak at the last step; gradients clipped to global norm 1.0. With bfloat16 params the
+optimizer runs on a float32 master copy kept in its state (:func:`with_float32_master`).
+
+The step's loss and optimizer run under the named scopes ``lm_head_loss`` and ``optimizer``, so
+profiles (``benchmarks/profile_step.py``) can attribute their kernels.
 """
 
 from __future__ import annotations
@@ -25,7 +32,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax.struct
 import jax
@@ -119,10 +126,50 @@ def decay_mask_for(params: PyTree) -> PyTree:
     return default_decay_mask(params)
 
 
-def make_optimizer(cfg: OptimConfig, decay_mask: PyTree | Callable | None = None):
+class MasterCopyState(NamedTuple):
+    """State of :func:`with_float32_master`: the float32 copy of the params and the state of
+    the wrapped optimizer, which sees only that copy."""
+
+    master: PyTree
+    inner: PyTree
+
+    def params_like(self, params: PyTree) -> PyTree:
+        """The master copy rounded to the dtypes of ``params``."""
+        return jax.tree.map(lambda m, p: m.astype(p.dtype), self.master, params)
+
+
+def with_float32_master(tx: optax.GradientTransformation) -> optax.GradientTransformation:
+    """Runs ``tx`` on a float32 master copy of low-precision (bfloat16) params.
+
+    The model computes with the bfloat16 params and gets bfloat16 gradients; ``update`` casts
+    them to float32, updates the float32 copy (so updates smaller than a bfloat16 ulp of a
+    weight still accumulate) and returns float32 updates of the copy. The train step then sets
+    the params to the copy rounded to their dtype (:meth:`MasterCopyState.params_like`) rather
+    than adding the updates to the bfloat16 params.
+    """
+
+    def f32(tree):
+        return jax.tree.map(lambda x: x.astype(jnp.float32), tree)
+
+    def init(params):
+        master = f32(params)
+        return MasterCopyState(master, tx.init(master))
+
+    def update(grads, state, params=None):
+        del params
+        updates, inner = tx.update(f32(grads), state.inner, state.master)
+        return updates, MasterCopyState(optax.apply_updates(state.master, updates), inner)
+
+    return optax.GradientTransformation(init, update)
+
+
+def make_optimizer(cfg: OptimConfig, decay_mask: PyTree | Callable | None = None,
+                   float32_master: bool = False):
     """AdamW with the recipe of SPEC section 5 (see the module docstring). ``decay_mask`` is a
-    tree of bools (or a function of the params giving one); default :func:`decay_mask_for`."""
-    return optax.chain(
+    tree of bools (or a function of the params giving one); default :func:`decay_mask_for`.
+    ``float32_master``: for bfloat16 params, keep a float32 copy in the optimizer state
+    (:func:`with_float32_master`)."""
+    tx = optax.chain(
         optax.clip_by_global_norm(cfg.clip),
         optax.adamw(
             lr_schedule(cfg),
@@ -133,6 +180,7 @@ def make_optimizer(cfg: OptimConfig, decay_mask: PyTree | Callable | None = None
             mask=decay_mask if decay_mask is not None else decay_mask_for,
         ),
     )
+    return with_float32_master(tx) if float32_master else tx
 
 
 class ModelFns:
@@ -171,12 +219,31 @@ class ModelFns:
             leaves.append(node)
         return jax.tree.unflatten(self._param_treedef, leaves)
 
-    def apply(self, params, tokens, cu_seqlens=None):
+    def _model(self, params):
         rest = self.rest if self.rest is not None else self.abstract_rest
-        model = nnx.merge(self.graphdef, self._to_state(params), rest)
+        return nnx.merge(self.graphdef, self._to_state(params), rest)
+
+    def apply(self, params, tokens, cu_seqlens=None):
+        model = self._model(params)
         if cu_seqlens is None:
             return model(tokens)
         return model(tokens, cu_seqlens=cu_seqlens)
+
+    def loss(self, params, batch: dict, with_correct: bool = False):
+        """``(nll_sum, correct_sum)`` of a batch: the model's own ``loss`` method (the chunked
+        LM head + cross-entropy of :meth:`qdelta_jax.model.QDeltaLM.loss`, no ``[B, T, vocab]``
+        logits) when it has one, else from its logits. ``correct_sum`` is 0 unless
+        ``with_correct`` (it costs an argmax over the vocabulary per token)."""
+        model = self._model(params)
+        kw = {} if batch.get("cu_seqlens") is None else {"cu_seqlens": batch["cu_seqlens"]}
+        if hasattr(model, "loss"):
+            out = model.loss(batch["inputs"], batch["targets"], batch["mask"],
+                             return_correct=with_correct, **kw)
+            return out if with_correct else (out, jnp.zeros((), jnp.float32))
+        logits = model(batch["inputs"], **kw)
+        with jax.named_scope("lm_head_loss"):
+            nll, correct = _token_stats(logits, batch["targets"], batch["mask"])
+        return jnp.sum(nll), (jnp.sum(correct) if with_correct else jnp.zeros((), jnp.float32))
 
 
 @flax.struct.dataclass
@@ -235,16 +302,17 @@ def make_train_step(
     tx: optax.GradientTransformation,
     grad_accum: int = 1,
     schedule: Callable[[jax.Array], jax.Array] | None = None,
+    accuracy: bool = False,
 ):
     """Returns the pure ``train_step(state, batch) -> (state, metrics)`` (not yet jitted).
     ``schedule`` (the lr schedule) only feeds the ``lr`` metric. With ``grad_accum > 1`` the
     batch is cut into that many micro-batches (the batch size must divide by it) and their
-    gradients are summed in a ``lax.scan``."""
+    gradients are summed in a ``lax.scan``. ``accuracy`` adds the batch's token accuracy to the
+    metrics (an argmax over the vocabulary per token; off, the step computes none)."""
 
     def micro_loss(params, mb, denom):
-        logits = fns.apply(params, mb["inputs"], mb.get("cu_seqlens"))
-        nll, correct = _token_stats(logits, mb["targets"], mb["mask"])
-        return jnp.sum(nll) / denom, jnp.sum(correct)
+        nll, correct = fns.loss(params, mb, accuracy)
+        return nll / denom, correct
 
     grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
 
@@ -274,26 +342,32 @@ def make_train_step(
                 body, (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32)), micro
             )
             grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, state.params)
-        grad_norm = _global_norm(grads)
-        ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        updates, new_opt = tx.update(grads, state.opt_state, state.params)
-        new_params = optax.apply_updates(state.params, updates)
+        with jax.named_scope("optimizer"):
+            grad_norm = _global_norm(jax.tree.map(lambda g: g.astype(jnp.float32), grads))
+            ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+            updates, new_opt = tx.update(grads, state.opt_state, state.params)
+            if isinstance(new_opt, MasterCopyState):
+                new_params = new_opt.params_like(state.params)
+            else:
+                new_params = optax.apply_updates(state.params, updates)
 
-        def keep(new, old):
-            return jnp.where(ok, new, old)
+            def keep(new, old):
+                return jnp.where(ok, new, old)
+
+            kept_params = jax.tree.map(keep, new_params, state.params)
+            kept_opt = jax.tree.map(keep, new_opt, state.opt_state)
 
         rng, _ = jax.random.split(state.rng)
         new_state = TrainState(
             step=state.step + 1,
-            params=jax.tree.map(keep, new_params, state.params),
-            opt_state=jax.tree.map(keep, new_opt, state.opt_state),
+            params=kept_params,
+            opt_state=kept_opt,
             rng=rng,
             bad_steps=jnp.where(ok, 0, state.bad_steps + 1).astype(jnp.int32),
             skipped=state.skipped + (~ok).astype(jnp.int32),
         )
         metrics = {
             "loss": loss,
-            "accuracy": correct / denom,
             "grad_norm": grad_norm,
             # Skipped steps leave the optimizer's own step count alone.
             "lr": (schedule(state.step - state.skipped) if schedule is not None
@@ -303,6 +377,8 @@ def make_train_step(
             "bad_steps": new_state.bad_steps,
             "skipped": new_state.skipped,
         }
+        if accuracy:
+            metrics["accuracy"] = correct / denom
         return new_state, metrics
 
     return train_step

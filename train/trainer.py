@@ -5,8 +5,9 @@ Loop details:
 
 * the host dispatches step ``i + 1`` before it reads step ``i``'s metrics, so data preparation
   and logging overlap device work;
-* ``RUN_DIR/metrics.jsonl`` gets one JSON line per step (``step``, ``loss``, ``accuracy``,
-  ``grad_norm``, ``lr``, ``skipped``, ``step_time_s``, ``tokens_per_s``, ``mfu``) and one per
+* ``RUN_DIR/metrics.jsonl`` gets one JSON line per step (``step``, ``loss``, ``grad_norm``,
+  ``lr``, ``skipped``, ``step_time_s``, ``tokens_per_s``, ``mfu``; ``accuracy`` of the training
+  batch with ``--train-accuracy``) and one per
   evaluation (``split: "eval"``, ``loss``, ``accuracy``, ``exact_match``); TensorBoard events
   too when ``tensorboardX`` is importable;
 * throughput: ``tokens_per_s`` counts every input token (``B * T``) over the wall time between
@@ -79,6 +80,8 @@ class TrainArgs:
     eos_id: int | None = None
     grad_accum: int = 1
     dtype: str = "float32"
+    param_dtype: str = "float32"
+    train_accuracy: bool = False
     implementation: str | None = None
     fixed_lam: float | None = None
     no_decay_gate: bool = False
@@ -140,6 +143,8 @@ def validate(a: TrainArgs) -> None:
     need(a.stop_after is None or a.stop_after >= 1, "--stop-after",
          f"must be >= 1, got {a.stop_after}")
     need(a.dtype in DTYPES, "--dtype", f"must be one of {', '.join(DTYPES)}, got {a.dtype!r}")
+    need(a.param_dtype in DTYPES, "--param-dtype",
+         f"must be one of {', '.join(DTYPES)}, got {a.param_dtype!r}")
     from qdelta_jax.ops import IMPLEMENTATIONS
 
     need(a.implementation in (None, *IMPLEMENTATIONS), "--implementation",
@@ -186,7 +191,8 @@ def model_config_for(a: TrainArgs, data_vocab: int, pretokenised: bool):
     vocab = _round_up(data_vocab, 64)
     if pretokenised:
         vocab = max(vocab, PRESETS[a.preset].get("vocab_size", 0))
-    fields: dict[str, Any] = {"vocab_size": vocab, "compute_dtype": a.dtype}
+    fields: dict[str, Any] = {"vocab_size": vocab, "compute_dtype": a.dtype,
+                              "param_dtype": a.param_dtype}
     if a.implementation is not None:
         fields["implementation"] = a.implementation
     if a.fixed_lam is not None:
@@ -251,7 +257,9 @@ class Session:
         self.fns = loop.ModelFns(lambda: QDeltaLM(model_cfg, rngs=nnx.Rngs(a.seed)))
         self.ocfg = loop.OptimConfig(lr=a.lr, warmup=a.warmup, steps=a.steps,
                                      weight_decay=a.weight_decay, grad_accum=a.grad_accum)
-        self.tx = loop.make_optimizer(self.ocfg)
+        # bfloat16 params: the optimizer keeps a float32 master copy of them.
+        self.tx = loop.make_optimizer(self.ocfg,
+                                      float32_master=model_cfg.param_dtype != "float32")
         self.param_shardings = shd.tree_shardings(mesh, self.fns.abstract_params)
         abstract = jax.eval_shape(
             lambda p: loop.init_train_state(p, self.tx, a.seed), self.fns.abstract_params
@@ -283,7 +291,7 @@ class Session:
     def train_step(self, state, batch):
         if self._train_step is None:
             fn = loop.make_train_step(self.fns, self.tx, self.args.grad_accum,
-                                      loop.lr_schedule(self.ocfg))
+                                      loop.lr_schedule(self.ocfg), self.args.train_accuracy)
             self._train_step = jax.jit(
                 fn,
                 in_shardings=(self.state_shardings, self._batch_shardings(batch)),
@@ -483,7 +491,7 @@ def _run(a: TrainArgs, *, log=print) -> dict[str, Any]:
         rec = {
             "step": step,
             "loss": _to_float(m["loss"]),
-            "accuracy": float(m["accuracy"]),
+            **({"accuracy": float(m["accuracy"])} if "accuracy" in m else {}),
             "grad_norm": _to_float(m["grad_norm"]),
             "lr": float(m["lr"]),
             "skipped": int(m["skipped"]),
