@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Every GPU measurement recorded in BENCHMARKS.md and docs/RESULTS.md, in one script, so a lease
-# runs them together on one card. Sections: check, check340, dev, seqsweep, ops, ops340,
-# opspack, anchors, mosaic, ncu, decode, train, train{1,2}_{unrolled,scan}, recall (default:
+# runs them together on one card. Sections: check, check340, infer, dev, seqsweep, ops, ops340,
+# opspack, anchors, mosaic, prof, crossover, ncu, decode, train, train{1,2}_{unrolled,scan},
+# recall (default:
 # ops train decode check). benchmarks/gpu_lanes.sh runs groups of sections on different GPUs
 # of one host at once. Each step has its own time limit so that one slow step cannot eat the others.
 #
@@ -71,6 +72,21 @@ for s in $sections; do
         step seqsweep ${DEV_LIMIT:-300} "$PY" benchmarks/pallas_dev.py \
             --shapes 2x16384x6x128x256 --extra-fp32 "" --sweep-s ${SWEEP_S:-90} \
             --out "$OUT_DIR/seqsweep.json"
+        ;;
+    prof)  # the 340m training step by category, with the op and with its stand-in
+        step prof ${PROF_LIMIT:-200} "$PY" benchmarks/profile_step.py --json "$OUT_DIR/prof.json"
+        step prof_standin ${PROF_LIMIT:-200} "$PY" benchmarks/profile_step.py --stand-in \
+            --json "$OUT_DIR/prof_standin.json"
+        ;;
+    crossover)  # Q-Delta against a Llama-style transformer over T, and long context
+        step crossover ${XO_LIMIT:-400} "$PY" benchmarks/crossover.py ${XO_ARGS:-} \
+            --out "$OUT_DIR/crossover.png" --json "$OUT_DIR/crossover.json"
+        ;;
+    infer)  # qdelta-check (o_infer: the Mosaic GPU forward) and the op, Mosaic vs Triton forward
+        step check_infer ${CHECK_LIMIT:-200} "$PY" -m qdelta_jax.check --shapes 8x4096x6x128x256 \
+            --no-fd --implementations xla,pallas,pallas-triton
+        step opsinfer ${OPS_LIMIT:-300} "$PY" benchmarks/ops.py --fla --impl pallas pallas-triton \
+            --docs 0 32 --reps 30 --warmup 5 --json "$OUT_DIR/opsinfer.json"
         ;;
     mosaic)  # the Mosaic GPU kernels against the xla stages and the Triton kernels
         step mosaic ${MOSAIC_LIMIT:-300} "$PY" benchmarks/mosaic_dev.py
