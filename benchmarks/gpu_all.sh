@@ -86,7 +86,7 @@ for s in $sections; do
         step check_infer ${CHECK_LIMIT:-200} "$PY" -m qdelta_jax.check --shapes 8x4096x6x128x256 \
             --no-fd --implementations xla,pallas,pallas-triton
         step opsinfer ${OPS_LIMIT:-300} "$PY" benchmarks/ops.py --fla --impl pallas pallas-triton \
-            --docs 0 32 --reps 30 --warmup 5 --json "$OUT_DIR/opsinfer.json"
+            --reps 30 --warmup 5 --json "$OUT_DIR/opsinfer.json"
         ;;
     mosaic)  # the Mosaic GPU kernels against the xla stages and the Triton kernels
         step mosaic ${MOSAIC_LIMIT:-300} "$PY" benchmarks/mosaic_dev.py
