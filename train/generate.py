@@ -6,9 +6,10 @@ token at a time: each token is one compiled program (the model's step with a don
 the sampling). Bytes that do not yet form a whole UTF-8 character are held back until they do;
 invalid sequences print as U+FFFD.
 
-Byte-level runs have a vocabulary of 256 (the bytes: MQAR, niah) or 257 (``--task text`` on UTF-8
-files: the bytes and the end-of-document token 256, the default ``--eos-id`` of such runs).
-Generation stops at ``--max-new-tokens`` or after ``--eos-id``. With the same ``--seed`` the
+Byte-level runs: ``--task text`` on UTF-8 files (ids 0-255 the bytes, 256 the end-of-document
+token, the default ``--eos-id`` of such runs; the vocabulary is padded beyond it) and niah.
+Generated ids above 255 print nothing. Generation stops at ``--max-new-tokens`` or after
+``--eos-id``. With the same ``--seed`` the
 tokens are those of :func:`qdelta_jax.model.generate` for the same prompt and key.
 """
 
@@ -21,6 +22,7 @@ import math
 import sys
 from pathlib import Path
 
+from qdelta_jax.train.data import BYTE_EOS
 from qdelta_jax.train.trainer import UsageError
 
 PROG = "qdelta-generate"
@@ -36,12 +38,12 @@ def load_model(run_dir: Path, implementation: str | None = None):
     from qdelta_jax.model import QDeltaLM
     from qdelta_jax.train.evaluate import load_run
 
-    _, cfg, _, state, step = load_run(run_dir)
+    args, cfg, _, state, step = load_run(run_dir)
     if implementation is not None:
         cfg = dataclasses.replace(cfg, implementation=implementation)
     graphdef, params = nnx.split(nnx.eval_shape(lambda: QDeltaLM(cfg, rngs=nnx.Rngs(0))))
     nnx.replace_by_pure_dict(params, jax.device_get(state["params"]))
-    return nnx.merge(graphdef, params), step
+    return nnx.merge(graphdef, params), step, args
 
 
 def _check_options(a) -> None:
@@ -57,14 +59,17 @@ def _check_options(a) -> None:
         raise UsageError("PROMPT must not be empty", "PROMPT")
 
 
-def _check_vocab(a, vocab: int) -> None:
+def _check_run(a, run_args, vocab: int) -> None:
+    data = str(run_args.data or "")
+    if run_args.task == "text" and data.endswith(".npy"):
+        raise UsageError(f"RUN_DIR was trained on pre-tokenised ids ({data}), not bytes; "
+                         "qdelta-generate is byte level", "RUN_DIR")
+    if vocab < BYTES:
+        raise UsageError(f"RUN_DIR's model has a vocabulary of {vocab}, fewer than the 256 "
+                         "bytes that byte-level generation needs", "RUN_DIR")
     if a.eos_id is not None and not 0 <= a.eos_id < vocab:
         raise UsageError(f"--eos-id must be in [0, {vocab}), the run's vocabulary, got "
                          f"{a.eos_id}", "--eos-id")
-    if vocab not in (BYTES, BYTES + 1):
-        raise UsageError(f"RUN_DIR's model has a vocabulary of {vocab}; byte-level generation "
-                         "needs 256 (bytes) or 257 (bytes and an end-of-document token)",
-                         "RUN_DIR")
 
 
 def stream(model, prompt_ids: list[int], *, max_new_tokens: int, temperature: float,
@@ -111,18 +116,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--eos-id", type=int, default=None,
-                   help="stop after this token (default: 256 for a 257-token vocabulary)")
+                   help="stop after this token (default: the end-of-document token 256 for "
+                   "--task text runs, else none)")
     p.add_argument("--implementation", choices=["reference", "xla", "pallas"], default=None,
                    help="override the run's qdelta_rule implementation")
     a = p.parse_args(argv)
     out = sys.stdout
     try:
         _check_options(a)
-        model, _ = load_model(Path(a.run_dir), a.implementation)
-        vocab = model.config.vocab_size
-        if a.eos_id is None and vocab == BYTES + 1:
-            a.eos_id = BYTES
-        _check_vocab(a, vocab)
+        model, _, run_args = load_model(Path(a.run_dir), a.implementation)
+        _check_run(a, run_args, model.config.vocab_size)
+        if a.eos_id is None and run_args.task == "text":
+            a.eos_id = BYTE_EOS
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
 
         def write(t: int):
