@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import statistics
 import sys
 import time
@@ -172,9 +173,15 @@ def main(argv=None) -> int:
                    help="HBM bandwidth in GB/s (default: 4800 H200, 3350 H100, else none)")
     p.add_argument("--scan-layers", action="store_true",
                    help="stack the blocks and run them in lax.scan (much faster to compile)")
+    p.add_argument("--xla-flags", default=None,
+                   help="appended to XLA_FLAGS before the backend starts, e.g. "
+                   "'--xla_gpu_enable_command_buffer=' to run without command buffers (CUDA "
+                   "graphs) for comparison")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, help="also write the results to this file")
     args = p.parse_args(argv)
+    if args.xla_flags:  # read when the backend initialises, which jax.devices() below does
+        os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {args.xla_flags}".strip()
 
     impls = [x for x in args.impls.split(",") if x]
     bad = sorted(set(impls) - set(IMPLS))
@@ -257,7 +264,8 @@ def main(argv=None) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(
             dict(device=dev.device_kind, preset=args.preset, config=base.to_dict(),
-                 hbm_gbps=bw, rows=rows, breakdown_batch1=breakdown), indent=2, default=float))
+                 hbm_gbps=bw, xla_flags=os.environ.get("XLA_FLAGS", ""), rows=rows,
+                 breakdown_batch1=breakdown), indent=2, default=float))
     return 0
 
 

@@ -125,7 +125,7 @@ def _kernel(*refs, G, W, BV, dt, scale, gates: Gates, has_conv: bool):
         cq_out, ck_out, cv_out = take(3)
 
     b, hv, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-    h = hv // G
+    h = lax.div(hv, G)  # program ids are non-negative: truncating division is floor division
     keep = m_ref[b] != 0
     vs = pl.ds(j * BV, BV)
     Wm1 = W - 1
@@ -151,7 +151,7 @@ def _kernel(*refs, G, W, BV, dt, scale, gates: Gates, has_conv: bool):
         xf = x.astype(F32)
         return (xf * _sigmoid(xf)).astype(dt).astype(F32)
 
-    first = (hv % G == 0) & (j == 0)
+    first = (lax.rem(hv, G) == 0) & (j == 0)
     K = q_ref.shape[-1]
     ks = pl.ds(0, K)
     cq, ck, cv = (cq_ref, ck_ref, cv_ref) if has_conv else (None, None, None)

@@ -547,7 +547,8 @@ def compiled_step(model: QDeltaLM):
     cache argument is donated, so each layer's state is updated in place.
 
     Returns ``step(tokens [B, L], cache, mask=None) -> (logits [B, L, vocab], new_cache)``; the
-    cache passed in must not be used again. One compilation per shape of ``tokens``."""
+    cache passed in must not be used again. The parameters are the model's at the time of the
+    call (a later change to the model is not seen). One compilation per shape of ``tokens``."""
     graphdef, state = nnx.split(model)
 
     def step(tokens, cache, mask=None):

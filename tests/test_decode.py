@@ -86,6 +86,30 @@ def test_fused_step_equals_xla_step(name, dtype):
             assert rel(c.state[0], cache.state[0]) > 1e-3  # while the others moved
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_fused_step_lowers_to_one_triton_kernel(dtype):
+    """The Triton lowering (no GPU needed to lower): every primitive of the kernel has a rule,
+    and a layer's step is a single kernel launch."""
+    B, H, HV, K, V, W = 2, 2, 4, 32, 64, 4
+    dt = jnp.dtype(dtype)
+    z = lambda *s: jnp.zeros(s, dt)  # noqa: E731
+    gates = pallas_decode.Gates(0.9, None, True, True)
+    w = pallas_decode.LayerWeights(z(W, H * K), z(W, H * K), z(W, HV * V), jnp.zeros(HV),
+                                   jnp.zeros(HV))
+    conv = (z(B, W - 1, H * K), z(B, W - 1, H * K), z(B, W - 1, HV * V))
+
+    def f(state, conv):
+        return pallas_decode.fused_step(
+            z(B, H * K), z(B, H * K), z(B, HV * V), z(B, HV), z(B, HV), z(B, HV), state, conv,
+            w, jnp.ones((B,), bool), num_heads=H, scale=K**-0.5, gates=gates, interpret=False)
+
+    state = jnp.zeros((B, HV, K, V), jnp.float32)
+    text = jax.jit(f, donate_argnums=0).trace(state, conv).lower(
+        lowering_platforms=("cuda",)).as_text()
+    assert text.count("custom_call @__gpu$xla.gpu.triton") == 1
+    assert "qdelta_decode_step" in text
+
+
 def test_fused_step_bad_input():
     B, H, HV, K, V = 2, 2, 2, 16, 32
     gates = pallas_decode.Gates(0.9, None, False, True)
