@@ -389,7 +389,6 @@ class QDelta(nnx.Module):
             cu = normalize_cu_seqlens(cu_seqlens, B, T)
             starts = doc_starts(cu, T)
         x = x.astype(self.dtype)
-        new_cache = None
         if (cache is not None and T == 1 and not return_aux
                 and self.decode_implementation() == "pallas"):
             o, new_cache = self._fused_step(x, cache, mask)
