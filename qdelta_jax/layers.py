@@ -16,7 +16,10 @@ One layer, from ``x [B, T, D]``::
 Training and decoding compute the same function: ``q`` and ``k`` are L2-normalised here, once,
 and the op is called with ``normalize_qk=False``; the one-token decoding step uses
 :func:`qdelta_jax.reference.qdelta_step` (the single copy of the update) and the short conv uses
-the same code for every length, its cache holding the last ``W - 1`` inputs.
+the same code for every length, its cache holding the last ``W - 1`` inputs. Where
+:meth:`QDelta.decode_implementation` is ``"pallas"`` (GPUs), the one-token step is instead one
+kernel (:mod:`qdelta_jax.pallas.decode`) that computes the same conv, norms, gates and update,
+tested against this code.
 
 Packed documents: ``cu_seqlens [B, S + 1]`` gives per-row offsets (each row starts at 0, ends at
 T, non-decreasing; pad by repeating T). They go to the op unchanged (chunks tile the rows, a
