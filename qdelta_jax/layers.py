@@ -16,7 +16,10 @@ One layer, from ``x [B, T, D]``::
 Training and decoding compute the same function: ``q`` and ``k`` are L2-normalised here, once,
 and the op is called with ``normalize_qk=False``; the one-token decoding step uses
 :func:`qdelta_jax.reference.qdelta_step` (the single copy of the update) and the short conv uses
-the same code for every length, its cache holding the last ``W - 1`` inputs.
+the same code for every length, its cache holding the last ``W - 1`` inputs. Where
+:meth:`QDelta.decode_implementation` is ``"pallas"`` (GPUs), the one-token step is instead one
+kernel (:mod:`qdelta_jax.pallas.decode`) that computes the same conv, norms, gates and update,
+tested against this code.
 
 Packed documents: ``cu_seqlens [B, S + 1]`` gives per-row offsets (each row starts at 0, ends at
 T, non-decreasing; pad by repeating T). They go to the op unchanged (chunks tile the rows, a
@@ -364,9 +367,12 @@ class QDelta(nnx.Module):
           cu_seqlens: packed-document offsets ``[B, S + 1]`` (or ``[S + 1]`` with B == 1); the
             state and the conv restart at each offset. Not with ``cache``.
           cache: a :class:`LayerCache` (``init_cache``) to continue from; T == 1 runs the
-            one-token update :func:`qdelta_jax.reference.qdelta_step`, T > 1 the chunked op with
-            the cached state as ``initial_state``.
-          mask: ``[B, T]`` bool, False at padding (the state and conv ignore those positions).
+            one-token update (the fused kernel of :mod:`qdelta_jax.pallas.decode` where
+            :meth:`decode_implementation` is ``"pallas"``, else
+            :func:`qdelta_jax.reference.qdelta_step`), T > 1 the chunked op with the cached
+            state as ``initial_state``.
+          mask: ``[B, T]`` bool, False at padding (the state and conv ignore those positions;
+            a masked one-token step leaves the whole cache as it was).
           return_aux: also return ``dict(q, k, beta, lam, g)`` (normalised q, k
             ``[B, T, HV, K]``; gates ``[B, T, HV]`` float32) for diagnostics.
 
@@ -386,23 +392,11 @@ class QDelta(nnx.Module):
             cu = normalize_cu_seqlens(cu_seqlens, B, T)
             starts = doc_starts(cu, T)
         x = x.astype(self.dtype)
-        q, k, v, conv_caches = self._qkv(x, cache, starts, mask)
-        beta, lam, g = self._gates(x, mask)
-
-        new_cache = None
-        if cache is None:
-            o, _ = self._rule(q, k, v, g, beta, lam, cu=cu, initial_state=None,
-                              output_final_state=False)
-        elif T == 1:
-            state, o = reference.qdelta_step(cache.state, q[:, 0], k[:, 0], v[:, 0], g[:, 0],
-                                             beta[:, 0], lam[:, 0], self.head_dim**-0.5)
-            o = o[:, None].astype(v.dtype)
-            new_cache = LayerCache(state, *conv_caches)
+        if (cache is not None and T == 1 and not return_aux
+                and self.decode_implementation() == "pallas"):
+            o, new_cache = self._fused_step(x, cache, mask)
         else:
-            o, state = self._rule(q, k, v, g, beta, lam, cu=None, initial_state=cache.state,
-                                  output_final_state=True)
-            new_cache = LayerCache(state, *conv_caches)
-
+            o, new_cache, aux = self._mix(x, cache, cu, starts, mask)
         if self.use_gate:
             gate = self.g_proj(x).reshape(B, T, self.num_v_heads, self.head_v_dim)
             o = self.o_norm(o, gate)
@@ -412,8 +406,75 @@ class QDelta(nnx.Module):
 
         out = (y,) if cache is None else (y, new_cache)
         if return_aux:
-            out = out + (dict(q=q, k=k, beta=beta, lam=lam, g=g),)
+            out = out + (aux,)
         return out[0] if len(out) == 1 else out
+
+    def _mix(self, x, cache, cu, starts, mask):
+        """The token mixing in plain XLA: ``(o [B, T, HV, V], new_cache, aux)``."""
+        q, k, v, conv_caches = self._qkv(x, cache, starts, mask)
+        beta, lam, g = self._gates(x, mask)
+        aux = dict(q=q, k=k, beta=beta, lam=lam, g=g)
+        if cache is None:
+            o, _ = self._rule(q, k, v, g, beta, lam, cu=cu, initial_state=None,
+                              output_final_state=False)
+            return o, None, aux
+        if x.shape[1] == 1:
+            state, o = reference.qdelta_step(cache.state, q[:, 0], k[:, 0], v[:, 0], g[:, 0],
+                                             beta[:, 0], lam[:, 0], self.head_dim**-0.5)
+            if mask is not None and self.use_short_conv:
+                # A masked token leaves the conv cache as it was (its state update is already
+                # the identity: beta = g = 0), so finished rows of a batch stay frozen.
+                keep = mask[:, :1, None]
+                conv_caches = tuple(jnp.where(keep, new, old)
+                                    for new, old in zip(conv_caches, cache[1:], strict=True))
+            return o[:, None].astype(v.dtype), LayerCache(state, *conv_caches), aux
+        o, state = self._rule(q, k, v, g, beta, lam, cu=None, initial_state=cache.state,
+                              output_final_state=True)
+        return o, LayerCache(state, *conv_caches), aux
+
+    def decode_implementation(self) -> str:
+        """What runs a one-token decoding step: ``"pallas"`` (the fused kernel of
+        :mod:`qdelta_jax.pallas.decode`) when ``implementation`` is ``"pallas"``, or ``None`` on a
+        GPU; otherwise ``"xla"`` (:func:`qdelta_jax.reference.qdelta_step` in plain XLA)."""
+        if self.implementation is not None:
+            return "pallas" if self.implementation == "pallas" else "xla"
+        return "pallas" if jax.default_backend() == "gpu" else "xla"
+
+    def _fused_step(self, x, cache, mask):
+        """One token through the fused decode kernel: ``(o [B, 1, HV, V], new_cache)``."""
+        from qdelta_jax.pallas import decode as pallas_decode
+
+        B = x.shape[0]
+        x0 = x[:, 0]
+        q, k, v = self.q_proj(x0), self.k_proj(x0), self.v_proj(x0)
+        # The gate projections ([D, HV] each) as one matmul: one small launch instead of three,
+        # their weights concatenated per step (a few KB; the parameters keep their layout).
+        small = [self.b_proj]
+        small += [self.lam_proj] if self.fixed_lam is None else []
+        small += [self.a_proj] if self.use_decay else []
+        w = jnp.concatenate([p.kernel[...].astype(self.dtype) for p in small], axis=1)
+        gl = jnp.split(jnp.dot(x0, w), len(small), axis=1)
+        b_lin = gl.pop(0)
+        lam_lin = gl.pop(0) if self.fixed_lam is None else None
+        a_lin = gl.pop(0) if self.use_decay else None
+        conv = None
+        if self.use_short_conv:
+            conv = LayerCache(*cache)[1:]
+            weights = pallas_decode.LayerWeights(
+                self.q_conv1d.kernel[...], self.k_conv1d.kernel[...], self.v_conv1d.kernel[...],
+                None, None)
+        else:
+            weights = pallas_decode.LayerWeights(None, None, None, None, None)
+        if self.use_decay:
+            weights = weights._replace(A_log=self.A_log[...], dt_bias=self.dt_bias[...])
+        gates = pallas_decode.Gates(self.lam_bias, self.fixed_lam, self.allow_neg_eigval,
+                                    self.use_decay)
+        o, state, conv = pallas_decode.fused_step(
+            q, k, v, b_lin, lam_lin, a_lin, cache.state, conv, weights,
+            None if mask is None else mask.reshape(B),
+            num_heads=self.num_heads, scale=self.head_dim**-0.5, gates=gates)
+        conv = (None, None, None) if conv is None else conv
+        return o[:, None], LayerCache(state, *conv)
 
 
 # ----------------------------------------------------------------------------- Linen interop

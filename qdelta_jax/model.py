@@ -12,7 +12,9 @@ Decoding computes the same function as training:
   L > 1 (prefill) runs the chunked op with the cached state as ``initial_state``; L == 1 runs
   :func:`qdelta_jax.reference.qdelta_step`, the single copy of the update. Both carry the short
   conv caches. Prefill then steps reproduce the full forward's logits at every position.
-* :func:`generate` is one jitted program (``lax.scan`` over new tokens). Prompts of different
+* :func:`compiled_step` is ``step`` as one compiled program with a donated cache.
+* :func:`generate` is one jitted program (masked prefill, then a ``lax.while_loop`` over new
+  tokens that stops when every row has emitted ``eos_id``). Prompts of different
   lengths: ``prompt[b, :prompt_lengths[b]]`` is row b's prompt (right padding, the natural
   layout); rows are moved to left padding internally and the pad positions are masked (zero
   conv input, ``beta = g = 0``), so the state after the prompt is what the unpadded prompt
@@ -658,14 +660,27 @@ class QDeltaLM(nnx.Module):
     ) -> tuple[Float[Array, "B L vocab"], ModelCache]:
         """Continues decoding: logits for ``tokens`` given the cache, and the new cache.
 
-        L > 1 runs the chunked op (prefill), L == 1 the one-token update. ``mask`` (False at
-        left padding) keeps pad positions from touching the state and the conv caches.
+        L > 1 runs the chunked op (prefill), L == 1 the one-token update (the fused Pallas
+        kernel where the layers' ``decode_implementation()`` is ``"pallas"``, the GPU default).
+        ``mask`` (False at left padding, or at rows that have finished) keeps those positions
+        from touching the state and the conv caches. :func:`compiled_step` wraps this in one
+        compiled program that donates the cache.
+
+        Raises ValueError for a cache of another layer count or batch size, or a mask of
+        another shape than ``tokens``.
         """
         self._check_tokens(tokens)
+        B = tokens.shape[0]
+        if mask is not None and tuple(mask.shape) != tuple(tokens.shape):
+            raise ValueError(f"mask must have the shape of tokens {list(tokens.shape)}, got "
+                             f"{list(mask.shape)}")
         if self.config.scan_layers:
             return self._scan_step(tokens, cache, mask)
-        if len(cache) != len(self.blocks):
-            raise ValueError(f"cache has {len(cache)} layers, the model {len(self.blocks)}")
+        if not isinstance(cache, (tuple, list)) or len(cache) != len(self.blocks):
+            n = len(cache) if isinstance(cache, (tuple, list)) else type(cache).__name__
+            raise ValueError(f"cache has {n} layers, the model {len(self.blocks)} (a tuple of "
+                             "LayerCache, as init_cache returns)")
+        _check_cache_batch(LayerCache(*cache[0]).state.shape[0], B)
         x = self.embed(tokens)
         new = []
         for block, layer_cache in zip(self.blocks, cache, strict=True):
@@ -680,6 +695,7 @@ class QDeltaLM(nnx.Module):
                 f"with scan_layers the cache is one LayerCache with a leading [{L}] axis (as "
                 "init_cache returns)"
             )
+        _check_cache_batch(cache.state.shape[1], tokens.shape[0])
         graphdef, params = nnx.split(self.blocks)
 
         def body(x, xs):
@@ -688,6 +704,33 @@ class QDeltaLM(nnx.Module):
 
         x, new = jax.lax.scan(body, self.embed(tokens), (params, cache))
         return self._logits(x), LayerCache(*new)
+
+
+def _check_cache_batch(cache_batch: int, batch: int) -> None:
+    if cache_batch != batch:
+        raise ValueError(f"the cache holds {cache_batch} sequences but tokens has batch size "
+                         f"{batch}; make it with init_cache({batch})")
+
+
+@partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("cache",))
+def _jit_step(graphdef, state, tokens, cache, mask):
+    return nnx.merge(graphdef, state).step(tokens, cache, mask=mask)
+
+
+def compiled_step(model: QDeltaLM):
+    """``model.step`` as one compiled program (every layer, the embedding and the logits) whose
+    cache argument is donated, so each layer's state is updated in place.
+
+    Returns ``step(tokens [B, L], cache, mask=None) -> (logits [B, L, vocab], new_cache)``; the
+    cache passed in must not be used again. The parameters are the model's at the time of the
+    call (a later change to the model is not seen). One compilation per shape of ``tokens``."""
+    graphdef, state = nnx.split(model)
+
+    def step(tokens, cache, mask=None):
+        return _jit_step(graphdef, state, jnp.asarray(tokens), cache,
+                         None if mask is None else jnp.asarray(mask))
+
+    return step
 
 
 def to_scanned(model: QDeltaLM) -> QDeltaLM:
@@ -712,36 +755,65 @@ def to_scanned(model: QDeltaLM) -> QDeltaLM:
 # ----------------------------------------------------------------------------- generation
 
 
-def _sample(logits: Float[Array, "B vocab"], key, temperature: float, top_k: int | None):
+def _sample(logits: Float[Array, "B vocab"], key, temperature: float, top_k: int | None,
+            top_p: float | None = None) -> Int[Array, " B"]:
+    """Next tokens: argmax at temperature 0 (``key`` unused), else a draw from
+    ``softmax(logits / temperature)`` restricted to the ``top_k`` most likely tokens and to the
+    nucleus: the most likely tokens whose more likely predecessors hold less than ``top_p`` of
+    the probability (the most likely token always stays; ties at the edge stay together)."""
     if temperature == 0.0:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    logits = logits / temperature
+    logits = logits.astype(F32) / temperature
     if top_k is not None:
         kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
         logits = jnp.where(logits < kth, -jnp.inf, logits)
+    if top_p is not None and top_p < 1.0:
+        desc = -jnp.sort(-logits, axis=-1)
+        probs = jax.nn.softmax(desc, axis=-1)
+        before = jnp.cumsum(probs, axis=-1) - probs
+        edge = jnp.min(jnp.where(before < top_p, desc, jnp.inf), axis=-1, keepdims=True)
+        logits = jnp.where(logits < edge, -jnp.inf, logits)
     return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 
-@partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "temperature", "top_k"))
-def _generate(graphdef, state, prompt, lengths, rng, *, max_new_tokens, temperature, top_k):
+@partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "temperature", "top_k", "top_p",
+                                   "eos_id"))
+def _generate(graphdef, state, prompt, lengths, rng, *, max_new_tokens, temperature, top_k,
+              top_p, eos_id):
     model = nnx.merge(graphdef, state)
     B, P = prompt.shape
+    N = max_new_tokens
     # Right padding -> left padding: row b's prompt ends at position P - 1.
     src = jnp.arange(P)[None, :] - (P - lengths[:, None])
     mask = src >= 0
     tokens = jnp.where(mask, jnp.take_along_axis(prompt, jnp.maximum(src, 0), axis=1), 0)
     logits, cache = model.step(tokens, model.init_cache(B), mask=mask)
-    keys = jax.random.split(rng, max_new_tokens)
-    first = _sample(logits[:, -1], keys[0], temperature, top_k)
+    keys = jax.random.split(rng, N)
+    sample = partial(_sample, temperature=temperature, top_k=top_k, top_p=top_p)
+    first = sample(logits[:, -1], keys[0])
+    fill = 0 if eos_id is None else eos_id
+    out = jnp.full((B, N), fill, jnp.int32).at[:, 0].set(first)
+    done = jnp.zeros((B,), bool) if eos_id is None else first == eos_id
 
-    def body(carry, key):
-        tok, cache = carry
-        logits, cache = model.step(tok[:, None], cache)
-        nxt = _sample(logits[:, 0], key, temperature, top_k)
-        return (nxt, cache), nxt
+    def cond(carry):
+        i, _, _, done, _, _ = carry
+        return (i < N) & ~jnp.all(done)
 
-    _, rest = jax.lax.scan(body, (first, cache), keys[1:])
-    return jnp.concatenate([first[:, None], rest.T], axis=1)
+    def body(carry):
+        i, tok, cache, done, out, n = carry
+        # Finished rows are masked: their state and conv caches stay as they are.
+        live = None if eos_id is None else ~done[:, None]
+        logits, cache = model.step(tok[:, None], cache, mask=live)
+        nxt = jnp.where(done, fill, sample(logits[:, 0], keys[i]))
+        out = jax.lax.dynamic_update_slice(out, nxt[:, None], (0, i))
+        n = n + (~done).astype(jnp.int32)
+        if eos_id is not None:
+            done = done | (nxt == eos_id)
+        return i + 1, nxt, cache, done, out, n
+
+    init = (jnp.int32(1), first, cache, done, out, jnp.ones((B,), jnp.int32))
+    _, _, _, _, out, n = jax.lax.while_loop(cond, body, init)
+    return out, n
 
 
 def generate(
@@ -751,45 +823,77 @@ def generate(
     *,
     temperature: float = 1.0,
     top_k: int | None = None,
+    top_p: float | None = None,
     rng: jax.Array | None = None,
     prompt_lengths: Int[Array, " B"] | None = None,
-) -> Int[Array, "B max_new_tokens"]:
-    """Samples ``max_new_tokens`` tokens after each prompt; returns only the new tokens.
+    eos_id: int | None = None,
+    return_lengths: bool = False,
+):
+    """Samples up to ``max_new_tokens`` tokens after each prompt; returns only the new tokens.
 
-    One compiled program: a masked prefill (chunked op) then ``lax.scan`` of one-token steps.
+    One compiled program: a masked prefill (chunked op), then a ``lax.while_loop`` of one-token
+    steps that ends when every row has emitted ``eos_id`` or after ``max_new_tokens`` tokens.
 
     Args:
-      prompt: ``[B, P]`` int tokens. Row b's prompt is ``prompt[b, :prompt_lengths[b]]``
-        (right padding; what follows is ignored). Internally rows are left-padded and the pad
-        positions masked, so each row generates exactly what it would generate alone.
+      prompt: ``[B, P]`` int tokens in ``[0, vocab_size)``. Row b's prompt is
+        ``prompt[b, :prompt_lengths[b]]`` (right padding; what follows is ignored). Internally
+        rows are left-padded and the pad positions masked, so each row generates exactly what
+        it would generate alone.
       max_new_tokens: >= 1.
-      temperature: 0 means greedy (argmax); otherwise logits are divided by it.
+      temperature: 0 means greedy (argmax; no ``rng`` needed); otherwise logits are divided by it.
       top_k: sample among the k most likely tokens only (``None``: all).
+      top_p: nucleus sampling, in ``(0, 1]``: sample among the most likely tokens whose more
+        likely predecessors hold less than ``top_p`` of the probability (``None`` or 1: all).
+        With ``top_k`` too, the nucleus is taken of the top-k distribution.
       rng: a PRNG key, required when ``temperature > 0``.
       prompt_lengths: ``[B]`` ints in ``[1, P]`` (``None``: every row has length P).
+      eos_id: end-of-sequence token: a row stops after emitting it (the token is kept, later
+        positions hold ``eos_id``, and the row's state is no longer updated). ``None``: every
+        row generates ``max_new_tokens``.
+      return_lengths: also return the generated lengths ``[B]`` int32 (the number of tokens up
+        to and including the row's first ``eos_id``; ``max_new_tokens`` for a row without one).
+
+    Returns:
+      ``tokens [B, max_new_tokens]`` int32, or ``(tokens, lengths)`` with ``return_lengths``.
 
     Raises:
-      ValueError for an empty prompt, lengths outside ``[1, P]``, bad temperature/top_k, or a
-      missing rng.
+      ValueError for an empty prompt, prompt ids outside the vocabulary, lengths outside
+      ``[1, P]``, bad ``max_new_tokens``, ``temperature``, ``top_k``, ``top_p`` or ``eos_id``,
+      or a missing rng.
     """
+    vocab = model.config.vocab_size
     prompt = jnp.asarray(prompt)
     if prompt.ndim != 2 or not jnp.issubdtype(prompt.dtype, jnp.integer):
-        raise ValueError(f"prompt must be an integer array [B, P], got {list(prompt.shape)}")
+        raise ValueError(f"prompt must be an integer array [B, P], got {prompt.dtype} "
+                         f"{list(prompt.shape)}")
     B, P = prompt.shape
     if P < 1:
         raise ValueError("prompt must hold at least one token (P >= 1)")
-    if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
+    if not isinstance(prompt, jax.core.Tracer):
+        pv = np.asarray(prompt)
+        if B and (pv.min() < 0 or pv.max() >= vocab):
+            raise ValueError(f"prompt ids must lie in [0, vocab_size = {vocab}), got ids from "
+                             f"{pv.min()} to {pv.max()}")
+    if (not isinstance(max_new_tokens, (int, np.integer)) or isinstance(max_new_tokens, bool)
+            or max_new_tokens < 1):
         raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
     temperature = float(temperature)
     if not math.isfinite(temperature) or temperature < 0:
         raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
     if top_k is not None and (not isinstance(top_k, (int, np.integer))
-                              or not 1 <= top_k <= model.config.vocab_size):
+                              or not 1 <= top_k <= vocab):
         raise ValueError(f"top_k must be None or in [1, vocab_size], got {top_k!r}")
+    if top_p is not None:
+        top_p = float(top_p)
+        if not 0.0 < top_p <= 1.0:
+            raise ValueError(f"top_p must be None or in (0, 1], got {top_p}")
+    if eos_id is not None and (not isinstance(eos_id, (int, np.integer))
+                               or not 0 <= eos_id < vocab):
+        raise ValueError(f"eos_id must be None or in [0, vocab_size = {vocab}), got {eos_id!r}")
     if temperature > 0 and rng is None:
         raise ValueError("rng (a PRNG key) is required when temperature > 0")
     if rng is None:
-        rng = jax.random.key(0)
+        rng = jax.random.key(0)  # unused by greedy decoding
     if prompt_lengths is None:
         lengths = jnp.full((B,), P, jnp.int32)
     else:
@@ -806,6 +910,9 @@ def generate(
                 )
         lengths = lengths.astype(jnp.int32)
     graphdef, state = nnx.split(model)
-    return _generate(graphdef, state, prompt.astype(jnp.int32), lengths, rng,
-                     max_new_tokens=int(max_new_tokens), temperature=temperature,
-                     top_k=None if top_k is None else int(top_k))
+    out, n = _generate(graphdef, state, prompt.astype(jnp.int32), lengths, rng,
+                       max_new_tokens=int(max_new_tokens), temperature=temperature,
+                       top_k=None if top_k is None else int(top_k),
+                       top_p=None if top_p is None or top_p == 1.0 else top_p,
+                       eos_id=None if eos_id is None else int(eos_id))
+    return (out, n) if return_lengths else out

@@ -1,0 +1,150 @@
+"""``qdelta-generate RUN_DIR PROMPT``: byte-level text generation from a ``qdelta-train`` run.
+
+Restores the run's latest good checkpoint (as ``qdelta-eval`` does), encodes the prompt as UTF-8
+bytes (token ids 0-255), prefills it in one step and streams the continuation to stdout one
+token at a time: each token is one compiled program (the model's step with a donated cache, and
+the sampling). Bytes that do not yet form a whole UTF-8 character are held back until they do;
+invalid sequences print as U+FFFD.
+
+Byte-level runs: ``--task text`` on UTF-8 files (ids 0-255 the bytes, 256 the end-of-document
+token, the default ``--eos-id`` of such runs; the vocabulary is padded beyond it) and niah.
+Generated ids above 255 print nothing. Generation stops at ``--max-new-tokens`` or after
+``--eos-id``. With the same ``--seed`` the
+tokens are those of :func:`qdelta_jax.model.generate` for the same prompt and key.
+"""
+
+from __future__ import annotations
+
+import argparse
+import codecs
+import dataclasses
+import math
+import sys
+from pathlib import Path
+
+from qdelta_jax.train.data import BYTE_EOS
+from qdelta_jax.train.trainer import UsageError
+
+PROG = "qdelta-generate"
+BYTES = 256
+
+
+def load_model(run_dir: Path, implementation: str | None = None):
+    """The :class:`qdelta_jax.model.QDeltaLM` of a run directory's latest checkpoint and its
+    step. ``implementation`` overrides the run's (the config's other fields stay)."""
+    import jax
+    from flax import nnx
+
+    from qdelta_jax.model import QDeltaLM
+    from qdelta_jax.train.evaluate import load_run
+
+    args, cfg, _, state, step = load_run(run_dir)
+    if implementation is not None:
+        cfg = dataclasses.replace(cfg, implementation=implementation)
+    graphdef, params = nnx.split(nnx.eval_shape(lambda: QDeltaLM(cfg, rngs=nnx.Rngs(0))))
+    nnx.replace_by_pure_dict(params, jax.device_get(state["params"]))
+    return nnx.merge(graphdef, params), step, args
+
+
+def _check_options(a) -> None:
+    if a.max_new_tokens < 1:
+        raise UsageError(f"--max-new-tokens must be >= 1, got {a.max_new_tokens}",
+                         "--max-new-tokens")
+    if not math.isfinite(a.temperature) or a.temperature < 0:
+        raise UsageError(f"--temperature must be >= 0 (0 = greedy), got {a.temperature}",
+                         "--temperature")
+    if not 0.0 < a.top_p <= 1.0:
+        raise UsageError(f"--top-p must be in (0, 1], got {a.top_p}", "--top-p")
+    if not a.prompt:
+        raise UsageError("PROMPT must not be empty", "PROMPT")
+
+
+def _check_run(a, run_args, vocab: int) -> None:
+    data = str(run_args.data or "")
+    if run_args.task == "text" and data.endswith(".npy"):
+        raise UsageError(f"RUN_DIR was trained on pre-tokenised ids ({data}), not bytes; "
+                         "qdelta-generate is byte level", "RUN_DIR")
+    if vocab < BYTES:
+        raise UsageError(f"RUN_DIR's model has a vocabulary of {vocab}, fewer than the 256 "
+                         "bytes that byte-level generation needs", "RUN_DIR")
+    if a.eos_id is not None and not 0 <= a.eos_id < vocab:
+        raise UsageError(f"--eos-id must be in [0, {vocab}), the run's vocabulary, got "
+                         f"{a.eos_id}", "--eos-id")
+
+
+def stream(model, prompt_ids: list[int], *, max_new_tokens: int, temperature: float,
+           top_p: float, seed: int, eos_id: int | None, write) -> list[int]:
+    """Prefills ``prompt_ids`` and generates, calling ``write(token)`` after each new token;
+    returns the new tokens (the last one ``eos_id`` if it stopped there)."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from qdelta_jax.model import _sample, compiled_step
+
+    graphdef, state = nnx.split(model)
+    sample = jax.jit(lambda logits, key: _sample(
+        logits, key, temperature, None, None if top_p == 1.0 else top_p))
+
+    def _next(state, tok, cache, key):
+        logits, cache = nnx.merge(graphdef, state).step(tok[:, None], cache)
+        return sample(logits[:, 0], key), cache
+
+    step = jax.jit(_next, donate_argnums=(2,))
+    keys = jax.random.split(jax.random.key(seed), max_new_tokens)
+    logits, cache = compiled_step(model)(jnp.asarray([prompt_ids], jnp.int32),
+                                         model.init_cache(1))
+    tok = sample(logits[:, -1], keys[0])
+    out = []
+    for i in range(max_new_tokens):
+        t = int(tok[0])
+        out.append(t)
+        write(t)
+        if t == eos_id or i + 1 == max_new_tokens:
+            break
+        tok, cache = step(state, tok, cache, keys[i + 1])
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog=PROG, description="Generate text (byte level) from a "
+                                "qdelta-train run directory; the continuation is streamed.")
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("prompt", metavar="PROMPT", help="prompt text (UTF-8)")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--eos-id", type=int, default=None,
+                   help="stop after this token (default: the end-of-document token 256 for "
+                   "--task text runs, else none)")
+    p.add_argument("--implementation", choices=["reference", "xla", "pallas"], default=None,
+                   help="override the run's qdelta_rule implementation")
+    a = p.parse_args(argv)
+    out = sys.stdout
+    try:
+        _check_options(a)
+        model, _, run_args = load_model(Path(a.run_dir), a.implementation)
+        _check_run(a, run_args, model.config.vocab_size)
+        if a.eos_id is None and run_args.task == "text":
+            a.eos_id = BYTE_EOS
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+        def write(t: int):
+            if t < BYTES:
+                out.write(decoder.decode(bytes([t])))
+                out.flush()
+
+        stream(model, list(a.prompt.encode("utf-8")), max_new_tokens=a.max_new_tokens,
+               temperature=a.temperature, top_p=a.top_p, seed=a.seed, eos_id=a.eos_id,
+               write=write)
+        out.write(decoder.decode(b"", final=True) + "\n")
+        out.flush()
+    except UsageError as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
