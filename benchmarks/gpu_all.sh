@@ -103,7 +103,7 @@ for s in $sections; do
         ;;
     decode)
         step decode ${DECODE_LIMIT:-240} "$PY" benchmarks/decode.py --preset 340m \
-            --batch-sizes 1,16,64 --scan-layers --json "$OUT_DIR/decode.json"
+            --batch-sizes 1,16,64,256 --scan-layers --json "$OUT_DIR/decode.json"
         ;;
     train)
         OUT=$OUT_DIR STEPS=${STEPS:-50} SEQ=${SEQ:-2048} BATCH_PER_GPU=${BATCH_PER_GPU:-8} \
