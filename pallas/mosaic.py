@@ -103,17 +103,23 @@ class MosaicConfig:
             )
 
 
-def smem_bytes(K: int, C: int, BV: int, itemsize: int, steps: int, out_itemsize: int) -> int:
+def smem_bytes(K: int, C: int, BV: int, itemsize: int, steps: int, out_itemsize: int,
+               residuals: bool = False, segmented: bool = False) -> int:
     """Shared memory of one CTA: ``steps`` pipeline buffers of ``Q, K, W`` (``[C, K]``), ``U``
-    and ``O`` (``[C, BV]``) and ``G`` (``[C]`` float32), plus ``h`` (``[K, BV]``), ``D`` and the
-    decayed ``D`` (``[C, BV]``) in the compute dtype and the float32 ``[K, BV]`` buffer that
-    carries ``h0`` in and the final state out."""
+    and ``O`` (``[C, BV]``), ``G`` (``[C]`` float32) and with ``segmented`` the two ``[C]``
+    int32 id vectors; ``h`` (``[K, BV]``) and ``D`` (``[C, BV]``) in the compute dtype, once as
+    scratch or, with ``residuals``, ``steps`` times as output buffers; the decayed ``D`` and the
+    float32 ``[K, BV]`` buffer that carries ``h0`` in and the final state out."""
+    hd = (K * BV + C * BV) * itemsize
     per_step = 3 * C * K * itemsize + C * BV * (itemsize + out_itemsize) + 4 * C
-    return steps * per_step + (K * BV + 2 * C * BV) * itemsize + 4 * K * BV
+    per_step += 8 * C if segmented else 0
+    per_step += hd if residuals else 0
+    return steps * per_step + (0 if residuals else hd) + C * BV * itemsize + 4 * K * BV
 
 
 def check_supported(*, K: int, V: int, C: int, dtype, out_dtype=None,
-                    cfg: MosaicConfig | None = None) -> None:
+                    cfg: MosaicConfig | None = None, residuals: bool = False,
+                    segmented: bool = False) -> None:
     """Raises ``ValueError`` naming the first size, dtype or setting this kernel does not take
     (see the module docstring)."""
     cfg = cfg or MosaicConfig()
@@ -130,10 +136,12 @@ def check_supported(*, K: int, V: int, C: int, dtype, out_dtype=None,
     if V % cfg.block_v:
         raise ValueError(f"V={V} is not a multiple of block_v={cfg.block_v}")
     osz = jnp.dtype(out_dtype or dt).itemsize
-    need = smem_bytes(K, C, cfg.block_v, dt.itemsize, cfg.max_concurrent_steps, osz)
+    need = smem_bytes(K, C, cfg.block_v, dt.itemsize, cfg.max_concurrent_steps, osz,
+                      residuals, segmented)
     if need > SMEM_BYTES:
         raise ValueError(
-            f"K={K}, block_v={cfg.block_v}, max_concurrent_steps={cfg.max_concurrent_steps} need"
+            f"K={K}, block_v={cfg.block_v}, max_concurrent_steps={cfg.max_concurrent_steps}"
+            f"{', residuals' if residuals else ''}{', seg' if segmented else ''} need"
             f" {need} bytes of shared memory per CTA, more than {SMEM_BYTES}"
         )
 
@@ -165,10 +173,20 @@ def _cols(x, shape):
     return lax.broadcast_in_dim(x, shape, [1])
 
 
-def _kernel(q_ref, k_ref, w_ref, u_ref, g_ref, h0_ref, o_ref, fin_ref,
-            h_s, d_s, dd_s, f_s, bar, *, C, NC, BV, scale, steps, dt):
+def _kernel(*refs, C, NC, H, BV, scale, steps, dt, residuals, segmented):
+    n_in = 7 if segmented else 5
+    n_out = 4 if residuals else 2
+    ins = refs[:n_in]
+    h0_ref = refs[n_in]
+    outs = refs[n_in + 1:n_in + 1 + n_out]
+    o_ref, fin_ref = outs[:2]
+    scratch = list(refs[n_in + 1 + n_out:])
+    if not residuals:  # h and D only feed the wgmmas: scratch buffers instead of outputs
+        h_scr, d_scr = scratch[:2]
+        scratch = scratch[2:]
+    dd_s, f_s, bar = scratch
     b, h, j = lax.axis_index("b"), lax.axis_index("h"), lax.axis_index("v")
-    K = q_ref.shape[-1]
+    K = ins[0].shape[-1]
     vs = pl.ds(j * BV, BV)
     plgpu.copy_gmem_to_smem(h0_ref.at[b, h, :, vs], f_s, bar)
     plgpu.barrier_wait(bar)
@@ -179,7 +197,29 @@ def _kernel(q_ref, k_ref, w_ref, u_ref, g_ref, h0_ref, o_ref, fin_ref,
     col = plgpu.broadcasted_iota(jnp.int32, (C, C), 1, layout=plgpu.Layout.WGMMA)
     causal = row >= col
 
-    def chunk(_, q_s, k_s, w_s, u_s, g_s, o_s, state):
+    def chunk(_, *refs):
+        q_s, k_s, w_s, u_s, g_s = refs[:5]
+        seg_s, segp_s = refs[5:7] if segmented else (None, None)
+        o_s, *res_s = refs[n_in:n_in + n_out - 1]
+        state = refs[-1]
+        h_s, d_s = res_s if residuals else (h_scr, d_scr)
+        Gi = _load(g_s, plgpu.Layout.WGMMA.reduce(1))  # G along the rows of a [C, *] tile
+        Gj = _load(g_s, plgpu.Layout.WGMMA.reduce(0))  # and along its columns
+        gC = g_s[C - 1]
+        if segmented:
+            # ``seg`` does not decrease: the chunk's first and last documents are its ends.
+            si = _load(seg_s, plgpu.Layout.WGMMA.reduce(1))
+            sj = _load(seg_s, plgpu.Layout.WGMMA.reduce(0))
+            s0, sC = seg_s[0], seg_s[C - 1]
+            # A document starting exactly at the chunk start: the state entering it is zero.
+            state = state * jnp.where(segp_s[0] == s0, 1.0, 0.0).astype(F32)
+            first, last = si == s0, si == sC
+            gam = jnp.where(first, jnp.exp(jnp.where(first, Gi, 0.0)), 0.0)
+            e = jnp.where(last, jnp.exp(jnp.where(last, gC - Gi, 0.0)), 0.0)
+            aC = jnp.where(s0 == sC, jnp.exp(gC), 0.0).astype(F32)
+            mask = causal & (_rows(si, (C, C)) == _cols(sj, (C, C)))
+        else:
+            gam, e, aC, mask = jnp.exp(Gi), jnp.exp(gC - Gi), jnp.exp(gC), causal
         h_s[...] = state.astype(dt)
         plgpu.commit_smem()  # h is read by wgmma (the async proxy) below
 
@@ -192,17 +232,13 @@ def _kernel(q_ref, k_ref, w_ref, u_ref, g_ref, h0_ref, o_ref, fin_ref,
         wh, qh, qk = pl.run_scoped(
             products, plgpu.ACC((C, BV), F32), plgpu.ACC((C, BV), F32), plgpu.ACC((C, C), F32)
         )
-        # G indexed by the rows and by the columns of a [C, *] accumulator
-        Gi = _load(g_s, plgpu.Layout.WGMMA.reduce(1))
-        Gj = _load(g_s, plgpu.Layout.WGMMA.reduce(0))
-        gC = g_s[C - 1]
         D = _load(u_s, plgpu.Layout.WGMMA).astype(F32) - wh
         d_s[...] = D.astype(dt)
-        dd_s[...] = (D * _rows(jnp.exp(gC - Gi), D.shape)).astype(dt)
+        dd_s[...] = (D * _rows(e, D.shape)).astype(dt)
         plgpu.commit_smem()
-        # exp(G_i - G_j) only where i >= j, so the exponent never overflows
-        diff = jnp.where(causal, _rows(Gi, (C, C)) - _cols(Gj, (C, C)), 0.0)
-        P = jnp.where(causal, qk * jnp.exp(diff), 0.0).astype(dt)
+        # exp(G_i - G_j) only where the mask holds, so the exponent never overflows
+        diff = jnp.where(mask, _rows(Gi, (C, C)) - _cols(Gj, (C, C)), 0.0)
+        P = jnp.where(mask, qk * jnp.exp(diff), 0.0).astype(dt)
 
         def updates(accs):
             acc_o, acc_h = accs
@@ -210,7 +246,7 @@ def _kernel(q_ref, k_ref, w_ref, u_ref, g_ref, h0_ref, o_ref, fin_ref,
             plgpu.wgmma(acc_h, k_s.T, dd_s)
 
         o, state = pl.run_state(updates)(
-            (plgpu.ACC.init(_rows(jnp.exp(Gi), qh.shape) * qh), plgpu.ACC.init(jnp.exp(gC) * state))
+            (plgpu.ACC.init(_rows(gam, qh.shape) * qh), plgpu.ACC.init(aC * state))
         )
         o_s[...] = (scale * o).astype(o_s.dtype)
         return state
@@ -218,38 +254,56 @@ def _kernel(q_ref, k_ref, w_ref, u_ref, g_ref, h0_ref, o_ref, fin_ref,
     tk, tv = _transforms(K, dt), _transforms(BV, dt)
     rows_k = lambda c: (b, c, h, 0)  # noqa: E731
     rows_v = lambda c: (b, c, h, j)  # noqa: E731
+    in_specs = [
+        plgpu.BlockSpec((None, C, None, K), rows_k, transforms=tk),  # q
+        plgpu.BlockSpec((None, C, None, K), rows_k, transforms=tk),  # k
+        plgpu.BlockSpec((None, C, None, K), rows_k, transforms=tk),  # W
+        plgpu.BlockSpec((None, C, None, BV), rows_v, transforms=tv),  # U
+        plgpu.BlockSpec((None, None, C), lambda c: (b, h, c)),  # G, [B, H, Tp]
+    ]
+    if segmented:  # seg and seg shifted by one token, [B, Tp]
+        in_specs += [plgpu.BlockSpec((None, C), lambda c: (b, c))] * 2
+    out_specs = [plgpu.BlockSpec((None, C, None, BV), rows_v, transforms=tv)]  # O
+    if residuals:
+        out_specs += [
+            # h_in as [B NC H K, V]: one 2-D TMA copy of [K, BV] per chunk
+            plgpu.BlockSpec((K, BV), lambda c: ((b * NC + c) * H + h, j), transforms=tv),
+            plgpu.BlockSpec((None, C, None, BV), rows_v, transforms=tv),  # D
+        ]
     final = plgpu.emit_pipeline(
         chunk,
         grid=(NC,),
-        in_specs=[
-            plgpu.BlockSpec((None, C, None, K), rows_k, transforms=tk),  # q
-            plgpu.BlockSpec((None, C, None, K), rows_k, transforms=tk),  # k
-            plgpu.BlockSpec((None, C, None, K), rows_k, transforms=tk),  # W
-            plgpu.BlockSpec((None, C, None, BV), rows_v, transforms=tv),  # U
-            plgpu.BlockSpec((None, None, C), lambda c: (b, h, c)),  # G, [B, H, Tp]
-        ],
-        out_specs=[plgpu.BlockSpec((None, C, None, BV), rows_v, transforms=tv)],  # O
+        in_specs=in_specs,
+        out_specs=out_specs,
         max_concurrent_steps=steps,
         init_carry=state0,
-    )(q_ref, k_ref, w_ref, u_ref, g_ref, o_ref)
+    )(*ins, *outs[:1], *outs[2:])
     f_s[...] = final
     plgpu.commit_smem()
     plgpu.copy_smem_to_gmem(f_s, fin_ref.at[b, h, :, vs])
     plgpu.wait_smem_to_gmem(0)
 
 
-def state_output(q, k, G, W, U, h0, *, scale: float, out_dtype=None, C: int = CHUNK,
-                 cfg: MosaicConfig | None = None):
-    """The fused state pass and output of the unpacked forward.
+def state_output(q, k, G, W, U, h0, seg=None, *, scale: float, out_dtype=None,
+                 residuals: bool = False, C: int = CHUNK, cfg: MosaicConfig | None = None):
+    """The fused state pass and output of the chunked forward.
 
     Args (the padded layout of :mod:`qdelta_jax.packing`, ``Tp = NC C``): ``q, k, W``
     ``[B, Tp, H, K]`` and ``U [B, Tp, H, V]`` in the compute dtype (bfloat16 or float16),
     ``G [B, Tp, H]`` float32 (the within-chunk cumulative log decay,
-    :func:`qdelta_jax.packing.chunk_cumsum`), ``h0 [B, H, K, V]`` (the state of row ``b``
-    at chunk 0).
+    :func:`qdelta_jax.packing.chunk_cumsum`, restarting at documents when ``seg`` is given),
+    ``h0 [B, H, K, V]`` (the state of row ``b`` at chunk 0).
+    ``seg``: ``None`` (one sequence per row) or ``[B, Tp]`` int32 document ids of the
+    row-aligned packed layout (non-decreasing along each row): no decay, intra-chunk term or
+    carried state crosses a change of id, and the state is zero entering a chunk whose first
+    token starts a document (chunk 0 excepted: it starts from ``h0``, which is zero for packed
+    rows). ``residuals``: also return what the backward needs.
 
-    Returns ``O [B, Tp, H, V]`` in ``out_dtype`` (default: ``q``'s dtype) and the final states
-    ``[B, H, K, V]`` float32.
+    Returns ``(O, final)``, or ``(O, final, h_in, D)`` with ``residuals``: ``O [B, Tp, H, V]``
+    in ``out_dtype`` (default: ``q``'s dtype), the state leaving the last chunk of each row
+    ``final [B, H, K, V]`` float32, and as :func:`qdelta_jax.pallas.forward.state_pass` writes
+    them, the chunk-entry states ``h_in [B, NC, H, K, V]`` and the writes
+    ``D = U - W h [B, Tp, H, V]``, both in the compute dtype.
 
     Raises ``RuntimeError`` without Mosaic GPU, ``ValueError`` for shapes and dtypes it does
     not take (:func:`check_supported`)."""
@@ -259,38 +313,58 @@ def state_output(q, k, G, W, U, h0, *, scale: float, out_dtype=None, C: int = CH
     V = U.shape[-1]
     dt = jnp.dtype(q.dtype)
     out_dtype = jnp.dtype(out_dtype or dt)
-    check_supported(K=K, V=V, C=C, dtype=dt, out_dtype=out_dtype, cfg=cfg)
-    for name, x, shape in (("k", k, (B, Tp, H, K)), ("W", W, (B, Tp, H, K)),
-                           ("U", U, (B, Tp, H, V)), ("G", G, (B, Tp, H)),
-                           ("h0", h0, (B, H, K, V))):
+    segmented = seg is not None
+    check_supported(K=K, V=V, C=C, dtype=dt, out_dtype=out_dtype, cfg=cfg,
+                    residuals=residuals, segmented=segmented)
+    shapes = [("k", k, (B, Tp, H, K)), ("W", W, (B, Tp, H, K)), ("U", U, (B, Tp, H, V)),
+              ("G", G, (B, Tp, H)), ("h0", h0, (B, H, K, V))]
+    if segmented:
+        shapes.append(("seg", seg, (B, Tp)))
+    for name, x, shape in shapes:
         if tuple(x.shape) != shape:
             raise ValueError(f"{name} has shape {tuple(x.shape)}, expected {shape}")
     for name, x in (("k", k), ("W", W), ("U", U)):
         if jnp.dtype(x.dtype) != dt:
             raise ValueError(f"{name} has dtype {jnp.dtype(x.dtype).name}, expected {dt.name}")
+    if segmented and not jnp.issubdtype(seg.dtype, jnp.integer):
+        raise ValueError(f"seg must hold integer document ids, got dtype {seg.dtype}")
     if Tp % C:
         raise ValueError(f"q has {Tp} time steps, not a multiple of chunk_size={C}")
     NC, BV = Tp // C, cfg.block_v
     steps = min(cfg.max_concurrent_steps, NC)
     semantics = {"warpgroup": plgpu.LoweringSemantics.Warpgroup,
                  "lane": plgpu.LoweringSemantics.Lane}[cfg.lowering_semantics]
-    kernel = functools.partial(_kernel, C=C, NC=NC, BV=BV, scale=float(scale), steps=steps,
-                               dt=dt)
+    kernel = functools.partial(_kernel, C=C, NC=NC, H=H, BV=BV, scale=float(scale),
+                               steps=steps, dt=dt, residuals=residuals, segmented=segmented)
+    out_type = [jax.ShapeDtypeStruct((B, Tp, H, V), out_dtype),
+                jax.ShapeDtypeStruct((B, H, K, V), F32)]
+    scratch = [plgpu.SMEM((C, BV), dt, transforms=_transforms(BV, dt)),  # exp(G_C - G) D
+               plgpu.SMEM((K, BV), F32, transforms=_transforms(BV, F32)),  # h0 in, final out
+               plgpu.Barrier()]
+    if residuals:  # h and D are written from the pipeline's output buffers
+        out_type += [jax.ShapeDtypeStruct((B * NC * H * K, V), dt),
+                     jax.ShapeDtypeStruct((B, Tp, H, V), dt)]
+    else:
+        scratch = [plgpu.SMEM((K, BV), dt, transforms=_transforms(BV, dt)),  # h
+                   plgpu.SMEM((C, BV), dt, transforms=_transforms(BV, dt))] + scratch  # D
     call = plgpu.kernel(
         kernel,
-        out_type=(jax.ShapeDtypeStruct((B, Tp, H, V), out_dtype),
-                  jax.ShapeDtypeStruct((B, H, K, V), F32)),
-        scratch_types=[
-            plgpu.SMEM((K, BV), dt, transforms=_transforms(BV, dt)),  # h
-            plgpu.SMEM((C, BV), dt, transforms=_transforms(BV, dt)),  # D
-            plgpu.SMEM((C, BV), dt, transforms=_transforms(BV, dt)),  # exp(G_C - G) D
-            plgpu.SMEM((K, BV), F32, transforms=_transforms(BV, F32)),  # h0 in, final out
-            plgpu.Barrier(),
-        ],
+        out_type=tuple(out_type),
+        scratch_types=scratch,
         grid=(B, H, V // BV),
         grid_names=("b", "h", "v"),
         compiler_params=plgpu.CompilerParams(lowering_semantics=semantics),
     )
     # G time-minor, so that one chunk of it is one contiguous 256-byte TMA copy.
-    Gt = jnp.swapaxes(G.astype(F32), 1, 2)
-    return call(q, k, W, U, Gt, h0.astype(F32))
+    args = [q, k, W, U, jnp.swapaxes(G.astype(F32), 1, 2)]
+    if segmented:
+        seg = seg.astype(jnp.int32)
+        # The id of the token before each one (the first token's own at t = 0): a chunk whose
+        # first token differs from its predecessor starts a document.
+        segp = jnp.concatenate([seg[:, :1], seg[:, :-1]], axis=1)
+        args += [seg, segp]
+    out = call(*args, h0.astype(F32))
+    if residuals:
+        o, final, h_in, D = out
+        return o, final, h_in.reshape(B, NC, H, K, V), D
+    return out
