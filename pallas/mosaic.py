@@ -84,11 +84,17 @@ class MosaicConfig:
     start only after this chunk's math; 2 or more: they overlap it).
     ``lowering_semantics``: ``"lane"`` (register layouts as the kernel states them) or
     ``"warpgroup"`` (Pallas infers them; jax 0.11.2 finds no solution for this kernel, after
-    minutes of search)."""
+    minutes of search).
+    ``scale_operands``: where the float32 decays meet the rounded matmul operands. ``False``:
+    ``gamma`` scales the product ``Q h`` and ``exp(G_C - G)`` the rows of ``D`` (a second
+    ``[C, BV]`` buffer). ``True``: they scale ``Q`` and ``K`` before rounding, in their pipeline
+    buffers once ``Q K^T`` has read them, the rounding points of :mod:`.forward` and
+    :mod:`qdelta_jax.xla` (``O``, ``h_in``, ``D`` as theirs up to float32 summation order)."""
 
     block_v: int = 64
     max_concurrent_steps: int = 2
     lowering_semantics: str = "lane"
+    scale_operands: bool = False
 
     def __post_init__(self):
         if self.block_v not in (64, 128):
@@ -97,6 +103,8 @@ class MosaicConfig:
             raise ValueError(
                 f"max_concurrent_steps must be an int >= 1, got {self.max_concurrent_steps!r}"
             )
+        if not isinstance(self.scale_operands, bool):
+            raise ValueError(f"scale_operands must be a bool, got {self.scale_operands!r}")
         if self.lowering_semantics not in SEMANTICS:
             raise ValueError(
                 f"lowering_semantics must be one of {SEMANTICS}, got {self.lowering_semantics!r}"
@@ -104,17 +112,20 @@ class MosaicConfig:
 
 
 def smem_bytes(K: int, C: int, BV: int, itemsize: int, steps: int, out_itemsize: int,
-               residuals: bool = False, segmented: bool = False) -> int:
+               residuals: bool = False, segmented: bool = False,
+               scale_operands: bool = False) -> int:
     """Shared memory of one CTA: ``steps`` pipeline buffers of ``Q, K, W`` (``[C, K]``), ``U``
     and ``O`` (``[C, BV]``), ``G`` (``[C]`` float32) and with ``segmented`` the two ``[C]``
     int32 id vectors; ``h`` (``[K, BV]``) and ``D`` (``[C, BV]``) in the compute dtype, once as
-    scratch or, with ``residuals``, ``steps`` times as output buffers; the decayed ``D`` and the
-    float32 ``[K, BV]`` buffer that carries ``h0`` in and the final state out."""
+    scratch or, with ``residuals``, ``steps`` times as output buffers; the decayed ``D`` (not
+    with ``scale_operands``) and the float32 ``[K, BV]`` buffer that carries ``h0`` in and the
+    final state out."""
     hd = (K * BV + C * BV) * itemsize
     per_step = 3 * C * K * itemsize + C * BV * (itemsize + out_itemsize) + 4 * C
     per_step += 8 * C if segmented else 0
     per_step += hd if residuals else 0
-    return steps * per_step + (0 if residuals else hd) + C * BV * itemsize + 4 * K * BV
+    dd = 0 if scale_operands else C * BV * itemsize
+    return steps * per_step + (0 if residuals else hd) + dd + 4 * K * BV
 
 
 def check_supported(*, K: int, V: int, C: int, dtype, out_dtype=None,
@@ -137,7 +148,7 @@ def check_supported(*, K: int, V: int, C: int, dtype, out_dtype=None,
         raise ValueError(f"V={V} is not a multiple of block_v={cfg.block_v}")
     osz = jnp.dtype(out_dtype or dt).itemsize
     need = smem_bytes(K, C, cfg.block_v, dt.itemsize, cfg.max_concurrent_steps, osz,
-                      residuals, segmented)
+                      residuals, segmented, cfg.scale_operands)
     if need > SMEM_BYTES:
         raise ValueError(
             f"K={K}, block_v={cfg.block_v}, max_concurrent_steps={cfg.max_concurrent_steps}"
@@ -173,7 +184,7 @@ def _cols(x, shape):
     return lax.broadcast_in_dim(x, shape, [1])
 
 
-def _kernel(*refs, C, NC, H, BV, scale, steps, dt, residuals, segmented):
+def _kernel(*refs, C, NC, H, BV, scale, steps, dt, residuals, segmented, scale_operands):
     n_in = 7 if segmented else 5
     n_out = 4 if residuals else 2
     ins = refs[:n_in]
@@ -184,7 +195,8 @@ def _kernel(*refs, C, NC, H, BV, scale, steps, dt, residuals, segmented):
     if not residuals:  # h and D only feed the wgmmas: scratch buffers instead of outputs
         h_scr, d_scr = scratch[:2]
         scratch = scratch[2:]
-    dd_s, f_s, bar = scratch
+    dd_s = None if scale_operands else scratch.pop(0)
+    f_s, bar = scratch
     b, h, j = lax.axis_index("b"), lax.axis_index("h"), lax.axis_index("v")
     K = ins[0].shape[-1]
     vs = pl.ds(j * BV, BV)
@@ -222,32 +234,55 @@ def _kernel(*refs, C, NC, H, BV, scale, steps, dt, residuals, segmented):
             gam, e, aC, mask = jnp.exp(Gi), jnp.exp(gC - Gi), jnp.exp(gC), causal
         h_s[...] = state.astype(dt)
         plgpu.commit_smem()  # h is read by wgmma (the async proxy) below
+        if scale_operands:
+            def products(acc_wh, acc_p):
+                plgpu.wgmma(acc_wh, w_s, h_s)
+                plgpu.wgmma(acc_p, q_s, k_s.T)
+                return acc_wh[...], acc_p[...]
 
-        def products(acc_wh, acc_qh, acc_p):
-            plgpu.wgmma(acc_wh, w_s, h_s)
-            plgpu.wgmma(acc_qh, q_s, h_s)
-            plgpu.wgmma(acc_p, q_s, k_s.T)
-            return acc_wh[...], acc_qh[...], acc_p[...]
+            wh, qk = pl.run_scoped(products, plgpu.ACC((C, BV), F32), plgpu.ACC((C, C), F32))
+            # Q K^T has read q and k: their buffers now take gamma Q and exp(G_C - G) K.
+            qv = _load(q_s, plgpu.Layout.WGMMA).astype(F32)
+            kv = _load(k_s, plgpu.Layout.WGMMA).astype(F32)
+            q_s[...] = (qv * _rows(gam, qv.shape)).astype(dt)
+            k_s[...] = (kv * _rows(e, kv.shape)).astype(dt)
+        else:
+            def products(acc_wh, acc_qh, acc_p):
+                plgpu.wgmma(acc_wh, w_s, h_s)
+                plgpu.wgmma(acc_qh, q_s, h_s)
+                plgpu.wgmma(acc_p, q_s, k_s.T)
+                return acc_wh[...], acc_qh[...], acc_p[...]
 
-        wh, qh, qk = pl.run_scoped(
-            products, plgpu.ACC((C, BV), F32), plgpu.ACC((C, BV), F32), plgpu.ACC((C, C), F32)
-        )
+            wh, qh, qk = pl.run_scoped(
+                products, plgpu.ACC((C, BV), F32), plgpu.ACC((C, BV), F32),
+                plgpu.ACC((C, C), F32)
+            )
         D = _load(u_s, plgpu.Layout.WGMMA).astype(F32) - wh
         d_s[...] = D.astype(dt)
-        dd_s[...] = (D * _rows(e, D.shape)).astype(dt)
+        if not scale_operands:
+            dd_s[...] = (D * _rows(e, D.shape)).astype(dt)
         plgpu.commit_smem()
         # exp(G_i - G_j) only where the mask holds, so the exponent never overflows
         diff = jnp.where(mask, _rows(Gi, (C, C)) - _cols(Gj, (C, C)), 0.0)
         P = jnp.where(mask, qk * jnp.exp(diff), 0.0).astype(dt)
 
-        def updates(accs):
-            acc_o, acc_h = accs
-            plgpu.wgmma(acc_o, P, d_s)
-            plgpu.wgmma(acc_h, k_s.T, dd_s)
+        if scale_operands:
+            def updates(accs):
+                acc_o, acc_h = accs
+                plgpu.wgmma(acc_o, q_s, h_s)
+                plgpu.wgmma(acc_o, P, d_s)
+                plgpu.wgmma(acc_h, k_s.T, d_s)
 
-        o, state = pl.run_state(updates)(
-            (plgpu.ACC.init(_rows(gam, qh.shape) * qh), plgpu.ACC.init(aC * state))
-        )
+            o0 = plgpu.ACC.init(
+                plgpu.layout_cast(jnp.full((C, BV), 0, F32), plgpu.Layout.WGMMA))
+        else:
+            def updates(accs):
+                acc_o, acc_h = accs
+                plgpu.wgmma(acc_o, P, d_s)
+                plgpu.wgmma(acc_h, k_s.T, dd_s)
+
+            o0 = plgpu.ACC.init(_rows(gam, qh.shape) * qh)
+        o, state = pl.run_state(updates)((o0, plgpu.ACC.init(aC * state)))
         o_s[...] = (scale * o).astype(o_s.dtype)
         return state
 
@@ -335,12 +370,14 @@ def state_output(q, k, G, W, U, h0, seg=None, *, scale: float, out_dtype=None,
     semantics = {"warpgroup": plgpu.LoweringSemantics.Warpgroup,
                  "lane": plgpu.LoweringSemantics.Lane}[cfg.lowering_semantics]
     kernel = functools.partial(_kernel, C=C, NC=NC, H=H, BV=BV, scale=float(scale),
-                               steps=steps, dt=dt, residuals=residuals, segmented=segmented)
+                               steps=steps, dt=dt, residuals=residuals, segmented=segmented,
+                               scale_operands=cfg.scale_operands)
     out_type = [jax.ShapeDtypeStruct((B, Tp, H, V), out_dtype),
                 jax.ShapeDtypeStruct((B, H, K, V), F32)]
-    scratch = [plgpu.SMEM((C, BV), dt, transforms=_transforms(BV, dt)),  # exp(G_C - G) D
-               plgpu.SMEM((K, BV), F32, transforms=_transforms(BV, F32)),  # h0 in, final out
+    scratch = [plgpu.SMEM((K, BV), F32, transforms=_transforms(BV, F32)),  # h0 in, final out
                plgpu.Barrier()]
+    if not cfg.scale_operands:
+        scratch.insert(0, plgpu.SMEM((C, BV), dt, transforms=_transforms(BV, dt)))  # e o D
     if residuals:  # h and D are written from the pipeline's output buffers
         out_type += [jax.ShapeDtypeStruct((B * NC * H * K, V), dt),
                      jax.ShapeDtypeStruct((B, Tp, H, V), dt)]
