@@ -184,6 +184,40 @@ def _cols(x, shape):
     return lax.broadcast_in_dim(x, shape, [1])
 
 
+def _gates(g_s, seg_s, segp_s, causal):
+    """The decays of one chunk from its ``G`` (and document ids) in shared memory, in the
+    layouts of a ``[C, *]`` accumulator: ``G`` along its rows and along its columns, ``gam``
+    (``exp(G)``, zero past the first document), ``e`` (``exp(G_C - G)``, zero before the last
+    document), the scalar ``aC`` (``exp(G_C)``, zero when a document starts inside the chunk),
+    the ``[C, C]`` mask of pairs ``i >= j`` in one document, and ``keep`` (None without
+    documents): 0.0 where a document starts exactly at the chunk start (no state crosses into
+    it), else 1.0."""
+    C = g_s.shape[0]
+    Gi = _load(g_s, plgpu.Layout.WGMMA.reduce(1))
+    Gj = _load(g_s, plgpu.Layout.WGMMA.reduce(0))
+    gC = g_s[C - 1]
+    if seg_s is None:
+        return Gi, Gj, jnp.exp(Gi), jnp.exp(gC - Gi), jnp.exp(gC), causal, None
+    # ``seg`` does not decrease: the chunk's first and last documents are at its ends.
+    si = _load(seg_s, plgpu.Layout.WGMMA.reduce(1))
+    sj = _load(seg_s, plgpu.Layout.WGMMA.reduce(0))
+    s0, sC = seg_s[0], seg_s[C - 1]
+    keep = jnp.where(segp_s[0] == s0, 1.0, 0.0).astype(F32)
+    first, last = si == s0, si == sC
+    gam = jnp.where(first, jnp.exp(jnp.where(first, Gi, 0.0)), 0.0)
+    e = jnp.where(last, jnp.exp(jnp.where(last, gC - Gi, 0.0)), 0.0)
+    aC = jnp.where(s0 == sC, jnp.exp(gC), 0.0).astype(F32)
+    mask = causal & (_rows(si, (C, C)) == _cols(sj, (C, C)))
+    return Gi, Gj, gam, e, aC, mask, keep
+
+
+def _causal(C):
+    """The ``i >= j`` mask in the layout of a ``[C, C]`` accumulator."""
+    row = plgpu.broadcasted_iota(jnp.int32, (C, C), 0, layout=plgpu.Layout.WGMMA)
+    col = plgpu.broadcasted_iota(jnp.int32, (C, C), 1, layout=plgpu.Layout.WGMMA)
+    return row >= col
+
+
 def _kernel(*refs, C, NC, H, BV, scale, steps, dt, residuals, segmented, scale_operands):
     n_in = 7 if segmented else 5
     n_out = 4 if residuals else 2
@@ -204,10 +238,7 @@ def _kernel(*refs, C, NC, H, BV, scale, steps, dt, residuals, segmented, scale_o
     plgpu.barrier_wait(bar)
     state0 = _load(f_s, plgpu.Layout.WGMMA)
 
-    # The causal mask in the layout of the Q K^T accumulator.
-    row = plgpu.broadcasted_iota(jnp.int32, (C, C), 0, layout=plgpu.Layout.WGMMA)
-    col = plgpu.broadcasted_iota(jnp.int32, (C, C), 1, layout=plgpu.Layout.WGMMA)
-    causal = row >= col
+    causal = _causal(C)
 
     def chunk(_, *refs):
         q_s, k_s, w_s, u_s, g_s = refs[:5]
@@ -215,23 +246,9 @@ def _kernel(*refs, C, NC, H, BV, scale, steps, dt, residuals, segmented, scale_o
         o_s, *res_s = refs[n_in:n_in + n_out - 1]
         state = refs[-1]
         h_s, d_s = res_s if residuals else (h_scr, d_scr)
-        Gi = _load(g_s, plgpu.Layout.WGMMA.reduce(1))  # G along the rows of a [C, *] tile
-        Gj = _load(g_s, plgpu.Layout.WGMMA.reduce(0))  # and along its columns
-        gC = g_s[C - 1]
-        if segmented:
-            # ``seg`` does not decrease: the chunk's first and last documents are its ends.
-            si = _load(seg_s, plgpu.Layout.WGMMA.reduce(1))
-            sj = _load(seg_s, plgpu.Layout.WGMMA.reduce(0))
-            s0, sC = seg_s[0], seg_s[C - 1]
-            # A document starting exactly at the chunk start: the state entering it is zero.
-            state = state * jnp.where(segp_s[0] == s0, 1.0, 0.0).astype(F32)
-            first, last = si == s0, si == sC
-            gam = jnp.where(first, jnp.exp(jnp.where(first, Gi, 0.0)), 0.0)
-            e = jnp.where(last, jnp.exp(jnp.where(last, gC - Gi, 0.0)), 0.0)
-            aC = jnp.where(s0 == sC, jnp.exp(gC), 0.0).astype(F32)
-            mask = causal & (_rows(si, (C, C)) == _cols(sj, (C, C)))
-        else:
-            gam, e, aC, mask = jnp.exp(Gi), jnp.exp(gC - Gi), jnp.exp(gC), causal
+        Gi, Gj, gam, e, aC, mask, keep = _gates(g_s, seg_s, segp_s, causal)
+        if keep is not None:
+            state = state * keep
         h_s[...] = state.astype(dt)
         plgpu.commit_smem()  # h is read by wgmma (the async proxy) below
         if scale_operands:
