@@ -207,7 +207,7 @@ def _gates(g_s, seg_s, segp_s, causal):
     gam = jnp.where(first, jnp.exp(jnp.where(first, Gi, 0.0)), 0.0)
     e = jnp.where(last, jnp.exp(jnp.where(last, gC - Gi, 0.0)), 0.0)
     aC = jnp.where(s0 == sC, jnp.exp(gC), 0.0).astype(F32)
-    mask = causal & (_rows(si, (C, C)) == _cols(sj, (C, C)))
+    mask = None if causal is None else causal & (_rows(si, (C, C)) == _cols(sj, (C, C)))
     return Gi, Gj, gam, e, aC, mask, keep
 
 
@@ -422,3 +422,159 @@ def state_output(q, k, G, W, U, h0, seg=None, *, scale: float, out_dtype=None,
         o, final, h_in, D = out
         return o, final, h_in.reshape(B, NC, H, K, V), D
     return out
+
+
+# ----------------------------------------------------------------------------- reverse pass
+
+
+def reverse_smem_bytes(K: int, C: int, BV: int, itemsize: int, steps: int,
+                       segmented: bool = False) -> int:
+    """Shared memory of one CTA of :func:`reverse_state_pass`: ``steps`` pipeline buffers of
+    ``Q, K, W`` (``[C, K]``), ``dO``, ``dD0`` and ``dD`` (``[C, BV]``), ``dh_out``
+    (``[K, BV]``), ``G`` and the ids, plus the float32 ``[K, BV]`` buffer of ``dfinal`` in and
+    ``dh0`` out."""
+    per_step = (3 * C * K + 3 * C * BV + K * BV) * itemsize + 4 * C + (8 * C if segmented else 0)
+    return steps * per_step + 4 * K * BV
+
+
+def _reverse_kernel(*refs, C, NC, H, BV, scale, steps, dt, segmented):
+    n_in = 8 if segmented else 6
+    ins = refs[:n_in]
+    dfin_ref, dhout_ref, dd_ref, dh0_ref, f_s, bar = refs[n_in:]
+    b, h, j = lax.axis_index("b"), lax.axis_index("h"), lax.axis_index("v")
+    K = ins[0].shape[-1]
+    vs = pl.ds(j * BV, BV)
+    plgpu.copy_gmem_to_smem(dfin_ref.at[b, h, :, vs], f_s, bar)
+    plgpu.barrier_wait(bar)
+    dh_last = _load(f_s, plgpu.Layout.WGMMA)
+
+    def chunk(_, *refs):
+        q_s, k_s, w_s, g_s, do_s, dd0_s = refs[:6]
+        seg_s, segp_s = refs[6:8] if segmented else (None, None)
+        dh_s, dD_s = refs[n_in:n_in + 2]
+        dh = refs[-1]
+        _, _, gam, e, aC, _, keep = _gates(g_s, seg_s, segp_s, None)
+        dh_s[...] = dh.astype(dt)
+        # The operands as the chain rule of the state pass meets them: exp(G_C - G) K (what
+        # wrote into the state), gamma Q (what read it) and -W (negation is exact), rounded
+        # in their pipeline buffers.
+        kv = _load(k_s, plgpu.Layout.WGMMA).astype(F32)
+        k_s[...] = (kv * _rows(e, kv.shape)).astype(dt)
+        qv = _load(q_s, plgpu.Layout.WGMMA).astype(F32)
+        q_s[...] = (qv * _rows(gam, qv.shape)).astype(dt)
+        w_s[...] = -_load(w_s, plgpu.Layout.WGMMA)
+        plgpu.commit_smem()
+
+        def dd_update(acc):
+            plgpu.wgmma(acc, k_s, dh_s)
+
+        dD = pl.run_state(dd_update)(
+            plgpu.ACC.init(_load(dd0_s, plgpu.Layout.WGMMA).astype(F32)))
+        dD_s[...] = dD.astype(dt)
+        plgpu.commit_smem()
+
+        def dh_update(accs):
+            acc_q, acc_h = accs
+            plgpu.wgmma(acc_q, q_s.T, do_s)
+            plgpu.wgmma(acc_h, w_s.T, dD_s)
+
+        zeros = plgpu.layout_cast(jnp.full((K, BV), 0, F32), plgpu.Layout.WGMMA)
+        qdo, dh_in = pl.run_state(dh_update)((plgpu.ACC.init(zeros), plgpu.ACC.init(aC * dh)))
+        dh_in = scale * qdo + dh_in
+        # No gradient crosses back into the document before one that starts with this chunk.
+        return dh_in if keep is None else dh_in * keep
+
+    tk, tv = _transforms(K, dt), _transforms(BV, dt)
+    rows_k = lambda c: (b, NC - 1 - c, h, 0)  # noqa: E731
+    rows_v = lambda c: (b, NC - 1 - c, h, j)  # noqa: E731
+    in_specs = [plgpu.BlockSpec((None, C, None, K), rows_k, transforms=tk)] * 3  # q, k, W
+    in_specs += [
+        plgpu.BlockSpec((None, None, C), lambda c: (b, h, NC - 1 - c)),  # G, [B, H, Tp]
+        plgpu.BlockSpec((None, C, None, BV), rows_v, transforms=tv),  # dO
+        plgpu.BlockSpec((None, C, None, BV), rows_v, transforms=tv),  # dD0
+    ]
+    if segmented:
+        in_specs += [plgpu.BlockSpec((None, C), lambda c: (b, NC - 1 - c))] * 2
+    out_specs = [
+        plgpu.BlockSpec((K, BV), lambda c: ((b * NC + NC - 1 - c) * H + h, j),
+                        transforms=tv),  # dh_out as [B NC H K, V]
+        plgpu.BlockSpec((None, C, None, BV), rows_v, transforms=tv),  # dD
+    ]
+    dh0 = plgpu.emit_pipeline(
+        chunk, grid=(NC,), in_specs=in_specs, out_specs=out_specs,
+        max_concurrent_steps=steps, init_carry=dh_last,
+    )(*ins, dhout_ref, dd_ref)
+    f_s[...] = dh0
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(f_s, dh0_ref.at[b, h, :, vs])
+    plgpu.wait_smem_to_gmem(0)
+
+
+def reverse_state_pass(q, k, G, W, do, dD0, dfinal, seg=None, *, scale: float, C: int = CHUNK,
+                       cfg: MosaicConfig | None = None):
+    """The reverse pass over chunks of the backward (the state gradient), as
+    :func:`qdelta_jax.pallas.backward.reverse_state_pass` computes it for one sequence per row
+    (or the row-aligned packed layout with ``seg``), one CTA per (batch row, head, V tile)
+    with the float32 ``dh [K, BV]`` in registers.
+
+    Per chunk, from the last: ``dh_out = dh``; ``dD = dD0 + (exp(G_C - G) o K) dh``;
+    ``dh <- scale (gamma o Q)^T dO + exp(G_C) dh - W^T dD`` (``[C, K] x [K, BV]`` and two
+    ``[K, C] x [C, BV]`` wgmmas, with the decayed operands rounded to the compute dtype as
+    :mod:`.backward` rounds them; ``cfg.scale_operands`` does not apply).
+
+    Args (layout of :func:`state_output`): ``q, k, W [B, Tp, H, K]``, ``do`` and
+    ``dD0 = scale P^T dO`` (:func:`qdelta_jax.pallas.backward.chunk_dd0`) ``[B, Tp, H, V]`` in
+    the compute dtype, ``G [B, Tp, H]`` float32, ``dfinal [B, H, K, V]`` (the gradient of the
+    final state of each row; zeros for packed rows), ``seg [B, Tp]`` or ``None``.
+
+    Returns ``dh_out [B, NC, H, K, V]`` (the gradient of the state leaving each chunk) and
+    ``dD [B, Tp, H, V]`` in the compute dtype, and ``dh0 [B, H, K, V]`` float32 (the gradient
+    of the state entering chunk 0)."""
+    _require_plgpu()
+    cfg = cfg or MosaicConfig()
+    B, Tp, H, K = q.shape
+    V = do.shape[-1]
+    dt = jnp.dtype(q.dtype)
+    check_supported(K=K, V=V, C=C, dtype=dt, cfg=dataclasses.replace(cfg, max_concurrent_steps=1))
+    shapes = [("k", k, (B, Tp, H, K)), ("W", W, (B, Tp, H, K)), ("G", G, (B, Tp, H)),
+              ("do", do, (B, Tp, H, V)), ("dD0", dD0, (B, Tp, H, V)),
+              ("dfinal", dfinal, (B, H, K, V))]
+    if seg is not None:
+        shapes.append(("seg", seg, (B, Tp)))
+    for name, x, shape in shapes:
+        if tuple(x.shape) != shape:
+            raise ValueError(f"{name} has shape {tuple(x.shape)}, expected {shape}")
+    for name, x in (("k", k), ("W", W), ("do", do), ("dD0", dD0)):
+        if jnp.dtype(x.dtype) != dt:
+            raise ValueError(f"{name} has dtype {jnp.dtype(x.dtype).name}, expected {dt.name}")
+    if Tp % C:
+        raise ValueError(f"q has {Tp} time steps, not a multiple of chunk_size={C}")
+    NC, BV = Tp // C, cfg.block_v
+    steps = min(cfg.max_concurrent_steps, NC)
+    need = reverse_smem_bytes(K, C, BV, dt.itemsize, steps, seg is not None)
+    if need > SMEM_BYTES:
+        raise ValueError(
+            f"K={K}, block_v={BV}, max_concurrent_steps={steps}: the reverse pass needs {need}"
+            f" bytes of shared memory per CTA, more than {SMEM_BYTES}"
+        )
+    semantics = {"warpgroup": plgpu.LoweringSemantics.Warpgroup,
+                 "lane": plgpu.LoweringSemantics.Lane}[cfg.lowering_semantics]
+    kernel = functools.partial(_reverse_kernel, C=C, NC=NC, H=H, BV=BV, scale=float(scale),
+                               steps=steps, dt=dt, segmented=seg is not None)
+    call = plgpu.kernel(
+        kernel,
+        out_type=(jax.ShapeDtypeStruct((B * NC * H * K, V), dt),
+                  jax.ShapeDtypeStruct((B, Tp, H, V), dt),
+                  jax.ShapeDtypeStruct((B, H, K, V), F32)),
+        scratch_types=[plgpu.SMEM((K, BV), F32, transforms=_transforms(BV, F32)),
+                       plgpu.Barrier()],
+        grid=(B, H, V // BV),
+        grid_names=("b", "h", "v"),
+        compiler_params=plgpu.CompilerParams(lowering_semantics=semantics),
+    )
+    args = [q, k, W, jnp.swapaxes(G.astype(F32), 1, 2), do, dD0]
+    if seg is not None:
+        seg = seg.astype(jnp.int32)
+        args += [seg, jnp.concatenate([seg[:, :1], seg[:, :-1]], axis=1)]
+    dh_out, dD, dh0 = call(*args, dfinal.astype(F32))
+    return dh_out.reshape(B, NC, H, K, V), dD, dh0
