@@ -11,6 +11,11 @@ Per shape, two cases:
   starting exactly at a chunk start, others inside a chunk; ``seg`` per token, zero ``h0``):
   the same with ``seg`` everywhere (no final state is compared: the layout has none).
 
+Variants named ``rev`` run the backward's reverse state pass
+(:func:`qdelta_jax.pallas.mosaic.reverse_state_pass`) on random ``dO`` and final-state
+gradients, checked against :func:`qdelta_jax.xla.reverse_state_pass` (``dh_out``, ``dh0``; ``dD``
+from its formula) and timed against the Triton ``reverse_state_pass``.
+
 Variant names: ``res`` also writes the backward's residuals ``h_in`` and ``D``, compared with
 the XLA and Triton ``state_pass`` outputs; ``so``: ``MosaicConfig.scale_operands`` (the rounding
 points of the XLA path); ``seg``: the packed case; ``bv``: the V tile; ``s``: TMA pipeline
@@ -38,6 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from qdelta_jax import packing, qdelta_rule, xla
+from qdelta_jax.pallas import backward as pbwd
 from qdelta_jax.pallas import config as pcfg
 from qdelta_jax.pallas import forward as pfwd
 from qdelta_jax.pallas import mosaic
@@ -52,18 +58,20 @@ class Variant:
     cfg: mosaic.MosaicConfig
     residuals: bool = False
     packed: bool = False  # runs in the packed case (with seg) instead of the unpacked one
+    reverse: bool = False  # mosaic.reverse_state_pass instead of mosaic.state_output
 
 
 def _variant(name: str) -> Variant:
-    """``[seg_][so_][res_]bv{64,128}_s{steps}[_wg]``: packed case, ``scale_operands``,
-    ``residuals``, the V tile, ``max_concurrent_steps``, warpgroup lowering semantics."""
+    """``[seg_][rev_|so_][res_]bv{64,128}_s{steps}[_wg]``: packed case, the reverse pass,
+    ``scale_operands``, ``residuals``, the V tile, ``max_concurrent_steps``, warpgroup lowering
+    semantics."""
     parts = name.split("_")
     flags = set(parts[:-2]) if not name.endswith("_wg") else set(parts[:-3])
     bv, steps = (parts[-3], parts[-2]) if name.endswith("_wg") else (parts[-2], parts[-1])
     cfg = mosaic.MosaicConfig(block_v=int(bv[2:]), max_concurrent_steps=int(steps[1:]),
                               lowering_semantics="warpgroup" if name.endswith("_wg") else "lane",
                               scale_operands="so" in flags)
-    return Variant(cfg, residuals="res" in flags, packed="seg" in flags)
+    return Variant(cfg, residuals="res" in flags, packed="seg" in flags, reverse="rev" in flags)
 
 
 VARIANTS = {name: _variant(name) for name in (
@@ -71,13 +79,15 @@ VARIANTS = {name: _variant(name) for name in (
     "res_bv64_s2", "res_bv64_s1", "res_bv128_s1",
     "so_bv64_s2", "so_res_bv64_s2", "so_res_bv64_s1", "so_res_bv128_s1",
     "seg_bv64_s2", "seg_res_bv64_s2", "seg_res_bv64_s1", "seg_so_res_bv64_s2",
+    "rev_bv64_s2", "rev_bv64_s1", "rev_bv128_s1", "seg_rev_bv64_s2",
     # Not run by default: with jax 0.11.2 its layout inference searches for minutes (on a CPU)
     # and then finds no solution.
     "bv64_s2_wg",
 )}
 DEFAULT_VARIANTS = ("bv64_s2", "res_bv64_s2", "res_bv64_s1", "res_bv128_s1", "so_bv64_s2",
                     "so_res_bv64_s2", "so_res_bv128_s1", "seg_bv64_s2", "seg_res_bv64_s2",
-                    "seg_res_bv64_s1", "seg_so_res_bv64_s2")
+                    "seg_res_bv64_s1", "seg_so_res_bv64_s2", "rev_bv64_s2", "rev_bv64_s1",
+                    "seg_rev_bv64_s2")
 
 
 def rel(a, b) -> float:
@@ -123,6 +133,8 @@ def times(fn, args, reps):
 
 
 def _mosaic_fn(v: Variant, scale):
+    if v.reverse:
+        return jax.jit(lambda *a: mosaic.reverse_state_pass(*a, scale=scale, cfg=v.cfg))
     return jax.jit(lambda *a: mosaic.state_output(*a, scale=scale, residuals=v.residuals,
                                                   cfg=v.cfg))
 
@@ -138,6 +150,8 @@ def lower_only(shape, dtype, variants):
         try:
             t0 = time.perf_counter()
             a = args + ((S((B, T), jnp.int32),) if v.packed else ())
+            if v.reverse:  # q, k, G, W, do, dD0, dfinal (, seg)
+                a = args[:4] + (args[4], args[4], args[5]) + a[6:]
             _mosaic_fn(v, K**-0.5).trace(*a).lower(lowering_platforms=("cuda",))
             out[name] = f"lowered in {time.perf_counter() - t0:.1f} s"
         except Exception as e:  # noqa: BLE001 - report every variant
@@ -214,7 +228,7 @@ def run_case(shape, dtype, reps, variants, packed: bool):
 
     for name in variants:
         var = VARIANTS[name]
-        if var.packed != packed:
+        if var.reverse or var.packed != packed:
             continue
         r: dict = {}
         res["variants"][name] = r
@@ -239,40 +253,124 @@ def run_case(shape, dtype, reps, variants, packed: bool):
     return res
 
 
+def run_reverse(shape, dtype, reps, variants, packed: bool):
+    B, T, H, K, V = shape
+    res: dict = {"shape": list(shape), "dtype": jnp.dtype(dtype).name, "packed": packed,
+                 "reverse": True, "variants": {}}
+    scale = K**-0.5
+    q, k, v, g, beta, lam, _ = inputs(jax.random.PRNGKey(B * 7 + T + K), B, T, H, K, V, dtype)
+    do = jax.random.normal(jax.random.PRNGKey(T + 1), (B, T, H, V), F32).astype(dtype)
+    dfin = 0.1 * jax.random.normal(jax.random.PRNGKey(T + 2), (B, H, K, V), F32)
+    if packed:
+        lay = packing.make_layout(B, T, C, offsets(B, T, seed=B + T), per_document=False)
+        seg, N = lay.seg, 1
+        dfin = jnp.zeros_like(dfin)  # the row-aligned layout has no final state
+        dfin_x = jnp.zeros((1, H, K, V), F32)
+    else:
+        lay = packing.make_layout(B, T, C, None)
+        seg, N, dfin_x = None, B, dfin
+    m = lay.meta
+    sp = lambda x: xla._split(x, C)  # noqa: E731
+    sg = xla._seg_split(seg, C)
+    G = packing.chunk_cumsum(g, C, seg)
+    loc = jax.jit(xla.chunk_local)(sp(q), sp(k), sp(v), sp(G), sp(beta), sp(lam), sg)
+    W = xla._merge(loc.W)
+
+    def oracle(q4, k4, G4, W4, do4, dfin_x, sg):
+        gt = xla.gates(G4, sg)
+        _, incl = xla._masks(C)
+        P = xla._mm("...ik,...jk->...ij", q4, k4, dtype) * xla._decay(G4, xla._within(incl, gt))
+        dD0 = (scale * xla._mm("...ij,...iv->...jv", P, do4, dtype)).astype(dtype)
+        dho, dh0 = xla.reverse_state_pass(k4, G4, W4, q4, do4, dD0, dfin_x, m, scale, N, dtype,
+                                          sg)
+        kd = k4.astype(F32) * gt.e[..., None]
+        dD = dD0.astype(F32) + xla._mm("...ck,...kv->...cv", kd, dho, dtype)
+        return (xla._merge(dD0), jnp.moveaxis(dho, 1, 2), xla._merge(dD.astype(dtype)), dh0)
+
+    dD0, dho_x, dD_x, dh0_x = jax.jit(oracle)(sp(q), sp(k), loc.G, loc.W, sp(do), dfin_x, sg)
+    ref = {"dh_out": dho_x, "dD": dD_x, "dh0": dh0_x}
+    if packed:
+        del ref["dh0"]  # the row-aligned layout's one (constant) initial state
+    cfg = pcfg.get_config(K, V, C, dtype)
+    interp = jax.default_backend() != "gpu"
+    extra = () if seg is None else (seg,)
+    tri = jax.jit(lambda *a: pbwd.reverse_state_pass(*a, scale=scale, C=C, cfg=cfg.reverse,
+                                                     interpret=interp))
+    targs = (q, k, G, W, do, dD0, dfin_x, m.reset, m.is_last, m.seq) + extra
+    eps = float(jnp.finfo(dtype).eps)
+    tol = {key: eps for key in ref}
+    try:
+        got = dict(zip(("dh_out", "dD", "dh0"), tri(*targs)))
+        for key in ref:
+            res["triton." + key] = rel(got[key], ref[key])
+            tol[key] = max(eps, 3 * res["triton." + key])
+        res["triton.reverse_ms"] = times(tri, targs, reps)
+    except Exception as e:  # noqa: BLE001
+        traceback.print_exc()
+        res["triton_error"] = f"{type(e).__name__}: {e}"[:3000]
+    res["tolerance"] = tol
+    for name in variants:
+        var = VARIANTS[name]
+        if not var.reverse or var.packed != packed:
+            continue
+        r: dict = {}
+        res["variants"][name] = r
+        try:
+            f = _mosaic_fn(var, scale)
+            margs = (q, k, G, W, do, dD0, dfin) + extra
+            t0 = time.perf_counter()
+            out = jax.block_until_ready(f(*margs))
+            r["compile_s"] = time.perf_counter() - t0
+            got = dict(zip(("dh_out", "dD", "dh0"), out))
+            for key in ref:
+                r[key] = rel(got[key], ref[key])
+            r["finite"] = all(bool(jnp.isfinite(x.astype(F32)).all()) for x in out)
+            r["pass"] = bool(r["finite"] and all(r[key] <= tol[key] for key in ref))
+            r["ms"] = times(f, margs, reps)
+        except Exception as e:  # noqa: BLE001 - one failing variant must not hide the others
+            traceback.print_exc()
+            r["error"] = f"{type(e).__name__}: {e}"[:3000]
+            r["pass"] = False
+        print(name, json.dumps(r), flush=True)
+    return res
+
+
 def _e(r, key):
     return f"{r[key]:>9.2e}" if key in r else f"{'-':>9}"
 
 
 def print_table(res):
-    kind = "packed (seg)" if res["packed"] else "unpacked"
+    rev = res.get("reverse", False)
+    kind = ("packed (seg)" if res["packed"] else "unpacked") + (" reverse pass" if rev else "")
     print(f"\n== {res['shape']} {res['dtype']} {kind}  (rel. error vs xla; ms = sync / pipelined"
           " median)")
     tol = res.get("tolerance", {})
-    print(f"{'kernel':<24}{'O':>9}{'final':>9}{'h_in':>9}{'D':>9}{'ms sync':>9}{'ms pipe':>9}"
+    cols = ("dh_out", "dD", "dh0") if rev else ("o", "final", "h_in", "D")
+    print(f"{'kernel':<24}" + "".join(f"{c:>9}" for c in cols) + f"{'ms sync':>9}{'ms pipe':>9}"
           "  status")
-    ts = res.get("triton.state+output_ms")
+    tname = "triton reverse" if rev else "triton state+output"
+    ts = res.get("triton.reverse_ms" if rev else "triton.state+output_ms")
     if ts:
         t = {key[7:]: v for key, v in res.items() if key.startswith("triton.")
              and not key.endswith("_ms")}
-        print(f"{'triton state+output':<24}" + "".join(_e(t, key) for key in
-                                                       ("o", "final", "h_in", "D"))
+        print(f"{tname:<24}" + "".join(_e(t, key) for key in cols)
               + f"{ts[0]:>9.3f}{ts[1]:>9.3f}  reference (tol "
               + ", ".join(f"{key} {v:.1e}" for key, v in tol.items()) + ")")
         for key in ("triton.state_ms", "triton.output_ms", "pallas.qdelta_rule_fwd_ms"):
-            if key in res:
+            if key in res and not rev:
                 a, b = res[key]
-                print(f"{'  ' + key[:-3]:<24}{'':>36}{a:>9.3f}{b:>9.3f}")
+                print(f"{'  ' + key[:-3]:<24}{'':>{9 * len(cols)}}{a:>9.3f}{b:>9.3f}")
     elif "triton_error" in res:
         print(f"{'triton':<24}FAIL {res['triton_error'].splitlines()[0][:100]}")
     for name, r in res["variants"].items():
         if "error" in r:
-            print(f"{'mosaic ' + name:<24}{'':>54}  FAIL {r['error'].splitlines()[0][:90]}")
+            print(f"{'mosaic ' + name:<24}{'':>{9 * len(cols) + 18}}  FAIL "
+                  f"{r['error'].splitlines()[0][:90]}")
             continue
         a, b = r.get("ms", (float("nan"),) * 2)
         status = "PASS" if r["pass"] else "FAIL"
         speed = f"  {ts[1] / b:.2f}x triton" if ts and b == b else ""
-        print(f"{'mosaic ' + name:<24}" + "".join(_e(r, key) for key in
-                                                  ("o", "final", "h_in", "D"))
+        print(f"{'mosaic ' + name:<24}" + "".join(_e(r, key) for key in cols)
               + f"{a:>9.3f}{b:>9.3f}  {status}{speed}")
 
 
@@ -304,15 +402,18 @@ def main(argv=None):
             low = lower_only(shape, dtype, variants)
             allres["runs"].append({"shape": list(shape), "lower": low})
             continue
-        for packed in (False, True):
-            if not any(VARIANTS[v].packed == packed for v in variants):
+        for packed, rev in ((False, False), (True, False), (False, True), (True, True)):
+            if not any((VARIANTS[v].packed, VARIANTS[v].reverse) == (packed, rev)
+                       for v in variants):
                 continue
             try:
-                r = run_case(shape, dtype, a.reps, variants, packed)
+                r = (run_reverse if rev else run_case)(shape, dtype, a.reps, variants, packed)
             except Exception as e:  # noqa: BLE001 - the other cases still run
                 traceback.print_exc()
-                r = {"shape": list(shape), "packed": packed, "error": f"{type(e).__name__}: {e}"}
-                print(f"case {shape} packed={packed} FAIL {r['error'][:300]}", flush=True)
+                r = {"shape": list(shape), "packed": packed, "reverse": rev,
+                     "error": f"{type(e).__name__}: {e}"}
+                print(f"case {shape} packed={packed} reverse={rev} FAIL {r['error'][:300]}",
+                      flush=True)
                 allres["runs"].append(r)
                 continue
             allres["runs"].append(r)
