@@ -84,10 +84,9 @@ VARIANTS = {name: _variant(name) for name in (
     # and then finds no solution.
     "bv64_s2_wg",
 )}
-DEFAULT_VARIANTS = ("bv64_s2", "res_bv64_s2", "res_bv64_s1", "res_bv128_s1", "so_bv64_s2",
-                    "so_res_bv64_s2", "so_res_bv128_s1", "seg_bv64_s2", "seg_res_bv64_s2",
-                    "seg_res_bv64_s1", "seg_so_res_bv64_s2", "rev_bv64_s2", "rev_bv64_s1",
-                    "seg_rev_bv64_s2")
+DEFAULT_VARIANTS = ("bv64_s2", "res_bv64_s2", "res_bv128_s1", "so_bv64_s2", "so_res_bv64_s2",
+                    "seg_bv64_s2", "seg_res_bv64_s2", "seg_so_res_bv64_s2", "rev_bv64_s2",
+                    "rev_bv64_s1", "seg_rev_bv64_s2")
 
 
 def rel(a, b) -> float:

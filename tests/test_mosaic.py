@@ -55,6 +55,36 @@ def test_residuals_and_documents_lower_for_cuda(residuals, segmented, cfg):
     assert "mosaic_gpu" in text
 
 
+@needs_plgpu
+@pytest.mark.parametrize("segmented, cfg", [
+    (False, mosaic.MosaicConfig(block_v=64, max_concurrent_steps=2)),
+    (True, mosaic.MosaicConfig(block_v=64, max_concurrent_steps=1)),
+])
+def test_reverse_state_pass_lowers_for_cuda(segmented, cfg):
+    B, T, H, K, V = 2, 192, 2, 128, 128
+    S = jax.ShapeDtypeStruct
+    q, k, G, W, U, dfin = _args(B, T, H, K, V)
+    args = (q, k, G, W, U, U, dfin) + ((S((B, T), jnp.int32),) if segmented else ())
+    f = jax.jit(lambda *a: mosaic.reverse_state_pass(*a, scale=0.1, cfg=cfg))
+    traced = f.trace(*args)
+    # dh_out, dD and dh0 as pallas.backward.reverse_state_pass writes them
+    assert [(o.shape, o.dtype) for o in jax.tree.leaves(traced.out_info)] == [
+        ((B, T // 64, H, K, V), BF16), ((B, T, H, V), BF16), ((B, H, K, V), F32)]
+    assert "mosaic_gpu" in traced.lower(lowering_platforms=("cuda",)).as_text()
+
+
+@needs_plgpu
+def test_reverse_state_pass_checks_arguments():
+    q, k, G, W, U, dfin = (jnp.zeros(a.shape, a.dtype) for a in _args(1, 128, 1, 128, 128))
+    with pytest.raises(ValueError, match="dD0 has shape"):
+        mosaic.reverse_state_pass(q, k, G, W, U, U[:, :64], dfin, scale=0.1)
+    with pytest.raises(ValueError, match="do has dtype"):
+        mosaic.reverse_state_pass(q, k, G, W, U.astype(F32), U, dfin, scale=0.1)
+    with pytest.raises(ValueError, match="reverse pass needs"):
+        mosaic.reverse_state_pass(q, k, G, W, U, U, dfin, scale=0.1,
+                                  cfg=mosaic.MosaicConfig(block_v=128, max_concurrent_steps=2))
+
+
 @pytest.mark.parametrize("kw, match", [
     (dict(K=128, V=256, C=32, dtype=BF16), "chunk_size=64"),
     (dict(K=96, V=256, C=64, dtype=BF16), "K=96"),
