@@ -1,5 +1,6 @@
-"""Hopper-native (Mosaic GPU, ``plgpu``) kernel of the chunked Q-Delta forward: the state pass
-with the output fused into it (docs/MATH.md section 2, given ``W``, ``U`` and ``G``).
+"""Hopper-native (Mosaic GPU, ``plgpu``) kernels of the chunked Q-Delta op: the state pass
+with the output fused into it (docs/MATH.md section 2, given ``W``, ``U`` and ``G``), and the
+backward's reverse state pass.
 
 Why this exists: the Triton-lowered forward (:mod:`.forward`) runs the state pass and the output
 as two launches that cross HBM with ``h_in [B, NC, H, K, V]`` and ``D``, and its state pass
@@ -16,25 +17,36 @@ keeps the float32 state ``h [K, BV]`` in registers across all chunks and, per ch
    transposed from shared memory) accumulating onto ``gamma_C h``;
 
 while :func:`plgpu.emit_pipeline` streams the next chunks' ``Q, K, W, U, G`` in by TMA
-(``max_concurrent_steps`` buffers) and ``O`` out. Neither ``h_in`` nor ``D`` touches HBM.
+(``max_concurrent_steps`` buffers) and ``O`` out. For inference neither ``h_in`` nor ``D``
+touches HBM; for training (``residuals=True``) ``h`` and ``D`` are written into the pipeline's
+output buffers, which the wgmmas read and TMA then stores as the backward's ``h_in`` and ``D``.
+:func:`reverse_state_pass` is the same loop run backwards for ``dh`` (two accumulators, the
+decayed ``K``, ``Q`` and ``-W`` rounded in their own pipeline buffers).
 
 Numerics: the same rounding points as :func:`qdelta_jax.xla.state_pass` and
 :func:`qdelta_jax.xla.chunk_output` (the state and every accumulation in float32, matmul
 operands in the compute dtype: ``h`` is rounded before ``W h`` and ``Q h``, ``D`` before
-``P D``), with two reassociations that keep the float32 factors out of the rounded operands:
+``P D``). By default two reassociations keep the float32 factors out of the rounded operands:
 ``gamma`` scales ``Q h`` after the product instead of ``Q`` before it, and the chunk-end decay
-``exp(G_C - G)`` scales the rows of ``D`` instead of those of ``K``.
+``exp(G_C - G)`` scales the rows of ``D`` instead of those of ``K``;
+``MosaicConfig(scale_operands=True)`` scales ``Q`` and ``K`` instead, as the XLA path does.
+
+Packed documents: ``seg`` (the row-aligned layout of :mod:`qdelta_jax.packing`) masks the
+decays, the intra-chunk products and the carried state at every change of document id, in
+registers; the state (and in the reverse pass its gradient) is zero across a chunk boundary
+where a document starts.
 
 Backend: needs ``jax.experimental.pallas.mosaic_gpu`` (jax >= 0.10) and, to run, an sm_90 GPU.
-Importing this module never fails; calling the kernel without Mosaic GPU raises
-``RuntimeError``. Off the GPU the kernel can be lowered (``jax.jit(f).trace(...).lower(
+Importing this module never fails; calling a kernel without Mosaic GPU raises
+``RuntimeError``. Off the GPU the kernels can be lowered (``jax.jit(f).trace(...).lower(
 lowering_platforms=("cuda",))`` runs the whole Mosaic GPU lowering, register layouts included)
 but not run: Mosaic GPU interpret mode (jax 0.11.2) does not simulate a wgmma whose left operand
 is in registers (``P`` here) nor accumulators initialised through ``pl.run_state``.
 Supported: chunk size 64 (the wgmma M of the ``[C, *]`` products), K a multiple
 of 64 up to 256, V tiles of 64 or 128 dividing V, bfloat16 or float16 inputs, one sequence per
-batch row (no ``cu_seqlens``: the state starts from ``h0[b]`` at chunk 0 and ends at the last
-chunk). :func:`check_supported` says why a shape is not.
+batch row (the state starts from ``h0[b]`` at chunk 0 and ends at the last chunk) or the
+row-aligned packed layout; not the per-document layout (``cu_seqlens`` with states in or out).
+:func:`check_supported` says why a shape is not.
 """
 
 from __future__ import annotations
