@@ -25,8 +25,8 @@ times of each variant and of the Triton pair it replaces. Each variant runs in i
 try/except: a failure prints its full error and the run goes on. Writes JSON to ``--out``
 (default ``$OUT/mosaic_dev.json`` when ``OUT`` is set).
 
-    python benchmarks/mosaic_dev.py                      # B8 T4096 H6 K128 V256 bf16, + a small one
-    python benchmarks/mosaic_dev.py --lower-only         # CPU: lower every variant for cuda only
+    python benchmarks/mosaic_dev.py               # B8 T4096 H6 K128 V256 bf16, then a small one
+    python benchmarks/mosaic_dev.py --lower-only  # CPU: lower every variant for cuda only
 """
 
 from __future__ import annotations
@@ -160,7 +160,7 @@ def lower_only(shape, dtype, variants):
     return out
 
 
-def run_case(shape, dtype, reps, variants, packed: bool):
+def run_case(shape, dtype, reps, variants, packed: bool, fwd_total: bool = False):
     B, T, H, K, V = shape
     res: dict = {"shape": list(shape), "dtype": jnp.dtype(dtype).name, "packed": packed,
                  "variants": {}}
@@ -215,7 +215,7 @@ def run_case(shape, dtype, reps, variants, packed: bool):
         res["triton.output_ms"] = times(tri_out, (q, k, G, h_in, D) + extra, reps)
         res["triton.state+output_ms"] = [a + b for a, b in zip(res["triton.state_ms"],
                                                                res["triton.output_ms"])]
-        if not packed:
+        if fwd_total and not packed:
             fwd = jax.jit(lambda *a: qdelta_rule(*a[:6], initial_state=a[6],
                                                  output_final_state=True, chunk_size=C,
                                                  implementation="pallas"))
@@ -375,7 +375,7 @@ def print_table(res):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--shapes", default="1x256x2x128x256,8x4096x6x128x256",
+    ap.add_argument("--shapes", default="8x4096x6x128x256,1x256x2x128x256",
                     help="comma list of BxTxHxKxV (T a multiple of 64)")
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--reps", type=int, default=30)
@@ -383,6 +383,8 @@ def main(argv=None):
                     ", ".join(VARIANTS))
     ap.add_argument("--lower-only", action="store_true",
                     help="only lower every variant for cuda (runs on a CPU-only machine)")
+    ap.add_argument("--fwd-total", action="store_true",
+                    help="also time the whole Pallas forward (qdelta_rule) in the unpacked case")
     ap.add_argument("--out", default=None)
     a = ap.parse_args(argv)
     dtype = jnp.dtype(a.dtype)
@@ -395,18 +397,29 @@ def main(argv=None):
     for v in variants:
         if v not in VARIANTS:
             ap.error(f"--variants: unknown variant {v!r}; known: {', '.join(VARIANTS)}")
+    out = a.out or (os.path.join(os.environ["OUT"], "mosaic_dev.json") if "OUT" in os.environ
+                    else None)
+
+    def save():  # after every case, so that a run cut short keeps what it measured
+        allres["wall_s"] = time.perf_counter() - t0
+        if out:
+            with open(out, "w") as f:
+                json.dump(allres, f, indent=1)
+
     t0 = time.perf_counter()
     for shape in shapes:
         if a.lower_only:
             low = lower_only(shape, dtype, variants)
             allres["runs"].append({"shape": list(shape), "lower": low})
+            save()
             continue
         for packed, rev in ((False, False), (True, False), (False, True), (True, True)):
             if not any((VARIANTS[v].packed, VARIANTS[v].reverse) == (packed, rev)
                        for v in variants):
                 continue
             try:
-                r = (run_reverse if rev else run_case)(shape, dtype, a.reps, variants, packed)
+                r = (run_reverse(shape, dtype, a.reps, variants, packed) if rev else
+                     run_case(shape, dtype, a.reps, variants, packed, a.fwd_total))
             except Exception as e:  # noqa: BLE001 - the other cases still run
                 traceback.print_exc()
                 r = {"shape": list(shape), "packed": packed, "reverse": rev,
@@ -414,15 +427,12 @@ def main(argv=None):
                 print(f"case {shape} packed={packed} reverse={rev} FAIL {r['error'][:300]}",
                       flush=True)
                 allres["runs"].append(r)
+                save()
                 continue
             allres["runs"].append(r)
             print_table(r)
-    allres["wall_s"] = time.perf_counter() - t0
-    out = a.out or (os.path.join(os.environ["OUT"], "mosaic_dev.json") if "OUT" in os.environ
-                    else None)
-    if out:
-        with open(out, "w") as f:
-            json.dump(allres, f, indent=1)
+            save()
+    save()
     print(f"wall {allres['wall_s']:.0f} s")
 
 
