@@ -1,22 +1,38 @@
 """Device check and timing of the Mosaic GPU fused state pass + output (:mod:`qdelta_jax.pallas.
 mosaic`) against the XLA stages and the Triton kernels, in one run.
 
-For each shape: random inputs, ``W, U, G`` from :func:`qdelta_jax.xla.chunk_local`; the oracle
-is :func:`qdelta_jax.xla.state_pass` + :func:`qdelta_jax.xla.chunk_output` on those; the Triton
-``state_pass`` + ``chunk_output`` (:mod:`qdelta_jax.pallas.forward`) and every Mosaic variant run
-on the same ``W, U, G``. Prints the relative error of ``O`` and of the final state against the
-oracle (PASS when within 3x the Triton kernels' error or the dtype's eps, whichever is larger),
-then the median time of each variant, of the Triton pair it replaces and of the whole Triton
-forward. Each variant runs in its own try/except: a failure prints its full error and the run
-goes on. Writes JSON to ``--out`` (default ``$OUT/mosaic_dev.json`` when ``OUT`` is set).
+Per shape, two cases:
 
-    python benchmarks/mosaic_dev.py                      # B8 T4096 H6 K128 V256 bf16, + a small one
-    python benchmarks/mosaic_dev.py --lower-only         # CPU: lower every variant for cuda only
+* **unpacked** (one sequence per row, ``h0`` given): random inputs, ``W, U, G`` from
+  :func:`qdelta_jax.xla.chunk_local`; the oracle is :func:`qdelta_jax.xla.state_pass` +
+  :func:`qdelta_jax.xla.chunk_output`; the Triton ``state_pass`` + ``chunk_output``
+  (:mod:`qdelta_jax.pallas.forward`) and every Mosaic variant run on the same ``W, U, G``.
+* **packed** (row-aligned layout of :mod:`qdelta_jax.packing`: random documents per row, some
+  starting exactly at a chunk start, others inside a chunk; ``seg`` per token, zero ``h0``):
+  the same with ``seg`` everywhere (no final state is compared: the layout has none).
+
+Variants named ``rev`` run the backward's reverse state pass
+(:func:`qdelta_jax.pallas.mosaic.reverse_state_pass`) on random ``dO`` and final-state
+gradients, checked against :func:`qdelta_jax.xla.reverse_state_pass` (``dh_out``, ``dh0``; ``dD``
+from its formula) and timed against the Triton ``reverse_state_pass``.
+
+Variant names: ``res`` also writes the backward's residuals ``h_in`` and ``D``, compared with
+the XLA and Triton ``state_pass`` outputs; ``so``: ``MosaicConfig.scale_operands`` (the rounding
+points of the XLA path); ``seg``: the packed case; ``bv``: the V tile; ``s``: TMA pipeline
+depth. Prints the relative errors against the oracle (PASS when each
+is within 3x the Triton kernels' error or the dtype's eps, whichever is larger) and the median
+times of each variant and of the Triton pair it replaces. Each variant runs in its own
+try/except: a failure prints its full error and the run goes on. Writes JSON to ``--out``
+(default ``$OUT/mosaic_dev.json`` when ``OUT`` is set).
+
+    python benchmarks/mosaic_dev.py               # B8 T4096 H6 K128 V256 bf16, then a small one
+    python benchmarks/mosaic_dev.py --lower-only  # CPU: lower every variant for cuda only
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import time
@@ -24,8 +40,10 @@ import traceback
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from qdelta_jax import packing, qdelta_rule, xla
+from qdelta_jax.pallas import backward as pbwd
 from qdelta_jax.pallas import config as pcfg
 from qdelta_jax.pallas import forward as pfwd
 from qdelta_jax.pallas import mosaic
@@ -34,19 +52,41 @@ from qdelta_jax.testing import time_fn
 F32 = jnp.float32
 C = 64
 
-VARIANTS = {
-    "bv64_s2_lane": mosaic.MosaicConfig(block_v=64, max_concurrent_steps=2,
-                                        lowering_semantics="lane"),
-    "bv64_s1_lane": mosaic.MosaicConfig(block_v=64, max_concurrent_steps=1,
-                                        lowering_semantics="lane"),
-    "bv128_s1_lane": mosaic.MosaicConfig(block_v=128, max_concurrent_steps=1,
-                                         lowering_semantics="lane"),
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    cfg: mosaic.MosaicConfig
+    residuals: bool = False
+    packed: bool = False  # runs in the packed case (with seg) instead of the unpacked one
+    reverse: bool = False  # mosaic.reverse_state_pass instead of mosaic.state_output
+
+
+def _variant(name: str) -> Variant:
+    """``[seg_][rev_|so_][res_]bv{64,128}_s{steps}[_wg]``: packed case, the reverse pass,
+    ``scale_operands``, ``residuals``, the V tile, ``max_concurrent_steps``, warpgroup lowering
+    semantics."""
+    parts = name.split("_")
+    flags = set(parts[:-2]) if not name.endswith("_wg") else set(parts[:-3])
+    bv, steps = (parts[-3], parts[-2]) if name.endswith("_wg") else (parts[-2], parts[-1])
+    cfg = mosaic.MosaicConfig(block_v=int(bv[2:]), max_concurrent_steps=int(steps[1:]),
+                              lowering_semantics="warpgroup" if name.endswith("_wg") else "lane",
+                              scale_operands="so" in flags)
+    return Variant(cfg, residuals="res" in flags, packed="seg" in flags, reverse="rev" in flags)
+
+
+VARIANTS = {name: _variant(name) for name in (
+    "bv64_s2", "bv64_s1", "bv128_s1",
+    "res_bv64_s2", "res_bv64_s1", "res_bv128_s1",
+    "so_bv64_s2", "so_res_bv64_s2", "so_res_bv64_s1", "so_res_bv128_s1",
+    "seg_bv64_s2", "seg_res_bv64_s2", "seg_res_bv64_s1", "seg_so_res_bv64_s2",
+    "rev_bv64_s2", "rev_bv64_s1", "rev_bv128_s1", "seg_rev_bv64_s2",
     # Not run by default: with jax 0.11.2 its layout inference searches for minutes (on a CPU)
     # and then finds no solution.
-    "bv64_s2_wg": mosaic.MosaicConfig(block_v=64, max_concurrent_steps=2,
-                                      lowering_semantics="warpgroup"),
-}
-DEFAULT_VARIANTS = ("bv64_s2_lane", "bv64_s1_lane", "bv128_s1_lane")
+    "bv64_s2_wg",
+)}
+DEFAULT_VARIANTS = ("bv64_s2", "res_bv64_s2", "res_bv128_s1", "so_bv64_s2", "so_res_bv64_s2",
+                    "seg_bv64_s2", "seg_res_bv64_s2", "seg_so_res_bv64_s2", "rev_bv64_s2",
+                    "rev_bv64_s1", "seg_rev_bv64_s2")
 
 
 def rel(a, b) -> float:
@@ -70,11 +110,32 @@ def inputs(key, B, T, H, K, V, dtype):
     return q, k, v, g, beta, lam, h0
 
 
+def offsets(B, T, seed, docs=6):
+    """``[B, docs + 1]`` row offsets: per row, one boundary exactly at a chunk start, the others
+    at random positions (most of them inside a chunk)."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for _ in range(B):
+        cuts = set(rng.integers(1, T, size=docs - 2).tolist())
+        cuts.add(int(rng.integers(1, T // C)) * C if T > C else T // 2)
+        cuts = sorted(cuts)[:docs - 1]
+        cuts += [T] * (docs - 1 - len(cuts))
+        rows.append([0] + cuts + [T])
+    return jnp.asarray(rows, jnp.int32)
+
+
 def times(fn, args, reps):
     """``(synchronised, pipelined)`` median milliseconds (``testing.time_fn``): each call waited
     for with ``block_until_ready``, and calls issued back to back (device throughput)."""
     return (time_fn(fn, args, warmup=3, reps=reps),
             time_fn(fn, args, warmup=1, reps=reps, pipelined=True))
+
+
+def _mosaic_fn(v: Variant, scale):
+    if v.reverse:
+        return jax.jit(lambda *a: mosaic.reverse_state_pass(*a, scale=scale, cfg=v.cfg))
+    return jax.jit(lambda *a: mosaic.state_output(*a, scale=scale, residuals=v.residuals,
+                                                  cfg=v.cfg))
 
 
 def lower_only(shape, dtype, variants):
@@ -84,11 +145,13 @@ def lower_only(shape, dtype, variants):
             S((B, T, H, K), dtype), S((B, T, H, V), dtype), S((B, H, K, V), F32))
     out = {}
     for name in variants:
-        cfg = VARIANTS[name]
+        v = VARIANTS[name]
         try:
             t0 = time.perf_counter()
-            f = jax.jit(lambda *a, cfg=cfg: mosaic.state_output(*a, scale=K**-0.5, cfg=cfg))
-            f.trace(*args).lower(lowering_platforms=("cuda",))
+            a = args + ((S((B, T), jnp.int32),) if v.packed else ())
+            if v.reverse:  # q, k, G, W, do, dD0, dfinal (, seg)
+                a = args[:4] + (args[4], args[4], args[5]) + a[6:]
+            _mosaic_fn(v, K**-0.5).trace(*a).lower(lowering_platforms=("cuda",))
             out[name] = f"lowered in {time.perf_counter() - t0:.1f} s"
         except Exception as e:  # noqa: BLE001 - report every variant
             traceback.print_exc()
@@ -97,68 +160,89 @@ def lower_only(shape, dtype, variants):
     return out
 
 
-def run_shape(shape, dtype, reps, variants):
+def run_case(shape, dtype, reps, variants, packed: bool, fwd_total: bool = False):
     B, T, H, K, V = shape
-    res: dict = {"shape": list(shape), "dtype": jnp.dtype(dtype).name, "variants": {}}
+    res: dict = {"shape": list(shape), "dtype": jnp.dtype(dtype).name, "packed": packed,
+                 "variants": {}}
     scale = K**-0.5
     q, k, v, g, beta, lam, h0 = inputs(jax.random.PRNGKey(B * 7 + T + K), B, T, H, K, V, dtype)
-    m = packing.make_layout(B, T, C, None).meta
+    if packed:
+        cu = offsets(B, T, seed=B + T)
+        res["cu_seqlens"] = np.asarray(cu).tolist() if B * T <= 4 * 4096 else "random"
+        lay = packing.make_layout(B, T, C, cu, per_document=False)
+        seg = lay.seg
+        h0_x = jnp.zeros((1, H, K, V), F32)  # the row-aligned layout's one zero entry
+        h0 = jnp.zeros((B, H, K, V), F32)
+    else:
+        lay = packing.make_layout(B, T, C, None)
+        seg = None
+        h0_x = h0
+    m = lay.meta
     sp = lambda x: xla._split(x, C)  # noqa: E731
-    G = packing.chunk_cumsum(g, C)
-    loc = jax.jit(xla.chunk_local)(sp(q), sp(k), sp(v), sp(G), sp(beta), sp(lam))
+    sg = xla._seg_split(seg, C)
+    G = packing.chunk_cumsum(g, C, seg)
+    loc = jax.jit(xla.chunk_local)(sp(q), sp(k), sp(v), sp(G), sp(beta), sp(lam), sg)
     W, U = xla._merge(loc.W), xla._merge(loc.U)
 
-    def oracle(k, q, G4, W4, U4, h0):
-        h_in, D, fin = xla.state_pass(k, G4, W4, U4, h0, m, dtype)
-        return xla._merge(xla.chunk_output(q, k, G4, h_in, D, scale, dtype)), fin
+    def oracle(k, q, G4, W4, U4, h0, sg):
+        h_in, D, fin = xla.state_pass(k, G4, W4, U4, h0, m, dtype, sg)
+        o = xla._merge(xla.chunk_output(q, k, G4, h_in, D, scale, dtype, sg))
+        return o, fin, jnp.moveaxis(h_in, 1, 2), xla._merge(D)
 
-    o_x, fin_x = jax.jit(oracle)(sp(k), sp(q), loc.G, loc.W, loc.U, h0)
+    o_x, fin_x, hin_x, d_x = jax.jit(oracle)(sp(k), sp(q), loc.G, loc.W, loc.U, h0_x, sg)
     o_x = o_x.astype(dtype)
+    ref = {"o": o_x, "final": fin_x, "h_in": hin_x, "D": d_x}
+    if packed:
+        del ref["final"]  # the row-aligned layout writes no final state
 
     cfg = pcfg.get_config(K, V, C, dtype)
     interp = jax.default_backend() != "gpu"
+    extra = () if seg is None else (seg,)
     tri_state = jax.jit(lambda *a: pfwd.state_pass(*a, C=C, cfg=cfg.state, interpret=interp))
     tri_out = jax.jit(lambda *a: pfwd.chunk_output(*a, scale=scale, out_dtype=dtype, C=C,
                                                    cfg=cfg.output, interpret=interp))
-    sargs = (k, G, W, U, h0, m.reset, m.is_last, m.seq)
+    sargs = (k, G, W, U, h0_x, m.reset, m.is_last, m.seq) + extra
     eps = float(jnp.finfo(dtype).eps)
-    tol = {"o": eps, "final": eps}
+    tol = {key: eps for key in ref}
     try:
         h_in, D, fin_t = tri_state(*sargs)
-        o_t = tri_out(q, k, G, h_in, D)
-        res["triton.o"] = rel(o_t, o_x)
-        res["triton.final"] = rel(fin_t, fin_x)
-        tol = {"o": max(tol["o"], 3 * res["triton.o"]),
-               "final": max(tol["final"], 3 * res["triton.final"])}
+        o_t = tri_out(q, k, G, h_in, D, *extra)
+        got = {"o": o_t, "final": fin_t, "h_in": h_in, "D": D}
+        for key in ref:
+            res["triton." + key] = rel(got[key], ref[key])
+            tol[key] = max(eps, 3 * res["triton." + key])
         res["triton.state_ms"] = times(tri_state, sargs, reps)
-        res["triton.output_ms"] = times(tri_out, (q, k, G, h_in, D), reps)
+        res["triton.output_ms"] = times(tri_out, (q, k, G, h_in, D) + extra, reps)
         res["triton.state+output_ms"] = [a + b for a, b in zip(res["triton.state_ms"],
                                                                res["triton.output_ms"])]
-        tri_local = jax.jit(lambda *a: pfwd.chunk_local(*a, C=C, cfg=cfg.local,
-                                                        interpret=interp, cfg_a=cfg.a))
-        res["triton.local_ms"] = times(tri_local, (q, k, v, G, beta, lam), reps)
-        fwd = jax.jit(lambda *a: qdelta_rule(*a[:6], initial_state=a[6], output_final_state=True,
-                                             chunk_size=C, implementation="pallas"))
-        res["pallas.qdelta_rule_fwd_ms"] = times(fwd, (q, k, v, g, beta, lam, h0), reps)
+        if fwd_total and not packed:
+            fwd = jax.jit(lambda *a: qdelta_rule(*a[:6], initial_state=a[6],
+                                                 output_final_state=True, chunk_size=C,
+                                                 implementation="pallas"))
+            res["pallas.qdelta_rule_fwd_ms"] = times(fwd, (q, k, v, g, beta, lam, h0), reps)
     except Exception as e:  # noqa: BLE001
         traceback.print_exc()
         res["triton_error"] = f"{type(e).__name__}: {e}"[:3000]
     res["tolerance"] = tol
 
     for name in variants:
-        mcfg = VARIANTS[name]
+        var = VARIANTS[name]
+        if var.reverse or var.packed != packed:
+            continue
         r: dict = {}
         res["variants"][name] = r
         try:
-            f = jax.jit(lambda *a, mcfg=mcfg: mosaic.state_output(*a, scale=scale, cfg=mcfg))
-            margs = (q, k, G, W, U, h0)
+            f = _mosaic_fn(var, scale)
+            margs = (q, k, G, W, U, h0) + extra
             t0 = time.perf_counter()
-            o_m, fin_m = jax.block_until_ready(f(*margs))
+            out = jax.block_until_ready(f(*margs))
             r["compile_s"] = time.perf_counter() - t0
-            r["o"] = rel(o_m, o_x)
-            r["final"] = rel(fin_m, fin_x)
-            r["finite"] = bool(jnp.isfinite(o_m.astype(F32)).all() & jnp.isfinite(fin_m).all())
-            r["pass"] = bool(r["finite"] and r["o"] <= tol["o"] and r["final"] <= tol["final"])
+            got = dict(zip(("o", "final", "h_in", "D"), out))
+            keys = [key for key in ref if key in got]
+            for key in keys:
+                r[key] = rel(got[key], ref[key])
+            r["finite"] = all(bool(jnp.isfinite(x.astype(F32)).all()) for x in out)
+            r["pass"] = bool(r["finite"] and all(r[key] <= tol[key] for key in keys))
             r["ms"] = times(f, margs, reps)
         except Exception as e:  # noqa: BLE001 - one failing variant must not hide the others
             traceback.print_exc()
@@ -168,34 +252,130 @@ def run_shape(shape, dtype, reps, variants):
     return res
 
 
+def run_reverse(shape, dtype, reps, variants, packed: bool):
+    B, T, H, K, V = shape
+    res: dict = {"shape": list(shape), "dtype": jnp.dtype(dtype).name, "packed": packed,
+                 "reverse": True, "variants": {}}
+    scale = K**-0.5
+    q, k, v, g, beta, lam, _ = inputs(jax.random.PRNGKey(B * 7 + T + K), B, T, H, K, V, dtype)
+    do = jax.random.normal(jax.random.PRNGKey(T + 1), (B, T, H, V), F32).astype(dtype)
+    dfin = 0.1 * jax.random.normal(jax.random.PRNGKey(T + 2), (B, H, K, V), F32)
+    if packed:
+        lay = packing.make_layout(B, T, C, offsets(B, T, seed=B + T), per_document=False)
+        seg, N = lay.seg, 1
+        dfin = jnp.zeros_like(dfin)  # the row-aligned layout has no final state
+        dfin_x = jnp.zeros((1, H, K, V), F32)
+    else:
+        lay = packing.make_layout(B, T, C, None)
+        seg, N, dfin_x = None, B, dfin
+    m = lay.meta
+    sp = lambda x: xla._split(x, C)  # noqa: E731
+    sg = xla._seg_split(seg, C)
+    G = packing.chunk_cumsum(g, C, seg)
+    loc = jax.jit(xla.chunk_local)(sp(q), sp(k), sp(v), sp(G), sp(beta), sp(lam), sg)
+    W = xla._merge(loc.W)
+
+    def oracle(q4, k4, G4, W4, do4, dfin_x, sg):
+        gt = xla.gates(G4, sg)
+        _, incl = xla._masks(C)
+        P = xla._mm("...ik,...jk->...ij", q4, k4, dtype) * xla._decay(G4, xla._within(incl, gt))
+        dD0 = (scale * xla._mm("...ij,...iv->...jv", P, do4, dtype)).astype(dtype)
+        dho, dh0 = xla.reverse_state_pass(k4, G4, W4, q4, do4, dD0, dfin_x, m, scale, N, dtype,
+                                          sg)
+        kd = k4.astype(F32) * gt.e[..., None]
+        dD = dD0.astype(F32) + xla._mm("...ck,...kv->...cv", kd, dho, dtype)
+        return (xla._merge(dD0), jnp.moveaxis(dho, 1, 2), xla._merge(dD.astype(dtype)), dh0)
+
+    dD0, dho_x, dD_x, dh0_x = jax.jit(oracle)(sp(q), sp(k), loc.G, loc.W, sp(do), dfin_x, sg)
+    ref = {"dh_out": dho_x, "dD": dD_x, "dh0": dh0_x}
+    if packed:
+        del ref["dh0"]  # the row-aligned layout's one (constant) initial state
+    cfg = pcfg.get_config(K, V, C, dtype)
+    interp = jax.default_backend() != "gpu"
+    extra = () if seg is None else (seg,)
+    tri = jax.jit(lambda *a: pbwd.reverse_state_pass(*a, scale=scale, C=C, cfg=cfg.reverse,
+                                                     interpret=interp))
+    targs = (q, k, G, W, do, dD0, dfin_x, m.reset, m.is_last, m.seq) + extra
+    eps = float(jnp.finfo(dtype).eps)
+    tol = {key: eps for key in ref}
+    try:
+        got = dict(zip(("dh_out", "dD", "dh0"), tri(*targs)))
+        for key in ref:
+            res["triton." + key] = rel(got[key], ref[key])
+            tol[key] = max(eps, 3 * res["triton." + key])
+        res["triton.reverse_ms"] = times(tri, targs, reps)
+    except Exception as e:  # noqa: BLE001
+        traceback.print_exc()
+        res["triton_error"] = f"{type(e).__name__}: {e}"[:3000]
+    res["tolerance"] = tol
+    for name in variants:
+        var = VARIANTS[name]
+        if not var.reverse or var.packed != packed:
+            continue
+        r: dict = {}
+        res["variants"][name] = r
+        try:
+            f = _mosaic_fn(var, scale)
+            margs = (q, k, G, W, do, dD0, dfin) + extra
+            t0 = time.perf_counter()
+            out = jax.block_until_ready(f(*margs))
+            r["compile_s"] = time.perf_counter() - t0
+            got = dict(zip(("dh_out", "dD", "dh0"), out))
+            for key in ref:
+                r[key] = rel(got[key], ref[key])
+            r["finite"] = all(bool(jnp.isfinite(x.astype(F32)).all()) for x in out)
+            r["pass"] = bool(r["finite"] and all(r[key] <= tol[key] for key in ref))
+            r["ms"] = times(f, margs, reps)
+        except Exception as e:  # noqa: BLE001 - one failing variant must not hide the others
+            traceback.print_exc()
+            r["error"] = f"{type(e).__name__}: {e}"[:3000]
+            r["pass"] = False
+        print(name, json.dumps(r), flush=True)
+    return res
+
+
+def _e(r, key):
+    return f"{r[key]:>9.2e}" if key in r else f"{'-':>9}"
+
+
 def print_table(res):
-    print(f"\n== {res['shape']} {res['dtype']}  (rel. error vs xla; ms = sync / pipelined median)")
+    rev = res.get("reverse", False)
+    kind = ("packed (seg)" if res["packed"] else "unpacked") + (" reverse pass" if rev else "")
+    print(f"\n== {res['shape']} {res['dtype']} {kind}  (rel. error vs xla; ms = sync / pipelined"
+          " median)")
     tol = res.get("tolerance", {})
-    print(f"{'kernel':<28}{'O err':>10}{'final err':>11}{'ms sync':>10}{'ms pipe':>10}  status")
-    ts = res.get("triton.state+output_ms")
+    cols = ("dh_out", "dD", "dh0") if rev else ("o", "final", "h_in", "D")
+    print(f"{'kernel':<24}" + "".join(f"{c:>9}" for c in cols) + f"{'ms sync':>9}{'ms pipe':>9}"
+          "  status")
+    tname = "triton reverse" if rev else "triton state+output"
+    ts = res.get("triton.reverse_ms" if rev else "triton.state+output_ms")
     if ts:
-        print(f"{'triton state+output':<28}{res['triton.o']:>10.2e}{res['triton.final']:>11.2e}"
-              f"{ts[0]:>10.3f}{ts[1]:>10.3f}  reference kernels (tol O {tol['o']:.1e},"
-              f" final {tol['final']:.1e})")
-        for key in ("triton.state_ms", "triton.output_ms", "triton.local_ms",
-                    "pallas.qdelta_rule_fwd_ms"):
-            a, b = res[key]
-            print(f"{'  ' + key[:-3]:<28}{'':>10}{'':>11}{a:>10.3f}{b:>10.3f}")
+        t = {key[7:]: v for key, v in res.items() if key.startswith("triton.")
+             and not key.endswith("_ms")}
+        print(f"{tname:<24}" + "".join(_e(t, key) for key in cols)
+              + f"{ts[0]:>9.3f}{ts[1]:>9.3f}  reference (tol "
+              + ", ".join(f"{key} {v:.1e}" for key, v in tol.items()) + ")")
+        for key in ("triton.state_ms", "triton.output_ms", "pallas.qdelta_rule_fwd_ms"):
+            if key in res and not rev:
+                a, b = res[key]
+                print(f"{'  ' + key[:-3]:<24}{'':>{9 * len(cols)}}{a:>9.3f}{b:>9.3f}")
+    elif "triton_error" in res:
+        print(f"{'triton':<24}FAIL {res['triton_error'].splitlines()[0][:100]}")
     for name, r in res["variants"].items():
         if "error" in r:
-            print(f"{'mosaic ' + name:<28}{'':>10}{'':>11}{'':>10}{'':>10}  FAIL "
+            print(f"{'mosaic ' + name:<24}{'':>{9 * len(cols) + 18}}  FAIL "
                   f"{r['error'].splitlines()[0][:90]}")
             continue
         a, b = r.get("ms", (float("nan"),) * 2)
         status = "PASS" if r["pass"] else "FAIL"
         speed = f"  {ts[1] / b:.2f}x triton" if ts and b == b else ""
-        print(f"{'mosaic ' + name:<28}{r['o']:>10.2e}{r['final']:>11.2e}{a:>10.3f}{b:>10.3f}"
-              f"  {status}{speed}")
+        print(f"{'mosaic ' + name:<24}" + "".join(_e(r, key) for key in cols)
+              + f"{a:>9.3f}{b:>9.3f}  {status}{speed}")
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--shapes", default="1x256x2x128x256,8x4096x6x128x256",
+    ap.add_argument("--shapes", default="8x4096x6x128x256,1x256x2x128x256",
                     help="comma list of BxTxHxKxV (T a multiple of 64)")
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--reps", type=int, default=30)
@@ -203,6 +383,8 @@ def main(argv=None):
                     ", ".join(VARIANTS))
     ap.add_argument("--lower-only", action="store_true",
                     help="only lower every variant for cuda (runs on a CPU-only machine)")
+    ap.add_argument("--fwd-total", action="store_true",
+                    help="also time the whole Pallas forward (qdelta_rule) in the unpacked case")
     ap.add_argument("--out", default=None)
     a = ap.parse_args(argv)
     dtype = jnp.dtype(a.dtype)
@@ -215,21 +397,42 @@ def main(argv=None):
     for v in variants:
         if v not in VARIANTS:
             ap.error(f"--variants: unknown variant {v!r}; known: {', '.join(VARIANTS)}")
+    out = a.out or (os.path.join(os.environ["OUT"], "mosaic_dev.json") if "OUT" in os.environ
+                    else None)
+
+    def save():  # after every case, so that a run cut short keeps what it measured
+        allres["wall_s"] = time.perf_counter() - t0
+        if out:
+            with open(out, "w") as f:
+                json.dump(allres, f, indent=1)
+
     t0 = time.perf_counter()
     for shape in shapes:
         if a.lower_only:
             low = lower_only(shape, dtype, variants)
             allres["runs"].append({"shape": list(shape), "lower": low})
+            save()
             continue
-        r = run_shape(shape, dtype, a.reps, variants)
-        allres["runs"].append(r)
-        print_table(r)
-    allres["wall_s"] = time.perf_counter() - t0
-    out = a.out or (os.path.join(os.environ["OUT"], "mosaic_dev.json") if "OUT" in os.environ
-                    else None)
-    if out:
-        with open(out, "w") as f:
-            json.dump(allres, f, indent=1)
+        for packed, rev in ((False, False), (True, False), (False, True), (True, True)):
+            if not any((VARIANTS[v].packed, VARIANTS[v].reverse) == (packed, rev)
+                       for v in variants):
+                continue
+            try:
+                r = (run_reverse(shape, dtype, a.reps, variants, packed) if rev else
+                     run_case(shape, dtype, a.reps, variants, packed, a.fwd_total))
+            except Exception as e:  # noqa: BLE001 - the other cases still run
+                traceback.print_exc()
+                r = {"shape": list(shape), "packed": packed, "reverse": rev,
+                     "error": f"{type(e).__name__}: {e}"}
+                print(f"case {shape} packed={packed} reverse={rev} FAIL {r['error'][:300]}",
+                      flush=True)
+                allres["runs"].append(r)
+                save()
+                continue
+            allres["runs"].append(r)
+            print_table(r)
+            save()
+    save()
     print(f"wall {allres['wall_s']:.0f} s")
 
 

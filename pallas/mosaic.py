@@ -1,5 +1,6 @@
-"""Hopper-native (Mosaic GPU, ``plgpu``) kernel of the chunked Q-Delta forward: the state pass
-with the output fused into it (docs/MATH.md section 2, given ``W``, ``U`` and ``G``).
+"""Hopper-native (Mosaic GPU, ``plgpu``) kernels of the chunked Q-Delta op: the state pass
+with the output fused into it (docs/MATH.md section 2, given ``W``, ``U`` and ``G``), and the
+backward's reverse state pass.
 
 Why this exists: the Triton-lowered forward (:mod:`.forward`) runs the state pass and the output
 as two launches that cross HBM with ``h_in [B, NC, H, K, V]`` and ``D``, and its state pass
@@ -16,25 +17,36 @@ keeps the float32 state ``h [K, BV]`` in registers across all chunks and, per ch
    transposed from shared memory) accumulating onto ``gamma_C h``;
 
 while :func:`plgpu.emit_pipeline` streams the next chunks' ``Q, K, W, U, G`` in by TMA
-(``max_concurrent_steps`` buffers) and ``O`` out. Neither ``h_in`` nor ``D`` touches HBM.
+(``max_concurrent_steps`` buffers) and ``O`` out. For inference neither ``h_in`` nor ``D``
+touches HBM; for training (``residuals=True``) ``h`` and ``D`` are written into the pipeline's
+output buffers, which the wgmmas read and TMA then stores as the backward's ``h_in`` and ``D``.
+:func:`reverse_state_pass` is the same loop run backwards for ``dh`` (two accumulators, the
+decayed ``K``, ``Q`` and ``-W`` rounded in their own pipeline buffers).
 
 Numerics: the same rounding points as :func:`qdelta_jax.xla.state_pass` and
 :func:`qdelta_jax.xla.chunk_output` (the state and every accumulation in float32, matmul
 operands in the compute dtype: ``h`` is rounded before ``W h`` and ``Q h``, ``D`` before
-``P D``), with two reassociations that keep the float32 factors out of the rounded operands:
+``P D``). By default two reassociations keep the float32 factors out of the rounded operands:
 ``gamma`` scales ``Q h`` after the product instead of ``Q`` before it, and the chunk-end decay
-``exp(G_C - G)`` scales the rows of ``D`` instead of those of ``K``.
+``exp(G_C - G)`` scales the rows of ``D`` instead of those of ``K``;
+``MosaicConfig(scale_operands=True)`` scales ``Q`` and ``K`` instead, as the XLA path does.
+
+Packed documents: ``seg`` (the row-aligned layout of :mod:`qdelta_jax.packing`) masks the
+decays, the intra-chunk products and the carried state at every change of document id, in
+registers; the state (and in the reverse pass its gradient) is zero across a chunk boundary
+where a document starts.
 
 Backend: needs ``jax.experimental.pallas.mosaic_gpu`` (jax >= 0.10) and, to run, an sm_90 GPU.
-Importing this module never fails; calling the kernel without Mosaic GPU raises
-``RuntimeError``. Off the GPU the kernel can be lowered (``jax.jit(f).trace(...).lower(
+Importing this module never fails; calling a kernel without Mosaic GPU raises
+``RuntimeError``. Off the GPU the kernels can be lowered (``jax.jit(f).trace(...).lower(
 lowering_platforms=("cuda",))`` runs the whole Mosaic GPU lowering, register layouts included)
 but not run: Mosaic GPU interpret mode (jax 0.11.2) does not simulate a wgmma whose left operand
 is in registers (``P`` here) nor accumulators initialised through ``pl.run_state``.
 Supported: chunk size 64 (the wgmma M of the ``[C, *]`` products), K a multiple
 of 64 up to 256, V tiles of 64 or 128 dividing V, bfloat16 or float16 inputs, one sequence per
-batch row (no ``cu_seqlens``: the state starts from ``h0[b]`` at chunk 0 and ends at the last
-chunk). :func:`check_supported` says why a shape is not.
+batch row (the state starts from ``h0[b]`` at chunk 0 and ends at the last chunk) or the
+row-aligned packed layout; not the per-document layout (``cu_seqlens`` with states in or out).
+:func:`check_supported` says why a shape is not.
 """
 
 from __future__ import annotations
@@ -84,11 +96,17 @@ class MosaicConfig:
     start only after this chunk's math; 2 or more: they overlap it).
     ``lowering_semantics``: ``"lane"`` (register layouts as the kernel states them) or
     ``"warpgroup"`` (Pallas infers them; jax 0.11.2 finds no solution for this kernel, after
-    minutes of search)."""
+    minutes of search).
+    ``scale_operands``: where the float32 decays meet the rounded matmul operands. ``False``:
+    ``gamma`` scales the product ``Q h`` and ``exp(G_C - G)`` the rows of ``D`` (a second
+    ``[C, BV]`` buffer). ``True``: they scale ``Q`` and ``K`` before rounding, in their pipeline
+    buffers once ``Q K^T`` has read them, the rounding points of :mod:`.forward` and
+    :mod:`qdelta_jax.xla` (``O``, ``h_in``, ``D`` as theirs up to float32 summation order)."""
 
     block_v: int = 64
     max_concurrent_steps: int = 2
     lowering_semantics: str = "lane"
+    scale_operands: bool = False
 
     def __post_init__(self):
         if self.block_v not in (64, 128):
@@ -97,23 +115,34 @@ class MosaicConfig:
             raise ValueError(
                 f"max_concurrent_steps must be an int >= 1, got {self.max_concurrent_steps!r}"
             )
+        if not isinstance(self.scale_operands, bool):
+            raise ValueError(f"scale_operands must be a bool, got {self.scale_operands!r}")
         if self.lowering_semantics not in SEMANTICS:
             raise ValueError(
                 f"lowering_semantics must be one of {SEMANTICS}, got {self.lowering_semantics!r}"
             )
 
 
-def smem_bytes(K: int, C: int, BV: int, itemsize: int, steps: int, out_itemsize: int) -> int:
+def smem_bytes(K: int, C: int, BV: int, itemsize: int, steps: int, out_itemsize: int,
+               residuals: bool = False, segmented: bool = False,
+               scale_operands: bool = False) -> int:
     """Shared memory of one CTA: ``steps`` pipeline buffers of ``Q, K, W`` (``[C, K]``), ``U``
-    and ``O`` (``[C, BV]``) and ``G`` (``[C]`` float32), plus ``h`` (``[K, BV]``), ``D`` and the
-    decayed ``D`` (``[C, BV]``) in the compute dtype and the float32 ``[K, BV]`` buffer that
-    carries ``h0`` in and the final state out."""
+    and ``O`` (``[C, BV]``), ``G`` (``[C]`` float32) and with ``segmented`` the two ``[C]``
+    int32 id vectors; ``h`` (``[K, BV]``) and ``D`` (``[C, BV]``) in the compute dtype, once as
+    scratch or, with ``residuals``, ``steps`` times as output buffers; the decayed ``D`` (not
+    with ``scale_operands``) and the float32 ``[K, BV]`` buffer that carries ``h0`` in and the
+    final state out."""
+    hd = (K * BV + C * BV) * itemsize
     per_step = 3 * C * K * itemsize + C * BV * (itemsize + out_itemsize) + 4 * C
-    return steps * per_step + (K * BV + 2 * C * BV) * itemsize + 4 * K * BV
+    per_step += 8 * C if segmented else 0
+    per_step += hd if residuals else 0
+    dd = 0 if scale_operands else C * BV * itemsize
+    return steps * per_step + (0 if residuals else hd) + dd + 4 * K * BV
 
 
 def check_supported(*, K: int, V: int, C: int, dtype, out_dtype=None,
-                    cfg: MosaicConfig | None = None) -> None:
+                    cfg: MosaicConfig | None = None, residuals: bool = False,
+                    segmented: bool = False) -> None:
     """Raises ``ValueError`` naming the first size, dtype or setting this kernel does not take
     (see the module docstring)."""
     cfg = cfg or MosaicConfig()
@@ -130,10 +159,12 @@ def check_supported(*, K: int, V: int, C: int, dtype, out_dtype=None,
     if V % cfg.block_v:
         raise ValueError(f"V={V} is not a multiple of block_v={cfg.block_v}")
     osz = jnp.dtype(out_dtype or dt).itemsize
-    need = smem_bytes(K, C, cfg.block_v, dt.itemsize, cfg.max_concurrent_steps, osz)
+    need = smem_bytes(K, C, cfg.block_v, dt.itemsize, cfg.max_concurrent_steps, osz,
+                      residuals, segmented, cfg.scale_operands)
     if need > SMEM_BYTES:
         raise ValueError(
-            f"K={K}, block_v={cfg.block_v}, max_concurrent_steps={cfg.max_concurrent_steps} need"
+            f"K={K}, block_v={cfg.block_v}, max_concurrent_steps={cfg.max_concurrent_steps}"
+            f"{', residuals' if residuals else ''}{', seg' if segmented else ''} need"
             f" {need} bytes of shared memory per CTA, more than {SMEM_BYTES}"
         )
 
@@ -165,91 +196,178 @@ def _cols(x, shape):
     return lax.broadcast_in_dim(x, shape, [1])
 
 
-def _kernel(q_ref, k_ref, w_ref, u_ref, g_ref, h0_ref, o_ref, fin_ref,
-            h_s, d_s, dd_s, f_s, bar, *, C, NC, BV, scale, steps, dt):
+def _gates(g_s, seg_s, segp_s, causal):
+    """The decays of one chunk from its ``G`` (and document ids) in shared memory, in the
+    layouts of a ``[C, *]`` accumulator: ``G`` along its rows and along its columns, ``gam``
+    (``exp(G)``, zero past the first document), ``e`` (``exp(G_C - G)``, zero before the last
+    document), the scalar ``aC`` (``exp(G_C)``, zero when a document starts inside the chunk),
+    the ``[C, C]`` mask of pairs ``i >= j`` in one document, and ``keep`` (None without
+    documents): 0.0 where a document starts exactly at the chunk start (no state crosses into
+    it), else 1.0."""
+    C = g_s.shape[0]
+    Gi = _load(g_s, plgpu.Layout.WGMMA.reduce(1))
+    Gj = _load(g_s, plgpu.Layout.WGMMA.reduce(0))
+    gC = g_s[C - 1]
+    if seg_s is None:
+        return Gi, Gj, jnp.exp(Gi), jnp.exp(gC - Gi), jnp.exp(gC), causal, None
+    # ``seg`` does not decrease: the chunk's first and last documents are at its ends.
+    si = _load(seg_s, plgpu.Layout.WGMMA.reduce(1))
+    sj = _load(seg_s, plgpu.Layout.WGMMA.reduce(0))
+    s0, sC = seg_s[0], seg_s[C - 1]
+    keep = jnp.where(segp_s[0] == s0, 1.0, 0.0).astype(F32)
+    first, last = si == s0, si == sC
+    gam = jnp.where(first, jnp.exp(jnp.where(first, Gi, 0.0)), 0.0)
+    e = jnp.where(last, jnp.exp(jnp.where(last, gC - Gi, 0.0)), 0.0)
+    aC = jnp.where(s0 == sC, jnp.exp(gC), 0.0).astype(F32)
+    mask = None if causal is None else causal & (_rows(si, (C, C)) == _cols(sj, (C, C)))
+    return Gi, Gj, gam, e, aC, mask, keep
+
+
+def _causal(C):
+    """The ``i >= j`` mask in the layout of a ``[C, C]`` accumulator."""
+    row = plgpu.broadcasted_iota(jnp.int32, (C, C), 0, layout=plgpu.Layout.WGMMA)
+    col = plgpu.broadcasted_iota(jnp.int32, (C, C), 1, layout=plgpu.Layout.WGMMA)
+    return row >= col
+
+
+def _kernel(*refs, C, NC, H, BV, scale, steps, dt, residuals, segmented, scale_operands):
+    n_in = 7 if segmented else 5
+    n_out = 4 if residuals else 2
+    ins = refs[:n_in]
+    h0_ref = refs[n_in]
+    outs = refs[n_in + 1:n_in + 1 + n_out]
+    o_ref, fin_ref = outs[:2]
+    scratch = list(refs[n_in + 1 + n_out:])
+    if not residuals:  # h and D only feed the wgmmas: scratch buffers instead of outputs
+        h_scr, d_scr = scratch[:2]
+        scratch = scratch[2:]
+    dd_s = None if scale_operands else scratch.pop(0)
+    f_s, bar = scratch
     b, h, j = lax.axis_index("b"), lax.axis_index("h"), lax.axis_index("v")
-    K = q_ref.shape[-1]
+    K = ins[0].shape[-1]
     vs = pl.ds(j * BV, BV)
     plgpu.copy_gmem_to_smem(h0_ref.at[b, h, :, vs], f_s, bar)
     plgpu.barrier_wait(bar)
     state0 = _load(f_s, plgpu.Layout.WGMMA)
 
-    # The causal mask in the layout of the Q K^T accumulator.
-    row = plgpu.broadcasted_iota(jnp.int32, (C, C), 0, layout=plgpu.Layout.WGMMA)
-    col = plgpu.broadcasted_iota(jnp.int32, (C, C), 1, layout=plgpu.Layout.WGMMA)
-    causal = row >= col
+    causal = _causal(C)
 
-    def chunk(_, q_s, k_s, w_s, u_s, g_s, o_s, state):
+    def chunk(_, *refs):
+        q_s, k_s, w_s, u_s, g_s = refs[:5]
+        seg_s, segp_s = refs[5:7] if segmented else (None, None)
+        o_s, *res_s = refs[n_in:n_in + n_out - 1]
+        state = refs[-1]
+        h_s, d_s = res_s if residuals else (h_scr, d_scr)
+        Gi, Gj, gam, e, aC, mask, keep = _gates(g_s, seg_s, segp_s, causal)
+        if keep is not None:
+            state = state * keep
         h_s[...] = state.astype(dt)
         plgpu.commit_smem()  # h is read by wgmma (the async proxy) below
+        if scale_operands:
+            def products(acc_wh, acc_p):
+                plgpu.wgmma(acc_wh, w_s, h_s)
+                plgpu.wgmma(acc_p, q_s, k_s.T)
+                return acc_wh[...], acc_p[...]
 
-        def products(acc_wh, acc_qh, acc_p):
-            plgpu.wgmma(acc_wh, w_s, h_s)
-            plgpu.wgmma(acc_qh, q_s, h_s)
-            plgpu.wgmma(acc_p, q_s, k_s.T)
-            return acc_wh[...], acc_qh[...], acc_p[...]
+            wh, qk = pl.run_scoped(products, plgpu.ACC((C, BV), F32), plgpu.ACC((C, C), F32))
+            # Q K^T has read q and k: their buffers now take gamma Q and exp(G_C - G) K.
+            qv = _load(q_s, plgpu.Layout.WGMMA).astype(F32)
+            kv = _load(k_s, plgpu.Layout.WGMMA).astype(F32)
+            q_s[...] = (qv * _rows(gam, qv.shape)).astype(dt)
+            k_s[...] = (kv * _rows(e, kv.shape)).astype(dt)
+        else:
+            def products(acc_wh, acc_qh, acc_p):
+                plgpu.wgmma(acc_wh, w_s, h_s)
+                plgpu.wgmma(acc_qh, q_s, h_s)
+                plgpu.wgmma(acc_p, q_s, k_s.T)
+                return acc_wh[...], acc_qh[...], acc_p[...]
 
-        wh, qh, qk = pl.run_scoped(
-            products, plgpu.ACC((C, BV), F32), plgpu.ACC((C, BV), F32), plgpu.ACC((C, C), F32)
-        )
-        # G indexed by the rows and by the columns of a [C, *] accumulator
-        Gi = _load(g_s, plgpu.Layout.WGMMA.reduce(1))
-        Gj = _load(g_s, plgpu.Layout.WGMMA.reduce(0))
-        gC = g_s[C - 1]
+            wh, qh, qk = pl.run_scoped(
+                products, plgpu.ACC((C, BV), F32), plgpu.ACC((C, BV), F32),
+                plgpu.ACC((C, C), F32)
+            )
         D = _load(u_s, plgpu.Layout.WGMMA).astype(F32) - wh
         d_s[...] = D.astype(dt)
-        dd_s[...] = (D * _rows(jnp.exp(gC - Gi), D.shape)).astype(dt)
+        if not scale_operands:
+            dd_s[...] = (D * _rows(e, D.shape)).astype(dt)
         plgpu.commit_smem()
-        # exp(G_i - G_j) only where i >= j, so the exponent never overflows
-        diff = jnp.where(causal, _rows(Gi, (C, C)) - _cols(Gj, (C, C)), 0.0)
-        P = jnp.where(causal, qk * jnp.exp(diff), 0.0).astype(dt)
+        # exp(G_i - G_j) only where the mask holds, so the exponent never overflows
+        diff = jnp.where(mask, _rows(Gi, (C, C)) - _cols(Gj, (C, C)), 0.0)
+        P = jnp.where(mask, qk * jnp.exp(diff), 0.0).astype(dt)
 
-        def updates(accs):
-            acc_o, acc_h = accs
-            plgpu.wgmma(acc_o, P, d_s)
-            plgpu.wgmma(acc_h, k_s.T, dd_s)
+        if scale_operands:
+            def updates(accs):
+                acc_o, acc_h = accs
+                plgpu.wgmma(acc_o, q_s, h_s)
+                plgpu.wgmma(acc_o, P, d_s)
+                plgpu.wgmma(acc_h, k_s.T, d_s)
 
-        o, state = pl.run_state(updates)(
-            (plgpu.ACC.init(_rows(jnp.exp(Gi), qh.shape) * qh), plgpu.ACC.init(jnp.exp(gC) * state))
-        )
+            o0 = plgpu.ACC.init(
+                plgpu.layout_cast(jnp.full((C, BV), 0, F32), plgpu.Layout.WGMMA))
+        else:
+            def updates(accs):
+                acc_o, acc_h = accs
+                plgpu.wgmma(acc_o, P, d_s)
+                plgpu.wgmma(acc_h, k_s.T, dd_s)
+
+            o0 = plgpu.ACC.init(_rows(gam, qh.shape) * qh)
+        o, state = pl.run_state(updates)((o0, plgpu.ACC.init(aC * state)))
         o_s[...] = (scale * o).astype(o_s.dtype)
         return state
 
     tk, tv = _transforms(K, dt), _transforms(BV, dt)
     rows_k = lambda c: (b, c, h, 0)  # noqa: E731
     rows_v = lambda c: (b, c, h, j)  # noqa: E731
+    in_specs = [
+        plgpu.BlockSpec((None, C, None, K), rows_k, transforms=tk),  # q
+        plgpu.BlockSpec((None, C, None, K), rows_k, transforms=tk),  # k
+        plgpu.BlockSpec((None, C, None, K), rows_k, transforms=tk),  # W
+        plgpu.BlockSpec((None, C, None, BV), rows_v, transforms=tv),  # U
+        plgpu.BlockSpec((None, None, C), lambda c: (b, h, c)),  # G, [B, H, Tp]
+    ]
+    if segmented:  # seg and seg shifted by one token, [B, Tp]
+        in_specs += [plgpu.BlockSpec((None, C), lambda c: (b, c))] * 2
+    out_specs = [plgpu.BlockSpec((None, C, None, BV), rows_v, transforms=tv)]  # O
+    if residuals:
+        out_specs += [
+            # h_in as [B NC H K, V]: one 2-D TMA copy of [K, BV] per chunk
+            plgpu.BlockSpec((K, BV), lambda c: ((b * NC + c) * H + h, j), transforms=tv),
+            plgpu.BlockSpec((None, C, None, BV), rows_v, transforms=tv),  # D
+        ]
     final = plgpu.emit_pipeline(
         chunk,
         grid=(NC,),
-        in_specs=[
-            plgpu.BlockSpec((None, C, None, K), rows_k, transforms=tk),  # q
-            plgpu.BlockSpec((None, C, None, K), rows_k, transforms=tk),  # k
-            plgpu.BlockSpec((None, C, None, K), rows_k, transforms=tk),  # W
-            plgpu.BlockSpec((None, C, None, BV), rows_v, transforms=tv),  # U
-            plgpu.BlockSpec((None, None, C), lambda c: (b, h, c)),  # G, [B, H, Tp]
-        ],
-        out_specs=[plgpu.BlockSpec((None, C, None, BV), rows_v, transforms=tv)],  # O
+        in_specs=in_specs,
+        out_specs=out_specs,
         max_concurrent_steps=steps,
         init_carry=state0,
-    )(q_ref, k_ref, w_ref, u_ref, g_ref, o_ref)
+    )(*ins, *outs[:1], *outs[2:])
     f_s[...] = final
     plgpu.commit_smem()
     plgpu.copy_smem_to_gmem(f_s, fin_ref.at[b, h, :, vs])
     plgpu.wait_smem_to_gmem(0)
 
 
-def state_output(q, k, G, W, U, h0, *, scale: float, out_dtype=None, C: int = CHUNK,
-                 cfg: MosaicConfig | None = None):
-    """The fused state pass and output of the unpacked forward.
+def state_output(q, k, G, W, U, h0, seg=None, *, scale: float, out_dtype=None,
+                 residuals: bool = False, C: int = CHUNK, cfg: MosaicConfig | None = None):
+    """The fused state pass and output of the chunked forward.
 
     Args (the padded layout of :mod:`qdelta_jax.packing`, ``Tp = NC C``): ``q, k, W``
     ``[B, Tp, H, K]`` and ``U [B, Tp, H, V]`` in the compute dtype (bfloat16 or float16),
     ``G [B, Tp, H]`` float32 (the within-chunk cumulative log decay,
-    :func:`qdelta_jax.packing.chunk_cumsum`), ``h0 [B, H, K, V]`` (the state of row ``b``
-    at chunk 0).
+    :func:`qdelta_jax.packing.chunk_cumsum`, restarting at documents when ``seg`` is given),
+    ``h0 [B, H, K, V]`` (the state of row ``b`` at chunk 0).
+    ``seg``: ``None`` (one sequence per row) or ``[B, Tp]`` int32 document ids of the
+    row-aligned packed layout (non-decreasing along each row): no decay, intra-chunk term or
+    carried state crosses a change of id, and the state is zero entering a chunk whose first
+    token starts a document (chunk 0 excepted: it starts from ``h0``, which is zero for packed
+    rows). ``residuals``: also return what the backward needs.
 
-    Returns ``O [B, Tp, H, V]`` in ``out_dtype`` (default: ``q``'s dtype) and the final states
-    ``[B, H, K, V]`` float32.
+    Returns ``(O, final)``, or ``(O, final, h_in, D)`` with ``residuals``: ``O [B, Tp, H, V]``
+    in ``out_dtype`` (default: ``q``'s dtype), the state leaving the last chunk of each row
+    ``final [B, H, K, V]`` float32, and as :func:`qdelta_jax.pallas.forward.state_pass` writes
+    them, the chunk-entry states ``h_in [B, NC, H, K, V]`` and the writes
+    ``D = U - W h [B, Tp, H, V]``, both in the compute dtype.
 
     Raises ``RuntimeError`` without Mosaic GPU, ``ValueError`` for shapes and dtypes it does
     not take (:func:`check_supported`)."""
@@ -259,38 +377,216 @@ def state_output(q, k, G, W, U, h0, *, scale: float, out_dtype=None, C: int = CH
     V = U.shape[-1]
     dt = jnp.dtype(q.dtype)
     out_dtype = jnp.dtype(out_dtype or dt)
-    check_supported(K=K, V=V, C=C, dtype=dt, out_dtype=out_dtype, cfg=cfg)
-    for name, x, shape in (("k", k, (B, Tp, H, K)), ("W", W, (B, Tp, H, K)),
-                           ("U", U, (B, Tp, H, V)), ("G", G, (B, Tp, H)),
-                           ("h0", h0, (B, H, K, V))):
+    segmented = seg is not None
+    check_supported(K=K, V=V, C=C, dtype=dt, out_dtype=out_dtype, cfg=cfg,
+                    residuals=residuals, segmented=segmented)
+    shapes = [("k", k, (B, Tp, H, K)), ("W", W, (B, Tp, H, K)), ("U", U, (B, Tp, H, V)),
+              ("G", G, (B, Tp, H)), ("h0", h0, (B, H, K, V))]
+    if segmented:
+        shapes.append(("seg", seg, (B, Tp)))
+    for name, x, shape in shapes:
         if tuple(x.shape) != shape:
             raise ValueError(f"{name} has shape {tuple(x.shape)}, expected {shape}")
     for name, x in (("k", k), ("W", W), ("U", U)):
         if jnp.dtype(x.dtype) != dt:
             raise ValueError(f"{name} has dtype {jnp.dtype(x.dtype).name}, expected {dt.name}")
+    if segmented and not jnp.issubdtype(seg.dtype, jnp.integer):
+        raise ValueError(f"seg must hold integer document ids, got dtype {seg.dtype}")
     if Tp % C:
         raise ValueError(f"q has {Tp} time steps, not a multiple of chunk_size={C}")
     NC, BV = Tp // C, cfg.block_v
     steps = min(cfg.max_concurrent_steps, NC)
     semantics = {"warpgroup": plgpu.LoweringSemantics.Warpgroup,
                  "lane": plgpu.LoweringSemantics.Lane}[cfg.lowering_semantics]
-    kernel = functools.partial(_kernel, C=C, NC=NC, BV=BV, scale=float(scale), steps=steps,
-                               dt=dt)
+    kernel = functools.partial(_kernel, C=C, NC=NC, H=H, BV=BV, scale=float(scale),
+                               steps=steps, dt=dt, residuals=residuals, segmented=segmented,
+                               scale_operands=cfg.scale_operands)
+    out_type = [jax.ShapeDtypeStruct((B, Tp, H, V), out_dtype),
+                jax.ShapeDtypeStruct((B, H, K, V), F32)]
+    scratch = [plgpu.SMEM((K, BV), F32, transforms=_transforms(BV, F32)),  # h0 in, final out
+               plgpu.Barrier()]
+    if not cfg.scale_operands:
+        scratch.insert(0, plgpu.SMEM((C, BV), dt, transforms=_transforms(BV, dt)))  # e o D
+    if residuals:  # h and D are written from the pipeline's output buffers
+        out_type += [jax.ShapeDtypeStruct((B * NC * H * K, V), dt),
+                     jax.ShapeDtypeStruct((B, Tp, H, V), dt)]
+    else:
+        scratch = [plgpu.SMEM((K, BV), dt, transforms=_transforms(BV, dt)),  # h
+                   plgpu.SMEM((C, BV), dt, transforms=_transforms(BV, dt))] + scratch  # D
     call = plgpu.kernel(
         kernel,
-        out_type=(jax.ShapeDtypeStruct((B, Tp, H, V), out_dtype),
-                  jax.ShapeDtypeStruct((B, H, K, V), F32)),
-        scratch_types=[
-            plgpu.SMEM((K, BV), dt, transforms=_transforms(BV, dt)),  # h
-            plgpu.SMEM((C, BV), dt, transforms=_transforms(BV, dt)),  # D
-            plgpu.SMEM((C, BV), dt, transforms=_transforms(BV, dt)),  # exp(G_C - G) D
-            plgpu.SMEM((K, BV), F32, transforms=_transforms(BV, F32)),  # h0 in, final out
-            plgpu.Barrier(),
-        ],
+        out_type=tuple(out_type),
+        scratch_types=scratch,
         grid=(B, H, V // BV),
         grid_names=("b", "h", "v"),
         compiler_params=plgpu.CompilerParams(lowering_semantics=semantics),
     )
     # G time-minor, so that one chunk of it is one contiguous 256-byte TMA copy.
-    Gt = jnp.swapaxes(G.astype(F32), 1, 2)
-    return call(q, k, W, U, Gt, h0.astype(F32))
+    args = [q, k, W, U, jnp.swapaxes(G.astype(F32), 1, 2)]
+    if segmented:
+        seg = seg.astype(jnp.int32)
+        # The id of the token before each one (the first token's own at t = 0): a chunk whose
+        # first token differs from its predecessor starts a document.
+        segp = jnp.concatenate([seg[:, :1], seg[:, :-1]], axis=1)
+        args += [seg, segp]
+    out = call(*args, h0.astype(F32))
+    if residuals:
+        o, final, h_in, D = out
+        return o, final, h_in.reshape(B, NC, H, K, V), D
+    return out
+
+
+# ----------------------------------------------------------------------------- reverse pass
+
+
+def reverse_smem_bytes(K: int, C: int, BV: int, itemsize: int, steps: int,
+                       segmented: bool = False) -> int:
+    """Shared memory of one CTA of :func:`reverse_state_pass`: ``steps`` pipeline buffers of
+    ``Q, K, W`` (``[C, K]``), ``dO``, ``dD0`` and ``dD`` (``[C, BV]``), ``dh_out``
+    (``[K, BV]``), ``G`` and the ids, plus the float32 ``[K, BV]`` buffer of ``dfinal`` in and
+    ``dh0`` out."""
+    per_step = (3 * C * K + 3 * C * BV + K * BV) * itemsize + 4 * C + (8 * C if segmented else 0)
+    return steps * per_step + 4 * K * BV
+
+
+def _reverse_kernel(*refs, C, NC, H, BV, scale, steps, dt, segmented):
+    n_in = 8 if segmented else 6
+    ins = refs[:n_in]
+    dfin_ref, dhout_ref, dd_ref, dh0_ref, f_s, bar = refs[n_in:]
+    b, h, j = lax.axis_index("b"), lax.axis_index("h"), lax.axis_index("v")
+    K = ins[0].shape[-1]
+    vs = pl.ds(j * BV, BV)
+    plgpu.copy_gmem_to_smem(dfin_ref.at[b, h, :, vs], f_s, bar)
+    plgpu.barrier_wait(bar)
+    dh_last = _load(f_s, plgpu.Layout.WGMMA)
+
+    def chunk(_, *refs):
+        q_s, k_s, w_s, g_s, do_s, dd0_s = refs[:6]
+        seg_s, segp_s = refs[6:8] if segmented else (None, None)
+        dh_s, dD_s = refs[n_in:n_in + 2]
+        dh = refs[-1]
+        _, _, gam, e, aC, _, keep = _gates(g_s, seg_s, segp_s, None)
+        dh_s[...] = dh.astype(dt)
+        # The operands as the chain rule of the state pass meets them: exp(G_C - G) K (what
+        # wrote into the state), gamma Q (what read it) and -W (negation is exact), rounded
+        # in their pipeline buffers.
+        kv = _load(k_s, plgpu.Layout.WGMMA).astype(F32)
+        k_s[...] = (kv * _rows(e, kv.shape)).astype(dt)
+        qv = _load(q_s, plgpu.Layout.WGMMA).astype(F32)
+        q_s[...] = (qv * _rows(gam, qv.shape)).astype(dt)
+        w_s[...] = -_load(w_s, plgpu.Layout.WGMMA)
+        plgpu.commit_smem()
+
+        def dd_update(acc):
+            plgpu.wgmma(acc, k_s, dh_s)
+
+        dD = pl.run_state(dd_update)(
+            plgpu.ACC.init(_load(dd0_s, plgpu.Layout.WGMMA).astype(F32)))
+        dD_s[...] = dD.astype(dt)
+        plgpu.commit_smem()
+
+        def dh_update(accs):
+            acc_q, acc_h = accs
+            plgpu.wgmma(acc_q, q_s.T, do_s)
+            plgpu.wgmma(acc_h, w_s.T, dD_s)
+
+        zeros = plgpu.layout_cast(jnp.full((K, BV), 0, F32), plgpu.Layout.WGMMA)
+        qdo, dh_in = pl.run_state(dh_update)((plgpu.ACC.init(zeros), plgpu.ACC.init(aC * dh)))
+        dh_in = scale * qdo + dh_in
+        # No gradient crosses back into the document before one that starts with this chunk.
+        return dh_in if keep is None else dh_in * keep
+
+    tk, tv = _transforms(K, dt), _transforms(BV, dt)
+    rows_k = lambda c: (b, NC - 1 - c, h, 0)  # noqa: E731
+    rows_v = lambda c: (b, NC - 1 - c, h, j)  # noqa: E731
+    in_specs = [plgpu.BlockSpec((None, C, None, K), rows_k, transforms=tk)] * 3  # q, k, W
+    in_specs += [
+        plgpu.BlockSpec((None, None, C), lambda c: (b, h, NC - 1 - c)),  # G, [B, H, Tp]
+        plgpu.BlockSpec((None, C, None, BV), rows_v, transforms=tv),  # dO
+        plgpu.BlockSpec((None, C, None, BV), rows_v, transforms=tv),  # dD0
+    ]
+    if segmented:
+        in_specs += [plgpu.BlockSpec((None, C), lambda c: (b, NC - 1 - c))] * 2
+    out_specs = [
+        plgpu.BlockSpec((K, BV), lambda c: ((b * NC + NC - 1 - c) * H + h, j),
+                        transforms=tv),  # dh_out as [B NC H K, V]
+        plgpu.BlockSpec((None, C, None, BV), rows_v, transforms=tv),  # dD
+    ]
+    dh0 = plgpu.emit_pipeline(
+        chunk, grid=(NC,), in_specs=in_specs, out_specs=out_specs,
+        max_concurrent_steps=steps, init_carry=dh_last,
+    )(*ins, dhout_ref, dd_ref)
+    f_s[...] = dh0
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(f_s, dh0_ref.at[b, h, :, vs])
+    plgpu.wait_smem_to_gmem(0)
+
+
+def reverse_state_pass(q, k, G, W, do, dD0, dfinal, seg=None, *, scale: float, C: int = CHUNK,
+                       cfg: MosaicConfig | None = None):
+    """The reverse pass over chunks of the backward (the state gradient), as
+    :func:`qdelta_jax.pallas.backward.reverse_state_pass` computes it for one sequence per row
+    (or the row-aligned packed layout with ``seg``), one CTA per (batch row, head, V tile)
+    with the float32 ``dh [K, BV]`` in registers.
+
+    Per chunk, from the last: ``dh_out = dh``; ``dD = dD0 + (exp(G_C - G) o K) dh``;
+    ``dh <- scale (gamma o Q)^T dO + exp(G_C) dh - W^T dD`` (``[C, K] x [K, BV]`` and two
+    ``[K, C] x [C, BV]`` wgmmas, with the decayed operands rounded to the compute dtype as
+    :mod:`.backward` rounds them; ``cfg.scale_operands`` does not apply).
+
+    Args (layout of :func:`state_output`): ``q, k, W [B, Tp, H, K]``, ``do`` and
+    ``dD0 = scale P^T dO`` (:func:`qdelta_jax.pallas.backward.chunk_dd0`) ``[B, Tp, H, V]`` in
+    the compute dtype, ``G [B, Tp, H]`` float32, ``dfinal [B, H, K, V]`` (the gradient of the
+    final state of each row; zeros for packed rows), ``seg [B, Tp]`` or ``None``.
+
+    Returns ``dh_out [B, NC, H, K, V]`` (the gradient of the state leaving each chunk) and
+    ``dD [B, Tp, H, V]`` in the compute dtype, and ``dh0 [B, H, K, V]`` float32 (the gradient
+    of the state entering chunk 0)."""
+    _require_plgpu()
+    cfg = cfg or MosaicConfig()
+    B, Tp, H, K = q.shape
+    V = do.shape[-1]
+    dt = jnp.dtype(q.dtype)
+    check_supported(K=K, V=V, C=C, dtype=dt, cfg=dataclasses.replace(cfg, max_concurrent_steps=1))
+    shapes = [("k", k, (B, Tp, H, K)), ("W", W, (B, Tp, H, K)), ("G", G, (B, Tp, H)),
+              ("do", do, (B, Tp, H, V)), ("dD0", dD0, (B, Tp, H, V)),
+              ("dfinal", dfinal, (B, H, K, V))]
+    if seg is not None:
+        shapes.append(("seg", seg, (B, Tp)))
+    for name, x, shape in shapes:
+        if tuple(x.shape) != shape:
+            raise ValueError(f"{name} has shape {tuple(x.shape)}, expected {shape}")
+    for name, x in (("k", k), ("W", W), ("do", do), ("dD0", dD0)):
+        if jnp.dtype(x.dtype) != dt:
+            raise ValueError(f"{name} has dtype {jnp.dtype(x.dtype).name}, expected {dt.name}")
+    if Tp % C:
+        raise ValueError(f"q has {Tp} time steps, not a multiple of chunk_size={C}")
+    NC, BV = Tp // C, cfg.block_v
+    steps = min(cfg.max_concurrent_steps, NC)
+    need = reverse_smem_bytes(K, C, BV, dt.itemsize, steps, seg is not None)
+    if need > SMEM_BYTES:
+        raise ValueError(
+            f"K={K}, block_v={BV}, max_concurrent_steps={steps}: the reverse pass needs {need}"
+            f" bytes of shared memory per CTA, more than {SMEM_BYTES}"
+        )
+    semantics = {"warpgroup": plgpu.LoweringSemantics.Warpgroup,
+                 "lane": plgpu.LoweringSemantics.Lane}[cfg.lowering_semantics]
+    kernel = functools.partial(_reverse_kernel, C=C, NC=NC, H=H, BV=BV, scale=float(scale),
+                               steps=steps, dt=dt, segmented=seg is not None)
+    call = plgpu.kernel(
+        kernel,
+        out_type=(jax.ShapeDtypeStruct((B * NC * H * K, V), dt),
+                  jax.ShapeDtypeStruct((B, Tp, H, V), dt),
+                  jax.ShapeDtypeStruct((B, H, K, V), F32)),
+        scratch_types=[plgpu.SMEM((K, BV), F32, transforms=_transforms(BV, F32)),
+                       plgpu.Barrier()],
+        grid=(B, H, V // BV),
+        grid_names=("b", "h", "v"),
+        compiler_params=plgpu.CompilerParams(lowering_semantics=semantics),
+    )
+    args = [q, k, W, jnp.swapaxes(G.astype(F32), 1, 2), do, dD0]
+    if seg is not None:
+        seg = seg.astype(jnp.int32)
+        args += [seg, jnp.concatenate([seg[:, :1], seg[:, :-1]], axis=1)]
+    dh_out, dD, dh0 = call(*args, dfinal.astype(F32))
+    return dh_out.reshape(B, NC, H, K, V), dD, dh0

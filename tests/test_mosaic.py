@@ -33,6 +33,58 @@ def test_lowers_for_cuda(cfg):
     assert "mosaic_gpu" in text
 
 
+@needs_plgpu
+@pytest.mark.parametrize("residuals, segmented, cfg", [
+    (True, False, mosaic.MosaicConfig(block_v=64, max_concurrent_steps=2)),
+    (True, False, mosaic.MosaicConfig(block_v=128, max_concurrent_steps=1, scale_operands=True)),
+    (False, True, mosaic.MosaicConfig(block_v=64, max_concurrent_steps=2, scale_operands=True)),
+    (True, True, mosaic.MosaicConfig(block_v=64, max_concurrent_steps=2)),
+])
+def test_residuals_and_documents_lower_for_cuda(residuals, segmented, cfg):
+    B, T, H, K, V = 2, 192, 2, 128, 256
+    args = _args(B, T, H, K, V) + ((jax.ShapeDtypeStruct((B, T), jnp.int32),) if segmented
+                                   else ())
+    f = jax.jit(lambda *a: mosaic.state_output(*a, scale=0.1, residuals=residuals, cfg=cfg))
+    traced = f.trace(*args)
+    shapes = [(o.shape, o.dtype) for o in jax.tree.leaves(traced.out_info)]
+    want = [((B, T, H, V), BF16), ((B, H, K, V), F32)]
+    if residuals:  # h_in and D as pallas.forward.state_pass writes them
+        want += [((B, T // 64, H, K, V), BF16), ((B, T, H, V), BF16)]
+    assert shapes == want
+    text = traced.lower(lowering_platforms=("cuda",)).as_text()
+    assert "mosaic_gpu" in text
+
+
+@needs_plgpu
+@pytest.mark.parametrize("segmented, cfg", [
+    (False, mosaic.MosaicConfig(block_v=64, max_concurrent_steps=2)),
+    (True, mosaic.MosaicConfig(block_v=64, max_concurrent_steps=1)),
+])
+def test_reverse_state_pass_lowers_for_cuda(segmented, cfg):
+    B, T, H, K, V = 2, 192, 2, 128, 128
+    S = jax.ShapeDtypeStruct
+    q, k, G, W, U, dfin = _args(B, T, H, K, V)
+    args = (q, k, G, W, U, U, dfin) + ((S((B, T), jnp.int32),) if segmented else ())
+    f = jax.jit(lambda *a: mosaic.reverse_state_pass(*a, scale=0.1, cfg=cfg))
+    traced = f.trace(*args)
+    # dh_out, dD and dh0 as pallas.backward.reverse_state_pass writes them
+    assert [(o.shape, o.dtype) for o in jax.tree.leaves(traced.out_info)] == [
+        ((B, T // 64, H, K, V), BF16), ((B, T, H, V), BF16), ((B, H, K, V), F32)]
+    assert "mosaic_gpu" in traced.lower(lowering_platforms=("cuda",)).as_text()
+
+
+@needs_plgpu
+def test_reverse_state_pass_checks_arguments():
+    q, k, G, W, U, dfin = (jnp.zeros(a.shape, a.dtype) for a in _args(1, 128, 1, 128, 128))
+    with pytest.raises(ValueError, match="dD0 has shape"):
+        mosaic.reverse_state_pass(q, k, G, W, U, U[:, :64], dfin, scale=0.1)
+    with pytest.raises(ValueError, match="do has dtype"):
+        mosaic.reverse_state_pass(q, k, G, W, U.astype(F32), U, dfin, scale=0.1)
+    with pytest.raises(ValueError, match="reverse pass needs"):
+        mosaic.reverse_state_pass(q, k, G, W, U, U, dfin, scale=0.1,
+                                  cfg=mosaic.MosaicConfig(block_v=128, max_concurrent_steps=2))
+
+
 @pytest.mark.parametrize("kw, match", [
     (dict(K=128, V=256, C=32, dtype=BF16), "chunk_size=64"),
     (dict(K=96, V=256, C=64, dtype=BF16), "K=96"),
@@ -40,6 +92,8 @@ def test_lowers_for_cuda(cfg):
     (dict(K=128, V=96, C=64, dtype=BF16), "V=96"),
     (dict(K=256, V=256, C=64, dtype=BF16,
           cfg=mosaic.MosaicConfig(block_v=128, max_concurrent_steps=2)), "shared memory"),
+    (dict(K=128, V=256, C=64, dtype=BF16, residuals=True,
+          cfg=mosaic.MosaicConfig(block_v=128, max_concurrent_steps=2)), "residuals need"),
 ])
 def test_check_supported_names_the_problem(kw, match):
     with pytest.raises(ValueError, match=match):
@@ -53,6 +107,21 @@ def test_config_rejects_bad_settings():
         mosaic.MosaicConfig(max_concurrent_steps=0)
     with pytest.raises(ValueError, match="lowering_semantics"):
         mosaic.MosaicConfig(lowering_semantics="thread")
+    with pytest.raises(ValueError, match="scale_operands"):
+        mosaic.MosaicConfig(scale_operands=1)
+
+
+def test_smem_accounting():
+    """Residuals move h and D into the pipeline's buffers (steps copies instead of one);
+    scale_operands drops the decayed D; documents add two [C] int32 vectors per step."""
+    base = mosaic.smem_bytes(128, 64, 64, 2, 2, 2)
+    hd = (128 * 64 + 64 * 64) * 2
+    assert mosaic.smem_bytes(128, 64, 64, 2, 2, 2, residuals=True) == base + hd
+    assert mosaic.smem_bytes(128, 64, 64, 2, 2, 2, scale_operands=True) == base - 64 * 64 * 2
+    assert mosaic.smem_bytes(128, 64, 64, 2, 2, 2, segmented=True) == base + 2 * 8 * 64
+    # the 340M layer's training configuration fits
+    mosaic.check_supported(K=128, V=256, C=64, dtype=BF16, residuals=True, segmented=True,
+                           cfg=mosaic.MosaicConfig(block_v=64, max_concurrent_steps=2))
 
 
 @needs_plgpu
@@ -62,3 +131,8 @@ def test_state_output_checks_shapes():
         mosaic.state_output(q, k, G, W, U, h0[:, :, :64], scale=0.1)
     with pytest.raises(ValueError, match="W has dtype"):
         mosaic.state_output(q, k, G, W.astype(F32), U, h0, scale=0.1)
+    seg = jnp.zeros((1, 128), jnp.int32)
+    with pytest.raises(ValueError, match="seg has shape"):
+        mosaic.state_output(q, k, G, W, U, h0, seg[:, :64], scale=0.1)
+    with pytest.raises(ValueError, match="seg must hold integer"):
+        mosaic.state_output(q, k, G, W, U, h0, seg.astype(F32), scale=0.1)
