@@ -77,24 +77,51 @@ def _forward(q, k, v, G, beta, lam, h0, seg, reset, is_last, seq, scale, cfg: Co
     return (o, final), res
 
 
+@dataclasses.dataclass(frozen=True)
+class MosaicUse:
+    """Where the Mosaic GPU kernels serve a call: ``infer`` the forward where no gradient is
+    taken; ``train`` also the differentiated forward (writing ``h_in, D`` for the backward) and
+    the backward's reverse pass."""
+
+    cfg: mosaic.MosaicConfig
+    train: bool = False
+
+
+def _mosaic_h0(h0, seg, B):
+    # Packed rows (row-aligned layout) start every document from zero: one zero state per row.
+    return jnp.zeros((B,) + h0.shape[1:], F32) if seg is not None else h0
+
+
+def _mosaic_forward(q, k, v, G, beta, lam, h0, seg, scale, cfg: Config, C, interp, mcfg,
+                    residuals: bool):
+    W, U, Tinv = fwd.chunk_local(q, k, v, G, beta, lam, seg, C=C, cfg=cfg.local,
+                                 interpret=interp, cfg_a=cfg.a)
+    out = mosaic.state_output(q, k, G, W, U, _mosaic_h0(h0, seg, q.shape[0]), seg, scale=scale,
+                              out_dtype=v.dtype, residuals=residuals, C=C, cfg=mcfg.cfg)
+    o, final = out[0], out[1]
+    if seg is not None:  # no final state in the row-aligned layout (h0 passes through)
+        final = h0
+    return (o, final), ((W, Tinv, out[2], out[3]) if residuals else None)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(11, 12, 13, 14, 15))
 def _core(q, k, v, G, beta, lam, h0, seg, reset, is_last, seq, scale, cfg, C, interp, mcfg):
-    # The primal runs where no gradient is taken (inference, prefill): there the Mosaic GPU
-    # kernel, when chosen (mcfg), fuses the state pass and the output; it keeps no residuals,
-    # so differentiated calls (_core_fwd) take the Triton kernels.
+    # The primal runs where no gradient is taken (inference, prefill); differentiated calls
+    # run _core_fwd. With mcfg the Mosaic GPU kernel fuses the state pass and the output.
     if mcfg is not None:
-        W, U, _ = fwd.chunk_local(q, k, v, G, beta, lam, None, C=C, cfg=cfg.local,
-                                  interpret=interp, cfg_a=cfg.a)
-        return mosaic.state_output(q, k, G, W, U, h0, scale=scale, out_dtype=v.dtype, C=C,
-                                   cfg=mcfg)
+        return _mosaic_forward(q, k, v, G, beta, lam, h0, seg, scale, cfg, C, interp, mcfg,
+                               residuals=False)[0]
     return _forward(q, k, v, G, beta, lam, h0, seg, reset, is_last, seq, scale, cfg, C,
                     interp)[0]
 
 
 def _core_fwd(q, k, v, G, beta, lam, h0, seg, reset, is_last, seq, scale, cfg, C, interp, mcfg):
-    del mcfg
     inputs = (q, k, v, G, beta, lam, h0, seg, reset, is_last, seq)
-    out, res = _forward(*inputs, scale, cfg, C, interp)
+    if mcfg is not None and mcfg.train:
+        out, res = _mosaic_forward(q, k, v, G, beta, lam, h0, seg, scale, cfg, C, interp, mcfg,
+                                   residuals=cfg.save_residuals)
+    else:
+        out, res = _forward(*inputs, scale, cfg, C, interp)
     return out, (inputs, res if cfg.save_residuals else None)
 
 
@@ -106,10 +133,18 @@ def _core_bwd(scale, cfg: Config, C, interp, mcfg, res, cts):
         saved, _ = _states(q, k, v, G, beta, lam, h0, seg, reset, is_last, seq, cfg, C, interp)
     W, Tinv, h_in, D = saved
     dD0 = bwd.chunk_dd0(q, k, G, do, seg, scale=scale, C=C, cfg=cfg.dd0, interpret=interp)
-    dh_out, dD, dh0 = bwd.reverse_state_pass(
-        q, k, G, W, do, dD0, dfinal, reset, is_last, seq, seg, scale=scale, C=C,
-        cfg=cfg.reverse, interpret=interp,
-    )
+    if mcfg is not None and mcfg.train:
+        B = q.shape[0]
+        dfin = jnp.zeros((B,) + h0.shape[1:], F32) if seg is not None else dfinal
+        dh_out, dD, dh0 = mosaic.reverse_state_pass(q, k, G, W, do, dD0, dfin.astype(F32), seg,
+                                                    scale=scale, C=C, cfg=mcfg.cfg)
+        if seg is not None:  # h0 is the layout's internal zero state; its gradient is unused
+            dh0 = jnp.zeros_like(h0)
+    else:
+        dh_out, dD, dh0 = bwd.reverse_state_pass(
+            q, k, G, W, do, dD0, dfinal, reset, is_last, seq, seg, scale=scale, C=C,
+            cfg=cfg.reverse, interpret=interp,
+        )
     dqp, dkp, dW, dGp, dPs = bwd.chunk_dqkw(
         q, k, G, h_in, dh_out, do, D, dD, seg, scale=scale, C=C, cfg=cfg.dqkw, interpret=interp
     )
@@ -158,8 +193,9 @@ def _sm_count() -> int | None:
 
 
 def mosaic_reason(K: int, V: int, chunk_size: int, dtype, out_dtype, *, interpret: bool,
-                  rows_are_sequences: bool, seg) -> str | None:
-    """Why the Mosaic GPU forward cannot serve this call (``None``: it can)."""
+                  rows_are_sequences: bool, seg, train: bool = False) -> str | None:
+    """Why the Mosaic GPU kernels cannot serve this call (``None``: they can). ``train``: also
+    the differentiated forward and the reverse pass (they then write ``h_in, D``)."""
     if interpret:
         return "kernels run in interpret mode (no GPU)"
     if not mosaic.available():
@@ -167,10 +203,11 @@ def mosaic_reason(K: int, V: int, chunk_size: int, dtype, out_dtype, *, interpre
     cc = getattr(jax.devices()[0], "compute_capability", None)
     if cc != "9.0":
         return f"the device is not an sm_90 (Hopper) GPU (compute capability {cc})"
-    if not rows_are_sequences or seg is not None:
-        return "packed documents (the Mosaic kernel takes one sequence per row)"
+    if not rows_are_sequences and seg is None:
+        return "the per-document layout (states in or out of packed documents)"
     try:
-        mosaic.check_supported(K=K, V=V, C=chunk_size, dtype=dtype, out_dtype=out_dtype)
+        mosaic.check_supported(K=K, V=V, C=chunk_size, dtype=dtype, out_dtype=out_dtype,
+                               residuals=train, segmented=seg is not None)
     except ValueError as e:
         return str(e)
     return None
@@ -188,10 +225,13 @@ def make_core(*, K: int, V: int, dtype, chunk_size: int, config: Config | None =
     """A core function ``(q, k, v, G, beta, lam, h0, seg, reset, is_last, seq, scale) ->
     (o, final)`` with the contract of :func:`qdelta_jax.xla.chunked_core`, differentiable
     w.r.t. its first 7 arguments. ``config`` defaults to :func:`get_config`; ``interpret`` to
-    "not on a GPU". ``forward_backend``: where no gradient is taken, ``"auto"`` runs the Mosaic
-    GPU state pass + output (:mod:`.mosaic`) where it supports the call (the reason it does not
-    goes to this module's debug log) and the Triton kernels elsewhere; ``"mosaic"`` insists
-    (ValueError naming the reason otherwise); ``"triton"`` never uses it. The core takes
+    "not on a GPU". ``forward_backend``: ``"auto"`` runs the Mosaic GPU state pass + output
+    (:mod:`.mosaic`) where no gradient is taken, for unpacked rows it supports (the reason it
+    does not goes to this module's debug log), the Triton kernels elsewhere; ``"mosaic"``
+    insists on the Mosaic kernels for every call, training included (the forward then writes
+    ``h_in, D`` from the fused pass and the backward's reverse pass is Mosaic's too; packed rows
+    too), and raises ValueError naming the reason where they cannot run; ``"triton"`` never
+    uses them. The core takes
     ``rows_are_sequences=True`` when each batch row is one sequence with its own ``h0`` entry.
 
     Raises ValueError for unsupported ``chunk_size``, head sizes or ``forward_backend``."""
@@ -220,13 +260,21 @@ def make_core(*, K: int, V: int, dtype, chunk_size: int, config: Config | None =
         vp = _pad_last(v, Vp)
         h0p = _pad_last(jnp.pad(h0.astype(F32), [(0, 0), (0, 0), (0, Kp - K), (0, 0)]), Vp)
         mcfg = None
-        if forward_backend != "triton":
+        if forward_backend == "mosaic":
             why = mosaic_reason(Kp, Vp, chunk_size, q.dtype, v.dtype, interpret=interp,
-                                rows_are_sequences=rows_are_sequences, seg=seg)
-            if why is None:
-                mcfg = mosaic.MosaicConfig()
-            elif forward_backend == "mosaic":
+                                rows_are_sequences=rows_are_sequences, seg=seg, train=True)
+            if why is not None:
                 raise ValueError(f"the Mosaic GPU forward cannot run this call: {why}")
+            mcfg = MosaicUse(mosaic.MosaicConfig(), train=True)
+        elif forward_backend == "auto":
+            # By default only what was checked end to end on the GPU: the inference forward of
+            # unpacked rows.
+            why = ("packed rows take the Mosaic kernels only with forward_backend='mosaic'"
+                   if seg is not None else
+                   mosaic_reason(Kp, Vp, chunk_size, q.dtype, v.dtype, interpret=interp,
+                                 rows_are_sequences=rows_are_sequences, seg=seg))
+            if why is None:
+                mcfg = MosaicUse(mosaic.MosaicConfig())
             else:
                 log.debug("qdelta pallas forward: Triton kernels, not Mosaic GPU: %s", why)
         o, final = _core(

@@ -11,8 +11,11 @@ Implementations (``implementation=``):
   (differentiated calls) runs the Triton-lowered kernels; where no gradient is taken, on Hopper
   GPUs, a Mosaic GPU kernel fuses the state pass and the output for unpacked rows (bfloat16,
   chunk 64; elsewhere the Triton kernels, the reason in the ``qdelta_jax.pallas.core`` debug
-  log). ``"pallas-triton"`` never uses the Mosaic kernel; ``"pallas-mosaic"`` insists on it
-  (a ValueError says why it cannot run).
+  log). ``"pallas-triton"`` never uses the Mosaic kernels; ``"pallas-mosaic"`` runs them for
+  every call they take, training and packed rows included (the fused pass then also writes the
+  backward's residuals, and the backward's reverse pass is a Mosaic kernel too; each kernel is
+  checked against the XLA stages on the GPU by ``benchmarks/mosaic_dev.py``), and raises a
+  ValueError that says why where they cannot run.
 
 ``None`` picks ``"pallas"`` on GPUs and ``"xla"`` elsewhere.
 

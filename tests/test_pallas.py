@@ -365,3 +365,65 @@ def test_forward_backend_choice_off_the_gpu():
                                rows_are_sequences=False, seg=None) is not None
     with pytest.raises(ValueError, match="forward_backend"):
         pcore.make_core(K=16, V=16, dtype=F32, chunk_size=16, forward_backend="cuda")
+
+
+def _meta_like_mosaic(B, Tp, C, seg):
+    """The chunk bookkeeping the Mosaic kernels derive themselves: one sequence per row, or
+    the row-aligned packed layout (resets where a document starts at a chunk)."""
+    if seg is None:
+        return packing.make_layout(B, Tp, C, None).meta
+    NC = Tp // C
+    prev = jnp.concatenate([jnp.full((B, 1), -1, jnp.int32), seg[:, C - 1:-1:C]], axis=1)
+    zeros = jnp.zeros((B, NC), jnp.int32)
+    return packing.ChunkMeta(seg[:, ::C] != prev, zeros.astype(bool), zeros)
+
+
+def test_mosaic_training_dispatch_wiring(monkeypatch):
+    """implementation='pallas-mosaic' (training on the Mosaic kernels) with stand-ins of the same
+    contract built from the Triton kernels: the residuals, the reverse pass and the packed-rows
+    handling reach the backward as they should (the kernels themselves are checked on the GPU
+    by benchmarks/mosaic_dev.py)."""
+    from qdelta_jax.pallas import mosaic
+
+    cfg = pcfg.StageConfig(num_warps=4)
+
+    def state_output(q, k, G, W, U, h0, seg=None, *, scale, out_dtype=None, residuals=False,
+                     C=64, cfg_=None, **kw):
+        B, Tp = q.shape[:2]
+        m = _meta_like_mosaic(B, Tp, C, seg)
+        h_in, D, fin = pfwd.state_pass(k, G, W, U, h0, m.reset, m.is_last, m.seq, seg, C=C,
+                                       cfg=cfg, interpret=True)
+        o = pfwd.chunk_output(q, k, G, h_in, D, seg, scale=scale, out_dtype=out_dtype, C=C,
+                              cfg=cfg, interpret=True)
+        return (o, fin, h_in, D) if residuals else (o, fin)
+
+    def reverse_state_pass(q, k, G, W, do, dD0, dfinal, seg=None, *, scale, C=64, **kw):
+        B, Tp = q.shape[:2]
+        m = _meta_like_mosaic(B, Tp, C, seg)
+        return pbwd.reverse_state_pass(q, k, G, W, do, dD0, dfinal, m.reset, m.is_last, m.seq,
+                                       seg, scale=scale, C=C, cfg=cfg, interpret=True)
+
+    calls = []
+    monkeypatch.setattr(mosaic, "state_output",
+                        lambda *a, **k: calls.append("fwd") or state_output(*a, **k))
+    monkeypatch.setattr(mosaic, "reverse_state_pass",
+                        lambda *a, **k: calls.append("rev") or reverse_state_pass(*a, **k))
+    monkeypatch.setattr(pcore, "mosaic_reason", lambda *a, **k: None)
+    C = 16
+    (q, k, v, g, beta, lam, h0), w = make(61, 2, 40, 2, 16, 16)
+    args = (q, k, v, g, beta, lam, h0)
+    (_, (o_m, f_m)), g_m = value_and_grads("pallas-mosaic", C)(*args, w)
+    (_, (o_x, f_x)), g_x = value_and_grads("xla", C)(*args, w)
+    assert calls == ["fwd", "rev"]
+    tol = TOL[jnp.dtype(F32)]
+    assert rel(o_m, o_x) < tol and rel(f_m, f_x) < tol
+    for name, a, b in zip(("q", "k", "v", "g", "beta", "lam", "h0"), g_m, g_x):
+        assert rel(a, b) < tol, name
+    calls.clear()
+    wp = w
+    (_, o_p), gp = packed_value_and_grads("pallas-mosaic", C, CU_ROWS)(q, k, v, g, beta, lam, wp)
+    (_, o_px), gpx = packed_value_and_grads("xla", C, CU_ROWS)(q, k, v, g, beta, lam, wp)
+    assert calls == ["fwd", "rev"]
+    assert rel(o_p, o_px) < tol
+    for name, a, b in zip(("q", "k", "v", "g", "beta", "lam"), gp, gpx):
+        assert rel(a, b) < tol, name
