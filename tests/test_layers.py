@@ -279,9 +279,9 @@ def test_packed_documents_equal_separate_runs():
 def test_bad_cu_seqlens_and_arguments():
     layer = make()
     x = inputs(B=2, T=10)
-    with pytest.raises(ValueError, match="end at T"):
+    with pytest.raises(ValueError, match="must end at the sequence length T = 10"):
         layer(x, cu_seqlens=jnp.array([[0, 5, 9], [0, 5, 10]]))
-    with pytest.raises(ValueError, match="batch size 1"):
+    with pytest.raises(ValueError, match="batch size must be 1"):
         layer(x, cu_seqlens=jnp.array([0, 5, 10]))
     with pytest.raises(ValueError, match="cannot be combined"):
         layer(x, cu_seqlens=jnp.array([[0, 10], [0, 10]]), cache=layer.init_cache(2))

@@ -164,9 +164,12 @@ def test_recompute_residuals_flag_trains_the_same_and_restores(tmp_path, monkeyp
     monkeypatch.setattr(pcore, "get_config", spy)
 
     def train(name, extra):
-        argv = ["--steps", "2", "--batch-size", "4", "--seq-len", "32", "--warmup", "1",
+        # One layer, batch 2: the kernels run in interpret mode here, where every layer and row
+        # costs, and one of each carries the switch as far as more would.
+        argv = ["--steps", "2", "--batch-size", "2", "--seq-len", "32", "--warmup", "1",
                 "--implementation", "pallas", "--eval-every", "0", "--eval-batches", "1",
-                "--save-every", "0", "--no-progress", "--run-dir", str(tmp_path / name), *extra]
+                "--save-every", "0", "--no-progress", "--model-overrides", "num_hidden_layers=1",
+                "--run-dir", str(tmp_path / name), *extra]
         assert cli.main(argv) == 0
         text = (tmp_path / name / "metrics.jsonl").read_text()
         return [json.loads(x) for x in text.splitlines() if x]
