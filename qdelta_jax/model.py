@@ -227,7 +227,12 @@ class QDeltaConfig:
     def from_json(cls, path: str | os.PathLike) -> QDeltaConfig:
         """Reads a JSON file written by :meth:`to_json` or an authors' HF ``config.json``."""
         with open(path) as f:
-            d = json.load(f)
+            text = f.read()
+        try:
+            d = json.loads(text)
+        except json.JSONDecodeError as e:
+            what = "is empty" if not text.strip() else f"is not valid JSON ({e})"
+            raise ValueError(f"{path} {what}; expected a model config object") from None
         if not isinstance(d, dict):
             raise ValueError(f"{path}: expected a JSON object, got {type(d).__name__}")
         return cls.from_dict(d)
@@ -406,11 +411,12 @@ class QDeltaLM(nnx.Module):
                               preferred_element_type=F32)
         return self.lm_head(x).astype(F32)
 
-    def _check_tokens(self, tokens):
+    def _check_tokens(self, tokens, name: str = "tokens"):
         if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
             raise ValueError(
-                f"tokens must be an integer array [B, T], got {tokens.dtype} {list(tokens.shape)}"
+                f"{name} must be an integer array [B, T], got {tokens.dtype} {list(tokens.shape)}"
             )
+        check_token_ids(tokens, self.config.vocab_size, name)
 
     def __call__(
         self,
@@ -467,6 +473,7 @@ class QDeltaLM(nnx.Module):
     def init_cache(self, batch_size: int) -> ModelCache | LayerCache:
         """Zero decoding cache: a tuple of :class:`qdelta_jax.layers.LayerCache`, one per layer
         (with ``scan_layers``: one ``LayerCache`` of arrays with a leading ``[L]`` axis)."""
+        _check_batch_size(batch_size)
         if self.config.scan_layers:
             # QDelta.init_cache reads only static sizes, so the stacked module gives one layer's.
             L = self.config.num_hidden_layers
@@ -487,6 +494,7 @@ class QDeltaLM(nnx.Module):
         left padding) keeps pad positions from touching the state and the conv caches.
         """
         self._check_tokens(tokens)
+        _check_cache_batch(cache, tokens.shape[0], self.config.scan_layers)
         if self.config.scan_layers:
             return self._scan_step(tokens, cache, mask)
         if len(cache) != len(self.blocks):
@@ -513,6 +521,40 @@ class QDeltaLM(nnx.Module):
 
         x, new = jax.lax.scan(body, self.embed(tokens), (params, cache))
         return self._logits(x), LayerCache(*new)
+
+
+def check_token_ids(tokens, vocab_size: int, name: str = "tokens") -> None:
+    """Raises ``ValueError`` when concrete ``tokens`` hold an id outside ``[0, vocab_size)``
+    (an embedding lookup would silently clamp it or give NaN); traced tokens are not checked."""
+    if isinstance(tokens, jax.core.Tracer):
+        return
+    t = np.asarray(tokens)
+    if t.size == 0:
+        return
+    lo, hi = int(t.min()), int(t.max())
+    if lo < 0 or hi >= vocab_size:
+        bad = np.argwhere((t < 0) | (t >= vocab_size))[0]
+        raise ValueError(
+            f"{name} must hold ids in [0, vocab_size = {vocab_size}), got "
+            f"{int(t[tuple(bad)])} at index {bad.tolist()}"
+        )
+
+
+def _check_batch_size(batch_size) -> None:
+    if not isinstance(batch_size, (int, np.integer)) or isinstance(batch_size, bool) or (
+            batch_size < 1):
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+
+
+def _check_cache_batch(cache, B: int, scanned: bool) -> None:
+    try:
+        first = cache.state if scanned else cache[0][0]
+        have = first.shape[1 if scanned else 0]
+    except (AttributeError, IndexError, TypeError):
+        return  # the layout checks of step() name what is wrong
+    if have != B:
+        raise ValueError(f"cache holds {have} sequences but tokens has batch size {B}; use "
+                         f"model.init_cache({B}) (or the cache of the same batch)")
 
 
 def to_scanned(model: QDeltaLM) -> QDeltaLM:
@@ -603,6 +645,7 @@ def generate(
     B, P = prompt.shape
     if P < 1:
         raise ValueError("prompt must hold at least one token (P >= 1)")
+    check_token_ids(prompt, model.config.vocab_size, "prompt")
     if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
     temperature = float(temperature)
