@@ -153,8 +153,16 @@ def test_judge_marks_by_the_next_step():
     assert spy.marks[4] is False
     j.saved(6)
     j.step_done(rec(6, float("nan")))
-    j.step_done(rec(7, 3.0))
-    assert spy.marks[6] is False, "a non-finite step in its window"
+    assert spy.marks[6] is False, "a non-finite step in its window: bad at once"
+    j.step_done(rec(7, float("nan")))
+    j.saved(8)
+    assert spy.marks[8] is False, "step 7 is in the window of checkpoint 8"
+    j.step_done(rec(8, 3.0))
+    j.step_done(rec(9, 3.0))
+    j.saved(10)
+    j.step_done(rec(10, 3.0))
+    j.step_done(rec(11, 3.0))
+    assert spy.marks[10] is True, "healthy again"
 
 
 @pytest.fixture(scope="module")

@@ -3,9 +3,9 @@
 Opens the run read-only (nothing in it is moved or deleted; a checkpoint that does not read back
 or does not match its checksums is skipped with a warning, and so is one marked bad after a
 divergence), loads ``RUN_DIR/config.json`` and the newest usable checkpoint, evaluates on held-out
-batches of the run's task at several sequence lengths (default: 0.5x, 1x, 2x and 4x the training length, those
-the task allows; the recurrent model runs at any length) and, for ``niah``, at needle depths
-0, 0.25, 0.5, 0.75 and 1. Prints a table and writes ``RUN_DIR/eval.json`` and
+batches of the run's task at several sequence lengths (default: 0.5x, 1x, 2x and 4x the training
+length, those the task allows; the recurrent model runs at any length) and, for ``niah``, at
+needle depths 0, 0.25, 0.5, 0.75 and 1. Prints a table and writes ``RUN_DIR/eval.json`` and
 ``RUN_DIR/eval_recall.png`` (or into ``--out DIR``; the plot needs matplotlib; without it the
 table is still printed).
 

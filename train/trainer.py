@@ -468,53 +468,48 @@ class _Judge:
     """Marks checkpoints good or bad. Checkpoint ``s`` holds the params that step ``s + 1``
     computes its loss with, so it is judged when that step's metrics arrive (the final one by
     the final evaluation): good when every step after the previous checkpoint up to ``s + 1``
-    had a finite loss and gradient norm and a loss at most ``BLOWUP_FACTOR * ln(vocab)``."""
+    had a finite loss and gradient norm and a loss at most ``BLOWUP_FACTOR * ln(vocab)``. A
+    checkpoint whose window already holds a bad step is marked bad at once."""
 
     def __init__(self, checkpointer, limit: float, step0: int):
         self.ckpt, self.limit = checkpointer, limit
-        h = checkpointer.health.get(step0)
-        # A checkpoint resumed from that was not judged yet waits for step step0 + 1.
-        self.pending: list[tuple[int, bool, str]] = []
+        self.pending: list[int] = []  # saved, waiting for the step after them
+        h = checkpointer.health.get(step0) if step0 else None
         if step0 and (h is None or h.get("good") is None):
-            self.pending.append((step0, h is None or h.get("window_ok", True),
-                                 (h or {}).get("why", "")))
-        self.window_ok, self.why = True, ""  # steps after the newest checkpoint so far
+            if h is not None and not h.get("window_ok", True):
+                checkpointer.mark(step0, False, h.get("why", ""))
+            else:
+                self.pending.append(step0)
+        self.window_ok, self.why = True, ""  # the steps after the newest checkpoint so far
 
     def saved(self, step: int) -> None:
-        self.pending.append((step, self.window_ok, self.why))
-        self.ckpt.mark(step, None, self.why, self.window_ok)
+        if self.window_ok:
+            self.pending.append(step)
+            self.ckpt.mark(step, None)
+        else:
+            self.ckpt.mark(step, False, self.why)
         self.window_ok, self.why = True, ""
 
     def step_done(self, rec: dict) -> None:
         ok, why = _healthy(rec, self.limit)
         step = rec["step"]
-        still = []
-        for s, w_ok, w_why in self.pending:
-            if s < step:  # step s + 1 (or a later one, when s + 1 was not consumed) is here
-                self.ckpt.mark(s, w_ok and ok, w_why or why)
-            else:
-                still.append((s, w_ok, w_why))
-        self.pending = still
-        if not ok:
-            if any(s >= step for s, _, _ in self.pending):
-                # A checkpoint saved at this step (its metrics arrive after the save): the step
-                # is in that checkpoint's window, not in the next one's.
-                self.pending = [(s, False, w_why or why) if s >= step else (s, w_ok, w_why)
-                                for s, w_ok, w_why in self.pending]
-            else:
-                if self.window_ok:
-                    self.why = why
-                self.window_ok = False
+        # Checkpoints saved before this step are judged by it; one saved at this very step
+        # (its metrics arrive after the save) has it in its window, so a bad step condemns it.
+        judged = [s for s in self.pending if s < step or not ok]
+        for s in judged:
+            self.ckpt.mark(s, ok, why)
+        if not ok and not any(s >= step for s in judged):
+            if self.window_ok:
+                self.why = why
+            self.window_ok = False
+        self.pending = [s for s in self.pending if s not in judged]
 
-    def final(self, step: int, eval_loss: float | None) -> None:
+    def final(self, step: int, eval_loss: float) -> None:
         """Judges the checkpoint of the last step by the final evaluation's loss."""
-        rec = {"step": step, "loss": eval_loss, "grad_norm": 0.0}
-        ok, why = _healthy(rec, self.limit) if eval_loss is not None else (False, "")
-        why = why.replace(f"step {step}:", f"step {step} evaluation:")
-        for s, w_ok, w_why in self.pending:
-            if s == step and eval_loss is not None:
-                self.ckpt.mark(s, w_ok and ok, w_why or why)
-        self.pending = [p for p in self.pending if p[0] != step or eval_loss is None]
+        if step in self.pending:
+            ok, why = _healthy({"step": step, "loss": eval_loss, "grad_norm": 0.0}, self.limit)
+            self.ckpt.mark(step, ok, why.replace(f"step {step}:", f"step {step} evaluation:"))
+            self.pending.remove(step)
 
 
 def _trim_metrics(run_dir: Path, step0: int) -> int:
@@ -762,7 +757,8 @@ def _run(a: TrainArgs, *, log=print, phase: _Phase | None = None) -> dict[str, A
     finally:
         if pbar is not None:
             pbar.close()
-        phase.what = f"finishing the checkpoint writes in {checkpointer.dir}"
+        if sys.exc_info()[0] is None:  # else keep naming what failed
+            phase.what = f"finishing the checkpoint writes in {checkpointer.dir}"
         try:
             checkpointer.wait()
             checkpointer.prune()
