@@ -81,6 +81,19 @@ def _float(v):
         raise ValueError(f"expected a number, got {v!r}") from None
 
 
+def _argtype(conv):
+    """``conv`` for argparse: its own message instead of argparse's "invalid _int value"."""
+
+    def f(v):
+        try:
+            return conv(v)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+
+    f.__name__ = conv.__name__
+    return f
+
+
 def _str(v):
     if not isinstance(v, str):
         raise ValueError(f"expected a string, got {v!r}")
@@ -159,7 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
                            help="hide the progress bar")
         else:
             shown = help_ if d is None or "default" in help_ else f"{help_} (default: {d})"
-            p.add_argument(flag, dest=name, type=conv, metavar=name.split("_")[-1].upper(),
+            p.add_argument(flag, dest=name, type=_argtype(conv),
+                           metavar=name.split("_")[-1].upper(),
                            help=shown)
     return p
 

@@ -446,6 +446,10 @@ def describe_io_error(err: BaseException, what: str, resume: str = "") -> str | 
         if code is not None:
             if where and ".orbax-checkpoint-tmp" in where:  # Orbax's internal file names
                 where = where.split(".orbax-checkpoint-tmp")[0]
+            m = re.search(r"/checkpoints/(\d+)$", where or "")
+            if m:  # an asynchronous save fails when the next one starts: name its step
+                what = re.sub(r"^saving checkpoint step \d+", f"saving checkpoint step {m[1]}",
+                              what)
             fix = _IO_FIXES.get(code, os.strerror(code))
             at = f" ({where})" if where else ""
             tail = f"; then {resume}" if resume else ""
