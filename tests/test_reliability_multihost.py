@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -45,7 +47,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(run_dir: Path, extra: list[str], cache: str) -> list[dict]:
+def start(run_dir: Path, extra: list[str], cache: str) -> list[subprocess.Popen]:
     port = free_port()
     procs = []
     for pid in range(2):
@@ -57,6 +59,10 @@ def launch(run_dir: Path, extra: list[str], cache: str) -> list[dict]:
         procs.append(subprocess.Popen(
             [sys.executable, "-c", DRIVER, *ARGS, "--run-dir", str(run_dir), *extra], env=env,
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    return procs
+
+
+def finish(procs: list[subprocess.Popen]) -> list[dict]:
     outs = []
     try:
         for p in procs:
@@ -68,6 +74,10 @@ def launch(run_dir: Path, extra: list[str], cache: str) -> list[dict]:
             if p.poll() is None:
                 p.kill()
     return outs
+
+
+def launch(run_dir: Path, extra: list[str], cache: str) -> list[dict]:
+    return finish(start(run_dir, extra, cache))
 
 
 def losses(run_dir: Path) -> dict[int, float]:
@@ -94,3 +104,26 @@ def test_two_processes_train_save_resume_like_one(tmp_path, xla_cache):
     # Four devices against one: the same function, reductions in another order.
     np.testing.assert_allclose([got[s] for s in range(1, 5)], [want[s] for s in range(1, 5)],
                                rtol=2e-5)
+
+
+def test_sigterm_to_one_process_stops_all_at_the_same_step(tmp_path, xla_cache):
+    run = tmp_path / "pre"
+    procs = start(run, ["--steps", "100000", "--save-every", "0"], xla_cache)
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline:
+            m = run / "metrics.jsonl"
+            if m.exists() and len(m.read_text().splitlines()) >= 2:
+                break
+            assert all(p.poll() is None for p in procs), procs[0].communicate()
+            time.sleep(0.2)
+        procs[1].send_signal(signal.SIGTERM)  # a preemption notice to one host only
+        outs = finish(procs)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    assert all(o["rc"] == 0 for o in outs)
+    last = max(losses(run))
+    steps = sorted(int(p.name) for p in (run / "checkpoints").iterdir() if p.name.isdigit())
+    assert steps == [last], "both processes stopped after the same step and saved it"

@@ -484,16 +484,30 @@ def quiet_orbax_logs():
 
 
 class StopSignal:
-    """Turns SIGTERM and the first SIGINT into a flag the loop polls (``bool(stop)``), so the run
-    saves a checkpoint and exits cleanly; a second SIGINT interrupts at once. Use as a context
-    manager; the previous handlers come back on exit. Only the main thread can install handlers;
-    elsewhere this is a flag that is never set."""
+    """Turns SIGTERM and the first SIGINT into a flag the loop polls (:meth:`should_stop`), so
+    the run saves a checkpoint and exits cleanly; a second SIGINT interrupts at once. Use as a
+    context manager; the previous handlers come back on exit. Only the main thread can install
+    handlers; elsewhere this is a flag that is never set.
 
-    def __init__(self):
+    With several processes, SIGTERM (a preemption notice, often sent to one host only) is left
+    to JAX's preemption service, which agrees on a step: every process stops after that same
+    step, so their saves and collectives stay matched."""
+
+    def __init__(self, multi_process: bool = False):
         self.signum: int | None = None
+        self.multi = multi_process
         self._old: dict[int, Any] = {}
 
     def __bool__(self) -> bool:
+        return self.signum is not None
+
+    def should_stop(self, step: int) -> bool:
+        """Whether to stop after ``step``; call it after every step, on every process."""
+        if self.multi:
+            from jax.experimental import multihost_utils
+
+            if multihost_utils.reached_preemption_sync_point(step):
+                self.signum = signal.SIGTERM
         return self.signum is not None
 
     def _handle(self, signum, frame):
@@ -502,7 +516,7 @@ class StopSignal:
         self.signum = signum
 
     def __enter__(self):
-        for s in (signal.SIGTERM, signal.SIGINT):
+        for s in (signal.SIGINT,) if self.multi else (signal.SIGTERM, signal.SIGINT):
             try:
                 self._old[s] = signal.signal(s, self._handle)
             except ValueError:  # not the main thread

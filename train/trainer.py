@@ -728,7 +728,7 @@ def _run(a: TrainArgs, *, log=print, phase: _Phase | None = None) -> dict[str, A
 
     phase.what = f"training (step {step0})"
     try:
-        with ckpt.StopSignal() as stop:
+        with ckpt.StopSignal(multi_process=jax.process_count() > 1) as stop:
             step = step0
             while step < stop_at:
                 batch = shd.shard_batch(next(it), mesh, rows, a.batch_size)
@@ -743,7 +743,7 @@ def _run(a: TrainArgs, *, log=print, phase: _Phase | None = None) -> dict[str, A
                     consume(*pending)
                     pending = None
                     do_eval(step, state)
-                if stop:
+                if stop.should_stop(step):
                     status = "interrupted"
                     break
             if pending is not None:
