@@ -38,6 +38,7 @@ weights are ``kernel``. There are no biases.
 from __future__ import annotations
 
 import math
+import numbers
 from typing import NamedTuple
 
 import jax
@@ -214,6 +215,16 @@ class QDelta(nnx.Module):
         param_dtype=F32,
         rngs: nnx.Rngs,
     ):
+        for name, val in (("hidden_size", hidden_size), ("num_heads", num_heads),
+                          ("head_dim", head_dim), ("conv_size", conv_size),
+                          ("num_v_heads", 1 if num_v_heads is None else num_v_heads)):
+            if not isinstance(val, numbers.Integral) or isinstance(val, bool) or val < 1:
+                raise ValueError(f"QDelta: {name} must be a positive integer, got {val!r}")
+        if not isinstance(chunk_size, numbers.Integral) or chunk_size < 1 or (
+                chunk_size & (chunk_size - 1)):
+            raise ValueError(f"QDelta: chunk_size must be a power of two, got {chunk_size!r}")
+        if not (isinstance(norm_eps, (int, float)) and norm_eps > 0):
+            raise ValueError(f"QDelta: norm_eps must be a positive number, got {norm_eps!r}")
         num_v_heads = num_heads if num_v_heads is None else num_v_heads
         value_dim = expand_v * head_dim
         if value_dim != int(value_dim) or value_dim <= 0:
@@ -290,6 +301,9 @@ class QDelta(nnx.Module):
 
     def init_cache(self, batch_size: int) -> LayerCache:
         """Zero state and conv caches for ``batch_size`` sequences."""
+        if not isinstance(batch_size, numbers.Integral) or isinstance(batch_size, bool) or (
+                batch_size < 1):
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
         state = jnp.zeros((batch_size, self.num_v_heads, self.head_dim, self.head_v_dim), F32)
         if not self.use_short_conv:
             return LayerCache(state, None, None, None)

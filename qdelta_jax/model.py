@@ -229,7 +229,12 @@ class QDeltaConfig:
     def from_json(cls, path: str | os.PathLike) -> QDeltaConfig:
         """Reads a JSON file written by :meth:`to_json` or an authors' HF ``config.json``."""
         with open(path) as f:
-            d = json.load(f)
+            text = f.read()
+        try:
+            d = json.loads(text)
+        except json.JSONDecodeError as e:
+            what = "is empty" if not text.strip() else f"is not valid JSON ({e})"
+            raise ValueError(f"{path} {what}; expected a model config object") from None
         if not isinstance(d, dict):
             raise ValueError(f"{path}: expected a JSON object, got {type(d).__name__}")
         return cls.from_dict(d)
@@ -548,11 +553,12 @@ class QDeltaLM(nnx.Module):
             return self.embed.embedding[...].T
         return self.lm_head.kernel[...]
 
-    def _check_tokens(self, tokens):
+    def _check_tokens(self, tokens, name: str = "tokens"):
         if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
             raise ValueError(
-                f"tokens must be an integer array [B, T], got {tokens.dtype} {list(tokens.shape)}"
+                f"{name} must be an integer array [B, T], got {tokens.dtype} {list(tokens.shape)}"
             )
+        check_token_ids(tokens, self.config.vocab_size, name)
 
     def hidden(
         self,
@@ -644,6 +650,7 @@ class QDeltaLM(nnx.Module):
     def init_cache(self, batch_size: int) -> ModelCache | LayerCache:
         """Zero decoding cache: a tuple of :class:`qdelta_jax.layers.LayerCache`, one per layer
         (with ``scan_layers``: one ``LayerCache`` of arrays with a leading ``[L]`` axis)."""
+        _check_batch_size(batch_size)
         if self.config.scan_layers:
             # QDelta.init_cache reads only static sizes, so the stacked module gives one layer's.
             L = self.config.num_hidden_layers
@@ -731,6 +738,29 @@ def compiled_step(model: QDeltaLM):
                          None if mask is None else jnp.asarray(mask))
 
     return step
+
+
+def check_token_ids(tokens, vocab_size: int, name: str = "tokens") -> None:
+    """Raises ``ValueError`` when concrete ``tokens`` hold an id outside ``[0, vocab_size)``
+    (an embedding lookup would silently clamp it or give NaN); traced tokens are not checked."""
+    if isinstance(tokens, jax.core.Tracer):
+        return
+    t = np.asarray(tokens)
+    if t.size == 0:
+        return
+    lo, hi = int(t.min()), int(t.max())
+    if lo < 0 or hi >= vocab_size:
+        bad = np.argwhere((t < 0) | (t >= vocab_size))[0]
+        raise ValueError(
+            f"{name} must hold ids in [0, vocab_size = {vocab_size}), got "
+            f"{int(t[tuple(bad)])} at index {bad.tolist()}"
+        )
+
+
+def _check_batch_size(batch_size) -> None:
+    if not isinstance(batch_size, (int, np.integer)) or isinstance(batch_size, bool) or (
+            batch_size < 1):
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
 
 
 def to_scanned(model: QDeltaLM) -> QDeltaLM:
@@ -869,11 +899,7 @@ def generate(
     B, P = prompt.shape
     if P < 1:
         raise ValueError("prompt must hold at least one token (P >= 1)")
-    if not isinstance(prompt, jax.core.Tracer):
-        pv = np.asarray(prompt)
-        if B and (pv.min() < 0 or pv.max() >= vocab):
-            raise ValueError(f"prompt ids must lie in [0, vocab_size = {vocab}), got ids from "
-                             f"{pv.min()} to {pv.max()}")
+    check_token_ids(prompt, vocab, "prompt")
     if (not isinstance(max_new_tokens, (int, np.integer)) or isinstance(max_new_tokens, bool)
             or max_new_tokens < 1):
         raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")

@@ -232,7 +232,7 @@ def test_generate_bad_input(model):
     prompt = jnp.array([[1, 2, 3]], jnp.int32)
     g = lambda **kw: generate(model, **{"prompt": prompt, "max_new_tokens": 2,  # noqa: E731
                                         "temperature": 0.0, **kw})
-    with pytest.raises(ValueError, match=r"prompt ids must lie in \[0, vocab_size = 256\)"):
+    with pytest.raises(ValueError, match=r"prompt must hold ids in \[0, vocab_size = 256\)"):
         g(prompt=jnp.array([[1, 256]]))
     with pytest.raises(ValueError, match="prompt ids"):
         g(prompt=jnp.array([[-1, 2]]))

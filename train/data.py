@@ -40,6 +40,8 @@ Sources:
 from __future__ import annotations
 
 import os
+import stat
+import warnings
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,6 +65,15 @@ class DataError(ValueError):
     def __init__(self, message: str, flag: str = "--data"):
         super().__init__(message)
         self.flag = flag
+
+
+class DataWarning(UserWarning):
+    """Files of a ``--data`` folder that were skipped (not regular files, unreadable)."""
+
+
+# Token ids of pre-tokenised files must lie in [0, MAX_VOCAB): a larger id is far more often a
+# file read with the wrong dtype than a real vocabulary (its embedding alone would be huge).
+MAX_VOCAB = 1 << 24
 
 
 def _rng(seed: int, stream: int, index: int, salt: int = 0) -> np.random.Generator:
@@ -124,7 +135,9 @@ class MQAR:
             range(n_noise + n_keys, self.vocab_size),
         )
 
-    def batch(self, index: int) -> Batch:
+    def batch(self, index: int, rows=None) -> Batch:
+        """Batch ``index``; ``rows`` (global row indices) selects rows of it. The rows share
+        one generator, so the whole batch is generated (cheap) and then cut."""
         B, T, P = self.batch_size, self.seq_len, self.num_pairs
         rng = _rng(self.seed, self.stream, index)
         noise, keys_r, values_r = self.layout()
@@ -139,16 +152,16 @@ class MQAR:
         n_slots = (T + 1 - 2 * P) // 2
         slots = np.argsort(rng.random((B, n_slots)), axis=1)[:, :P]
         qpos = 2 * P + 2 * slots  # [B, P] position of each queried key in seq
-        rows = np.arange(B)[:, None]
-        seq[rows, qpos] = keys
-        seq[rows, qpos + 1] = values
+        ri = np.arange(B)[:, None]
+        seq[ri, qpos] = keys
+        seq[ri, qpos + 1] = values
         mask = np.zeros((B, T), np.float32)
-        mask[rows, qpos] = 1.0
-        return {
+        mask[ri, qpos] = 1.0
+        return _take({
             "inputs": seq[:, :-1].astype(np.int32),
             "targets": seq[:, 1:].astype(np.int32),
             "mask": mask,
-        }
+        }, rows)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -303,7 +316,8 @@ class NIAH:
         assert len(seq) == T + 1, (len(seq), T)
         return seq, len(answer)
 
-    def batch(self, index: int) -> Batch:
+    def batch(self, index: int, rows=None) -> Batch:
+        """Batch ``index``; ``rows`` selects rows of it (generated whole, as for MQAR)."""
         B, T = self.batch_size, self.seq_len
         rng = _rng(self.seed, self.stream, index)
         seq = np.zeros((B, T + 1), np.int32)
@@ -313,7 +327,7 @@ class NIAH:
             seq[b] = np.frombuffer(row, np.uint8)
             # Target position j predicts seq[j + 1]; the answer is the last n_ans bytes.
             mask[b, T - n_ans :] = 1.0
-        return {"inputs": seq[:, :-1], "targets": seq[:, 1:], "mask": mask}
+        return _take({"inputs": seq[:, :-1], "targets": seq[:, 1:], "mask": mask}, rows)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -329,7 +343,8 @@ def _read_text_tree(path: Path) -> tuple[np.ndarray, int]:
     ``__pycache__`` and installed-package folders skipped; files that are not valid UTF-8 or
     contain NUL bytes skipped) into one byte-token stream, ``BYTE_EOS`` after each document.
     Returns ``(tokens uint16, number of documents)``."""
-    if path.is_file():
+    if not path.is_dir():
+        _check_regular(path)
         files = [path]
     else:
         files = []
@@ -338,10 +353,17 @@ def _read_text_tree(path: Path) -> tuple[np.ndarray, int]:
             files += [Path(root) / n for n in sorted(names) if not n.startswith(".")]
     parts, n_docs = [], 0
     eos = np.array([BYTE_EOS], np.uint16)
+    special, unreadable = [], []
     for f in files:
         try:
+            # A named pipe, socket or device would block or never end: only regular files
+            # (or links to them) are read.
+            if not stat.S_ISREG(os.stat(f).st_mode):
+                special.append(f)
+                continue
             raw = f.read_bytes()
-        except OSError:
+        except OSError as e:
+            unreadable.append(f"{f} ({e.strerror or e})")
             continue
         if not raw or b"\x00" in raw:
             continue
@@ -351,9 +373,56 @@ def _read_text_tree(path: Path) -> tuple[np.ndarray, int]:
             continue
         parts += [np.frombuffer(raw, np.uint8).astype(np.uint16), eos]
         n_docs += 1
+    if special:
+        warnings.warn(f"--data {path}: skipped {len(special)} entries that are not regular files "
+                      f"(named pipes, sockets, devices): {', '.join(map(str, special[:3]))}"
+                      f"{', ...' if len(special) > 3 else ''}", DataWarning, stacklevel=3)
+    if unreadable:
+        warnings.warn(f"--data {path}: skipped {len(unreadable)} unreadable files: "
+                      f"{', '.join(unreadable[:3])}{', ...' if len(unreadable) > 3 else ''}",
+                      DataWarning, stacklevel=3)
     if not parts:
         raise DataError(f"--data {path}: no UTF-8 text files found")
     return np.concatenate(parts), n_docs
+
+
+def _check_regular(p: Path) -> None:
+    try:
+        mode = os.stat(p).st_mode
+    except OSError as e:
+        raise DataError(f"--data {p}: cannot be read ({e.strerror or e})") from None
+    if not stat.S_ISREG(mode):
+        raise DataError(f"--data {p}: not a regular file or folder (a named pipe, socket or "
+                        "device); copy the data into a file")
+    if not os.access(p, os.R_OK):
+        raise DataError(f"--data {p}: permission denied; make it readable")
+
+
+def _id_range(tokens: np.ndarray, path, eos_id: int | None) -> int:
+    """Checks every id of a token file in one chunked pass (a memory map is never loaded
+    whole); returns the vocabulary the ids need (max id + 1)."""
+    lo_id, hi_id, has_eos, step = None, None, eos_id is None, 1 << 24
+    for lo in range(0, tokens.size, step):
+        chunk = np.asarray(tokens[lo : lo + step])
+        cmin, cmax = int(chunk.min()), int(chunk.max())
+        if cmin < 0:
+            i = lo + int(np.argmax(chunk < 0))
+            raise DataError(f"--data {path}: token ids must be >= 0, found {int(tokens[i])} at "
+                            f"position {i}")
+        if cmax >= MAX_VOCAB:
+            i = lo + int(np.argmax(chunk >= MAX_VOCAB))
+            raise DataError(
+                f"--data {path}: token id {int(tokens[i])} at position {i} is >= {MAX_VOCAB} "
+                f"(the largest vocabulary supported); is the dtype right? (.bin is uint16, "
+                f"*.u32.bin uint32, .npy as saved; this file reads as {tokens.dtype})")
+        lo_id = cmin if lo_id is None else min(lo_id, cmin)
+        hi_id = cmax if hi_id is None else max(hi_id, cmax)
+        has_eos = has_eos or bool(np.any(chunk == eos_id))
+    if not has_eos:
+        raise DataError(f"--data {path}: --eos-id {eos_id} never occurs in the file (ids "
+                        f"{lo_id}..{hi_id}); pass the id that ends its documents, or leave "
+                        "--eos-id out for one stream without boundaries", "--eos-id")
+    return hi_id + 1
 
 
 def load_tokens(path: str | os.PathLike, eos_id: int | None = None):
@@ -363,10 +432,14 @@ def load_tokens(path: str | os.PathLike, eos_id: int | None = None):
     p = Path(path)
     if not p.exists():
         raise DataError(f"--data {path}: no such file or directory")
+    if eos_id is not None and not 0 <= eos_id < MAX_VOCAB:
+        raise DataError(f"--eos-id must be in [0, {MAX_VOCAB}), got {eos_id}", "--eos-id")
+    if p.suffix in (".npy", ".bin") and not p.is_dir():
+        _check_regular(p)
     if p.is_file() and p.suffix == ".npy":
         try:
             tokens = np.load(p, mmap_mode="r")
-        except ValueError as e:
+        except (ValueError, OSError, EOFError) as e:
             raise DataError(f"--data {path}: not a readable .npy file ({e})") from None
         if tokens.ndim != 1 or not np.issubdtype(tokens.dtype, np.integer):
             raise DataError(
@@ -379,13 +452,14 @@ def load_tokens(path: str | os.PathLike, eos_id: int | None = None):
             raise DataError(f"--data {path}: size is not a multiple of {np.dtype(dtype).name}")
         tokens = np.memmap(p, dtype=dtype, mode="r")
     else:
+        if eos_id is not None:
+            raise DataError(f"--eos-id applies to .bin/.npy token files; text ({path}) ends each "
+                            f"document with the byte-level id {BYTE_EOS}", "--eos-id")
         tokens, _ = _read_text_tree(p)
         return tokens, BYTE_EOS, BYTE_VOCAB
     if tokens.size < 2:
         raise DataError(f"--data {path}: fewer than 2 tokens")
-    vocab = int(tokens.max()) + 1  # one pass over the file, once per run
-    if eos_id is not None:
-        vocab = max(vocab, eos_id + 1)
+    vocab = _id_range(tokens, path, eos_id)  # one pass over the file, once per run
     return tokens, eos_id, vocab
 
 
@@ -448,13 +522,18 @@ class TextData:
             out[sel] = self.rows[perm[pos[sel] % n]]
         return out
 
-    def batch(self, index: int) -> Batch:
-        B, T, S = self.batch_size, self.seq_len, self.max_segments
+    def batch(self, index: int, rows=None) -> Batch:
+        """Batch ``index``; ``rows`` (global row indices) reads only those rows of it from the
+        file (each process of a multi-host run reads its own share)."""
+        ids = self._row_ids(index)
+        if rows is not None:
+            ids = ids[np.asarray(rows)]
+        B, T, S = len(ids), self.seq_len, self.max_segments
         seq = np.zeros((B, T + 1), np.int32)
         mask = np.ones((B, T), np.float32)
         cu = np.full((B, S + 1), T, np.int32)
         cu[:, 0] = 0
-        for b, r in enumerate(self._row_ids(index)):
+        for b, r in enumerate(ids):
             lo = int(r) * T
             seq[b] = np.asarray(self.tokens[lo : lo + T + 1], dtype=np.int32)
             # Documents starting strictly inside the row's inputs (offsets 1..T-1).
@@ -512,18 +591,23 @@ def make_source(
     raise DataError(f"unknown task {task!r}; choose from {', '.join(TASKS)}", "--task")
 
 
+def _take(batch: Batch, rows) -> Batch:
+    return batch if rows is None else {k: v[np.asarray(rows)] for k, v in batch.items()}
+
+
 class DataIterator:
     """Iterates a source from a saved position. ``state_dict()`` is ``{"index": n}``, the number
-    of batches already drawn; ``load_state_dict`` continues from there."""
+    of batches already drawn; ``load_state_dict`` continues from there. ``rows`` (global row
+    indices) draws only those rows of every batch."""
 
-    def __init__(self, source, index: int = 0):
-        self.source, self.index = source, int(index)
+    def __init__(self, source, index: int = 0, rows=None):
+        self.source, self.index, self.rows = source, int(index), rows
 
     def __iter__(self):
         return self
 
     def __next__(self) -> Batch:
-        batch = self.source.batch(self.index)
+        batch = self.source.batch(self.index, self.rows)
         self.index += 1
         return batch
 

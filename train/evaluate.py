@@ -1,10 +1,13 @@
 """``qdelta-eval RUN_DIR``: recall accuracy of a trained run by sequence length (and needle depth).
 
-Loads ``RUN_DIR/config.json`` and the latest good checkpoint, evaluates on held-out batches of the
-run's task at several sequence lengths (default: 0.5x, 1x, 2x and 4x the training length, those
-the task allows; the recurrent model runs at any length) and, for ``niah``, at needle depths
-0, 0.25, 0.5, 0.75 and 1. Prints a table and writes ``RUN_DIR/eval.json`` and
-``RUN_DIR/eval_recall.png`` (the plot needs matplotlib; without it the table is still printed).
+Opens the run read-only (nothing in it is moved or deleted; a checkpoint that does not read back
+or does not match its checksums is skipped with a warning, and so is one marked bad after a
+divergence), loads ``RUN_DIR/config.json`` and the newest usable checkpoint, evaluates on held-out
+batches of the run's task at several sequence lengths (default: 0.5x, 1x, 2x and 4x the training
+length, those the task allows; the recurrent model runs at any length) and, for ``niah``, at
+needle depths 0, 0.25, 0.5, 0.75 and 1. Prints a table and writes ``RUN_DIR/eval.json`` and
+``RUN_DIR/eval_recall.png`` (or into ``--out DIR``; the plot needs matplotlib; without it the
+table is still printed).
 
 Columns: ``accuracy`` is token accuracy on the masked positions (MQAR: the queried values; niah:
 the answer bytes; text: every next token), ``exact`` the share of rows whose masked positions are
@@ -34,21 +37,30 @@ def load_run(run_dir: Path, mesh_spec: str | None = None):
 
     if not run_dir.is_dir():
         raise UsageError(f"RUN_DIR {run_dir}: no such directory", "RUN_DIR")
-    saved = ckpt.read_run_config(run_dir)
+    try:
+        saved = ckpt.read_run_config(run_dir)
+    except ckpt.RunDirError as e:
+        raise UsageError(str(e), "RUN_DIR") from None
     if saved is None:
         raise UsageError(f"RUN_DIR {run_dir}: no {ckpt.CONFIG_FILE}; not a qdelta-train run",
                          "RUN_DIR")
     fields = {f.name for f in dataclasses.fields(TrainArgs)}
-    args = TrainArgs(**{k: v for k, v in saved["train"].items() if k in fields}).resolved()
-    model_cfg = QDeltaConfig(**saved["model"])
+    try:
+        args = TrainArgs(**{k: v for k, v in saved["train"].items() if k in fields}).resolved()
+        model_cfg = QDeltaConfig(**saved["model"])
+    except (TypeError, ValueError) as e:
+        raise UsageError(f"RUN_DIR {run_dir}: {ckpt.CONFIG_FILE} holds an unusable config ({e})",
+                         "RUN_DIR") from None
     try:
         mesh = shd.make_mesh(mesh_spec)
     except shd.MeshError as e:
         raise UsageError(str(e), "--mesh") from None
     sess = trainer.Session(args, model_cfg, mesh)
-    checkpointer = ckpt.Checkpointer(run_dir, async_save=False)
+    if not (run_dir / "checkpoints").is_dir():
+        raise UsageError(f"RUN_DIR {run_dir}: no checkpoint to evaluate", "RUN_DIR")
+    checkpointer = ckpt.Checkpointer(run_dir, async_save=False, read_only=True)
     try:
-        restored = checkpointer.restore_latest(sess.abstract_state.to_dict())
+        restored = checkpointer.restore_latest(sess.abstract_state.to_dict(), skip_bad=True)
     except ckpt.RunDirError as e:
         raise UsageError(str(e), "RUN_DIR") from None
     finally:
@@ -67,8 +79,10 @@ def default_lengths(args: TrainArgs) -> list[int]:
 
 def evaluate_run(run_dir: str | Path, *, seq_lens=None, depths=None, batches: int | None = None,
                  batch_size: int | None = None, mesh: str | None = None, plot: bool = True,
-                 log=print) -> list[dict]:
+                 out: str | Path | None = None, log=print) -> list[dict]:
     run_dir = Path(run_dir)
+    _check_lists(seq_lens, depths, batches, batch_size)
+    out = Path(out) if out is not None else run_dir
     args, _, sess, state, step = load_run(run_dir, mesh)
     seq_lens = list(seq_lens or default_lengths(args))
     if args.task == "niah":
@@ -96,10 +110,16 @@ def evaluate_run(run_dir: str | Path, *, seq_lens=None, depths=None, batches: in
     table = format_table(rows, args.task)
     log(f"{run_dir} ({args.task}, preset {args.preset}, step {step}):")
     log(table)
-    with open(run_dir / "eval.json", "w") as f:
-        json.dump({"step": step, "task": args.task, "rows": rows}, f, indent=2)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with open(out / "eval.json", "w") as f:
+            json.dump({"step": step, "task": args.task, "rows": rows}, f, indent=2)
+    except OSError as e:
+        raise UsageError(f"cannot write {out / 'eval.json'} ({e.strerror or e}); pass --out DIR "
+                         "with a writable folder (the table above has the numbers)",
+                         "--out") from None
     if plot:
-        png = plot_rows(rows, args.task, run_dir / "eval_recall.png", step)
+        png = plot_rows(rows, args.task, out / "eval_recall.png", step)
         log(f"plot: {png}" if png else "plot skipped: it needs matplotlib "
             "(pip install matplotlib); the table above has the numbers")
     return rows
@@ -152,6 +172,18 @@ def plot_rows(rows: list[dict], task: str, path: Path, step: int) -> Path | None
     return path
 
 
+def _check_lists(seq_lens, depths, batches, batch_size) -> None:
+    if seq_lens is not None and (not seq_lens or any(int(t) < 2 for t in seq_lens)):
+        raise UsageError(f"--seq-lens must be lengths >= 2, got {list(seq_lens)}", "--seq-lens")
+    if depths is not None and (not depths or any(not 0.0 <= d <= 1.0 for d in depths)):
+        raise UsageError(f"--depths must be needle depths in [0, 1], got {list(depths)}",
+                         "--depths")
+    if batches is not None and batches < 1:
+        raise UsageError(f"--batches must be >= 1, got {batches}", "--batches")
+    if batch_size is not None and batch_size < 1:
+        raise UsageError(f"--batch-size must be >= 1, got {batch_size}", "--batch-size")
+
+
 def _ints(s: str) -> list[int]:
     return [int(x) for x in s.split(",") if x.strip()]
 
@@ -172,10 +204,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, help="rows per batch (default: the run's)")
     p.add_argument("--mesh", help="device mesh, as for qdelta-train")
     p.add_argument("--no-plot", action="store_true", help="skip the PNG")
+    p.add_argument("--out", help="folder for eval.json and the plot (default: RUN_DIR)")
     a = p.parse_args(argv)
     try:
-        evaluate_run(a.run_dir, seq_lens=a.seq_lens, depths=a.depths, batches=a.batches,
-                     batch_size=a.batch_size, mesh=a.mesh, plot=not a.no_plot)
+        with ckpt.quiet_orbax_logs():
+            evaluate_run(a.run_dir, seq_lens=a.seq_lens, depths=a.depths, batches=a.batches,
+                         batch_size=a.batch_size, mesh=a.mesh, plot=not a.no_plot, out=a.out)
     except UsageError as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2

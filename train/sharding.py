@@ -115,14 +115,33 @@ def check_batch_size(batch_size: int, mesh: Mesh, grad_accum: int = 1) -> None:
         )
 
 
-def shard_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
-    """Places a global numpy batch (the same on every process) onto the mesh, batch axis split
-    over ``("data", "fsdp")``. Each process only copies the rows its devices hold."""
+def process_rows(mesh: Mesh, batch_size: int) -> np.ndarray:
+    """The global row indices of a ``batch_size``-row batch that this process's devices hold
+    (sorted): the rows a process needs to read."""
+    index = batch_sharding(mesh).addressable_devices_indices_map((batch_size,))
+    rows = {r for idx in index.values() for r in range(*idx[0].indices(batch_size))}
+    return np.array(sorted(rows), np.int64)
+
+
+def shard_batch(batch: dict[str, np.ndarray], mesh: Mesh, rows: np.ndarray | None = None,
+                batch_size: int | None = None) -> dict[str, jax.Array]:
+    """Places a numpy batch onto the mesh, batch axis split over ``("data", "fsdp")``. With
+    ``rows=None`` the arrays are the whole global batch (each process copies the rows its
+    devices hold); else they hold only the global rows ``rows`` (:func:`process_rows`) of a
+    ``batch_size``-row global batch."""
     sharding = batch_sharding(mesh)
 
     def put(x):
         x = np.asarray(x)
-        return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
+        if rows is None:
+            return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
+
+        def local(idx):
+            start, stop, _ = idx[0].indices(batch_size)
+            at = int(np.searchsorted(rows, start))
+            return x[(slice(at, at + stop - start), *idx[1:])]
+
+        return jax.make_array_from_callback((batch_size, *x.shape[1:]), sharding, local)
 
     return {k: put(v) for k, v in batch.items()}
 

@@ -22,8 +22,11 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import errno
 import json
 import math
+import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -48,6 +51,16 @@ class UsageError(ValueError):
 
 class BadStepsError(RuntimeError):
     """Too many consecutive non-finite steps."""
+
+
+class RunIOError(RuntimeError):
+    """A file-system failure (disk full, read-only or missing path, unreadable file), as one
+    line: what failed, where, and what to do. The CLI prints it and exits with 1."""
+
+
+# A step's loss "blew up" above this multiple of ln(vocab_size), the loss of a uniform guess
+# (a freshly initialised model starts near ln(vocab_size)).
+BLOWUP_FACTOR = 2.0
 
 
 # Per-task defaults of --seq-len and --batch-size (None in TrainArgs).
@@ -90,6 +103,7 @@ class TrainArgs:
     model_overrides: str | None = None
     max_bad_steps: int = 10
     stop_after: int | None = None
+    resume_from: int | None = None
     peak_tflops: float | None = None
     progress: bool = True
     diagnostics: bool = False
@@ -111,6 +125,9 @@ class TrainArgs:
 _RESUME_SENSITIVE = ("task", "data", "seed", "batch_size", "seq_len", "num_pairs", "mqar_vocab",
                      "niah_variant", "eos_id", "grad_accum", "lr", "warmup", "steps",
                      "weight_decay")
+
+# Options that belong to one invocation: not reused from a run directory's saved options.
+PER_INVOCATION = ("run_dir", "stop_after", "resume_from", "progress")
 
 
 def validate(a: TrainArgs) -> None:
@@ -142,6 +159,10 @@ def validate(a: TrainArgs) -> None:
     need(a.max_bad_steps >= 1, "--max-bad-steps", f"must be >= 1, got {a.max_bad_steps}")
     need(a.stop_after is None or a.stop_after >= 1, "--stop-after",
          f"must be >= 1, got {a.stop_after}")
+    need(a.resume_from is None or a.resume_from >= 1, "--resume-from",
+         f"must be a saved step >= 1, got {a.resume_from}")
+    need(a.resume_from is None or a.run_dir is not None, "--resume-from",
+         "needs --run-dir (the run to resume)")
     need(a.dtype in DTYPES, "--dtype", f"must be one of {', '.join(DTYPES)}, got {a.dtype!r}")
     need(a.param_dtype in DTYPES, "--param-dtype",
          f"must be one of {', '.join(DTYPES)}, got {a.param_dtype!r}")
@@ -158,6 +179,10 @@ def validate(a: TrainArgs) -> None:
     need(a.mqar_vocab >= 8, "--mqar-vocab", f"must be >= 8, got {a.mqar_vocab}")
     need(a.task != "text" or a.data is not None, "--data",
          "is required with --task text (a UTF-8 file or folder, a .bin or a .npy token file)")
+    need(a.data is None or a.task == "text", "--data",
+         f"is only read by --task text (got --task {a.task}); add --task text or drop --data")
+    need(a.eos_id is None or a.task == "text", "--eos-id",
+         f"applies to --task text only (got --task {a.task})")
     if a.data is not None and not Path(a.data).exists():
         raise UsageError(f"--data {a.data}: no such file or directory", "--data")
 
@@ -313,7 +338,9 @@ class Session:
             return self._eval_step(params, batch)
 
     def evaluate(self, params, source, n_batches: int) -> dict[str, float]:
-        sums = [self.eval_step(params, shd.shard_batch(source.batch(i), self.mesh))
+        B = source.batch_size
+        rows = shd.process_rows(self.mesh, B) if jax.process_count() > 1 else None
+        sums = [self.eval_step(params, shd.shard_batch(source.batch(i, rows), self.mesh, rows, B))
                 for i in range(n_batches)]
         return loop.summarise_eval(jax.device_get(sums))
 
@@ -363,27 +390,186 @@ def _to_float(x):
 
 def run(a: TrainArgs, *, log=print) -> dict[str, Any]:
     """Trains as ``a`` says (see :func:`_run`); ``--recompute-residuals`` switches the Pallas
-    kernels' process-wide ``save_residuals`` off for the run and restores it after."""
-    if not a.recompute_residuals:
-        return _run(a, log=log)
-    from qdelta_jax import pallas
-
-    prev = pallas.set_save_residuals(False)
+    kernels' process-wide ``save_residuals`` off for the run and restores it after. A
+    file-system failure raises :class:`RunIOError` (one line: what, where, what to do)."""
+    phase = _Phase()
     try:
-        return _run(a, log=log)
-    finally:
-        pallas.set_save_residuals(prev)
+        if not a.recompute_residuals:
+            return _run(a, log=log, phase=phase)
+        from qdelta_jax import pallas
+
+        prev = pallas.set_save_residuals(False)
+        try:
+            return _run(a, log=log, phase=phase)
+        finally:
+            pallas.set_save_residuals(prev)
+    except (UsageError, BadStepsError, KeyboardInterrupt):
+        raise
+    except Exception as e:
+        msg = describe_io_error(e, phase.what, phase.resume)
+        if msg is None:
+            raise
+        raise RunIOError(msg) from e
 
 
-def _run(a: TrainArgs, *, log=print) -> dict[str, Any]:
+class _Phase:
+    """What the run is doing (for file-system error messages) and how to resume it."""
+
+    def __init__(self):
+        self.what = "starting the run"
+        self.resume = ""
+
+
+_IO_FIXES = {
+    errno.ENOSPC: "the disk is full: free space there (or use a --run-dir on another disk)",
+    errno.EDQUOT: "the disk quota is exhausted: free space (or use a --run-dir elsewhere)",
+    errno.EROFS: "the file system is read-only: use a --run-dir on a writable disk",
+    errno.EACCES: "permission denied: make it writable (readable) for you, or use another path",
+    errno.EPERM: "operation not permitted: make it writable for you, or use another path",
+    errno.ENOENT: "a folder on the path does not exist (deleted while running?)",
+    errno.ENOTDIR: "a part of the path is a file, not a folder",
+    errno.EIO: "an I/O error: check the disk",
+}
+
+
+def describe_io_error(err: BaseException, what: str, resume: str = "") -> str | None:
+    """One line for a file-system failure found in ``err`` or its causes (an ``OSError``, or
+    an Orbax/TensorStore error carrying ``os_error_code``), else None."""
+    seen, stack = set(), [err]
+    while stack:
+        e = stack.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        code, where = None, None
+        if isinstance(e, OSError) and e.errno:
+            code, where = e.errno, e.filename
+        else:
+            text = str(e)
+            m = re.search(r"os_error_code='?(\d+)", text)
+            if m:
+                code = int(m.group(1))
+                f = re.findall(r'"(/[^"]+)"', text)
+                where = f[-1] if f else None
+        if code is not None:
+            if where and ".orbax-checkpoint-tmp" in where:  # Orbax's internal file names
+                where = where.split(".orbax-checkpoint-tmp")[0]
+            m = re.search(r"/checkpoints/(\d+)$", where or "")
+            if m:  # an asynchronous save fails when the next one starts: name its step
+                what = re.sub(r"^saving checkpoint step \d+", f"saving checkpoint step {m[1]}",
+                              what)
+            fix = _IO_FIXES.get(code, os.strerror(code))
+            at = f" ({where})" if where else ""
+            tail = f"; then {resume}" if resume else ""
+            return f"{what} failed{at}: {os.strerror(code)}. {fix[0].upper()}{fix[1:]}{tail}"
+        stack += [e.__cause__, e.__context__, *getattr(e, "exceptions", ())]
+    return None
+
+
+def _healthy(rec: dict, limit: float) -> tuple[bool, str]:
+    loss, gnorm = rec.get("loss"), rec.get("grad_norm")
+    if loss is None or gnorm is None or not (math.isfinite(loss) and math.isfinite(gnorm)):
+        return False, f"step {rec['step']}: loss or gradient norm not finite"
+    if loss > limit:
+        return False, (f"step {rec['step']}: loss {loss:.4g} above {limit:.3g} "
+                       f"({BLOWUP_FACTOR:g} x ln(vocab))")
+    return True, ""
+
+
+class _Judge:
+    """Marks checkpoints good or bad. Checkpoint ``s`` holds the params that step ``s + 1``
+    computes its loss with, so it is judged when that step's metrics arrive (the final one by
+    the final evaluation): good when every step after the previous checkpoint up to ``s + 1``
+    had a finite loss and gradient norm and a loss at most ``BLOWUP_FACTOR * ln(vocab)``. A
+    checkpoint whose window already holds a bad step is marked bad at once."""
+
+    def __init__(self, checkpointer, limit: float, step0: int):
+        self.ckpt, self.limit = checkpointer, limit
+        self.pending: list[int] = []  # saved, waiting for the step after them
+        h = checkpointer.health.get(step0) if step0 else None
+        if step0 and (h is None or h.get("good") is None):
+            if h is not None and not h.get("window_ok", True):
+                checkpointer.mark(step0, False, h.get("why", ""))
+            else:
+                self.pending.append(step0)
+        self.window_ok, self.why = True, ""  # the steps after the newest checkpoint so far
+
+    def saved(self, step: int) -> None:
+        if self.window_ok:
+            self.pending.append(step)
+            self.ckpt.mark(step, None)
+        else:
+            self.ckpt.mark(step, False, self.why)
+        self.window_ok, self.why = True, ""
+
+    def step_done(self, rec: dict) -> None:
+        ok, why = _healthy(rec, self.limit)
+        step = rec["step"]
+        # Checkpoints saved before this step are judged by it; one saved at this very step
+        # (its metrics arrive after the save) has it in its window, so a bad step condemns it.
+        judged = [s for s in self.pending if s < step or not ok]
+        for s in judged:
+            self.ckpt.mark(s, ok, why)
+        if not ok and not any(s >= step for s in judged):
+            if self.window_ok:
+                self.why = why
+            self.window_ok = False
+        self.pending = [s for s in self.pending if s not in judged]
+
+    def final(self, step: int, eval_loss: float) -> None:
+        """Judges the checkpoint of the last step by the final evaluation's loss."""
+        if step in self.pending:
+            ok, why = _healthy({"step": step, "loss": eval_loss, "grad_norm": 0.0}, self.limit)
+            self.ckpt.mark(step, ok, why.replace(f"step {step}:", f"step {step} evaluation:"))
+            self.pending.remove(step)
+
+
+def _trim_metrics(run_dir: Path, step0: int) -> int:
+    """Moves the ``metrics.jsonl`` lines of steps after ``step0`` (computed again by this
+    resumed run) and unreadable lines (cut off by a kill) to ``superseded/``; returns their
+    count."""
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return 0
+    keep, drop = [], []
+    for line in path.read_text().splitlines(keepends=True):
+        try:
+            rec = json.loads(line)
+            ok = line.endswith("\n") and int(rec["step"]) <= step0
+        except (ValueError, KeyError, TypeError):
+            ok = False
+        (keep if ok else drop).append(line if line.endswith("\n") else line + "\n")
+    if drop:
+        side = run_dir / "superseded"
+        side.mkdir(exist_ok=True)
+        with open(side / f"metrics-{time.strftime('%Y%m%d-%H%M%S')}.jsonl", "a") as f:
+            f.writelines(drop)
+        tmp = path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(keep))
+        tmp.replace(path)
+    return len(drop)
+
+
+def _diverged_message(step: int, why: str, run_dir: Path, last_good: int | None) -> str:
+    if last_good is None:
+        return (f"{why}. No checkpoint of {run_dir} is marked good: start over with a new "
+                "--run-dir and a lower --lr (or check the data, or try --dtype float32).")
+    return (f"{why}. The last good checkpoint is step {last_good}: resume from it with "
+            f"qdelta-train --run-dir {run_dir} --resume-from {last_good} and a lower --lr "
+            "(or check the data, or try --dtype float32).")
+
+
+def _run(a: TrainArgs, *, log=print, phase: _Phase | None = None) -> dict[str, Any]:
     """Trains (or resumes) a run; returns the summary dict. Raises :class:`UsageError` for bad
     options and :class:`BadStepsError` when ``max_bad_steps`` consecutive steps were not
     finite."""
+    phase = phase or _Phase()
     t_start = time.perf_counter()
     validate(a)
     a = a.resolved()
     shd.maybe_initialize_distributed()
     main_process = jax.process_index() == 0
+    phase.what = f"reading --data {a.data}"
     text_tokens = open_text(a)
     train_src, eval_src = make_sources(a, text_tokens=text_tokens)
     data_vocab, pretok = data_vocab_of(a, text_tokens)
@@ -396,14 +582,19 @@ def _run(a: TrainArgs, *, log=print) -> dict[str, Any]:
         raise UsageError(str(e), "--mesh") from None
 
     run_dir = Path(a.run_dir or default_run_dir(a))
+    phase.what = f"opening --run-dir {run_dir}"
     if run_dir.exists() and not run_dir.is_dir():
         raise UsageError(f"--run-dir {run_dir} exists and is not a directory", "--run-dir")
-    saved = ckpt.read_run_config(run_dir) if run_dir.exists() else None
+    try:
+        saved = ckpt.read_run_config(run_dir) if run_dir.exists() else None
+    except ckpt.RunDirError as e:
+        raise UsageError(str(e), "--run-dir") from None
     requested = {"model": model_cfg.to_dict(), "train": dataclasses.asdict(a)}
     requested["train"]["run_dir"] = str(run_dir)
     if saved is None and run_dir.exists() and (run_dir / "checkpoints").exists():
         raise UsageError(f"--run-dir {run_dir} has checkpoints but no {ckpt.CONFIG_FILE}; "
                          "it is not a run directory this program can resume", "--run-dir")
+    rewrite = False
     if saved is not None:
         try:
             ckpt.check_model_config(run_dir, saved.get("model", {}), requested["model"])
@@ -415,18 +606,37 @@ def _run(a: TrainArgs, *, log=print) -> dict[str, Any]:
         if diffs:
             log("warning: resuming with different training options (a resumed run then differs "
                 "from an uninterrupted one):\n  " + "\n  ".join(diffs))
+        sticky = [k for k in requested["train"] if k not in PER_INVOCATION]
+        rewrite = any(saved["train"].get(k) != requested["train"][k] for k in sticky)
     if main_process:
+        phase.what = f"writing {run_dir / ckpt.CONFIG_FILE}"
         run_dir.mkdir(parents=True, exist_ok=True)
-        ckpt.write_run_config(run_dir, requested)
+        ckpt.write_run_config(run_dir, requested, overwrite=rewrite)
 
     sess = Session(a, model_cfg, mesh)
+    phase.what = f"opening the checkpoints in {run_dir / 'checkpoints'}"
     checkpointer = ckpt.Checkpointer(run_dir)
+    phase.what = f"restoring a checkpoint from {run_dir / 'checkpoints'}"
     try:
-        restored = checkpointer.restore_latest(sess.abstract_state.to_dict())
+        steps = checkpointer.steps()
+        if a.resume_from is not None:
+            restored = checkpointer.restore_step(a.resume_from, sess.abstract_state.to_dict())
+            moved = checkpointer.set_aside_after(a.resume_from)
+            if moved is not None:
+                log(f"moved the checkpoints after step {a.resume_from} to {moved}")
+        elif steps and checkpointer.is_bad(steps[-1]):
+            raise ckpt.RunDirError(_diverged_message(
+                steps[-1], f"the newest checkpoint, step {steps[-1]}, is marked bad "
+                f"({checkpointer.health[steps[-1]].get('why')})", run_dir,
+                checkpointer.last_good()))
+        else:
+            restored = checkpointer.restore_latest(sess.abstract_state.to_dict())
     except ckpt.RunDirError as e:
         checkpointer.close()
-        raise UsageError(str(e), "--run-dir") from None
-    it = data_mod.DataIterator(train_src)
+        raise UsageError(str(e), e.flag) from None
+    # Each process reads only the rows of the global batch that its devices hold.
+    rows = shd.process_rows(mesh, a.batch_size) if jax.process_count() > 1 else None
+    it = data_mod.DataIterator(train_src, rows=rows)
     if restored is not None:
         step0, state_dict, data_state = restored
         state = loop.TrainState.from_dict(state_dict)
@@ -436,6 +646,10 @@ def _run(a: TrainArgs, *, log=print) -> dict[str, Any]:
     else:
         step0 = 0
         state = sess.init_state()
+    if main_process:
+        phase.what = f"updating {run_dir / 'metrics.jsonl'}"
+        _trim_metrics(run_dir, step0)
+    phase.resume = f"rerun with --run-dir {run_dir} to resume from the last checkpoint"
     n_params = loop.count_params(sess.fns.abstract_params)
     T = a.resolved_seq_len()
     tokens_per_step = a.batch_size * T
@@ -448,6 +662,7 @@ def _run(a: TrainArgs, *, log=print) -> dict[str, Any]:
         f"fsdp={mesh.shape['fsdp']} on {n_dev} {dev_kind}, steps {step0} -> {a.steps}")
 
     writer = MetricsWriter(run_dir, main_process)
+    judge = _Judge(checkpointer, BLOWUP_FACTOR * math.log(max(model_cfg.vocab_size, 2)), step0)
     pbar = None
     if a.progress and main_process:
         from tqdm import tqdm
@@ -457,7 +672,10 @@ def _run(a: TrainArgs, *, log=print) -> dict[str, Any]:
                     file=sys.stderr, mininterval=0.5 if sys.stderr.isatty() else 30.0)
 
     def save(step, st):
-        checkpointer.save(step, st.to_dict(), {"index": int(step)})
+        phase.what = f"saving checkpoint step {step} to {checkpointer.dir}"
+        if checkpointer.save(step, st.to_dict(), {"index": int(step)}):
+            judge.saved(step)
+        phase.what = f"training (step {step})"
 
     last_eval: dict[str, float] | None = None
     step_times: list[float] = []
@@ -503,24 +721,25 @@ def _run(a: TrainArgs, *, log=print) -> dict[str, Any]:
             step_times.append(dt)
         last_metrics = rec
         writer.write(rec)
+        judge.step_done(rec)
         if pbar is not None:
             pbar.set_postfix(loss=f"{float(m['loss']):.4f}", tok_s=f"{tps:,.0f}", refresh=False)
             pbar.update(1)
         if int(m["bad_steps"]) >= a.max_bad_steps:
-            raise BadStepsError(
-                f"stopping at step {step}: {int(m['bad_steps'])} consecutive steps had a "
+            raise BadStepsError(_diverged_message(
+                step, f"stopping at step {step}: {int(m['bad_steps'])} consecutive steps had a "
                 f"non-finite loss or gradient norm (--max-bad-steps {a.max_bad_steps}); their "
-                "updates were skipped. Lower --lr, check the data, or try --dtype float32."
-            )
+                "updates were skipped", run_dir, checkpointer.last_good()))
         if not bool(m["finite"]) and pbar is not None:
             pbar.write(f"step {step}: non-finite loss or gradient norm; update skipped "
                        f"({int(m['bad_steps'])} in a row)")
 
+    phase.what = f"training (step {step0})"
     try:
-        with ckpt.StopSignal() as stop:
+        with ckpt.StopSignal(multi_process=jax.process_count() > 1) as stop:
             step = step0
             while step < stop_at:
-                batch = shd.shard_batch(next(it), mesh)
+                batch = shd.shard_batch(next(it), mesh, rows, a.batch_size)
                 state, metrics = sess.train_step(state, batch)
                 step += 1
                 if pending is not None:
@@ -532,7 +751,7 @@ def _run(a: TrainArgs, *, log=print) -> dict[str, Any]:
                     consume(*pending)
                     pending = None
                     do_eval(step, state)
-                if stop:
+                if stop.should_stop(step):
                     status = "interrupted"
                     break
             if pending is not None:
@@ -543,19 +762,26 @@ def _run(a: TrainArgs, *, log=print) -> dict[str, Any]:
             save(step, state)
             if status == "done":
                 do_eval(step, state)
+                judge.final(step, last_eval["loss"])
     except BadStepsError:
         checkpointer.wait()
         raise
     finally:
         if pbar is not None:
             pbar.close()
-        checkpointer.wait()
-        checkpointer.close()
-        writer.close()
+        if sys.exc_info()[0] is None:  # else keep naming what failed
+            phase.what = f"finishing the checkpoint writes in {checkpointer.dir}"
+        try:
+            checkpointer.wait()
+            checkpointer.prune()
+        finally:
+            checkpointer.close()
+            writer.close()
 
     wall = time.perf_counter() - t_start
     mean_dt = float(np.mean(step_times)) if step_times else None
     tps = tokens_per_step / mean_dt if mean_dt else None
+    last_good = checkpointer.last_good()
     summary = {
         "status": status,
         "task": a.task,
@@ -565,6 +791,8 @@ def _run(a: TrainArgs, *, log=print) -> dict[str, Any]:
         "loss": last_metrics.get("loss"),
         "eval": last_eval,
         "skipped_steps": last_metrics.get("skipped"),
+        "last_good_step": last_good,
+        "final_checkpoint_bad": checkpointer.is_bad(step),
         "params": n_params,
         "step_time_s": mean_dt,
         "tokens_per_s": tps,
@@ -575,6 +803,7 @@ def _run(a: TrainArgs, *, log=print) -> dict[str, Any]:
         "wall_s": wall,
     }
     if main_process:
+        phase.what = f"writing {run_dir / 'summary.json'}"
         with open(run_dir / "summary.json", "w") as f:
             json.dump(summary, f, indent=2)
     return summary
