@@ -305,3 +305,19 @@ def test_cli_missing_run_dir(tmp_path, capsys):
 
     assert gen_cli.main([str(tmp_path / "nope"), "hi"]) == 2
     assert "RUN_DIR" in capsys.readouterr().err
+
+
+def test_default_decode_path_follows_the_batch(monkeypatch):
+    """implementation=None on a GPU: the fused kernel below FUSED_DECODE_MAX_BATCH, XLA's step
+    from there on (measured faster there); an explicit "pallas" always takes the kernel."""
+    from flax import nnx
+
+    from qdelta_jax import layers
+
+    monkeypatch.setattr(layers.jax, "default_backend", lambda: "gpu")
+    auto = layers.QDelta(32, 2, 16, rngs=nnx.Rngs(0))
+    forced = layers.QDelta(32, 2, 16, implementation="pallas", rngs=nnx.Rngs(0))
+    n = layers.FUSED_DECODE_MAX_BATCH
+    assert auto.decode_implementation(1) == "pallas"
+    assert auto.decode_implementation(n) == "xla"
+    assert forced.decode_implementation(n) == "pallas"
