@@ -41,6 +41,7 @@ import traceback
 import jax
 import jax.numpy as jnp
 import numpy as np
+from pallas_dev import inputs, rel  # the same inputs and error as the Triton stage checks
 
 from qdelta_jax import packing, qdelta_rule, xla
 from qdelta_jax.pallas import backward as pbwd
@@ -89,25 +90,6 @@ DEFAULT_VARIANTS = ("bv64_s2", "res_bv64_s2", "res_bv128_s1", "so_bv64_s2", "so_
                     "rev_bv64_s1", "seg_rev_bv64_s2")
 
 
-def rel(a, b) -> float:
-    a = jnp.asarray(a, F32)
-    b = jnp.asarray(b, F32)
-    return float(jnp.linalg.norm((a - b).ravel()) / (jnp.linalg.norm(b.ravel()) + 1e-30))
-
-
-def inputs(key, B, T, H, K, V, dtype):
-    ks = jax.random.split(key, 8)
-    nrm = lambda x: x / jnp.linalg.norm(x, axis=-1, keepdims=True)  # noqa: E731
-    q = nrm(jax.random.normal(ks[0], (B, T, H, K), F32)).astype(dtype)
-    k = nrm(jax.random.normal(ks[1], (B, T, H, K), F32) + 0.5).astype(dtype)  # correlated keys
-    v = jax.random.normal(ks[2], (B, T, H, V), F32).astype(dtype)
-    g = -jnp.exp(jax.random.uniform(ks[3], (H,), F32, 0.0, 2.7)) * jax.nn.softplus(
-        jax.random.normal(ks[4], (B, T, H), F32) - 3.0
-    )
-    beta = jax.nn.sigmoid(jax.random.normal(ks[5], (B, T, H), F32))
-    lam = jax.nn.sigmoid(jax.random.normal(ks[6], (B, T, H), F32) - 0.9)
-    h0 = 0.1 * jax.random.normal(ks[7], (B, H, K, V), F32)
-    return q, k, v, g, beta, lam, h0
 
 
 def offsets(B, T, seed, docs=6):

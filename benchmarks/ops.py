@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -39,7 +38,9 @@ import time
 import jax
 import jax.numpy as jnp
 
-from qdelta_jax import qdelta_rule
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # anchors.py beside this file
+
+from qdelta_jax import qdelta_rule  # noqa: E402
 from qdelta_jax.testing import random_inputs, time_fn
 
 BENCH_SHAPES = ["8x4096x6x128x256", "8x4096x16x128x128", "2x16384x6x128x256"]
@@ -168,34 +169,16 @@ def fla_forward(shape):
 
 
 def bench_fla(shape, warmup, reps):
-    """fla's chunk_gated_delta_rule forward (lam = 0 equivalent) with torch CUDA events."""
+    """fla's chunk_gated_delta_rule forward (lam = 0 equivalent) in this process, timed as
+    benchmarks/anchors.py times it: pipelined, and triton's do_bench (median) as "fwd"."""
     try:
-        import torch
-
         run = fla_forward(shape)
+        from anchors import timings
     except Exception as e:  # noqa: BLE001
         return {"impl": "fla gated delta rule", "shape": shape, "fwd_error": f"not available: {e}"}
-    for _ in range(warmup):
-        run()
-    torch.cuda.synchronize()
-    times, piped = [], []
-    for _ in range(reps):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        run()
-        e.record()
-        torch.cuda.synchronize()
-        times.append(s.elapsed_time(e))
-    for _ in range(5):  # back to back, one synchronisation per round (as time_fn(pipelined))
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        for _ in range(reps):
-            run()
-        e.record()
-        torch.cuda.synchronize()
-        piped.append(s.elapsed_time(e) / reps)
-    return {"impl": "fla gated delta rule", "shape": shape, "fwd": statistics.median(times),
-            "fwd_pipe": statistics.median(piped)}
+    t = timings(run, warmup, reps)
+    return {"impl": "fla gated delta rule", "shape": shape, "fwd": t["do_bench"],
+            "fwd_pipe": t["pipe"]}
 
 
 def fmt_ms(x):
