@@ -1,6 +1,6 @@
 """Recall experiments at small scale: Q-Delta against its reductions on MQAR and needle retrieval.
 
-Four variants of the same model (same size, steps, data and seeds; SPEC sections 1 and 5):
+Four variants of the same model (same size, steps, data and seeds; docs/MATH.md sections 1 and 5):
 
 * ``qdelta``    -- Q-Delta, learned ``lam = sigmoid(W_lam x - 0.9)``;
 * ``gdn``       -- ``lam`` fixed at 0: exactly Gated DeltaNet;
@@ -9,7 +9,7 @@ Four variants of the same model (same size, steps, data and seeds; SPEC sections
 
 (``qdelta-neg``, Q-Delta with ``allow_neg_eigval``, can be added with ``--variants``.)
 
-Tasks (SPEC section 7, data from :mod:`qdelta_jax.train.data`):
+Tasks (docs/MATH.md section 6, data from :mod:`qdelta_jax.train.data`):
 
 * ``mqar`` -- one model per variant and seed is trained on a mixture of (sequence length T,
   key-value pairs P) settings, as Zoology does; every batch holds the same number of rows of each
@@ -933,7 +933,7 @@ def write_docs(res: dict, docs: Path, json_path: Path | None, command: str) -> P
         L.append("")
     L.append("## Stability diagnostic of the trained Q-Delta model")
     L.append("")
-    L.append("`beta_t * c_t` with `c_t = k_t . (k_t + lam_t q_t)` (SPEC section 1; a write "
+    L.append("`beta_t * c_t` with `c_t = k_t . (k_t + lam_t q_t)` (docs/MATH.md section 1; a write "
              "contracts the prediction error when it lies in (0, 2)), on every real token of the "
              "evaluation rows, pooled over seeds (`qdelta_jax.diagnostics`).")
     L.append("")
@@ -974,7 +974,8 @@ _READING = (
     "Reading: these are tiny models (well under a million parameters outside the embeddings) "
     "trained for minutes, with one learning rate shared by every variant and three seeds; a "
     "difference smaller than the seed spread is not a result. The paper's claims are at 340M and "
-    "1.3B parameters on FineWeb-Edu (SPEC section 5), and this experiment can only say whether the "
+    "1.3B parameters on FineWeb-Edu (docs/MATH.md section 5), and this experiment can only say "
+    "whether the "
     "direction of the effect shows up on synthetic recall at this scale."
 )
 

@@ -1,6 +1,6 @@
 """Stability diagnostic of a Q-Delta model: the distribution of ``beta_t * c_t`` per layer and head.
 
-SPEC section 1 (the paper's Lemma 3.1): with no decay (``a = 1``) one write multiplies the
+docs/MATH.md section 1 (the paper's Lemma 3.1): with no decay (``a = 1``) one write multiplies the
 prediction error along the write direction by ``1 - beta_t * c_t`` with
 
     c_t = k_t . x_t = k_t . (k_t + lam_t q_t) = 1 + lam_t (k_t . q_t)      (unit q, k)
@@ -38,7 +38,7 @@ from jaxtyping import Array, Float
 
 # Quantiles reported for every layer and head (as fractions of 1).
 QUANTILES = (0.001, 0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99, 0.999)
-# The contraction interval of SPEC section 1.
+# The contraction interval of docs/MATH.md section 1.
 LOW, HIGH = 0.0, 2.0
 
 

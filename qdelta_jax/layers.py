@@ -1,4 +1,4 @@
-"""The Q-Delta layer (SPEC section 4) as a Flax NNX module, its parts, and a Linen wrapper.
+"""The Q-Delta layer (docs/MATH.md section 4) as a Flax NNX module, its parts, and a Linen wrapper.
 
 Dimension letters as in :mod:`qdelta_jax.reference`: B batch, T time, D hidden, H query/key
 heads, HV value heads (``num_v_heads``, a multiple of H), K key head dim, V value head dim,
@@ -31,8 +31,8 @@ zero and ``beta = g = 0``, so the recurrent state and the conv cache are untouch
 padding: a left-padded row computes exactly what the unpadded row computes.
 
 Parameter names (what :func:`qdelta_jax.model.no_decay_mask` keys on): ``A_log`` and
-``dt_bias`` (no weight decay, SPEC section 4), norm weights are called ``scale``; linear and conv
-weights are ``kernel``. There are no biases.
+``dt_bias`` (no weight decay, docs/MATH.md section 4), norm weights are called ``scale``;
+linear and conv weights are ``kernel``. There are no biases.
 """
 
 from __future__ import annotations
@@ -175,7 +175,7 @@ class LayerCache(NamedTuple):
 
 
 class QDelta(nnx.Module):
-    """The Q-Delta token mixer (SPEC section 4).
+    """The Q-Delta token mixer (docs/MATH.md section 4).
 
     Args:
       hidden_size: D. num_heads: H (query/key heads). head_dim: K.
@@ -276,9 +276,9 @@ class QDelta(nnx.Module):
         self.lam_proj = linear(D, HV) if self.fixed_lam is None else None
         if use_decay:
             self.a_proj = linear(D, HV)
-            # SPEC section 4: A ~ U(0, 16), A_log = log A (A clipped away from 0, a measure-zero
-            # event, so the log stays finite); dt = exp(U(log 1e-3, log 1e-1)) floored at 1e-4,
-            # dt_bias = inverse softplus(dt).
+            # docs/MATH.md section 4: A ~ U(0, 16), A_log = log A (A clipped away from 0, a
+            # measure-zero event, so the log stays finite); dt = exp(U(log 1e-3, log 1e-1))
+            # floored at 1e-4, dt_bias = inverse softplus(dt).
             A = jax.random.uniform(rngs.params(), (HV,), F32, 0.0, 16.0)
             self.A_log = nnx.Param(jnp.log(jnp.maximum(A, 1e-12)).astype(param_dtype))
             u = jax.random.uniform(rngs.params(), (HV,), F32)

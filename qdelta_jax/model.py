@@ -1,6 +1,6 @@
 """The Q-Delta language model: config and presets, the NNX model, decoding and generation.
 
-Model (SPEC section 4): token embedding, ``num_hidden_layers`` pre-norm blocks
+Model (docs/MATH.md section 4): token embedding, ``num_hidden_layers`` pre-norm blocks
 ``x + QDelta(RMSNorm(x))`` then ``x + SwiGLU(RMSNorm(x))``, a final RMSNorm and an untied
 ``lm_head`` (tied with ``tie_word_embeddings``). Logits are float32. With
 ``compute_dtype="bfloat16"`` activations and matmul inputs are bfloat16 while parameters stay in
@@ -27,7 +27,7 @@ biases (there are none by default): pass it as optax's ``mask=``.
 Diagnostics: ``model(tokens, return_aux=True)`` returns ``(logits, aux)`` with ``aux`` a tuple
 over layers of ``dict(q, k, beta, lam, g)``: L2-normalised ``q, k [B, T, HV, K]`` (after the
 grouped-head repeat, as the op sees them) and ``beta, lam, g [B, T, HV]`` float32, so that
-``beta * (k . (k + lam q))`` is the stability quantity of SPEC section 1.
+``beta * (k . (k + lam q))`` is the stability quantity of docs/MATH.md section 1.
 """
 
 from __future__ import annotations
@@ -292,9 +292,9 @@ def _key_name(entry) -> str | None:
 def weight_decay_mask(params) -> Any:
     """A pytree of bools shaped like ``params``: True where weight decay applies.
 
-    False for ``A_log``, ``dt_bias`` (SPEC section 4), every norm weight (named ``scale``) and
-    every bias. Works on ``nnx.state(model, nnx.Param)`` and on plain nested dicts (Linen
-    ``params``). Use as ``optax.adamw(..., mask=weight_decay_mask)``.
+    False for ``A_log``, ``dt_bias`` (docs/MATH.md section 4), every norm weight (named
+    ``scale``) and every bias. Works on ``nnx.state(model, nnx.Param)`` and on plain nested
+    dicts (Linen ``params``). Use as ``optax.adamw(..., mask=weight_decay_mask)``.
     """
 
     def leaf(path, _):

@@ -58,7 +58,7 @@ def _softplus(z):
 
 
 def np_qdelta_loop(q, k, v, g, beta, lam, scale):
-    """SPEC section 1, written out per token (float64)."""
+    """docs/MATH.md section 1, written out per token (float64)."""
     B, T, Hv, Kd = q.shape
     S = np.zeros((B, Hv, Kd, v.shape[-1]))
     o = np.zeros(v.shape)
@@ -87,7 +87,7 @@ def np_gated_delta_loop(q, k, v, g, beta, scale):
 
 
 def np_layer(layer: QDelta, x, rule="qdelta"):
-    """The layer in float64 NumPy from its parameters (SPEC section 4)."""
+    """The layer in float64 NumPy from its parameters (docs/MATH.md section 4)."""
     x = np.asarray(x, np.float64)
     B, T, _ = x.shape
     Hq, Hv, Kd, Vd = layer.num_heads, layer.num_v_heads, layer.head_dim, layer.head_v_dim

@@ -146,8 +146,8 @@ OPTIONS: dict[str, tuple[Any, str]] = {
                                 "(the newer checkpoints move to RUN_DIR/superseded/)"),
     "peak_tflops": (_opt(_float), "peak TFLOP/s of one device for MFU (default: by device kind)"),
     "progress": (_bool, "show the progress bar"),
-    "diagnostics": (_bool, "add the stability diagnostic (beta * c, SPEC section 1) to every "
-                           "eval line of metrics.jsonl"),
+    "diagnostics": (_bool, "add the stability diagnostic (beta * c, docs/MATH.md section 1) to "
+                           "every eval line of metrics.jsonl"),
 }
 BOOL_FLAGS = {"no_decay_gate", "remat", "diagnostics", "recompute_residuals", "train_accuracy"}
 

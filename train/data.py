@@ -1,4 +1,5 @@
-"""Training data: the recall tasks of SPEC section 7 (MQAR, needle in a haystack) and plain text.
+"""Training data: the recall tasks of docs/MATH.md section 6 (MQAR, needle in a haystack) and
+plain text.
 
 Every source is a pure function of ``(seed, batch index)``: ``source.batch(i)`` always returns
 the same arrays, so the iterator's whole state is the index of the next batch (a JSON-able dict,

@@ -18,7 +18,7 @@ inside the traced step.
   run after ``--max-bad-steps`` consecutive ones,
 * donates the old state's buffers.
 
-Optimizer (SPEC section 5): AdamW ``b1 0.9, b2 0.95, eps 1e-15``, weight decay 0.1 except on
+Optimizer (docs/MATH.md section 5): AdamW ``b1 0.9, b2 0.95, eps 1e-15``, weight decay 0.1 except on
 ``A_log``, ``dt_bias``, norm weights and biases; linear warm-up to the peak lr, then cosine to
 0.1x peak at the last step; gradients clipped to global norm 1.0. With bfloat16 params the
 optimizer runs on a float32 master copy kept in its state (:func:`with_float32_master`).
@@ -165,8 +165,8 @@ def with_float32_master(tx: optax.GradientTransformation) -> optax.GradientTrans
 
 def make_optimizer(cfg: OptimConfig, decay_mask: PyTree | Callable | None = None,
                    float32_master: bool = False):
-    """AdamW with the recipe of SPEC section 5 (see the module docstring). ``decay_mask`` is a
-    tree of bools (or a function of the params giving one); default :func:`decay_mask_for`.
+    """AdamW with the recipe of docs/MATH.md section 5 (see the module docstring). ``decay_mask``
+    is a tree of bools (or a function of the params giving one); default :func:`decay_mask_for`.
     ``float32_master``: for bfloat16 params, keep a float32 copy in the optimizer state
     (:func:`with_float32_master`)."""
     tx = optax.chain(
@@ -431,7 +431,7 @@ def flops_per_token(params: PyTree, model_cfg: Any = None, seq_len: int = 0) -> 
 
     ``6 * N`` for the matmul parameters (every parameter except the input embedding table, which
     is a gather; the untied output head is a matmul and counts), plus the Q-Delta op itself, per
-    layer and head with chunk C, key dim K, value dim V (SPEC section 2):
+    layer and head with chunk C, key dim K, value dim V (docs/MATH.md section 2):
     ``2 * (3*C*K + 2*C*V + 3*K*V)`` forward FLOPs a token (``A``, ``Q K^T``, ``W`` ~ ``C K``
     each; ``U``, the intra-chunk output ~ ``C V``; ``W h``, ``Q h``, the state update ~ ``K V``),
     times 3. The triangular solve (``C^2/3`` a token) and elementwise work are left out.

@@ -684,7 +684,7 @@ def _run(a: TrainArgs, *, log=print, phase: _Phase | None = None) -> dict[str, A
         nonlocal last_eval
         nonlocal t_prev
         last_eval = sess.evaluate(st.params, eval_src, a.eval_batches)
-        if a.diagnostics:  # beta * c of SPEC section 1 on the first eval batch
+        if a.diagnostics:  # beta * c of docs/MATH.md section 1 on the first eval batch
             from qdelta_jax import diagnostics
 
             last_eval["stability"] = diagnostics.compact(
