@@ -46,7 +46,7 @@ step() {  # name, seconds, command...
 
 for s in $sections; do
     case $s in
-    check)  # the default qdelta-check: SPEC section 6 shapes, the 1B layer, T 32768; both dtypes
+    check)  # the default qdelta-check: the benchmark shapes, the 1B layer, T 32768; both dtypes
         step check ${CHECK_LIMIT:-420} "$PY" -m qdelta_jax.check
         ;;
     dev)  # every Pallas stage against xla.py, per-stage times, save_residuals, the config sweep
