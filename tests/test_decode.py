@@ -234,7 +234,7 @@ def test_generate_bad_input(model):
                                         "temperature": 0.0, **kw})
     with pytest.raises(ValueError, match=r"prompt must hold ids in \[0, vocab_size = 256\)"):
         g(prompt=jnp.array([[1, 256]]))
-    with pytest.raises(ValueError, match="prompt ids"):
+    with pytest.raises(ValueError, match="prompt must hold ids"):
         g(prompt=jnp.array([[-1, 2]]))
     with pytest.raises(ValueError, match="max_new_tokens"):
         g(max_new_tokens=-3)
