@@ -102,14 +102,19 @@ def shard_over_batch(fn, batch: int):
     return jax.shard_map(fn, mesh=mesh, in_specs=spec, out_specs=spec, check_vma=False)
 
 
-def default_implementation(chunk_size: int = 64) -> str:
-    """``"pallas"`` when the default backend is a GPU and the kernels take ``chunk_size``,
-    else ``"xla"``."""
+def default_implementation(chunk_size: int = 64, K: int | None = None,
+                           V: int | None = None) -> str:
+    """``"pallas"`` when the default backend is a GPU and the kernels take ``chunk_size`` (and
+    the head sizes ``K``, ``V`` where given), else ``"xla"``."""
     if jax.default_backend() != "gpu":
         return "xla"
     from qdelta_jax import pallas
 
-    return "pallas" if chunk_size in pallas.CHUNK_SIZES else "xla"
+    if chunk_size not in pallas.CHUNK_SIZES:
+        return "xla"
+    if (K is not None and K > pallas.MAX_K) or (V is not None and V > pallas.MAX_V):
+        return "xla"
+    return "pallas"
 
 
 def qdelta_rule(
@@ -156,9 +161,7 @@ def qdelta_rule(
     Raises:
       ValueError / TypeError naming the argument for wrong shapes, dtypes or settings.
     """
-    if implementation is None:
-        implementation = default_implementation(chunk_size)
-    if implementation not in IMPLEMENTATIONS:
+    if implementation is not None and implementation not in IMPLEMENTATIONS:
         raise ValueError(
             f"implementation must be one of {IMPLEMENTATIONS} or None, got {implementation!r}"
         )
@@ -177,6 +180,8 @@ def qdelta_rule(
     V = v.shape[-1]
     for name, x in (("g", g), ("beta", beta), ("lam", lam)):
         _check_shape(name, x, (B, T, H), "[B, T, H]")
+    if implementation is None:  # the head sizes are known from here on
+        implementation = default_implementation(chunk_size, K, V)
     if T == 0 or K == 0 or V == 0 or H == 0:
         raise ValueError(f"q and v must have non-empty T, H, K, V, got q {_fmt(q.shape)}, "
                          f"v {_fmt(v.shape)}")

@@ -142,3 +142,21 @@ def test_checks_cost_nothing_at_run_time(inputs):
     b = f(jnp.array([0, 7, 20]), *inputs)
     assert len(traces) == 1
     assert float(jnp.abs(a - b).max()) > 0
+
+
+def test_default_implementation_falls_back_for_sizes_the_kernels_do_not_take(monkeypatch):
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    from qdelta_jax.ops import default_implementation
+
+    assert default_implementation(64, 128, 256) == "pallas"
+    assert default_implementation(64, 512, 64) == "xla"  # K above the kernels' 256
+    assert default_implementation(64, 64, 1024) == "xla"  # V above 512
+    assert default_implementation(128, 64, 64) == "xla"  # chunk size
+
+
+def test_cu_seqlens_as_a_python_list():
+    q, k, v, g, beta, lam, _ = random_inputs(jax.random.key(3), 1, 20, 1, 8, 8)
+    o, _ = qdelta_rule(q, k, v, g, beta, lam, cu_seqlens=[0, 7, 20], implementation="xla")
+    o2, _ = qdelta_rule(q, k, v, g, beta, lam, cu_seqlens=jnp.array([0, 7, 20]),
+                        implementation="xla")
+    np.testing.assert_array_equal(np.asarray(o), np.asarray(o2))
