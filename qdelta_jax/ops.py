@@ -102,6 +102,25 @@ def shard_over_batch(fn, batch: int):
     return jax.shard_map(fn, mesh=mesh, in_specs=spec, out_specs=spec, check_vma=False)
 
 
+def _check_values(**arrays) -> None:
+    """Host-side value checks of :func:`qdelta_rule`'s ``check_values``."""
+
+    def check(name, x):
+        x = np.asarray(x, np.float64)
+        bad = ~np.isfinite(x)
+        what = "finite"
+        if name == "g":
+            bad = np.isnan(x) | (x > 0)
+            what = "<= 0 (log decay; -inf is a full reset)"
+        if bad.any():
+            idx = tuple(int(i) for i in np.argwhere(bad)[0])
+            raise ValueError(f"{name} must be {what}: {name}{list(idx)} = {x[idx]}")
+
+    for name, x in arrays.items():
+        if x is not None:
+            jax.debug.callback(lambda x, name=name: check(name, x), x)
+
+
 def default_implementation(chunk_size: int = 64, K: int | None = None,
                            V: int | None = None) -> str:
     """``"pallas"`` when the default backend is a GPU and the kernels take ``chunk_size`` (and
@@ -129,6 +148,7 @@ def qdelta_rule(
     initial_state: Float[Array, "N H K V"] | None = None,
     output_final_state: bool = False,
     normalize_qk: bool = True,
+    check_values: bool = False,
     cu_seqlens: Int[Array, " N+1"] | Int[Array, "B S+1"] | None = None,
     chunk_size: int = 64,
     implementation: str | None = None,
@@ -146,6 +166,12 @@ def qdelta_rule(
         ``s`` of row ``b`` at ``b S + s``); zero when ``None``.
       output_final_state: return the float32 ``[N, H, K, V]`` final states (else ``None``).
       normalize_qk: L2-normalise ``q`` and ``k`` over K inside the op (as the authors do).
+      check_values: check the values where the op is defined when it runs (a debugging aid:
+        one host callback per call): every input finite except ``g``, which must be ``<= 0``
+        (``-inf`` is allowed: a full reset). A violation raises an error naming the argument,
+        the first bad index and its value (inside ``jit`` it surfaces when the result is
+        computed). Off by default: the op then trusts its inputs (``g > 0`` grows the state,
+        non-finite values propagate).
       cu_seqlens: packed documents (:mod:`qdelta_jax.packing`): ``[N + 1]`` integer offsets of
         the documents of one row (``B == 1``), or ``[B, S + 1]`` offsets per row (each row from
         0 to T, padded by repeating T). The state resets at every offset. Without states in or
@@ -201,6 +227,8 @@ def qdelta_rule(
         _check_float("initial_state", initial_state)
         _check_shape("initial_state", initial_state, (N, H, K, V), "[N, H, K, V]")
 
+    if check_values:
+        _check_values(q=q, k=k, v=v, g=g, beta=beta, lam=lam, initial_state=initial_state)
     if normalize_qk:
         if implementation.startswith("pallas"):  # one kernel each way, not XLA's two passes
             from qdelta_jax.pallas import l2norm

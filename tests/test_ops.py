@@ -160,3 +160,15 @@ def test_cu_seqlens_as_a_python_list():
     o2, _ = qdelta_rule(q, k, v, g, beta, lam, cu_seqlens=jnp.array([0, 7, 20]),
                         implementation="xla")
     np.testing.assert_array_equal(np.asarray(o), np.asarray(o2))
+
+
+def test_check_values_names_the_argument_and_the_first_bad_index():
+    q, k, v, g, beta, lam, _ = random_inputs(jax.random.key(4), 1, 12, 2, 8, 8)
+    kw = dict(implementation="xla", check_values=True)
+    o, _ = qdelta_rule(q, k, v, g.at[0, 3, 1].set(-jnp.inf), beta, lam, **kw)  # a reset is fine
+    assert np.all(np.isfinite(np.asarray(o)))
+    with pytest.raises(Exception, match=r"g must be <= 0 .*g\[0, 5, 1\] = 0\.5"):
+        jax.block_until_ready(qdelta_rule(q, k, v, g.at[0, 5, 1].set(0.5), beta, lam, **kw))
+    with pytest.raises(Exception, match=r"v must be finite: v\[0, 2, 0, 3\] = nan"):
+        f = jax.jit(lambda v: qdelta_rule(q, k, v, g, beta, lam, **kw)[0])
+        jax.block_until_ready(f(v.at[0, 2, 0, 3].set(jnp.nan)))
