@@ -5,6 +5,8 @@ prefill plus fused steps against the full forward, ``generate``'s EOS and top-p 
 
 from __future__ import annotations
 
+import contextlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -86,6 +88,17 @@ def test_fused_step_equals_xla_step(name, dtype):
             assert rel(c.state[0], cache.state[0]) > 1e-3  # while the others moved
 
 
+def _cuda_lowering_target():
+    """Where lowering Triton kernels for CUDA on a machine without a GPU needs a target GPU
+    (jax >= 0.12 reads it from the abstract mesh's device), an H200; older jax needs none."""
+    AbstractDevice = getattr(jax.sharding, "AbstractDevice", None)
+    if AbstractDevice is None:
+        return contextlib.nullcontext()
+    device = AbstractDevice(device_kind="NVIDIA H200", num_cores=132, platform="gpu")
+    mesh = jax.sharding.AbstractMesh((1,), ("x",), abstract_device=device)
+    return jax.sharding.use_abstract_mesh(mesh)
+
+
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_fused_step_lowers_to_one_triton_kernel(dtype):
     """The Triton lowering (no GPU needed to lower): every primitive of the kernel has a rule,
@@ -104,8 +117,9 @@ def test_fused_step_lowers_to_one_triton_kernel(dtype):
             w, jnp.ones((B,), bool), num_heads=H, scale=K**-0.5, gates=gates, interpret=False)
 
     state = jnp.zeros((B, HV, K, V), jnp.float32)
-    text = jax.jit(f, donate_argnums=0).trace(state, conv).lower(
-        lowering_platforms=("cuda",)).as_text()
+    with _cuda_lowering_target():
+        text = jax.jit(f, donate_argnums=0).trace(state, conv).lower(
+            lowering_platforms=("cuda",)).as_text()
     assert text.count("custom_call @__gpu$xla.gpu.triton") == 1
     assert "qdelta_decode_step" in text
 
