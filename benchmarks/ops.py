@@ -41,7 +41,7 @@ import jax.numpy as jnp
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # anchors.py beside this file
 
 from qdelta_jax import qdelta_rule  # noqa: E402
-from qdelta_jax.testing import random_inputs, time_fn
+from qdelta_jax.testing import random_inputs, random_offsets, time_fn
 
 BENCH_SHAPES = ["8x4096x6x128x256", "8x4096x16x128x128", "2x16384x6x128x256"]
 SMALL_SHAPES = ["2x512x2x64x64"]
@@ -74,19 +74,6 @@ def peak_bytes() -> int | None:
     return stats.get("peak_bytes_in_use")
 
 
-def random_offsets(B: int, T: int, S: int, seed: int = 0) -> jnp.ndarray:
-    """``[B, S + 1]`` offsets of S documents of random lengths in every row (some may be
-    short; none empty unless S > T)."""
-    import numpy as np
-
-    rng = np.random.default_rng(seed)
-    rows = []
-    for _ in range(B):
-        cuts = np.sort(rng.choice(np.arange(1, T), size=min(S - 1, T - 1), replace=False))
-        rows.append(np.concatenate([[0], cuts, [T] * (S - len(cuts))]))
-    return jnp.asarray(np.stack(rows), jnp.int32)
-
-
 def bench_impl(impl, shape, dtype, warmup, reps, chunk_size, docs=0):
     """``impl``: an implementation of qdelta_rule, or ``pallas-recompute`` (pallas with
     ``save_residuals`` off while the functions are traced)."""
@@ -109,7 +96,7 @@ def op_functions(impl, shape, dtype, chunk_size=64, docs=0):
     B, T, H, K, V = shape
     q, k, v, g, beta, lam, _ = random_inputs(jax.random.key(0), B, T, H, K, V, dtype=dtype)
     do = jax.random.normal(jax.random.key(1), v.shape, jnp.float32).astype(v.dtype)
-    cu = random_offsets(B, T, docs) if docs else None
+    cu = jnp.asarray(random_offsets(B, T, docs)) if docs else None
 
     def fwd(q, k, v, g, beta, lam):
         return qdelta_rule(q, k, v, g, beta, lam, implementation=impl, chunk_size=chunk_size,

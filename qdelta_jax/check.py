@@ -33,6 +33,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from qdelta_jax.testing import random_offsets
+
 F32 = jnp.float32
 
 DEFAULT_SHAPES = (
@@ -114,15 +116,6 @@ def _flatten(out):
     return [o, fin, *grads]
 
 
-def random_offsets(rng, B: int, T: int, S: int) -> np.ndarray:
-    """``[B, S + 1]`` offsets of S documents of random lengths per row (short ones included)."""
-    rows = []
-    for _ in range(B):
-        cuts = np.sort(rng.choice(np.arange(1, T), size=min(S - 1, T - 1), replace=False))
-        rows.append(np.concatenate([[0], cuts, [T] * (S - len(cuts))]))
-    return np.stack(rows).astype(np.int32)
-
-
 def rel_err(a, b) -> float:
     a = np.asarray(jnp.asarray(a, F32), np.float64)
     b = np.asarray(jnp.asarray(b, F32), np.float64)
@@ -137,7 +130,7 @@ def check_shape(shape, dtypes, impls, chunk_size: int, seed: int, docs: int = 0)
     B, T, H, K, V = shape
     (q, k, v, g, beta, lam, h0), w = make_inputs(jax.random.PRNGKey(seed), B, T, H, K, V)
     packed = docs > 0
-    state = jnp.asarray(random_offsets(np.random.default_rng(seed), B, T, docs)) if packed else h0
+    state = jnp.asarray(random_offsets(B, T, docs, seed)) if packed else h0
     with jax.default_matmul_precision("highest"):
         ref = _flatten(_value_and_grads("xla", chunk_size, packed)(q, k, v, g, beta, lam, state,
                                                                     w))

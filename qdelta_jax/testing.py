@@ -46,6 +46,17 @@ def random_inputs(
     return q, k, v, g, beta, lam, h0
 
 
+def random_offsets(B: int, T: int, S: int, seed: int = 0) -> np.ndarray:
+    """``[B, S + 1]`` int32 per-row ``cu_seqlens`` of S documents of random lengths in every row
+    of T tokens (short ones included; none empty unless S > T, then rows repeat T)."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for _ in range(B):
+        cuts = np.sort(rng.choice(np.arange(1, T), size=min(S - 1, T - 1), replace=False))
+        rows.append(np.concatenate([[0], cuts, [T] * (S - len(cuts))]))
+    return np.stack(rows).astype(np.int32)
+
+
 def rel_err(a, b) -> float:
     """``||a - b|| / ||b||`` in float64 (``b`` the reference); inf when either has a NaN."""
     a = np.asarray(jnp.asarray(a, jnp.float32), np.float64)
