@@ -148,6 +148,16 @@ class Layout(NamedTuple):
     Tp: int
 
 
+def row_aligned_meta(seg: Int[Array, "B Tp"], C: int) -> ChunkMeta:
+    """The chunk bookkeeping of the row-aligned layout from its document ids: the state resets
+    (to the one zero entry) where a document starts exactly at a chunk, no final state is
+    written."""
+    B, Tp = seg.shape
+    prev = jnp.concatenate([jnp.full((B, 1), -1, jnp.int32), seg[:, C - 1:-1:C]], axis=1)
+    zeros = jnp.zeros((B, Tp // C), jnp.int32)
+    return ChunkMeta(seg[:, ::C] != prev, zeros.astype(bool), zeros)
+
+
 def make_layout(B: int, T: int, C: int, cu_seqlens: Array | None = None, *,
                 per_document: bool = True) -> Layout:
     """The chunk layout of ``B`` rows of ``T`` tokens in chunks of ``C``.
@@ -164,13 +174,8 @@ def make_layout(B: int, T: int, C: int, cu_seqlens: Array | None = None, *,
         return Layout(ChunkMeta(reset, is_last, seq), None, None, NC * C)
     cu = cu_seqlens.astype(jnp.int32)
     if not per_document:
-        rows = as_rows(cu)
-        seg = doc_ids(rows, NC * C)
-        starts = seg[:, ::C]
-        prev = jnp.concatenate([jnp.full((B, 1), -1, jnp.int32), seg[:, C - 1:-1:C]], axis=1)
-        reset = starts != prev  # a document starts exactly where the chunk does
-        zeros = jnp.zeros((B, NC), jnp.int32)
-        return Layout(ChunkMeta(reset, zeros.astype(bool), zeros), None, seg, NC * C)
+        seg = doc_ids(as_rows(cu), NC * C)
+        return Layout(row_aligned_meta(seg, C), None, seg, NC * C)
     if cu.ndim != 1:
         raise ValueError("the per-document layout takes 1-D offsets (see one_row)")
     N = cu.shape[0] - 1

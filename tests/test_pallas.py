@@ -372,10 +372,7 @@ def _meta_like_mosaic(B, Tp, C, seg):
     the row-aligned packed layout (resets where a document starts at a chunk)."""
     if seg is None:
         return packing.make_layout(B, Tp, C, None).meta
-    NC = Tp // C
-    prev = jnp.concatenate([jnp.full((B, 1), -1, jnp.int32), seg[:, C - 1:-1:C]], axis=1)
-    zeros = jnp.zeros((B, NC), jnp.int32)
-    return packing.ChunkMeta(seg[:, ::C] != prev, zeros.astype(bool), zeros)
+    return packing.row_aligned_meta(seg, C)
 
 
 def test_mosaic_training_dispatch_wiring(monkeypatch):
