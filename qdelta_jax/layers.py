@@ -66,9 +66,6 @@ def normalize_cu_seqlens(cu_seqlens, B: int, T: int) -> Int[Array, "B S+1"]:
     return packing.as_rows(packing.check_offsets(cu_seqlens, B, T))
 
 
-doc_starts = packing.doc_starts
-
-
 def _normal(std: float):
     return nnx.initializers.normal(stddev=std)
 
@@ -410,7 +407,7 @@ class QDelta(nnx.Module):
         cu = starts = None
         if cu_seqlens is not None:
             cu = normalize_cu_seqlens(cu_seqlens, B, T)
-            starts = doc_starts(cu, T)
+            starts = packing.doc_starts(cu, T)
         x = x.astype(self.dtype)
         if (cache is not None and T == 1 and not return_aux
                 and self.decode_implementation(B) == "pallas"):
