@@ -142,6 +142,35 @@ def lower_only(shape, dtype, variants):
     return out
 
 
+def _run_variants(res, variants, packed, reverse, scale, margs, names, ref, tol, reps):
+    """Every Mosaic variant of one kind (forward or reverse pass, packed or not) on ``margs``:
+    the errors of its outputs ``names`` against ``ref``, PASS within ``tol``, and its times,
+    into ``res["variants"]``."""
+    for name in variants:
+        var = VARIANTS[name]
+        if var.reverse != reverse or var.packed != packed:
+            continue
+        r: dict = {}
+        res["variants"][name] = r
+        try:
+            f = _mosaic_fn(var, scale)
+            t0 = time.perf_counter()
+            out = jax.block_until_ready(f(*margs))
+            r["compile_s"] = time.perf_counter() - t0
+            got = dict(zip(names, out))
+            keys = [key for key in ref if key in got]
+            for key in keys:
+                r[key] = rel(got[key], ref[key])
+            r["finite"] = all(bool(jnp.isfinite(x.astype(F32)).all()) for x in out)
+            r["pass"] = bool(r["finite"] and all(r[key] <= tol[key] for key in keys))
+            r["ms"] = times(f, margs, reps)
+        except Exception as e:  # noqa: BLE001 - one failing variant must not hide the others
+            traceback.print_exc()
+            r["error"] = f"{type(e).__name__}: {e}"[:3000]
+            r["pass"] = False
+        print(name, json.dumps(r), flush=True)
+
+
 def run_case(shape, dtype, reps, variants, packed: bool, fwd_total: bool = False):
     B, T, H, K, V = shape
     res: dict = {"shape": list(shape), "dtype": jnp.dtype(dtype).name, "packed": packed,
@@ -207,30 +236,8 @@ def run_case(shape, dtype, reps, variants, packed: bool, fwd_total: bool = False
         res["triton_error"] = f"{type(e).__name__}: {e}"[:3000]
     res["tolerance"] = tol
 
-    for name in variants:
-        var = VARIANTS[name]
-        if var.reverse or var.packed != packed:
-            continue
-        r: dict = {}
-        res["variants"][name] = r
-        try:
-            f = _mosaic_fn(var, scale)
-            margs = (q, k, G, W, U, h0) + extra
-            t0 = time.perf_counter()
-            out = jax.block_until_ready(f(*margs))
-            r["compile_s"] = time.perf_counter() - t0
-            got = dict(zip(("o", "final", "h_in", "D"), out))
-            keys = [key for key in ref if key in got]
-            for key in keys:
-                r[key] = rel(got[key], ref[key])
-            r["finite"] = all(bool(jnp.isfinite(x.astype(F32)).all()) for x in out)
-            r["pass"] = bool(r["finite"] and all(r[key] <= tol[key] for key in keys))
-            r["ms"] = times(f, margs, reps)
-        except Exception as e:  # noqa: BLE001 - one failing variant must not hide the others
-            traceback.print_exc()
-            r["error"] = f"{type(e).__name__}: {e}"[:3000]
-            r["pass"] = False
-        print(name, json.dumps(r), flush=True)
+    _run_variants(res, variants, packed, False, scale, (q, k, G, W, U, h0) + extra,
+                  ("o", "final", "h_in", "D"), ref, tol, reps)
     return res
 
 
@@ -290,29 +297,8 @@ def run_reverse(shape, dtype, reps, variants, packed: bool):
         traceback.print_exc()
         res["triton_error"] = f"{type(e).__name__}: {e}"[:3000]
     res["tolerance"] = tol
-    for name in variants:
-        var = VARIANTS[name]
-        if not var.reverse or var.packed != packed:
-            continue
-        r: dict = {}
-        res["variants"][name] = r
-        try:
-            f = _mosaic_fn(var, scale)
-            margs = (q, k, G, W, do, dD0, dfin) + extra
-            t0 = time.perf_counter()
-            out = jax.block_until_ready(f(*margs))
-            r["compile_s"] = time.perf_counter() - t0
-            got = dict(zip(("dh_out", "dD", "dh0"), out))
-            for key in ref:
-                r[key] = rel(got[key], ref[key])
-            r["finite"] = all(bool(jnp.isfinite(x.astype(F32)).all()) for x in out)
-            r["pass"] = bool(r["finite"] and all(r[key] <= tol[key] for key in ref))
-            r["ms"] = times(f, margs, reps)
-        except Exception as e:  # noqa: BLE001 - one failing variant must not hide the others
-            traceback.print_exc()
-            r["error"] = f"{type(e).__name__}: {e}"[:3000]
-            r["pass"] = False
-        print(name, json.dumps(r), flush=True)
+    _run_variants(res, variants, packed, True, scale, (q, k, G, W, do, dD0, dfin) + extra,
+                  ("dh_out", "dD", "dh0"), ref, tol, reps)
     return res
 
 
