@@ -74,12 +74,19 @@ def test_checksums_change_with_any_element_and_ignore_sharding():
     assert ckpt.checksums({**s, "w": jnp.asarray(swapped)})["w"] != base["w"]
 
 
-def test_flipped_byte_is_caught_set_aside_and_previous_used(tmp_path):
+def save_two(tmp_path):
+    """Checkpoints of steps 1 (``small_state(0)``) and 2 (returned, the restore target's
+    shape) in ``tmp_path``."""
     like = small_state(1)
     c = ckpt.Checkpointer(tmp_path, async_save=False)
     c.save(1, small_state(0), {"index": 1})
     c.save(2, like, {"index": 2})
     c.close()
+    return like
+
+
+def test_flipped_byte_is_caught_set_aside_and_previous_used(tmp_path):
+    like = save_two(tmp_path)
     flip_silently(tmp_path / "checkpoints" / "2", like)
     c = ckpt.Checkpointer(tmp_path, async_save=False)
     with pytest.warns(ckpt.CheckpointFallbackWarning, match="do not match the checksums"):
@@ -90,11 +97,7 @@ def test_flipped_byte_is_caught_set_aside_and_previous_used(tmp_path):
 
 
 def test_read_only_restore_skips_without_moving(tmp_path):
-    like = small_state(1)
-    c = ckpt.Checkpointer(tmp_path, async_save=False)
-    c.save(1, small_state(0), {"index": 1})
-    c.save(2, like, {"index": 2})
-    c.close()
+    like = save_two(tmp_path)
     flip_silently(tmp_path / "checkpoints" / "2", like)
     before = sorted(str(p) for p in tmp_path.rglob("*"))
     c = ckpt.Checkpointer(tmp_path, read_only=True)
@@ -104,11 +107,7 @@ def test_read_only_restore_skips_without_moving(tmp_path):
 
 
 def test_missing_metadata_falls_back_instead_of_different_state(tmp_path):
-    like = small_state(1)
-    c = ckpt.Checkpointer(tmp_path, async_save=False)
-    c.save(1, small_state(0), {"index": 1})
-    c.save(2, like, {"index": 2})
-    c.close()
+    like = save_two(tmp_path)
     (tmp_path / "checkpoints" / "2" / "state" / "_METADATA").unlink()
     c = ckpt.Checkpointer(tmp_path, async_save=False)
     with pytest.warns(ckpt.CheckpointFallbackWarning, match="step 2"):
