@@ -424,3 +424,24 @@ def test_mosaic_training_dispatch_wiring(monkeypatch):
     assert rel(o_p, o_px) < tol
     for name, a, b in zip(("q", "k", "v", "g", "beta", "lam"), gp, gpx):
         assert rel(a, b) < tol, name
+
+
+def test_mosaic_choice_per_backend(monkeypatch):
+    """'auto' trains on the Mosaic kernels where they support the call, falls back to the
+    inference-only Mosaic forward where only that is supported, then to Triton; 'mosaic'
+    raises with the reason; 'triton' never asks."""
+    reasons = {True: None, False: None}
+    monkeypatch.setattr(pcore, "mosaic_reason", lambda *a, train=False, **k: reasons[train])
+    choose = lambda backend, seg=None: pcore.choose_mosaic(  # noqa: E731
+        backend, 128, 256, 64, jnp.bfloat16, jnp.bfloat16, interpret=False,
+        rows_are_sequences=True, seg=seg)
+    assert choose("auto").train and choose("mosaic").train
+    assert choose("triton") is None
+    reasons[True] = "no residual outputs here"
+    use = choose("auto")
+    assert use is not None and not use.train
+    assert choose("auto", seg=jnp.zeros((1, 64), jnp.int32)) is None  # packed: training form only
+    with pytest.raises(ValueError, match="cannot run this call: no residual outputs here"):
+        choose("mosaic")
+    reasons[False] = "not sm_90"
+    assert choose("auto") is None
