@@ -20,10 +20,11 @@ of time, run ``--warmup`` steps, then timed over ``--steps`` back-to-back steps.
 
 Long context (``--long-seq-lens``, default 16384 and 32768, batch 1 and 2): the Q-Delta model
 trains at those lengths; points the crossover already ran are not run twice. A point that runs
-out of memory is reported as such and the run goes on. Memory: ``temp`` is XLA's compiled
-memory analysis of the step (what it allocates beyond its arguments and outputs), ``peak`` the
-device's peak bytes in use since the process started (``memory_stats()``; cumulative, so points
-run in order of growing size).
+out of memory runs again with ``remat`` (each block recomputed in the backward; marked
+"(remat)"), unless ``--no-remat-on-oom``; one that still does not fit is reported as such.
+Memory: ``temp`` is XLA's compiled memory analysis of the step (what it allocates beyond its
+arguments and outputs), ``peak`` the device's peak bytes in use since the process started
+(``memory_stats()``; cumulative, so points run in order of growing size).
 
 Prints a Markdown table; writes a PNG of tokens/s against T to ``--out`` (needs matplotlib) and
 with ``--json PATH`` the numbers.
@@ -135,12 +136,14 @@ def format_table(rows: list[dict]) -> str:
     llama_tps = {(r["seq_len"], r["batch"]): r.get("tokens_per_s") for r in rows
                  if r["model"] == "llama" and r["status"] == "ok"}
     for r in rows:
+        r = {**r, "model": r["model"] + (" (remat)" if r.get("remat") else "")}
         if r["status"] != "ok":
             lines.append(f"| {r['model']} | {r['seq_len']} | {r['batch']} | "
                          f"{r['tokens_per_step']} | {r['status']} | | | | | |")
             continue
         ref = llama_tps.get((r["seq_len"], r["batch"]))
-        ratio = f"{r['tokens_per_s'] / ref:.2f}x" if ref and r["model"] != "llama" else ""
+        ratio = (f"{r['tokens_per_s'] / ref:.2f}x" if ref and not r["model"].startswith("llama")
+                 else "")
         lines.append(
             f"| {r['model']} | {r['seq_len']} | {r['batch']} | {r['tokens_per_step']} | "
             f"{r['step_s'] * 1e3:.1f} | {r['tokens_per_s']:,.0f} | {ratio} | "
@@ -194,6 +197,9 @@ def parse_args(argv=None):
     p.add_argument("--unrolled", action="store_true",
                    help="both models' layers unrolled, not scanned (slow to compile)")
     p.add_argument("--remat", action="store_true", help="recompute each block in the backward")
+    p.add_argument("--no-remat-on-oom", dest="remat_on_oom", action="store_false",
+                   help="report a point that runs out of memory instead of running it again "
+                   "with remat")
     p.add_argument("--model-overrides", default=None,
                    help="fields of the preset for both models, e.g. num_hidden_layers=12")
     p.add_argument("--warmup", type=int, default=2)
@@ -233,13 +239,26 @@ def main(argv=None) -> list[dict]:
           f"(jax {jax.__version__})", flush=True)
     crossover = {(name, T, max(1, a.tokens_per_step // T)) for T in a.seq_lens
                  for name in a.models}
+    remat_fns = None
     rows = []
     for name, T, B in plan(a):
         rec = run_point(name, fns[name], qcfg.vocab_size, T, B, a)
+        rec["remat"] = a.remat
+        if rec["status"] != "ok" and not a.remat and a.remat_on_oom:
+            # Remat only where memory needs it: the point again with every block recomputed in
+            # the backward (only the blocks' inputs kept).
+            print(f"  {name} T={T} B={B}: out of memory; again with remat", flush=True)
+            if remat_fns is None:
+                a.remat = True
+                rq, rl = model_configs(a)
+                a.remat = False
+                remat_fns = {n: make_fns(n, rq, rl) for n in fns}
+            rec = run_point(name, remat_fns[name], qcfg.vocab_size, T, B, a)
+            rec["remat"] = True
         rec["crossover"] = (name, T, B) in crossover
         rows.append(rec)
         done = (f"{rec['tokens_per_s']:,.0f} tokens/s" if rec["status"] == "ok"
-                else rec["status"])
+                else rec["status"]) + (" (remat)" if rec["remat"] else "")
         print(f"  {name} T={T} B={B}: {done}", flush=True)
     print()
     print(format_table(rows))

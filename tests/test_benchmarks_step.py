@@ -136,6 +136,25 @@ def test_crossover_plan_and_smoke_run(tmp_path, capsys):
     assert len(json.loads((tmp_path / "x.json").read_text())["rows"]) == 2
 
 
+def test_crossover_runs_a_point_that_runs_out_of_memory_again_with_remat(monkeypatch, capsys):
+    xo = load("crossover")
+    calls = []
+
+    def fake_point(name, fns, vocab, T, B, a):
+        calls.append(fns)
+        ok = len(calls) > 1
+        return {"model": name, "seq_len": T, "batch": B, "tokens_per_step": B * T,
+                "status": "ok" if ok else "out of memory", "step_s": 1.0,
+                "tokens_per_s": float(B * T), "compile_s": 0.0, "memory": {}}
+
+    monkeypatch.setattr(xo, "run_point", fake_point)
+    rows = xo.main(["--preset", "tiny", "--models", "qdelta", "--seq-lens", "32",
+                    "--tokens-per-step", "32", "--no-long", "--out", ""])
+    assert len(calls) == 2 and calls[0] is not calls[1]  # the second with the remat model
+    assert rows[0]["status"] == "ok" and rows[0]["remat"]
+    assert "| qdelta (remat) | 32 | 1 | 32 |" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("scan_layers", [True, False])
 def test_llama_is_causal_and_its_loss_is_the_loss_of_its_logits(scan_layers):
     llama = load("llama")
