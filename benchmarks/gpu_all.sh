@@ -102,10 +102,6 @@ for s in $sections; do
             --impl pallas-triton pallas-mosaic --docs ${OPS_DOCS:-0} \
             --reps 30 --warmup 5 --json "$OUT_DIR/opsmosaic.json"
         ;;
-    elementwise)  # the layer's norms, gates and short conv: fused backward vs plain autodiff
-        step elementwise ${EW_LIMIT:-120} "$PY" benchmarks/elementwise.py \
-            --json "$OUT_DIR/elementwise.json"
-        ;;
     mosaic)  # the Mosaic GPU kernels against the xla stages and the Triton kernels
         step mosaic ${MOSAIC_LIMIT:-300} "$PY" benchmarks/mosaic_dev.py
         ;;

@@ -339,6 +339,10 @@ def parse_args(argv=None):
     return a
 
 
+def progress(t_start: float, what: str) -> None:
+    print(f"[{time.perf_counter() - t_start:6.1f} s] {what}", file=sys.stderr, flush=True)
+
+
 def run(a) -> dict:
     t_start = time.perf_counter()
     packed = not a.unpacked
@@ -347,13 +351,16 @@ def run(a) -> dict:
         implementation=a.implementation, model_overrides=a.model_overrides, packed=packed)
     batches = [step_common.batch_arrays(source, i, packed) for i in range(2)]
     state = sess.init_state()
+    progress(t_start, "compiling the step")
     with step_common.scoped_op(a.stand_in), layer_scopes():
         compiled, compile_s = step_common.compile_step(sess, state, batches[0])
     instrs, module = parse_hlo(compiled.as_text())
+    progress(t_start, f"compiled in {compile_s:.1f} s; timing {a.steps} steps")
 
     state, _, _ = step_common.time_steps(compiled, state, batches, 2)  # warm-up
     state, step_s, metrics = step_common.time_steps(compiled, state, batches, a.steps)
     loss = float(metrics["loss"])
+    progress(t_start, f"step {step_s * 1e3:.1f} ms; profiling {a.profile_steps} steps")
 
     trace_dir = a.trace_dir or tempfile.mkdtemp(prefix="qdelta-profile-")
     try:
@@ -366,6 +373,7 @@ def run(a) -> dict:
         state, _, _ = step_common.time_steps(compiled, state, batches, a.profile_steps)
     finally:
         jax.profiler.stop_trace()
+    progress(t_start, "reading the trace")
     per_cat, calls, top, unmapped = summarize(read_trace(trace_dir), instrs, module,
                                               a.profile_steps)
     tokens = a.batch * a.seq_len

@@ -46,7 +46,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jaxtyping import Array, Bool, Float, Int
 
-from qdelta_jax import fused, ops, packing, reference
+from qdelta_jax import ops, packing, reference
 
 F32 = jnp.float32
 
@@ -83,7 +83,9 @@ class RMSNorm(nnx.Module):
         self.scale = nnx.Param(jnp.ones((dim,), param_dtype))
 
     def __call__(self, x: Array) -> Array:
-        return fused.rms_norm(x, self.scale[...], self.eps)
+        xf = x.astype(F32)
+        y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+        return (y * self.scale[...].astype(F32)).astype(x.dtype)
 
 
 class GatedRMSNorm(nnx.Module):
@@ -100,7 +102,10 @@ class GatedRMSNorm(nnx.Module):
         self.scale = nnx.Param(jnp.ones((dim,), param_dtype))
 
     def __call__(self, x: Array, gate: Array) -> Array:
-        return fused.gated_rms_norm(x, gate, self.scale[...], self.eps)
+        xf = x.astype(F32)
+        y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+        y = y * self.scale[...].astype(F32) * jax.nn.silu(gate.astype(F32))
+        return y.astype(x.dtype)
 
 
 class ShortConv(nnx.Module):
@@ -335,18 +340,6 @@ class QDelta(nnx.Module):
         B, T, _ = x.shape
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         conv_caches = (None, None, None)
-        H, HV, K, V = self.num_heads, self.num_v_heads, self.head_dim, self.head_v_dim
-        if self.use_short_conv and cache is None and mask is None:
-            # Training and cache-free calls: conv, SiLU and (q, k) the L2 norm in one function
-            # whose backward recomputes its float32 intermediates (qdelta_jax.fused).
-            q, k, v = (fused.conv_silu(t.astype(self.dtype), conv.kernel[...], starts, heads)
-                       for t, conv, heads in ((q, self.q_conv1d, H), (k, self.k_conv1d, H),
-                                              (v, self.v_conv1d, None)))
-            q, k = q.reshape(B, T, H, K), k.reshape(B, T, H, K)
-            if HV != H:
-                q = jnp.repeat(q, HV // H, axis=2)
-                k = jnp.repeat(k, HV // H, axis=2)
-            return q, k, v.reshape(B, T, HV, V), conv_caches
         if self.use_short_conv:
             cq, ck, cv = (None, None, None) if cache is None else cache[1:]
             q, cq = self.q_conv1d(q, cq, starts=starts, mask=mask)
@@ -354,6 +347,7 @@ class QDelta(nnx.Module):
             v, cv = self.v_conv1d(v, cv, starts=starts, mask=mask)
             conv_caches = (cq, ck, cv)
         q, k, v = jax.nn.silu(q), jax.nn.silu(k), jax.nn.silu(v)
+        H, HV, K, V = self.num_heads, self.num_v_heads, self.head_dim, self.head_v_dim
         q = q.reshape(B, T, H, K)
         k = k.reshape(B, T, H, K)
         v = v.reshape(B, T, HV, V)
