@@ -26,8 +26,9 @@ def chunked_core(K: int, V: int, dtype, chunk_size: int, *, config: Config | Non
     ``core(q, k, v, G, beta, lam, h0, seg, reset, is_last, seq, scale) -> (o, final)`` with the
     contract of :func:`qdelta_jax.xla.chunked_core`.
 
-    ``forward_backend`` (``"auto"``, ``"mosaic"``, ``"triton"``): whether the Mosaic GPU
-    kernels serve the call where they can (see :func:`.core.make_core`).
+    ``forward_backend`` (``"auto"``, ``"mosaic"``, ``"triton"``): which kernels compute the
+    forward where no gradient is taken, and whether training uses the Mosaic GPU kernels (see
+    :func:`.core.make_core`).
 
     Raises ValueError when ``chunk_size`` is not in :data:`CHUNK_SIZES` or a head size is out of
     range (K up to 256, V up to 512)."""

@@ -217,28 +217,28 @@ def choose_mosaic(forward_backend: str, K: int, V: int, chunk_size: int, dtype, 
                   interpret: bool, rows_are_sequences: bool, seg) -> MosaicUse | None:
     """Where the Mosaic GPU kernels serve a call (``None``: the Triton kernels do).
 
-    ``"auto"`` takes them for everything they support, training and packed rows included (on
-    an H200 they are exact against the XLA path end to end and faster at every benchmark
-    shape, BENCHMARKS.md); where the training variant is not supported it still takes the
-    inference forward if that is; the reason for any fallback goes to this module's debug log.
-    ``"mosaic"`` raises ValueError naming the reason instead of falling back; ``"triton"``
-    never takes them."""
+    ``"auto"`` takes them for the forward where no gradient is taken, unpacked rows, where
+    they support the call; training stays on the Triton kernels. On an H200 the Mosaic training
+    path is faster for the op alone (forward+backward 2.25 vs 2.42 ms at the 340M layer) but
+    the 340m training step is slower with it (129.8 vs 116.3 ms) and compiles in 126 s instead
+    of 50 s (BENCHMARKS.md). ``"mosaic"`` takes them wherever they can run, training and
+    packed rows included, and raises ValueError naming the reason elsewhere; ``"triton"``
+    never takes them. Every fallback's reason goes to this module's debug log."""
     if forward_backend == "triton":
         return None
-    why = partial_why = mosaic_reason(K, V, chunk_size, dtype, out_dtype, interpret=interpret,
-                                      rows_are_sequences=rows_are_sequences, seg=seg, train=True)
-    if why is None:
-        return MosaicUse(mosaic.MosaicConfig(), train=True)
     if forward_backend == "mosaic":
-        raise ValueError(f"the Mosaic GPU forward cannot run this call: {why}")
-    if seg is None:
-        partial_why = mosaic_reason(K, V, chunk_size, dtype, out_dtype, interpret=interpret,
-                                    rows_are_sequences=rows_are_sequences, seg=seg)
-    if partial_why is None:
-        log.debug("qdelta pallas: Mosaic GPU forward for inference only; training on the "
-                  "Triton kernels: %s", why)
+        why = mosaic_reason(K, V, chunk_size, dtype, out_dtype, interpret=interpret,
+                            rows_are_sequences=rows_are_sequences, seg=seg, train=True)
+        if why is not None:
+            raise ValueError(f"the Mosaic GPU forward cannot run this call: {why}")
+        return MosaicUse(mosaic.MosaicConfig(), train=True)
+    why = ("packed rows take the Mosaic kernels only with forward_backend='mosaic'"
+           if seg is not None else
+           mosaic_reason(K, V, chunk_size, dtype, out_dtype, interpret=interpret,
+                         rows_are_sequences=rows_are_sequences, seg=seg))
+    if why is None:
         return MosaicUse(mosaic.MosaicConfig())
-    log.debug("qdelta pallas: Triton kernels, not Mosaic GPU: %s", why)
+    log.debug("qdelta pallas forward: Triton kernels, not Mosaic GPU: %s", why)
     return None
 
 
@@ -254,12 +254,13 @@ def make_core(*, K: int, V: int, dtype, chunk_size: int, config: Config | None =
     """A core function ``(q, k, v, G, beta, lam, h0, seg, reset, is_last, seq, scale) ->
     (o, final)`` with the contract of :func:`qdelta_jax.xla.chunked_core`, differentiable
     w.r.t. its first 7 arguments. ``config`` defaults to :func:`get_config`; ``interpret`` to
-    "not on a GPU". ``forward_backend``: ``"auto"`` runs the Mosaic GPU kernels (:mod:`.mosaic`:
-    the fused state pass + output, writing ``h_in, D`` when differentiated, and the backward's
-    reverse pass) wherever they support the call, the Triton kernels elsewhere (the reason goes
-    to this module's debug log); ``"mosaic"`` insists on the Mosaic kernels and raises
-    ValueError naming the reason where they cannot run; ``"triton"`` never uses them. The core
-    takes
+    "not on a GPU". ``forward_backend``: ``"auto"`` runs the Mosaic GPU state pass + output
+    (:mod:`.mosaic`) where no gradient is taken, for unpacked rows it supports, the Triton
+    kernels elsewhere (see :func:`choose_mosaic`; the reason goes to this module's debug log);
+    ``"mosaic"`` insists on the Mosaic kernels for every call, training included (the forward
+    then writes ``h_in, D`` from the fused pass and the backward's reverse pass is Mosaic's
+    too; packed rows too), and raises ValueError naming the reason where they cannot run;
+    ``"triton"`` never uses them. The core takes
     ``rows_are_sequences=True`` when each batch row is one sequence with its own ``h0`` entry.
 
     Raises ValueError for unsupported ``chunk_size``, head sizes or ``forward_backend``."""
