@@ -590,6 +590,9 @@ def load_tokens(path: str | os.PathLike, eos_id: int | None = None, tokenizer=No
         raise DataError(f"--data {path}: no such file or directory")
     if eos_id is not None and not 0 <= eos_id < MAX_VOCAB:
         raise DataError(f"--eos-id must be in [0, {MAX_VOCAB}), got {eos_id}", "--eos-id")
+    manifest = read_manifest(p) if is_shard_folder(p) else None
+    if manifest is not None and eos_id is None:
+        eos_id = manifest.get("eos_id")
     tok_vocab = None
     if tokenizer is not None:
         from qdelta_jax.train import tokenize
@@ -597,6 +600,8 @@ def load_tokens(path: str | os.PathLike, eos_id: int | None = None, tokenizer=No
         tok = tokenize.load_tokenizer(tokenizer)
         tok_vocab = tokenize.vocab_size(tok)
         eos_id = tokenize.find_eos(tok, tokenizer, eos_id)
+    elif manifest is not None:
+        tok_vocab = manifest.get("vocab_size")
     if p.suffix in (".npy", ".bin") and not p.is_dir():
         _check_regular(p)
     if p.is_file() and p.suffix == ".npy":
@@ -612,10 +617,6 @@ def load_tokens(path: str | os.PathLike, eos_id: int | None = None, tokenizer=No
     elif p.is_file() and p.suffix == ".bin":
         tokens = _open_bin(p, path)
     elif is_shard_folder(p):
-        manifest = read_manifest(p)
-        if manifest is not None and tok_vocab is None:
-            tok_vocab = manifest.get("vocab_size")
-            eos_id = manifest.get("eos_id") if eos_id is None else eos_id
         tokens, vocab = _open_shards(p, eos_id, manifest)
         if tokens.size < 2:
             raise DataError(f"--data {path}: fewer than 2 tokens")
@@ -752,13 +753,13 @@ class TextData:
         for b, r in enumerate(ids):
             lo = int(r) * T
             seq[b] = np.asarray(self.tokens[lo : lo + T + 1], dtype=np.int32)
-            # Documents starting strictly inside the row's inputs (offsets 1..T-1).
-            i0, i1 = np.searchsorted(self.starts, [lo + 1, lo + T])
+            # Documents starting inside the row (offsets 1..T; T: the last target starts one).
+            i0, i1 = np.searchsorted(self.starts, [lo + 1, lo + T + 1])
             offs = self.starts[i0:i1] - lo
-            # Input position o - 1 holds the eos; its target (first token of the next
-            # document) is not predictable from this document.
+            # Input position o - 1 ends a document (its eos, or a shard's last token); its
+            # target, the first token of the next document, is not predictable from it.
             mask[b, offs - 1] = 0.0
-            offs = offs[: S - 1]
+            offs = offs[offs < T][: S - 1]
             cu[b, 1 : 1 + len(offs)] = offs
         if self.eos_id is not None:
             # The last input token of a row may be an eos whose target starts a new document.

@@ -264,7 +264,7 @@ def write_shards(tokenizer: str | os.PathLike, inputs: list[str], out: str | os.
         from tqdm import tqdm
 
         total = sum(f.stat().st_size for f, _ in files)
-        with tqdm(total=total, unit="B", unit_scale=True, desc=PROG, disable=not progress,
+        with tqdm(total=total, unit="B", unit_scale=True, desc="tokenize", disable=not progress,
                   file=sys.stderr, mininterval=0.5 if sys.stderr.isatty() else 30.0) as bar:
             pending: list[str] = []
 
