@@ -405,3 +405,10 @@ def test_resume_with_another_tokenizer_is_refused(shard_run, tmp_path):
                               "--tokenizer", str(byte_bpe(tmp_path / "b.json", vocab=290))])
     assert "--tokenizer" in msg and "differs" in msg, msg
     assert (other / "tokenizer.json").read_bytes() == before
+
+
+def test_missing_tokenizers_package_is_named(tmp_path, monkeypatch):
+    tok = byte_bpe(tmp_path / "tok.json")
+    monkeypatch.setitem(__import__("sys").modules, "tokenizers", None)  # import fails
+    msg = _cli_error(TRAIN + ["--data", _text(tmp_path), "--tokenizer", str(tok)])
+    assert "--tokenizer needs the tokenizers package: pip install 'qdelta-jax[tokenizers]'" in msg

@@ -32,8 +32,14 @@ Sources:
   256 bytes and an end-of-document token 256), or a pre-tokenised ``.npy`` (any unsigned or
   signed integer dtype, opened with ``mmap_mode="r"``) or ``.bin`` file (raw little-endian
   ``uint16``, the nanoGPT convention, read with ``np.memmap``; name it ``*.u32.bin`` for
-  ``uint32`` ids, needed when the vocabulary exceeds 65536). Documents are concatenated and cut
-  into rows of ``T + 1`` tokens; document starts inside a row become its ``cu_seqlens``; the
+  ``uint32`` ids, needed when the vocabulary exceeds 65536), or a folder of such ``.bin`` shards
+  (the output of ``qdelta-tokenize``; every top-level ``*.bin``, in name order, each a memory
+  map, never loaded whole; ids range-checked shard by shard; its ``manifest.json`` gives the
+  vocabulary, the end-of-document id and the tokenizer). With a tokenizer (a Hugging Face
+  ``tokenizers`` JSON file) text files are tokenised with it instead of bytes, one document per
+  file (per line of a ``.jsonl``, its ``"text"`` field), the tokenizer's end-of-document token
+  after each. Documents are concatenated and cut into rows of ``T + 1`` tokens; a shard
+  boundary is a document boundary; document starts inside a row become its ``cu_seqlens``; the
   target that would cross a document boundary is masked. The last ~1 % of rows (at least one
   batch) are held out for evaluation; training rows are shuffled per epoch.
 """
