@@ -147,19 +147,18 @@ def stream(model, prompt_ids: list[int], *, max_new_tokens: int, temperature: fl
 def _tokenizer_writer(tok, out):
     """``(write(token), finish())`` printing the decoded continuation as it grows: the whole
     continuation is decoded after each token (a token's text can depend on its neighbours) and
-    only the new tail is written, held back while it ends inside a UTF-8 character."""
+    only the text beyond what is already printed is written, held back while it ends inside a
+    UTF-8 character. (A decoder that rewrites earlier text leaves that part as first printed.)"""
     ids: list[int] = []
-    shown = [""]
+    shown = [0]  # characters printed
 
     def flush(final: bool):
         text = tok.decode(ids, skip_special_tokens=True)
-        if not text.startswith(shown[0]):  # a decoder that rewrote earlier text: print as is
-            shown[0] = ""
-        new = text[len(shown[0]):]
+        new = text[shown[0]:]
         if new and (final or not new.endswith("\ufffd")):
             out.write(new)
             out.flush()
-            shown[0] = text
+            shown[0] = len(text)
 
     def write(t: int):
         ids.append(t)
