@@ -105,7 +105,8 @@ OPTIONS: dict[str, tuple[Any, str]] = {
     "preset": (_str, "model preset: tiny (CPU), 340m, 1b"),
     "task": (_str, "mqar | niah | text"),
     "data": (_opt(_str), "text data: a UTF-8 file or folder, a .bin (uint16; *.u32.bin: uint32) "
-                         "or a .npy token file (--task text)"),
+                         "or .npy token file, or a folder of .bin shards (qdelta-tokenize) "
+                         "(--task text)"),
     "steps": (_int, "total optimizer steps (the lr schedule spans them)"),
     "batch_size": (_opt(_int), "global batch size (rows), split over the mesh (default: mqar "
                                "128, niah 16, text 16)"),
@@ -123,7 +124,11 @@ OPTIONS: dict[str, tuple[Any, str]] = {
     "num_pairs": (_int, "MQAR key-value pairs per row"),
     "mqar_vocab": (_int, "MQAR vocabulary size (noise, key and value tokens)"),
     "niah_variant": (_str, "needle task: passkey | number | uuid"),
-    "eos_id": (_opt(_int), "end-of-document id of a .bin/.npy file (document boundaries)"),
+    "eos_id": (_opt(_int), "end-of-document id of a .bin/.npy file (document boundaries); "
+                           "with --tokenizer it overrides the tokenizer's"),
+    "tokenizer": (_opt(_str), "a Hugging Face tokenizers JSON file: --task text tokenises the "
+                              "text with it instead of bytes (vocabulary and EOS from it); "
+                              "copied into the run directory"),
     "grad_accum": (_int, "micro-batches per step (gradient accumulation)"),
     "dtype": (_str, "compute dtype: float32 | bfloat16"),
     "param_dtype": (_str, "parameter dtype: float32 | bfloat16 (bfloat16: the optimizer keeps "

@@ -32,14 +32,21 @@ Sources:
   256 bytes and an end-of-document token 256), or a pre-tokenised ``.npy`` (any unsigned or
   signed integer dtype, opened with ``mmap_mode="r"``) or ``.bin`` file (raw little-endian
   ``uint16``, the nanoGPT convention, read with ``np.memmap``; name it ``*.u32.bin`` for
-  ``uint32`` ids, needed when the vocabulary exceeds 65536). Documents are concatenated and cut
-  into rows of ``T + 1`` tokens; document starts inside a row become its ``cu_seqlens``; the
+  ``uint32`` ids, needed when the vocabulary exceeds 65536), or a folder of such ``.bin`` shards
+  (the output of ``qdelta-tokenize``; every top-level ``*.bin``, in name order, each a memory
+  map, never loaded whole; ids range-checked shard by shard; its ``manifest.json`` gives the
+  vocabulary, the end-of-document id and the tokenizer). With a tokenizer (a Hugging Face
+  ``tokenizers`` JSON file) text files are tokenised with it instead of bytes, one document per
+  file (per line of a ``.jsonl``, its ``"text"`` field), the tokenizer's end-of-document token
+  after each. Documents are concatenated and cut into rows of ``T + 1`` tokens; a shard
+  boundary is a document boundary; document starts inside a row become its ``cu_seqlens``; the
   target that would cross a document boundary is masked. The last ~1 % of rows (at least one
   batch) are held out for evaluation; training rows are shuffled per epoch.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import stat
 import warnings
@@ -337,13 +344,16 @@ class NIAH:
 BYTE_EOS = 256
 BYTE_VOCAB = 257
 _SKIP_DIRS = {"__pycache__", "site-packages", "dist-packages", "node_modules"}
+# The file ``qdelta-tokenize`` writes beside its shards; a folder holding it (or any ``.bin``
+# file) is read as token shards, not as text.
+MANIFEST = "manifest.json"
 
 
-def _read_text_tree(path: Path) -> tuple[np.ndarray, int]:
-    """Reads a UTF-8 file or every UTF-8 file under a folder (sorted, recursive; hidden entries,
-    ``__pycache__`` and installed-package folders skipped; files that are not valid UTF-8 or
-    contain NUL bytes skipped) into one byte-token stream, ``BYTE_EOS`` after each document.
-    Returns ``(tokens uint16, number of documents)``."""
+def _iter_text_files(path: Path):
+    """Yields ``(file, raw bytes)`` of a UTF-8 file or of every UTF-8 file under a folder
+    (sorted, recursive; hidden entries, ``__pycache__`` and installed-package folders skipped;
+    files that are not valid UTF-8 or contain NUL bytes skipped). Entries that are not regular
+    files or cannot be read are skipped with one :class:`DataWarning` each kind, at the end."""
     if not path.is_dir():
         _check_regular(path)
         files = [path]
@@ -352,8 +362,6 @@ def _read_text_tree(path: Path) -> tuple[np.ndarray, int]:
         for root, dirs, names in os.walk(path):
             dirs[:] = sorted(d for d in dirs if not d.startswith(".") and d not in _SKIP_DIRS)
             files += [Path(root) / n for n in sorted(names) if not n.startswith(".")]
-    parts, n_docs = [], 0
-    eos = np.array([BYTE_EOS], np.uint16)
     special, unreadable = [], []
     for f in files:
         try:
@@ -372,19 +380,44 @@ def _read_text_tree(path: Path) -> tuple[np.ndarray, int]:
             raw.decode("utf-8")
         except UnicodeDecodeError:
             continue
-        parts += [np.frombuffer(raw, np.uint8).astype(np.uint16), eos]
-        n_docs += 1
+        yield f, raw
     if special:
         warnings.warn(f"--data {path}: skipped {len(special)} entries that are not regular files "
                       f"(named pipes, sockets, devices): {', '.join(map(str, special[:3]))}"
-                      f"{', ...' if len(special) > 3 else ''}", DataWarning, stacklevel=3)
+                      f"{', ...' if len(special) > 3 else ''}", DataWarning, stacklevel=4)
     if unreadable:
         warnings.warn(f"--data {path}: skipped {len(unreadable)} unreadable files: "
                       f"{', '.join(unreadable[:3])}{', ...' if len(unreadable) > 3 else ''}",
-                      DataWarning, stacklevel=3)
+                      DataWarning, stacklevel=4)
+
+
+def _read_text_tree(path: Path) -> tuple[np.ndarray, int]:
+    """The files of :func:`_iter_text_files` as one byte-token stream, ``BYTE_EOS`` after each
+    document (file). Returns ``(tokens uint16, number of documents)``."""
+    eos = np.array([BYTE_EOS], np.uint16)
+    parts = []
+    for _, raw in _iter_text_files(path):
+        parts += [np.frombuffer(raw, np.uint8).astype(np.uint16), eos]
     if not parts:
         raise DataError(f"--data {path}: no UTF-8 text files found")
-    return np.concatenate(parts), n_docs
+    return np.concatenate(parts), len(parts) // 2
+
+
+def _tokenize_text_tree(path: Path, tok, eos_id: int) -> np.ndarray:
+    """The documents of the text under ``path`` (one per file; one per line of a ``.jsonl``),
+    tokenised with ``tok``, ``eos_id`` after each, as one stream."""
+    from qdelta_jax.train import tokenize
+
+    dtype = tokenize.shard_dtype(tokenize.vocab_size(tok))
+    eos = np.array([eos_id], dtype)
+    parts = []
+    for f, raw in _iter_text_files(path):
+        docs = list(tokenize.documents(f, raw.decode("utf-8"), flag="--data"))
+        for ids in tokenize.encode(tok, docs):
+            parts += [ids.astype(dtype), eos]
+    if not parts:
+        raise DataError(f"--data {path}: no UTF-8 text files found")
+    return np.concatenate(parts)
 
 
 def _check_regular(p: Path) -> None:
@@ -399,10 +432,10 @@ def _check_regular(p: Path) -> None:
         raise DataError(f"--data {p}: permission denied; make it readable")
 
 
-def _id_range(tokens: np.ndarray, path, eos_id: int | None) -> int:
+def _scan_ids(tokens: np.ndarray, path, eos_id: int | None) -> tuple[int, int, bool]:
     """Checks every id of a token file in one chunked pass (a memory map is never loaded
-    whole); returns the vocabulary the ids need (max id + 1)."""
-    lo_id, hi_id, has_eos, step = None, None, eos_id is None, 1 << 24
+    whole); returns ``(smallest id, largest id, whether eos_id occurs)``."""
+    lo_id, hi_id, has_eos, step = None, None, False, 1 << 24
     for lo in range(0, tokens.size, step):
         chunk = np.asarray(tokens[lo : lo + step])
         cmin, cmax = int(chunk.min()), int(chunk.max())
@@ -418,23 +451,163 @@ def _id_range(tokens: np.ndarray, path, eos_id: int | None) -> int:
                 f"*.u32.bin uint32, .npy as saved; this file reads as {tokens.dtype})")
         lo_id = cmin if lo_id is None else min(lo_id, cmin)
         hi_id = cmax if hi_id is None else max(hi_id, cmax)
-        has_eos = has_eos or bool(np.any(chunk == eos_id))
-    if not has_eos:
-        raise DataError(f"--data {path}: --eos-id {eos_id} never occurs in the file (ids "
-                        f"{lo_id}..{hi_id}); pass the id that ends its documents, or leave "
-                        "--eos-id out for one stream without boundaries", "--eos-id")
+        has_eos = has_eos or (eos_id is not None and bool(np.any(chunk == eos_id)))
+    return lo_id, hi_id, has_eos
+
+
+def _eos_missing(path, eos_id: int, lo_id: int, hi_id: int) -> DataError:
+    return DataError(f"--data {path}: --eos-id {eos_id} never occurs in the file (ids "
+                     f"{lo_id}..{hi_id}); pass the id that ends its documents, or leave "
+                     "--eos-id out for one stream without boundaries", "--eos-id")
+
+
+def _id_range(tokens: np.ndarray, path, eos_id: int | None) -> int:
+    """:func:`_scan_ids` of one file; returns the vocabulary the ids need (max id + 1)."""
+    lo_id, hi_id, has_eos = _scan_ids(tokens, path, eos_id)
+    if eos_id is not None and not has_eos:
+        raise _eos_missing(path, eos_id, lo_id, hi_id)
     return hi_id + 1
 
 
-def load_tokens(path: str | os.PathLike, eos_id: int | None = None):
+def _open_bin(p: Path, path) -> np.memmap:
+    dtype = np.uint32 if p.name.endswith(".u32.bin") else np.uint16
+    if p.stat().st_size % np.dtype(dtype).itemsize:
+        raise DataError(f"--data {path}: size is not a multiple of {np.dtype(dtype).name}")
+    return np.memmap(p, dtype=dtype, mode="r")
+
+
+class ShardedTokens:
+    """The ``.bin`` shards of a folder as one read-only 1-D token stream. Each shard is a
+    memory map; a slice reads only the shards it touches, so the folder is never loaded whole.
+    ``offsets[i]`` is where shard ``i`` starts in the stream (``offsets[-1]`` its size)."""
+
+    ndim = 1
+
+    def __init__(self, maps: list[np.ndarray]):
+        self.maps = maps
+        self.offsets = np.cumsum([0] + [m.size for m in maps])
+        self.size = int(self.offsets[-1])
+        self.shape = (self.size,)
+        self.dtype = np.result_type(*(m.dtype for m in maps))
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __array__(self, dtype=None, copy=None):
+        return np.concatenate([np.asarray(m) for m in self.maps]).astype(dtype or self.dtype)
+
+    def __getitem__(self, key):
+        if isinstance(key, (int, np.integer)):
+            i = int(key) + (self.size if key < 0 else 0)
+            s = int(np.searchsorted(self.offsets, i, side="right")) - 1
+            return self.maps[s][i - self.offsets[s]]
+        if not isinstance(key, slice) or key.step not in (None, 1):
+            raise TypeError("ShardedTokens takes an index or a contiguous slice")
+        lo, hi, _ = key.indices(self.size)
+        parts = []
+        s = int(np.searchsorted(self.offsets, lo, side="right")) - 1
+        while lo < hi and s < len(self.maps):
+            a, b = lo - self.offsets[s], min(hi, self.offsets[s + 1]) - self.offsets[s]
+            parts.append(np.asarray(self.maps[s][a:b]).astype(self.dtype, copy=False))
+            lo, s = self.offsets[s] + b, s + 1
+        return np.concatenate(parts) if parts else np.zeros(0, self.dtype)
+
+
+def read_manifest(folder: str | os.PathLike) -> dict | None:
+    """The ``manifest.json`` that ``qdelta-tokenize`` wrote into a shard folder, or ``None``."""
+    p = Path(folder) / MANIFEST
+    if not p.is_file():
+        return None
+    try:
+        m = json.loads(p.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise DataError(f"--data {folder}: {MANIFEST} cannot be read ({e}); rerun "
+                        "qdelta-tokenize or delete it") from None
+    if not isinstance(m, dict) or not isinstance(m.get("shards"), list):
+        raise DataError(f"--data {folder}: {MANIFEST} is not a qdelta-tokenize manifest")
+    return m
+
+
+def is_shard_folder(path: str | os.PathLike) -> bool:
+    """A folder of token shards: it holds a ``manifest.json`` or a ``.bin`` file (top level)."""
+    p = Path(path)
+    return p.is_dir() and ((p / MANIFEST).is_file() or any(p.glob("*.bin")))
+
+
+def tokenizer_file(data: str | os.PathLike | None, tokenizer=None) -> Path | None:
+    """The tokenizer of a text source: ``tokenizer`` when given, else the copy that
+    ``qdelta-tokenize`` left in a shard folder (named in its manifest), else ``None``."""
+    if tokenizer is not None:
+        return Path(tokenizer)
+    if data is None or not is_shard_folder(data):
+        return None
+    m = read_manifest(data)
+    name = (m or {}).get("tokenizer_file")
+    return Path(data) / name if isinstance(name, str) and (Path(data) / name).is_file() else None
+
+
+def _open_shards(p: Path, eos_id: int | None, manifest: dict | None):
+    """The shards of a folder (every top-level ``*.bin``, sorted by name, ``*.u32.bin`` as
+    uint32), each range-checked; with a manifest, each must hold the token count it lists (a
+    cut-off write is caught here, not as a silent change of data)."""
+    files = sorted(f for f in p.glob("*.bin") if not f.name.startswith("."))
+    if not files:
+        raise DataError(f"--data {p}: a shard folder ({MANIFEST}) without .bin shards")
+    if manifest is not None:
+        listed = {s.get("file"): s.get("tokens") for s in manifest["shards"]
+                  if isinstance(s, dict)}
+        missing = sorted(set(listed) - {f.name for f in files})
+        if missing:
+            raise DataError(f"--data {p}: shards listed in {MANIFEST} are missing: "
+                            f"{', '.join(map(str, missing[:3]))}")
+    maps, lo_id, hi_id, has_eos = [], None, None, False
+    for f in files:
+        _check_regular(f)
+        m = _open_bin(f, f)
+        if manifest is not None and f.name in listed and listed[f.name] != m.size:
+            raise DataError(f"--data {f}: holds {m.size} tokens, {MANIFEST} says "
+                            f"{listed[f.name]} (an interrupted write?); rerun qdelta-tokenize")
+        if m.size == 0:
+            continue
+        a, b, e = _scan_ids(m, f, eos_id)
+        lo_id = a if lo_id is None else min(lo_id, a)
+        hi_id = b if hi_id is None else max(hi_id, b)
+        has_eos = has_eos or e
+        maps.append(m)
+    if not maps:
+        raise DataError(f"--data {p}: fewer than 2 tokens")
+    if eos_id is not None and not has_eos:
+        raise _eos_missing(p, eos_id, lo_id, hi_id)
+    return ShardedTokens(maps), hi_id + 1
+
+
+def load_tokens(path: str | os.PathLike, eos_id: int | None = None, tokenizer=None):
     """Opens a text source. Returns ``(tokens, eos_id, vocab_size)``: a 1-D integer array (a
-    memory map for ``.npy``/``.bin``), the id that ends each document (``None``: one stream with
-    no boundaries) and the vocabulary the model needs (max id + 1 for pre-tokenised files)."""
+    memory map for ``.npy``/``.bin``, a :class:`ShardedTokens` for a shard folder), the id that
+    ends each document (``None``: one stream with no boundaries) and the vocabulary the model
+    needs.
+
+    ``tokenizer`` (a ``tokenizers`` JSON file) tokenises text with it instead of bytes; its
+    vocabulary is then the model's and its end-of-document token the ``eos_id`` (``eos_id``
+    overrides it). A shard folder written by ``qdelta-tokenize`` takes both from its manifest.
+    Otherwise the vocabulary of pre-tokenised files is max id + 1."""
     p = Path(path)
     if not p.exists():
         raise DataError(f"--data {path}: no such file or directory")
     if eos_id is not None and not 0 <= eos_id < MAX_VOCAB:
         raise DataError(f"--eos-id must be in [0, {MAX_VOCAB}), got {eos_id}", "--eos-id")
+    manifest = read_manifest(p) if is_shard_folder(p) else None
+    if manifest is not None and eos_id is None:
+        eos_id = manifest.get("eos_id")
+    tok_vocab = None
+    if tokenizer is not None:
+        from qdelta_jax.train import tokenize
+
+        tok = tokenize.load_tokenizer(tokenizer)
+        tok_vocab = tokenize.vocab_size(tok)
+        eos_id = tokenize.find_eos(tok, tokenizer, eos_id)
+    elif manifest is not None:
+        tok_vocab = manifest.get("vocab_size")
     if p.suffix in (".npy", ".bin") and not p.is_dir():
         _check_regular(p)
     if p.is_file() and p.suffix == ".npy":
@@ -448,10 +621,14 @@ def load_tokens(path: str | os.PathLike, eos_id: int | None = None):
                 f"{tokens.shape}"
             )
     elif p.is_file() and p.suffix == ".bin":
-        dtype = np.uint32 if p.name.endswith(".u32.bin") else np.uint16
-        if p.stat().st_size % np.dtype(dtype).itemsize:
-            raise DataError(f"--data {path}: size is not a multiple of {np.dtype(dtype).name}")
-        tokens = np.memmap(p, dtype=dtype, mode="r")
+        tokens = _open_bin(p, path)
+    elif is_shard_folder(p):
+        tokens, vocab = _open_shards(p, eos_id, manifest)
+        if tokens.size < 2:
+            raise DataError(f"--data {path}: fewer than 2 tokens")
+        return tokens, eos_id, _fit_vocab(vocab, tok_vocab, path)
+    elif tokenizer is not None:
+        return _tokenize_text_tree(p, tok, eos_id), eos_id, tok_vocab
     else:
         if eos_id is not None:
             raise DataError(f"--eos-id applies to .bin/.npy token files; text ({path}) ends each "
@@ -461,7 +638,47 @@ def load_tokens(path: str | os.PathLike, eos_id: int | None = None):
     if tokens.size < 2:
         raise DataError(f"--data {path}: fewer than 2 tokens")
     vocab = _id_range(tokens, path, eos_id)  # one pass over the file, once per run
-    return tokens, eos_id, vocab
+    return tokens, eos_id, _fit_vocab(vocab, tok_vocab, path)
+
+
+def _fit_vocab(needed: int, tok_vocab: int | None, path) -> int:
+    if tok_vocab is None:
+        return needed
+    if needed > tok_vocab:
+        raise DataError(f"--data {path}: holds token id {needed - 1}, outside the tokenizer's "
+                        f"vocabulary of {tok_vocab}; were the shards made with another "
+                        "tokenizer?", "--tokenizer")
+    return int(tok_vocab)
+
+
+def text_byte_counter(data, tokenizer=None):
+    """``count(targets, mask) -> int``, the UTF-8 bytes of the text the masked targets decode
+    to (for bits per byte), or ``None`` when the source has no text to count (pre-tokenised
+    ids without a tokenizer). Byte-level text: one byte per id below 256 (the end-of-document
+    id has none). With a tokenizer: each run of consecutive masked targets of a row is decoded
+    (special tokens skipped) and its bytes counted."""
+    tok_path = tokenizer_file(data, tokenizer)
+    if tok_path is not None:
+        from qdelta_jax.train import tokenize
+
+        tok = tokenize.load_tokenizer(tok_path)
+
+        def count(targets, mask):
+            runs = []
+            for t, m in zip(np.asarray(targets), np.asarray(mask)):
+                idx = np.flatnonzero(m > 0)
+                if idx.size:
+                    runs += [t[s].tolist() for s in np.split(idx, np.flatnonzero(np.diff(idx) > 1)
+                                                             + 1)]
+            texts = tok.decode_batch(runs, skip_special_tokens=True) if runs else []
+            return sum(len(s.encode("utf-8")) for s in texts)
+
+        return count
+    if data is not None and not is_shard_folder(data) and Path(data).suffix not in (".bin",
+                                                                                    ".npy"):
+        return lambda targets, mask: int(np.sum((np.asarray(targets) < BYTE_EOS)
+                                                & (np.asarray(mask) > 0)))
+    return None
 
 
 class TextData:
@@ -487,8 +704,10 @@ class TextData:
         seed: int = 0,
         split: str = "train",
         vocab_size: int | None = None,
+        byte_counter=None,
     ):
         self.tokens, self.eos_id = tokens, eos_id
+        self.byte_counter = byte_counter
         self.batch_size, self.seq_len, self.seed, self.split = batch_size, seq_len, seed, split
         self.max_segments = max(1, int(max_segments))
         self.vocab_size = vocab_size
@@ -510,6 +729,9 @@ class TextData:
             for lo in range(0, tokens.size, step):
                 found.append(np.flatnonzero(np.asarray(tokens[lo : lo + step]) == eos_id) + lo + 1)
             self.starts = np.concatenate(found)
+        # Shard boundaries are document boundaries too (a shard need not end with an eos).
+        if isinstance(tokens, ShardedTokens):
+            self.starts = np.union1d(self.starts, tokens.offsets[1:-1]).astype(np.int64)
 
     def _row_ids(self, index: int) -> np.ndarray:
         B, n = self.batch_size, len(self.rows)
@@ -537,13 +759,13 @@ class TextData:
         for b, r in enumerate(ids):
             lo = int(r) * T
             seq[b] = np.asarray(self.tokens[lo : lo + T + 1], dtype=np.int32)
-            # Documents starting strictly inside the row's inputs (offsets 1..T-1).
-            i0, i1 = np.searchsorted(self.starts, [lo + 1, lo + T])
+            # Documents starting inside the row (offsets 1..T; T: the last target starts one).
+            i0, i1 = np.searchsorted(self.starts, [lo + 1, lo + T + 1])
             offs = self.starts[i0:i1] - lo
-            # Input position o - 1 holds the eos; its target (first token of the next
-            # document) is not predictable from this document.
+            # Input position o - 1 ends a document (its eos, or a shard's last token); its
+            # target, the first token of the next document, is not predictable from it.
             mask[b, offs - 1] = 0.0
-            offs = offs[: S - 1]
+            offs = offs[offs < T][: S - 1]
             cu[b, 1 : 1 + len(offs)] = offs
         if self.eos_id is not None:
             # The last input token of a row may be an eos whose target starts a new document.
@@ -554,6 +776,13 @@ class TextData:
             "mask": mask,
             "cu_seqlens": cu,
         }
+
+    def target_bytes(self, batch: Batch) -> int | None:
+        """UTF-8 bytes of the text that the masked targets of ``batch`` decode to (see
+        :func:`text_byte_counter`), or ``None`` when the source has no byte count."""
+        if self.byte_counter is None:
+            return None
+        return int(self.byte_counter(batch["targets"], batch["mask"]))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -574,9 +803,11 @@ def make_source(
     data: str | None = None,
     eos_id: int | None = None,
     text_tokens: Any = None,
+    tokenizer: str | None = None,
 ):
     """Builds the data source of a run. ``split`` is ``"train"`` or ``"eval"``; ``text_tokens``
-    reuses an already opened ``load_tokens`` result."""
+    reuses an already opened ``load_tokens`` result; ``tokenizer`` is a ``tokenizers`` JSON file
+    for text (see :func:`load_tokens`)."""
     if batch_size < 1 or seq_len < 2:
         raise DataError("--batch-size must be >= 1 and --seq-len >= 2", "--batch-size")
     stream = TRAIN_STREAM if split == "train" else EVAL_STREAM
@@ -587,8 +818,10 @@ def make_source(
     if task == "text":
         if data is None and text_tokens is None:
             raise DataError("--task text needs --data PATH (a text file or folder, .bin or .npy)")
-        tokens, eos, vocab = text_tokens if text_tokens is not None else load_tokens(data, eos_id)
-        return TextData(tokens, eos, batch_size, seq_len, seed=seed, split=split, vocab_size=vocab)
+        tokens, eos, vocab = (text_tokens if text_tokens is not None
+                              else load_tokens(data, eos_id, tokenizer))
+        return TextData(tokens, eos, batch_size, seq_len, seed=seed, split=split, vocab_size=vocab,
+                        byte_counter=text_byte_counter(data, tokenizer))
     raise DataError(f"unknown task {task!r}; choose from {', '.join(TASKS)}", "--task")
 
 

@@ -1,4 +1,5 @@
-"""``qdelta-eval RUN_DIR``: recall accuracy of a trained run by sequence length (and needle depth).
+"""``qdelta-eval RUN_DIR``: a trained run evaluated by sequence length (and needle depth): recall
+accuracy for the recall tasks, loss, perplexity and bits per byte for text.
 
 Opens the run read-only (nothing in it is moved or deleted; a checkpoint that does not read back
 or does not match its checksums is skipped with a warning, and so is one marked bad after a
@@ -6,12 +7,16 @@ divergence), loads ``RUN_DIR/config.json`` and the newest usable checkpoint, eva
 batches of the run's task at several sequence lengths (default: 0.5x, 1x, 2x and 4x the training
 length, those the task allows; the recurrent model runs at any length) and, for ``niah``, at
 needle depths 0, 0.25, 0.5, 0.75 and 1. Prints a table and writes ``RUN_DIR/eval.json`` and
-``RUN_DIR/eval_recall.png`` (or into ``--out DIR``; the plot needs matplotlib; without it the
-table is still printed).
+``RUN_DIR/eval_recall.png`` (text: ``eval_text.png``) (or into ``--out DIR``; the plot needs
+matplotlib; without it the table is still printed).
 
-Columns: ``accuracy`` is token accuracy on the masked positions (MQAR: the queried values; niah:
-the answer bytes; text: every next token), ``exact`` the share of rows whose masked positions are
-all right (niah: exact-match answers), ``loss`` the masked cross-entropy.
+Columns of the recall tasks: ``accuracy`` is token accuracy on the masked positions (MQAR: the
+queried values; niah: the answer bytes), ``exact`` the share of rows whose masked positions are
+all right (niah: exact-match answers), ``loss`` the masked cross-entropy (nats per token).
+Columns of text: ``loss``, ``ppl`` (perplexity, ``exp(loss)``) and ``bpb`` (bits per byte, see
+:func:`text_metrics`; ``-`` for pre-tokenised ids without a tokenizer). A text run's tokenizer
+(``RUN_DIR/tokenizer.json``, copied there by ``qdelta-train``) tokenises the evaluation text and
+gives the byte counts.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -69,6 +75,9 @@ def load_run(run_dir: Path, mesh_spec: str | None = None):
         raise UsageError(f"RUN_DIR {run_dir}: no checkpoint to evaluate", "RUN_DIR")
     step, state, _ = restored
     sess.restore_rest()
+    tok = run_dir / "tokenizer.json"
+    if args.task == "text" and tok.is_file():  # the run's copy outlives the original
+        args = dataclasses.replace(args, tokenizer=str(tok))
     return args, model_cfg, sess, state, step
 
 
@@ -119,13 +128,39 @@ def evaluate_run(run_dir: str | Path, *, seq_lens=None, depths=None, batches: in
                          "with a writable folder (the table above has the numbers)",
                          "--out") from None
     if plot:
-        png = plot_rows(rows, args.task, out / "eval_recall.png", step)
+        name = "eval_text.png" if args.task == "text" else "eval_recall.png"
+        png = plot_rows(rows, args.task, out / name, step)
         log(f"plot: {png}" if png else "plot skipped: it needs matplotlib "
             "(pip install matplotlib); the table above has the numbers")
     return rows
 
 
+def text_metrics(loss: float, tokens: float, n_bytes: int | None) -> dict[str, float | None]:
+    """Perplexity and bits per byte of a text evaluation from its mean loss (nats per token)
+    over ``tokens`` tokens: ``perplexity = exp(loss)``, ``bits_per_byte = loss * tokens /
+    (ln 2 * n_bytes)``, where ``n_bytes`` counts the UTF-8 bytes of the text the evaluated
+    tokens decode to (byte-level runs: one a token, none for the end-of-document token).
+    Bits per byte compare across tokenizers; perplexity does not. ``n_bytes=None`` (ids without a
+    tokenizer) or 0 gives ``bits_per_byte=None``."""
+    try:
+        ppl = math.exp(loss)
+    except OverflowError:
+        ppl = math.inf
+    bpb = loss * tokens / (math.log(2) * n_bytes) if n_bytes else None
+    return {"perplexity": ppl, "bits_per_byte": bpb, "bytes": n_bytes}
+
+
 def format_table(rows: list[dict], task: str) -> str:
+    if task == "text":
+        head = ["seq_len", "loss", "ppl", "bpb", "tokens"]
+        lines = ["  ".join(f"{h:>9}" for h in head)]
+        for r in rows:
+            bpb = r.get("bits_per_byte")
+            lines.append("  ".join([f"{r['seq_len']:>9d}", f"{r['loss']:>9.4f}",
+                                    f"{r['perplexity']:>9.3f}",
+                                    f"{bpb:>9.4f}" if bpb is not None else f"{'-':>9}",
+                                    f"{int(r['tokens']):>9d}"]))
+        return "\n".join(lines)
     depth = task == "niah"
     head = ["seq_len"] + (["depth"] if depth else []) + ["accuracy", "exact", "loss", "tokens"]
     lines = ["  ".join(f"{h:>9}" for h in head)]
@@ -148,7 +183,9 @@ def plot_rows(rows: list[dict], task: str, path: Path, step: int) -> Path | None
     except ImportError:
         return None
     fig, ax = plt.subplots(figsize=(6, 4))
-    metric = "exact_match" if task == "niah" else "accuracy"
+    metric = {"niah": "exact_match", "text": "bits_per_byte"}.get(task, "accuracy")
+    if task == "text" and any(r.get(metric) is None for r in rows):
+        metric = "loss"
     if task == "niah":
         for d in sorted({r["depth"] for r in rows}):
             sel = [r for r in rows if r["depth"] == d]
@@ -161,9 +198,11 @@ def plot_rows(rows: list[dict], task: str, path: Path, step: int) -> Path | None
     lengths = sorted({r["seq_len"] for r in rows})
     ax.set_xticks(lengths, [str(n) for n in lengths])
     ax.minorticks_off()
-    ax.set_ylim(-0.02, 1.02)
+    if task != "text":
+        ax.set_ylim(-0.02, 1.02)
     ax.set_xlabel("sequence length")
-    ax.set_ylabel("exact match" if task == "niah" else "recall accuracy")
+    ax.set_ylabel({"exact_match": "exact match", "accuracy": "recall accuracy",
+                   "bits_per_byte": "bits per byte", "loss": "loss (nats per token)"}[metric])
     ax.set_title(f"{task}, step {step}")
     ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -193,8 +232,9 @@ def _floats(s: str) -> list[float]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog=PROG, description="Recall accuracy of a qdelta-train run "
-                                "by sequence length (and needle depth for niah).")
+    p = argparse.ArgumentParser(prog=PROG, description="Evaluate a qdelta-train run by "
+                                "sequence length: recall accuracy (and needle depth for niah), "
+                                "or loss, perplexity and bits per byte for text.")
     p.add_argument("run_dir", metavar="RUN_DIR")
     p.add_argument("--seq-lens", type=_ints, help="comma-separated lengths (default: 0.5x, 1x, "
                    "2x, 4x the training length)")

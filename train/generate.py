@@ -1,12 +1,16 @@
-"""``qdelta-generate RUN_DIR PROMPT``: byte-level text generation from a ``qdelta-train`` run.
+"""``qdelta-generate RUN_DIR PROMPT``: text generation from a ``qdelta-train`` run.
 
-Restores the run's latest good checkpoint (as ``qdelta-eval`` does), encodes the prompt as UTF-8
-bytes (token ids 0-255), prefills it in one step and streams the continuation to stdout one
-token at a time: each token is one compiled program (the model's step with a donated cache, and
-the sampling). Bytes that do not yet form a whole UTF-8 character are held back until they do;
-invalid sequences print as U+FFFD.
+Restores the run's latest good checkpoint (as ``qdelta-eval`` does), encodes the prompt, prefills
+it in one step and streams the continuation to stdout one token at a time: each token is one
+compiled program (the model's step with a donated cache, and the sampling). Text that does not
+yet form a whole UTF-8 character is held back until it does; invalid sequences print as U+FFFD.
 
-Byte-level runs: ``--task text`` on UTF-8 files (ids 0-255 the bytes, 256 the end-of-document
+Runs trained with ``--tokenizer`` (or on a ``qdelta-tokenize`` folder) hold the tokenizer as
+``RUN_DIR/tokenizer.json``: the prompt is encoded with it, the continuation decoded with it
+(special tokens not printed), and ``--eos-id`` defaults to the run's end-of-document id.
+
+Other runs are byte level (the prompt's UTF-8 bytes are the ids 0-255): ``--task text`` on UTF-8
+files (ids 0-255 the bytes, 256 the end-of-document
 token, the default ``--eos-id`` of such runs; the vocabulary is padded beyond it) and niah.
 Generated ids above 255 print nothing. Generation stops at ``--max-new-tokens`` or after
 ``--eos-id``. With the same ``--seed`` the
@@ -59,7 +63,12 @@ def _check_options(a) -> None:
         raise UsageError("PROMPT must not be empty", "PROMPT")
 
 
-def _check_run(a, run_args, vocab: int) -> None:
+def _check_run(a, run_args, vocab: int, tokenizer=None) -> None:
+    if tokenizer is not None:
+        if a.eos_id is not None and not 0 <= a.eos_id < vocab:
+            raise UsageError(f"--eos-id must be in [0, {vocab}), the run's vocabulary, got "
+                             f"{a.eos_id}", "--eos-id")
+        return
     data = str(run_args.data or "")
     if run_args.task == "text" and data.endswith(".npy"):
         raise UsageError(f"RUN_DIR was trained on pre-tokenised ids ({data}), not bytes; "
@@ -70,6 +79,35 @@ def _check_run(a, run_args, vocab: int) -> None:
     if a.eos_id is not None and not 0 <= a.eos_id < vocab:
         raise UsageError(f"--eos-id must be in [0, {vocab}), the run's vocabulary, got "
                          f"{a.eos_id}", "--eos-id")
+
+
+def _run_tokenizer(run_dir: Path, run_args):
+    """The tokenizer of a text run (``RUN_DIR/tokenizer.json``), else ``None`` (byte level)."""
+    from qdelta_jax.train.data import DataError
+    from qdelta_jax.train.tokenize import TOKENIZER_COPY, load_tokenizer
+
+    p = run_dir / TOKENIZER_COPY
+    if run_args.task != "text" or not p.is_file():
+        return None
+    try:
+        return load_tokenizer(p, flag="RUN_DIR")
+    except DataError as e:
+        raise UsageError(str(e), "RUN_DIR") from None
+
+
+def _eos_of(tok, run_dir: Path, run_args) -> int:
+    """The run's end-of-document id: its ``--eos-id``, a shard folder's manifest's, or the
+    tokenizer's."""
+    from qdelta_jax.train.data import DataError, is_shard_folder, read_manifest
+    from qdelta_jax.train.tokenize import TOKENIZER_COPY, find_eos
+
+    eos = run_args.eos_id
+    try:
+        if eos is None and run_args.data and is_shard_folder(run_args.data):
+            eos = (read_manifest(run_args.data) or {}).get("eos_id")
+        return find_eos(tok, run_dir / TOKENIZER_COPY, eos, flag="RUN_DIR")
+    except DataError as e:
+        raise UsageError(str(e), e.flag) from None
 
 
 def stream(model, prompt_ids: list[int], *, max_new_tokens: int, temperature: float,
@@ -106,9 +144,33 @@ def stream(model, prompt_ids: list[int], *, max_new_tokens: int, temperature: fl
     return out
 
 
+def _tokenizer_writer(tok, out):
+    """``(write(token), finish())`` printing the decoded continuation as it grows: the whole
+    continuation is decoded after each token (a token's text can depend on its neighbours) and
+    only the text beyond what is already printed is written, held back while it ends inside a
+    UTF-8 character. (A decoder that rewrites earlier text leaves that part as first printed.)"""
+    ids: list[int] = []
+    shown = [0]  # characters printed
+
+    def flush(final: bool):
+        text = tok.decode(ids, skip_special_tokens=True)
+        new = text[shown[0]:]
+        if new and (final or not new.endswith("\ufffd")):
+            out.write(new)
+            out.flush()
+            shown[0] = len(text)
+
+    def write(t: int):
+        ids.append(t)
+        flush(False)
+
+    return write, lambda: flush(True)
+
+
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog=PROG, description="Generate text (byte level) from a "
-                                "qdelta-train run directory; the continuation is streamed.")
+    p = argparse.ArgumentParser(prog=PROG, description="Generate text from a qdelta-train run "
+                                "directory (with its tokenizer, else byte level); the "
+                                "continuation is streamed.")
     p.add_argument("run_dir", metavar="RUN_DIR")
     p.add_argument("prompt", metavar="PROMPT", help="prompt text (UTF-8)")
     p.add_argument("--max-new-tokens", type=int, default=256)
@@ -116,8 +178,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--eos-id", type=int, default=None,
-                   help="stop after this token (default: the end-of-document token 256 for "
-                   "--task text runs, else none)")
+                   help="stop after this token (default: the run's end-of-document token for "
+                   "--task text runs: 256 at byte level, else the tokenizer's; else none)")
     p.add_argument("--implementation", choices=["reference", "xla", "pallas"], default=None,
                    help="override the run's qdelta_rule implementation")
     a = p.parse_args(argv)
@@ -125,20 +187,38 @@ def main(argv: list[str] | None = None) -> int:
     try:
         _check_options(a)
         model, _, run_args = load_model(Path(a.run_dir), a.implementation)
-        _check_run(a, run_args, model.config.vocab_size)
-        if a.eos_id is None and run_args.task == "text":
-            a.eos_id = BYTE_EOS
-        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        tok = _run_tokenizer(Path(a.run_dir), run_args)
+        _check_run(a, run_args, model.config.vocab_size, tok)
+        if tok is not None:
+            from qdelta_jax.train import tokenize
 
-        def write(t: int):
-            if t < BYTES:
-                out.write(decoder.decode(bytes([t])))
-                out.flush()
+            if a.eos_id is None:
+                a.eos_id = _eos_of(tok, Path(a.run_dir), run_args)
+            prompt = tokenize.encode(tok, [a.prompt])[0].tolist()
+            if not prompt:
+                raise UsageError("PROMPT encodes to no tokens", "PROMPT")
+            if max(prompt) >= model.config.vocab_size:
+                raise UsageError(f"PROMPT encodes to id {max(prompt)}, outside the model's "
+                                 f"vocabulary of {model.config.vocab_size}", "PROMPT")
+            write, finish = _tokenizer_writer(tok, out)
+        else:
+            if a.eos_id is None and run_args.task == "text":
+                a.eos_id = BYTE_EOS
+            prompt = list(a.prompt.encode("utf-8"))
+            decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
 
-        stream(model, list(a.prompt.encode("utf-8")), max_new_tokens=a.max_new_tokens,
-               temperature=a.temperature, top_p=a.top_p, seed=a.seed, eos_id=a.eos_id,
-               write=write)
-        out.write(decoder.decode(b"", final=True) + "\n")
+            def write(t: int):
+                if t < BYTES:
+                    out.write(decoder.decode(bytes([t])))
+                    out.flush()
+
+            def finish():
+                out.write(decoder.decode(b"", final=True))
+
+        stream(model, prompt, max_new_tokens=a.max_new_tokens, temperature=a.temperature,
+               top_p=a.top_p, seed=a.seed, eos_id=a.eos_id, write=write)
+        finish()
+        out.write("\n")
         out.flush()
     except UsageError as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)

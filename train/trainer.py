@@ -8,8 +8,9 @@ Loop details:
 * ``RUN_DIR/metrics.jsonl`` gets one JSON line per step (``step``, ``loss``, ``grad_norm``,
   ``lr``, ``skipped``, ``step_time_s``, ``tokens_per_s``, ``mfu``; ``accuracy`` of the training
   batch with ``--train-accuracy``) and one per
-  evaluation (``split: "eval"``, ``loss``, ``accuracy``, ``exact_match``); TensorBoard events
-  too when ``tensorboardX`` is importable;
+  evaluation (``split: "eval"``, ``loss``, ``accuracy``, ``exact_match``; text runs add
+  ``perplexity``, ``bits_per_byte`` and ``bytes``, see :func:`qdelta_jax.train.evaluate.
+  text_metrics`); TensorBoard events too when ``tensorboardX`` is importable;
 * throughput: ``tokens_per_s`` counts every input token (``B * T``) over the wall time between
   consecutive steps; ``mfu = flops_per_token * tokens_per_s / (devices * peak)`` with
   :func:`qdelta_jax.train.loop.flops_per_token` (6 x matmul params + the Q-Delta op) and the
@@ -91,6 +92,7 @@ class TrainArgs:
     mqar_vocab: int = 64
     niah_variant: str = "passkey"
     eos_id: int | None = None
+    tokenizer: str | None = None
     grad_accum: int = 1
     dtype: str = "float32"
     param_dtype: str = "float32"
@@ -123,7 +125,7 @@ class TrainArgs:
 
 # Options whose change between invocations changes what a resumed run computes.
 _RESUME_SENSITIVE = ("task", "data", "seed", "batch_size", "seq_len", "num_pairs", "mqar_vocab",
-                     "niah_variant", "eos_id", "grad_accum", "lr", "warmup", "steps",
+                     "niah_variant", "eos_id", "tokenizer", "grad_accum", "lr", "warmup", "steps",
                      "weight_decay")
 
 # Options that belong to one invocation: not reused from a run directory's saved options.
@@ -182,6 +184,8 @@ def validate(a: TrainArgs) -> None:
     need(a.data is None or a.task == "text", "--data",
          f"is only read by --task text (got --task {a.task}); add --task text or drop --data")
     need(a.eos_id is None or a.task == "text", "--eos-id",
+         f"applies to --task text only (got --task {a.task})")
+    need(a.tokenizer is None or a.task == "text", "--tokenizer",
          f"applies to --task text only (got --task {a.task})")
     if a.data is not None and not Path(a.data).exists():
         raise UsageError(f"--data {a.data}: no such file or directory", "--data")
@@ -243,7 +247,7 @@ def make_sources(a: TrainArgs, batch_size: int | None = None, seq_len: int | Non
     B = batch_size or a.batch_size
     kw = dict(batch_size=B, seq_len=T, seed=a.seed, num_pairs=a.num_pairs,
               mqar_vocab=a.mqar_vocab, niah_variant=a.niah_variant, data=a.data,
-              eos_id=a.eos_id, text_tokens=text_tokens, depth=depth)
+              eos_id=a.eos_id, text_tokens=text_tokens, depth=depth, tokenizer=a.tokenizer)
     try:
         return (data_mod.make_source(a.task, split="train", **kw),
                 data_mod.make_source(a.task, split="eval", **kw))
@@ -257,14 +261,40 @@ def data_vocab_of(a: TrainArgs, text_tokens) -> tuple[int, bool]:
     if a.task == "niah":
         return 256, False
     _, _, vocab = text_tokens
-    return vocab, Path(a.data).suffix in (".bin", ".npy")
+    # A tokenizer (given, or the one of a qdelta-tokenize folder) fixes the vocabulary; bare
+    # pre-tokenised ids only bound it from below.
+    if a.tokenizer is not None or (data_mod.is_shard_folder(a.data)
+                                   and data_mod.read_manifest(a.data) is not None):
+        return vocab, False
+    return vocab, Path(a.data).suffix in (".bin", ".npy") or data_mod.is_shard_folder(a.data)
+
+
+def copy_tokenizer(a: TrainArgs, run_dir: Path) -> None:
+    """Copies the run's tokenizer (``--tokenizer``, or the one of a ``qdelta-tokenize``
+    folder) to ``RUN_DIR/tokenizer.json``, where ``qdelta-eval`` and ``qdelta-generate`` find
+    it. A run directory holding another tokenizer is refused: its checkpoints read tokens of
+    that one."""
+    import shutil
+
+    from qdelta_jax.train.tokenize import TOKENIZER_COPY
+
+    src = data_mod.tokenizer_file(a.data, a.tokenizer) if a.task == "text" else None
+    if src is None:
+        return
+    dst = run_dir / TOKENIZER_COPY
+    if dst.exists():
+        if dst.read_bytes() != src.read_bytes():
+            raise UsageError(f"--tokenizer {src} differs from {dst}, the tokenizer this run was "
+                             "started with; use a new --run-dir", "--tokenizer")
+        return
+    shutil.copyfile(src, dst)
 
 
 def open_text(a: TrainArgs):
     if a.task != "text":
         return None
     try:
-        return data_mod.load_tokens(a.data, a.eos_id)
+        return data_mod.load_tokens(a.data, a.eos_id, a.tokenizer)
     except data_mod.DataError as e:
         raise UsageError(str(e), e.flag) from None
 
@@ -340,9 +370,20 @@ class Session:
     def evaluate(self, params, source, n_batches: int) -> dict[str, float]:
         B = source.batch_size
         rows = shd.process_rows(self.mesh, B) if jax.process_count() > 1 else None
-        sums = [self.eval_step(params, shd.shard_batch(source.batch(i, rows), self.mesh, rows, B))
-                for i in range(n_batches)]
-        return loop.summarise_eval(jax.device_get(sums))
+        text = isinstance(source, data_mod.TextData)
+        sums, n_bytes = [], 0
+        for i in range(n_batches):
+            batch = source.batch(i, rows)
+            sums.append(self.eval_step(params, shd.shard_batch(batch, self.mesh, rows, B)))
+            if text and n_bytes is not None:  # bytes of the whole batch, on every process
+                n = source.target_bytes(batch if rows is None else source.batch(i))
+                n_bytes = None if n is None else n_bytes + n
+        out = loop.summarise_eval(jax.device_get(sums))
+        if text:
+            from qdelta_jax.train.evaluate import text_metrics
+
+            out.update(text_metrics(out["loss"], out["tokens"], n_bytes))
+        return out
 
 
 class MetricsWriter:
@@ -611,6 +652,7 @@ def _run(a: TrainArgs, *, log=print, phase: _Phase | None = None) -> dict[str, A
     if main_process:
         phase.what = f"writing {run_dir / ckpt.CONFIG_FILE}"
         run_dir.mkdir(parents=True, exist_ok=True)
+        copy_tokenizer(a, run_dir)
         ckpt.write_run_config(run_dir, requested, overwrite=rewrite)
 
     sess = Session(a, model_cfg, mesh)
@@ -692,8 +734,7 @@ def _run(a: TrainArgs, *, log=print, phase: _Phase | None = None) -> dict[str, A
         t_prev = time.perf_counter()  # keep evaluation time out of the next step's time
         writer.write({"step": step, "split": "eval", **last_eval})
         if pbar is not None:
-            pbar.write(f"step {step}: eval loss {last_eval['loss']:.4f} accuracy "
-                       f"{last_eval['accuracy']:.4f} exact {last_eval['exact_match']:.4f}")
+            pbar.write(f"step {step}: {format_eval(last_eval, a.task)}")
 
     status, last_metrics = "done", {}
     pending = None  # (step number, metrics future)
@@ -809,14 +850,27 @@ def _run(a: TrainArgs, *, log=print, phase: _Phase | None = None) -> dict[str, A
     return summary
 
 
+def format_eval(ev: dict[str, Any], task: str | None, summary: bool = False) -> str:
+    """An evaluation as one phrase: text runs give loss, perplexity and bits per byte (when
+    the bytes are known), the recall tasks loss, recall accuracy and exact match."""
+    if task == "text":
+        out = f"eval loss {ev['loss']:.4f}, perplexity {ev['perplexity']:.2f}"
+        if ev.get("bits_per_byte") is not None:
+            out += f", bits per byte {ev['bits_per_byte']:.4f}"
+        return out
+    if summary:
+        return (f"eval loss {ev['loss']:.4f}, recall accuracy {ev['accuracy']:.4f}, exact match "
+                f"{ev['exact_match']:.4f}")
+    return (f"eval loss {ev['loss']:.4f} accuracy {ev['accuracy']:.4f} exact "
+            f"{ev['exact_match']:.4f}")
+
+
 def format_summary(s: dict[str, Any]) -> str:
     parts = [f"{s['status']} at step {s['step']}/{s['steps']}"]
     if s.get("loss") is not None:
         parts.append(f"loss {s['loss']:.4f}")
     if s.get("eval"):
-        what = "token accuracy" if s.get("task") == "text" else "recall accuracy"
-        parts.append(f"eval loss {s['eval']['loss']:.4f}, {what} "
-                     f"{s['eval']['accuracy']:.4f}, exact match {s['eval']['exact_match']:.4f}")
+        parts.append(format_eval(s["eval"], s.get("task"), summary=True))
     if s.get("step_time_s"):
         parts.append(f"step {s['step_time_s'] * 1e3:.1f} ms, {s['tokens_per_s']:,.0f} tokens/s")
     if s.get("mfu") is not None:
