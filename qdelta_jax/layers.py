@@ -30,7 +30,7 @@ Padding for decoding: ``mask [B, T]`` (True = real token). At masked positions t
 zero and ``beta = g = 0``, so the recurrent state and the conv cache are untouched by left
 padding: a left-padded row computes exactly what the unpadded row computes.
 
-Parameter names (what :func:`qdelta_jax.model.no_decay_mask` keys on): ``A_log`` and
+Parameter names (what :func:`qdelta_jax.model.weight_decay_mask` keys on): ``A_log`` and
 ``dt_bias`` (no weight decay, docs/MATH.md section 4), norm weights are called ``scale``;
 linear and conv weights are ``kernel``. There are no biases.
 """

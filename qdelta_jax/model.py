@@ -20,9 +20,9 @@ Decoding computes the same function as training:
   conv input, ``beta = g = 0``), so the state after the prompt is what the unpadded prompt
   leaves and every row generates what it would generate alone.
 
-Weight decay: :func:`weight_decay_mask` (alias :func:`no_decay_mask`) gives True for parameters
-that get weight decay and False for ``A_log``, ``dt_bias``, every norm weight (``scale``) and
-biases (there are none by default): pass it as optax's ``mask=``.
+Weight decay: :func:`weight_decay_mask` gives True for the parameters that get weight decay
+(matrices, conv taps, the embedding) and False for ``A_log``, ``dt_bias``, every norm weight
+(``scale``) and biases: pass it as optax's ``mask=``.
 
 Diagnostics: ``model(tokens, return_aux=True)`` returns ``(logits, aux)`` with ``aux`` a tuple
 over layers of ``dict(q, k, beta, lam, g)``: L2-normalised ``q, k [B, T, HV, K]`` (after the
@@ -292,19 +292,19 @@ def _key_name(entry) -> str | None:
 def weight_decay_mask(params) -> Any:
     """A pytree of bools shaped like ``params``: True where weight decay applies.
 
-    False for ``A_log``, ``dt_bias`` (docs/MATH.md section 4), every norm weight (named
-    ``scale``) and every bias. Works on ``nnx.state(model, nnx.Param)`` and on plain nested
-    dicts (Linen ``params``). Use as ``optax.adamw(..., mask=weight_decay_mask)``.
+    The one weight-decay rule of the project (the trainer's default): decay every parameter
+    with at least 2 dimensions (matrices, conv taps, the embedding) except ``A_log`` and
+    ``dt_bias`` (docs/MATH.md section 4); never norm weights (named ``scale``), biases or other
+    vectors. Works on ``nnx.state(model, nnx.Param)``, on plain nested dicts (Linen
+    ``params``) and on ``jax.ShapeDtypeStruct`` leaves. Use as
+    ``optax.adamw(..., mask=weight_decay_mask)``.
     """
 
-    def leaf(path, _):
+    def leaf(path, x):
         names = {_key_name(e) for e in path}
-        return not (names & NO_DECAY_NAMES)
+        return not (names & NO_DECAY_NAMES) and len(getattr(x, "shape", ())) >= 2
 
     return jax.tree_util.tree_map_with_path(leaf, params)
-
-
-no_decay_mask = weight_decay_mask  # the name the training code may know it by; same semantics
 
 
 # ----------------------------------------------------------------------------- model

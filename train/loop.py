@@ -41,10 +41,9 @@ import numpy as np
 import optax
 from flax import nnx
 
+from qdelta_jax.model import weight_decay_mask
+
 PyTree = Any
-
-NO_DECAY_NAMES = ("A_log", "dt_bias", "norm", "bias")
-
 
 @dataclasses.dataclass(frozen=True)
 class OptimConfig:
@@ -98,34 +97,6 @@ def path_str(path) -> str:
     return "/".join(_path_names(path))
 
 
-def default_decay_mask(params: PyTree) -> PyTree:
-    """True where weight decay applies: every leaf whose path names none of ``NO_DECAY_NAMES``
-    (``A_log``, ``dt_bias``, anything called ``*norm*``, biases) and has at least 2 dims."""
-
-    def decays(path, leaf):
-        name = path_str(path)
-        return not any(n in name for n in NO_DECAY_NAMES) and jnp.ndim(leaf) >= 2
-
-    return jax.tree_util.tree_map_with_path(decays, params)
-
-
-def decay_mask_for(params: PyTree) -> PyTree:
-    """The model's own no-weight-decay rule when :mod:`qdelta_jax.model` has one, else
-    :func:`default_decay_mask`."""
-    try:
-        from qdelta_jax import model as model_mod
-    except ImportError:
-        return default_decay_mask(params)
-    for name in ("weight_decay_mask", "decay_mask", "no_weight_decay_mask"):
-        fn = getattr(model_mod, name, None)
-        if callable(fn):
-            mask = fn(params)
-            if name.startswith("no_"):
-                mask = jax.tree.map(lambda m: not m, mask)
-            return mask
-    return default_decay_mask(params)
-
-
 class MasterCopyState(NamedTuple):
     """State of :func:`with_float32_master`: the float32 copy of the params and the state of
     the wrapped optimizer, which sees only that copy."""
@@ -166,7 +137,8 @@ def with_float32_master(tx: optax.GradientTransformation) -> optax.GradientTrans
 def make_optimizer(cfg: OptimConfig, decay_mask: PyTree | Callable | None = None,
                    float32_master: bool = False):
     """AdamW with the recipe of docs/MATH.md section 5 (see the module docstring). ``decay_mask``
-    is a tree of bools (or a function of the params giving one); default :func:`decay_mask_for`.
+    is a tree of bools (or a function of the params giving one); default
+    :func:`qdelta_jax.model.weight_decay_mask`.
     ``float32_master``: for bfloat16 params, keep a float32 copy in the optimizer state
     (:func:`with_float32_master`)."""
     tx = optax.chain(
@@ -177,7 +149,7 @@ def make_optimizer(cfg: OptimConfig, decay_mask: PyTree | Callable | None = None
             b2=cfg.b2,
             eps=cfg.eps,
             weight_decay=cfg.weight_decay,
-            mask=decay_mask if decay_mask is not None else decay_mask_for,
+            mask=decay_mask if decay_mask is not None else weight_decay_mask,
         ),
     )
     return with_float32_master(tx) if float32_master else tx
