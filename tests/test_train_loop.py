@@ -87,6 +87,9 @@ def test_schedule():
     assert np.all(np.diff(lrs[10:]) <= 1e-12), "cosine decay after warm-up"
     np.testing.assert_allclose(lrs[-1], 1e-4, rtol=1e-5)  # 0.1x peak at the last step
     assert lrs[0] > 0, "no step is wasted at lr 0"
+    for warmup in (0, 1):  # no warm-up: the peak at step 0
+        sched = loop.lr_schedule(loop.OptimConfig(lr=1e-3, warmup=warmup, steps=50))
+        np.testing.assert_allclose([float(sched(0)), float(sched(49))], [1e-3, 1e-4], rtol=1e-5)
 
 
 def test_weight_decay_mask(session):

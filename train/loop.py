@@ -61,19 +61,15 @@ class OptimConfig:
 
 def lr_schedule(cfg: OptimConfig) -> Callable[[jax.Array], jax.Array]:
     """Linear warm-up over ``warmup`` steps (step 0 already gets ``lr / warmup``, so no step is
-    wasted at lr 0), then cosine from ``lr`` down to ``final_lr_ratio * lr`` at ``steps - 1``."""
+    wasted at lr 0), then cosine from ``lr`` down to ``final_lr_ratio * lr`` at ``steps - 1``:
+    optax's linear and cosine schedules joined at ``warmup``."""
     warmup = max(int(cfg.warmup), 0)
-    decay = max(int(cfg.steps) - warmup - 1, 1)
-    lo = cfg.final_lr_ratio * cfg.lr
-
-    def schedule(count):
-        count = jnp.asarray(count, jnp.float32)
-        warm = cfg.lr * jnp.minimum(count + 1.0, warmup) / max(warmup, 1)
-        t = jnp.clip((count - warmup) / decay, 0.0, 1.0)
-        cos = lo + 0.5 * (cfg.lr - lo) * (1.0 + jnp.cos(jnp.pi * t))
-        return jnp.where(count < warmup, warm, cos)
-
-    return schedule
+    cosine = optax.cosine_decay_schedule(cfg.lr, max(int(cfg.steps) - warmup - 1, 1),
+                                         alpha=cfg.final_lr_ratio)
+    if warmup == 0:
+        return cosine
+    warm = optax.linear_schedule(cfg.lr / warmup, cfg.lr, warmup - 1)
+    return optax.join_schedules([warm, cosine], [warmup])
 
 
 def _path_names(path) -> list[str]:
