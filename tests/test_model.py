@@ -168,7 +168,8 @@ def test_weight_decay_mask(model):
                                  strict=True):
         assert bool(jnp.any(u[...] != 0)) == m.get_value(), path
     # Plain dicts (Linen params) work too.
-    d = weight_decay_mask({"mixer": {"A_log": jnp.zeros(2), "q_proj": {"kernel": jnp.ones((2, 2))}}})
+    d = weight_decay_mask({"mixer": {"A_log": jnp.zeros(2),
+                                     "q_proj": {"kernel": jnp.ones((2, 2))}}})
     assert d == {"mixer": {"A_log": False, "q_proj": {"kernel": True}}}
 
 
