@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import warnings
 from pathlib import Path
@@ -543,7 +542,3 @@ def _write_atomic(target: Path, write) -> None:
     write(str(tmp))
     os.replace(tmp, target)
 
-
-def count_hf_params(tensors: dict[str, np.ndarray]) -> int:
-    """The number of parameters in a dict of tensors (for progress messages)."""
-    return int(sum(math.prod(a.shape) for a in tensors.values()))
