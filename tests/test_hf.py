@@ -41,9 +41,14 @@ def io(name):
         return {k: f[k] for k in f}
 
 
-def logits(model, ids):
-    # A fresh jit each call: one compilation, never a trace cached under another l2 eps.
-    return np.asarray(nnx.jit(lambda m, t: m(t))(model, jnp.asarray(ids, jnp.int32)))
+_forward = nnx.jit(lambda m, t: m(t))
+
+
+def logits(model, ids, *, fresh: bool = False):
+    """The model's logits, compiled (``fresh``: a new jit, so no trace cached under another
+    l2 eps is reused)."""
+    fn = nnx.jit(lambda m, t: m(t)) if fresh else _forward
+    return np.asarray(fn(model, jnp.asarray(ids, jnp.int32)))
 
 
 @pytest.fixture
@@ -60,7 +65,7 @@ def no_l2_eps(monkeypatch):
 @pytest.mark.parametrize("name", NAMES)
 def test_from_hf_logits_equal_the_exact_function(name, no_l2_eps):
     model = hf.from_hf(FIXTURES / name)
-    out = logits(model, io(name)["input_ids"])
+    out = logits(model, io(name)["input_ids"], fresh=True)
     # float32 end to end against a float64 loop: measured 5e-7 (tiny), 8e-7 (grouped).
     assert rel(out, io(name)["logits_exact"]) < 3e-6
     # The authors' kernel computes another function of the same weights (README).
@@ -71,7 +76,7 @@ def test_the_l2_eps_is_the_only_difference_left():
     # With the 1e-6 of fla's l2norm (this code's default) the logits move by what that eps does
     # to the tiny |q|^2 of random weights: 5e-4 here, 1.8e-3 with grouped heads.
     name = "tiny"
-    out = logits(hf.from_hf(FIXTURES / name), io(name)["input_ids"])
+    out = logits(hf.from_hf(FIXTURES / name), io(name)["input_ids"], fresh=True)
     assert 1e-4 < rel(out, io(name)["logits_exact"]) < 1e-3
 
 
@@ -133,9 +138,7 @@ def test_sharded_folders_and_bfloat16(tmp_path):
 def test_config_options_are_honoured(overrides, absent, tmp_path):
     c = QDeltaConfig(vocab_size=96, hidden_size=32, num_hidden_layers=2, num_heads=2,
                      head_dim=16, **overrides)
-    model = QDeltaLM(c, rngs=nnx.Rngs(1))
-    # Non-trivial norms and gates, so a wrong name or layout would show in the logits.
-    _perturb(model)
+    model = _random_model(c)
     out = hf.to_hf(model, tmp_path / "m")
     names = set(load_file(str(out / "model.safetensors")))
     assert not any(n.endswith(absent) for n in names)
@@ -146,15 +149,21 @@ def test_config_options_are_honoured(overrides, absent, tmp_path):
     back = hf.from_hf(out)
     assert back.config == c
     ids = np.arange(40).reshape(2, 20) % 96
-    np.testing.assert_array_equal(logits(back, ids), logits(model, ids))
+    want = logits(model, ids)
+    assert np.isfinite(want).all()
+    np.testing.assert_array_equal(logits(back, ids), want)
 
 
-def _perturb(model):
-    state = nnx.state(model, nnx.Param)
-    leaves, tree = jax.tree.flatten(state)
-    keys = jax.random.split(jax.random.key(3), len(leaves))
-    leaves = [x + 0.1 * jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys)]
-    nnx.update(model, jax.tree.unflatten(tree, leaves))
+def _random_model(config, seed=0):
+    """A model of ``config`` with random parameters drawn in NumPy (norm weights and gates
+    away from their initial values, so a wrong name or layout shows in the logits); much
+    faster than the model's own initialisation op by op."""
+    rng = np.random.default_rng(seed)
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: QDeltaLM(config, rngs=nnx.Rngs(0))))
+    params = jax.tree.map(lambda a: jnp.asarray(0.3 * rng.standard_normal(a.shape), a.dtype),
+                          nnx.to_pure_dict(state))
+    nnx.replace_by_pure_dict(state, params)
+    return nnx.merge(graphdef, state)
 
 
 def test_scanned_models_write_the_same_tensors(tmp_path):
@@ -234,7 +243,7 @@ def test_missing_files_and_packages(tmp_path, monkeypatch):
 def test_to_hf_refuses_what_the_authors_model_cannot_hold(tmp_path):
     c = QDeltaConfig.from_preset("tiny", fixed_lam=0.5, num_hidden_layers=1)
     with pytest.raises(ValueError, match="fixed_lam"):
-        hf.to_hf(QDeltaLM(c, rngs=nnx.Rngs(0)), tmp_path / "x")
+        hf.to_hf(_random_model(c), tmp_path / "x")
     assert not (tmp_path / "x").exists()
     with pytest.raises(ValueError, match="hidden_size"):
         hf.config_to_hf(QDeltaConfig.from_preset("tiny"), {"hidden_size": 3})
@@ -296,3 +305,34 @@ def test_hf_to_fine_tuning_to_hf(tmp_path, capsys):
                                  "hidden_size=64", "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert "--init-from" in err and "hidden_size" in err
+
+
+def test_restore_params_reads_only_the_parameters_and_checks_them(tmp_path):
+    k = jax.random.split(jax.random.key(0), 3)
+    params = {"w": jax.random.normal(k[0], (8, 16)), "blocks": {0: {"b": jnp.ones((16,))}}}
+    opt = {"m": jax.random.normal(k[1], (8, 16))}
+    c = ckpt.Checkpointer(tmp_path, async_save=False)
+    for step in (1, 2):
+        bumped = jax.tree.map(lambda a, s=step: a + s, params)
+        c.save(step, {"params": bumped, "opt": opt}, {"index": step})
+    c.close()
+    like = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding),
+                        params)
+    r = ckpt.Checkpointer(tmp_path, read_only=True)
+    step, got = r.restore_params(like)
+    assert step == 2 and set(got) == {"w", "blocks"}
+    np.testing.assert_array_equal(np.asarray(got["w"]), np.asarray(params["w"]) + 2)
+    # A checksum that does not match: skipped with a warning (nothing moved), or refused.
+    meta = tmp_path / "checkpoints" / "2" / ckpt.INTEGRITY / "metadata"
+    saved = json.loads(meta.read_text())
+    saved["checksums"]["params.w"] = "0" * 16
+    meta.write_text(json.dumps(saved))
+    with pytest.warns(ckpt.CheckpointFallbackWarning, match="do not match the checksums"):
+        assert r.restore_params(like)[0] == 1
+    assert (tmp_path / "checkpoints" / "2").is_dir()
+    with pytest.raises(ckpt.RunDirError, match="cannot be used"):
+        r.restore_params(like, 2)
+    other = {**like, "w": jax.ShapeDtypeStruct((8, 8), jnp.float32)}
+    with pytest.raises(ckpt.RunDirError, match="another model"):
+        r.restore_params(other, 1)
+    r.close()

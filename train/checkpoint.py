@@ -331,9 +331,14 @@ class Checkpointer:
         if step is not None and step not in steps:
             raise RunDirError(f"step {step}: no such checkpoint in {self.dir}; the steps there "
                               f"are {steps}", flag)
-        candidates = [step] if step is not None else [
-            s for s in reversed(steps) if not self.is_bad(s)]
+        candidates = [step] if step is not None else list(reversed(steps))
         for s in candidates:
+            if step is None and self.is_bad(s):
+                warnings.warn(
+                    f"checkpoint step {s} in {self.dir} is marked bad "
+                    f"({self.health[s].get('why')}); using an older one",
+                    CheckpointFallbackWarning, stacklevel=2)
+                continue
             try:
                 return s, self._restore_params(s, abstract_params, flag)
             except CheckpointDamage as e:
