@@ -285,8 +285,13 @@ def test_hf_to_fine_tuning_to_hf(tmp_path, capsys):
             "--steps", "2", "--batch-size", "2", "--seq-len", "32", "--lr", "1e-3",
             "--warmup", "0", "--save-every", "0", "--eval-every", "0", "--eval-batches", "1",
             "--run-dir", str(run), "--no-progress"]
-    assert cli.main(argv) == 0
+    assert cli.main(argv + ["--stop-after", "1"]) == 0
     assert "initialised from" in capsys.readouterr().out
+    # Resuming needs only the run directory, not the folder it started from.
+    params_dir.rename(tmp_path / "moved")
+    assert cli.main(["--run-dir", str(run), "--no-progress"]) == 0
+    assert "resumed" in capsys.readouterr().out
+    (tmp_path / "moved").rename(params_dir)
     tuned = load_model(run)
     assert tuned.config == start.config
     assert rel(logits(tuned, ids), logits(start, ids)) > 1e-6  # it trained

@@ -70,6 +70,8 @@ def restore_params(path: str | os.PathLike, config, *, step: int | None = None,
     device), verified by their checksums. ``step=None``: the newest step not marked bad that
     reads back. Read-only. Raises :class:`~qdelta_jax.train.checkpoint.RunDirError`."""
     p = Path(path)
+    if not p.is_dir():
+        raise ckpt.RunDirError(f"{flag} {p}: no such directory", flag)
     if not (p / "checkpoints").is_dir():
         raise ckpt.RunDirError(f"{flag} {p}: no checkpoints/ folder, so no parameters", flag)
     tree = abstract_params(config)

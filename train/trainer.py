@@ -190,9 +190,6 @@ def validate(a: TrainArgs) -> None:
          f"applies to --task text only (got --task {a.task})")
     if a.data is not None and not Path(a.data).exists():
         raise UsageError(f"--data {a.data}: no such file or directory", "--data")
-    if a.init_from is not None and not Path(a.init_from).is_dir():
-        raise UsageError(f"--init-from {a.init_from}: no such directory (a qdelta-convert "
-                         "params directory or a run directory)", "--init-from")
 
 
 def parse_overrides(text: str | None) -> dict[str, Any]:
@@ -239,8 +236,12 @@ def model_config_for(a: TrainArgs, data_vocab: int, pretokenised: bool):
         from qdelta_jax.train.params import init_config
 
         fields.pop("vocab_size")
+        source = a.init_from
+        if not Path(source).is_dir() and a.run_dir and (
+                Path(a.run_dir) / ckpt.CONFIG_FILE).is_file():
+            source = a.run_dir  # resuming: the run holds the model config it started from
         try:
-            return init_config(a.init_from, data_vocab=data_vocab, fields=fields)
+            return init_config(source, data_vocab=data_vocab, fields=fields)
         except (ckpt.RunDirError, ValueError, TypeError) as e:
             raise UsageError(str(e), "--init-from") from None
     if fields["vocab_size"] < data_vocab:
