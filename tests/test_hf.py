@@ -80,6 +80,17 @@ def test_the_l2_eps_is_the_only_difference_left():
     assert 1e-4 < rel(out, io(name)["logits_exact"]) < 1e-3
 
 
+def test_bfloat16_compute_and_bad_dtypes():
+    model = hf.from_hf(FIXTURES / "tiny", dtype="bfloat16")
+    assert model.config.compute_dtype == "bfloat16" and model.config.param_dtype == "float32"
+    out = logits(model, io("tiny")["input_ids"], fresh=True)
+    # bfloat16 activations (8 bits of mantissa) through two layers: about 1e-2.
+    assert rel(out, io("tiny")["logits_exact"]) < 3e-2
+    for kw in (dict(dtype="float16"), dict(param_dtype="int8")):
+        with pytest.raises(ValueError, match=next(iter(kw))):
+            hf.from_hf(FIXTURES / "tiny", **kw)
+
+
 # ----------------------------------------------------------------------------- round trips
 
 
