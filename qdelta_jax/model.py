@@ -195,7 +195,8 @@ class QDeltaConfig:
 
         HF keys with no meaning here (``model_type``, ``fuse_*``, token ids, ...) are ignored;
         other unknown keys are ignored with a warning. Hybrid attention layers (``attn`` set)
-        and activations other than SiLU raise ``ValueError``.
+        and activations other than SiLU raise ``ValueError``. :func:`qdelta_jax.hf.from_hf`
+        reads an HF folder strictly instead (every key used, kept as metadata, or refused).
         """
         d = dict(d)
         fields = {f.name for f in dataclasses.fields(cls)}

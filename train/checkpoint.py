@@ -314,6 +314,95 @@ class Checkpointer:
                           CheckpointFallbackWarning, stacklevel=3)
         return step, restored["state"], data_state
 
+    def restore_params(self, abstract_params: dict, step: int | None = None,
+                       flag: str = "RUN_DIR") -> tuple[int, dict]:
+        """Restores only ``state["params"]`` of a step (the optimizer state is not read):
+        ``(step, params)``, each array checked against the checksum saved with it.
+
+        ``abstract_params`` gives the tree, shapes and shardings (``jax.ShapeDtypeStruct``
+        leaves); the arrays come back in their saved dtype. ``step=None`` takes the newest step
+        not marked bad that reads back (a damaged one is skipped with a
+        :class:`CheckpointFallbackWarning`, or set aside unless read-only); an explicit
+        ``step`` must exist and read back. Raises :class:`RunDirError` (``flag`` names the
+        option) for a missing step, damage of an explicit step, parameters of another model
+        (names or shapes), or when no step can be restored.
+        """
+        steps = self.steps()
+        if step is not None and step not in steps:
+            raise RunDirError(f"step {step}: no such checkpoint in {self.dir}; the steps there "
+                              f"are {steps}", flag)
+        candidates = [step] if step is not None else list(reversed(steps))
+        for s in candidates:
+            if step is None and self.is_bad(s):
+                warnings.warn(
+                    f"checkpoint step {s} in {self.dir} is marked bad "
+                    f"({self.health[s].get('why')}); using an older one",
+                    CheckpointFallbackWarning, stacklevel=2)
+                continue
+            try:
+                return s, self._restore_params(s, abstract_params, flag)
+            except CheckpointDamage as e:
+                if step is not None:
+                    raise RunDirError(f"checkpoint {self.dir / str(s)} cannot be used: "
+                                      f"{_one_line(e.__cause__ or e)}", flag) from None
+                self._fallback(s, e.__cause__ or e)
+        if not steps:
+            raise RunDirError(f"{self.dir} holds no checkpoint", flag)
+        bad = [s for s in steps if self.is_bad(s)]
+        raise RunDirError(f"no checkpoint in {self.dir} could be restored (steps {steps}"
+                          + (f", marked bad: {bad}" if bad else "") + ")", flag)
+
+    def _restore_params(self, step: int, abstract_params: dict, flag: str) -> dict:
+        want = _shapes({"params": abstract_params})
+        try:
+            meta = self.manager.metadata(step).item_metadata["state"]
+            have_meta = {"params": meta["params"]}
+            have = _shapes(have_meta)
+        except Exception as e:  # noqa: BLE001 -- unreadable metadata means damage
+            raise CheckpointDamage() from e
+        if have != want:
+            missing = sorted(set(want) - set(have))[:5]
+            extra = sorted(set(have) - set(want))[:5]
+            shape = [f"{k}: {have[k]} vs {want[k]}" for k in want
+                     if k in have and have[k] != want[k]][:5]
+            raise RunDirError(
+                f"checkpoint step {step} in {self.dir} holds the parameters of another model "
+                f"(missing {missing}, unexpected {extra}, shapes saved vs expected {shape})", flag)
+        # Orbax's metadata names layer indices as strings: match the leaves by name.
+        saved_dtypes = dict(zip(_names(have_meta), [m.dtype for m in jax.tree.leaves(have_meta)],
+                                strict=True))
+        wanted = {"params": abstract_params}
+        item = jax.tree.unflatten(jax.tree.structure(wanted), [
+            jax.ShapeDtypeStruct(a.shape, saved_dtypes[n], sharding=a.sharding)
+            for n, a in zip(_names(wanted), jax.tree.leaves(wanted), strict=True)])
+        verified = (self.dir / str(step) / INTEGRITY).is_dir()
+        try:
+            # Orbax's PyTree handler reads a subtree of the saved state (partial_restore), so
+            # the optimizer's moments are never loaded.
+            restored = ocp.Checkpointer(ocp.PyTreeCheckpointHandler()).restore(
+                self.dir / str(step) / "state",
+                args=ocp.args.PyTreeRestore(
+                    item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+                    partial_restore=True))
+            if verified:
+                saved = self.manager.restore(step, args=ocp.args.Composite(
+                    **{INTEGRITY: ocp.args.JsonRestore()}))[INTEGRITY]
+                saved = (saved or {}).get("checksums")
+                if not isinstance(saved, dict):
+                    raise ValueError("its checksum file (integrity/) is unreadable")
+                bad = [k for k, v in checksums(restored).items() if saved.get(k) != v]
+                if bad:
+                    more = ", ..." if len(bad) > 3 else ""
+                    raise ValueError(f"{len(bad)} arrays do not match the checksums saved with "
+                                     f"them ({', '.join(bad[:3])}{more})")
+        except Exception as e:  # noqa: BLE001 -- any read failure means damage
+            raise CheckpointDamage() from e
+        if not verified:
+            warnings.warn(f"checkpoint step {step} in {self.dir} has no checksums (saved by an "
+                          "older version); restored without verification",
+                          CheckpointFallbackWarning, stacklevel=3)
+        return restored["params"]
+
     def set_aside_after(self, step: int) -> Path | None:
         """Moves every step newer than ``step`` to ``superseded/<time>/`` (never deletes), so a
         run resumed from ``step`` can save those step numbers again."""

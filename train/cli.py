@@ -151,6 +151,10 @@ OPTIONS: dict[str, tuple[Any, str]] = {
                                 "(the newer checkpoints move to RUN_DIR/superseded/)"),
     "peak_tflops": (_opt(_float), "peak TFLOP/s of one device for MFU (default: by device kind)"),
     "progress": (_bool, "show the progress bar"),
+    "init_from": (_opt(_str), "start from these parameters: a qdelta-convert params directory "
+                              "or another run directory (its newest good checkpoint); the model "
+                              "config comes from there (--preset and size overrides are not "
+                              "used)"),
     "diagnostics": (_bool, "add the stability diagnostic (beta * c, docs/MATH.md section 1) to "
                            "every eval line of metrics.jsonl"),
 }

@@ -31,6 +31,7 @@ from pathlib import Path
 from qdelta_jax.train import checkpoint as ckpt
 from qdelta_jax.train import sharding as shd
 from qdelta_jax.train import trainer
+from qdelta_jax.train.params import restore_params
 from qdelta_jax.train.trainer import TrainArgs, UsageError
 
 PROG = "qdelta-eval"
@@ -38,7 +39,8 @@ DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
 
 
 def load_run(run_dir: Path, mesh_spec: str | None = None):
-    """Returns ``(args, model_cfg, session, state)`` of a run directory's latest checkpoint."""
+    """Returns ``(args, model_cfg, session, {"params": params}, step)`` of a run directory's
+    newest checkpoint not marked bad that reads back (parameters only)."""
     from qdelta_jax.model import QDeltaConfig
 
     if not run_dir.is_dir():
@@ -64,21 +66,15 @@ def load_run(run_dir: Path, mesh_spec: str | None = None):
     sess = trainer.Session(args, model_cfg, mesh)
     if not (run_dir / "checkpoints").is_dir():
         raise UsageError(f"RUN_DIR {run_dir}: no checkpoint to evaluate", "RUN_DIR")
-    checkpointer = ckpt.Checkpointer(run_dir, async_save=False, read_only=True)
-    try:
-        restored = checkpointer.restore_latest(sess.abstract_state.to_dict(), skip_bad=True)
+    try:  # the parameters only, into the session's shardings
+        step, params = restore_params(run_dir, model_cfg, shardings=sess.param_shardings)
     except ckpt.RunDirError as e:
         raise UsageError(str(e), "RUN_DIR") from None
-    finally:
-        checkpointer.close()
-    if restored is None:
-        raise UsageError(f"RUN_DIR {run_dir}: no checkpoint to evaluate", "RUN_DIR")
-    step, state, _ = restored
     sess.restore_rest()
     tok = run_dir / "tokenizer.json"
     if args.task == "text" and tok.is_file():  # the run's copy outlives the original
         args = dataclasses.replace(args, tokenizer=str(tok))
-    return args, model_cfg, sess, state, step
+    return args, model_cfg, sess, {"params": params}, step
 
 
 def default_lengths(args: TrainArgs) -> list[int]:

@@ -109,6 +109,7 @@ class TrainArgs:
     peak_tflops: float | None = None
     progress: bool = True
     diagnostics: bool = False
+    init_from: str | None = None
 
     def resolved_seq_len(self) -> int:
         return int(self.seq_len if self.seq_len is not None else TASK_SEQ_LEN.get(self.task, 512))
@@ -231,6 +232,18 @@ def model_config_for(a: TrainArgs, data_vocab: int, pretokenised: bool):
     if a.remat:
         fields["remat"] = True
     fields.update(parse_overrides(a.model_overrides))
+    if a.init_from is not None:  # the model comes from there; only how it runs can change
+        from qdelta_jax.train.params import init_config
+
+        fields.pop("vocab_size")
+        source = a.init_from
+        if not Path(source).is_dir() and a.run_dir and (
+                Path(a.run_dir) / ckpt.CONFIG_FILE).is_file():
+            source = a.run_dir  # resuming: the run holds the model config it started from
+        try:
+            return init_config(source, data_vocab=data_vocab, fields=fields)
+        except (ckpt.RunDirError, ValueError, TypeError) as e:
+            raise UsageError(str(e), "--init-from") from None
     if fields["vocab_size"] < data_vocab:
         raise UsageError(f"--model-overrides vocab_size {fields['vocab_size']} is below the "
                          f"{data_vocab} token ids of the data", "--model-overrides")
@@ -329,8 +342,10 @@ class Session:
         self._train_step = None
         self._eval_step = None
 
-    def init_state(self) -> loop.TrainState:
-        params = self.fns.init(self.param_shardings)
+    def init_state(self, params=None) -> loop.TrainState:
+        """A fresh train state from ``params`` (``None``: the model's initialisation)."""
+        if params is None:
+            params = self.fns.init(self.param_shardings)
         init = jax.jit(lambda p: loop.init_train_state(p, self.tx, self.args.seed),
                        out_shardings=self.state_shardings)
         return init(params)
@@ -687,7 +702,18 @@ def _run(a: TrainArgs, *, log=print, phase: _Phase | None = None) -> dict[str, A
         log(f"resumed {run_dir} from step {step0}")
     else:
         step0 = 0
-        state = sess.init_state()
+        init = None
+        if a.init_from is not None:
+            from qdelta_jax.train.params import restore_params
+
+            phase.what = f"reading --init-from {a.init_from}"
+            try:
+                got, init = restore_params(a.init_from, model_cfg, shardings=sess.param_shardings,
+                                           flag="--init-from")
+            except ckpt.RunDirError as e:
+                raise UsageError(str(e), "--init-from") from None
+            log(f"initialised from {a.init_from} (step {got})")
+        state = sess.init_state(init)
     if main_process:
         phase.what = f"updating {run_dir / 'metrics.jsonl'}"
         _trim_metrics(run_dir, step0)
