@@ -554,6 +554,50 @@ class QDelta(nnx.Module):
         return o[:, None], LayerCache(state, *conv)
 
 
+# ----------------------------------------------------------------------------- from attention
+
+
+def qdelta_like(attn: nnx.MultiHeadAttention, *, rngs: nnx.Rngs, **options) -> QDelta:
+    """A fresh :class:`QDelta` with the sizes and dtypes of a self-attention layer (the recipe of
+    docs/FLAX.md): ``hidden_size = in_features``, ``num_heads``, ``head_dim = qkv_features //
+    num_heads``, ``dtype`` and ``param_dtype``; ``options`` are further :class:`QDelta`
+    arguments (``expand_v``, ``num_v_heads``, ...) and override these. The weights are new
+    (attention's do not carry over); biases, dropout and the attention's initializers have no
+    counterpart. Raises ``ValueError`` when ``out_features != in_features`` (the layer maps D to
+    D) and ``TypeError`` for anything but an ``nnx.MultiHeadAttention``."""
+    if not isinstance(attn, nnx.MultiHeadAttention):
+        raise TypeError(f"attn must be an nnx.MultiHeadAttention, got {type(attn).__name__}")
+    if attn.out_features != attn.in_features:
+        raise ValueError(
+            f"attn.out_features ({attn.out_features}) must equal attn.in_features "
+            f"({attn.in_features}): QDelta maps hidden_size to hidden_size"
+        )
+    kw = dict(hidden_size=attn.in_features, num_heads=attn.num_heads, head_dim=attn.head_dim,
+              dtype=attn.dtype, param_dtype=attn.param_dtype)
+    kw.update(options)
+    return QDelta(rngs=rngs, **kw)
+
+
+def replace_attention(model: nnx.Module, *, rngs: nnx.Rngs, **options) -> list[tuple]:
+    """Replaces, in place, every ``nnx.MultiHeadAttention`` inside ``model`` by
+    :func:`qdelta_like` of it (``options`` as there) and returns the paths replaced. The call
+    sites must change too: ``attn(x, mask=causal_mask)`` becomes ``attn(x)`` (docs/FLAX.md)."""
+    found = [(path, node) for path, node in nnx.iter_graph(model)
+             if isinstance(node, nnx.MultiHeadAttention)]
+    for path, node in found:
+        if not path:
+            raise ValueError("model is itself an nnx.MultiHeadAttention; use qdelta_like")
+        parent = model
+        for key in path[:-1]:
+            parent = parent[key] if isinstance(key, int) else getattr(parent, key)
+        new = qdelta_like(node, rngs=rngs, **options)
+        if isinstance(path[-1], int):
+            parent[path[-1]] = new
+        else:
+            setattr(parent, path[-1], new)
+    return [path for path, _ in found]
+
+
 # ----------------------------------------------------------------------------- Linen interop
 
 
