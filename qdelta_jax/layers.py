@@ -221,8 +221,9 @@ class QDelta(nnx.Module):
     Args:
       hidden_size: D. num_heads: H (query/key heads). head_dim: K.
       expand_v: V = expand_v * K (must be an integer).
-      num_v_heads: HV value heads, a multiple of H (``None``: H); q and k are repeated across
-        the HV / H value heads of their group.
+      num_v_heads: HV value heads, a multiple of H (``None``: H); each q/k head serves the
+        HV / H value heads of its group (value head j reads head j // (HV / H)); the op takes
+        the heads grouped.
       use_gate: output gate ``SiLU(W_g x)`` in the output norm. use_short_conv / conv_size: the
         causal depthwise conv on q, k, v (width W).
       allow_neg_eigval: double beta and lam (range (0, 2)).
