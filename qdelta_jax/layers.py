@@ -33,6 +33,23 @@ padding: a left-padded row computes exactly what the unpadded row computes.
 Parameter names (what :func:`qdelta_jax.model.weight_decay_mask` keys on): ``A_log`` and
 ``dt_bias`` (no weight decay, docs/MATH.md section 4), norm weights are called ``scale``;
 linear and conv weights are ``kernel``. There are no biases.
+
+Logical axis names: every parameter carries Flax partitioning metadata (``nnx.with_partitioning``;
+``nnx.get_partition_spec(nnx.state(layer))`` reads it), one name per dimension, which
+:mod:`qdelta_jax.train.sharding` maps to mesh axes:
+
+* ``"embed"`` D, ``"qk"`` H*K (q/k projections and their convs), ``"v"`` HV*V (v and gate
+  projections, their conv, the output projection's input), ``"heads"`` HV (``b_proj``,
+  ``lam_proj``, ``a_proj`` outputs, ``A_log``, ``dt_bias``), ``"conv"`` W, ``"norm"`` every norm
+  weight; the model adds ``"vocab"``, ``"mlp"`` and, with ``scan_layers``, ``"layers"``.
+
+The metadata is only names: values, shapes and the parameter tree are those of a layer without
+it, so checkpoints do not change. Variables are not sharded when they are created
+(``eager_sharding=False``): the names are not mesh axes, and building a layer needs no mesh.
+
+``dtype=None`` (as in Flax's own layers): the computation runs in the dtype of the inputs
+promoted with the parameters' (``jnp.result_type(x, param_dtype)``), so float32 parameters with
+bfloat16 inputs compute in float32, exactly as ``nnx.Linear(dtype=None)`` does.
 """
 
 from __future__ import annotations
@@ -70,6 +87,21 @@ def _normal(std: float):
     return nnx.initializers.normal(stddev=std)
 
 
+def partitioned(init, *names: str | None):
+    """``init`` (an initializer ``(key, shape, dtype) -> array``, or any function returning a
+    value) whose :class:`nnx.Param` carries the logical axis names ``names``, one per dimension
+    (``nnx.with_partitioning``; see the module docstring). Not sharded on creation
+    (``eager_sharding=False``), so it needs no mesh."""
+    return nnx.with_partitioning(init, names, eager_sharding=False)
+
+
+def _param(value, *names: str | None) -> nnx.Param:
+    """An :class:`nnx.Param` holding ``value`` with logical axis names (see :func:`partitioned`)."""
+    if len(names) != jnp.ndim(value):
+        raise ValueError(f"{len(names)} axis names {names} for a value of shape {jnp.shape(value)}")
+    return nnx.Param(partitioned(lambda: value, *names)())
+
+
 # ----------------------------------------------------------------------------- parts
 
 
@@ -80,7 +112,7 @@ class RMSNorm(nnx.Module):
                  rngs: nnx.Rngs | None = None):
         del rngs
         self.eps = eps
-        self.scale = nnx.Param(jnp.ones((dim,), param_dtype))
+        self.scale = _param(jnp.ones((dim,), param_dtype), "norm")
 
     def __call__(self, x: Array) -> Array:
         xf = x.astype(F32)
@@ -99,7 +131,7 @@ class GatedRMSNorm(nnx.Module):
                  rngs: nnx.Rngs | None = None):
         del rngs
         self.eps = eps
-        self.scale = nnx.Param(jnp.ones((dim,), param_dtype))
+        self.scale = _param(jnp.ones((dim,), param_dtype), "norm")
 
     def __call__(self, x: Array, gate: Array) -> Array:
         xf = x.astype(F32)
@@ -116,25 +148,35 @@ class ShortConv(nnx.Module):
     ``__call__(x [B, L, C], cache [B, W-1, C] | None, *, starts=None, mask=None)`` returns
     ``(y [B, L, C], new_cache [B, W-1, C])``. ``cache`` holds the inputs preceding ``x`` (zeros
     at the start of a sequence); the same code serves training (no cache), prefill and one-token
-    steps. ``starts [B, L]``: the position where each token's document starts; taps reaching
-    before it are dropped, so packed documents do not mix. ``mask [B, L]``: False positions
-    contribute a zero input (left padding).
+    steps; ``new_cache`` keeps the dtype of ``cache``. ``starts [B, L]``: the position where
+    each token's document starts; taps reaching before it are dropped, so packed documents do
+    not mix. ``mask [B, L]``: False positions contribute a zero input (left padding).
+
+    ``dtype``: compute dtype, ``None`` for the input's. ``channel_axis``: the logical name of the
+    channel axis of ``kernel [W, C]`` (``"qk"`` or ``"v"`` in the layer).
     """
 
     def __init__(self, channels: int, width: int = 4, *, std: float = 0.02, dtype=F32,
-                 param_dtype=F32, rngs: nnx.Rngs):
+                 param_dtype=F32, channel_axis: str = "qk", rngs: nnx.Rngs):
         self.width = width
         self.channels = channels
-        self.dtype = dtype
-        self.kernel = nnx.Param(_normal(std)(rngs.params(), (width, channels), param_dtype))
+        self.dtype = None if dtype is None else jnp.dtype(dtype)
+        self.param_dtype = jnp.dtype(param_dtype)
+        init = partitioned(_normal(std), "conv", channel_axis)
+        self.kernel = nnx.Param(init(rngs.params(), (width, channels), param_dtype))
 
-    def init_cache(self, batch_size: int) -> Float[Array, "B Wm1 C"]:
-        return jnp.zeros((batch_size, self.width - 1, self.channels), self.dtype)
+    def init_cache(self, batch_size: int, dtype=None) -> Float[Array, "B Wm1 C"]:
+        """Zero cache in ``dtype`` (default: the compute dtype, else ``param_dtype``)."""
+        if dtype is None:
+            dtype = self.param_dtype if self.dtype is None else self.dtype
+        return jnp.zeros((batch_size, self.width - 1, self.channels), dtype)
 
     def __call__(self, x, cache=None, *, starts=None, mask=None):
         B, L, C = x.shape
         Wm1 = self.width - 1
-        x = x.astype(self.dtype)
+        if self.dtype is not None:
+            x = x.astype(self.dtype)
+        cache_dtype = None if cache is None else cache.dtype
         if mask is not None:
             x = jnp.where(mask[..., None], x, jnp.zeros((), x.dtype))
         if cache is None:
@@ -152,7 +194,9 @@ class ShortConv(nnx.Module):
                 tap = jnp.where((t - lag >= starts)[..., None], tap, 0.0)
             y = y + w[i] * tap
         new_cache = xc[:, L:] if Wm1 > 0 else xc[:, :0]
-        return y.astype(self.dtype), new_cache
+        if cache_dtype is not None:  # a decoding loop's carry keeps its dtype
+            new_cache = new_cache.astype(cache_dtype)
+        return y.astype(x.dtype), new_cache
 
 
 # ----------------------------------------------------------------------------- the layer
@@ -177,8 +221,9 @@ class QDelta(nnx.Module):
     Args:
       hidden_size: D. num_heads: H (query/key heads). head_dim: K.
       expand_v: V = expand_v * K (must be an integer).
-      num_v_heads: HV value heads, a multiple of H (``None``: H); q and k are repeated across
-        the HV / H value heads of their group.
+      num_v_heads: HV value heads, a multiple of H (``None``: H); each q/k head serves the
+        HV / H value heads of its group (value head j reads head j // (HV / H)); the op takes
+        the heads grouped.
       use_gate: output gate ``SiLU(W_g x)`` in the output norm. use_short_conv / conv_size: the
         causal depthwise conv on q, k, v (width W).
       allow_neg_eigval: double beta and lam (range (0, 2)).
@@ -189,7 +234,8 @@ class QDelta(nnx.Module):
         ``fixed_lam=0.0`` that is DeltaNet.
       norm_eps: eps of the output norm. chunk_size, implementation: passed to ``qdelta_rule``.
       initializer_range: std of the normal init of every linear and conv kernel.
-      dtype: compute dtype (float32 or bfloat16); param_dtype: parameter dtype.
+      dtype: compute dtype (float32 or bfloat16), or ``None``: the inputs' dtype promoted with
+        ``param_dtype``, as Flax's layers infer it. param_dtype: parameter dtype.
 
     Parameters: ``q_proj, k_proj, v_proj, b_proj, [lam_proj], [a_proj, A_log, dt_bias],
     [q_conv1d, k_conv1d, v_conv1d], [g_proj], o_norm, o_proj``.
@@ -257,62 +303,65 @@ class QDelta(nnx.Module):
         self.use_decay = use_decay
         self.chunk_size = chunk_size
         self.implementation = implementation
-        self.dtype = jnp.dtype(dtype)
+        self.dtype = None if dtype is None else jnp.dtype(dtype)
+        self.param_dtype = jnp.dtype(param_dtype)
 
         D, H, HV, K, V = hidden_size, num_heads, num_v_heads, head_dim, self.head_v_dim
         init = _normal(initializer_range)
 
-        def linear(n_in, n_out):
-            return nnx.Linear(n_in, n_out, use_bias=False, kernel_init=init, dtype=dtype,
-                              param_dtype=param_dtype, rngs=rngs)
+        def linear(n_in, n_out, names):
+            return nnx.Linear(n_in, n_out, use_bias=False, kernel_init=partitioned(init, *names),
+                              dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
-        self.q_proj = linear(D, H * K)
-        self.k_proj = linear(D, H * K)
-        self.v_proj = linear(D, HV * V)
-        self.b_proj = linear(D, HV)
-        self.lam_proj = linear(D, HV) if self.fixed_lam is None else None
+        self.q_proj = linear(D, H * K, ("embed", "qk"))
+        self.k_proj = linear(D, H * K, ("embed", "qk"))
+        self.v_proj = linear(D, HV * V, ("embed", "v"))
+        self.b_proj = linear(D, HV, ("embed", "heads"))
+        self.lam_proj = linear(D, HV, ("embed", "heads")) if self.fixed_lam is None else None
         if use_decay:
-            self.a_proj = linear(D, HV)
+            self.a_proj = linear(D, HV, ("embed", "heads"))
             # docs/MATH.md section 4: A ~ U(0, 16), A_log = log A (A clipped away from 0, a
             # measure-zero event, so the log stays finite); dt = exp(U(log 1e-3, log 1e-1))
             # floored at 1e-4, dt_bias = inverse softplus(dt).
             A = jax.random.uniform(rngs.params(), (HV,), F32, 0.0, 16.0)
-            self.A_log = nnx.Param(jnp.log(jnp.maximum(A, 1e-12)).astype(param_dtype))
+            self.A_log = _param(jnp.log(jnp.maximum(A, 1e-12)).astype(param_dtype), "heads")
             u = jax.random.uniform(rngs.params(), (HV,), F32)
             dt = jnp.exp(u * (math.log(1e-1) - math.log(1e-3)) + math.log(1e-3))
             dt = jnp.maximum(dt, 1e-4)
-            self.dt_bias = nnx.Param((dt + jnp.log(-jnp.expm1(-dt))).astype(param_dtype))
+            self.dt_bias = _param((dt + jnp.log(-jnp.expm1(-dt))).astype(param_dtype), "heads")
         else:
             self.a_proj = self.A_log = self.dt_bias = None
         if use_short_conv:
-            def conv(c):
+            def conv(c, name):
                 return ShortConv(c, conv_size, std=initializer_range, dtype=dtype,
-                                 param_dtype=param_dtype, rngs=rngs)
+                                 param_dtype=param_dtype, channel_axis=name, rngs=rngs)
 
-            self.q_conv1d, self.k_conv1d, self.v_conv1d = conv(H * K), conv(H * K), conv(HV * V)
+            self.q_conv1d, self.k_conv1d = conv(H * K, "qk"), conv(H * K, "qk")
+            self.v_conv1d = conv(HV * V, "v")
         else:
             self.q_conv1d = self.k_conv1d = self.v_conv1d = None
         if use_gate:
-            self.g_proj = linear(D, HV * V)
+            self.g_proj = linear(D, HV * V, ("embed", "v"))
             self.o_norm = GatedRMSNorm(V, eps=norm_eps, param_dtype=param_dtype)
         else:
             self.g_proj = None
             self.o_norm = RMSNorm(V, eps=norm_eps, param_dtype=param_dtype)
-        self.o_proj = linear(HV * V, D)
+        self.o_proj = linear(HV * V, D, ("v", "embed"))
 
     # ------------------------------------------------------------------ pieces
 
-    def init_cache(self, batch_size: int) -> LayerCache:
-        """Zero state and conv caches for ``batch_size`` sequences."""
+    def init_cache(self, batch_size: int, dtype=None) -> LayerCache:
+        """Zero state and conv caches for ``batch_size`` sequences; the conv caches in ``dtype``
+        (default: the compute dtype; ``param_dtype`` where that is ``None``)."""
         if not isinstance(batch_size, numbers.Integral) or isinstance(batch_size, bool) or (
                 batch_size < 1):
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
         state = jnp.zeros((batch_size, self.num_v_heads, self.head_dim, self.head_v_dim), F32)
         if not self.use_short_conv:
             return LayerCache(state, None, None, None)
-        return LayerCache(state, self.q_conv1d.init_cache(batch_size),
-                          self.k_conv1d.init_cache(batch_size),
-                          self.v_conv1d.init_cache(batch_size))
+        return LayerCache(state, self.q_conv1d.init_cache(batch_size, dtype),
+                          self.k_conv1d.init_cache(batch_size, dtype),
+                          self.v_conv1d.init_cache(batch_size, dtype))
 
     def _gates(self, x, mask):
         """beta, lam, g ``[B, T, HV]`` float32."""
@@ -352,12 +401,15 @@ class QDelta(nnx.Module):
         k = k.reshape(B, T, H, K)
         v = v.reshape(B, T, HV, V)
         # Normalise once, here, for every path (the op is called with normalize_qk=False).
-        q = reference.l2_normalize(q).astype(self.dtype)
-        k = reference.l2_normalize(k).astype(self.dtype)
-        if HV != H:
-            q = jnp.repeat(q, HV // H, axis=2)
-            k = jnp.repeat(k, HV // H, axis=2)
-        return q, k, v.astype(self.dtype), conv_caches
+        q = reference.l2_normalize(q).astype(x.dtype)
+        k = reference.l2_normalize(k).astype(x.dtype)
+        return q, k, v.astype(x.dtype), conv_caches
+
+    def _per_value_head(self, a: Array) -> Array:
+        """q or k ``[..., H, K]`` repeated to ``[..., HV, K]``: value head j reads head j // G
+        (what the op does inside with grouped value heads)."""
+        G = self.num_v_heads // self.num_heads
+        return a if G == 1 else jnp.repeat(a, G, axis=-2)
 
     def _rule(self, q, k, v, g, beta, lam, *, cu, initial_state, output_final_state):
         kw = dict(scale=self.head_dim**-0.5, normalize_qk=False, chunk_size=self.chunk_size,
@@ -408,7 +460,9 @@ class QDelta(nnx.Module):
         if cu_seqlens is not None:
             cu = normalize_cu_seqlens(cu_seqlens, B, T)
             starts = packing.doc_starts(cu, T)
-        x = x.astype(self.dtype)
+        # dtype=None: the inputs' dtype promoted with the parameters', as Flax's layers infer it.
+        x = x.astype(jnp.result_type(x.dtype, self.param_dtype) if self.dtype is None
+                     else self.dtype)
         if (cache is not None and T == 1 and not return_aux
                 and self.decode_implementation(B) == "pallas"):
             o, new_cache = self._fused_step(x, cache, mask)
@@ -428,16 +482,18 @@ class QDelta(nnx.Module):
 
     def _mix(self, x, cache, cu, starts, mask):
         """The token mixing in plain XLA: ``(o [B, T, HV, V], new_cache, aux)``."""
-        q, k, v, conv_caches = self._qkv(x, cache, starts, mask)
+        q, k, v, conv_caches = self._qkv(x, cache, starts, mask)  # q, k: [B, T, H, K]
         beta, lam, g = self._gates(x, mask)
-        aux = dict(q=q, k=k, beta=beta, lam=lam, g=g)
+        # The op repeats q, k over grouped value heads itself; aux shows them per value head.
+        aux = dict(q=self._per_value_head(q), k=self._per_value_head(k), beta=beta, lam=lam, g=g)
         if cache is None:
             o, _ = self._rule(q, k, v, g, beta, lam, cu=cu, initial_state=None,
                               output_final_state=False)
             return o, None, aux
         if x.shape[1] == 1:
-            state, o = reference.qdelta_step(cache.state, q[:, 0], k[:, 0], v[:, 0], g[:, 0],
-                                             beta[:, 0], lam[:, 0], self.head_dim**-0.5)
+            o, state = reference.qdelta_step(
+                aux["q"][:, 0], aux["k"][:, 0], v[:, 0], g[:, 0], beta[:, 0], lam[:, 0],
+                scale=self.head_dim**-0.5, state=cache.state)
             if mask is not None and self.use_short_conv:
                 # A masked token leaves the conv cache as it was (its state update is already
                 # the identity: beta = g = 0), so finished rows of a batch stay frozen.
@@ -474,7 +530,7 @@ class QDelta(nnx.Module):
         small = [self.b_proj]
         small += [self.lam_proj] if self.fixed_lam is None else []
         small += [self.a_proj] if self.use_decay else []
-        w = jnp.concatenate([p.kernel[...].astype(self.dtype) for p in small], axis=1)
+        w = jnp.concatenate([p.kernel[...].astype(x.dtype) for p in small], axis=1)
         gl = jnp.split(jnp.dot(x0, w), len(small), axis=1)
         b_lin = gl.pop(0)
         lam_lin = gl.pop(0) if self.fixed_lam is None else None
@@ -499,6 +555,50 @@ class QDelta(nnx.Module):
         return o[:, None], LayerCache(state, *conv)
 
 
+# ----------------------------------------------------------------------------- from attention
+
+
+def qdelta_like(attn: nnx.MultiHeadAttention, *, rngs: nnx.Rngs, **options) -> QDelta:
+    """A fresh :class:`QDelta` with the sizes and dtypes of a self-attention layer (the recipe of
+    docs/FLAX.md): ``hidden_size = in_features``, ``num_heads``, ``head_dim = qkv_features //
+    num_heads``, ``dtype`` and ``param_dtype``; ``options`` are further :class:`QDelta`
+    arguments (``expand_v``, ``num_v_heads``, ...) and override these. The weights are new
+    (attention's do not carry over); biases, dropout and the attention's initializers have no
+    counterpart. Raises ``ValueError`` when ``out_features != in_features`` (the layer maps D to
+    D) and ``TypeError`` for anything but an ``nnx.MultiHeadAttention``."""
+    if not isinstance(attn, nnx.MultiHeadAttention):
+        raise TypeError(f"attn must be an nnx.MultiHeadAttention, got {type(attn).__name__}")
+    if attn.out_features != attn.in_features:
+        raise ValueError(
+            f"attn.out_features ({attn.out_features}) must equal attn.in_features "
+            f"({attn.in_features}): QDelta maps hidden_size to hidden_size"
+        )
+    kw = dict(hidden_size=attn.in_features, num_heads=attn.num_heads, head_dim=attn.head_dim,
+              dtype=attn.dtype, param_dtype=attn.param_dtype)
+    kw.update(options)
+    return QDelta(rngs=rngs, **kw)
+
+
+def replace_attention(model: nnx.Module, *, rngs: nnx.Rngs, **options) -> list[tuple]:
+    """Replaces, in place, every ``nnx.MultiHeadAttention`` inside ``model`` by
+    :func:`qdelta_like` of it (``options`` as there) and returns the paths replaced. The call
+    sites must change too: ``attn(x, mask=causal_mask)`` becomes ``attn(x)`` (docs/FLAX.md)."""
+    found = [(path, node) for path, node in nnx.iter_graph(model)
+             if isinstance(node, nnx.MultiHeadAttention)]
+    for path, node in found:
+        if not path:
+            raise ValueError("model is itself an nnx.MultiHeadAttention; use qdelta_like")
+        parent = model
+        for key in path[:-1]:
+            parent = parent[key] if isinstance(key, int) else getattr(parent, key)
+        new = qdelta_like(node, rngs=rngs, **options)
+        if isinstance(path[-1], int):
+            parent[path[-1]] = new
+        else:
+            setattr(parent, path[-1], new)
+    return [path for path, _ in found]
+
+
 # ----------------------------------------------------------------------------- Linen interop
 
 
@@ -508,7 +608,9 @@ def qdelta_linen(hidden_size: int, num_heads: int, head_dim: int, *, name: str |
 
     ``qdelta_linen(D, H, K, **options)`` returns a ``flax.linen.Module``; use it inside a Linen
     model (``@nn.compact``) like any Linen layer. Its parameters live in the ``params``
-    collection under the same names as the NNX layer (``A_log``, ``dt_bias`` included). Call it
-    as ``layer(x)`` or ``layer(x, cu_seqlens=...)``.
+    collection under the same names as the NNX layer (``A_log``, ``dt_bias`` included), boxed
+    with their logical axis names as Linen's partitioned parameters are (``nn.unbox`` gives
+    the arrays, ``nn.get_partition_spec`` the names). Call it as ``layer(x)`` or
+    ``layer(x, cu_seqlens=...)``.
     """
     return nnx.bridge.to_linen(QDelta, hidden_size, num_heads, head_dim, name=name, **kwargs)

@@ -47,7 +47,7 @@ from flax import nnx
 from jaxtyping import Array, Bool, Float, Int
 
 from qdelta_jax import ops
-from qdelta_jax.layers import LayerCache, QDelta, RMSNorm, normalize_cu_seqlens
+from qdelta_jax.layers import LayerCache, QDelta, RMSNorm, normalize_cu_seqlens, partitioned
 
 F32 = jnp.float32
 DTYPES = ("float32", "bfloat16")
@@ -316,13 +316,14 @@ class SwiGLU(nnx.Module):
 
     def __init__(self, hidden_size: int, intermediate_size: int, *, std: float, dtype,
                  param_dtype, rngs: nnx.Rngs):
-        def linear(n_in, n_out):
+        def linear(n_in, n_out, names):
             return nnx.Linear(n_in, n_out, use_bias=False, dtype=dtype, param_dtype=param_dtype,
-                              kernel_init=nnx.initializers.normal(std), rngs=rngs)
+                              kernel_init=partitioned(nnx.initializers.normal(std), *names),
+                              rngs=rngs)
 
-        self.gate_proj = linear(hidden_size, intermediate_size)
-        self.up_proj = linear(hidden_size, intermediate_size)
-        self.down_proj = linear(intermediate_size, hidden_size)
+        self.gate_proj = linear(hidden_size, intermediate_size, ("embed", "mlp"))
+        self.up_proj = linear(hidden_size, intermediate_size, ("embed", "mlp"))
+        self.down_proj = linear(intermediate_size, hidden_size, ("mlp", "embed"))
 
     def __call__(self, x: Array) -> Array:
         return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -519,11 +520,12 @@ class QDeltaLM(nnx.Module):
         dtype, pdtype = jnp.dtype(c.compute_dtype), jnp.dtype(c.param_dtype)
         self.dtype = dtype
         self.embed = nnx.Embed(c.vocab_size, c.hidden_size, dtype=dtype, param_dtype=pdtype,
-                               embedding_init=nnx.initializers.normal(c.initializer_range),
+                               embedding_init=partitioned(
+                                   nnx.initializers.normal(c.initializer_range), "vocab", "embed"),
                                rngs=rngs)
         if c.scan_layers:
             @nnx.split_rngs(splits=c.num_hidden_layers)
-            @nnx.vmap(in_axes=0, out_axes=0)
+            @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
             def stacked_blocks(rngs):
                 return Block(c, rngs=rngs)
 
@@ -536,7 +538,8 @@ class QDeltaLM(nnx.Module):
         else:
             self.lm_head = nnx.Linear(
                 c.hidden_size, c.vocab_size, use_bias=False, dtype=dtype, param_dtype=pdtype,
-                kernel_init=nnx.initializers.normal(c.initializer_range),
+                kernel_init=partitioned(nnx.initializers.normal(c.initializer_range), "embed",
+                                        "vocab"),
                 preferred_element_type=F32, rngs=rngs,
             )
 

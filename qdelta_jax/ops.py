@@ -139,33 +139,48 @@ def default_implementation(chunk_size: int = 64, K: int | None = None,
 def qdelta_rule(
     q: Float[Array, "B T H K"],
     k: Float[Array, "B T H K"],
-    v: Float[Array, "B T H V"],
-    g: Float[Array, "B T H"],
-    beta: Float[Array, "B T H"],
-    lam: Float[Array, "B T H"],
+    v: Float[Array, "B T HV V"],
+    g: Float[Array, "B T HV"],
+    beta: Float[Array, "B T HV"],
+    lam: Float[Array, "B T HV"],
     *,
     scale: float | None = None,
-    initial_state: Float[Array, "N H K V"] | None = None,
+    initial_state: Float[Array, "N HV K V"] | None = None,
     output_final_state: bool = False,
     normalize_qk: bool = True,
     check_values: bool = False,
     cu_seqlens: Int[Array, " N+1"] | Int[Array, "B S+1"] | None = None,
     chunk_size: int = 64,
     implementation: str | None = None,
-) -> tuple[Float[Array, "B T H V"], Float[Array, "N H K V"] | None]:
+) -> tuple[Float[Array, "B T HV V"], Float[Array, "N HV K V"] | None]:
     """The Q-Delta recurrence (docs/MATH.md section 1) over a batch of sequences.
+
+    **q and k are L2-normalised inside the op by default** (``normalize_qk=True``:
+    ``x / sqrt(sum(x ** 2) + 1e-6)`` over K, in float32, the normalisation of fla's ``l2norm``),
+    because the recurrence contracts only for unit keys (docs/MATH.md, Lemma 3.1) and the
+    authors' layer always normalises. fla's ``chunk_gated_delta_rule`` defaults the other way,
+    ``use_qk_l2norm_in_kernel=False``: it takes q and k as given. So a call ported from fla
+    without that flag must pass ``normalize_qk=False`` here to compute the same function (and
+    ``use_qk_l2norm_in_kernel=True`` there is this op's default). ``scale`` never enters the
+    normalisation or ``x = k + lam q``; it multiplies the output only.
+
+    Grouped value heads, as fla's op takes them: ``v``, ``g``, ``beta``, ``lam`` and the states
+    have HV heads, ``q`` and ``k`` H heads, HV a multiple of H; value head ``j`` reads query and
+    key head ``j // (HV // H)``. Every implementation sees q and k repeated to HV heads inside
+    the op (exact: the gradients of q and k are the sums over their group).
 
     Args:
       q, k: ``[B, T, H, K]`` queries and keys, float32 or bfloat16.
-      v: ``[B, T, H, V]`` values; ``o`` gets this dtype.
-      g: ``[B, T, H]`` log decay (``a_t = exp(g_t)``, ``g <= 0``).
-      beta: ``[B, T, H]`` write strength. lam: ``[B, T, H]`` query mixing ``x = k + lam q``.
+      v: ``[B, T, HV, V]`` values (HV = H unless the value heads are grouped); ``o`` gets
+        this dtype.
+      g: ``[B, T, HV]`` log decay (``a_t = exp(g_t)``, ``g <= 0``).
+      beta: ``[B, T, HV]`` write strength. lam: ``[B, T, HV]`` query mixing ``x = k + lam q``.
       scale: output scale, default ``K ** -0.5``; it touches the output only.
-      initial_state: ``[N, H, K, V]`` state entering each sequence (``N = B``; with
+      initial_state: ``[N, HV, K, V]`` state entering each sequence (``N = B``; with
         ``cu_seqlens`` one per packed document: ``N``, or ``B S`` for per-row offsets, document
         ``s`` of row ``b`` at ``b S + s``); zero when ``None``.
-      output_final_state: return the float32 ``[N, H, K, V]`` final states (else ``None``).
-      normalize_qk: L2-normalise ``q`` and ``k`` over K inside the op (as the authors do).
+      output_final_state: return the float32 ``[N, HV, K, V]`` final states (else ``None``).
+      normalize_qk: L2-normalise ``q`` and ``k`` over K inside the op (default; see above).
       check_values: check the values where the op is defined when it runs (a debugging aid:
         one host callback per call): every input finite except ``g``, which must be ``<= 0``
         (``-inf`` is allowed: a full reset). A violation raises an error naming the argument,
@@ -182,10 +197,11 @@ def qdelta_rule(
         ``"pallas-mosaic"`` to choose the forward kernels), or ``None`` (fastest available).
 
     Returns:
-      ``(o, final_state)``: ``o [B, T, H, V]`` in ``v``'s dtype; ``final_state`` or ``None``.
+      ``(o, final_state)``: ``o [B, T, HV, V]`` in ``v``'s dtype; ``final_state`` or ``None``.
 
     Raises:
-      ValueError / TypeError naming the argument for wrong shapes, dtypes or settings.
+      ValueError / TypeError naming the argument for wrong shapes, dtypes or settings (HV not
+      a multiple of H among them).
     """
     if implementation is not None and implementation not in IMPLEMENTATIONS:
         raise ValueError(
@@ -199,16 +215,23 @@ def qdelta_rule(
         raise ValueError(f"q must have shape [B, T, H, K], got {_fmt(q.shape)}")
     B, T, H, K = q.shape
     _check_shape("k", k, (B, T, H, K), "[B, T, H, K]")
-    if v.ndim != 4 or tuple(v.shape[:3]) != (B, T, H):
+    HV = v.shape[2] if v.ndim == 4 else H
+    hv = "H" if HV == H else "HV"  # the legend names HV only where the value heads are grouped
+    if v.ndim != 4 or tuple(v.shape[:2]) != (B, T):
         raise ValueError(
-            f"v must have shape [B, T, H, V] = {_fmt((B, T, H, 'V'))}, got {_fmt(v.shape)}"
+            f"v must have shape [B, T, {hv}, V] = {_fmt((B, T, HV, 'V'))}, got {_fmt(v.shape)}"
         )
     V = v.shape[-1]
+    if H and HV % H:
+        raise ValueError(
+            f"v has HV = {HV} value heads, which must be a multiple of the H = {H} heads of q "
+            f"and k (grouped value heads); got q {_fmt(q.shape)}, v {_fmt(v.shape)}"
+        )
     for name, x in (("g", g), ("beta", beta), ("lam", lam)):
-        _check_shape(name, x, (B, T, H), "[B, T, H]")
+        _check_shape(name, x, (B, T, HV), f"[B, T, {hv}]")
     if implementation is None:  # the head sizes are known from here on
         implementation = default_implementation(chunk_size, K, V)
-    if T == 0 or K == 0 or V == 0 or H == 0:
+    if T == 0 or K == 0 or V == 0 or H == 0 or HV == 0:
         raise ValueError(f"q and v must have non-empty T, H, K, V, got q {_fmt(q.shape)}, "
                          f"v {_fmt(v.shape)}")
     if not isinstance(chunk_size, (int, np.integer)) or chunk_size < 1 or (
@@ -225,7 +248,7 @@ def qdelta_rule(
         N = packing.num_states(cu_seqlens)
     if initial_state is not None:
         _check_float("initial_state", initial_state)
-        _check_shape("initial_state", initial_state, (N, H, K, V), "[N, H, K, V]")
+        _check_shape("initial_state", initial_state, (N, HV, K, V), f"[N, {hv}, K, V]")
 
     if check_values:
         _check_values(q=q, k=k, v=v, g=g, beta=beta, lam=lam, initial_state=initial_state)
@@ -237,6 +260,8 @@ def qdelta_rule(
         else:
             q = reference.l2_normalize(q).astype(q.dtype)
             k = reference.l2_normalize(k).astype(k.dtype)
+    if HV != H:  # grouped value heads: value head j reads q/k head j // (HV // H)
+        q, k = jnp.repeat(q, HV // H, axis=2), jnp.repeat(k, HV // H, axis=2)
 
     if implementation == "reference":
         cu = cu_seqlens

@@ -35,18 +35,21 @@ def l2_normalize(x: Array, eps: float = 1e-6) -> Array:
 
 
 def qdelta_step(
-    state: Float[Array, "... K V"],
     q: Float[Array, "... K"],
     k: Float[Array, "... K"],
     v: Float[Array, "... V"],
     g: Float[Array, "..."],
     beta: Float[Array, "..."],
     lam: Float[Array, "..."],
+    *,
     scale: float,
-) -> tuple[Float[Array, "... K V"], Float[Array, "... V"]]:
+    state: Float[Array, "... K V"],
+) -> tuple[Float[Array, "... V"], Float[Array, "... K V"]]:
     """One token of the recurrence for any leading batch axes (``q``, ``k`` already normalised).
 
-    Returns ``(new_state, o)``; the state is float32, ``o`` is float32.
+    Arguments and results in the order of :func:`qdelta_jax.ops.qdelta_rule`: the inputs
+    ``q, k, v, g, beta, lam`` positionally, ``scale`` and the incoming ``state`` by keyword;
+    returns ``(o, new_state)``, both float32 (float64 for float64 inputs).
     """
     f32 = jnp.promote_types(q.dtype, jnp.float32)  # float64 stays float64 (gradient checks)
     state = state.astype(f32)
@@ -58,7 +61,7 @@ def qdelta_step(
     err = v - pred
     s = s + beta[..., None, None] * (k[..., :, None] * err[..., None, :])
     o = scale * jnp.einsum("...kv,...k->...v", s, q, precision=HIGHEST)
-    return s, o
+    return o, s
 
 
 def qdelta_scan(
@@ -88,7 +91,7 @@ def qdelta_scan(
         xs = [jnp.moveaxis(a, 1, 0) for a in (q, k, v, g, beta, lam)]
 
         def body(s, inp):
-            s, o = qdelta_step(s, *inp, scale)
+            o, s = qdelta_step(*inp, scale=scale, state=s)
             return s, o
 
         final, o = lax.scan(body, h0, xs)
@@ -107,7 +110,7 @@ def qdelta_scan(
         s, finals = carry
         qt, kt, vt, gt, bt, lt, n, first, last = inp
         s = jnp.where(first, h0[n], s)
-        s, o = qdelta_step(s, qt, kt, vt, gt, bt, lt, scale)
+        o, s = qdelta_step(qt, kt, vt, gt, bt, lt, scale=scale, state=s)
         finals = finals.at[n].set(jnp.where(last, s, finals[n]))
         return (s, finals), o
 

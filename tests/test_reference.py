@@ -94,7 +94,8 @@ def test_step_is_one_token_of_the_scan():
         q, k, v, g, beta, lam, initial_state=h0, output_final_state=True,
         implementation="reference", normalize_qk=False,
     )
-    s, o1 = qdelta_step(h0, q[:, 0], k[:, 0], v[:, 0], g[:, 0], beta[:, 0], lam[:, 0], 8**-0.5)
+    o1, s = qdelta_step(q[:, 0], k[:, 0], v[:, 0], g[:, 0], beta[:, 0], lam[:, 0], scale=8**-0.5,
+                        state=h0)
     np.testing.assert_allclose(o[:, 0], o1, rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(final, s, rtol=1e-6, atol=1e-6)
 
@@ -107,7 +108,8 @@ def test_contraction_of_the_error_at_no_decay():
     qn, kn = l2_normalize(q)[0, 0, 0], l2_normalize(k)[0, 0, 0]
     x = kn + lam[0, 0, 0] * qn
     s0 = h0[0, 0]
-    s1, _ = qdelta_step(s0, qn, kn, v[0, 0, 0], jnp.zeros(()), beta[0, 0, 0], lam[0, 0, 0], 1.0)
+    _, s1 = qdelta_step(qn, kn, v[0, 0, 0], jnp.zeros(()), beta[0, 0, 0], lam[0, 0, 0], scale=1.0,
+                        state=s0)
     e_before = v[0, 0, 0] - s0.T @ x
     e_after = v[0, 0, 0] - s1.T @ x
     c = kn @ x

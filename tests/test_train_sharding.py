@@ -1,5 +1,6 @@
-"""Tests of :mod:`qdelta_jax.train.sharding`: mesh parsing, sharding rules, multi-host detection,
-and 8 host devices (data=4, fsdp=2) computing the same losses as one device."""
+"""Tests of :mod:`qdelta_jax.train.sharding`: mesh parsing, multi-host detection, and 8 host
+devices (data=4, fsdp=2) computing the same losses as one device. The logical-axis sharding rules
+are tested with the parameters' metadata in ``tests/test_flax_conventions.py``."""
 
 from __future__ import annotations
 
@@ -11,7 +12,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from jax.sharding import PartitionSpec as P
 
 from qdelta_jax.train import sharding as shd
 
@@ -40,15 +40,6 @@ def test_parse_mesh_errors(spec, n, msg):
     with pytest.raises(shd.MeshError, match=msg) as e:
         shd.parse_mesh(spec, n)
     assert "--mesh" in str(e.value)
-
-
-def test_param_spec_rule():
-    assert shd.param_spec((64, 256), 2) == P(None, "fsdp")
-    assert shd.param_spec((256, 64), 2) == P("fsdp", None)
-    assert shd.param_spec((6, 9), 4) == P()  # nothing divisible: replicated
-    assert shd.param_spec((12, 9), 4) == P("fsdp", None)
-    assert shd.param_spec((), 2) == P()
-    assert shd.param_spec((64, 256), 1) == P()
 
 
 def test_distributed_detection(monkeypatch):

@@ -2,9 +2,18 @@
 
 The mesh has two axes, ``("data", "fsdp")``, from ``--mesh data=4,fsdp=2`` (default: every device
 on ``data``). The batch axis of every batch array is split over both axes, so each device sees
-``B / (data * fsdp)`` rows. Parameters and optimizer state are sharded by a shape rule: the
-largest dimension divisible by the ``fsdp`` size is split over ``"fsdp"``, everything else
-(scalars, small or indivisible leaves) is replicated. XLA inserts the all-gathers and
+``B / (data * fsdp)`` rows.
+
+Parameters are sharded by their logical axis names (the partitioning metadata every parameter of
+:mod:`qdelta_jax.layers` and :mod:`qdelta_jax.model` carries: ``"embed"``, ``"qk"``, ``"v"``,
+``"heads"``, ``"conv"``, ``"norm"``, ``"vocab"``, ``"mlp"``, ``"layers"``) through
+:data:`LOGICAL_RULES`, pairs ``(logical name, mesh axis or None)`` in Flax's logical-axis-rules
+form. Each dimension takes the first rule of its name whose mesh axis is not already used by an
+earlier dimension of the same parameter and whose size divides the dimension; otherwise it is
+replicated. So the large matrices are split over ``"fsdp"`` along one dimension (``embed``
+first), and the per-head vectors (``A_log``, ``dt_bias``), norm weights and conv taps are
+replicated. The optimizer state's moments and the float32 master copy get the spec of the
+parameter they mirror; its scalars are replicated. XLA inserts the all-gathers and
 reduce-scatters that this layout needs; with ``fsdp = 1`` it is plain data parallelism.
 
 The loss is a sum over the whole global batch divided by the count of masked positions, so every
@@ -25,6 +34,20 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 AXES = ("data", "fsdp")
 BATCH_SPEC = PartitionSpec(AXES)
+
+#: Logical axis name -> mesh axis (or ``None``: replicated), in priority order (see the module
+#: docstring). Pass other rules to :func:`tree_shardings` to lay parameters out differently.
+LOGICAL_RULES: tuple[tuple[str, str | None], ...] = (
+    ("embed", "fsdp"),
+    ("vocab", "fsdp"),
+    ("mlp", "fsdp"),
+    ("qk", "fsdp"),
+    ("v", "fsdp"),
+    ("heads", None),
+    ("conv", None),
+    ("norm", None),
+    ("layers", None),
+)
 
 
 class MeshError(ValueError):
@@ -79,23 +102,99 @@ def make_mesh(spec: str | None = None, devices=None) -> Mesh:
     return Mesh(np.array(devices).reshape(sizes["data"], sizes["fsdp"]), AXES)
 
 
-def param_spec(shape: tuple[int, ...], fsdp: int) -> PartitionSpec:
-    """Shards the largest dimension divisible by ``fsdp`` over ``"fsdp"``; else replicated."""
-    if fsdp <= 1 or not shape:
-        return PartitionSpec()
-    order = sorted(range(len(shape)), key=lambda d: (-shape[d], d))
-    for d in order:
-        if shape[d] % fsdp == 0 and shape[d] >= fsdp:
-            spec = [None] * len(shape)
-            spec[d] = "fsdp"
-            return PartitionSpec(*spec)
-    return PartitionSpec()
+def logical_axes(params) -> Any:
+    """The logical axis names of every parameter: ``params`` is an NNX module or its
+    ``nnx.State`` (a model built with ``nnx.eval_shape`` costs no memory); returns a nested dict
+    shaped like ``nnx.to_pure_dict(nnx.state(params, nnx.Param))`` with a tuple of names per
+    parameter. Raises ``ValueError`` naming a parameter without names, or whose names do not
+    match its number of dimensions."""
+    from flax import nnx
+
+    state = params if isinstance(params, nnx.State) else nnx.state(params, nnx.Param)
+    specs = nnx.get_partition_spec(state)  # PartitionSpec(*names), the same on flax 0.12.x
+    shapes = dict(nnx.to_flat_state(state))
+    flat = []
+    for path, spec in nnx.to_flat_state(specs):
+        names = tuple(spec.get_value())
+        shape = np.shape(shapes[path].get_value())
+        if len(names) != len(shape):
+            where = ".".join(str(p) for p in path)
+            what = "no logical axis names" if not names else f"logical axis names {names}"
+            raise ValueError(f"parameter {where} of shape {list(shape)} has {what}; expected one "
+                             "name per dimension (nnx.with_partitioning)")
+        flat.append((path, names))
+    return _nest(flat)
 
 
-def tree_shardings(mesh: Mesh, tree: Any) -> Any:
-    """A ``NamedSharding`` for every leaf of ``tree`` (arrays or ``ShapeDtypeStruct``)."""
-    fsdp = mesh.shape["fsdp"]
-    return jax.tree.map(lambda x: NamedSharding(mesh, param_spec(np.shape(x), fsdp)), tree)
+def _nest(flat) -> dict:
+    out: dict = {}
+    for path, value in flat:
+        node = out
+        for key in path[:-1]:
+            node = node.setdefault(key, {})
+        node[path[-1]] = value
+    return out
+
+
+def logical_spec(names: tuple, shape: tuple[int, ...], mesh_shape: dict[str, int],
+                 rules=LOGICAL_RULES) -> PartitionSpec:
+    """The ``PartitionSpec`` of a parameter of ``shape`` with logical axis ``names`` on a mesh of
+    ``mesh_shape`` (``{axis: size}``), by ``rules`` (see the module docstring). Mesh axes of
+    size 1 are left out. Raises ``ValueError`` for a name without a rule, or a rule naming an
+    axis the mesh does not have."""
+    known = {name for name, _ in rules}
+    spec, used = [], set()
+    for name, size in zip(names, shape, strict=True):
+        if name is not None and name not in known:
+            raise ValueError(f"logical axis {name!r} has no sharding rule; rules: {rules}")
+        chosen = None
+        for rule_name, axis in rules:
+            if rule_name != name or axis is None or axis in used:
+                continue
+            if axis not in mesh_shape:
+                raise ValueError(f"sharding rule ({name!r}, {axis!r}): the mesh has no axis "
+                                 f"{axis!r}; its axes are {tuple(mesh_shape)}")
+            n = mesh_shape[axis]
+            if n > 1 and size % n == 0:
+                chosen = axis
+                break
+        if chosen is not None:
+            used.add(chosen)
+        spec.append(chosen)
+    return PartitionSpec(*spec)
+
+
+def tree_shardings(mesh: Mesh, tree: Any, axes: Any, rules=LOGICAL_RULES) -> Any:
+    """A ``NamedSharding`` for every leaf of ``tree`` (arrays or ``ShapeDtypeStruct``): the
+    parameters themselves, or a train state that holds parameter-shaped subtrees (optimizer
+    moments, a float32 master copy). ``axes`` is :func:`logical_axes` of the model. A leaf whose
+    key path ends with a parameter's path and which has that parameter's number of dimensions
+    is laid out by :func:`logical_spec`; every other leaf (step counters, RNG keys) is
+    replicated."""
+    mesh_shape = dict(mesh.shape)
+    by_path = {}
+    for path, names in jax.tree_util.tree_flatten_with_path(
+            axes, is_leaf=lambda x: isinstance(x, tuple))[0]:
+        by_path[tuple(_key(p) for p in path)] = names
+    depth = sorted({len(p) for p in by_path}, reverse=True)  # the longest match is the param
+
+    def leaf(path, x):
+        keys = tuple(_key(p) for p in path)
+        shape = np.shape(x)
+        for d in depth:
+            names = by_path.get(keys[-d:]) if len(keys) >= d else None
+            if names is not None and len(names) == len(shape):
+                return NamedSharding(mesh, logical_spec(names, shape, mesh_shape, rules))
+        return NamedSharding(mesh, PartitionSpec())
+
+    return jax.tree_util.tree_map_with_path(leaf, tree)
+
+
+def _key(entry) -> Any:
+    for attr in ("key", "name", "idx"):
+        if hasattr(entry, attr):
+            return getattr(entry, attr)
+    return str(entry)
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -328,11 +328,14 @@ class Session:
         # bfloat16 params: the optimizer keeps a float32 master copy of them.
         self.tx = loop.make_optimizer(self.ocfg,
                                       float32_master=model_cfg.param_dtype != "float32")
-        self.param_shardings = shd.tree_shardings(mesh, self.fns.abstract_params)
+        # Parameters (and the optimizer state that mirrors them) are laid out by their logical
+        # axis names (shd.LOGICAL_RULES).
+        axes = shd.logical_axes(nnx.eval_shape(self.fns.make_model))
+        self.param_shardings = shd.tree_shardings(mesh, self.fns.abstract_params, axes)
         abstract = jax.eval_shape(
             lambda p: loop.init_train_state(p, self.tx, a.seed), self.fns.abstract_params
         )
-        self.state_shardings = shd.tree_shardings(mesh, abstract)
+        self.state_shardings = shd.tree_shardings(mesh, abstract, axes)
         self.abstract_state = jax.tree.map(
             lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
             abstract, self.state_shardings,
