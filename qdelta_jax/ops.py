@@ -40,7 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, Int
 
-from qdelta_jax import packing, reference
+from qdelta_jax import nonfinite, packing, reference
 
 IMPLEMENTATIONS = ("reference", "xla", "pallas", "pallas-triton", "pallas-mosaic")
 
@@ -252,6 +252,11 @@ def qdelta_rule(
 
     if check_values:
         _check_values(q=q, k=k, v=v, g=g, beta=beta, lam=lam, initial_state=initial_state)
+    guard = None
+    if implementation != "reference":  # NaN and inf spoil what the scan spoils, no more
+        guard = nonfinite.guard(q, k, v, g, beta, lam, cu_seqlens)
+        q, k, v, g, beta, lam, initial_state = nonfinite.apply_inputs(
+            guard, q, k, v, g, beta, lam, initial_state)
     if normalize_qk:
         if implementation.startswith("pallas"):  # one kernel each way, not XLA's two passes
             from qdelta_jax.pallas import l2norm
@@ -297,4 +302,5 @@ def qdelta_rule(
         if core is not None and (cu_seqlens is None or cu_seqlens.ndim == 2):
             run = shard_over_batch(run, B)
         o, final = run(q, k, v, g, beta, lam, initial_state, cu_seqlens)
+        o, final = nonfinite.apply_outputs(guard, o, final if output_final_state else None)
     return o.astype(v.dtype), (final if output_final_state else None)
