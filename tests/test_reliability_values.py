@@ -1,14 +1,20 @@
 """Nothing silent: token ids are range-checked by the loaders (when a file is opened), by the
-model (when tokens are concrete) and by ``generate``; ``--eos-id`` must occur in the data."""
+model (when tokens are concrete) and by ``generate``; ``--eos-id`` must occur in the data. A NaN
+or inf given to the op spoils on every implementation exactly what it spoils in the scan."""
 
 from __future__ import annotations
 
+from functools import partial
+
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
+from qdelta_jax import qdelta_rule
 from qdelta_jax.model import QDeltaConfig, QDeltaLM, generate
+from qdelta_jax.testing import random_inputs, tolerance
 from qdelta_jax.train import cli
 from qdelta_jax.train import data as D
 
@@ -85,3 +91,123 @@ def test_generate_refuses_bad_prompts(model):
 
 def test_good_ids_pass(model):
     assert model(jnp.full((1, 4), 63, jnp.int32)).shape == (1, 4, 64)
+
+
+# ----------------------------------------------------------------------------- non-finite op inputs
+
+ARGS = ("q", "k", "v", "g", "beta", "lam", "initial_state")
+C = 16  # chunk; T = 40 puts tokens 16, 23, 31 at the start, middle and end of the second chunk
+POSITIONS = (16, 23, 31)
+LAYOUTS = {  # name: (B, cu_seqlens, states in and out)
+    "unpacked": (1, None, True),
+    "packed": (1, np.array([0, 13, 40], np.int32), True),  # per-document layout
+    "packed-rows": (2, np.array([[0, 13, 40, 40], [0, 21, 22, 40]], np.int32), False),
+}
+
+
+def layout_inputs(layout, dtype=jnp.float32):
+    B, cu, states = LAYOUTS[layout]
+    N = B if cu is None else cu.size - (1 if cu.ndim == 1 else B)
+    xs = random_inputs(jax.random.key(7), B, 40, 2, 8, 4, dtype=dtype, N=N)
+    return list(xs), (None if cu is None else jnp.asarray(cu)), states
+
+
+@partial(jax.jit, static_argnames=("impl", "states"))
+def outputs_and_grads(impl, inputs, cu, states):
+    """``(o, final, grads of the 7 inputs)`` of a loss over every output and final state."""
+
+    def loss(*xs):
+        h0 = xs[6] if states else None
+        o, final = qdelta_rule(*xs[:6], initial_state=h0, output_final_state=states,
+                               cu_seqlens=cu, chunk_size=C, implementation=impl)
+        w = jnp.cos(jnp.arange(o.size, dtype=jnp.float32)).reshape(o.shape)
+        total = jnp.sum(o.astype(jnp.float32) * w)
+        if states:
+            total = total + 0.5 * jnp.sum(final * jnp.sin(final))
+        return total, (o, final)
+
+    grads, (o, final) = jax.grad(loss, argnums=tuple(range(7)), has_aux=True)(*inputs)
+    return o, final, grads
+
+
+def spoil(inputs, arg, t, b=0):
+    """``inputs`` with one element of ``arg`` at token ``t`` of row ``b`` set to NaN or +-inf
+    (one element of a vector: the op normalises q, k over it, the scan spoils all of it)."""
+    i = ARGS.index(arg)
+    x = inputs[i]
+    val = {"q": jnp.nan, "k": -jnp.inf, "v": jnp.inf, "g": jnp.nan, "beta": jnp.inf,
+           "lam": jnp.nan}[arg]
+    if arg == "g" and t % 2:
+        val = jnp.inf  # g = +inf grows the state without bound: not finite either
+    idx = (b, t, 1) + ((x.ndim - 3) * (1,))
+    out = list(inputs)
+    out[i] = x.at[idx].set(val)
+    return out
+
+
+def assert_like_reference(got, ref, tol, what):
+    """Non-finite exactly where ``ref`` is; within ``tol`` (relative, over the finite part)
+    elsewhere."""
+    got = np.asarray(jnp.asarray(got, jnp.float32), np.float64)
+    ref = np.asarray(jnp.asarray(ref, jnp.float32), np.float64)
+    fin = np.isfinite(ref)
+    wrong = np.argwhere(np.isfinite(got) != fin)
+    assert wrong.size == 0, (f"{what}: non-finite pattern differs from the reference at "
+                             f"{len(wrong)} elements, first {wrong[0].tolist()}")
+    if fin.any():
+        err = np.linalg.norm(got[fin] - ref[fin]) / max(np.linalg.norm(ref[fin]), 1e-30)
+        assert err < tol, f"{what}: rel err {err:.2e} >= {tol:.2e}"
+
+
+def check_case(impl, inputs, cu, states, what, dtype=jnp.float32):
+    ref = outputs_and_grads("reference", inputs, cu, states)
+    got = outputs_and_grads(impl, inputs, cu, states)
+    tol = tolerance(dtype)
+    assert_like_reference(got[0], ref[0], tol, f"{what}: o")
+    assert not np.isfinite(np.asarray(ref[0], np.float32)).all(), f"{what}: nothing spoiled"
+    if states:
+        assert_like_reference(got[1], ref[1], tol, f"{what}: final state")
+    for name, a, r in zip(ARGS, got[2], ref[2]):
+        if states or name != "initial_state":
+            assert_like_reference(a, r, 4 * tol, f"{what}: d{name}")
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_a_non_finite_input_spoils_what_the_scan_spoils_xla(layout):
+    """Each argument spoiled at the start, middle and end of a chunk: outputs, final states and
+    gradients are non-finite exactly where the reference's are (earlier tokens, other documents
+    and heads, other value columns stay finite) and equal it elsewhere."""
+    inputs, cu, states = layout_inputs(layout)
+    for arg in ARGS[:6]:
+        for t in POSITIONS:
+            check_case("xla", spoil(inputs, arg, t), cu, states, f"xla {layout} {arg}@{t}")
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_a_non_finite_input_spoils_what_the_scan_spoils_pallas(layout):
+    """The same for the Pallas kernels (interpret mode on the CPU), one position per argument."""
+    inputs, cu, states = layout_inputs(layout)
+    for i, arg in enumerate(ARGS[:6]):
+        t = POSITIONS[i % 3]
+        check_case("pallas", spoil(inputs, arg, t), cu, states, f"pallas {layout} {arg}@{t}")
+
+
+def test_non_finite_inputs_in_bfloat16_and_a_reset():
+    """bfloat16 inputs, two spoiled tokens of one document; a g = -inf reset between them is
+    not a spoiled token (the reset is exact; what follows it is spoiled by the first token)."""
+    inputs, cu, states = layout_inputs("unpacked", jnp.bfloat16)
+    inputs[3] = inputs[3].at[0, 10, 1].set(-jnp.inf)
+    check_case("xla", spoil(spoil(inputs, "v", 5), "beta", 30), cu, states, "bf16",
+               jnp.bfloat16)
+
+
+def test_the_spoiling_is_free_where_everything_is_finite():
+    """All finite (a g = -inf reset included): no NaN anywhere, values as the reference's."""
+    inputs, cu, states = layout_inputs("packed")
+    inputs[3] = inputs[3].at[0, 20, 0].set(-jnp.inf)
+    ref = outputs_and_grads("reference", inputs, cu, states)
+    got = outputs_and_grads("xla", inputs, cu, states)
+    for name, a, r in zip(("o", "final") + ARGS, got[:2] + tuple(got[2]),
+                          ref[:2] + tuple(ref[2])):
+        assert np.isfinite(np.asarray(a)).all(), name
+        assert_like_reference(a, r, 4 * tolerance(jnp.float32), name)
