@@ -185,8 +185,9 @@ def qdelta_rule(
         one host callback per call): every input finite except ``g``, which must be ``<= 0``
         (``-inf`` is allowed: a full reset). A violation raises an error naming the argument,
         the first bad index and its value (inside ``jit`` it surfaces when the result is
-        computed). Off by default: the op then trusts its inputs (``g > 0`` grows the state,
-        non-finite values propagate).
+        computed). Off by default: the op then trusts its inputs (``g > 0`` grows the state;
+        a non-finite value spoils later tokens of its document and head as in the recurrence,
+        never earlier ones, in every implementation: :mod:`qdelta_jax.nonfinite`).
       cu_seqlens: packed documents (:mod:`qdelta_jax.packing`): ``[N + 1]`` integer offsets of
         the documents of one row (``B == 1``), or ``[B, S + 1]`` offsets per row (each row from
         0 to T, padded by repeating T). The state resets at every offset. Without states in or
