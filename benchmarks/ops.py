@@ -19,6 +19,10 @@ With ``--anchors``, benchmarks/anchors.py runs first, in a torch process of its 
 card (before JAX takes the GPU's memory): the authors' kernel, fla's forward and flash attention,
 and a last table sets our pipelined times beside theirs.
 
+``--unguarded`` adds, for every implementation, a row traced without the non-finite guard of
+``qdelta_jax.nonfinite`` (the inputs used as given, the outputs not poisoned): the difference
+to the guarded row is what keeping NaN and inf where the recurrence keeps them costs.
+
 ``--docs S`` packs S documents of random lengths into every row (per-row ``cu_seqlens``, no
 state in or out: the row-aligned layout) so packed and unpacked rows can be compared.
 
@@ -28,6 +32,7 @@ Writes a Markdown table to stdout and, with ``--json PATH``, the raw numbers.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -40,7 +45,7 @@ import jax.numpy as jnp
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # anchors.py beside this file
 
-from qdelta_jax import qdelta_rule  # noqa: E402
+from qdelta_jax import nonfinite, qdelta_rule  # noqa: E402
 from qdelta_jax.testing import random_inputs, random_offsets, time_fn
 
 BENCH_SHAPES = ["8x4096x6x128x256", "8x4096x16x128x128", "2x16384x6x128x256"]
@@ -74,9 +79,28 @@ def peak_bytes() -> int | None:
     return stats.get("peak_bytes_in_use")
 
 
-def bench_impl(impl, shape, dtype, warmup, reps, chunk_size, docs=0):
+@contextlib.contextmanager
+def unguarded():
+    """While tracing: ``qdelta_rule`` without its non-finite guard (benchmarking only)."""
+    saved = nonfinite.guard, nonfinite.apply_inputs, nonfinite.apply_outputs
+    nonfinite.guard = lambda *a, **kw: None
+    nonfinite.apply_inputs = lambda gd, *xs: xs
+    nonfinite.apply_outputs = lambda gd, o, final: (o, final)
+    try:
+        yield
+    finally:
+        nonfinite.guard, nonfinite.apply_inputs, nonfinite.apply_outputs = saved
+
+
+def bench_impl(impl, shape, dtype, warmup, reps, chunk_size, docs=0, guard=True):
     """``impl``: an implementation of qdelta_rule, or ``pallas-recompute`` (pallas with
-    ``save_residuals`` off while the functions are traced)."""
+    ``save_residuals`` off while the functions are traced); ``guard=False``: without the
+    non-finite guard."""
+    if not guard:
+        with unguarded():
+            row = bench_impl(impl, shape, dtype, warmup, reps, chunk_size, docs)
+        row["impl"] += " (unguarded)"
+        return row
     from qdelta_jax.pallas import set_save_residuals
 
     recompute = impl == "pallas-recompute"
@@ -194,6 +218,8 @@ def main(argv=None) -> int:
                    help="run benchmarks/anchors.py first (authors' kernel, fla, flash attention)")
     p.add_argument("--docs", type=int, nargs="+", default=[0],
                    help="documents packed per row (0 = unpacked); several values: one row each")
+    p.add_argument("--unguarded", action="store_true",
+                   help="also time every implementation without the non-finite guard")
     p.add_argument("--json", default=None, help="write raw numbers here")
     a = p.parse_args(argv)
     shapes = [parse_shape(s) for s in (a.shapes or (SMALL_SHAPES if a.small else BENCH_SHAPES))]
@@ -207,8 +233,9 @@ def main(argv=None) -> int:
           file=sys.stderr)
     rows = []
     for shape in shapes:
-        for impl, docs in [(i, d) for i in impls for d in a.docs]:
-            row = bench_impl(impl, shape, dtype, a.warmup, a.reps, a.chunk_size, docs)
+        guards = (True, False) if a.unguarded else (True,)
+        for impl, docs, guard in [(i, d, u) for i in impls for d in a.docs for u in guards]:
+            row = bench_impl(impl, shape, dtype, a.warmup, a.reps, a.chunk_size, docs, guard)
             rows.append(row)
             print(f"# {impl} {shape}: fwd {fmt_ms(row.get('fwd'))} ms, "
                   f"fwd+bwd {fmt_ms(row.get('fwd_bwd'))} ms "
