@@ -33,8 +33,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from qdelta_jax.pallas import _util as u
+from qdelta_jax.pallas._util import params, seg_args, spec_rows
 from qdelta_jax.pallas.config import StageConfig
-from qdelta_jax.pallas.forward import params, seg_args, spec_rows
 
 F32 = jnp.float32
 

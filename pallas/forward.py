@@ -33,34 +33,12 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as plgpu
 
 from qdelta_jax.pallas import _util as u
+from qdelta_jax.pallas._util import params, seg_args, spec_rows
 from qdelta_jax.pallas.config import StageConfig
 
 F32 = jnp.float32
-
-
-def params(cfg: StageConfig):
-    return plgpu.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-
-
-def spec_rows(C: int, D: int | None):
-    """BlockSpec of one chunk of a ``[B, Tp, H]`` (``D`` None) or ``[B, Tp, H, D]`` array for a
-    grid ``(b, c, h, ...)``."""
-    if D is None:
-        return pl.BlockSpec((None, C, None), lambda b, c, h, *_: (b, c, h))
-    return pl.BlockSpec((None, C, None, D), lambda b, c, h, *_: (b, c, h, 0))
-
-
-def spec_seg(C: int):
-    """BlockSpec of one chunk of the ``[B, Tp]`` document ids for a grid ``(b, c, h, ...)``."""
-    return pl.BlockSpec((None, C), lambda b, c, h, *_: (b, c))
-
-
-def seg_args(seg, C: int):
-    """The extra input and BlockSpec of a kernel parallel over chunks: none without ``seg``."""
-    return ([], []) if seg is None else ([seg.astype(jnp.int32)], [spec_seg(C)])
 
 
 # ----------------------------------------------------------------------------- 1. local
