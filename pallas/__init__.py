@@ -4,7 +4,7 @@
 :func:`chunked_core` returns a drop-in replacement for :func:`qdelta_jax.xla.chunked_core`;
 ``qdelta_rule(..., implementation="pallas")`` uses it. Off the GPU the kernels run in Pallas
 interpret mode (slow; that is how the tests run them). See :mod:`.forward`, :mod:`.backward`
-for the stages and :mod:`.config` for block sizes and autotuning.
+for the stages, :mod:`.config` for block sizes and :mod:`.tuning` for autotuning.
 """
 
 from __future__ import annotations
@@ -12,12 +12,12 @@ from __future__ import annotations
 from qdelta_jax.pallas.config import (
     Config,
     StageConfig,
-    autotune,
     default_config,
     get_config,
     set_save_residuals,
 )
 from qdelta_jax.pallas.core import CHUNK_SIZES, MAX_K, MAX_V, make_core
+from qdelta_jax.pallas.tuning import autotune
 
 
 def chunked_core(K: int, V: int, dtype, chunk_size: int, *, config: Config | None = None,

@@ -294,9 +294,6 @@ def test_config_defaults_and_cache(tmp_path, monkeypatch):
     f32 = pcfg.default_config(256, 512, 64, F32)
     assert f32.output.block_k == f32.grads_k.block_k == 128 and f32.reverse.block_v == 16
     assert pcfg.default_config(128, 256, 64, jnp.bfloat16) == cfg
-    if jax.default_backend() != "gpu":
-        with pytest.raises(RuntimeError, match="GPU"):
-            pcfg.autotune(32, 32)
 
 
 def test_check_small_runs():
