@@ -13,8 +13,8 @@ from qdelta_jax.pallas.config import (
     Config,
     StageConfig,
     default_config,
+    default_save_residuals,
     get_config,
-    set_save_residuals,
 )
 from qdelta_jax.pallas.core import CHUNK_SIZES, MAX_K, MAX_V, make_core
 from qdelta_jax.pallas.tuning import autotune
@@ -45,6 +45,6 @@ __all__ = [
     "autotune",
     "chunked_core",
     "default_config",
+    "default_save_residuals",
     "get_config",
-    "set_save_residuals",
 ]

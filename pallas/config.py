@@ -21,36 +21,16 @@ CACHE_FILE = Path(os.path.expanduser("~/.cache/qdelta_jax/pallas_autotune.json")
 
 
 
-def _env_save_residuals() -> bool:
-    """``QDELTA_SAVE_RESIDUALS``: unset or 1/true/yes/on keeps the residuals (the default),
-    0/false/no/off recomputes them in the backward."""
+def default_save_residuals() -> bool:
+    """The ``save_residuals`` of a call whose config leaves it unset: the environment variable
+    ``QDELTA_SAVE_RESIDUALS`` (unset or 1/true/yes/on: keep the residuals, the default;
+    0/false/no/off: recompute them in the backward), read when the call is traced."""
     raw = os.environ.get("QDELTA_SAVE_RESIDUALS", "").strip().lower()
     if raw in ("", "1", "true", "yes", "on"):
         return True
     if raw in ("0", "false", "no", "off"):
         return False
     raise ValueError(f"QDELTA_SAVE_RESIDUALS must be 1/true/yes/on or 0/false/no/off, got {raw!r}")
-
-
-# Process-wide switch for Config.save_residuals (see set_save_residuals).
-_SAVE_RESIDUALS = _env_save_residuals()
-
-
-def set_save_residuals(enabled: bool) -> bool:
-    """Sets ``Config.save_residuals`` for every config :func:`get_config` returns, i.e. for
-    every ``qdelta_rule(..., implementation="pallas")`` traced afterwards (functions already
-    jitted keep what they were traced with). Returns the previous setting.
-
-    On (the default): the forward keeps ``W, T, h_in, D`` for the backward (about 300 MB per
-    call at B8 T4096 H6 K128 V256 bf16), and the backward skips recomputing them (at that
-    shape on an H200, forward+backward 2.54 instead of 3.06 ms, device time). Off: less
-    memory, slower. Also ``qdelta-train --recompute-residuals`` (off for one run) and
-    ``QDELTA_SAVE_RESIDUALS=0`` (off at import)."""
-    global _SAVE_RESIDUALS
-    if not isinstance(enabled, bool):
-        raise TypeError(f"enabled must be a bool, got {enabled!r}")
-    prev, _SAVE_RESIDUALS = _SAVE_RESIDUALS, enabled
-    return prev
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,6 +44,9 @@ class StageConfig:
     block_k: int = 0
 
 
+STAGES = ("local", "state", "output", "reverse", "dqkw", "grads", "a", "grads_k", "dd0")
+
+
 @dataclasses.dataclass(frozen=True)
 class Config:
     """Settings per stage: ``local`` (W and U from T, grid over chunks, K and V tiles),
@@ -74,30 +57,49 @@ class Config:
     ``grads_k`` (K side of the local
     gradients) and ``dd0`` (``scale P^T dO`` before the reverse pass, loop over V tiles).
 
-    ``save_residuals`` (default on): the forward keeps ``W, T, h_in, D`` for the backward,
-    which then skips its recompute (``chunk_solve``, ``chunk_wu``, ``state_pass``) at the cost
-    of holding them until the backward runs (``2 K + 4 C + 2 K V / C + 2 V`` bytes a token and
-    head in bfloat16: 300 MB at B8 T4096 H6 K128 V256). Off: nothing per chunk is kept, as in
-    the XLA path."""
+    ``save_residuals``: the forward keeps ``W, T, h_in, D`` for the backward, which then skips
+    its recompute (``chunk_solve``, ``chunk_wu``, ``state_pass``) at the cost of holding them
+    until the backward runs (``2 K + 4 C + 2 K V / C + 2 V`` bytes a token and head in
+    bfloat16: 300 MB at B8 T4096 H6 K128 V256; on an H200 at that shape forward+backward 2.54
+    instead of 3.06 ms, device time). Off: nothing per chunk is kept, as in the XLA path.
 
-    local: StageConfig
-    state: StageConfig
-    output: StageConfig
-    reverse: StageConfig
-    dqkw: StageConfig
-    grads: StageConfig
-    a: StageConfig = StageConfig(num_warps=1, block_k=64)
-    grads_k: StageConfig = StageConfig(num_warps=8)
-    dd0: StageConfig = StageConfig(num_warps=4, block_v=64)
-    save_residuals: bool = True
+    A field left ``None`` is filled by :func:`get_config` for the call's sizes: a stage from the
+    recorded (tuned) or default config, ``save_residuals`` from
+    :func:`default_save_residuals` (on unless ``QDELTA_SAVE_RESIDUALS`` says otherwise). So
+    ``Config(save_residuals=False)`` is a whole config for ``qdelta_rule(..., config=...)``."""
+
+    local: StageConfig | None = None
+    state: StageConfig | None = None
+    output: StageConfig | None = None
+    reverse: StageConfig | None = None
+    dqkw: StageConfig | None = None
+    grads: StageConfig | None = None
+    a: StageConfig | None = None
+    grads_k: StageConfig | None = None
+    dd0: StageConfig | None = None
+    save_residuals: bool | None = None
+
+    def __post_init__(self):
+        for name in STAGES:
+            x = getattr(self, name)
+            if x is not None and not isinstance(x, StageConfig):
+                raise TypeError(f"Config.{name} must be a StageConfig or None, got {x!r}")
+        if self.save_residuals is not None and not isinstance(self.save_residuals, bool):
+            raise TypeError(f"Config.save_residuals must be a bool or None, got "
+                            f"{self.save_residuals!r}")
+
+    @property
+    def sets_stages(self) -> bool:
+        """Whether any stage's settings are given (else they are chosen for the sizes)."""
+        return any(getattr(self, n) is not None for n in STAGES)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> Config:
-        return cls(**{k: StageConfig(**v) if isinstance(v, dict) else bool(v)
-                      for k, v in d.items()})
+        return cls(**{k: StageConfig(**v) if isinstance(v, dict) else
+                      (None if v is None else bool(v)) for k, v in d.items()})
 
 
 def default_config(K: int, V: int, chunk_size: int = 64, dtype=None) -> Config:
@@ -115,6 +117,7 @@ def default_config(K: int, V: int, chunk_size: int = 64, dtype=None) -> Config:
     # Output: one V tile of up to 256 (the [C, BV] float32 accumulator) where K <= 128.
     bv_out = min(V, 256 if K <= 128 else 128)
     cfg = Config(
+        save_residuals=True,
         local=StageConfig(num_warps=4, num_stages=1, block_v=min(V, 64), block_k=min(K, 128)),
         state=StageConfig(num_warps=w_state, num_stages=2, block_v=bv_state),
         output=StageConfig(num_warps=4, num_stages=2, block_v=bv_out),
@@ -166,14 +169,23 @@ def _read_file(path: Path) -> dict:
         return {}
 
 
-def get_config(K: int, V: int, chunk_size: int, dtype, *, use_file: bool = True) -> Config:
-    """The autotuned config for head sizes ``K, V`` (as passed to the op) if one is cached
-    (memory, then ``CACHE_FILE``), else :func:`default_config` of the padded sizes; with
-    ``save_residuals`` as :func:`set_save_residuals` last said (default on)."""
+def get_config(K: int, V: int, chunk_size: int, dtype, config: Config | None = None, *,
+               use_file: bool = True) -> Config:
+    """The whole config a call with head sizes ``K, V`` (as passed to the op) runs with: the
+    fields ``config`` sets; the other stages from the config recorded for this device and these
+    sizes (:func:`remember`: memory, then ``CACHE_FILE``), else :func:`default_config` of the
+    padded sizes; ``save_residuals`` from :func:`default_save_residuals` unless ``config``
+    sets it."""
+    if config is not None and not isinstance(config, Config):
+        raise TypeError(f"config must be a qdelta_jax.pallas.Config or None, got "
+                        f"{type(config).__name__}")
     cfg = _lookup(K, V, chunk_size, dtype, use_file)
-    if cfg.save_residuals != _SAVE_RESIDUALS:
-        cfg = dataclasses.replace(cfg, save_residuals=_SAVE_RESIDUALS)
-    return cfg
+    given = {} if config is None else {
+        f.name: getattr(config, f.name) for f in dataclasses.fields(Config)
+        if getattr(config, f.name) is not None}
+    if given.get("save_residuals") is None:
+        given["save_residuals"] = default_save_residuals()
+    return dataclasses.replace(cfg, **given)
 
 
 def _lookup(K: int, V: int, chunk_size: int, dtype, use_file: bool) -> Config:

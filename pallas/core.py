@@ -253,14 +253,14 @@ def make_core(*, K: int, V: int, dtype, chunk_size: int, config: Config | None =
               interpret: bool | None = None, forward_backend: str = "auto"):
     """A core function ``(q, k, v, G, beta, lam, h0, seg, reset, is_last, seq, scale) ->
     (o, final)`` with the contract of :func:`qdelta_jax.xla.chunked_core`, differentiable
-    w.r.t. its first 7 arguments. ``config`` defaults to :func:`get_config`; ``interpret`` to
-    "not on a GPU". ``forward_backend``: ``"auto"`` runs the Mosaic GPU state pass + output
-    (:mod:`.mosaic`) where no gradient is taken, for unpacked rows it supports, the Triton
-    kernels elsewhere (see :func:`choose_mosaic`; the reason goes to this module's debug log);
-    ``"mosaic"`` insists on the Mosaic kernels for every call, training included (the forward
-    then writes ``h_in, D`` from the fused pass and the backward's reverse pass is Mosaic's
-    too; packed rows too), and raises ValueError naming the reason where they cannot run;
-    ``"triton"`` never uses them. The core takes
+    w.r.t. its first 7 arguments. ``config`` (may be partial) is completed by :func:`get_config`;
+    ``interpret`` defaults to "not on a GPU". ``forward_backend``: ``"auto"`` runs the Mosaic
+    GPU state pass + output (:mod:`.mosaic`) where no gradient is taken, for unpacked rows it
+    supports, the Triton kernels elsewhere (see :func:`choose_mosaic`; the reason goes to this
+    module's debug log); ``"mosaic"`` insists on the Mosaic kernels for every call, training
+    included (the forward then writes ``h_in, D`` from the fused pass and the backward's reverse
+    pass is Mosaic's too; packed rows too), and raises ValueError naming the reason where they
+    cannot run; ``"triton"`` never uses them. The core takes
     ``rows_are_sequences=True`` when each batch row is one sequence with its own ``h0`` entry.
 
     Raises ValueError for unsupported ``chunk_size``, head sizes or ``forward_backend``."""
@@ -270,10 +270,10 @@ def make_core(*, K: int, V: int, dtype, chunk_size: int, config: Config | None =
             f"forward_backend must be one of {FORWARD_BACKENDS}, got {forward_backend!r}"
         )
     Kp, Vp = padded_size(K), padded_size(V)
-    base = config if config is not None else get_config(K, V, chunk_size, dtype)
+    base = get_config(K, V, chunk_size, dtype, config)
     interp = u.interpret_default() if interpret is None else bool(interpret)
-    # An explicit config is used as given; the defaults fit the sequential passes to the grid.
-    sms = None if (config is not None or interp) else _sm_count()
+    # Stages a config gives are used as given; the defaults fit the sequential passes to the grid.
+    sms = None if ((config is not None and config.sets_stages) or interp) else _sm_count()
 
     def core(q, k, v, G, beta, lam, h0, seg, reset, is_last, seq, scale, *,
              rows_are_sequences: bool = False):

@@ -152,6 +152,7 @@ def qdelta_rule(
     cu_seqlens: Int[Array, " N+1"] | Int[Array, "B S+1"] | None = None,
     chunk_size: int = 64,
     implementation: str | None = None,
+    config=None,
 ) -> tuple[Float[Array, "B T HV V"], Float[Array, "N HV K V"] | None]:
     """The Q-Delta recurrence (docs/MATH.md section 1) over a batch of sequences.
 
@@ -196,6 +197,11 @@ def qdelta_rule(
       chunk_size: chunk length C of the chunked implementations, a power of two.
       implementation: ``"reference"``, ``"xla"``, ``"pallas"`` (or ``"pallas-triton"`` /
         ``"pallas-mosaic"`` to choose the forward kernels), or ``None`` (fastest available).
+      config: a :class:`qdelta_jax.pallas.Config` for the Pallas kernels (the other
+        implementations ignore it), whole or partial: ``Config(save_residuals=False)`` makes
+        the backward recompute the forward's per-chunk residuals instead of keeping them (less
+        memory, slower); fields left ``None`` take the tuned or default settings for the head
+        sizes and ``save_residuals`` the ``QDELTA_SAVE_RESIDUALS`` default (on).
 
     Returns:
       ``(o, final_state)``: ``o [B, T, HV, V]`` in ``v``'s dtype; ``final_state`` or ``None``.
@@ -208,6 +214,12 @@ def qdelta_rule(
         raise ValueError(
             f"implementation must be one of {IMPLEMENTATIONS} or None, got {implementation!r}"
         )
+    if config is not None:
+        from qdelta_jax.pallas.config import Config
+
+        if not isinstance(config, Config):
+            raise TypeError(f"config must be a qdelta_jax.pallas.Config or None, got "
+                            f"{type(config).__name__}")
     for name, x in (("q", q), ("k", k), ("v", v), ("g", g), ("beta", beta), ("lam", lam)):
         if not hasattr(x, "shape") or not hasattr(x, "dtype"):
             raise TypeError(f"{name} must be an array, got {type(x).__name__}")
@@ -253,11 +265,6 @@ def qdelta_rule(
 
     if check_values:
         _check_values(q=q, k=k, v=v, g=g, beta=beta, lam=lam, initial_state=initial_state)
-    guard = None
-    if implementation != "reference":  # NaN and inf spoil what the scan spoils, no more
-        guard = nonfinite.guard(q, k, v, g, beta, lam, cu_seqlens)
-        q, k, v, g, beta, lam, initial_state = nonfinite.apply_inputs(
-            guard, q, k, v, g, beta, lam, initial_state)
     if normalize_qk:
         if implementation.startswith("pallas"):  # one kernel each way, not XLA's two passes
             from qdelta_jax.pallas import l2norm
@@ -268,6 +275,11 @@ def qdelta_rule(
             k = reference.l2_normalize(k).astype(k.dtype)
     if HV != H:  # grouped value heads: value head j reads q/k head j // (HV // H)
         q, k = jnp.repeat(q, HV // H, axis=2), jnp.repeat(k, HV // H, axis=2)
+    guard = None
+    if implementation != "reference":  # NaN and inf spoil what the scan spoils, no more
+        guard = nonfinite.guard(q, k, v, g, beta, lam, cu_seqlens)
+        q, k, v, g, beta, lam, initial_state = nonfinite.apply_inputs(
+            guard, q, k, v, g, beta, lam, initial_state)
 
     if implementation == "reference":
         cu = cu_seqlens
@@ -289,7 +301,7 @@ def qdelta_rule(
 
             backend = {"pallas": "auto", "pallas-triton": "triton", "pallas-mosaic": "mosaic"}
             core = pallas.chunked_core(K=K, V=V, dtype=q.dtype, chunk_size=chunk_size,
-                                       forward_backend=backend[implementation])
+                                       config=config, forward_backend=backend[implementation])
 
         def run(q, k, v, g, beta, lam, initial_state, cu):
             return xla.qdelta_chunked(

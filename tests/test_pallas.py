@@ -212,43 +212,46 @@ def test_recompute_residuals_matches_xla():
         assert rel(a, b) < 2e-5, name
 
 
-def test_set_save_residuals_switches_the_op_path(monkeypatch):
-    """The process-wide switch (default on) reaches ``qdelta_rule``: switched off, the gradient
-    recomputes (more kernels) and gives the same gradients; it restores. The environment
-    variable is read strictly."""
+def test_save_residuals_config_switches_the_op_path(monkeypatch):
+    """``qdelta_rule(..., config=Config(save_residuals=False))`` reaches the kernels: the
+    gradient recomputes (more kernels) and gives the same gradients. Unset, it follows
+    ``QDELTA_SAVE_RESIDUALS`` (default on; read strictly) when the call is traced; a call's
+    config overrides the environment."""
     (q, k, v, g, beta, lam, h0), w = make(6, 1, 40, 2, 16, 32)
 
-    def loss(q, k, v, g, beta, lam, h0):
-        o, fin = qdelta_rule(q, k, v, g, beta, lam, initial_state=h0, chunk_size=16,
-                             output_final_state=True, implementation="pallas")
-        return jnp.sum(o * w) + jnp.sum(fin * h0)
+    def grad_fn(config=None):
+        def loss(q, k, v, g, beta, lam, h0):
+            o, fin = qdelta_rule(q, k, v, g, beta, lam, initial_state=h0, chunk_size=16,
+                                 output_final_state=True, implementation="pallas",
+                                 config=config)
+            return jnp.sum(o * w) + jnp.sum(fin * h0)
 
-    def grad_fn():  # a new function each time: a traced one keeps the setting it saw
         return jax.grad(loss, argnums=tuple(range(7)))
 
     args = (q, k, v, g, beta, lam, h0)
+    kernels = lambda f: str(jax.make_jaxpr(f)(*args)).count("pallas_call")  # noqa: E731
     with pytest.raises(TypeError, match="bool"):
-        pcfg.set_save_residuals(1)
+        pcfg.Config(save_residuals=1)
+    with pytest.raises(TypeError, match="config must be a qdelta_jax.pallas.Config"):
+        qdelta_rule(q, k, v, g, beta, lam, implementation="pallas", config={"a": 1})
+    monkeypatch.delenv("QDELTA_SAVE_RESIDUALS", raising=False)
     assert pcfg.get_config(16, 32, 16, F32).save_residuals
-    n_on = str(jax.make_jaxpr(grad_fn())(*args)).count("pallas_call")
-    g_on = jax.jit(grad_fn())(*args)
-    prev = pcfg.set_save_residuals(False)
-    try:
-        assert not pcfg.get_config(16, 32, 16, F32).save_residuals
-        n_off = str(jax.make_jaxpr(grad_fn())(*args)).count("pallas_call")
-        g_off = jax.jit(grad_fn())(*args)
-    finally:
-        assert pcfg.set_save_residuals(prev) is False
-    assert pcfg.get_config(16, 32, 16, F32).save_residuals
+    off = pcfg.Config(save_residuals=False)
+    assert not pcfg.get_config(16, 32, 16, F32, off).save_residuals
+    n_on, n_off = kernels(grad_fn()), kernels(grad_fn(off))
     assert n_on < n_off, (n_on, n_off)
+    g_on, g_off = jax.jit(grad_fn())(*args), jax.jit(grad_fn(off))(*args)
     for a, b in zip(g_on, g_off):
         assert rel(a, b) < 1e-6
+    monkeypatch.setenv("QDELTA_SAVE_RESIDUALS", "0")  # the default, for calls that leave it unset
+    assert kernels(grad_fn()) == n_off
+    assert kernels(grad_fn(pcfg.Config(save_residuals=True))) == n_on
     for raw, want in (("", True), ("1", True), ("off", False), ("No", False)):
         monkeypatch.setenv("QDELTA_SAVE_RESIDUALS", raw)
-        assert pcfg._env_save_residuals() is want
+        assert pcfg.default_save_residuals() is want
     monkeypatch.setenv("QDELTA_SAVE_RESIDUALS", "maybe")
     with pytest.raises(ValueError, match="QDELTA_SAVE_RESIDUALS"):
-        pcfg._env_save_residuals()
+        pcfg.default_save_residuals()
 
 
 def test_varlen_with_empty_sequence():
