@@ -110,7 +110,7 @@ for s in $sections; do
         ;;
     ops340)  # the 340M layer only: pallas (with and without save_residuals), xla, fla's forward
         step ops340 ${OPS_LIMIT:-180} "$PY" benchmarks/ops.py --shapes 8x4096x6x128x256 --fla \
-            --impl pallas pallas-recompute xla --reps 30 --warmup 5 --json "$OUT_DIR/ops340.json"
+            --impl pallas pallas-no-save-residuals xla --reps 30 --warmup 5 --json "$OUT_DIR/ops340.json"
         ;;
     ncu)  # Nsight Compute: per-kernel time, throughput, occupancy, stalls of one fwd+bwd
         OUT=$OUT_DIR SKIP_INSTALL=1 step ncu ${NCU_LIMIT:-200} bash benchmarks/ncu_profile.sh

@@ -2,7 +2,7 @@
 # Nsight Compute over one call of each profiled function (benchmarks/profile_kernels.py):
 # per kernel duration, DRAM and SM throughput, registers, occupancy and warp stall reasons.
 #   bash benchmarks/ncu_profile.sh            # pallas fwd+bwd and fla fwd, 340M layer, bf16
-#   PROFILES="pallas:--recompute-residuals" bash benchmarks/ncu_profile.sh   # as in BENCHMARKS.md
+#   PROFILES="pallas:--no-save-residuals" bash benchmarks/ncu_profile.sh   # as in BENCHMARKS.md
 # Writes $OUT/ncu_<n>.csv (raw) and prints a table per profile. Clocks are left alone
 # (--clock-control none), as the device METHOD asks.
 set -uo pipefail

@@ -93,30 +93,26 @@ def unguarded():
 
 
 def bench_impl(impl, shape, dtype, warmup, reps, chunk_size, docs=0, guard=True):
-    """``impl``: an implementation of qdelta_rule, or ``pallas-recompute`` (pallas with
-    ``save_residuals`` off while the functions are traced); ``guard=False``: without the
-    non-finite guard."""
+    """``impl``: an implementation of qdelta_rule, or ``pallas-no-save-residuals`` (pallas with
+    ``config=Config(save_residuals=False)``); ``guard=False``: without the non-finite guard."""
     if not guard:
         with unguarded():
             row = bench_impl(impl, shape, dtype, warmup, reps, chunk_size, docs)
         row["impl"] += " (unguarded)"
         return row
-    from qdelta_jax.pallas import set_save_residuals
+    config = None
+    if impl == "pallas-no-save-residuals":
+        from qdelta_jax.pallas import Config
 
-    recompute = impl == "pallas-recompute"
-    prev = set_save_residuals(False) if recompute else None
-    try:
-        return _bench_impl(impl, "pallas" if recompute else impl, shape, dtype, warmup, reps,
-                           chunk_size, docs)
-    finally:
-        if recompute:
-            set_save_residuals(prev)
+        config = Config(save_residuals=False)
+    return _bench_impl(impl, "pallas" if config is not None else impl, shape, dtype, warmup, reps,
+                       chunk_size, docs, config)
 
 
-def op_functions(impl, shape, dtype, chunk_size=64, docs=0):
+def op_functions(impl, shape, dtype, chunk_size=64, docs=0, config=None):
     """``[("fwd", fn, args), ("fwd_bwd", fn, args)]``: the op's forward and its ``jax.vjp``
     pull-back of all six inputs, on fresh random inputs of ``shape`` (BxTxHxKxV); ``docs > 0``
-    packs that many documents into every row."""
+    packs that many documents into every row; ``config``: the op's kernel config."""
     B, T, H, K, V = shape
     q, k, v, g, beta, lam, _ = random_inputs(jax.random.key(0), B, T, H, K, V, dtype=dtype)
     do = jax.random.normal(jax.random.key(1), v.shape, jnp.float32).astype(v.dtype)
@@ -124,7 +120,7 @@ def op_functions(impl, shape, dtype, chunk_size=64, docs=0):
 
     def fwd(q, k, v, g, beta, lam):
         return qdelta_rule(q, k, v, g, beta, lam, implementation=impl, chunk_size=chunk_size,
-                           cu_seqlens=cu)[0]
+                           cu_seqlens=cu, config=config)[0]
 
     def fwd_bwd(q, k, v, g, beta, lam, do):
         o, vjp = jax.vjp(fwd, q, k, v, g, beta, lam)
@@ -134,10 +130,10 @@ def op_functions(impl, shape, dtype, chunk_size=64, docs=0):
             ("fwd_bwd", fwd_bwd, (q, k, v, g, beta, lam, do))]
 
 
-def _bench_impl(name_, impl, shape, dtype, warmup, reps, chunk_size, docs=0):
+def _bench_impl(name_, impl, shape, dtype, warmup, reps, chunk_size, docs=0, config=None):
     row = {"impl": name_ + (f" ({docs} docs/row)" if docs else ""), "shape": shape,
            "dtype": jnp.dtype(dtype).name}
-    for name, fn, args in op_functions(impl, shape, dtype, chunk_size, docs):
+    for name, fn, args in op_functions(impl, shape, dtype, chunk_size, docs, config):
         t0 = time.perf_counter()
         try:
             compiled = jax.jit(fn).lower(*args).compile()
@@ -206,8 +202,8 @@ def main(argv=None) -> int:
     p.add_argument("--shapes", nargs="+", default=None,
                    help="BxTxHxKxV (default: the three shapes of BENCHMARKS.md)")
     p.add_argument("--impl", nargs="+", default=None,
-                   help="implementations (default: xla, plus pallas and pallas-recompute on"
-                   " GPU); pallas-recompute is pallas with save_residuals off")
+                   help="implementations (default: xla, plus pallas and pallas-no-save-residuals"
+                   " on GPU); pallas-no-save-residuals is pallas with save_residuals off")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     p.add_argument("--chunk-size", type=int, default=64)
     p.add_argument("--warmup", type=int, default=5)
@@ -224,7 +220,7 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     shapes = [parse_shape(s) for s in (a.shapes or (SMALL_SHAPES if a.small else BENCH_SHAPES))]
     on_gpu = jax.default_backend() == "gpu"
-    impls = a.impl or (["xla", "pallas", "pallas-recompute"] if on_gpu else ["xla"])
+    impls = a.impl or (["xla", "pallas", "pallas-no-save-residuals"] if on_gpu else ["xla"])
     dtype = jnp.dtype(a.dtype)
     anchors = run_anchors(shapes, a.warmup, a.reps) if a.anchors else None
     device = jax.devices()[0].device_kind

@@ -41,15 +41,15 @@ def cuda_profiler():
         return lib.cudaProfilerStart, lib.cudaProfilerStop
 
 
-def pallas_fn(shape, dtype, backward: bool, recompute: bool):
+def pallas_fn(shape, dtype, backward: bool, save_residuals: bool):
     import jax
     from ops import op_functions
 
-    from qdelta_jax.pallas import set_save_residuals
+    from qdelta_jax.pallas import Config
 
-    if recompute:  # before tracing: the backward then recomputes W, T, h_in, D
-        set_save_residuals(False)
-    (_, fwd, fwd_args), (_, fwd_bwd, bwd_args) = op_functions("pallas", shape, dtype)
+    # save_residuals off: the backward recomputes W, T, h_in, D
+    (_, fwd, fwd_args), (_, fwd_bwd, bwd_args) = op_functions(
+        "pallas", shape, dtype, config=None if save_residuals else Config(save_residuals=False))
     f, args = (jax.jit(fwd_bwd), bwd_args) if backward else (jax.jit(fwd), fwd_args)
     return lambda: jax.block_until_ready(f(*args))
 
@@ -73,7 +73,7 @@ def main(argv=None) -> int:
     p.add_argument("--shape", default="8x4096x6x128x256", help="BxTxHxKxV")
     p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
     p.add_argument("--forward-only", action="store_true", help="pallas: no backward")
-    p.add_argument("--recompute-residuals", action="store_true",
+    p.add_argument("--no-save-residuals", dest="save_residuals", action="store_false",
                    help="pallas: save_residuals off (the backward recomputes W, T, h_in, D)")
     p.add_argument("--warmup", type=int, default=3)
     a = p.parse_args(argv)
@@ -86,7 +86,7 @@ def main(argv=None) -> int:
     else:
         import jax.numpy as jnp
 
-        run = pallas_fn(shape, jnp.dtype(a.dtype), not a.forward_only, a.recompute_residuals)
+        run = pallas_fn(shape, jnp.dtype(a.dtype), not a.forward_only, a.save_residuals)
     for _ in range(a.warmup):
         run()
     start()

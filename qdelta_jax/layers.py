@@ -233,6 +233,9 @@ class QDelta(nnx.Module):
       use_decay: ``False`` forces ``g = 0`` (no ``a_proj``, ``A_log``, ``dt_bias``); with
         ``fixed_lam=0.0`` that is DeltaNet.
       norm_eps: eps of the output norm. chunk_size, implementation: passed to ``qdelta_rule``.
+      save_residuals: the Pallas kernels' ``save_residuals`` (``qdelta_rule``'s ``config``):
+        ``False`` recomputes the forward's per-chunk residuals in the backward (less memory,
+        slower); ``None`` leaves the kernels' default (on unless ``QDELTA_SAVE_RESIDUALS=0``).
       initializer_range: std of the normal init of every linear and conv kernel.
       dtype: compute dtype (float32 or bfloat16), or ``None``: the inputs' dtype promoted with
         ``param_dtype``, as Flax's layers infer it. param_dtype: parameter dtype.
@@ -259,6 +262,7 @@ class QDelta(nnx.Module):
         norm_eps: float = 1e-6,
         chunk_size: int = 64,
         implementation: str | None = None,
+        save_residuals: bool | None = None,
         initializer_range: float = 0.02,
         dtype=F32,
         param_dtype=F32,
@@ -289,6 +293,9 @@ class QDelta(nnx.Module):
                 f"implementation must be one of {ops.IMPLEMENTATIONS} or None, got "
                 f"{implementation!r}"
             )
+        if save_residuals is not None and not isinstance(save_residuals, bool):
+            raise ValueError(f"QDelta: save_residuals must be True, False or None, got "
+                             f"{save_residuals!r}")
         self.hidden_size = hidden_size
         self.num_heads = num_heads
         self.num_v_heads = num_v_heads
@@ -303,6 +310,7 @@ class QDelta(nnx.Module):
         self.use_decay = use_decay
         self.chunk_size = chunk_size
         self.implementation = implementation
+        self.save_residuals = save_residuals
         self.dtype = None if dtype is None else jnp.dtype(dtype)
         self.param_dtype = jnp.dtype(param_dtype)
 
@@ -414,6 +422,10 @@ class QDelta(nnx.Module):
     def _rule(self, q, k, v, g, beta, lam, *, cu, initial_state, output_final_state):
         kw = dict(scale=self.head_dim**-0.5, normalize_qk=False, chunk_size=self.chunk_size,
                   implementation=self.implementation)
+        if self.save_residuals is not None:
+            from qdelta_jax.pallas.config import Config
+
+            kw["config"] = Config(save_residuals=self.save_residuals)
         # Per-row offsets go to the op as they are: it owns packing and the split over a mesh.
         return ops.qdelta_rule(q, k, v, g, beta, lam, initial_state=initial_state,
                                output_final_state=output_final_state, cu_seqlens=cu, **kw)

@@ -70,7 +70,8 @@ class QDeltaConfig:
     ``compute_dtype`` / ``param_dtype``: ``"float32"`` or ``"bfloat16"``.
     ``scan_layers=True`` stores the blocks' parameters stacked on a leading ``[num_hidden_layers]``
     axis and runs them with ``lax.scan`` (one compiled block instead of an unrolled loop: much
-    faster compilation for deep models); see :class:`QDeltaLM`.
+    faster compilation for deep models); see :class:`QDeltaLM`. ``save_residuals``: the Pallas
+    kernels' (see :class:`qdelta_jax.layers.QDelta`); it changes memory and speed, not results.
     """
 
     vocab_size: int = 32000
@@ -94,6 +95,7 @@ class QDeltaConfig:
     tie_word_embeddings: bool = False
     chunk_size: int = 64
     implementation: str | None = None
+    save_residuals: bool | None = None
     remat: bool = False
     scan_layers: bool = False
     compute_dtype: str = "float32"
@@ -145,6 +147,8 @@ class QDeltaConfig:
             bad("chunk_size", "a power of two (16, 32, 64, 128)")
         if self.implementation is not None and self.implementation not in ops.IMPLEMENTATIONS:
             bad("implementation", f"None or one of {ops.IMPLEMENTATIONS}")
+        if not (self.save_residuals is None or isinstance(self.save_residuals, bool)):
+            bad("save_residuals", "None (the kernels' default), True or False")
         for name in ("compute_dtype", "param_dtype"):
             if getattr(self, name) not in DTYPES:
                 bad(name, f"one of {DTYPES}")
@@ -342,7 +346,8 @@ class Block(nnx.Module):
             conv_size=c.conv_size, allow_neg_eigval=c.allow_neg_eigval, lam_bias=c.lam_bias,
             fixed_lam=c.fixed_lam, use_decay=c.use_decay, norm_eps=c.norm_eps,
             chunk_size=c.chunk_size, implementation=c.implementation,
-            initializer_range=c.initializer_range, dtype=dtype, param_dtype=pdtype, rngs=rngs,
+            save_residuals=c.save_residuals, initializer_range=c.initializer_range, dtype=dtype,
+            param_dtype=pdtype, rngs=rngs,
         )
         self.mlp_norm = RMSNorm(c.hidden_size, eps=c.norm_eps, param_dtype=pdtype)
         self.mlp = SwiGLU(c.hidden_size, c.mlp_size, std=c.initializer_range, dtype=dtype,

@@ -289,6 +289,26 @@ def test_bad_cu_seqlens_and_arguments():
         make(num_v_heads=3)
     with pytest.raises(ValueError, match="implementation"):
         make(implementation="cuda")
+    with pytest.raises(ValueError, match="save_residuals"):
+        make(save_residuals="no")
+
+
+def test_save_residuals_reaches_the_op_as_its_config(monkeypatch):
+    from qdelta_jax import ops
+    from qdelta_jax.pallas.config import Config
+
+    seen = []
+    real = ops.qdelta_rule
+
+    def spy(*a, **kw):
+        seen.append(kw.get("config"))
+        return real(*a, **kw)
+
+    monkeypatch.setattr(ops, "qdelta_rule", spy)
+    x = inputs(B=1, T=8)
+    make(save_residuals=False)(x)
+    make()(x)
+    assert seen == [Config(save_residuals=False), None]
 
 
 def test_reference_and_xla_implementations_agree():

@@ -349,7 +349,7 @@ def test_count_params_matches_model(kw):
     [("hidden_size", 0), ("num_heads", 2.5), ("expand_v", 0.3), ("num_v_heads", 3),
      ("chunk_size", 48), ("compute_dtype", "float16"), ("norm_eps", -1.0),
      ("implementation", "cuda"), ("use_gate", 1), ("fixed_lam", float("nan")),
-     ("scan_layers", 1)],
+     ("scan_layers", 1), ("save_residuals", 1)],
 )
 def test_bad_config_values_name_the_field(field, value):
     with pytest.raises(ValueError, match=field):

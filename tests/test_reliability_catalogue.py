@@ -146,8 +146,8 @@ CASES = [
     ("qdelta-train", "`--dtype float16`", lambda d: _cli(["--dtype", "float16"]), "--dtype"),
     ("qdelta-train", "`--implementation cuda`", lambda d: _cli(["--implementation", "cuda"]),
      "--implementation"),
-    ("qdelta-train", "`--recompute-residuals --implementation xla`", lambda d: _cli(
-        ["--recompute-residuals", "--implementation", "xla"]), "pallas implementation only"),
+    ("qdelta-train", "`--no-save-residuals --implementation xla`", lambda d: _cli(
+        ["--no-save-residuals", "--implementation", "xla"]), "pallas implementation only"),
     ("qdelta-train", "`--preset huge`", lambda d: _cli(["--preset", "huge"]), "unknown"),
     ("qdelta-train", "`--task foo`", lambda d: _cli(["--task", "foo"]), "unknown"),
     ("qdelta-train", "`--mesh data=3` on one device", lambda d: _cli(["--mesh", "data=3"]),

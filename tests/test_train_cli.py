@@ -37,7 +37,7 @@ def bad_config(tmp_path):
     (["--num-pairs", "40"], "--seq-len", "needs --seq-len"),
     (["--task", "niah", "--seq-len", "40"], "--seq-len", "needs --seq-len"),
     (["--implementation", "cuda"], "--implementation", "one of"),
-    (["--implementation", "xla", "--recompute-residuals"], "--recompute-residuals", "pallas"),
+    (["--implementation", "xla", "--no-save-residuals"], "--no-save-residuals", "pallas"),
     (["--model-overrides", "hidden_sise=3"], "--model-overrides", "hidden_sise"),
     (["--config", "/no/such.toml"], "--config", "no such file"),
 ])
@@ -147,10 +147,10 @@ def test_default_task_learns_and_eval(tmp_path, capsys):
     assert evaluate.main([str(tmp_path / "missing")]) == 2
 
 
-def test_recompute_residuals_flag_trains_the_same_and_restores(tmp_path, monkeypatch):
-    """--recompute-residuals (Pallas kernels, interpret mode here) reaches the kernels' config
-    (save_residuals off), gives the losses of the default run (residuals kept) and leaves the
-    process-wide setting as it found it."""
+def test_no_save_residuals_flag_trains_the_same_and_changes_nothing_else(tmp_path, monkeypatch):
+    """--no-save-residuals (Pallas kernels, interpret mode here) reaches the kernels' config
+    (save_residuals off) through the model config, gives the losses of the default run
+    (residuals kept) and leaves the kernels' default as it found it."""
     from qdelta_jax.pallas import config as pcfg
     from qdelta_jax.pallas import core as pcore
 
@@ -177,7 +177,7 @@ def test_recompute_residuals_flag_trains_the_same_and_restores(tmp_path, monkeyp
     base = train("base", [])
     assert seen and all(seen)
     seen.clear()
-    recomputed = train("recomputed", ["--recompute-residuals"])
+    recomputed = train("recomputed", ["--no-save-residuals"])
     assert seen and not any(seen)
     assert pcfg.get_config(16, 32, 16, "float32").save_residuals
     for a, b in zip(base, recomputed, strict=True):

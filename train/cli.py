@@ -140,9 +140,9 @@ OPTIONS: dict[str, tuple[Any, str]] = {
     "fixed_lam": (_opt(_float), "ablation: a fixed lam instead of the learned one"),
     "no_decay_gate": (_bool, "ablation: no decay gate (a = 1)"),
     "remat": (_bool, "recompute each block in the backward pass (saves memory)"),
-    "recompute_residuals": (_bool, "Pallas kernels: recompute the forward's per-chunk W, T, h_in,"
-                                   " D in the backward instead of keeping them (less memory, "
-                                   "slower)"),
+    "save_residuals": (_opt(_bool), "Pallas kernels: keep the forward's per-chunk W, T, h_in, D"
+                                    " for the backward (default, unless "
+                                    "QDELTA_SAVE_RESIDUALS=0)"),
     "model_overrides": (_opt(_str), "model config fields, e.g. hidden_size=128,num_heads=4"),
     "max_bad_steps": (_int, "stop after this many consecutive non-finite steps"),
     "stop_after": (_opt(_int), "stop (with a checkpoint) after N steps of this invocation; the "
@@ -158,7 +158,13 @@ OPTIONS: dict[str, tuple[Any, str]] = {
     "diagnostics": (_bool, "add the stability diagnostic (beta * c, docs/MATH.md section 1) to "
                            "every eval line of metrics.jsonl"),
 }
-BOOL_FLAGS = {"no_decay_gate", "remat", "diagnostics", "recompute_residuals", "train_accuracy"}
+BOOL_FLAGS = {"no_decay_gate", "remat", "diagnostics", "train_accuracy"}
+# Options on by default, turned off by a --no-... flag.
+NEGATED_FLAGS = {
+    "progress": "hide the progress bar",
+    "save_residuals": "Pallas kernels: recompute the forward's per-chunk W, T, h_in, D in the "
+                      "backward instead of keeping them (less memory, slower)",
+}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -180,9 +186,9 @@ def build_parser() -> argparse.ArgumentParser:
         d = defaults[name]
         if name in BOOL_FLAGS:
             p.add_argument(flag, dest=name, action="store_const", const=True, help=help_)
-        elif name == "progress":
-            p.add_argument("--no-progress", dest=name, action="store_const", const=False,
-                           help="hide the progress bar")
+        elif name in NEGATED_FLAGS:
+            p.add_argument(flag.replace("--", "--no-", 1), dest=name, action="store_const",
+                           const=False, help=NEGATED_FLAGS[name])
         else:
             shown = help_ if d is None or "default" in help_ else f"{help_} (default: {d})"
             p.add_argument(flag, dest=name, type=_argtype(conv),

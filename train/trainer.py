@@ -101,7 +101,7 @@ class TrainArgs:
     fixed_lam: float | None = None
     no_decay_gate: bool = False
     remat: bool = False
-    recompute_residuals: bool = False
+    save_residuals: bool | None = None
     model_overrides: str | None = None
     max_bad_steps: int = 10
     stop_after: int | None = None
@@ -173,8 +173,8 @@ def validate(a: TrainArgs) -> None:
 
     need(a.implementation in (None, *IMPLEMENTATIONS), "--implementation",
          f"must be one of {', '.join(IMPLEMENTATIONS)}, got {a.implementation!r}")
-    need(not a.recompute_residuals or a.implementation in (None, "pallas"),
-         "--recompute-residuals",
+    need(a.save_residuals is None or a.implementation is None
+         or a.implementation.startswith("pallas"), "--no-save-residuals",
          f"applies to the pallas implementation only, not --implementation {a.implementation}")
     need(a.fixed_lam is None or math.isfinite(a.fixed_lam), "--fixed-lam",
          f"must be a finite number, got {a.fixed_lam}")
@@ -225,6 +225,8 @@ def model_config_for(a: TrainArgs, data_vocab: int, pretokenised: bool):
                               "param_dtype": a.param_dtype}
     if a.implementation is not None:
         fields["implementation"] = a.implementation
+    if a.save_residuals is not None:
+        fields["save_residuals"] = a.save_residuals
     if a.fixed_lam is not None:
         fields["fixed_lam"] = float(a.fixed_lam)
     if a.no_decay_gate:
@@ -447,21 +449,17 @@ def _to_float(x):
     return x if math.isfinite(x) else None if math.isnan(x) else x
 
 
+def _model_identity(model: dict[str, Any]) -> dict[str, Any]:
+    """A model config's keys that must match to resume it."""
+    return {k: v for k, v in model.items() if k != "save_residuals"}
+
+
 def run(a: TrainArgs, *, log=print) -> dict[str, Any]:
-    """Trains as ``a`` says (see :func:`_run`); ``--recompute-residuals`` switches the Pallas
-    kernels' process-wide ``save_residuals`` off for the run and restores it after. A
-    file-system failure raises :class:`RunIOError` (one line: what, where, what to do)."""
+    """Trains as ``a`` says (see :func:`_run`). A file-system failure raises
+    :class:`RunIOError` (one line: what, where, what to do)."""
     phase = _Phase()
     try:
-        if not a.recompute_residuals:
-            return _run(a, log=log, phase=phase)
-        from qdelta_jax import pallas
-
-        prev = pallas.set_save_residuals(False)
-        try:
-            return _run(a, log=log, phase=phase)
-        finally:
-            pallas.set_save_residuals(prev)
+        return _run(a, log=log, phase=phase)
     except (UsageError, BadStepsError, KeyboardInterrupt):
         raise
     except Exception as e:
@@ -656,7 +654,9 @@ def _run(a: TrainArgs, *, log=print, phase: _Phase | None = None) -> dict[str, A
     rewrite = False
     if saved is not None:
         try:
-            ckpt.check_model_config(run_dir, saved.get("model", {}), requested["model"])
+            # save_residuals changes memory and speed, not the model: a resume may change it.
+            ckpt.check_model_config(run_dir, _model_identity(saved.get("model", {})),
+                                    _model_identity(requested["model"]))
         except ckpt.RunDirError as e:
             raise UsageError(str(e), "--run-dir") from None
         diffs = [d for d in ckpt.diff_dicts(
