@@ -22,9 +22,9 @@ Implementations (``implementation=``):
 Meshes: a Pallas kernel is one opaque custom call to XLA's sharding propagation, which would
 gather a batch-sharded input onto every device and run the whole batch everywhere. So when the
 op is traced under a mesh (``with jax.set_mesh(mesh):``, as ``qdelta_jax.train`` does) whose
-batch axes (:data:`BATCH_AXES`, by default ``"data"`` and ``"fsdp"``) have more than one device
+batch axes (``batch_axes``, by default ``"data"`` and ``"fsdp"``) have more than one device
 and divide the batch, the ``"pallas"`` path runs inside ``jax.shard_map``: each device computes
-its own rows. :func:`set_batch_axes` names other axes. The ``"xla"`` and ``"reference"`` paths
+its own rows. The ``"xla"`` and ``"reference"`` paths
 are ordinary XLA and partition by themselves.
 
 All checks read only shapes and dtypes (and the values of ``cu_seqlens`` when they are concrete),
@@ -61,40 +61,37 @@ def _check_shape(name: str, x, expected: tuple, legend: str) -> None:
         )
 
 
-#: Mesh axes over which the ``"pallas"`` path splits the batch (see the module docstring).
-BATCH_AXES: tuple[str, ...] = ("data", "fsdp")
+#: Mesh axes over which the ``"pallas"`` path splits the batch by default (``batch_axes``).
+DEFAULT_BATCH_AXES: tuple[str, ...] = ("data", "fsdp")
 
 
-def set_batch_axes(axes) -> tuple[str, ...]:
-    """Sets the mesh axes the Pallas path splits the batch over (e.g. ``("dp",)``; ``()`` turns
-    the splitting off); returns the previous ones."""
-    global BATCH_AXES
+def _check_batch_axes(axes) -> tuple[str, ...]:
     if isinstance(axes, str) or not all(isinstance(a, str) for a in axes):
-        raise TypeError(f"axes must be a sequence of mesh axis names, got {axes!r}")
-    prev, BATCH_AXES = BATCH_AXES, tuple(axes)
-    return prev
+        raise TypeError(f"batch_axes must be a sequence of mesh axis names, got {axes!r}")
+    return tuple(axes)
 
 
-def batch_split(batch: int):
-    """``(mesh, axes)`` when the mesh in context splits a batch of ``batch`` rows over
-    :data:`BATCH_AXES` (axes of size 1, manual axes and absent axes are left out), else ``None``."""
+def batch_split(batch: int, axes=DEFAULT_BATCH_AXES):
+    """``(mesh, axes)`` when the mesh in context splits a batch of ``batch`` rows over the mesh
+    axes ``axes`` (axes of size 1, manual axes and absent axes are left out), else ``None``."""
+    axes = _check_batch_axes(axes)
     mesh = jax.sharding.get_abstract_mesh()
     if mesh is None or mesh.empty:
         return None
     manual = set(getattr(mesh, "manual_axes", ()) or ())
     shape = dict(mesh.shape)
-    axes = tuple(a for a in BATCH_AXES if shape.get(a, 1) > 1 and a not in manual)
+    axes = tuple(a for a in axes if shape.get(a, 1) > 1 and a not in manual)
     n = math.prod(shape[a] for a in axes)
     if not axes or batch % n:
         return None
     return mesh, axes
 
 
-def shard_over_batch(fn, batch: int):
+def shard_over_batch(fn, batch: int, axes=DEFAULT_BATCH_AXES):
     """``fn`` (every input and output leaf has the batch as its leading axis; ``None`` allowed)
-    run with ``jax.shard_map`` over the batch axes of the mesh in context, or ``fn`` itself when
-    there is no such mesh (see :func:`batch_split`)."""
-    split = batch_split(batch)
+    run with ``jax.shard_map`` over the mesh axes ``axes`` of the mesh in context, or ``fn``
+    itself when there is no such mesh (see :func:`batch_split`)."""
+    split = batch_split(batch, axes)
     if split is None:
         return fn
     mesh, axes = split
@@ -153,6 +150,7 @@ def qdelta_rule(
     chunk_size: int = 64,
     implementation: str | None = None,
     config=None,
+    batch_axes: tuple[str, ...] = DEFAULT_BATCH_AXES,
 ) -> tuple[Float[Array, "B T HV V"], Float[Array, "N HV K V"] | None]:
     """The Q-Delta recurrence (docs/MATH.md section 1) over a batch of sequences.
 
@@ -202,6 +200,8 @@ def qdelta_rule(
         the backward recompute the forward's per-chunk residuals instead of keeping them (less
         memory, slower); fields left ``None`` take the tuned or default settings for the head
         sizes and ``save_residuals`` the ``QDELTA_SAVE_RESIDUALS`` default (on).
+      batch_axes: the mesh axes the Pallas path splits the batch over when traced under a mesh
+        (see the module docstring); ``()`` never splits.
 
     Returns:
       ``(o, final_state)``: ``o [B, T, HV, V]`` in ``v``'s dtype; ``final_state`` or ``None``.
@@ -214,6 +214,7 @@ def qdelta_rule(
         raise ValueError(
             f"implementation must be one of {IMPLEMENTATIONS} or None, got {implementation!r}"
         )
+    batch_axes = _check_batch_axes(batch_axes)
     if config is not None:
         from qdelta_jax.pallas.config import Config
 
@@ -313,7 +314,7 @@ def qdelta_rule(
         # Per-row offsets keep the batch axis, so rows split over the mesh like unpacked rows
         # (states of per-row documents are [B S, ...]: row-major, also split by rows).
         if core is not None and (cu_seqlens is None or cu_seqlens.ndim == 2):
-            run = shard_over_batch(run, B)
+            run = shard_over_batch(run, B, batch_axes)
         o, final = run(q, k, v, g, beta, lam, initial_state, cu_seqlens)
         o, final = nonfinite.apply_outputs(guard, o, final if output_final_state else None)
     return o.astype(v.dtype), (final if output_final_state else None)

@@ -29,9 +29,9 @@ SCRIPT = textwrap.dedent(r"""
     mesh = jax.make_mesh((2, 2), ("data", "fsdp"), axis_types=auto)
     rows = NamedSharding(mesh, P(("data", "fsdp")))
 
-    def loss(q, k, v, g, beta, lam, h0):
+    def loss(q, k, v, g, beta, lam, h0, batch_axes=ops.DEFAULT_BATCH_AXES):
         o, f = qdelta_rule(q, k, v, g, beta, lam, initial_state=h0, output_final_state=True,
-                           chunk_size=16, implementation="pallas")
+                           chunk_size=16, implementation="pallas", batch_axes=batch_axes)
         return jnp.sum(o * o) + jnp.sum(f * h0), (o, f)
 
     vg = jax.value_and_grad(loss, argnums=tuple(range(7)), has_aux=True)
@@ -44,6 +44,11 @@ SCRIPT = textwrap.dedent(r"""
         out = jax.jit(vg)(*sharded)
         # 3 rows do not split over 4 devices: the op runs unsplit, still correct.
         res["odd_batch_split"] = ops.batch_split(3) is not None
+        # Other batch axes (absent from this mesh) or none: the op runs unsplit.
+        for name, axes in (("dp", ("dp",)), ("none", ())):
+            fn = jax.value_and_grad(lambda *a, x=axes: loss(*a, batch_axes=x),
+                                    argnums=tuple(range(7)), has_aux=True)
+            res[f"{name}_axes_shard_map"] = "shard_map" in str(jax.make_jaxpr(fn)(*sharded))
     res["errs"] = [rel_err(a, b) for a, b in zip(jax.tree.leaves(out), jax.tree.leaves(ref))]
     res["grad_specs"] = [str(x.sharding.spec) for x in out[1]]
 
@@ -76,21 +81,22 @@ def test_pallas_op_is_split_over_the_batch_axes_of_the_mesh(tmp_path):
     assert res["mesh_jaxpr_has_shard_map"]
     assert res["layer_jaxpr_has_shard_map"]
     assert not res["odd_batch_split"]
+    assert not res["dp_axes_shard_map"] and not res["none_axes_shard_map"]
     # float32, interpret mode: the split computes the same rows in the same order.
     assert max(res["errs"]) < 1e-5, res["errs"]
     assert res["layer_err"] < 1e-5
     assert all("data" in s and "fsdp" in s for s in res["grad_specs"]), res["grad_specs"]
 
 
-def test_set_batch_axes_validates_and_restores():
-    from qdelta_jax import ops
+def test_batch_axes_is_an_argument():
+    import jax
 
-    with pytest.raises(TypeError, match="axes"):
-        ops.set_batch_axes("data")
-    prev = ops.set_batch_axes(("dp",))
-    try:
-        assert ops.BATCH_AXES == ("dp",)
-        assert ops.batch_split(8) is None  # no mesh in context
-    finally:
-        assert ops.set_batch_axes(prev) == ("dp",)
-    assert ops.BATCH_AXES == prev
+    from qdelta_jax import ops, qdelta_rule
+    from qdelta_jax.testing import random_inputs
+
+    q, k, v, g, beta, lam, _ = random_inputs(jax.random.key(0), 1, 8, 1, 8, 8)
+    with pytest.raises(TypeError, match="batch_axes"):
+        qdelta_rule(q, k, v, g, beta, lam, implementation="xla", batch_axes="data")
+    with pytest.raises(TypeError, match="batch_axes"):
+        ops.batch_split(8, ("data", 1))
+    assert ops.batch_split(8, ("dp",)) is None  # no mesh in context
