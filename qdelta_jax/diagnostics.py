@@ -179,37 +179,42 @@ def summary(
     return summary_from_beta_c(layers, mask)
 
 
-_BC_FNS: dict[int, Any] = {}
-
-
-def summary_from_params(fns: Any, params: Any, batch: Mapping[str, Any]) -> dict[str, Any]:
-    """The summary for a training run's parameters (what ``qdelta-train --diagnostics`` logs).
+def params_summary_fn(fns: Any):
+    """A function ``(params, batch) -> summary`` for a training run's model (what
+    ``qdelta-train --diagnostics`` logs at every evaluation): its ``beta * c`` computation is
+    jitted once, when this is called; keep the function to reuse it.
 
     Args:
       fns: a :class:`qdelta_jax.train.loop.ModelFns` (its ``make_model`` builds the model).
-      params: the params pure dict of that model (``TrainState.params``), sharded or not.
-      batch: a data batch: ``inputs [B, T]`` and optionally ``cu_seqlens``; every position
-        counts.
 
-    The ``beta * c`` computation is jitted once per ``fns`` and reused at every evaluation.
-    """
+    The returned function takes the params pure dict of that model (``TrainState.params``),
+    sharded or not, and a data batch: ``inputs [B, T]`` and optionally ``cu_seqlens``; every
+    position counts."""
     from flax import nnx
 
-    key = id(fns)
-    if key not in _BC_FNS:
-        graphdef, abstract, rest = nnx.split(nnx.eval_shape(fns.make_model), nnx.Param, ...)
+    graphdef, abstract, rest = nnx.split(nnx.eval_shape(fns.make_model), nnx.Param, ...)
+    rest = fns.rest if fns.rest is not None else rest
 
-        def run(params, tokens, cu_seqlens):
-            state = jax.tree.map(lambda x: x, abstract)
-            nnx.replace_by_pure_dict(state, params)
-            model = nnx.merge(graphdef, state, fns.rest if fns.rest is not None else rest)
-            kw = {} if cu_seqlens is None else {"cu_seqlens": cu_seqlens}
-            _, aux = model(tokens, return_aux=True, **kw)
-            return beta_c_from_aux(aux)
+    @jax.jit
+    def beta_c(params, tokens, cu_seqlens):
+        state = jax.tree.map(lambda x: x, abstract)
+        nnx.replace_by_pure_dict(state, params)
+        model = nnx.merge(graphdef, state, rest)
+        kw = {} if cu_seqlens is None else {"cu_seqlens": cu_seqlens}
+        _, aux = model(tokens, return_aux=True, **kw)
+        return beta_c_from_aux(aux)
 
-        _BC_FNS[key] = (fns, jax.jit(run))  # keep fns alive so its id stays unique
-    layers = _BC_FNS[key][1](params, jnp.asarray(batch["inputs"]), batch.get("cu_seqlens"))
-    return summary_from_beta_c(layers)
+    def summary_of(params: Any, batch: Mapping[str, Any]) -> dict[str, Any]:
+        layers = beta_c(params, jnp.asarray(batch["inputs"]), batch.get("cu_seqlens"))
+        return summary_from_beta_c(layers)
+
+    return summary_of
+
+
+def summary_from_params(fns: Any, params: Any, batch: Mapping[str, Any]) -> dict[str, Any]:
+    """``params_summary_fn(fns)(params, batch)``, once (it compiles each call: keep
+    :func:`params_summary_fn`'s function to evaluate repeatedly)."""
+    return params_summary_fn(fns)(params, batch)
 
 
 def compact(s: Mapping[str, Any]) -> dict[str, Any]:

@@ -132,5 +132,11 @@ def test_summary_from_params_and_cli_flag():
     s = diagnostics.summary_from_params(fns, params, batch)
     direct = diagnostics.summary(QDeltaLM(cfg, rngs=nnx.Rngs(0)), jnp.asarray(batch["inputs"]))
     assert s["overall"]["mean"] == pytest.approx(direct["overall"]["mean"], rel=1e-5)
+    summary_of = diagnostics.params_summary_fn(fns)  # one compiled function, reused
+    for seed in (1, 2):
+        batch = {"inputs": np.asarray(jax.random.randint(jax.random.key(seed), (2, 16), 0, 64))}
+        direct = diagnostics.summary(QDeltaLM(cfg, rngs=nnx.Rngs(0)), jnp.asarray(batch["inputs"]))
+        got = summary_of(params, batch)["overall"]["mean"]
+        assert got == pytest.approx(direct["overall"]["mean"], rel=1e-5)
     assert cli.parse_args(["--diagnostics"]).diagnostics is True
     assert cli.parse_args([]).diagnostics is False

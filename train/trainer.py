@@ -750,16 +750,20 @@ def _run(a: TrainArgs, *, log=print, phase: _Phase | None = None) -> dict[str, A
 
     last_eval: dict[str, float] | None = None
     step_times: list[float] = []
+    stability = None
+    if a.diagnostics:  # compiled once for the run
+        from qdelta_jax import diagnostics
+
+        stability = diagnostics.params_summary_fn(sess.fns)
 
     def do_eval(step, st):
         nonlocal last_eval
         nonlocal t_prev
         last_eval = sess.evaluate(st.params, eval_src, a.eval_batches)
-        if a.diagnostics:  # beta * c of docs/MATH.md section 1 on the first eval batch
+        if stability is not None:  # beta * c of docs/MATH.md section 1 on the first eval batch
             from qdelta_jax import diagnostics
 
-            last_eval["stability"] = diagnostics.compact(
-                diagnostics.summary_from_params(sess.fns, st.params, eval_src.batch(0)))
+            last_eval["stability"] = diagnostics.compact(stability(st.params, eval_src.batch(0)))
         t_prev = time.perf_counter()  # keep evaluation time out of the next step's time
         writer.write({"step": step, "split": "eval", **last_eval})
         if pbar is not None:
