@@ -183,7 +183,7 @@ def test_matches_xla(dtype, C, shape):
     assert_matches_xla(args, w, C, TOL[jnp.dtype(dtype)])
 
 
-def test_recompute_residuals_matches_xla():
+def test_no_save_residuals_matches_xla():
     """``save_residuals=False``: the backward recomputes W, T, h_in, D (the default keeps them
     from the forward; every other qdelta_rule test runs that)."""
     import dataclasses
