@@ -19,8 +19,8 @@ With ``--anchors``, benchmarks/anchors.py runs first, in a torch process of its 
 card (before JAX takes the GPU's memory): the authors' kernel, fla's forward and flash attention,
 and a last table sets our pipelined times beside theirs.
 
-``--unguarded`` adds, for every implementation, a row traced without the non-finite guard of
-``qdelta_jax.nonfinite`` (the inputs used as given, the outputs not poisoned): the difference
+``--unguarded`` adds, for every implementation, a row with ``guard_nonfinite=False`` (the
+inputs used as given, the outputs not poisoned): the difference
 to the guarded row is what keeping NaN and inf where the recurrence keeps them costs.
 
 ``--docs S`` packs S documents of random lengths into every row (per-row ``cu_seqlens``, no
@@ -32,7 +32,6 @@ Writes a Markdown table to stdout and, with ``--json PATH``, the raw numbers.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import subprocess
@@ -45,7 +44,7 @@ import jax.numpy as jnp
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # anchors.py beside this file
 
-from qdelta_jax import nonfinite, qdelta_rule  # noqa: E402
+from qdelta_jax import qdelta_rule  # noqa: E402
 from qdelta_jax.testing import random_inputs, random_offsets, time_fn
 
 BENCH_SHAPES = ["8x4096x6x128x256", "8x4096x16x128x128", "2x16384x6x128x256"]
@@ -79,37 +78,22 @@ def peak_bytes() -> int | None:
     return stats.get("peak_bytes_in_use")
 
 
-@contextlib.contextmanager
-def unguarded():
-    """While tracing: ``qdelta_rule`` without its non-finite guard (benchmarking only)."""
-    saved = nonfinite.guard, nonfinite.apply_inputs, nonfinite.apply_outputs
-    nonfinite.guard = lambda *a, **kw: None
-    nonfinite.apply_inputs = lambda gd, *xs: xs
-    nonfinite.apply_outputs = lambda gd, o, final: (o, final)
-    try:
-        yield
-    finally:
-        nonfinite.guard, nonfinite.apply_inputs, nonfinite.apply_outputs = saved
-
-
 def bench_impl(impl, shape, dtype, warmup, reps, chunk_size, docs=0, guard=True):
     """``impl``: an implementation of qdelta_rule, or ``pallas-no-save-residuals`` (pallas with
     ``config=Config(save_residuals=False)``); ``guard=False``: without the non-finite guard."""
-    if not guard:
-        with unguarded():
-            row = bench_impl(impl, shape, dtype, warmup, reps, chunk_size, docs)
-        row["impl"] += " (unguarded)"
-        return row
     config = None
     if impl == "pallas-no-save-residuals":
         from qdelta_jax.pallas import Config
 
         config = Config(save_residuals=False)
-    return _bench_impl(impl, "pallas" if config is not None else impl, shape, dtype, warmup, reps,
-                       chunk_size, docs, config)
+    row = _bench_impl(impl, "pallas" if config is not None else impl, shape, dtype, warmup, reps,
+                      chunk_size, docs, config, guard)
+    if not guard:
+        row["impl"] += " (unguarded)"
+    return row
 
 
-def op_functions(impl, shape, dtype, chunk_size=64, docs=0, config=None):
+def op_functions(impl, shape, dtype, chunk_size=64, docs=0, config=None, guard=True):
     """``[("fwd", fn, args), ("fwd_bwd", fn, args)]``: the op's forward and its ``jax.vjp``
     pull-back of all six inputs, on fresh random inputs of ``shape`` (BxTxHxKxV); ``docs > 0``
     packs that many documents into every row; ``config``: the op's kernel config."""
@@ -120,7 +104,7 @@ def op_functions(impl, shape, dtype, chunk_size=64, docs=0, config=None):
 
     def fwd(q, k, v, g, beta, lam):
         return qdelta_rule(q, k, v, g, beta, lam, implementation=impl, chunk_size=chunk_size,
-                           cu_seqlens=cu, config=config)[0]
+                           cu_seqlens=cu, config=config, guard_nonfinite=guard)[0]
 
     def fwd_bwd(q, k, v, g, beta, lam, do):
         o, vjp = jax.vjp(fwd, q, k, v, g, beta, lam)
@@ -130,10 +114,11 @@ def op_functions(impl, shape, dtype, chunk_size=64, docs=0, config=None):
             ("fwd_bwd", fwd_bwd, (q, k, v, g, beta, lam, do))]
 
 
-def _bench_impl(name_, impl, shape, dtype, warmup, reps, chunk_size, docs=0, config=None):
+def _bench_impl(name_, impl, shape, dtype, warmup, reps, chunk_size, docs=0, config=None,
+                guard=True):
     row = {"impl": name_ + (f" ({docs} docs/row)" if docs else ""), "shape": shape,
            "dtype": jnp.dtype(dtype).name}
-    for name, fn, args in op_functions(impl, shape, dtype, chunk_size, docs, config):
+    for name, fn, args in op_functions(impl, shape, dtype, chunk_size, docs, config, guard):
         t0 = time.perf_counter()
         try:
             compiled = jax.jit(fn).lower(*args).compile()

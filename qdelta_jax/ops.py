@@ -151,6 +151,7 @@ def qdelta_rule(
     implementation: str | None = None,
     config=None,
     batch_axes: tuple[str, ...] = DEFAULT_BATCH_AXES,
+    guard_nonfinite: bool = True,
 ) -> tuple[Float[Array, "B T HV V"], Float[Array, "N HV K V"] | None]:
     """The Q-Delta recurrence (docs/MATH.md section 1) over a batch of sequences.
 
@@ -187,6 +188,11 @@ def qdelta_rule(
         computed). Off by default: the op then trusts its inputs (``g > 0`` grows the state;
         a non-finite value spoils later tokens of its document and head as in the recurrence,
         never earlier ones, in every implementation: :mod:`qdelta_jax.nonfinite`).
+      guard_nonfinite: on the chunked implementations, keep a NaN or inf at one token from
+        reaching earlier tokens of its chunk (:mod:`qdelta_jax.nonfinite`: the inputs cleaned,
+        the outputs and gradients the recurrence spoils set non-finite; a few elementwise
+        passes over the inputs and outputs). ``False`` skips it, for inputs known to be finite:
+        a non-finite input may then spoil its whole chunk (masked products multiply it by 0).
       cu_seqlens: packed documents (:mod:`qdelta_jax.packing`): ``[N + 1]`` integer offsets of
         the documents of one row (``B == 1``), or ``[B, S + 1]`` offsets per row (each row from
         0 to T, padded by repeating T). The state resets at every offset. Without states in or
@@ -277,7 +283,7 @@ def qdelta_rule(
     if HV != H:  # grouped value heads: value head j reads q/k head j // (HV // H)
         q, k = jnp.repeat(q, HV // H, axis=2), jnp.repeat(k, HV // H, axis=2)
     guard = None
-    if implementation != "reference":  # NaN and inf spoil what the scan spoils, no more
+    if guard_nonfinite and implementation != "reference":  # NaN, inf spoil what the scan does
         guard = nonfinite.guard(q, k, v, g, beta, lam, cu_seqlens)
         q, k, v, g, beta, lam, initial_state = nonfinite.apply_inputs(
             guard, q, k, v, g, beta, lam, initial_state)
@@ -316,5 +322,6 @@ def qdelta_rule(
         if core is not None and (cu_seqlens is None or cu_seqlens.ndim == 2):
             run = shard_over_batch(run, B, batch_axes)
         o, final = run(q, k, v, g, beta, lam, initial_state, cu_seqlens)
-        o, final = nonfinite.apply_outputs(guard, o, final if output_final_state else None)
+        if guard is not None:
+            o, final = nonfinite.apply_outputs(guard, o, final if output_final_state else None)
     return o.astype(v.dtype), (final if output_final_state else None)

@@ -211,3 +211,17 @@ def test_the_spoiling_is_free_where_everything_is_finite():
                           ref[:2] + tuple(ref[2])):
         assert np.isfinite(np.asarray(a)).all(), name
         assert_like_reference(a, r, 4 * tolerance(jnp.float32), name)
+
+
+def test_the_guard_can_be_switched_off():
+    """``guard_nonfinite=False``: the same outputs for finite inputs; a NaN then reaches the
+    earlier tokens of its chunk (what the guard prevents), so the switch does what it says."""
+    inputs, _, _ = layout_inputs("unpacked")
+    run = jax.jit(lambda xs, guard: qdelta_rule(*xs[:6], chunk_size=C, implementation="xla",
+                                                guard_nonfinite=guard)[0],
+                  static_argnames="guard")
+    np.testing.assert_array_equal(np.asarray(run(inputs, guard=False)),
+                                  np.asarray(run(inputs, guard=True)))
+    bad = spoil(inputs, "v", 23)  # token 23 of the chunk 16..31
+    assert np.isfinite(np.asarray(run(bad, guard=True))[0, 16:23]).all()
+    assert not np.isfinite(np.asarray(run(bad, guard=False))[0, 16:23]).all()
