@@ -117,6 +117,20 @@ def check_model_config(run_dir: str | Path, saved: dict, requested: dict) -> Non
         )
 
 
+def _verify(integrity, tree) -> None:
+    """Raises ValueError unless every array of ``tree`` matches the checksum saved with it in
+    the step's ``integrity`` item (keys absent from ``tree`` are not read, so a partial restore
+    checks just what it restored)."""
+    saved = (integrity or {}).get("checksums")
+    if not isinstance(saved, dict):
+        raise ValueError("its checksum file (integrity/) is unreadable")
+    bad = [k for k, v in checksums(tree).items() if saved.get(k) != v]
+    if bad:
+        more = ", ..." if len(bad) > 3 else ""
+        raise ValueError(f"{len(bad)} arrays do not match the checksums saved with them "
+                         f"({', '.join(bad[:3])}{more})")
+
+
 class Checkpointer:
     """Saves and restores train state + data position under ``run_dir/checkpoints``.
 
@@ -298,20 +312,11 @@ class Checkpointer:
             if not isinstance(data_state, dict) or "index" not in data_state:
                 raise ValueError("the data position (data/) is missing or unreadable")
             if verified:
-                saved = (restored[INTEGRITY] or {}).get("checksums")
-                if not isinstance(saved, dict):
-                    raise ValueError("its checksum file (integrity/) is unreadable")
-                bad = [k for k, v in checksums(restored["state"]).items() if saved.get(k) != v]
-                if bad:
-                    more = ", ..." if len(bad) > 3 else ""
-                    raise ValueError(f"{len(bad)} arrays do not match the checksums saved with "
-                                     f"them ({', '.join(bad[:3])}{more})")
+                _verify(restored[INTEGRITY], restored["state"])
         except Exception as e:  # noqa: BLE001 -- any read failure means damage
             raise CheckpointDamage() from e
         if not verified:
-            warnings.warn(f"checkpoint step {step} in {self.dir} has no checksums (saved by an "
-                          "older version); restored without verification",
-                          CheckpointFallbackWarning, stacklevel=3)
+            self._warn_unverified(step)
         return step, restored["state"], data_state
 
     def restore_params(self, abstract_params: dict, step: int | None = None,
@@ -385,23 +390,18 @@ class Checkpointer:
                     item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
                     partial_restore=True))
             if verified:
-                saved = self.manager.restore(step, args=ocp.args.Composite(
-                    **{INTEGRITY: ocp.args.JsonRestore()}))[INTEGRITY]
-                saved = (saved or {}).get("checksums")
-                if not isinstance(saved, dict):
-                    raise ValueError("its checksum file (integrity/) is unreadable")
-                bad = [k for k, v in checksums(restored).items() if saved.get(k) != v]
-                if bad:
-                    more = ", ..." if len(bad) > 3 else ""
-                    raise ValueError(f"{len(bad)} arrays do not match the checksums saved with "
-                                     f"them ({', '.join(bad[:3])}{more})")
+                _verify(self.manager.restore(step, args=ocp.args.Composite(
+                    **{INTEGRITY: ocp.args.JsonRestore()}))[INTEGRITY], restored)
         except Exception as e:  # noqa: BLE001 -- any read failure means damage
             raise CheckpointDamage() from e
         if not verified:
-            warnings.warn(f"checkpoint step {step} in {self.dir} has no checksums (saved by an "
-                          "older version); restored without verification",
-                          CheckpointFallbackWarning, stacklevel=3)
+            self._warn_unverified(step)
         return restored["params"]
+
+    def _warn_unverified(self, step: int) -> None:
+        warnings.warn(f"checkpoint step {step} in {self.dir} has no checksums (saved by an "
+                      "older version); restored without verification",
+                      CheckpointFallbackWarning, stacklevel=4)
 
     def set_aside_after(self, step: int) -> Path | None:
         """Moves every step newer than ``step`` to ``superseded/<time>/`` (never deletes), so a
