@@ -117,6 +117,14 @@ def check_model_config(run_dir: str | Path, saved: dict, requested: dict) -> Non
         )
 
 
+def _mismatch(have: dict, want: dict, wanted: str) -> str:
+    """What differs between two ``{array name: shape}`` maps, at most 5 names of each kind."""
+    missing = sorted(set(want) - set(have))[:5]
+    extra = sorted(set(have) - set(want))[:5]
+    shape = [f"{k}: {have[k]} vs {want[k]}" for k in want if k in have and have[k] != want[k]][:5]
+    return f"missing {missing}, unexpected {extra}, shapes saved vs {wanted} {shape}"
+
+
 def _verify(integrity, tree) -> None:
     """Raises ValueError unless every array of ``tree`` matches the checksum saved with it in
     the step's ``integrity`` item (keys absent from ``tree`` are not read, so a partial restore
@@ -294,14 +302,8 @@ class Checkpointer:
             raise CheckpointDamage() from ValueError("the array metadata (state/_METADATA) "
                                                      "is missing or empty")
         if set(have) != set(want) or any(have[k] != want[k] for k in want):
-            missing = sorted(set(want) - set(have))[:5]
-            extra = sorted(set(have) - set(want))[:5]
-            shape = [f"{k}: {have[k]} vs {want[k]}" for k in want
-                     if k in have and have[k] != want[k]][:5]
-            raise RunDirError(
-                f"checkpoint step {step} in {self.dir} holds a different train state "
-                f"(missing {missing}, unexpected {extra}, shapes saved vs requested {shape})"
-            )
+            raise RunDirError(f"checkpoint step {step} in {self.dir} holds a different train "
+                              f"state ({_mismatch(have, want, 'requested')})")
         verified = (self.dir / str(step) / INTEGRITY).is_dir()
         items = {"state": ocp.args.StandardRestore(abstract_state), "data": ocp.args.JsonRestore()}
         if verified:
@@ -366,13 +368,8 @@ class Checkpointer:
         except Exception as e:  # noqa: BLE001 -- unreadable metadata means damage
             raise CheckpointDamage() from e
         if have != want:
-            missing = sorted(set(want) - set(have))[:5]
-            extra = sorted(set(have) - set(want))[:5]
-            shape = [f"{k}: {have[k]} vs {want[k]}" for k in want
-                     if k in have and have[k] != want[k]][:5]
-            raise RunDirError(
-                f"checkpoint step {step} in {self.dir} holds the parameters of another model "
-                f"(missing {missing}, unexpected {extra}, shapes saved vs expected {shape})", flag)
+            raise RunDirError(f"checkpoint step {step} in {self.dir} holds the parameters of "
+                              f"another model ({_mismatch(have, want, 'expected')})", flag)
         # Orbax's metadata names layer indices as strings: match the leaves by name.
         saved_dtypes = dict(zip(_names(have_meta), [m.dtype for m in jax.tree.leaves(have_meta)],
                                 strict=True))
