@@ -249,9 +249,7 @@ def main(argv=None) -> list[dict]:
             # the backward (only the blocks' inputs kept).
             print(f"  {name} T={T} B={B}: out of memory; again with remat", flush=True)
             if remat_fns is None:
-                a.remat = True
-                rq, rl = model_configs(a)
-                a.remat = False
+                rq, rl = model_configs(argparse.Namespace(**{**vars(a), "remat": True}))
                 remat_fns = {n: make_fns(n, rq, rl) for n in fns}
             rec = run_point(name, remat_fns[name], qcfg.vocab_size, T, B, a)
             rec["remat"] = True
