@@ -23,9 +23,14 @@ sanitising and the output poisoning pass cotangents straight through (``custom_v
 gradient is NaN exactly where the scan's is. In the common all-finite case every mask is false:
 the outputs and gradients are those of the chunked path, bit for bit.
 
-Cost: per-token flags (reductions over K and V fused with the reads), prefix counts of the
-``[B, T, H]`` flags, one reduction of ``v`` over time for the column mask (a ``segment_min``
-over documents when ``cu_seqlens`` is given) and one ``where`` per input, output and gradient.
+Cost: the masks are built only when a call's outputs hold a non-finite value
+(:func:`call`): the chunked path runs on the raw inputs first, and one reduction over ``o``
+(and the final states) decides, by ``lax.cond``, whether to recompute the call on sanitised
+inputs. A non-finite input always spoils at least its own token's output, so finite outputs
+mean finite inputs, where the guarded and the plain results are the same. With all-finite
+values the guard therefore costs that one reduction forward and one ``cond`` backward (each
+branch writes the gradients; the masks and the second run exist only in the branch not
+taken). Under ``vmap`` the ``cond`` becomes a select and both branches run.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 from jaxtyping import Array, Bool
 
 from qdelta_jax import packing
@@ -199,3 +205,45 @@ def apply_outputs(gd: Guard, o, final):
     if final is not None:
         final = _poison(final, gd.final_bad)
     return o, final
+
+
+def _spoiled(out) -> Array:
+    """Whether the outputs ``(o, final or None)`` hold a non-finite value (a scalar)."""
+    return ~jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(out)]))
+
+
+def call(run, q, k, v, g, beta, lam, initial_state, cu_seqlens):
+    """``run(q, k, v, g, beta, lam, initial_state, cu_seqlens) -> (o, final or None)`` with
+    the scan's non-finite outputs and gradients (the module docstring): ``run`` on the raw
+    inputs, and where its outputs are not all finite, ``run`` again on the sanitised inputs
+    with the scan's spoiling put back (:func:`guard`, :func:`apply_inputs`,
+    :func:`apply_outputs`). Gradients w.r.t. the seven float inputs; ``cu_seqlens`` gets none."""
+    x = (q, k, v, g, beta, lam, initial_state)
+
+    def plain(x, cu):
+        return run(*x, cu)
+
+    def guarded(x, cu):
+        gd = guard(*x[:6], cu)
+        o, final = run(*apply_inputs(gd, *x), cu)
+        return apply_outputs(gd, o, final)
+
+    @jax.custom_vjp
+    def f(x, cu):
+        out = plain(x, cu)
+        return lax.cond(_spoiled(out), lambda: guarded(x, cu), lambda: out)
+
+    def f_fwd(x, cu):
+        out, pull = jax.vjp(lambda x: plain(x, cu), x)
+        bad = _spoiled(out)
+        out = lax.cond(bad, lambda: guarded(x, cu), lambda: out)
+        return out, (pull, x, cu, bad)
+
+    def f_bwd(res, ct):
+        pull, x, cu, bad = res
+        dx = lax.cond(bad, lambda: jax.vjp(lambda x: guarded(x, cu), x)[1](ct)[0],
+                      lambda: pull(ct)[0])
+        return dx, None
+
+    f.defvjp(f_fwd, f_bwd)
+    return f(x, cu_seqlens)

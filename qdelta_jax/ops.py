@@ -189,10 +189,11 @@ def qdelta_rule(
         a non-finite value spoils later tokens of its document and head as in the recurrence,
         never earlier ones, in every implementation: :mod:`qdelta_jax.nonfinite`).
       guard_nonfinite: on the chunked implementations, keep a NaN or inf at one token from
-        reaching earlier tokens of its chunk (:mod:`qdelta_jax.nonfinite`: the inputs cleaned,
-        the outputs and gradients the recurrence spoils set non-finite; a few elementwise
-        passes over the inputs and outputs). ``False`` skips it, for inputs known to be finite:
-        a non-finite input may then spoil its whole chunk (masked products multiply it by 0).
+        reaching earlier tokens of its chunk (:mod:`qdelta_jax.nonfinite`: where the outputs
+        are not all finite, the call runs again on cleaned inputs and the outputs and
+        gradients the recurrence spoils are set non-finite). With finite values it costs one
+        reduction over the outputs and a ``lax.cond``. ``False`` skips it: a non-finite input
+        may then spoil its whole chunk (masked products multiply it by 0).
       cu_seqlens: packed documents (:mod:`qdelta_jax.packing`): ``[N + 1]`` integer offsets of
         the documents of one row (``B == 1``), or ``[B, S + 1]`` offsets per row (each row from
         0 to T, padded by repeating T). The state resets at every offset. Without states in or
@@ -282,11 +283,6 @@ def qdelta_rule(
             k = reference.l2_normalize(k).astype(k.dtype)
     if HV != H:  # grouped value heads: value head j reads q/k head j // (HV // H)
         q, k = jnp.repeat(q, HV // H, axis=2), jnp.repeat(k, HV // H, axis=2)
-    guard = None
-    if guard_nonfinite and implementation != "reference":  # NaN, inf spoil what the scan does
-        guard = nonfinite.guard(q, k, v, g, beta, lam, cu_seqlens)
-        q, k, v, g, beta, lam, initial_state = nonfinite.apply_inputs(
-            guard, q, k, v, g, beta, lam, initial_state)
 
     if implementation == "reference":
         cu = cu_seqlens
@@ -321,7 +317,14 @@ def qdelta_rule(
         # (states of per-row documents are [B S, ...]: row-major, also split by rows).
         if core is not None and (cu_seqlens is None or cu_seqlens.ndim == 2):
             run = shard_over_batch(run, B, batch_axes)
-        o, final = run(q, k, v, g, beta, lam, initial_state, cu_seqlens)
-        if guard is not None:
-            o, final = nonfinite.apply_outputs(guard, o, final if output_final_state else None)
+        if guard_nonfinite:  # NaN, inf spoil what the scan spoils, nothing earlier
+            kept = run
+
+            def run(*args):
+                o, final = kept(*args)
+                return o, (final if output_final_state else None)
+
+            o, final = nonfinite.call(run, q, k, v, g, beta, lam, initial_state, cu_seqlens)
+        else:
+            o, final = run(q, k, v, g, beta, lam, initial_state, cu_seqlens)
     return o.astype(v.dtype), (final if output_final_state else None)

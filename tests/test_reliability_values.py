@@ -225,3 +225,26 @@ def test_the_guard_can_be_switched_off():
     bad = spoil(inputs, "v", 23)  # token 23 of the chunk 16..31
     assert np.isfinite(np.asarray(run(bad, guard=True))[0, 16:23]).all()
     assert not np.isfinite(np.asarray(run(bad, guard=False))[0, 16:23]).all()
+
+
+def test_the_guard_runs_the_plain_call_where_everything_is_finite():
+    """Finite inputs: outputs, final states and every gradient bit for bit those of the
+    unguarded call (the guard's masks are built only in the branch for spoiled outputs); under
+    ``vmap`` (where its ``cond`` becomes a select) the values stay those of the plain call."""
+    inputs, cu, states = layout_inputs("packed")
+
+    def loss(guard, *xs):
+        o, final = qdelta_rule(*xs[:6], initial_state=xs[6], output_final_state=True,
+                               cu_seqlens=cu, chunk_size=C, implementation="xla",
+                               guard_nonfinite=guard)
+        return jnp.sum(o * jnp.cos(o)) + jnp.sum(final ** 2), (o, final)
+
+    grad = jax.jit(jax.grad(loss, argnums=tuple(range(1, 8)), has_aux=True),
+                   static_argnums=0)
+    (g1, (o1, f1)), (g0, (o0, f0)) = grad(True, *inputs), grad(False, *inputs)
+    for a, b in zip((o1, f1) + g1, (o0, f0) + g0):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    one = lambda *xs: qdelta_rule(*xs, chunk_size=C, implementation="xla")[0]  # noqa: E731
+    batched = jax.vmap(one)(*[x[None] for x in inputs[:6]])
+    np.testing.assert_allclose(np.asarray(batched[0]), np.asarray(one(*inputs[:6])),
+                               rtol=1e-6, atol=1e-6)
