@@ -19,9 +19,9 @@ With ``--anchors``, benchmarks/anchors.py runs first, in a torch process of its 
 card (before JAX takes the GPU's memory): the authors' kernel, fla's forward and flash attention,
 and a last table sets our pipelined times beside theirs.
 
-``--unguarded`` adds, for every implementation, a row with ``guard_nonfinite=False`` (the
-inputs used as given, the outputs not poisoned): the difference
-to the guarded row is what keeping NaN and inf where the recurrence keeps them costs.
+``--guarded`` adds, for every implementation, a row with ``guard_nonfinite=True``: the
+difference to the plain row is what keeping NaN and inf exactly where the recurrence keeps
+them costs.
 
 ``--docs S`` packs S documents of random lengths into every row (per-row ``cu_seqlens``, no
 state in or out: the row-aligned layout) so packed and unpacked rows can be compared.
@@ -78,9 +78,9 @@ def peak_bytes() -> int | None:
     return stats.get("peak_bytes_in_use")
 
 
-def bench_impl(impl, shape, dtype, warmup, reps, chunk_size, docs=0, guard=True):
+def bench_impl(impl, shape, dtype, warmup, reps, chunk_size, docs=0, guard=False):
     """``impl``: an implementation of qdelta_rule, or ``pallas-no-save-residuals`` (pallas with
-    ``config=Config(save_residuals=False)``); ``guard=False``: without the non-finite guard."""
+    ``config=Config(save_residuals=False)``); ``guard``: with the non-finite guard."""
     config = None
     if impl == "pallas-no-save-residuals":
         from qdelta_jax.pallas import Config
@@ -88,12 +88,12 @@ def bench_impl(impl, shape, dtype, warmup, reps, chunk_size, docs=0, guard=True)
         config = Config(save_residuals=False)
     row = _bench_impl(impl, "pallas" if config is not None else impl, shape, dtype, warmup, reps,
                       chunk_size, docs, config, guard)
-    if not guard:
-        row["impl"] += " (unguarded)"
+    if guard:
+        row["impl"] += " (guarded)"
     return row
 
 
-def op_functions(impl, shape, dtype, chunk_size=64, docs=0, config=None, guard=True):
+def op_functions(impl, shape, dtype, chunk_size=64, docs=0, config=None, guard=False):
     """``[("fwd", fn, args), ("fwd_bwd", fn, args)]``: the op's forward and its ``jax.vjp``
     pull-back of all six inputs, on fresh random inputs of ``shape`` (BxTxHxKxV); ``docs > 0``
     packs that many documents into every row; ``config``: the op's kernel config."""
@@ -115,7 +115,7 @@ def op_functions(impl, shape, dtype, chunk_size=64, docs=0, config=None, guard=T
 
 
 def _bench_impl(name_, impl, shape, dtype, warmup, reps, chunk_size, docs=0, config=None,
-                guard=True):
+                guard=False):
     row = {"impl": name_ + (f" ({docs} docs/row)" if docs else ""), "shape": shape,
            "dtype": jnp.dtype(dtype).name}
     for name, fn, args in op_functions(impl, shape, dtype, chunk_size, docs, config, guard):
@@ -199,8 +199,8 @@ def main(argv=None) -> int:
                    help="run benchmarks/anchors.py first (authors' kernel, fla, flash attention)")
     p.add_argument("--docs", type=int, nargs="+", default=[0],
                    help="documents packed per row (0 = unpacked); several values: one row each")
-    p.add_argument("--unguarded", action="store_true",
-                   help="also time every implementation without the non-finite guard")
+    p.add_argument("--guarded", action="store_true",
+                   help="also time every implementation with the non-finite guard")
     p.add_argument("--json", default=None, help="write raw numbers here")
     a = p.parse_args(argv)
     shapes = [parse_shape(s) for s in (a.shapes or (SMALL_SHAPES if a.small else BENCH_SHAPES))]
@@ -214,7 +214,7 @@ def main(argv=None) -> int:
           file=sys.stderr)
     rows = []
     for shape in shapes:
-        guards = (True, False) if a.unguarded else (True,)
+        guards = (False, True) if a.guarded else (False,)
         for impl, docs, guard in [(i, d, u) for i in impls for d in a.docs for u in guards]:
             row = bench_impl(impl, shape, dtype, a.warmup, a.reps, a.chunk_size, docs, guard)
             rows.append(row)

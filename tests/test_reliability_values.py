@@ -119,7 +119,8 @@ def outputs_and_grads(impl, inputs, cu, states):
     def loss(*xs):
         h0 = xs[6] if states else None
         o, final = qdelta_rule(*xs[:6], initial_state=h0, output_final_state=states,
-                               cu_seqlens=cu, chunk_size=C, implementation=impl)
+                               cu_seqlens=cu, chunk_size=C, implementation=impl,
+                               guard_nonfinite=True)
         w = jnp.cos(jnp.arange(o.size, dtype=jnp.float32)).reshape(o.shape)
         total = jnp.sum(o.astype(jnp.float32) * w)
         if states:
@@ -244,7 +245,8 @@ def test_the_guard_runs_the_plain_call_where_everything_is_finite():
     (g1, (o1, f1)), (g0, (o0, f0)) = grad(True, *inputs), grad(False, *inputs)
     for a, b in zip((o1, f1) + g1, (o0, f0) + g0):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-    one = lambda *xs: qdelta_rule(*xs, chunk_size=C, implementation="xla")[0]  # noqa: E731
+    one = lambda *xs: qdelta_rule(*xs, chunk_size=C, implementation="xla",  # noqa: E731
+                                  guard_nonfinite=True)[0]
     batched = jax.vmap(one)(*[x[None] for x in inputs[:6]])
     np.testing.assert_allclose(np.asarray(batched[0]), np.asarray(one(*inputs[:6])),
                                rtol=1e-6, atol=1e-6)
