@@ -128,6 +128,17 @@ def default_config(K: int, V: int, chunk_size: int = 64, dtype=None) -> Config:
         grads_k=StageConfig(num_warps=8, num_stages=1),
         dd0=StageConfig(num_warps=4, num_stages=1, block_v=min(V, 128)),
     )
+    if (dtype is None or jnp.dtype(dtype).itemsize == 2) and K <= 128:
+        # The H200 sweep at the 340M layer (bf16; BENCHMARKS.md): grads_k on 4 warps 0.646 vs
+        # 0.705 ms (its K slices are slower still: 0.76 at 64), grads_v by V tiles of 128
+        # 0.679 vs 0.696, dD0 pipelined 0.100 vs 0.108. Not taken at K 256, where 4 warps
+        # would hold twice the registers per thread that grads_k holds now.
+        cfg = dataclasses.replace(
+            cfg,
+            grads=dataclasses.replace(cfg.grads, block_v=min(V, 128)),
+            grads_k=dataclasses.replace(cfg.grads_k, num_warps=4),
+            dd0=dataclasses.replace(cfg.dd0, num_stages=2),
+        )
     if dtype is not None and jnp.dtype(dtype).itemsize >= 4:
         cfg = dataclasses.replace(
             cfg,
