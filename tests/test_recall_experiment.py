@@ -200,10 +200,9 @@ def test_unit_rate_optimizer_times_schedule_is_loops_adamw(tiny):
         ((p_ours, _), (p_theirs, _)), _ = jax.lax.scan(step, start, (grads, rates))
         return p_ours, p_theirs
 
-    leaves, treedef = jax.tree.flatten(params)
-    keys = jax.random.split(jax.random.key(0), len(leaves))
-    grads = treedef.unflatten([jax.random.normal(k, (total, *x.shape)) * 1e-2
-                               for k, x in zip(keys, leaves, strict=True)])
+    rng = np.random.default_rng(0)
+    grads = jax.tree.map(lambda x: jnp.asarray(
+        1e-2 * rng.standard_normal((total, *x.shape)), jnp.float32), params)
     p_ours, p_theirs = run(params, grads)
     for a, b in zip(jax.tree.leaves(p_ours), jax.tree.leaves(p_theirs), strict=True):
         # lr 1e-2 steps of float32 weights of size ~0.02: the same updates to a few ulps.
