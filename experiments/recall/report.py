@@ -206,10 +206,18 @@ def plot_all(res: dict, docs: Path) -> list[Path]:
 
 
 def write_docs(res: dict, docs: Path, json_path: Path | None, command: str) -> Path:
-    """Writes ``RESULTS.md`` and the plots into ``docs`` from a result dict; ``json_path`` (the
-    file it came from) and ``command`` (the one that produced it) are named in the text."""
+    """Writes ``RESULTS.md`` and the plots into ``docs`` from a result dict; returns the path
+    of ``RESULTS.md``. ``json_path`` (the file it came from) and ``command`` (the one that
+    produced it) are named in the text."""
     docs.mkdir(parents=True, exist_ok=True)
     pngs = plot_all(res, docs)
+    path = docs / "RESULTS.md"
+    path.write_text(markdown(res, json_path, command, [p.name for p in pngs]))
+    return path
+
+
+def markdown(res: dict, json_path: Path | None, command: str, pngs: list[str]) -> str:
+    """The text of ``RESULTS.md``; ``pngs`` are the names of the plots beside it."""
     meta, prof = res["meta"], res["meta"]["profile"]
     device = meta.get("device_note") or f"{meta['device']['kind']} ({meta['device']['platform']})"
     quick = prof["name"] != "full"
@@ -274,12 +282,11 @@ def write_docs(res: dict, docs: Path, json_path: Path | None, command: str) -> P
         L.append("")
         L.append(tab)
         L.append("")
-    names = [p.name for p in pngs]
-    if names:
+    if pngs:
         L.append("## Plots")
         L.append("")
-        for n_ in names:
-            L.append(f"![{n_}]({n_})")
+        for name in pngs:
+            L.append(f"![{name}]({name})")
             L.append("")
     else:
         L.append("(No plots: matplotlib was not importable; re-render with "
@@ -319,9 +326,7 @@ def write_docs(res: dict, docs: Path, json_path: Path | None, command: str) -> P
     L.append("")
     L.append(_READING)
     L.append("")
-    path = docs / "RESULTS.md"
-    path.write_text("\n".join(L))
-    return path
+    return "\n".join(L)
 
 
 _READING = (
