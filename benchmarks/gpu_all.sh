@@ -13,7 +13,7 @@
 # $OUT/results.tgz when $OUT is set (the device tool returns at most 8 files). Uses the image's
 # python3; installs the project without dependencies, and fla (the in-run anchor) from .wheels/
 # when that folder exists. Re-render the recall docs afterwards with
-# `python experiments/recall.py --from-json recall/recall.json`.
+# `python -m experiments.recall --from-json recall/recall.json`.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 RES=${RES:-/tmp/qdelta_gpu}
@@ -134,7 +134,7 @@ for s in $sections; do
             step "$s" ${TRAIN_LIMIT:-240} bash benchmarks/train_gpu.sh
         ;;
     recall)
-        step recall ${RECALL_LIMIT:-400} "$PY" experiments/recall.py --out "$OUT_DIR/recall" \
+        step recall ${RECALL_LIMIT:-400} "$PY" -m experiments.recall --out "$OUT_DIR/recall" \
             --docs "$OUT_DIR/recall" \
             --device-note "$(nvidia-smi -L | head -1)" ${RECALL_ARGS:-}
         ;;
