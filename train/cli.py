@@ -22,7 +22,6 @@ from qdelta_jax.train.checkpoint import RunDirError, quiet_orbax_logs, read_run_
 from qdelta_jax.train.options import (
     FIELDS,
     NEGATED,
-    PER_INVOCATION,
     SWITCH,
     TrainArgs,
     UsageError,
@@ -119,8 +118,7 @@ def parse_args(argv: list[str] | None = None, *, warn=None) -> TrainArgs:
             raise UsageError(str(e), "--run-dir") from None
         if saved is not None:
             base = saved_values(saved["train"], per_invocation=False)
-            changed = [k for k, v in values.items()
-                       if k in base and k not in PER_INVOCATION and v != base[k]]
+            changed = [k for k, v in values.items() if k in base and v != base[k]]
             if changed:
                 (warn or _warn)(
                     f"warning: --run-dir {run_dir} was started with other options; overriding "
