@@ -285,14 +285,16 @@ def test_cli_streams_what_generate_samples(tiny_run, capsys):
     """The streamed text is generate's tokens for the same prompt and key (sampling with top-p),
     up to the run's end-of-document token 256, decoded as UTF-8."""
     from qdelta_jax.train import generate as gen_cli
+    from qdelta_jax.train.params import load_run
 
     capsys.readouterr()
     rc = gen_cli.main([str(tiny_run), "héllo", "--max-new-tokens", "8", "--temperature", "0.8",
                        "--top-p", "0.9", "--seed", "3"])
     out = capsys.readouterr().out
     assert rc == 0
-    model, step, _ = gen_cli.load_model(tiny_run)
-    assert step == 2 and model.config.vocab_size >= 257
+    saved = load_run(tiny_run)
+    model = saved.model()
+    assert saved.step == 2 and model.config.vocab_size >= 257
     prompt = jnp.asarray([list("héllo".encode())], jnp.int32)
     want, n = generate(model, prompt, 8, temperature=0.8, top_p=0.9, rng=jax.random.key(3),
                        eos_id=256, return_lengths=True)

@@ -287,6 +287,7 @@ def test_generate_decodes_with_the_run_tokenizer(shard_run, capsys):
 
     from qdelta_jax.model import generate
     from qdelta_jax.train import generate as gen_cli
+    from qdelta_jax.train import load_model
 
     _, tok_path, run, _ = shard_run
     tok = T.load_tokenizer(tok_path)
@@ -296,7 +297,7 @@ def test_generate_decodes_with_the_run_tokenizer(shard_run, capsys):
                        "--seed", "2"])
     out = capsys.readouterr().out
     assert rc == 0
-    model, _, _ = gen_cli.load_model(run)
+    model = load_model(run)
     eos = tok.token_to_id("<|endoftext|>")
     want, n = generate(model, jnp.asarray([ids_of(tok_path, prompt)], jnp.int32), 6,
                        temperature=0.9, rng=jax.random.key(2), eos_id=eos, return_lengths=True)

@@ -182,3 +182,120 @@ def test_no_save_residuals_flag_trains_the_same_and_changes_nothing_else(tmp_pat
     assert pcfg.get_config(16, 32, 16, "float32").save_residuals
     for a, b in zip(base, recomputed, strict=True):
         assert abs(a["loss"] - b["loss"]) <= 1e-5 * abs(a["loss"])
+
+
+# ----------------------------------------------------------------------------------------------
+# One declaration of the options; one loading API for qdelta-eval and qdelta-generate
+
+
+def test_every_option_is_declared_once(tmp_path, monkeypatch):
+    """The parser, ``--config`` files and the run summary all read the fields of
+    :class:`~qdelta_jax.train.options.TrainArgs`: every field's flag sets it (values through the
+    field's converter, switches and ``--no-...`` flags to the non-default), a config file takes
+    every option, ``--help`` shows every field's help, and the options a rerun does not reuse or
+    warns about follow the fields' marks."""
+    from qdelta_jax.train import options as O
+
+    want = O.TrainArgs(
+        preset="340m", task="niah", steps=7, batch_size=8, seq_len=48, lr=1e-3, warmup=3,
+        weight_decay=0.0, save_every=5, eval_every=6, eval_batches=2,
+        run_dir=str(tmp_path / "none"), mesh="data=1", seed=3, num_pairs=2, mqar_vocab=32,
+        niah_variant="uuid", eos_id=5, tokenizer="t.json", grad_accum=2, dtype="bfloat16",
+        param_dtype="bfloat16", train_accuracy=True, implementation="xla", fixed_lam=0.5,
+        no_decay_gate=True, remat=True, save_residuals=False, model_overrides="num_heads=2",
+        max_bad_steps=3, stop_after=4, resume_from=2, peak_tflops=100.0, progress=False,
+        diagnostics=True, init_from="p")
+    argv = []
+    for name, field in O.FIELDS.items():
+        value = getattr(want, name)
+        if field.metadata["kind"] == O.VALUE:
+            argv += [O.flag_of(name), str(value)]
+        elif value != field.default:
+            argv.append(O.flag_of(name))
+    assert cli.parse_args(argv) == want
+    f = tmp_path / "all.json"
+    f.write_text(json.dumps(want.to_dict()))
+    assert cli.parse_args(["--config", str(f)]) == want
+
+    monkeypatch.setenv("COLUMNS", "10000")  # one line per option: no wrapping inside a help
+    text = " ".join(cli.build_parser().format_help().split())
+    for name, field in O.FIELDS.items():
+        help_ = field.metadata["off_help" if field.metadata["kind"] == O.NEGATED else "help"]
+        assert O.flag_of(name) in text and " ".join(help_.split()) in text, name
+    assert set(O.PER_INVOCATION) == {"run_dir", "stop_after", "resume_from", "progress"}
+    assert set(O.RESUME_SENSITIVE) == {
+        "task", "data", "seed", "batch_size", "seq_len", "num_pairs", "mqar_vocab",
+        "niah_variant", "eos_id", "tokenizer", "grad_accum", "lr", "warmup", "steps",
+        "weight_decay"}
+
+
+def test_eval_and_generate_load_through_load_run(tmp_path):
+    """``params.load_run`` gives a run's step, the options it was trained with (those of
+    ``config.json`` and ``summary.json``) and its parameters laid out over a mesh; the
+    evaluator of ``qdelta-eval`` on them reproduces the trainer's final evaluation, and
+    ``load_model`` is the same load."""
+    import jax
+    import numpy as np
+
+    from qdelta_jax.train import load_model, params
+    from qdelta_jax.train import sharding as shd
+    from qdelta_jax.train.options import make_sources
+
+    run = tmp_path / "run"
+    assert cli.main(["--steps", "2", "--batch-size", "4", "--seq-len", "32", "--warmup", "1",
+                     "--eval-every", "0", "--save-every", "0", "--eval-batches", "2",
+                     "--no-progress", "--run-dir", str(run)]) == 0
+    summary = json.loads((run / "summary.json").read_text())
+    config = json.loads((run / "config.json").read_text())
+    assert summary["options"] == config["train"]
+    assert summary["options"]["run_dir"] == str(run) and summary["options"]["steps"] == 2
+
+    mesh = shd.make_mesh(None)
+    saved = params.load_run(run, mesh=mesh)
+    assert saved.step == 2 and saved.tokenizer is None
+    assert saved.options.to_dict() == config["train"]
+    assert all(x.sharding.mesh == mesh for x in jax.tree.leaves(saved.params))
+
+    args, opened, evaluator = evaluate.open_run(run)
+    _, source = make_sources(args)
+    ev = evaluator(opened.params, source, args.eval_batches)
+    assert ev == pytest.approx(summary["eval"], rel=1e-6)
+
+    from flax import nnx
+
+    got = nnx.to_pure_dict(nnx.state(load_model(run), nnx.Param))
+    jax.tree.map(np.testing.assert_array_equal, got, jax.device_get(saved.params))
+
+
+def test_eval_refuses_a_params_directory(tmp_path, capsys):
+    """A ``qdelta-convert`` params directory loads (no training options), but ``qdelta-eval``
+    refuses it: nothing names a task to evaluate on."""
+    from flax import nnx
+
+    from qdelta_jax.model import QDeltaConfig, QDeltaLM
+    from qdelta_jax.train import params
+
+    cfg = QDeltaConfig.from_preset("tiny", vocab_size=64, num_hidden_layers=1)
+    params.save_params(tmp_path / "p", QDeltaLM(cfg, rngs=nnx.Rngs(0)))
+    saved = params.load_run(tmp_path / "p")
+    assert saved.step == 0 and saved.options is None and saved.config == cfg
+    assert evaluate.main([str(tmp_path / "p")]) == 2
+    assert "params directory, not a qdelta-train run" in capsys.readouterr().err
+
+
+def test_eval_and_generate_do_not_import_the_trainer():
+    """``qdelta-eval``, ``qdelta-generate`` and the loading API stand apart from the trainer."""
+    import ast
+    import inspect
+
+    from qdelta_jax.train import generate, params
+
+    for mod in (evaluate, generate, params):
+        names = set()
+        for node in ast.walk(ast.parse(inspect.getsource(mod))):
+            if isinstance(node, ast.ImportFrom):
+                names.add(node.module or "")
+                names.update(f"{node.module}.{a.name}" for a in node.names)
+            elif isinstance(node, ast.Import):
+                names.update(a.name for a in node.names)
+        assert not [n for n in names if n.endswith(".trainer") or ".trainer." in n], mod

@@ -12,7 +12,6 @@ one-line error; a divergence or a file-system failure (disk full, read-only path
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -20,65 +19,18 @@ from typing import Any
 
 from qdelta_jax.train import trainer
 from qdelta_jax.train.checkpoint import RunDirError, quiet_orbax_logs, read_run_config
-from qdelta_jax.train.trainer import TrainArgs, UsageError
+from qdelta_jax.train.options import (
+    FIELDS,
+    NEGATED,
+    SWITCH,
+    TrainArgs,
+    UsageError,
+    convert_values,
+    flag_of,
+    saved_values,
+)
 
 PROG = "qdelta-train"
-
-
-def _bool(v: Any) -> bool:
-    if isinstance(v, bool):
-        return v
-    s = str(v).strip().lower()
-    if s in ("1", "true", "yes", "on"):
-        return True
-    if s in ("0", "false", "no", "off"):
-        return False
-    raise ValueError(f"expected true or false, got {v!r}")
-
-
-def _opt(conv):
-    def f(v):
-        if v is None or (isinstance(v, str) and v.lower() in ("none", "null")):
-            return None
-        return conv(v)
-
-    f.__name__ = conv.__name__
-    return f
-
-
-def _int(v):
-    # The same rule for a flag (a string) and a config-file value (a JSON/TOML number): 2.0 is
-    # 2, while 2.5, "2.5" and true are refused rather than truncated.
-    if isinstance(v, bool):
-        raise ValueError(f"expected an integer, got {v!r}")
-    if isinstance(v, float):
-        if not v.is_integer():
-            raise ValueError(f"expected an integer, got {v!r}")
-        return int(v)
-    if isinstance(v, str):
-        t = v.strip()
-        try:
-            return int(t)
-        except ValueError:
-            try:
-                f = float(t)
-            except ValueError:
-                raise ValueError(f"expected an integer, got {v!r}") from None
-            if f.is_integer():
-                return int(f)
-            raise ValueError(f"expected an integer, got {v!r}") from None
-    if isinstance(v, int):
-        return v
-    raise ValueError(f"expected an integer, got {v!r}")
-
-
-def _float(v):
-    if isinstance(v, bool) or not isinstance(v, (int, float, str)):
-        raise ValueError(f"expected a number, got {v!r}")
-    try:
-        return float(v)
-    except ValueError:
-        raise ValueError(f"expected a number, got {v!r}") from None
 
 
 def _argtype(conv):
@@ -94,79 +46,6 @@ def _argtype(conv):
     return f
 
 
-def _str(v):
-    if not isinstance(v, str):
-        raise ValueError(f"expected a string, got {v!r}")
-    return v
-
-
-# name -> (converter, help). Defaults live in TrainArgs.
-OPTIONS: dict[str, tuple[Any, str]] = {
-    "preset": (_str, "model preset: tiny (CPU), 340m, 1b"),
-    "task": (_str, "mqar | niah | text"),
-    "data": (_opt(_str), "text data: a UTF-8 file or folder, a .bin (uint16; *.u32.bin: uint32) "
-                         "or .npy token file, or a folder of .bin shards (qdelta-tokenize) "
-                         "(--task text)"),
-    "steps": (_int, "total optimizer steps (the lr schedule spans them)"),
-    "batch_size": (_opt(_int), "global batch size (rows), split over the mesh (default: mqar "
-                               "128, niah 16, text 16)"),
-    "seq_len": (_opt(_int), "tokens per row (default: mqar 64, niah 512, text 512)"),
-    "lr": (_float, "peak learning rate"),
-    "warmup": (_int, "linear warm-up steps"),
-    "weight_decay": (_float, "AdamW weight decay (not on A_log, dt_bias, norms, biases)"),
-    "save_every": (_int, "checkpoint every N steps (0: only at the end)"),
-    "eval_every": (_int, "evaluate every N steps (0: only at the end)"),
-    "eval_batches": (_int, "batches per evaluation"),
-    "run_dir": (_opt(_str), "run directory; an existing one is resumed "
-                            "(default runs/<task>-<preset>-<time>)"),
-    "mesh": (_opt(_str), "device mesh, e.g. data=4,fsdp=2 (default: all devices on data)"),
-    "seed": (_int, "seed for the model init and the data"),
-    "num_pairs": (_int, "MQAR key-value pairs per row"),
-    "mqar_vocab": (_int, "MQAR vocabulary size (noise, key and value tokens)"),
-    "niah_variant": (_str, "needle task: passkey | number | uuid"),
-    "eos_id": (_opt(_int), "end-of-document id of a .bin/.npy file (document boundaries); "
-                           "with --tokenizer it overrides the tokenizer's"),
-    "tokenizer": (_opt(_str), "a Hugging Face tokenizers JSON file: --task text tokenises the "
-                              "text with it instead of bytes (vocabulary and EOS from it); "
-                              "copied into the run directory"),
-    "grad_accum": (_int, "micro-batches per step (gradient accumulation)"),
-    "dtype": (_str, "compute dtype: float32 | bfloat16"),
-    "param_dtype": (_str, "parameter dtype: float32 | bfloat16 (bfloat16: the optimizer keeps "
-                          "a float32 master copy)"),
-    "train_accuracy": (_bool, "log the token accuracy of every training batch (an argmax over "
-                              "the vocabulary per token)"),
-    "implementation": (_opt(_str), "Q-Delta op: reference | xla | pallas (default: pallas on "
-                                   "GPU, xla elsewhere)"),
-    "fixed_lam": (_opt(_float), "ablation: a fixed lam instead of the learned one"),
-    "no_decay_gate": (_bool, "ablation: no decay gate (a = 1)"),
-    "remat": (_bool, "recompute each block in the backward pass (saves memory)"),
-    "save_residuals": (_opt(_bool), "Pallas kernels: keep the forward's per-chunk W, T, h_in, D"
-                                    " for the backward (default, unless "
-                                    "QDELTA_SAVE_RESIDUALS=0)"),
-    "model_overrides": (_opt(_str), "model config fields, e.g. hidden_size=128,num_heads=4"),
-    "max_bad_steps": (_int, "stop after this many consecutive non-finite steps"),
-    "stop_after": (_opt(_int), "stop (with a checkpoint) after N steps of this invocation; the "
-                               "schedule still spans --steps"),
-    "resume_from": (_opt(_int), "resume --run-dir from this saved step instead of the newest "
-                                "(the newer checkpoints move to RUN_DIR/superseded/)"),
-    "peak_tflops": (_opt(_float), "peak TFLOP/s of one device for MFU (default: by device kind)"),
-    "progress": (_bool, "show the progress bar"),
-    "init_from": (_opt(_str), "start from these parameters: a qdelta-convert params directory "
-                              "or another run directory (its newest good checkpoint); the model "
-                              "config comes from there (--preset and size overrides are not "
-                              "used)"),
-    "diagnostics": (_bool, "add the stability diagnostic (beta * c, docs/MATH.md section 1) to "
-                           "every eval line of metrics.jsonl"),
-}
-BOOL_FLAGS = {"no_decay_gate", "remat", "diagnostics", "train_accuracy"}
-# Options on by default, turned off by a --no-... flag.
-NEGATED_FLAGS = {
-    "progress": "hide the progress bar",
-    "save_residuals": "Pallas kernels: recompute the forward's per-chunk W, T, h_in, D in the "
-                      "backward instead of keeping them (less memory, slower)",
-}
-
-
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # exit 2 with one line, no traceback
         self.print_usage(sys.stderr)
@@ -174,26 +53,28 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``qdelta-train`` parser, one flag per :class:`~qdelta_jax.train.options.TrainArgs`
+    field (its help, converter and default come from the field). Flags not given are left out
+    of the result, so they do not override a ``--config`` file or a run's saved options."""
     p = _Parser(
         prog=PROG,
         description=__doc__.split("\n\n")[0].split(": ", 1)[1],
         argument_default=argparse.SUPPRESS,
     )
-    defaults = dataclasses.asdict(TrainArgs())
     p.add_argument("--config", metavar="FILE", help="JSON or TOML file of options")
-    for name, (conv, help_) in OPTIONS.items():
-        flag = "--" + name.replace("_", "-")
-        d = defaults[name]
-        if name in BOOL_FLAGS:
-            p.add_argument(flag, dest=name, action="store_const", const=True, help=help_)
-        elif name in NEGATED_FLAGS:
-            p.add_argument(flag.replace("--", "--no-", 1), dest=name, action="store_const",
-                           const=False, help=NEGATED_FLAGS[name])
+    for name, field in FIELDS.items():
+        meta = field.metadata
+        if meta["kind"] == SWITCH:
+            p.add_argument(flag_of(name), dest=name, action="store_const", const=True,
+                           help=meta["help"])
+        elif meta["kind"] == NEGATED:
+            p.add_argument(flag_of(name), dest=name, action="store_const", const=False,
+                           help=meta["off_help"])
         else:
+            d, help_ = field.default, meta["help"]
             shown = help_ if d is None or "default" in help_ else f"{help_} (default: {d})"
-            p.add_argument(flag, dest=name, type=_argtype(conv),
-                           metavar=name.split("_")[-1].upper(),
-                           help=shown)
+            p.add_argument(flag_of(name), dest=name, type=_argtype(meta["convert"]),
+                           metavar=name.split("_")[-1].upper(), help=shown)
     return p
 
 
@@ -217,21 +98,7 @@ def load_config_file(path: str) -> dict[str, Any]:
         raise UsageError(f"--config {path}: cannot parse ({e})", "--config") from None
     if not isinstance(raw, dict):
         raise UsageError(f"--config {path}: expected a table/object of options", "--config")
-    out = {}
-    for key, value in raw.items():
-        name = str(key).replace("-", "_")
-        if name not in OPTIONS:
-            raise UsageError(f"--config {path}: unknown option {key!r}", "--config")
-        conv = OPTIONS[name][0]
-        try:
-            out[name] = conv(value)
-        except (TypeError, ValueError) as e:
-            raise UsageError(f"--config {path}: bad value for {key!r}: {e}", "--config") from None
-    return out
-
-
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
+    return convert_values(raw, where=f"--config {path}", flag="--config")
 
 
 def parse_args(argv: list[str] | None = None, *, warn=None) -> TrainArgs:
@@ -250,15 +117,12 @@ def parse_args(argv: list[str] | None = None, *, warn=None) -> TrainArgs:
         except RunDirError as e:
             raise UsageError(str(e), "--run-dir") from None
         if saved is not None:
-            fields = {f.name for f in dataclasses.fields(TrainArgs)}
-            base = {k: v for k, v in saved["train"].items()
-                    if k in fields and k not in trainer.PER_INVOCATION}
-            changed = [k for k, v in values.items()
-                       if k in base and k not in trainer.PER_INVOCATION and v != base[k]]
+            base = saved_values(saved["train"], per_invocation=False)
+            changed = [k for k, v in values.items() if k in base and v != base[k]]
             if changed:
                 (warn or _warn)(
                     f"warning: --run-dir {run_dir} was started with other options; overriding "
-                    "them with " + ", ".join(f"{_flag(k)} {values[k]!r} (saved {base[k]!r})"
+                    "them with " + ", ".join(f"{flag_of(k)} {values[k]!r} (saved {base[k]!r})"
                                              for k in changed))
             values = {**base, **values}
     return TrainArgs(**values)

@@ -28,53 +28,84 @@ import math
 import sys
 from pathlib import Path
 
+import jax
+
 from qdelta_jax.train import checkpoint as ckpt
+from qdelta_jax.train import data as data_mod
+from qdelta_jax.train import loop
 from qdelta_jax.train import sharding as shd
-from qdelta_jax.train import trainer
-from qdelta_jax.train.params import restore_params
-from qdelta_jax.train.trainer import TrainArgs, UsageError
+from qdelta_jax.train.options import TrainArgs, UsageError, make_sources, open_text
+from qdelta_jax.train.params import load_run
 
 PROG = "qdelta-eval"
 DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
 
 
-def load_run(run_dir: Path, mesh_spec: str | None = None):
-    """Returns ``(args, model_cfg, session, {"params": params}, step)`` of a run directory's
-    newest checkpoint not marked bad that reads back (parameters only)."""
-    from qdelta_jax.model import QDeltaConfig
+class Evaluator:
+    """A model's compiled eval step over a device mesh, and the evaluation of a data source
+    with it: used by the trainer's evaluations and by ``qdelta-eval``.
 
-    if not run_dir.is_dir():
-        raise UsageError(f"RUN_DIR {run_dir}: no such directory", "RUN_DIR")
-    try:
-        saved = ckpt.read_run_config(run_dir)
-    except ckpt.RunDirError as e:
-        raise UsageError(str(e), "RUN_DIR") from None
-    if saved is None:
-        raise UsageError(f"RUN_DIR {run_dir}: no {ckpt.CONFIG_FILE}; not a qdelta-train run",
-                         "RUN_DIR")
-    fields = {f.name for f in dataclasses.fields(TrainArgs)}
-    try:
-        args = TrainArgs(**{k: v for k, v in saved["train"].items() if k in fields}).resolved()
-        model_cfg = QDeltaConfig(**saved["model"])
-    except (TypeError, ValueError) as e:
-        raise UsageError(f"RUN_DIR {run_dir}: {ckpt.CONFIG_FILE} holds an unusable config ({e})",
-                         "RUN_DIR") from None
+    ``param_shardings`` is how the parameters it gets are laid out; batches are split by rows
+    over the mesh. The step is traced under ``jax.set_mesh(mesh)`` so that the Pallas op splits
+    the batch per device.
+    """
+
+    def __init__(self, fns: loop.ModelFns, mesh, param_shardings):
+        self.mesh = mesh
+        self.step = jax.jit(loop.make_eval_step(fns),
+                            in_shardings=(param_shardings, shd.batch_sharding(mesh)),
+                            out_shardings=shd.replicated(mesh))
+
+    def eval_step(self, params, batch) -> dict:
+        """The sums of one batch (:func:`qdelta_jax.train.loop.make_eval_step`)."""
+        with jax.set_mesh(self.mesh):
+            return self.step(params, batch)
+
+    def __call__(self, params, source, n_batches: int) -> dict[str, float]:
+        """Loss, accuracy and exact match over the first ``n_batches`` batches of ``source``
+        (text: also perplexity and bits per byte, :func:`text_metrics`)."""
+        B = source.batch_size
+        rows = shd.process_rows(self.mesh, B) if jax.process_count() > 1 else None
+        text = isinstance(source, data_mod.TextData)
+        sums, n_bytes = [], 0
+        for i in range(n_batches):
+            batch = source.batch(i, rows)
+            sums.append(self.eval_step(params, shd.shard_batch(batch, self.mesh, rows, B)))
+            if text and n_bytes is not None:  # bytes of the whole batch, on every process
+                n = source.target_bytes(batch if rows is None else source.batch(i))
+                n_bytes = None if n is None else n_bytes + n
+        out = loop.summarise_eval(jax.device_get(sums))
+        if text:
+            out.update(text_metrics(out["loss"], out["tokens"], n_bytes))
+        return out
+
+
+def open_run(run_dir: Path, mesh_spec: str | None = None):
+    """``(args, saved, evaluator)`` of a run directory: its training options (resolved; a text
+    run's tokenizer is the run's copy), its newest checkpoint not marked bad that reads back
+    (:func:`qdelta_jax.train.params.load_run`, parameters only, laid out over the mesh) and an
+    :class:`Evaluator` of its model."""
+    from flax import nnx
+
+    from qdelta_jax.model import QDeltaLM
+
     try:
         mesh = shd.make_mesh(mesh_spec)
     except shd.MeshError as e:
         raise UsageError(str(e), "--mesh") from None
-    sess = trainer.Session(args, model_cfg, mesh)
-    if not (run_dir / "checkpoints").is_dir():
-        raise UsageError(f"RUN_DIR {run_dir}: no checkpoint to evaluate", "RUN_DIR")
-    try:  # the parameters only, into the session's shardings
-        step, params = restore_params(run_dir, model_cfg, shardings=sess.param_shardings)
+    try:
+        saved = load_run(run_dir, mesh=mesh)
     except ckpt.RunDirError as e:
         raise UsageError(str(e), "RUN_DIR") from None
-    sess.restore_rest()
-    tok = run_dir / "tokenizer.json"
-    if args.task == "text" and tok.is_file():  # the run's copy outlives the original
-        args = dataclasses.replace(args, tokenizer=str(tok))
-    return args, model_cfg, sess, {"params": params}, step
+    if saved.options is None:
+        raise UsageError(f"RUN_DIR {run_dir}: a params directory, not a qdelta-train run: it "
+                         "names no task to evaluate on", "RUN_DIR")
+    args = saved.options.resolved()
+    if args.task == "text" and saved.tokenizer is not None:  # the run's copy outlives the original
+        args = dataclasses.replace(args, tokenizer=str(saved.tokenizer))
+    fns = loop.ModelFns(lambda: QDeltaLM(saved.config, rngs=nnx.Rngs(args.seed)))
+    evaluator = Evaluator(fns, mesh, jax.tree.map(lambda x: x.sharding, saved.params))
+    return args, saved, evaluator
 
 
 def default_lengths(args: TrainArgs) -> list[int]:
@@ -88,29 +119,30 @@ def evaluate_run(run_dir: str | Path, *, seq_lens=None, depths=None, batches: in
     run_dir = Path(run_dir)
     _check_lists(seq_lens, depths, batches, batch_size)
     out = Path(out) if out is not None else run_dir
-    args, _, sess, state, step = load_run(run_dir, mesh)
+    args, saved, evaluator = open_run(run_dir, mesh)
+    step = saved.step
     seq_lens = list(seq_lens or default_lengths(args))
     if args.task == "niah":
         depths = list(depths if depths is not None else DEPTHS)
     else:
         depths = [None]
-    n = mesh_batch = sess.mesh.size
+    n = evaluator.mesh.size
     bs = batch_size or max(args.batch_size, n)
-    if bs % mesh_batch:
+    if bs % n:
         raise UsageError(f"--batch-size {bs} must be a multiple of the {n} devices",
                          "--batch-size")
     batches = batches or args.eval_batches
-    text_tokens = trainer.open_text(args)
+    text_tokens = open_text(args)
     rows = []
     for T in seq_lens:
         for depth in depths:
             try:
-                _, src = trainer.make_sources(args, batch_size=bs, seq_len=T,
-                                              text_tokens=text_tokens, depth=depth)
+                _, src = make_sources(args, batch_size=bs, seq_len=T, text_tokens=text_tokens,
+                                      depth=depth)
             except UsageError as e:
                 log(f"skipping seq_len {T}: {e}")
                 break
-            r = sess.evaluate(state["params"], src, batches)
+            r = evaluator(saved.params, src, batches)
             rows.append({"seq_len": T, "depth": depth, **r})
     table = format_table(rows, args.task)
     log(f"{run_dir} ({args.task}, preset {args.preset}, step {step}):")

@@ -21,33 +21,17 @@ from __future__ import annotations
 
 import argparse
 import codecs
-import dataclasses
 import math
 import sys
 from pathlib import Path
 
+from qdelta_jax.train.checkpoint import RunDirError
 from qdelta_jax.train.data import BYTE_EOS
-from qdelta_jax.train.trainer import UsageError
+from qdelta_jax.train.options import UsageError
+from qdelta_jax.train.params import load_run
 
 PROG = "qdelta-generate"
 BYTES = 256
-
-
-def load_model(run_dir: Path, implementation: str | None = None):
-    """The :class:`qdelta_jax.model.QDeltaLM` of a run directory's latest checkpoint and its
-    step. ``implementation`` overrides the run's (the config's other fields stay)."""
-    import jax
-    from flax import nnx
-
-    from qdelta_jax.model import QDeltaLM
-    from qdelta_jax.train.evaluate import load_run
-
-    args, cfg, _, state, step = load_run(run_dir)
-    if implementation is not None:
-        cfg = dataclasses.replace(cfg, implementation=implementation)
-    graphdef, params = nnx.split(nnx.eval_shape(lambda: QDeltaLM(cfg, rngs=nnx.Rngs(0))))
-    nnx.replace_by_pure_dict(params, jax.device_get(state["params"]))
-    return nnx.merge(graphdef, params), step, args
 
 
 def _check_options(a) -> None:
@@ -69,8 +53,8 @@ def _check_run(a, run_args, vocab: int, tokenizer=None) -> None:
             raise UsageError(f"--eos-id must be in [0, {vocab}), the run's vocabulary, got "
                              f"{a.eos_id}", "--eos-id")
         return
-    data = str(run_args.data or "")
-    if run_args.task == "text" and data.endswith(".npy"):
+    data = str(run_args.data or "") if run_args is not None else ""
+    if run_args is not None and run_args.task == "text" and data.endswith(".npy"):
         raise UsageError(f"RUN_DIR was trained on pre-tokenised ids ({data}), not bytes; "
                          "qdelta-generate is byte level", "RUN_DIR")
     if vocab < BYTES:
@@ -81,16 +65,15 @@ def _check_run(a, run_args, vocab: int, tokenizer=None) -> None:
                          f"{a.eos_id}", "--eos-id")
 
 
-def _run_tokenizer(run_dir: Path, run_args):
+def _run_tokenizer(saved):
     """The tokenizer of a text run (``RUN_DIR/tokenizer.json``), else ``None`` (byte level)."""
     from qdelta_jax.train.data import DataError
-    from qdelta_jax.train.tokenize import TOKENIZER_COPY, load_tokenizer
+    from qdelta_jax.train.tokenize import load_tokenizer
 
-    p = run_dir / TOKENIZER_COPY
-    if run_args.task != "text" or not p.is_file():
+    if saved.tokenizer is None or saved.options is None or saved.options.task != "text":
         return None
     try:
-        return load_tokenizer(p, flag="RUN_DIR")
+        return load_tokenizer(saved.tokenizer, flag="RUN_DIR")
     except DataError as e:
         raise UsageError(str(e), "RUN_DIR") from None
 
@@ -186,8 +169,12 @@ def main(argv: list[str] | None = None) -> int:
     out = sys.stdout
     try:
         _check_options(a)
-        model, _, run_args = load_model(Path(a.run_dir), a.implementation)
-        tok = _run_tokenizer(Path(a.run_dir), run_args)
+        try:
+            saved = load_run(a.run_dir, implementation=a.implementation)
+        except RunDirError as e:
+            raise UsageError(str(e), "RUN_DIR") from None
+        model, run_args = saved.model(), saved.options
+        tok = _run_tokenizer(saved)
         _check_run(a, run_args, model.config.vocab_size, tok)
         if tok is not None:
             from qdelta_jax.train import tokenize
@@ -202,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
                                  f"vocabulary of {model.config.vocab_size}", "PROMPT")
             write, finish = _tokenizer_writer(tok, out)
         else:
-            if a.eos_id is None and run_args.task == "text":
+            if a.eos_id is None and run_args is not None and run_args.task == "text":
                 a.eos_id = BYTE_EOS
             prompt = list(a.prompt.encode("utf-8"))
             decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")

@@ -1,9 +1,12 @@
-"""A trained model outside the trainer: :func:`load_model`, and parameters-only checkpoints.
+"""A trained model outside the trainer: :func:`load_run` and :func:`load_model`, and
+parameters-only checkpoints.
 
 ``load_model(run_dir, step=None)`` returns the :class:`qdelta_jax.model.QDeltaLM` of a
 ``qdelta-train`` run directory (the newest checkpoint not marked bad, or ``step``), restoring
 the parameters only (not the optimizer state) and checking each array against the checksum
-saved with it. The run directory is opened read-only.
+saved with it. The run directory is opened read-only. ``load_run`` is the same load with what
+``qdelta-eval`` and ``qdelta-generate`` also need: the step restored, the options the run was
+trained with, its tokenizer, and the parameters laid out over a device mesh.
 
 A *params directory* is what ``qdelta-convert`` writes from an HF folder and what
 ``qdelta-train --init-from`` starts from: the layout of a run directory holding parameters only,
@@ -19,6 +22,7 @@ newest good parameters), and ``load_model`` a params directory.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 from typing import Any
@@ -27,14 +31,10 @@ import jax
 import jax.numpy as jnp
 
 from qdelta_jax.train import checkpoint as ckpt
+from qdelta_jax.train.options import TrainArgs, saved_values
 
 
-def read_model_config(path: str | os.PathLike, flag: str = "RUN_DIR"):
-    """The :class:`qdelta_jax.model.QDeltaConfig` saved in a run or params directory. Raises
-    :class:`~qdelta_jax.train.checkpoint.RunDirError` (naming ``flag``) when ``path`` is not
-    one."""
-    from qdelta_jax.model import QDeltaConfig
-
+def _read_saved(path: str | os.PathLike, flag: str) -> dict:
     p = Path(path)
     if not p.is_dir():
         raise ckpt.RunDirError(f"{flag} {p}: no such directory", flag)
@@ -45,11 +45,24 @@ def read_model_config(path: str | os.PathLike, flag: str = "RUN_DIR"):
     if saved is None:
         raise ckpt.RunDirError(f"{flag} {p}: no {ckpt.CONFIG_FILE}; not a qdelta-train run or "
                                "a qdelta-convert params directory", flag)
+    return saved
+
+
+def _model_config(saved: dict, path, flag: str):
+    from qdelta_jax.model import QDeltaConfig
+
     try:
         return QDeltaConfig(**saved["model"])
     except (TypeError, ValueError) as e:
-        raise ckpt.RunDirError(f"{flag} {p}: {ckpt.CONFIG_FILE} holds an unusable model config "
-                               f"({e})", flag) from None
+        raise ckpt.RunDirError(f"{flag} {Path(path)}: {ckpt.CONFIG_FILE} holds an unusable "
+                               f"model config ({e})", flag) from None
+
+
+def read_model_config(path: str | os.PathLike, flag: str = "RUN_DIR"):
+    """The :class:`qdelta_jax.model.QDeltaConfig` saved in a run or params directory. Raises
+    :class:`~qdelta_jax.train.checkpoint.RunDirError` (naming ``flag``) when ``path`` is not
+    one."""
+    return _model_config(_read_saved(path, flag), path, flag)
 
 
 def abstract_params(config) -> dict:
@@ -100,8 +113,6 @@ def init_config(path: str | os.PathLike, *, data_vocab: int, fields: dict[str, A
     with the :data:`RUNTIME_FIELDS` of ``fields`` applied. Raises ValueError naming ``flag``
     when ``fields`` changes any other field (another model), or when the data holds more token
     ids (``data_vocab``) than the model's vocabulary."""
-    import dataclasses
-
     base = read_model_config(path, flag)
     other = {k: v for k, v in fields.items() if k not in RUNTIME_FIELDS}
     unknown = sorted(k for k in other if not hasattr(base, k))
@@ -119,29 +130,88 @@ def init_config(path: str | os.PathLike, *, data_vocab: int, fields: dict[str, A
     return dataclasses.replace(base, **{k: v for k, v in fields.items() if k in RUNTIME_FIELDS})
 
 
-def load_model(run_dir: str | os.PathLike, step: int | None = None):
-    """The :class:`qdelta_jax.model.QDeltaLM` of a ``qdelta-train`` run directory (or a
-    ``qdelta-convert`` params directory), restoring its parameters only.
-
-    Args:
-      run_dir: the run directory.
-      step: a saved step; ``None`` takes the newest one not marked bad (after a divergence)
-        that reads back whole and matches its checksums (a damaged one is skipped with a
-        warning; nothing in the directory is moved or written).
-
-    Raises:
-      qdelta_jax.train.checkpoint.RunDirError (a ``ValueError``): not a run directory, no
-        such step, a damaged ``step``, or no usable checkpoint.
-    """
+def param_shardings(config, mesh) -> dict:
+    """The sharding of every parameter of ``QDeltaLM(config)`` over ``mesh``, by the
+    parameters' logical axis names (:data:`qdelta_jax.train.sharding.LOGICAL_RULES`), as the
+    trainer lays them out."""
     from flax import nnx
 
     from qdelta_jax.model import QDeltaLM
+    from qdelta_jax.train import sharding as shd
 
-    config = read_model_config(run_dir)
-    _, params = restore_params(run_dir, config, step=step)
-    graphdef, state = nnx.split(nnx.eval_shape(lambda: QDeltaLM(config, rngs=nnx.Rngs(0))))
-    nnx.replace_by_pure_dict(state, params)
-    return nnx.merge(graphdef, state)
+    model = nnx.eval_shape(lambda: QDeltaLM(config, rngs=nnx.Rngs(0)))
+    return shd.tree_shardings(mesh, abstract_params(config), shd.logical_axes(model))
+
+
+@dataclasses.dataclass(frozen=True)
+class SavedRun:
+    """A checkpoint's parameters with what describes them (:func:`load_run`)."""
+
+    path: Path
+    step: int  # the step restored
+    config: Any  # the model's QDeltaConfig
+    params: dict  # a pure dict of arrays, laid out as load_run was asked
+    options: TrainArgs | None  # the qdelta-train options (None: a params directory)
+    tokenizer: Path | None  # RUN_DIR/tokenizer.json, where the run has one
+
+    def model(self):
+        """The :class:`qdelta_jax.model.QDeltaLM` holding these parameters."""
+        from flax import nnx
+
+        from qdelta_jax.model import QDeltaLM
+
+        graphdef, state = nnx.split(nnx.eval_shape(lambda: QDeltaLM(self.config,
+                                                                    rngs=nnx.Rngs(0))))
+        nnx.replace_by_pure_dict(state, self.params)
+        return nnx.merge(graphdef, state)
+
+
+def load_run(path: str | os.PathLike, *, step: int | None = None, mesh=None,
+             implementation: str | None = None, flag: str = "RUN_DIR") -> SavedRun:
+    """The parameters of a ``qdelta-train`` run directory (or a ``qdelta-convert`` params
+    directory) and what describes them, restoring the parameters only.
+
+    Args:
+      path: the run directory.
+      step: a saved step; ``None`` takes the newest one not marked bad (after a divergence)
+        that reads back whole and matches its checksums (a damaged one is skipped with a
+        warning; nothing in the directory is moved or written).
+      mesh: a device mesh to lay the parameters out over (:func:`param_shardings`); default
+        one device.
+      implementation: overrides the saved model config's ``qdelta_rule`` implementation (the
+        parameters do not depend on it).
+      flag: how error messages name ``path``.
+
+    Raises:
+      qdelta_jax.train.checkpoint.RunDirError (a ``ValueError``): not a run directory, an
+        unusable ``config.json``, no such step, a damaged ``step``, or no usable checkpoint.
+    """
+    p = Path(path)
+    saved = _read_saved(p, flag)
+    config = _model_config(saved, p, flag)
+    if implementation is not None:
+        config = dataclasses.replace(config, implementation=implementation)
+    train = saved_values(saved.get("train") or {})
+    try:
+        options = TrainArgs(**train) if train else None
+    except (TypeError, ValueError) as e:
+        raise ckpt.RunDirError(f"{flag} {p}: {ckpt.CONFIG_FILE} holds unusable training "
+                               f"options ({e})", flag) from None
+    shardings = None if mesh is None else param_shardings(config, mesh)
+    got, params = restore_params(p, config, step=step, shardings=shardings, flag=flag)
+    from qdelta_jax.train.tokenize import TOKENIZER_COPY
+
+    tokenizer = p / TOKENIZER_COPY
+    return SavedRun(p, got, config, params, options, tokenizer if tokenizer.is_file() else None)
+
+
+def load_model(run_dir: str | os.PathLike, step: int | None = None, *,
+               implementation: str | None = None):
+    """The :class:`qdelta_jax.model.QDeltaLM` of a ``qdelta-train`` run directory (or a
+    ``qdelta-convert`` params directory), restoring its parameters only: ``load_run(run_dir,
+    step=step, implementation=implementation).model()`` (see :func:`load_run` for the
+    arguments and what raises)."""
+    return load_run(run_dir, step=step, implementation=implementation).model()
 
 
 def save_params(path: str | os.PathLike, model, *, source: str | None = None,

@@ -1,5 +1,13 @@
-"""The training driver behind ``qdelta-train``: builds the data, model, mesh, optimizer and
-checkpoints from :class:`TrainArgs`, runs the loop and writes metrics.
+"""The training driver behind ``qdelta-train``: :func:`run` trains as a
+:class:`~qdelta_jax.train.options.TrainArgs` says, in four phases:
+
+1. setup (:func:`_setup`): check the options, open the data, build the model config and the
+   device mesh, create or check the run directory and its ``config.json``;
+2. restore or init (:func:`_restore_or_init`): the newest usable checkpoint (or
+   ``--resume-from``'s), else a fresh state (``--init-from``'s parameters or the model's
+   initialisation); the model, optimizer and compiled steps are a :class:`Session`;
+3. the loop (:class:`_TrainLoop`): steps, metrics, checkpoints, evaluations, stop signals;
+4. the summary (:func:`_write_summary`): returned and written to ``RUN_DIR/summary.json``.
 
 Loop details:
 
@@ -40,14 +48,16 @@ from qdelta_jax.train import checkpoint as ckpt
 from qdelta_jax.train import data as data_mod
 from qdelta_jax.train import loop
 from qdelta_jax.train import sharding as shd
-
-
-class UsageError(ValueError):
-    """A bad option value; ``flag`` names the option. The CLI prints it and exits with 2."""
-
-    def __init__(self, message: str, flag: str | None = None):
-        super().__init__(message)
-        self.flag = flag
+from qdelta_jax.train.evaluate import Evaluator
+from qdelta_jax.train.options import (
+    PER_INVOCATION,
+    RESUME_SENSITIVE,
+    TrainArgs,
+    UsageError,
+    make_sources,
+    open_text,
+    validate,
+)
 
 
 class BadStepsError(RuntimeError):
@@ -62,134 +72,6 @@ class RunIOError(RuntimeError):
 # A step's loss "blew up" above this multiple of ln(vocab_size), the loss of a uniform guess
 # (a freshly initialised model starts near ln(vocab_size)).
 BLOWUP_FACTOR = 2.0
-
-
-# Per-task defaults of --seq-len and --batch-size (None in TrainArgs).
-TASK_SEQ_LEN = {"mqar": 64, "niah": 512, "text": 512}
-TASK_BATCH = {"mqar": 128, "niah": 16, "text": 16}
-
-
-@dataclasses.dataclass
-class TrainArgs:
-    """Every option of ``qdelta-train`` (the CLI flag is the field name with dashes)."""
-
-    preset: str = "tiny"
-    task: str = "mqar"
-    data: str | None = None
-    steps: int = 200
-    batch_size: int | None = None  # None: TASK_BATCH[task]
-    seq_len: int | None = None  # None: TASK_SEQ_LEN[task]
-    lr: float = 3e-3
-    warmup: int = 20
-    weight_decay: float = 0.1
-    save_every: int = 100
-    eval_every: int = 50
-    eval_batches: int = 4
-    run_dir: str | None = None
-    mesh: str | None = None
-    seed: int = 0
-    num_pairs: int = 4
-    mqar_vocab: int = 64
-    niah_variant: str = "passkey"
-    eos_id: int | None = None
-    tokenizer: str | None = None
-    grad_accum: int = 1
-    dtype: str = "float32"
-    param_dtype: str = "float32"
-    train_accuracy: bool = False
-    implementation: str | None = None
-    fixed_lam: float | None = None
-    no_decay_gate: bool = False
-    remat: bool = False
-    save_residuals: bool | None = None
-    model_overrides: str | None = None
-    max_bad_steps: int = 10
-    stop_after: int | None = None
-    resume_from: int | None = None
-    peak_tflops: float | None = None
-    progress: bool = True
-    diagnostics: bool = False
-    init_from: str | None = None
-
-    def resolved_seq_len(self) -> int:
-        return int(self.seq_len if self.seq_len is not None else TASK_SEQ_LEN.get(self.task, 512))
-
-    def resolved(self) -> TrainArgs:
-        """A copy with the per-task defaults of ``seq_len`` and ``batch_size`` filled in."""
-        return dataclasses.replace(
-            self,
-            seq_len=self.resolved_seq_len(),
-            batch_size=int(self.batch_size if self.batch_size is not None
-                           else TASK_BATCH.get(self.task, 16)),
-        )
-
-
-# Options whose change between invocations changes what a resumed run computes.
-_RESUME_SENSITIVE = ("task", "data", "seed", "batch_size", "seq_len", "num_pairs", "mqar_vocab",
-                     "niah_variant", "eos_id", "tokenizer", "grad_accum", "lr", "warmup", "steps",
-                     "weight_decay")
-
-# Options that belong to one invocation: not reused from a run directory's saved options.
-PER_INVOCATION = ("run_dir", "stop_after", "resume_from", "progress")
-
-
-def validate(a: TrainArgs) -> None:
-    from qdelta_jax.model import DTYPES, PRESETS
-
-    def need(cond, flag, msg):
-        if not cond:
-            raise UsageError(f"{flag} {msg}", flag)
-
-    need(a.preset in PRESETS, "--preset", f"{a.preset!r} is unknown; presets: "
-         + ", ".join(sorted(PRESETS)))
-    need(a.task in data_mod.TASKS, "--task", f"{a.task!r} is unknown; tasks: "
-         + ", ".join(data_mod.TASKS))
-    need(a.steps >= 1, "--steps", f"must be >= 1, got {a.steps}")
-    a = a.resolved()
-    need(a.batch_size >= 1, "--batch-size", f"must be >= 1, got {a.batch_size}")
-    need(a.seq_len is None or a.seq_len >= 2, "--seq-len", f"must be >= 2, got {a.seq_len}")
-    need(math.isfinite(a.lr) and a.lr > 0, "--lr", f"must be a positive number, got {a.lr}")
-    need(a.warmup >= 0, "--warmup", f"must be >= 0, got {a.warmup}")
-    need(a.weight_decay >= 0, "--weight-decay", f"must be >= 0, got {a.weight_decay}")
-    need(a.save_every >= 0, "--save-every", f"must be >= 0 (0: only at the end), got "
-         f"{a.save_every}")
-    need(a.eval_every >= 0, "--eval-every", f"must be >= 0 (0: only at the end), got "
-         f"{a.eval_every}")
-    need(a.eval_batches >= 1, "--eval-batches", f"must be >= 1, got {a.eval_batches}")
-    need(a.grad_accum >= 1, "--grad-accum", f"must be >= 1, got {a.grad_accum}")
-    need(a.batch_size % a.grad_accum == 0, "--grad-accum",
-         f"{a.grad_accum} must divide --batch-size {a.batch_size}")
-    need(a.max_bad_steps >= 1, "--max-bad-steps", f"must be >= 1, got {a.max_bad_steps}")
-    need(a.stop_after is None or a.stop_after >= 1, "--stop-after",
-         f"must be >= 1, got {a.stop_after}")
-    need(a.resume_from is None or a.resume_from >= 1, "--resume-from",
-         f"must be a saved step >= 1, got {a.resume_from}")
-    need(a.resume_from is None or a.run_dir is not None, "--resume-from",
-         "needs --run-dir (the run to resume)")
-    need(a.dtype in DTYPES, "--dtype", f"must be one of {', '.join(DTYPES)}, got {a.dtype!r}")
-    need(a.param_dtype in DTYPES, "--param-dtype",
-         f"must be one of {', '.join(DTYPES)}, got {a.param_dtype!r}")
-    from qdelta_jax.ops import IMPLEMENTATIONS
-
-    need(a.implementation in (None, *IMPLEMENTATIONS), "--implementation",
-         f"must be one of {', '.join(IMPLEMENTATIONS)}, got {a.implementation!r}")
-    need(a.save_residuals is None or a.implementation is None
-         or a.implementation.startswith("pallas"), "--no-save-residuals",
-         f"applies to the pallas implementation only, not --implementation {a.implementation}")
-    need(a.fixed_lam is None or math.isfinite(a.fixed_lam), "--fixed-lam",
-         f"must be a finite number, got {a.fixed_lam}")
-    need(a.num_pairs >= 1, "--num-pairs", f"must be >= 1, got {a.num_pairs}")
-    need(a.mqar_vocab >= 8, "--mqar-vocab", f"must be >= 8, got {a.mqar_vocab}")
-    need(a.task != "text" or a.data is not None, "--data",
-         "is required with --task text (a UTF-8 file or folder, a .bin or a .npy token file)")
-    need(a.data is None or a.task == "text", "--data",
-         f"is only read by --task text (got --task {a.task}); add --task text or drop --data")
-    need(a.eos_id is None or a.task == "text", "--eos-id",
-         f"applies to --task text only (got --task {a.task})")
-    need(a.tokenizer is None or a.task == "text", "--tokenizer",
-         f"applies to --task text only (got --task {a.task})")
-    if a.data is not None and not Path(a.data).exists():
-        raise UsageError(f"--data {a.data}: no such file or directory", "--data")
 
 
 def parse_overrides(text: str | None) -> dict[str, Any]:
@@ -256,20 +138,6 @@ def model_config_for(a: TrainArgs, data_vocab: int, pretokenised: bool):
                          "--model-overrides") from None
 
 
-def make_sources(a: TrainArgs, batch_size: int | None = None, seq_len: int | None = None,
-                 text_tokens=None, depth=None):
-    T = seq_len or a.resolved_seq_len()
-    B = batch_size or a.batch_size
-    kw = dict(batch_size=B, seq_len=T, seed=a.seed, num_pairs=a.num_pairs,
-              mqar_vocab=a.mqar_vocab, niah_variant=a.niah_variant, data=a.data,
-              eos_id=a.eos_id, text_tokens=text_tokens, depth=depth, tokenizer=a.tokenizer)
-    try:
-        return (data_mod.make_source(a.task, split="train", **kw),
-                data_mod.make_source(a.task, split="eval", **kw))
-    except data_mod.DataError as e:
-        raise UsageError(str(e), e.flag) from None
-
-
 def data_vocab_of(a: TrainArgs, text_tokens) -> tuple[int, bool]:
     if a.task == "mqar":
         return a.mqar_vocab, False
@@ -305,17 +173,15 @@ def copy_tokenizer(a: TrainArgs, run_dir: Path) -> None:
     shutil.copyfile(src, dst)
 
 
-def open_text(a: TrainArgs):
-    if a.task != "text":
-        return None
-    try:
-        return data_mod.load_tokens(a.data, a.eos_id, a.tokenizer)
-    except data_mod.DataError as e:
-        raise UsageError(str(e), e.flag) from None
-
-
 class Session:
-    """Model, optimizer, mesh and jitted steps of a run (shared by training and evaluation)."""
+    """Model, optimizer, mesh and compiled steps of a run (shared by training and the
+    benchmarks).
+
+    The pure steps of :mod:`.loop` are jitted here, in one place, with their shardings: the
+    train step donates the old state, the eval step is :class:`~.evaluate.Evaluator`'s. Both
+    are traced under ``jax.set_mesh(mesh)`` so that the Pallas op splits the batch per device
+    (``qdelta_rule``'s ``batch_axes``).
+    """
 
     def __init__(self, a: TrainArgs, model_cfg, mesh):
         from flax import nnx
@@ -342,68 +208,40 @@ class Session:
             lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
             abstract, self.state_shardings,
         )
-        self.batch_sharding = shd.batch_sharding(mesh)
+        self.batch_sharding = shd.batch_sharding(mesh)  # every array of a batch, by its rows
         self.repl = shd.replicated(mesh)
-        self._train_step = None
-        self._eval_step = None
+
+        self._init_state = jax.jit(lambda p: loop.init_train_state(p, self.tx, a.seed),
+                                   out_shardings=self.state_shardings)
+        self._train_step = jax.jit(
+            loop.make_train_step(self.fns, self.tx, a.grad_accum, loop.lr_schedule(self.ocfg),
+                                 a.train_accuracy),
+            in_shardings=(self.state_shardings, self.batch_sharding),
+            out_shardings=(self.state_shardings, self.repl),
+            donate_argnums=0,
+        )
+        self.evaluator = Evaluator(self.fns, mesh, self.state_shardings.params)
 
     def init_state(self, params=None) -> loop.TrainState:
         """A fresh train state from ``params`` (``None``: the model's initialisation)."""
         if params is None:
             params = self.fns.init(self.param_shardings)
-        init = jax.jit(lambda p: loop.init_train_state(p, self.tx, self.args.seed),
-                       out_shardings=self.state_shardings)
-        return init(params)
+        return self._init_state(params)
 
     def restore_rest(self) -> None:
         """Materialises the model's non-param state (none for QDeltaLM) without keeping params."""
         if jax.tree.leaves(self.fns.abstract_rest):
             self.fns.init(self.param_shardings)
 
-    def _batch_shardings(self, batch):
-        return {k: self.batch_sharding for k in batch}
-
     def train_step(self, state, batch):
-        if self._train_step is None:
-            fn = loop.make_train_step(self.fns, self.tx, self.args.grad_accum,
-                                      loop.lr_schedule(self.ocfg), self.args.train_accuracy)
-            self._train_step = jax.jit(
-                fn,
-                in_shardings=(self.state_shardings, self._batch_shardings(batch)),
-                out_shardings=(self.state_shardings, self.repl),
-                donate_argnums=0,
-            )
-        # Traced under the mesh so that the Pallas op splits the batch per device (ops.py).
         with jax.set_mesh(self.mesh):
             return self._train_step(state, batch)
 
     def eval_step(self, params, batch):
-        if self._eval_step is None:
-            self._eval_step = jax.jit(
-                loop.make_eval_step(self.fns),
-                in_shardings=(self.state_shardings.params, self._batch_shardings(batch)),
-                out_shardings=self.repl,
-            )
-        with jax.set_mesh(self.mesh):
-            return self._eval_step(params, batch)
+        return self.evaluator.eval_step(params, batch)
 
     def evaluate(self, params, source, n_batches: int) -> dict[str, float]:
-        B = source.batch_size
-        rows = shd.process_rows(self.mesh, B) if jax.process_count() > 1 else None
-        text = isinstance(source, data_mod.TextData)
-        sums, n_bytes = [], 0
-        for i in range(n_batches):
-            batch = source.batch(i, rows)
-            sums.append(self.eval_step(params, shd.shard_batch(batch, self.mesh, rows, B)))
-            if text and n_bytes is not None:  # bytes of the whole batch, on every process
-                n = source.target_bytes(batch if rows is None else source.batch(i))
-                n_bytes = None if n is None else n_bytes + n
-        out = loop.summarise_eval(jax.device_get(sums))
-        if text:
-            from qdelta_jax.train.evaluate import text_metrics
-
-            out.update(text_metrics(out["loss"], out["tokens"], n_bytes))
-        return out
+        return self.evaluator(params, source, n_batches)
 
 
 class MetricsWriter:
@@ -619,26 +457,79 @@ def _diverged_message(step: int, why: str, run_dir: Path, last_good: int | None)
 def _run(a: TrainArgs, *, log=print, phase: _Phase | None = None) -> dict[str, Any]:
     """Trains (or resumes) a run; returns the summary dict. Raises :class:`UsageError` for bad
     options and :class:`BadStepsError` when ``max_bad_steps`` consecutive steps were not
-    finite."""
+    finite. The phases: setup (options, data, model config, mesh, run directory), restore or
+    init, the loop, the summary."""
     phase = phase or _Phase()
     t_start = time.perf_counter()
+    s = _setup(a, log, phase)
+    sess = Session(s.args, s.model_cfg, s.mesh)
+    phase.what = f"opening the checkpoints in {s.run_dir / 'checkpoints'}"
+    checkpointer = ckpt.Checkpointer(s.run_dir)
+    try:
+        step0, state, it = _restore_or_init(s, sess, checkpointer, log, phase)
+    except BaseException:
+        checkpointer.close()
+        raise
+    if s.main_process:
+        phase.what = f"updating {s.run_dir / 'metrics.jsonl'}"
+        _trim_metrics(s.run_dir, step0)
+    phase.resume = f"rerun with --run-dir {s.run_dir} to resume from the last checkpoint"
+
+    a, cfg, mesh = s.args, s.model_cfg, s.mesh
+    n_params = loop.count_params(sess.fns.abstract_params)
+    rate = _Throughput.of(sess, a)
+    log(f"run dir {s.run_dir}: {a.task}, preset {a.preset} ({n_params / 1e6:.2f}M params, vocab "
+        f"{cfg.vocab_size}), batch {a.batch_size} x {a.seq_len}, mesh data={mesh.shape['data']} "
+        f"fsdp={mesh.shape['fsdp']} on {rate.devices} {rate.device_kind}, steps {step0} -> "
+        f"{a.steps}")
+    train = _TrainLoop(s, sess, checkpointer, step0, rate, phase)
+    train.run(state, it)
+    return _write_summary(s, train, n_params, rate, time.perf_counter() - t_start, phase)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Setup:
+    """What a run's options decide before any state exists."""
+
+    args: TrainArgs  # resolved, with the run directory filled in
+    model_cfg: Any
+    mesh: Any
+    run_dir: Path
+    train_src: Any
+    eval_src: Any
+    rows: np.ndarray | None  # this process's rows of the global batch (None: one process)
+    main_process: bool
+
+
+def _setup(a: TrainArgs, log, phase: _Phase) -> _Setup:
+    """Checks the options, opens the data, builds the model config and the mesh, and opens the
+    run directory (:func:`_open_run_dir`)."""
     validate(a)
     a = a.resolved()
     shd.maybe_initialize_distributed()
-    main_process = jax.process_index() == 0
     phase.what = f"reading --data {a.data}"
     text_tokens = open_text(a)
     train_src, eval_src = make_sources(a, text_tokens=text_tokens)
-    data_vocab, pretok = data_vocab_of(a, text_tokens)
-    model_cfg = model_config_for(a, data_vocab, pretok)
-
+    model_cfg = model_config_for(a, *data_vocab_of(a, text_tokens))
     try:
         mesh = shd.make_mesh(a.mesh)
         shd.check_batch_size(a.batch_size, mesh, a.grad_accum)
     except shd.MeshError as e:
         raise UsageError(str(e), "--mesh") from None
+    main_process = jax.process_index() == 0
+    a = dataclasses.replace(a, run_dir=str(Path(a.run_dir or default_run_dir(a))))
+    _open_run_dir(a, model_cfg, main_process, log, phase)
+    # Each process reads only the rows of the global batch that its devices hold.
+    rows = shd.process_rows(mesh, a.batch_size) if jax.process_count() > 1 else None
+    return _Setup(a, model_cfg, mesh, Path(a.run_dir), train_src, eval_src, rows, main_process)
 
-    run_dir = Path(a.run_dir or default_run_dir(a))
+
+def _open_run_dir(a: TrainArgs, model_cfg, main_process: bool, log, phase: _Phase) -> None:
+    """Creates ``a.run_dir`` with its ``config.json`` (the model config and the options), or
+    checks an existing one: it must hold the same model; options that make a resumed run differ
+    from an uninterrupted one are warned about; the saved options are rewritten when they
+    changed."""
+    run_dir = Path(a.run_dir)
     phase.what = f"opening --run-dir {run_dir}"
     if run_dir.exists() and not run_dir.is_dir():
         raise UsageError(f"--run-dir {run_dir} exists and is not a directory", "--run-dir")
@@ -646,8 +537,7 @@ def _run(a: TrainArgs, *, log=print, phase: _Phase | None = None) -> dict[str, A
         saved = ckpt.read_run_config(run_dir) if run_dir.exists() else None
     except ckpt.RunDirError as e:
         raise UsageError(str(e), "--run-dir") from None
-    requested = {"model": model_cfg.to_dict(), "train": dataclasses.asdict(a)}
-    requested["train"]["run_dir"] = str(run_dir)
+    requested = {"model": model_cfg.to_dict(), "train": a.to_dict()}
     if saved is None and run_dir.exists() and (run_dir / "checkpoints").exists():
         raise UsageError(f"--run-dir {run_dir} has checkpoints but no {ckpt.CONFIG_FILE}; "
                          "it is not a run directory this program can resume", "--run-dir")
@@ -659,9 +549,8 @@ def _run(a: TrainArgs, *, log=print, phase: _Phase | None = None) -> dict[str, A
                                     _model_identity(requested["model"]))
         except ckpt.RunDirError as e:
             raise UsageError(str(e), "--run-dir") from None
-        diffs = [d for d in ckpt.diff_dicts(
-            {k: saved.get("train", {}).get(k) for k in _RESUME_SENSITIVE},
-            {k: requested["train"].get(k) for k in _RESUME_SENSITIVE})]
+        diffs = ckpt.diff_dicts({k: saved.get("train", {}).get(k) for k in RESUME_SENSITIVE},
+                                {k: requested["train"].get(k) for k in RESUME_SENSITIVE})
         if diffs:
             log("warning: resuming with different training options (a resumed run then differs "
                 "from an uninterrupted one):\n  " + "\n  ".join(diffs))
@@ -673,10 +562,15 @@ def _run(a: TrainArgs, *, log=print, phase: _Phase | None = None) -> dict[str, A
         copy_tokenizer(a, run_dir)
         ckpt.write_run_config(run_dir, requested, overwrite=rewrite)
 
-    sess = Session(a, model_cfg, mesh)
-    phase.what = f"opening the checkpoints in {run_dir / 'checkpoints'}"
-    checkpointer = ckpt.Checkpointer(run_dir)
-    phase.what = f"restoring a checkpoint from {run_dir / 'checkpoints'}"
+
+def _restore_or_init(s: _Setup, sess: Session, checkpointer: ckpt.Checkpointer, log,
+                     phase: _Phase) -> tuple[int, loop.TrainState, data_mod.DataIterator]:
+    """``(step0, state, data iterator at step0)``: the checkpoint of ``--resume-from`` (the newer
+    ones set aside), else the newest one that reads back (refused when it is marked bad after a
+    divergence), else a fresh state from ``--init-from``'s parameters or the model's
+    initialisation."""
+    a = s.args
+    phase.what = f"restoring a checkpoint from {s.run_dir / 'checkpoints'}"
     try:
         steps = checkpointer.steps()
         if a.resume_from is not None:
@@ -687,99 +581,137 @@ def _run(a: TrainArgs, *, log=print, phase: _Phase | None = None) -> dict[str, A
         elif steps and checkpointer.is_bad(steps[-1]):
             raise ckpt.RunDirError(_diverged_message(
                 steps[-1], f"the newest checkpoint, step {steps[-1]}, is marked bad "
-                f"({checkpointer.health[steps[-1]].get('why')})", run_dir,
+                f"({checkpointer.health[steps[-1]].get('why')})", s.run_dir,
                 checkpointer.last_good()))
         else:
             restored = checkpointer.restore_latest(sess.abstract_state.to_dict())
     except ckpt.RunDirError as e:
-        checkpointer.close()
         raise UsageError(str(e), e.flag) from None
-    # Each process reads only the rows of the global batch that its devices hold.
-    rows = shd.process_rows(mesh, a.batch_size) if jax.process_count() > 1 else None
-    it = data_mod.DataIterator(train_src, rows=rows)
+    it = data_mod.DataIterator(s.train_src, rows=s.rows)
     if restored is not None:
         step0, state_dict, data_state = restored
-        state = loop.TrainState.from_dict(state_dict)
         it.load_state_dict(data_state)
         sess.restore_rest()
-        log(f"resumed {run_dir} from step {step0}")
-    else:
-        step0 = 0
-        init = None
-        if a.init_from is not None:
-            from qdelta_jax.train.params import restore_params
+        log(f"resumed {s.run_dir} from step {step0}")
+        return step0, loop.TrainState.from_dict(state_dict), it
+    params = None
+    if a.init_from is not None:
+        from qdelta_jax.train.params import restore_params
 
-            phase.what = f"reading --init-from {a.init_from}"
-            try:
-                got, init = restore_params(a.init_from, model_cfg, shardings=sess.param_shardings,
-                                           flag="--init-from")
-            except ckpt.RunDirError as e:
-                raise UsageError(str(e), "--init-from") from None
-            log(f"initialised from {a.init_from} (step {got})")
-        state = sess.init_state(init)
-    if main_process:
-        phase.what = f"updating {run_dir / 'metrics.jsonl'}"
-        _trim_metrics(run_dir, step0)
-    phase.resume = f"rerun with --run-dir {run_dir} to resume from the last checkpoint"
-    n_params = loop.count_params(sess.fns.abstract_params)
-    T = a.resolved_seq_len()
-    tokens_per_step = a.batch_size * T
-    fpt = loop.flops_per_token(sess.fns.abstract_params, model_cfg, T)
-    n_dev = mesh.size
-    dev_kind = jax.devices()[0].device_kind
-    peak = loop.peak_flops(dev_kind, a.dtype, a.peak_tflops)
-    log(f"run dir {run_dir}: {a.task}, preset {a.preset} ({n_params / 1e6:.2f}M params, vocab "
-        f"{model_cfg.vocab_size}), batch {a.batch_size} x {T}, mesh data={mesh.shape['data']} "
-        f"fsdp={mesh.shape['fsdp']} on {n_dev} {dev_kind}, steps {step0} -> {a.steps}")
+        phase.what = f"reading --init-from {a.init_from}"
+        try:
+            got, params = restore_params(a.init_from, s.model_cfg,
+                                         shardings=sess.param_shardings, flag="--init-from")
+        except ckpt.RunDirError as e:
+            raise UsageError(str(e), "--init-from") from None
+        log(f"initialised from {a.init_from} (step {got})")
+    return 0, sess.init_state(params), it
 
-    writer = MetricsWriter(run_dir, main_process)
-    judge = _Judge(checkpointer, BLOWUP_FACTOR * math.log(max(model_cfg.vocab_size, 2)), step0)
-    pbar = None
-    if a.progress and main_process:
-        from tqdm import tqdm
 
-        # In a log file (not a terminal) redraw rarely, so the bar does not flood it.
-        pbar = tqdm(total=a.steps, initial=step0, desc="train", dynamic_ncols=True,
-                    file=sys.stderr, mininterval=0.5 if sys.stderr.isatty() else 30.0)
+@dataclasses.dataclass(frozen=True)
+class _Throughput:
+    """What turns a step time into tokens/s and MFU (see the module docstring)."""
 
-    def save(step, st):
-        phase.what = f"saving checkpoint step {step} to {checkpointer.dir}"
-        if checkpointer.save(step, st.to_dict(), {"index": int(step)}):
-            judge.saved(step)
-        phase.what = f"training (step {step})"
+    tokens_per_step: int
+    flops_per_token: float
+    devices: int
+    device_kind: str
+    peak: float | None  # FLOP/s of one device; None where unknown (no MFU)
 
-    last_eval: dict[str, float] | None = None
-    step_times: list[float] = []
-    stability = None
-    if a.diagnostics:  # compiled once for the run
-        from qdelta_jax import diagnostics
+    @classmethod
+    def of(cls, sess: Session, a: TrainArgs) -> _Throughput:
+        kind = jax.devices()[0].device_kind
+        return cls(a.batch_size * a.seq_len,
+                   loop.flops_per_token(sess.fns.abstract_params, sess.model_cfg, a.seq_len),
+                   sess.mesh.size, kind, loop.peak_flops(kind, a.dtype, a.peak_tflops))
 
-        stability = diagnostics.params_summary_fn(sess.fns)
+    def mfu(self, tokens_per_s: float | None) -> float | None:
+        if not (self.peak and tokens_per_s):
+            return None
+        return self.flops_per_token * tokens_per_s / (self.devices * self.peak)
 
-    def do_eval(step, st):
-        nonlocal last_eval
-        nonlocal t_prev
-        last_eval = sess.evaluate(st.params, eval_src, a.eval_batches)
-        if stability is not None:  # beta * c of docs/MATH.md section 1 on the first eval batch
+
+class _TrainLoop:
+    """The steps of one invocation, from ``step0`` to ``--steps`` (or ``--stop-after``, or a
+    stop signal). Step ``i + 1`` is dispatched before step ``i``'s metrics are read, so the host
+    prepares data and logs while the device computes. Each step's metrics go to
+    ``metrics.jsonl`` and the progress bar and judge the checkpoints before them
+    (:class:`_Judge`); checkpoints every ``--save-every`` steps and at the end, evaluations
+    every ``--eval-every`` steps and at the end. Afterwards ``status`` is ``done``,
+    ``stopped`` (``--stop-after``) or ``interrupted`` (a signal), ``step`` the last step."""
+
+    def __init__(self, s: _Setup, sess: Session, checkpointer: ckpt.Checkpointer, step0: int,
+                 rate: _Throughput, phase: _Phase):
+        self.s, self.sess, self.ckpt, self.rate, self.phase = s, sess, checkpointer, rate, phase
+        self.step0 = self.step = step0
+        self.status = "done"
+        self.last_metrics: dict[str, Any] = {}
+        self.last_eval: dict[str, Any] | None = None
+        self.step_times: list[float] = []  # the first step (compilation) left out
+        self.writer = MetricsWriter(s.run_dir, s.main_process)
+        self.judge = _Judge(checkpointer,
+                            BLOWUP_FACTOR * math.log(max(s.model_cfg.vocab_size, 2)), step0)
+        self.pbar = None
+        if s.args.progress and s.main_process:
+            from tqdm import tqdm
+
+            # In a log file (not a terminal) redraw rarely, so the bar does not flood it.
+            self.pbar = tqdm(total=s.args.steps, initial=step0, desc="train", dynamic_ncols=True,
+                             file=sys.stderr, mininterval=0.5 if sys.stderr.isatty() else 30.0)
+        self.stability = None
+        if s.args.diagnostics:  # compiled once for the run
             from qdelta_jax import diagnostics
 
-            last_eval["stability"] = diagnostics.compact(stability(st.params, eval_src.batch(0)))
-        t_prev = time.perf_counter()  # keep evaluation time out of the next step's time
-        writer.write({"step": step, "split": "eval", **last_eval})
-        if pbar is not None:
-            pbar.write(f"step {step}: {format_eval(last_eval, a.task)}")
+            self.stability = diagnostics.params_summary_fn(sess.fns)
+        self.t_prev = time.perf_counter()
 
-    status, last_metrics = "done", {}
-    pending = None  # (step number, metrics future)
-    t_prev = time.perf_counter()
-    stop_at = a.steps if a.stop_after is None else min(a.steps, step0 + a.stop_after)
+    def run(self, state: loop.TrainState, it: data_mod.DataIterator) -> None:
+        a, mesh, rows = self.s.args, self.s.mesh, self.s.rows
+        stop_at = a.steps if a.stop_after is None else min(a.steps, self.step0 + a.stop_after)
+        pending = None  # (step number, metrics still on the device)
+        self.phase.what = f"training (step {self.step0})"
+        self.t_prev = time.perf_counter()
+        try:
+            with ckpt.StopSignal(multi_process=jax.process_count() > 1) as stop:
+                step = self.step0
+                while step < stop_at:
+                    batch = shd.shard_batch(next(it), mesh, rows, a.batch_size)
+                    state, metrics = self.sess.train_step(state, batch)
+                    step += 1
+                    self.step = step
+                    if pending is not None:
+                        self._consume(*pending)
+                    pending = (step, metrics)
+                    if a.save_every and step % a.save_every == 0 and step < a.steps:
+                        self._save(step, state)
+                    if a.eval_every and step % a.eval_every == 0 and step < a.steps:
+                        self._consume(*pending)
+                        pending = None
+                        self._evaluate(step, state)
+                    if stop.should_stop(step):
+                        self.status = "interrupted"
+                        break
+                if pending is not None:
+                    self._consume(*pending)
+                if step < a.steps and self.status == "done":
+                    self.status = "stopped"
+                self._save(step, state)
+                if self.status == "done":
+                    self._evaluate(step, state)
+                    self.judge.final(step, self.last_eval["loss"])
+        except BadStepsError:
+            self.ckpt.wait()
+            raise
+        finally:
+            self._close()
 
-    def consume(step, m):
-        nonlocal t_prev, last_metrics
+    def _consume(self, step: int, m) -> None:
+        """Writes step ``step``'s metrics (waiting for the device) and judges them."""
+        a = self.s.args
         m = jax.device_get(m)
         now = time.perf_counter()
-        dt, t_prev = now - t_prev, now
-        tps = tokens_per_step / dt
+        dt, self.t_prev = now - self.t_prev, now
+        tps = self.rate.tokens_per_step / dt
         rec = {
             "step": step,
             "loss": _to_float(m["loss"]),
@@ -789,96 +721,93 @@ def _run(a: TrainArgs, *, log=print, phase: _Phase | None = None) -> dict[str, A
             "skipped": int(m["skipped"]),
             "step_time_s": dt,
             "tokens_per_s": tps,
-            "mfu": (fpt * tps / (n_dev * peak)) if peak else None,
+            "mfu": self.rate.mfu(tps),
         }
-        if step > step0 + 1:
-            step_times.append(dt)
-        last_metrics = rec
-        writer.write(rec)
-        judge.step_done(rec)
-        if pbar is not None:
-            pbar.set_postfix(loss=f"{float(m['loss']):.4f}", tok_s=f"{tps:,.0f}", refresh=False)
-            pbar.update(1)
+        if step > self.step0 + 1:
+            self.step_times.append(dt)
+        self.last_metrics = rec
+        self.writer.write(rec)
+        self.judge.step_done(rec)
+        if self.pbar is not None:
+            self.pbar.set_postfix(loss=f"{float(m['loss']):.4f}", tok_s=f"{tps:,.0f}",
+                                  refresh=False)
+            self.pbar.update(1)
         if int(m["bad_steps"]) >= a.max_bad_steps:
             raise BadStepsError(_diverged_message(
                 step, f"stopping at step {step}: {int(m['bad_steps'])} consecutive steps had a "
                 f"non-finite loss or gradient norm (--max-bad-steps {a.max_bad_steps}); their "
-                "updates were skipped", run_dir, checkpointer.last_good()))
-        if not bool(m["finite"]) and pbar is not None:
-            pbar.write(f"step {step}: non-finite loss or gradient norm; update skipped "
-                       f"({int(m['bad_steps'])} in a row)")
+                "updates were skipped", self.s.run_dir, self.ckpt.last_good()))
+        if not bool(m["finite"]) and self.pbar is not None:
+            self.pbar.write(f"step {step}: non-finite loss or gradient norm; update skipped "
+                            f"({int(m['bad_steps'])} in a row)")
 
-    phase.what = f"training (step {step0})"
-    try:
-        with ckpt.StopSignal(multi_process=jax.process_count() > 1) as stop:
-            step = step0
-            while step < stop_at:
-                batch = shd.shard_batch(next(it), mesh, rows, a.batch_size)
-                state, metrics = sess.train_step(state, batch)
-                step += 1
-                if pending is not None:
-                    consume(*pending)
-                pending = (step, metrics)
-                if a.save_every and step % a.save_every == 0 and step < a.steps:
-                    save(step, state)
-                if a.eval_every and step % a.eval_every == 0 and step < a.steps:
-                    consume(*pending)
-                    pending = None
-                    do_eval(step, state)
-                if stop.should_stop(step):
-                    status = "interrupted"
-                    break
-            if pending is not None:
-                consume(*pending)
-                pending = None
-            if step < a.steps and status == "done":
-                status = "stopped"
-            save(step, state)
-            if status == "done":
-                do_eval(step, state)
-                judge.final(step, last_eval["loss"])
-    except BadStepsError:
-        checkpointer.wait()
-        raise
-    finally:
-        if pbar is not None:
-            pbar.close()
-        if sys.exc_info()[0] is None:  # else keep naming what failed
-            phase.what = f"finishing the checkpoint writes in {checkpointer.dir}"
+    def _save(self, step: int, state: loop.TrainState) -> None:
+        self.phase.what = f"saving checkpoint step {step} to {self.ckpt.dir}"
+        if self.ckpt.save(step, state.to_dict(), {"index": int(step)}):
+            self.judge.saved(step)
+        self.phase.what = f"training (step {step})"
+
+    def _evaluate(self, step: int, state: loop.TrainState) -> None:
+        a = self.s.args
+        ev = self.sess.evaluate(state.params, self.s.eval_src, a.eval_batches)
+        if self.stability is not None:  # beta * c of docs/MATH.md section 1, first eval batch
+            from qdelta_jax import diagnostics
+
+            ev["stability"] = diagnostics.compact(self.stability(state.params,
+                                                                 self.s.eval_src.batch(0)))
+        self.last_eval = ev
+        self.t_prev = time.perf_counter()  # keep evaluation time out of the next step's time
+        self.writer.write({"step": step, "split": "eval", **ev})
+        if self.pbar is not None:
+            self.pbar.write(f"step {step}: {format_eval(ev, a.task)}")
+
+    def _close(self) -> None:
+        """Closes the progress bar, finishes the checkpoint writes, prunes old checkpoints and
+        closes the files (also after an error, which then keeps naming what failed)."""
+        if self.pbar is not None:
+            self.pbar.close()
+        if sys.exc_info()[0] is None:
+            self.phase.what = f"finishing the checkpoint writes in {self.ckpt.dir}"
         try:
-            checkpointer.wait()
-            checkpointer.prune()
+            self.ckpt.wait()
+            self.ckpt.prune()
         finally:
-            checkpointer.close()
-            writer.close()
+            self.ckpt.close()
+            self.writer.close()
 
-    wall = time.perf_counter() - t_start
-    mean_dt = float(np.mean(step_times)) if step_times else None
-    tps = tokens_per_step / mean_dt if mean_dt else None
-    last_good = checkpointer.last_good()
+
+def _write_summary(s: _Setup, train: _TrainLoop, n_params: int, rate: _Throughput,
+                   wall: float, phase: _Phase) -> dict[str, Any]:
+    """The run's summary (also ``RUN_DIR/summary.json``): how it ended, the last loss and
+    evaluation, the checkpoints' health, throughput (the mean step after the first), and the
+    options it ran with."""
+    a = s.args
+    mean_dt = float(np.mean(train.step_times)) if train.step_times else None
+    tps = rate.tokens_per_step / mean_dt if mean_dt else None
     summary = {
-        "status": status,
+        "status": train.status,
         "task": a.task,
-        "run_dir": str(run_dir),
-        "step": int(step),
+        "run_dir": str(s.run_dir),
+        "step": int(train.step),
         "steps": a.steps,
-        "loss": last_metrics.get("loss"),
-        "eval": last_eval,
-        "skipped_steps": last_metrics.get("skipped"),
-        "last_good_step": last_good,
-        "final_checkpoint_bad": checkpointer.is_bad(step),
+        "loss": train.last_metrics.get("loss"),
+        "eval": train.last_eval,
+        "skipped_steps": train.last_metrics.get("skipped"),
+        "last_good_step": train.ckpt.last_good(),
+        "final_checkpoint_bad": train.ckpt.is_bad(train.step),
         "params": n_params,
         "step_time_s": mean_dt,
         "tokens_per_s": tps,
-        "mfu": (fpt * tps / (n_dev * peak)) if (peak and tps) else None,
-        "flops_per_token": fpt,
-        "devices": n_dev,
-        "device_kind": dev_kind,
+        "mfu": rate.mfu(tps),
+        "flops_per_token": rate.flops_per_token,
+        "devices": rate.devices,
+        "device_kind": rate.device_kind,
         "wall_s": wall,
+        "options": a.to_dict(),
     }
-    if main_process:
-        phase.what = f"writing {run_dir / 'summary.json'}"
-        with open(run_dir / "summary.json", "w") as f:
+    if s.main_process:
+        phase.what = f"writing {s.run_dir / 'summary.json'}"
+        with open(s.run_dir / "summary.json", "w") as f:
             json.dump(summary, f, indent=2)
     return summary
 
