@@ -88,8 +88,8 @@ def stage_checks(q, k, v, g, beta, lam, h0, C, res):
     qp, kp, vp, gp, bp, lp = P(q), P(k), P(v), P(g), P(beta), P(lam)
     Gp = packing.chunk_cumsum(gp, C)
     sp = lambda x: xla._split(x, C)  # noqa: E731
-    W, U, Tinv = jax.jit(lambda *a: pfwd.chunk_local(*a, C=C, cfg=cfg.local, interpret=interp,
-                                                     cfg_a=cfg.a))(
+    W, U, Tinv = jax.jit(lambda *a: pfwd.chunk_local(*a, C=C, cfg=cfg.wu, interpret=interp,
+                                                     cfg_solve=cfg.solve))(
         qp, kp, vp, Gp, bp, lp)
     loc = jax.jit(xla.chunk_local)(sp(qp), sp(kp), sp(vp), sp(Gp), sp(bp), sp(lp))
     res["local.W"] = rel(sp(W), loc.W)
@@ -125,27 +125,27 @@ def stage_checks(q, k, v, g, beta, lam, h0, C, res):
         sp(qp), sp(kp), sp(vp), sp(bp), sp(lp), loc, xh, xD, sp(do), xdh)
     dqp, dkp, dW, dGp, dPs = jax.jit(lambda *a: pbwd.chunk_dqkw(
         *a, scale=scale, C=C, cfg=cfg.dqkw, interpret=interp))(qp, kp, Gp, h_in, dh_out, do, D, dD)
-    out = jax.jit(lambda *a: pbwd.chunk_grads(*a, C=C, cfg=cfg.grads,
+    out = jax.jit(lambda *a: pbwd.chunk_grads(*a, C=C, cfg=cfg.grads_v,
                                               interpret=interp, cfg_k=cfg.grads_k))(
         qp, kp, vp, Gp, bp, lp, Tinv, dD, dW, dqp, dkp, dGp, dPs)
     for name, a, b in zip(("dq", "dk", "dv", "dg", "dbeta", "dlam"), out, grads):
         res[f"grads.{name}"] = rel(sp(a), b)
     # stage timings (each stage alone, at the config's settings or a candidate's)
-    ins = dict(local=(qp, kp, vp, Gp, bp, lp), a=(qp, kp, Gp, bp, lp),
+    ins = dict(wu=(qp, kp, vp, Gp, bp, lp), solve=(qp, kp, Gp, bp, lp),
                state=(kp, Gp, W, U, h0, m.reset, m.is_last, m.seq),
                output=(qp, kp, Gp, h_in, D),
                dd0=(qp, kp, Gp, do),
                reverse=(qp, kp, Gp, W, do, pdD0, dfin, m.reset, m.is_last, m.seq),
                dqkw=(qp, kp, Gp, h_in, dh_out, do, D, dD),
-               grads=(qp, kp, vp, Gp, bp, lp, Tinv, dD, dW, dqp, dkp, dGp, dPs))
-    ins["grads_k"] = ins["grads"]
+               grads_v=(qp, kp, vp, Gp, bp, lp, Tinv, dD, dW, dqp, dkp, dGp, dPs))
+    ins["grads_k"] = ins["grads_v"]
 
     def stage_fn(name, sc):
         c = dataclasses.replace(cfg, **{name: sc})
         f = {
-            "local": lambda *a: pfwd.chunk_local(*a, C=C, cfg=c.local, interpret=interp,
-                                                 cfg_a=c.a),
-            "a": lambda *a: pfwd.chunk_solve(*a, C=C, cfg=c.a, interpret=interp),
+            "wu": lambda *a: pfwd.chunk_local(*a, C=C, cfg=c.wu, interpret=interp,
+                                              cfg_solve=c.solve),
+            "solve": lambda *a: pfwd.chunk_solve(*a, C=C, cfg=c.solve, interpret=interp),
             "state": lambda *a: pfwd.state_pass(*a, C=C, cfg=c.state, interpret=interp),
             "output": lambda *a: pfwd.chunk_output(*a, scale=scale, out_dtype=v.dtype, C=C,
                                                    cfg=c.output, interpret=interp),
@@ -154,13 +154,13 @@ def stage_checks(q, k, v, g, beta, lam, h0, C, res):
                                                           interpret=interp),
             "dqkw": lambda *a: pbwd.chunk_dqkw(*a, scale=scale, C=C, cfg=c.dqkw,
                                                interpret=interp),
-            "grads": lambda *a: pbwd.chunk_grads(*a, C=C, cfg=c.grads,
+            "grads_v": lambda *a: pbwd.chunk_grads(*a, C=C, cfg=c.grads_v,
                                                  interpret=interp, cfg_k=c.grads_k),
         }
-        return jax.jit(f["grads" if name == "grads_k" else name])
+        return jax.jit(f["grads_v" if name == "grads_k" else name])
 
     t = {}
-    for name in ("local", "a", "state", "output", "dd0", "reverse", "dqkw", "grads"):
+    for name in ("wu", "solve", "state", "output", "dd0", "reverse", "dqkw", "grads_v"):
         t[name] = bench(stage_fn(name, getattr(cfg, name)), ins[name])
     if SWEEP_DEADLINE[0]:
         SWEEP_DEADLINE[0] += time.perf_counter()
@@ -183,17 +183,17 @@ def stage_checks(q, k, v, g, beta, lam, h0, C, res):
 # Candidate settings per stage (num_warps, num_stages, block_v, block_k) for --sweep-s.
 SWEEP = {  # in the order they run until the deadline: the backward's largest kernels first
     # "grads_k" times both local-gradient launches, with grads_k's candidates (block_k < K: the
-    # K-sliced kernel, fewer live [C, K] tiles); "grads" the same with grads_v's V tiles.
+    # K-sliced kernel, fewer live [C, K] tiles); "grads_v" the same with grads_v's V tiles.
     "grads_k": [(8, 1, 0, 0), (4, 1, 0, 0), (8, 1, 0, 64), (4, 1, 0, 64), (4, 1, 0, 32),
                 (8, 1, 0, 32), (8, 2, 0, 64)],
     "dqkw": [(4, 2, 64, 64), (8, 2, 64, 128), (4, 2, 128, 128), (8, 2, 128, 64),
              (4, 2, 128, 64), (4, 1, 64, 32), (8, 3, 64, 64)],
-    "grads": [(8, 1, 64, 0), (4, 1, 128, 0), (4, 1, 32, 0), (8, 1, 128, 0), (4, 2, 64, 0)],
+    "grads_v": [(8, 1, 64, 0), (4, 1, 128, 0), (4, 1, 32, 0), (8, 1, 128, 0), (4, 2, 64, 0)],
     "dd0": [(4, 1, 64, 0), (8, 1, 128, 0), (4, 1, 256, 0), (4, 2, 128, 0)],
     "reverse": [(4, 2, 64, 0), (4, 2, 32, 0), (4, 2, 16, 0), (2, 2, 16, 0), (2, 2, 32, 0),
                 (8, 2, 64, 0), (4, 3, 32, 0)],
-    "local": [(4, 1, 64, 128), (8, 1, 128, 128), (4, 1, 256, 128), (4, 1, 128, 64)],
-    "a": [(2, 1, 0, 64), (1, 1, 0, 32), (4, 1, 0, 64), (1, 1, 0, 128)],
+    "wu": [(4, 1, 64, 128), (8, 1, 128, 128), (4, 1, 256, 128), (4, 1, 128, 64)],
+    "solve": [(2, 1, 0, 64), (1, 1, 0, 32), (4, 1, 0, 64), (1, 1, 0, 128)],
     "state": [(4, 2, 64, 0), (4, 2, 32, 0), (4, 2, 16, 0), (2, 2, 16, 0), (2, 2, 32, 0)],
     "output": [(4, 2, 128, 0), (8, 2, 256, 0)],
 }

@@ -44,18 +44,21 @@ class StageConfig:
     block_k: int = 0
 
 
-STAGES = ("local", "state", "output", "reverse", "dqkw", "grads", "a", "grads_k", "dd0")
+STAGES = ("solve", "wu", "state", "output", "dd0", "reverse", "dqkw", "grads_v", "grads_k")
+# Earlier names of three stages, still read from recorded configs (the autotune cache file).
+OLD_NAMES = {"a": "solve", "local": "wu", "grads": "grads_v"}
 
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-    """Settings per stage: ``local`` (W and U from T, grid over chunks, K and V tiles),
-    ``a`` (A and its inverse T, K slices of ``block_k``), ``state``
-    (forward state pass, grid over V tiles), ``output`` (O, grid over V tiles), ``reverse``
-    (reverse state pass, grid over V tiles), ``dqkw`` (the state-side gradients, grid over K
-    tiles, loop over V tiles), ``grads`` (V side of the local gradients, loop over V tiles),
-    ``grads_k`` (K side of the local
-    gradients) and ``dd0`` (``scale P^T dO`` before the reverse pass, loop over V tiles).
+    """Settings per kernel (docs/KERNELS.md has the table): ``solve`` (``chunk_solve``: A and
+    its inverse T, K slices of ``block_k``), ``wu`` (``chunk_wu``: W and U from T, grid over
+    chunks, K and V tiles), ``state`` (``state_pass``, grid over V tiles), ``output``
+    (``chunk_output``, grid over V tiles), ``dd0`` (``chunk_dd0``: ``scale P^T dO`` before the
+    reverse pass, loop over V tiles), ``reverse`` (``reverse_state_pass``, grid over V tiles),
+    ``dqkw`` (``chunk_dqkw``: the state-side gradients, grid over K tiles, loop over V tiles),
+    ``grads_v`` (``chunk_grads_v``: the V side of the local gradients, loop over V tiles) and
+    ``grads_k`` (``chunk_grads_k``: the K side, K slices of ``block_k`` if set).
 
     ``save_residuals``: the forward keeps ``W, T, h_in, D`` for the backward, which then skips
     its recompute (``chunk_solve``, ``chunk_wu``, ``state_pass``) at the cost of holding them
@@ -68,15 +71,15 @@ class Config:
     :func:`default_save_residuals` (on unless ``QDELTA_SAVE_RESIDUALS`` says otherwise). So
     ``Config(save_residuals=False)`` is a whole config for ``qdelta_rule(..., config=...)``."""
 
-    local: StageConfig | None = None
+    solve: StageConfig | None = None
+    wu: StageConfig | None = None
     state: StageConfig | None = None
     output: StageConfig | None = None
+    dd0: StageConfig | None = None
     reverse: StageConfig | None = None
     dqkw: StageConfig | None = None
-    grads: StageConfig | None = None
-    a: StageConfig | None = None
+    grads_v: StageConfig | None = None
     grads_k: StageConfig | None = None
-    dd0: StageConfig | None = None
     save_residuals: bool | None = None
 
     def __post_init__(self):
@@ -98,7 +101,9 @@ class Config:
 
     @classmethod
     def from_dict(cls, d: dict) -> Config:
-        return cls(**{k: StageConfig(**v) if isinstance(v, dict) else
+        """The inverse of :meth:`to_dict`; also takes the stages' earlier names
+        (``OLD_NAMES``), as configs recorded before the renaming hold them."""
+        return cls(**{OLD_NAMES.get(k, k): StageConfig(**v) if isinstance(v, dict) else
                       (None if v is None else bool(v)) for k, v in d.items()})
 
 
@@ -118,13 +123,13 @@ def default_config(K: int, V: int, chunk_size: int = 64, dtype=None) -> Config:
     bv_out = min(V, 256 if K <= 128 else 128)
     cfg = Config(
         save_residuals=True,
-        local=StageConfig(num_warps=4, num_stages=1, block_v=min(V, 64), block_k=min(K, 128)),
+        wu=StageConfig(num_warps=4, num_stages=1, block_v=min(V, 64), block_k=min(K, 128)),
         state=StageConfig(num_warps=w_state, num_stages=2, block_v=bv_state),
         output=StageConfig(num_warps=4, num_stages=2, block_v=bv_out),
         reverse=StageConfig(num_warps=w_state, num_stages=2, block_v=bv_state),
         dqkw=StageConfig(num_warps=8, num_stages=2, block_v=min(V, 128), block_k=min(K, 128)),
-        grads=StageConfig(num_warps=4, num_stages=1, block_v=min(V, 64)),
-        a=StageConfig(num_warps=1, num_stages=1, block_k=min(K, 128)),
+        grads_v=StageConfig(num_warps=4, num_stages=1, block_v=min(V, 64)),
+        solve=StageConfig(num_warps=1, num_stages=1, block_k=min(K, 128)),
         grads_k=StageConfig(num_warps=8, num_stages=1),
         dd0=StageConfig(num_warps=4, num_stages=1, block_v=min(V, 128)),
     )
@@ -135,7 +140,7 @@ def default_config(K: int, V: int, chunk_size: int = 64, dtype=None) -> Config:
         # would hold twice the registers per thread that grads_k holds now.
         cfg = dataclasses.replace(
             cfg,
-            grads=dataclasses.replace(cfg.grads, block_v=min(V, 128)),
+            grads_v=dataclasses.replace(cfg.grads_v, block_v=min(V, 128)),
             grads_k=dataclasses.replace(cfg.grads_k, num_warps=4),
             dd0=dataclasses.replace(cfg.dd0, num_stages=2),
         )

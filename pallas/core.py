@@ -57,8 +57,8 @@ def check_sizes(K: int, V: int, chunk_size: int) -> None:
 def _states(q, k, v, G, beta, lam, h0, seg, reset, is_last, seq, cfg: Config, C, interp):
     """``(W, T, h_in, D)`` (what the backward needs) and the final states: the solve, W/U and
     the state pass, shared by the forward and the backward's recompute."""
-    W, U, Tinv = fwd.chunk_local(q, k, v, G, beta, lam, seg, C=C, cfg=cfg.local,
-                                 interpret=interp, cfg_a=cfg.a)
+    W, U, Tinv = fwd.chunk_local(q, k, v, G, beta, lam, seg, C=C, cfg=cfg.wu,
+                                 interpret=interp, cfg_solve=cfg.solve)
     h_in, D, final = fwd.state_pass(
         k, G, W, U, h0, reset, is_last, seq, seg, C=C, cfg=cfg.state, interpret=interp
     )
@@ -94,8 +94,8 @@ def _mosaic_h0(h0, seg, B):
 
 def _mosaic_forward(q, k, v, G, beta, lam, h0, seg, scale, cfg: Config, C, interp, mcfg,
                     residuals: bool):
-    W, U, Tinv = fwd.chunk_local(q, k, v, G, beta, lam, seg, C=C, cfg=cfg.local,
-                                 interpret=interp, cfg_a=cfg.a)
+    W, U, Tinv = fwd.chunk_local(q, k, v, G, beta, lam, seg, C=C, cfg=cfg.wu,
+                                 interpret=interp, cfg_solve=cfg.solve)
     out = mosaic.state_output(q, k, G, W, U, _mosaic_h0(h0, seg, q.shape[0]), seg, scale=scale,
                               out_dtype=v.dtype, residuals=residuals, C=C, cfg=mcfg.cfg)
     o, final = out[0], out[1]
@@ -149,7 +149,7 @@ def _core_bwd(scale, cfg: Config, C, interp, mcfg, res, cts):
         q, k, G, h_in, dh_out, do, D, dD, seg, scale=scale, C=C, cfg=cfg.dqkw, interpret=interp
     )
     dq, dk, dv, dG, db, dl = bwd.chunk_grads(
-        q, k, v, G, beta, lam, Tinv, dD, dW, dqp, dkp, dGp, dPs, seg, C=C, cfg=cfg.grads,
+        q, k, v, G, beta, lam, Tinv, dD, dW, dqp, dkp, dGp, dPs, seg, C=C, cfg=cfg.grads_v,
         interpret=interp, cfg_k=cfg.grads_k,
     )
     return (

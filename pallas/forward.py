@@ -138,12 +138,12 @@ def chunk_wu(q, k, v, G, beta, lam, Tinv, seg=None, *, C: int, cfg: StageConfig,
 
 
 def chunk_local(q, k, v, G, beta, lam, seg=None, *, C: int, cfg: StageConfig, interpret: bool,
-                cfg_a: StageConfig | None = None):
+                cfg_solve: StageConfig | None = None):
     """``W [B, Tp, H, K]`` and ``U [B, Tp, H, V]`` in ``q``'s dtype and ``T = (I + A)^-1`` as
     ``[B, Tp, H, C]`` float32, which the backward hands to :func:`backward.chunk_grads` instead
-    of solving twice. Two launches: :func:`chunk_solve` (``cfg_a``), then :func:`chunk_wu`
+    of solving twice. Two launches: :func:`chunk_solve` (``cfg_solve``), then :func:`chunk_wu`
     (``cfg``)."""
-    Tinv = chunk_solve(q, k, G, beta, lam, seg, C=C, cfg=cfg_a or cfg, interpret=interpret)
+    Tinv = chunk_solve(q, k, G, beta, lam, seg, C=C, cfg=cfg_solve or cfg, interpret=interpret)
     W, U = chunk_wu(q, k, v, G, beta, lam, Tinv, seg, C=C, cfg=cfg, interpret=interpret)
     return W, U, Tinv
 

@@ -38,16 +38,17 @@ def _candidates(stage: str, K: int, V: int) -> list[StageConfig]:
     elif stage == "grads_k":
         for w in (4, 8):
             out.append(StageConfig(num_warps=w, num_stages=1))
-    elif stage in ("grads", "dd0"):
+    elif stage in ("grads_v", "dd0"):
         for bv in [b for b in pow2 if 32 <= b <= 128]:
             for w in (4, 8):
-                out.append(StageConfig(num_warps=w, num_stages=1, block_v=bv))
-    elif stage == "local":
+                for st in (1, 2):
+                    out.append(StageConfig(num_warps=w, num_stages=st, block_v=bv))
+    elif stage == "wu":
         for bv in [b for b in pow2 if 64 <= b <= 256]:
             for w in (4, 8):
                 out.append(StageConfig(num_warps=w, num_stages=1, block_v=bv,
                                        block_k=min(K, 128)))
-    elif stage == "a":
+    elif stage == "solve":
         for bk in [b for b in (32, 64, 128) if b <= K]:
             for w in (1, 2, 4):
                 out.append(StageConfig(num_warps=w, num_stages=1, block_k=bk))
@@ -77,7 +78,7 @@ def autotune(
     batch: int = 8,
     seq_len: int = 4096,
     heads: int = 6,
-    stages: Sequence[str] = ("state", "output", "reverse", "dqkw", "local", "grads", "a",
+    stages: Sequence[str] = ("state", "output", "reverse", "dqkw", "wu", "grads_v", "solve",
                              "grads_k", "dd0"),
     reps: int = 10,
     persist: bool = False,

@@ -90,12 +90,12 @@ def test_forward_stages_match_xla(staged):
     s = staged
     C, cfg, sp, loc, m = s["C"], s["cfg"], s["sp"], s["loc"], s["meta"]
     W, U, _ = pfwd.chunk_local(s["q"], s["k"], s["v"], s["G"], s["beta"], s["lam"], C=C,
-                               cfg=cfg.local, interpret=True)
+                               cfg=cfg.wu, interpret=True)
     assert rel(sp(W), loc.W) < 1e-5 and rel(sp(U), loc.U) < 1e-5
     # K slices in the solve, K and V tiles in W and U: the same numbers.
     W2, U2, _ = pfwd.chunk_local(s["q"], s["k"], s["v"], s["G"], s["beta"], s["lam"], C=C,
                                  cfg=pcfg.StageConfig(block_v=16, block_k=8), interpret=True,
-                                 cfg_a=pcfg.StageConfig(num_warps=1, block_k=8))
+                                 cfg_solve=pcfg.StageConfig(num_warps=1, block_k=8))
     assert rel(W2, W) < 1e-6 and rel(U2, U) < 1e-6
     h_in, D, fin = pfwd.state_pass(s["k"], s["G"], W, U, s["h0"], m.reset, m.is_last, m.seq, C=C,
                                    cfg=cfg.state, interpret=True)
@@ -117,7 +117,7 @@ def test_backward_stages_match_xla(staged):
     q, k, v, G, beta, lam, h0 = (s[n] for n in ("q", "k", "v", "G", "beta", "lam", "h0"))
     do = jax.random.normal(jax.random.PRNGKey(11), v.shape, F32)
     dfin = jax.random.normal(jax.random.PRNGKey(12), h0.shape, F32)
-    W, U, Tinv = pfwd.chunk_local(q, k, v, G, beta, lam, C=C, cfg=cfg.local, interpret=True)
+    W, U, Tinv = pfwd.chunk_local(q, k, v, G, beta, lam, C=C, cfg=cfg.wu, interpret=True)
     assert rel(sp(Tinv), loc.Tinv) < 1e-5
     h_in, D, _ = pfwd.state_pass(k, G, W, U, h0, m.reset, m.is_last, m.seq, C=C, cfg=cfg.state,
                                  interpret=True)
@@ -143,13 +143,13 @@ def test_backward_stages_match_xla(staged):
     for a, b in zip(tiled, (dqp, dkp, dW, dGp, dPs)):
         assert rel(a, b) < 1e-6
     got = pbwd.chunk_grads(q, k, v, G, beta, lam, Tinv, dD, dW, dqp, dkp, dGp, dPs, C=C,
-                           cfg=cfg.grads, interpret=True)
+                           cfg=cfg.grads_v, interpret=True)
     want = xla.chunk_grads(sp(q), sp(k), sp(v), sp(beta), sp(lam), loc, s["xh"], s["xD"], sp(do),
                            xdh, scale, F32)
     for name, a, b in zip(("dq", "dk", "dv", "dg", "dbeta", "dlam"), got, want):
         assert rel(sp(a), b) < 2e-5, name
     got = pbwd.chunk_grads(q, k, v, G, beta, lam, Tinv, dD, dW, dqp, dkp, dGp, dPs, C=C,
-                           cfg=cfg.grads, interpret=True, cfg_k=pcfg.StageConfig(block_k=8))
+                           cfg=cfg.grads_v, interpret=True, cfg_k=pcfg.StageConfig(block_k=8))
     for name, a, b in zip(("dq", "dk", "dv", "dg", "dbeta", "dlam"), got, want):
         assert rel(sp(a), b) < 2e-5, name + " (K slices)"
 
@@ -192,6 +192,9 @@ def test_no_save_residuals_matches_xla():
     (q, k, v, g, beta, lam, h0), w = make(5, B, T, H, K, V)
     cfg = dataclasses.replace(pcfg.default_config(K, V, C), save_residuals=False)
     assert pcfg.Config.from_dict(cfg.to_dict()) == cfg
+    old = {pcfg.OLD_NAMES.get(k, k): v for k, v in cfg.to_dict().items()}  # a recorded config
+    old = {{"solve": "a", "wu": "local", "grads_v": "grads"}.get(k, k): v for k, v in old.items()}
+    assert "a" in old and pcfg.Config.from_dict(old) == cfg  # read back under today's names
     layout = packing.make_layout(B, T, C, None)
     m = layout.meta
     P = lambda x: packing.to_padded(x, layout)  # noqa: E731
@@ -284,7 +287,7 @@ def test_bad_sizes_raise():
 def test_config_defaults_and_cache(tmp_path, monkeypatch):
     cfg = pcfg.default_config(128, 256, 64)
     assert cfg.state.block_v == 64 and cfg.dqkw.block_k == 128 and cfg.output.block_v == 256
-    assert cfg.a.num_warps == 1 and cfg.a.block_k == 128 and cfg.local.block_v == 64
+    assert cfg.solve.num_warps == 1 and cfg.solve.block_k == 128 and cfg.wu.block_v == 64
     assert cfg.save_residuals
     assert cfg.state.num_warps == cfg.reverse.num_warps == 4
     assert pcfg.default_config(256, 512, 64).output.block_v == 128

@@ -10,7 +10,7 @@ echo "install done at $((SECONDS-t0))s"
 for impl in pallas-triton pallas-mosaic; do for cb in on off; do
   if [ $cb = off ]; then flags="--xla_gpu_enable_command_buffer="; else flags=""; fi
   echo "== $impl cmdbuf=$cb"
-  XLA_FLAGS="$flags" timeout 75 python3 .scratch/steptime.py $impl num_hidden_layers=4 --steps 10 2>&1 | grep -E "RESULT|Error" | tee -a $R/cmdbuf.log
+  XLA_FLAGS="$flags" timeout 75 python3 benchmarks/results/2026-12-01c-h200/steptime.py $impl num_hidden_layers=4 --steps 10 2>&1 | grep -E "RESULT|Error" | tee -a $R/cmdbuf.log
 done; done
 echo "cmdbuf done at $((SECONDS-t0))s"
 timeout 200 python3 benchmarks/pallas_dev.py --shapes 8x4096x6x128x256 --extra-fp32 "" \

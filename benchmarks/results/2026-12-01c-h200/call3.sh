@@ -8,12 +8,12 @@ bash benchmarks/gpu_install.sh $R/install.log || exit 1
 nvidia-smi -L | tee $R/device.txt
 for args in "pallas-triton" "pallas-triton --stand-in"; do
   echo "== step $args"
-  timeout 120 python3 .scratch/steptime.py $args --steps 10 2>&1 | grep -E "RESULT|Error" | tee -a $R/steps.log
+  timeout 120 python3 benchmarks/results/2026-12-01c-h200/steptime.py $args --steps 10 2>&1 | grep -E "RESULT|Error" | tee -a $R/steps.log
   echo "   at $((SECONDS-t0))s"
 done
 timeout 80 python3 benchmarks/ops.py --shapes 4x4096x6x128x256 --impl pallas pallas-mosaic \
   --docs 0 2 --reps 30 --warmup 5 --json $R/iso.json > $R/iso.log 2>&1
 echo "iso rc=$? at $((SECONDS-t0))s"; tail -7 $R/iso.log
 echo "== step pallas-mosaic"
-timeout 190 python3 .scratch/steptime.py pallas-mosaic --steps 10 2>&1 | grep -E "RESULT|Error" | tee -a $R/steps.log
+timeout 190 python3 benchmarks/results/2026-12-01c-h200/steptime.py pallas-mosaic --steps 10 2>&1 | grep -E "RESULT|Error" | tee -a $R/steps.log
 echo "   at $((SECONDS-t0))s"

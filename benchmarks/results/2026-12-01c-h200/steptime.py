@@ -1,8 +1,11 @@
 """Step time (and compile time) of the 340m step, for one implementation / override set.
-   python .scratch/steptime.py IMPL OVERRIDES [--stand-in] [--batch 4 --seq 4096] [--unpacked]"""
-import argparse, json, sys, time
+   python benchmarks/results/2026-12-01c-h200/steptime.py IMPL [OVERRIDES] [--stand-in]"""
+import argparse
+import json
+import sys
+import time
+
 sys.path.insert(0, "benchmarks")
-import jax
 import step_common as sc
 
 p = argparse.ArgumentParser()
