@@ -307,8 +307,8 @@ def qdelta_rule(
             from qdelta_jax import pallas
 
             backend = {"pallas": "auto", "pallas-triton": "triton", "pallas-mosaic": "mosaic"}
-            core = pallas.chunked_core(K=K, V=V, dtype=q.dtype, chunk_size=chunk_size,
-                                       config=config, forward_backend=backend[implementation])
+            core = pallas.make_core(K=K, V=V, dtype=q.dtype, chunk_size=chunk_size,
+                                    config=config, forward_backend=backend[implementation])
 
         def run(q, k, v, g, beta, lam, initial_state, cu):
             return xla.qdelta_chunked(
