@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every GPU measurement recorded in BENCHMARKS.md and docs/RESULTS.md, in one script, so a lease
 # runs them together on one card. Sections: check, check340, infer, dev, seqsweep, ops, ops340,
-# opspack, anchors, mosaic, prof, crossover, ncu, decode, train, train{1,2}_{unrolled,scan},
+# opspack, anchors, mosaic, prof, steps, crossover, ncu, decode, train, train{1,2}_{unrolled,scan},
 # recall (default:
 # ops train decode check). benchmarks/gpu_lanes.sh runs groups of sections on different GPUs
 # of one host at once. Each step has its own time limit so that one slow step cannot eat the others.
@@ -82,6 +82,21 @@ for s in $sections; do
         XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_command_buffer=" \
             step prof_standin ${PROF_LIMIT:-200} "$PY" benchmarks/profile_step.py --stand-in \
             ${PROF_ARGS:-} --json "$OUT_DIR/prof_standin.json"
+        ;;
+    steps)  # the 340m step timed (no profile): Triton / Mosaic training / stand-in, unrolled
+        # and with scan_layers; then the op alone at the step's tokens (2 documents a row)
+        for impl in pallas-triton pallas-mosaic; do
+            for ov in "" "--model-overrides scan_layers=true"; do
+                step "step_${impl}${ov:+_scan}" ${STEP_LIMIT:-300} "$PY" benchmarks/profile_step.py \
+                    --implementation $impl $ov --profile-steps 0 --steps 20 \
+                    --json "$OUT_DIR/step_${impl}${ov:+_scan}.json"
+            done
+        done
+        step step_standin ${STEP_LIMIT:-300} "$PY" benchmarks/profile_step.py --stand-in \
+            --profile-steps 0 --steps 20 --json "$OUT_DIR/step_standin.json"
+        step step_op ${OPS_LIMIT:-180} "$PY" benchmarks/ops.py --shapes 4x4096x6x128x256 \
+            --impl pallas-triton pallas-mosaic --docs 0 2 --reps 30 --warmup 5 \
+            --json "$OUT_DIR/step_op.json"
         ;;
     crossover)  # Q-Delta against a Llama-style transformer over T, and long context
         step crossover ${XO_LIMIT:-400} "$PY" benchmarks/crossover.py ${XO_ARGS:-} \

@@ -328,14 +328,17 @@ def parse_args(argv=None):
     p.add_argument("--stand-in", action="store_true",
                    help="replace the op by an elementwise stand-in of the same inputs and output")
     p.add_argument("--steps", type=int, default=10, help="timed steps")
-    p.add_argument("--profile-steps", type=int, default=3, help="profiled steps")
+    p.add_argument("--profile-steps", type=int, default=3,
+                   help="profiled steps (0: time the step only, no profile and no table)")
     p.add_argument("--top", type=int, default=15, help="largest kernels to list")
     p.add_argument("--trace-dir", default=None, help="where the trace goes (default: a temp dir)")
     p.add_argument("--json", default=None, help="write the results to this file")
     a = p.parse_args(argv)
-    for flag in ("batch", "seq_len", "steps", "profile_steps"):
+    for flag in ("batch", "seq_len", "steps"):
         if getattr(a, flag) < 1:
             p.error(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(a, flag)}")
+    if a.profile_steps < 0:
+        p.error(f"--profile-steps must be >= 0, got {a.profile_steps}")
     return a
 
 
@@ -360,6 +363,19 @@ def run(a) -> dict:
     state, _, _ = step_common.time_steps(compiled, state, batches, 2)  # warm-up
     state, step_s, metrics = step_common.time_steps(compiled, state, batches, a.steps)
     loss = float(metrics["loss"])
+    tokens = a.batch * a.seq_len
+    timing = {
+        "preset": a.preset, "batch": a.batch, "seq_len": a.seq_len, "dtype": a.dtype,
+        "param_dtype": a.param_dtype, "implementation": a.implementation,
+        "model_overrides": a.model_overrides, "packed": packed, "stand_in": a.stand_in,
+        "device": jax.devices()[0].device_kind, "jax": jax.__version__,
+        "compile_s": compile_s, "step_s": step_s, "tokens_per_s": tokens / step_s,
+        "loss": loss, "memory": step_common.memory_analysis(compiled),
+        "peak_bytes": step_common.peak_bytes(),
+    }
+    if not a.profile_steps:
+        progress(t_start, f"step {step_s * 1e3:.1f} ms")
+        return {**timing, "wall_s": time.perf_counter() - t_start}
     progress(t_start, f"step {step_s * 1e3:.1f} ms; profiling {a.profile_steps} steps")
 
     trace_dir = a.trace_dir or tempfile.mkdtemp(prefix="qdelta-profile-")
@@ -376,31 +392,31 @@ def run(a) -> dict:
     progress(t_start, "reading the trace")
     per_cat, calls, top, unmapped = summarize(read_trace(trace_dir), instrs, module,
                                               a.profile_steps)
-    tokens = a.batch * a.seq_len
     return {
-        "preset": a.preset, "batch": a.batch, "seq_len": a.seq_len, "dtype": a.dtype,
-        "param_dtype": a.param_dtype, "implementation": a.implementation,
-        "model_overrides": a.model_overrides, "packed": packed, "stand_in": a.stand_in,
-        "device": jax.devices()[0].device_kind, "jax": jax.__version__,
-        "compile_s": compile_s, "step_s": step_s, "tokens_per_s": tokens / step_s,
-        "loss": loss, "device_s_per_step": sum(per_cat.values()),
+        **timing, "device_s_per_step": sum(per_cat.values()),
         "categories_s": per_cat, "categories_calls": calls, "unmapped_s_per_step": unmapped,
         "top_kernels": [{"kernel": k, "category": c, "s_per_step": s, "calls_per_step": n}
                         for k, c, s, n in top[: a.top]],
-        "memory": step_common.memory_analysis(compiled), "peak_bytes": step_common.peak_bytes(),
         "trace_dir": trace_dir, "wall_s": time.perf_counter() - t_start,
     }
 
 
 def format_table(r: dict) -> str:
-    total = r["device_s_per_step"] or 1.0
     mode = "stand-in op" if r["stand_in"] else f"op {r['implementation'] or 'default'}"
-    lines = [
+    head = [
         f"{r['preset']}, {r['batch']} x {r['seq_len']} {'packed' if r['packed'] else 'unpacked'}"
-        f" random text, {r['dtype']} compute, {r['param_dtype']} params, {mode}, on "
+        f" random text, {r['dtype']} compute, {r['param_dtype']} params, {mode}"
+        f"{', ' + r['model_overrides'] if r['model_overrides'] else ''}, on "
         f"{r['device']} (jax {r['jax']})",
         f"step {r['step_s'] * 1e3:.1f} ms, {r['tokens_per_s']:,.0f} tokens/s (compile "
-        f"{r['compile_s']:.1f} s); device time {total * 1e3:.1f} ms per step, of which "
+        f"{r['compile_s']:.1f} s)",
+    ]
+    if "categories_s" not in r:  # --profile-steps 0: timed only
+        return "\n".join(head)
+    total = r["device_s_per_step"] or 1.0
+    lines = [
+        head[0],
+        f"{head[1]}; device time {total * 1e3:.1f} ms per step, of which "
         f"{r['unmapped_s_per_step'] * 1e3:.1f} ms in kernels naming no HLO instruction of the "
         "step (categorised by kernel name only)",
         "",

@@ -104,6 +104,10 @@ def test_profile_step_tiny_and_stand_in(tmp_path, capsys):
     assert np.isfinite(r["loss"]) and r["top_kernels"]
     assert json.loads((tmp_path / "p.json").read_text())["categories_s"] == cats
 
+    t = ps.main(common[:-1] + ["0"])  # --profile-steps 0: the step timed, nothing profiled
+    assert t["step_s"] > 0 and "categories_s" not in t and np.isfinite(t["loss"])
+    assert "tokens/s" in capsys.readouterr().out.splitlines()[-1]
+
     s = ps.main(common + ["--stand-in"])
     assert s["stand_in"] and s["categories_s"]["LM head + cross-entropy"] > 0
     op, stand_in = r["categories_calls"]["Q-Delta op, XLA"], s["categories_calls"][
