@@ -384,3 +384,54 @@ def test_presets_and_json(tmp_path):
     (tmp_path / "hybrid.json").write_text(json.dumps({**hf, "attn": {"layers": [1]}}))
     with pytest.raises(ValueError, match="attn"):
         QDeltaConfig.from_json(tmp_path / "hybrid.json")
+
+
+# ----------------------------------------------------------------------------- module layout
+
+# Every name ``qdelta_jax.model`` has offered (the model lives in modules by job; this module
+# gathers them), with the module each one lives in now.
+MODEL_NAMES = {
+    "qdelta_jax.model_config": ["DTYPES", "NO_DECAY_NAMES", "PRESETS", "QDeltaConfig",
+                                "count_params", "derived_intermediate_size",
+                                "weight_decay_mask"],
+    "qdelta_jax.blocks": ["Block", "SwiGLU"],
+    "qdelta_jax.lm": ["ModelCache", "QDeltaLM", "check_token_ids", "compiled_step",
+                      "to_scanned"],
+    "qdelta_jax.loss": ["LOSS_CHUNK_TOKENS", "chunked_cross_entropy"],
+    "qdelta_jax.generation": ["_sample", "generate"],
+    "qdelta_jax.layers": ["LayerCache", "QDelta", "RMSNorm", "partitioned"],
+}
+
+
+def test_model_module_keeps_every_name():
+    import importlib
+
+    import qdelta_jax
+    import qdelta_jax.model as facade
+
+    for module, names in MODEL_NAMES.items():
+        home = importlib.import_module(module)
+        for name in names:
+            assert getattr(facade, name) is getattr(home, name), (module, name)
+    for name in ("QDeltaConfig", "QDeltaLM", "generate", "count_params", "weight_decay_mask"):
+        assert getattr(qdelta_jax, name) is getattr(facade, name)
+
+
+# The parameter paths of the tiny preset: checkpoints and HF conversion key on these.
+_ATTN = ["A_log", "a_proj/kernel", "b_proj/kernel", "dt_bias", "g_proj/kernel",
+         "k_conv1d/kernel", "k_proj/kernel", "lam_proj/kernel", "o_norm/scale", "o_proj/kernel",
+         "q_conv1d/kernel", "q_proj/kernel", "v_conv1d/kernel", "v_proj/kernel"]
+_BLOCK = ([f"attn/{p}" for p in _ATTN] + ["attn_norm/scale", "mlp/down_proj/kernel",
+                                          "mlp/gate_proj/kernel", "mlp/up_proj/kernel",
+                                          "mlp_norm/scale"])
+_TOP = ["embed/embedding", "lm_head/kernel", "norm/scale"]
+
+
+@pytest.mark.parametrize("scan", [False, True], ids=["unrolled", "scan_layers"])
+def test_parameter_paths_are_stable(scan):
+    config = QDeltaConfig.from_preset("tiny", scan_layers=scan)
+    lm = nnx.eval_shape(lambda: QDeltaLM(config, rngs=nnx.Rngs(0)))
+    paths = sorted("/".join(map(str, p)) for p, _ in nnx.to_flat_state(nnx.state(lm)))
+    blocks = ([f"blocks/{p}" for p in _BLOCK] if scan else
+              [f"blocks/{i}/{p}" for i in range(config.num_hidden_layers) for p in _BLOCK])
+    assert paths == sorted(blocks + _TOP)
