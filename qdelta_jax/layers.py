@@ -77,12 +77,6 @@ FUSED_DECODE_MAX_BATCH = 16
 # ----------------------------------------------------------------------------- helpers
 
 
-def normalize_cu_seqlens(cu_seqlens, B: int, T: int) -> Int[Array, "B S+1"]:
-    """Checks packed-document offsets (:func:`qdelta_jax.packing.check_offsets`) and returns them
-    as per-row ``[B, S + 1]`` int32 (a 1-D ``[S + 1]`` is taken as the one row of ``B == 1``)."""
-    return packing.as_rows(packing.check_offsets(cu_seqlens, B, T))
-
-
 def _normal(std: float):
     return nnx.initializers.normal(stddev=std)
 
@@ -419,16 +413,16 @@ class QDelta(nnx.Module):
         G = self.num_v_heads // self.num_heads
         return a if G == 1 else jnp.repeat(a, G, axis=-2)
 
-    def _rule(self, q, k, v, g, beta, lam, *, cu, initial_state, output_final_state):
+    def _rule(self, q, k, v, g, beta, lam, *, docs, initial_state, output_final_state):
         kw = dict(scale=self.head_dim**-0.5, normalize_qk=False, chunk_size=self.chunk_size,
                   implementation=self.implementation)
         if self.save_residuals is not None:
             from qdelta_jax.pallas.config import Config
 
             kw["config"] = Config(save_residuals=self.save_residuals)
-        # Per-row offsets go to the op as they are: it owns packing and the split over a mesh.
+        # The documents go to the op as they are: it owns packing and the split over a mesh.
         return ops.qdelta_rule(q, k, v, g, beta, lam, initial_state=initial_state,
-                               output_final_state=output_final_state, cu_seqlens=cu, **kw)
+                               output_final_state=output_final_state, cu_seqlens=docs, **kw)
 
     # ------------------------------------------------------------------ call
 
@@ -436,7 +430,7 @@ class QDelta(nnx.Module):
         self,
         x: Float[Array, "B T D"],
         *,
-        cu_seqlens: Int[Array, "B S+1"] | None = None,
+        cu_seqlens: Int[Array, "B S+1"] | packing.Documents | None = None,
         cache: LayerCache | None = None,
         mask: Bool[Array, "B T"] | None = None,
         return_aux: bool = False,
@@ -445,8 +439,9 @@ class QDelta(nnx.Module):
 
         Args:
           x: ``[B, T, D]``.
-          cu_seqlens: packed-document offsets ``[B, S + 1]`` (or ``[S + 1]`` with B == 1); the
-            state and the conv restart at each offset. Not with ``cache``.
+          cu_seqlens: packed-document offsets ``[B, S + 1]`` (or ``[S + 1]`` with B == 1), or
+            their :class:`qdelta_jax.packing.Documents` (not checked again); the state and the
+            conv restart at each offset. Not with ``cache``.
           cache: a :class:`LayerCache` (``init_cache``) to continue from; T == 1 runs the
             one-token update (the fused kernel of :mod:`qdelta_jax.pallas.decode` where
             :meth:`decode_implementation` is ``"pallas"``, else
@@ -468,10 +463,7 @@ class QDelta(nnx.Module):
             raise ValueError("cu_seqlens (packed training) and cache (decoding) cannot be combined")
         if mask is not None and tuple(mask.shape) != (B, T):
             raise ValueError(f"mask must have shape [B, T] = [{B}, {T}], got {list(mask.shape)}")
-        cu = starts = None
-        if cu_seqlens is not None:
-            cu = normalize_cu_seqlens(cu_seqlens, B, T)
-            starts = packing.doc_starts(cu, T)
+        docs = None if cu_seqlens is None else packing.documents(cu_seqlens, B, T)
         # dtype=None: the inputs' dtype promoted with the parameters', as Flax's layers infer it.
         x = x.astype(jnp.result_type(x.dtype, self.param_dtype) if self.dtype is None
                      else self.dtype)
@@ -479,7 +471,7 @@ class QDelta(nnx.Module):
                 and self.decode_implementation(B) == "pallas"):
             o, new_cache = self._fused_step(x, cache, mask)
         else:
-            o, new_cache, aux = self._mix(x, cache, cu, starts, mask)
+            o, new_cache, aux = self._mix(x, cache, docs, mask)
         if self.use_gate:
             gate = self.g_proj(x).reshape(B, T, self.num_v_heads, self.head_v_dim)
             o = self.o_norm(o, gate)
@@ -492,14 +484,15 @@ class QDelta(nnx.Module):
             out = out + (aux,)
         return out[0] if len(out) == 1 else out
 
-    def _mix(self, x, cache, cu, starts, mask):
+    def _mix(self, x, cache, docs, mask):
         """The token mixing in plain XLA: ``(o [B, T, HV, V], new_cache, aux)``."""
+        starts = None if docs is None else docs.starts
         q, k, v, conv_caches = self._qkv(x, cache, starts, mask)  # q, k: [B, T, H, K]
         beta, lam, g = self._gates(x, mask)
         # The op repeats q, k over grouped value heads itself; aux shows them per value head.
         aux = dict(q=self._per_value_head(q), k=self._per_value_head(k), beta=beta, lam=lam, g=g)
         if cache is None:
-            o, _ = self._rule(q, k, v, g, beta, lam, cu=cu, initial_state=None,
+            o, _ = self._rule(q, k, v, g, beta, lam, docs=docs, initial_state=None,
                               output_final_state=False)
             return o, None, aux
         if x.shape[1] == 1:
@@ -513,7 +506,7 @@ class QDelta(nnx.Module):
                 conv_caches = tuple(jnp.where(keep, new, old)
                                     for new, old in zip(conv_caches, cache[1:], strict=True))
             return o[:, None].astype(v.dtype), LayerCache(state, *conv_caches), aux
-        o, state = self._rule(q, k, v, g, beta, lam, cu=None, initial_state=cache.state,
+        o, state = self._rule(q, k, v, g, beta, lam, docs=None, initial_state=cache.state,
                               output_final_state=True)
         return o, LayerCache(state, *conv_caches), aux
 

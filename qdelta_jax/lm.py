@@ -36,8 +36,9 @@ import numpy as np
 from flax import nnx
 from jaxtyping import Array, Bool, Float, Int
 
+from qdelta_jax import packing
 from qdelta_jax.blocks import Block, _block_forward
-from qdelta_jax.layers import LayerCache, RMSNorm, normalize_cu_seqlens, partitioned
+from qdelta_jax.layers import LayerCache, RMSNorm, partitioned
 from qdelta_jax.loss import LOSS_CHUNK_TOKENS, chunked_cross_entropy
 from qdelta_jax.model_config import QDeltaConfig
 
@@ -123,8 +124,8 @@ class QDeltaLM(nnx.Module):
         (``(x, aux)`` with ``return_aux``). ``cu_seqlens`` as in :meth:`__call__`."""
         self._check_tokens(tokens)
         B, T = tokens.shape
-        if cu_seqlens is not None:
-            cu_seqlens = normalize_cu_seqlens(cu_seqlens, B, T)
+        if cu_seqlens is not None:  # checked and derived once, for every layer
+            cu_seqlens = packing.documents(cu_seqlens, B, T)
         x = self.embed(tokens)
         if self.config.scan_layers:
             x, aux = self._scan_blocks(x, cu_seqlens, return_aux)

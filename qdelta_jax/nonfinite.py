@@ -99,15 +99,12 @@ class Guard(NamedTuple):
     final_bad: Bool[Array, "N H 1 V"]
 
 
-def _doc_bounds(cu: Array | None, B: int, T: int):
-    """``(start, end)`` ``[B, T]``: the half-open token range of each token's document, and the
-    per-document offsets ``[B, S + 1]`` (``None`` unpacked)."""
-    if cu is None:
-        return jnp.zeros((B, T), jnp.int32), jnp.full((B, T), T, jnp.int32), None
-    rows = packing.as_rows(cu)
-    ids = packing.doc_ids(rows, T)
-    return (jnp.take_along_axis(rows, ids, axis=1),
-            jnp.take_along_axis(rows, ids + 1, axis=1), rows)
+def _doc_bounds(docs: packing.Documents | None, B: int, T: int):
+    """``(start, end)`` ``[B, T]``: the half-open token range of each token's document (one
+    document per row when unpacked)."""
+    if docs is None:
+        return jnp.zeros((B, T), jnp.int32), jnp.full((B, T), T, jnp.int32)
+    return docs.starts, docs.ends
 
 
 def _count_in(prefix: Array, lo: Array, hi: Array) -> Array:
@@ -152,16 +149,16 @@ def _grad_masks(bq, bk, bv, bg, bbeta, blam, start, end) -> dict:
     }
 
 
-def guard(q, k, v, g, beta, lam, cu_seqlens=None) -> Guard:
+def guard(q, k, v, g, beta, lam, docs: packing.Documents | None = None) -> Guard:
     """The masks for raw op inputs (``[B, T, H, K]`` q, k; ``[B, T, H, V]`` v; ``[B, T, H]`` g,
-    beta, lam) and ``cu_seqlens`` as :func:`qdelta_jax.packing.check_offsets` returns it."""
+    beta, lam) and their packed documents (:func:`qdelta_jax.packing.documents`)."""
     B, T, H = g.shape
     finite_vec = lambda x: jnp.all(jnp.isfinite(x), axis=-1)  # noqa: E731
     bq, bk = ~finite_vec(q), ~finite_vec(k)
     bad_v = ~jnp.isfinite(v)
     bv = jnp.any(bad_v, axis=-1)
     bg, bbeta, blam = ~_finite_g(g), ~jnp.isfinite(beta), ~jnp.isfinite(lam)
-    start, end, rows = _doc_bounds(cu_seqlens, B, T)
+    start, end = _doc_bounds(docs, B, T)
     grads = _grad_masks(bq, bk, bv, bg, bbeta, blam, start, end)
     grad_nan = {n: (m[..., None] if n in ("q", "k", "v") else m) for n, m in grads.items()}
 
@@ -172,15 +169,16 @@ def guard(q, k, v, g, beta, lam, cu_seqlens=None) -> Guard:
     x_now = _count_in(px, start, jnp.broadcast_to(t + 1, (B, T)))  # [B, T, H]
     # The first non-finite v of every column in each document (T where there is none).
     first = jnp.where(bad_v, t[None, :, None, None], T)
-    if rows is None:
+    if docs is None:
         first_v = jnp.min(first, axis=1)  # [B, H, V], one per row
         v_now = t[None, :, None, None] >= first_v[:, None]
         doc_x = px[:, -1] > 0  # [B, H]
         doc_v = first_v < T
         grad_nan["h0"] = doc_x[:, :, None, None]
     else:
+        rows = docs.offsets
         S = rows.shape[1] - 1
-        ids = packing.doc_ids(rows, T) + S * jnp.arange(B, dtype=jnp.int32)[:, None]
+        ids = docs.ids + S * jnp.arange(B, dtype=jnp.int32)[:, None]
         first_v = jax.ops.segment_min(first.reshape((B * T,) + first.shape[2:]),
                                       ids.reshape(-1), num_segments=B * S,
                                       indices_are_sorted=True)  # [B S, H, V]

@@ -146,7 +146,7 @@ def qdelta_rule(
     output_final_state: bool = False,
     normalize_qk: bool = True,
     check_values: bool = False,
-    cu_seqlens: Int[Array, " N+1"] | Int[Array, "B S+1"] | None = None,
+    cu_seqlens: Int[Array, " N+1"] | Int[Array, "B S+1"] | packing.Documents | None = None,
     chunk_size: int = 64,
     implementation: str | None = None,
     config=None,
@@ -200,7 +200,8 @@ def qdelta_rule(
         products multiply it by 0); finite inputs give the same values either way.
       cu_seqlens: packed documents (:mod:`qdelta_jax.packing`): ``[N + 1]`` integer offsets of
         the documents of one row (``B == 1``), or ``[B, S + 1]`` offsets per row (each row from
-        0 to T, padded by repeating T). The state resets at every offset. Without states in or
+        0 to T, padded by repeating T), or the :class:`qdelta_jax.packing.Documents` made of
+        them (then not checked again). The state resets at every offset. Without states in or
         out, documents cost no padding: chunks tile the rows and a boundary may fall inside a
         chunk.
       chunk_size: chunk length C of the chunked implementations, a power of two.
@@ -267,10 +268,8 @@ def qdelta_rule(
         scale = K**-0.5
     elif not isinstance(scale, (int, float)) or not math.isfinite(scale):
         raise ValueError(f"scale must be a finite float or None, got {scale!r}")
-    N = B
-    if cu_seqlens is not None:
-        cu_seqlens = packing.check_offsets(cu_seqlens, B, T)
-        N = packing.num_states(cu_seqlens)
+    docs = None if cu_seqlens is None else packing.documents(cu_seqlens, B, T)
+    N = B if docs is None else docs.num_states
     if initial_state is not None:
         _check_float("initial_state", initial_state)
         _check_shape("initial_state", initial_state, (N, HV, K, V), f"[N, {hv}, K, V]")
@@ -289,16 +288,10 @@ def qdelta_rule(
         q, k = jnp.repeat(q, HV // H, axis=2), jnp.repeat(k, HV // H, axis=2)
 
     if implementation == "reference":
-        cu = cu_seqlens
-        if cu is not None and cu.ndim == 2:  # the scan takes one packed row
-            cu = packing.one_row(cu, T)
-            flat = lambda x: x.reshape((1, B * T) + x.shape[2:])  # noqa: E731
-            q, k, v, g, beta, lam = map(flat, (q, k, v, g, beta, lam))
         o, final = reference.qdelta_scan(
             q, k, v, g, beta, lam, scale=float(scale), initial_state=initial_state,
-            cu_seqlens=cu,
+            cu_seqlens=docs,
         )
-        o = o.reshape((B, T) + o.shape[2:])
     else:
         from qdelta_jax import xla
 
@@ -310,16 +303,17 @@ def qdelta_rule(
             core = pallas.make_core(K=K, V=V, dtype=q.dtype, chunk_size=chunk_size,
                                     config=config, forward_backend=backend[implementation])
 
-        def run(q, k, v, g, beta, lam, initial_state, cu):
+        def run(q, k, v, g, beta, lam, initial_state, docs):
             return xla.qdelta_chunked(
                 q, k, v, g, beta, lam, scale=float(scale), initial_state=initial_state,
-                output_final_state=output_final_state, cu_seqlens=cu,
+                output_final_state=output_final_state, cu_seqlens=docs,
                 chunk_size=int(chunk_size), core=core,
             )
 
-        # Per-row offsets keep the batch axis, so rows split over the mesh like unpacked rows
-        # (states of per-row documents are [B S, ...]: row-major, also split by rows).
-        if core is not None and (cu_seqlens is None or cu_seqlens.ndim == 2):
+        # The one place that decides the split over a mesh: only the kernels need it (XLA
+        # partitions the rest). Documents keep the batch axis, so packed rows split like unpacked
+        # ones (their states, [B S, ...] row-major, split by rows too).
+        if core is not None:
             run = shard_over_batch(run, B, batch_axes)
         if guard_nonfinite:  # NaN, inf spoil what the scan spoils, nothing earlier
             kept = run
@@ -328,7 +322,7 @@ def qdelta_rule(
                 o, final = kept(*args)
                 return o, (final if output_final_state else None)
 
-            o, final = nonfinite.call(run, q, k, v, g, beta, lam, initial_state, cu_seqlens)
+            o, final = nonfinite.call(run, q, k, v, g, beta, lam, initial_state, docs)
         else:
-            o, final = run(q, k, v, g, beta, lam, initial_state, cu_seqlens)
+            o, final = run(q, k, v, g, beta, lam, initial_state, docs)
     return o.astype(v.dtype), (final if output_final_state else None)

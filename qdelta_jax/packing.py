@@ -12,6 +12,12 @@ cumulative offsets, in one of two forms:
 The state resets at every offset. Empty documents (repeated offsets) are allowed; they pass their
 initial state through as their final state.
 
+:func:`documents` checks the offsets once and derives, once, what the op, the layer, the model,
+the reference and the chunk layouts read: a :class:`Documents` (the offsets as rows, each
+position's document id and its document's start and end). Each of them takes either raw offsets
+or a :class:`Documents`, which passes through unchecked and unchanged; so a model checks its
+``cu_seqlens`` once however many layers it has.
+
 Two chunk layouts serve the chunked paths (:func:`make_layout`):
 
 * **row-aligned** (no states in or out): chunks of C tokens tile each row as they would without
@@ -111,8 +117,7 @@ def doc_ids(cu: Int[Array, "B S+1"], T: int) -> Int[Array, "B T"]:
 
 def doc_starts(cu: Int[Array, "B S+1"], T: int) -> Int[Array, "B T"]:
     """The position where each token's document starts (for the short convolution)."""
-    ids = doc_ids(cu, T)
-    return jnp.take_along_axis(cu, ids, axis=1)
+    return _derive(cu, T).starts
 
 
 def one_row(cu: Int[Array, "B S+1"], T: int) -> Int[Array, " BS+1"]:
@@ -121,6 +126,52 @@ def one_row(cu: Int[Array, "B S+1"], T: int) -> Int[Array, " BS+1"]:
     B = cu.shape[0]
     shifted = cu[:, :-1] + (jnp.arange(B, dtype=jnp.int32) * T)[:, None]
     return jnp.concatenate([shifted.reshape(-1), jnp.full((1,), B * T, jnp.int32)])
+
+
+class Documents(NamedTuple):
+    """Packed documents of ``B`` rows of ``T`` tokens: the checked offsets and what every user of
+    them needs, derived once (:func:`documents`).
+
+    A 1-D ``[N + 1]`` (``B == 1``) is the one row ``[1, N + 1]``: document ``s`` of row ``b`` is
+    state entry ``b S + s`` in both forms. A pytree of arrays, each with the batch as its leading
+    axis, so it passes through ``jit``, ``vmap``, ``lax.scan`` and a ``shard_map`` over the batch
+    unchanged; the model builds it once and every layer, the op, the reference and the chunk
+    layouts read it.
+
+    ``offsets [B, S + 1]`` int32; per position ``t`` of each row: ``ids`` the document index
+    ``s`` (past the row's end: the last document), ``starts`` and ``ends`` the half-open range
+    ``[starts, ends)`` of that document, all ``[B, T]`` int32."""
+
+    offsets: Int[Array, "B S+1"]
+    ids: Int[Array, "B T"]
+    starts: Int[Array, "B T"]
+    ends: Int[Array, "B T"]
+
+    @property
+    def num_states(self) -> int:
+        """How many documents (state entries): ``B S``."""
+        return self.offsets.shape[0] * (self.offsets.shape[1] - 1)
+
+
+def documents(cu_seqlens, B: int, T: int) -> Documents:
+    """Checks packed-document offsets once (:func:`check_offsets`: ``[N + 1]`` with ``B == 1``,
+    or ``[B, S + 1]``) and derives their :class:`Documents`. A :class:`Documents` already made
+    for ``B`` rows of ``T`` tokens is returned as it is (the one representation passed down);
+    one made for another shape raises ``ValueError`` naming ``cu_seqlens``."""
+    if isinstance(cu_seqlens, Documents):
+        if cu_seqlens.offsets.shape[0] != B or cu_seqlens.ids.shape[1] != T:
+            raise ValueError(
+                f"cu_seqlens (packing.Documents) describes {cu_seqlens.offsets.shape[0]} rows "
+                f"of {cu_seqlens.ids.shape[1]} tokens; the inputs have B = {B}, T = {T}"
+            )
+        return cu_seqlens
+    return _derive(as_rows(check_offsets(cu_seqlens, B, T)), T)
+
+
+def _derive(rows: Int[Array, "B S+1"], T: int) -> Documents:
+    ids = doc_ids(rows, T)
+    return Documents(rows, ids, jnp.take_along_axis(rows, ids, axis=1),
+                     jnp.take_along_axis(rows, ids + 1, axis=1))
 
 
 # ----------------------------------------------------------------------------- chunk layouts
@@ -158,13 +209,14 @@ def row_aligned_meta(seg: Int[Array, "B Tp"], C: int) -> ChunkMeta:
     return ChunkMeta(seg[:, ::C] != prev, zeros.astype(bool), zeros)
 
 
-def make_layout(B: int, T: int, C: int, cu_seqlens: Array | None = None, *,
+def make_layout(B: int, T: int, C: int, cu_seqlens: Documents | Array | None = None, *,
                 per_document: bool = True) -> Layout:
     """The chunk layout of ``B`` rows of ``T`` tokens in chunks of ``C``.
 
-    ``cu_seqlens`` as returned by :func:`check_offsets`. With offsets, ``per_document=True``
-    gives the per-document layout (one row: needs 1-D offsets) and ``False`` the row-aligned one
-    (any offsets; then ``h0`` has one entry, zero, and no final state is written)."""
+    ``cu_seqlens``: :class:`Documents`, or offsets that :func:`documents` takes. With offsets,
+    ``per_document=True`` gives the per-document layout (one row: ``B == 1``) and ``False`` the
+    row-aligned one (any rows; then ``h0`` has one entry, zero, and no final state is
+    written)."""
     NC = -(-T // C)
     c = jnp.arange(NC, dtype=jnp.int32)
     if cu_seqlens is None:
@@ -172,21 +224,23 @@ def make_layout(B: int, T: int, C: int, cu_seqlens: Array | None = None, *,
         is_last = jnp.broadcast_to(c == NC - 1, (B, NC))
         seq = jnp.broadcast_to(jnp.arange(B, dtype=jnp.int32)[:, None], (B, NC))
         return Layout(ChunkMeta(reset, is_last, seq), None, None, NC * C)
-    cu = cu_seqlens.astype(jnp.int32)
+    docs = documents(cu_seqlens, B, T)
+    S = docs.offsets.shape[1] - 1
     if not per_document:
-        seg = doc_ids(as_rows(cu), NC * C)
+        # Positions past T (padding to whole chunks) belong to the last document, as in ids.
+        seg = jnp.pad(docs.ids, ((0, 0), (0, NC * C - T)), constant_values=S - 1)
         return Layout(row_aligned_meta(seg, C), None, seg, NC * C)
-    if cu.ndim != 1:
-        raise ValueError("the per-document layout takes 1-D offsets (see one_row)")
-    N = cu.shape[0] - 1
+    if B != 1:
+        raise ValueError("the per-document layout takes one row (B == 1); lay rows out one by one")
+    cu, tok_seq = docs.offsets[0], docs.ids[0]
+    N = S
     # Every sequence rounds up to whole chunks: at most (T + N (C - 1)) / C chunks in all.
     NC = max(1, (T + N * (C - 1)) // C)
     lengths = cu[1:] - cu[:-1]
     nchunks = (lengths + C - 1) // C
     start = jnp.concatenate([jnp.zeros(1, jnp.int32), jnp.cumsum(nchunks)[:-1]]).astype(jnp.int32)
     t = jnp.arange(T, dtype=jnp.int32)
-    tok_seq = doc_ids(cu[None], T)[0]
-    pos = t - cu[tok_seq] + start[tok_seq] * C
+    pos = t - docs.starts[0] + start[tok_seq] * C
     c = jnp.arange(NC, dtype=jnp.int32)
     seq = jnp.clip(jnp.searchsorted(start, c, side="right") - 1, 0, N - 1).astype(jnp.int32)
     nonempty = nchunks[seq] > 0

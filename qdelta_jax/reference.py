@@ -21,9 +21,12 @@ matmul is TF32, which is not exact enough for a reference).
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 from jax import lax
 from jaxtyping import Array, Float, Int
+
+from qdelta_jax import packing
 
 HIGHEST = lax.Precision.HIGHEST
 
@@ -74,19 +77,20 @@ def qdelta_scan(
     *,
     scale: float,
     initial_state: Float[Array, "N H K V"] | None = None,
-    cu_seqlens: Int[Array, " N+1"] | None = None,
+    cu_seqlens: Int[Array, " N+1"] | Int[Array, "B S+1"] | packing.Documents | None = None,
 ) -> tuple[Float[Array, "B T H V"], Float[Array, "N H K V"]]:
     """The recurrence as a ``jax.lax.scan`` over time (``q``, ``k`` already normalised).
 
     Without ``cu_seqlens`` each batch row is one sequence (``N = B``). With ``cu_seqlens``
-    (``B == 1``) the state resets to ``initial_state[n]`` (or zero) at ``cu_seqlens[n]``.
+    (offsets as :func:`qdelta_jax.packing.documents` takes them, or its
+    :class:`~qdelta_jax.packing.Documents`) the state resets to ``initial_state[n]`` (or zero)
+    where document ``n`` starts (``n = b S + s`` for document ``s`` of row ``b``).
     Returns float32 outputs and float32 final states ``[N, H, K, V]``.
     """
     B, T, H, K = q.shape
     V = v.shape[-1]
     f32 = jnp.promote_types(q.dtype, jnp.float32)
     if cu_seqlens is None:
-        N = B
         h0 = jnp.zeros((B, H, K, V), f32) if initial_state is None else initial_state.astype(f32)
         xs = [jnp.moveaxis(a, 1, 0) for a in (q, k, v, g, beta, lam)]
 
@@ -97,23 +101,28 @@ def qdelta_scan(
         final, o = lax.scan(body, h0, xs)
         return jnp.moveaxis(o, 0, 1), final
 
-    cu = cu_seqlens.astype(jnp.int32)
-    N = cu.shape[0] - 1
-    h0 = jnp.zeros((N, H, K, V), f32) if initial_state is None else initial_state.astype(f32)
+    docs = packing.documents(cu_seqlens, B, T)
+    S = docs.offsets.shape[1] - 1
+    h0 = (jnp.zeros((B * S, H, K, V), f32) if initial_state is None
+          else initial_state.astype(f32))
     t = jnp.arange(T, dtype=jnp.int32)
-    seq = jnp.clip(jnp.searchsorted(cu, t, side="right") - 1, 0, N - 1)
-    is_first = t == cu[seq]
-    is_last = t == cu[seq + 1] - 1
-    xs = [a[0] for a in (q, k, v, g, beta, lam)] + [seq, is_first, is_last]
 
-    def body_varlen(carry, inp):
-        s, finals = carry
-        qt, kt, vt, gt, bt, lt, n, first, last = inp
-        s = jnp.where(first, h0[n], s)
-        o, s = qdelta_step(qt, kt, vt, gt, bt, lt, scale=scale, state=s)
-        finals = finals.at[n].set(jnp.where(last, s, finals[n]))
-        return (s, finals), o
+    def row(q, k, v, g, beta, lam, ids, starts, ends, h0):
+        """One packed row: ``h0``, the final states ``[S, H, K, V]`` of its documents."""
+        xs = [q, k, v, g, beta, lam, ids, t == starts, t == ends - 1]
 
-    # Empty sequences keep their initial state as the final state.
-    (_, finals), o = lax.scan(body_varlen, (jnp.zeros((H, K, V), f32), h0), xs)
-    return o[None], finals
+        def body(carry, inp):
+            s, finals = carry
+            qt, kt, vt, gt, bt, lt, n, first, last = inp
+            s = jnp.where(first, h0[n], s)
+            o, s = qdelta_step(qt, kt, vt, gt, bt, lt, scale=scale, state=s)
+            finals = finals.at[n].set(jnp.where(last, s, finals[n]))
+            return (s, finals), o
+
+        # Empty documents keep their initial state as the final state.
+        (_, finals), o = lax.scan(body, (jnp.zeros((H, K, V), f32), h0), xs)
+        return o, finals
+
+    o, finals = jax.vmap(row)(q, k, v, g, beta, lam, docs.ids, docs.starts, docs.ends,
+                              h0.reshape((B, S) + h0.shape[1:]))
+    return o, finals.reshape((B * S,) + finals.shape[2:])

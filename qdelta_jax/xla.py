@@ -455,12 +455,13 @@ def qdelta_chunked(
     scale: float,
     initial_state: Float[Array, "N H K V"] | None = None,
     output_final_state: bool = True,
-    cu_seqlens: Int[Array, "..."] | None = None,
+    cu_seqlens: packing.Documents | Int[Array, "..."] | None = None,
     chunk_size: int = 64,
     core=None,
 ) -> tuple[Float[Array, "B T H V"], Float[Array, "N H K V"] | None]:
     """Chunked Q-Delta on already-normalised ``q, k`` (use :func:`qdelta_jax.qdelta_rule`, which
-    checks its inputs; ``cu_seqlens`` as :func:`qdelta_jax.packing.check_offsets` returns it).
+    checks its inputs; ``cu_seqlens`` a :class:`qdelta_jax.packing.Documents`, or offsets that
+    :func:`qdelta_jax.packing.documents` takes).
     ``core`` replaces :func:`chunked_core` (the Pallas kernels plug in here; it is also told
     ``rows_are_sequences``).
 
@@ -471,32 +472,34 @@ def qdelta_chunked(
     B, T, H, K = q.shape
     V = v.shape[-1]
     C = chunk_size
-    per_document = cu_seqlens is not None and (initial_state is not None or output_final_state)
-    if per_document and cu_seqlens.ndim == 2:
+    docs = None if cu_seqlens is None else packing.documents(cu_seqlens, B, T)
+    per_document = docs is not None and (initial_state is not None or output_final_state)
+    if per_document and B > 1:
         # Per-row documents with states: the one-row layout row by row (the batch axis stays).
-        S = cu_seqlens.shape[1] - 1
+        S = docs.offsets.shape[1] - 1
         h0 = initial_state
         if h0 is not None:
             h0 = h0.reshape((B, S) + h0.shape[1:])
 
-        def row(q, k, v, g, beta, lam, cu, h0):
+        def row(q, k, v, g, beta, lam, docs, h0):
+            one = lambda x: x[None]  # noqa: E731
             o, fin = qdelta_chunked(
-                q[None], k[None], v[None], g[None], beta[None], lam[None], scale=scale,
-                initial_state=h0, output_final_state=True, cu_seqlens=cu, chunk_size=C,
+                *map(one, (q, k, v, g, beta, lam)), scale=scale, initial_state=h0,
+                output_final_state=True, cu_seqlens=jax.tree.map(one, docs), chunk_size=C,
                 core=core,
             )
             return o[0], fin
 
-        o, fin = jax.vmap(row)(q, k, v, g, beta, lam, cu_seqlens, h0)
+        o, fin = jax.vmap(row)(q, k, v, g, beta, lam, docs, h0)
         return o, (fin.reshape((B * S,) + fin.shape[2:]) if output_final_state else None)
 
-    layout = packing.make_layout(B, T, C, cu_seqlens, per_document=per_document)
+    layout = packing.make_layout(B, T, C, docs, per_document=per_document)
     dt = jnp.promote_types(q.dtype, k.dtype)
     F32 = _acc(dt)
-    if cu_seqlens is not None and not per_document:
+    if docs is not None and not per_document:
         N = 1  # the row-aligned layout resets to zero: one zero state serves every document
     else:
-        N = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
+        N = B if docs is None else docs.num_states
     h0 = jnp.zeros((N, H, K, V), F32) if initial_state is None else jnp.asarray(initial_state, F32)
     args = [packing.to_padded(x.astype(dt), layout) for x in (q, k)]
     args.append(packing.to_padded(v, layout))
@@ -511,7 +514,7 @@ def qdelta_chunked(
         o, final = chunked_core(*args, h0, layout.seg, meta.reset, meta.is_last, meta.seq, scale)
     else:  # a kernel core may take a faster path when every row is one sequence
         o, final = core(*args, h0, layout.seg, meta.reset, meta.is_last, meta.seq, scale,
-                        rows_are_sequences=cu_seqlens is None)
-    if cu_seqlens is not None and not per_document:
+                        rows_are_sequences=docs is None)
+    if docs is not None and not per_document:
         final = None
     return packing.from_padded(o, layout, T), (final if output_final_state else None)
