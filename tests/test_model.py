@@ -127,6 +127,32 @@ def test_packed_documents_equal_separate_runs(model):
         model(toks, cu_seqlens=jnp.array([[0, 10, 24], [0, 20, 10]]))
 
 
+@pytest.mark.parametrize("scan", [False, True], ids=["unrolled", "scan_layers"])
+def test_packed_offsets_are_checked_and_derived_once_per_call(model, monkeypatch, scan):
+    """The model turns cu_seqlens into packing.Documents once; its layers, the op, the guard
+    and the chunk layouts read that, none checks or derives the offsets again."""
+    from qdelta_jax import packing
+
+    calls = {"check_offsets": 0, "doc_ids": 0}
+
+    def counting(name):
+        f = getattr(packing, name)
+
+        def counted(*args):
+            calls[name] += 1
+            return f(*args)
+
+        return counted
+
+    for name in calls:
+        monkeypatch.setattr(packing, name, counting(name))
+    lm = to_scanned(model) if scan else model
+    toks, cu = tokens(), jnp.array([[0, 10, 24], [0, 24, 24]])
+    out = jax.eval_shape(lambda: lm(toks, cu_seqlens=cu))
+    assert out.shape == (2, 24, TINY.vocab_size)
+    assert calls == {"check_offsets": 1, "doc_ids": 1}
+
+
 def _loss(model, toks):
     logits = model(toks[:, :-1])
     return optax.softmax_cross_entropy_with_integer_labels(logits, toks[:, 1:]).mean()

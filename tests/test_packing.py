@@ -66,6 +66,72 @@ def test_one_row_and_doc_starts():
     assert packing.doc_starts(cu, 5).tolist() == [[0, 0, 2, 2, 2], [0, 0, 0, 0, 0]]
 
 
+def _documents_by_loop(cu, T):
+    """ids, starts, ends [B, T] by walking the offsets (the last document past a row's end)."""
+    cu = np.asarray(cu).reshape(-1, np.shape(cu)[-1])
+    B, S = cu.shape[0], cu.shape[1] - 1
+    ids = np.zeros((B, T), np.int64)
+    for b in range(B):
+        for t in range(T):
+            ids[b, t] = max(s for s in range(S) if cu[b, s] <= t or s == 0)
+    return ids, np.take_along_axis(cu, ids, 1), np.take_along_axis(cu, ids + 1, 1)
+
+
+# Empty documents at the start, middle and end of rows, one ending on a chunk boundary (16).
+CU_DOCS = [[0, 1, 1, 16, 20, 20], [0, 0, 7, 9, 20, 20]]
+
+
+@pytest.mark.parametrize("cu", [CU_DOCS, [0, 3, 3, 20]], ids=["per-row", "one-row"])
+def test_documents_derive_ids_starts_ends(cu):
+    docs = packing.documents(jnp.asarray(cu, jnp.int32), B=len(cu) if np.ndim(cu) == 2 else 1,
+                             T=20)
+    ids, starts, ends = _documents_by_loop(cu, 20)
+    assert docs.offsets.shape == (ids.shape[0], np.shape(cu)[-1])
+    assert docs.num_states == ids.shape[0] * (np.shape(cu)[-1] - 1)
+    for name, want in (("ids", ids), ("starts", starts), ("ends", ends)):
+        got = getattr(docs, name)
+        assert got.dtype == jnp.int32 and np.asarray(got).tolist() == want.tolist(), name
+
+
+def test_documents_pass_through_once_made_and_name_a_shape_mismatch():
+    docs = packing.documents(jnp.asarray(CU_DOCS, jnp.int32), 2, 20)
+    assert packing.documents(docs, 2, 20) is docs
+    with pytest.raises(ValueError, match=r"cu_seqlens \(packing.Documents\) describes 2 rows "
+                                         r"of 20 tokens; the inputs have B = 2, T = 21"):
+        packing.documents(docs, 2, 21)
+    with pytest.raises(ValueError, match="cu_seqlens must end at the sequence length T = 21"):
+        packing.documents(jnp.asarray(CU_DOCS, jnp.int32), 2, 21)
+
+
+def test_layouts_from_documents_equal_layouts_from_offsets():
+    cu = jnp.asarray(CU_DOCS, jnp.int32)
+    docs = packing.documents(cu, 2, 20)
+    for a, b in zip(packing.make_layout(2, 20, 8, cu, per_document=False),
+                    packing.make_layout(2, 20, 8, docs, per_document=False), strict=True):
+        assert jax.tree.all(jax.tree.map(lambda x, y: bool(jnp.all(x == y)), a, b))
+    with pytest.raises(ValueError, match="per-document layout takes one row"):
+        packing.make_layout(2, 20, 8, docs, per_document=True)
+
+
+def test_reference_per_row_documents_equal_one_packed_row():
+    """The reference scans per-row documents row by row; laid end to end in one row (document
+    s of row b becomes document b S + s) they compute the same outputs and final states."""
+    from qdelta_jax.reference import qdelta_scan
+
+    B, T, H, K, V = 2, 20, 2, 4, 6
+    cu = jnp.asarray(CU_DOCS, jnp.int32)
+    N = packing.num_states(cu)
+    q, k, v, g, beta, lam, h0 = random_inputs(jax.random.key(13), B, T, H, K, V, N=N)
+    o, fin = qdelta_scan(q, k, v, g, beta, lam, scale=0.5, initial_state=h0, cu_seqlens=cu)
+    flat = [x.reshape((1, B * T) + x.shape[2:]) for x in (q, k, v, g, beta, lam)]
+    o1, fin1 = qdelta_scan(*flat, scale=0.5, initial_state=h0,
+                           cu_seqlens=packing.one_row(cu, T))
+    tol = tolerance(F32)
+    assert rel_err(o, o1.reshape(o.shape)) < tol and rel_err(fin, fin1) < tol
+    with pytest.raises(ValueError, match="cu_seqlens must start at 0"):
+        qdelta_scan(q, k, v, g, beta, lam, scale=0.5, cu_seqlens=cu + 1)
+
+
 # ----------------------------------------------------------------------------- the op, packed
 
 
