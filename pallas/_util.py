@@ -97,7 +97,7 @@ def decay(Gi, Gj, mask=None):
 def solve_blocks(A: dict, nb: int, hp) -> dict:
     """``T = (I + A)^-1`` of a ``[C, C]`` strictly lower triangular float32 ``A`` (C = 16 nb)
     held in registers as 16 x 16 blocks ``A[b, c]`` (``c <= b``), returned as ``{(b, c): T_bc}``
-    (``[S, S]`` float32, ``c <= b``).
+    (``[16, 16]`` float32, ``c <= b``).
 
     1. Diagonal blocks by forward substitution, all ``nb`` chains in one 14-step loop: row i
        of ``N = T_bb - I`` is ``a + sum_j a_j N_j`` with ``a = -A_i.`` (zero from column i on),
@@ -224,8 +224,8 @@ def params(cfg: StageConfig):
 
 
 def spec_rows(C: int, D: int | None):
-    """BlockSpec of one chunk of a ``[B, Tp, H]`` (``D`` None) or ``[B, Tp, H, D]`` array for a
-    grid ``(b, c, h, ...)``."""
+    """BlockSpec of one chunk of a ``[B, Tp, H]`` array (``D`` None) or of a ``[B, Tp, H, K]`` or
+    ``[B, Tp, H, V]`` one (``D`` its last size) for a grid ``(b, c, h, ...)``."""
     if D is None:
         return pl.BlockSpec((None, C, None), lambda b, c, h, *_: (b, c, h))
     return pl.BlockSpec((None, C, None, D), lambda b, c, h, *_: (b, c, h, 0))

@@ -14,7 +14,7 @@ Dimension letters: B batch, T time, H (value) heads, K key dim, L layers.
 
 Three entry points, from the most raw to the most convenient:
 
-* :func:`beta_c` -- ``beta * (k . (k + lam q))`` ``[B, T, H]`` from the gate and q, k tensors
+* :func:`beta_c` -- ``beta * (k . (k + lam q))`` ``[B, T, HV]`` from the gate and q, k tensors
   (jit-friendly; works on arrays of any leading shape).
 * :func:`summary` -- a JSON-able dict of per-layer, per-head statistics from a model and tokens,
   from the model's ``aux`` (``model(tokens, return_aux=True)``), or from per-layer ``beta * c``
@@ -61,7 +61,7 @@ def beta_c(
 
 
 def beta_c_from_aux(aux: Sequence[Mapping[str, Array]]) -> list[Array]:
-    """Per-layer ``beta * c`` ``[B, T, H]`` from ``model(tokens, return_aux=True)[1]``."""
+    """Per-layer ``beta * c`` ``[B, T, HV]`` from ``model(tokens, return_aux=True)[1]``."""
     return [beta_c(a["beta"], a["lam"], a["q"], a["k"]) for a in aux]
 
 
@@ -103,7 +103,7 @@ def summary_from_beta_c(
     """Statistics of per-layer ``beta * c`` arrays.
 
     Args:
-      layers: one array per layer, shape ``[..., H]`` (for example ``[B, T, H]``; any leading
+      layers: one array per layer, shape ``[..., HV]`` (for example ``[B, T, HV]``; any leading
         axes, such as a stacked seed axis, are pooled).
       mask: optional boolean array broadcastable to ``layers[i].shape[:-1]`` (for example
         ``[B, T]``); only True positions count.
@@ -157,7 +157,7 @@ def summary(
     Args:
       model_or_aux: a :class:`qdelta_jax.model.QDeltaLM` (then ``tokens`` is required), or the
         ``aux`` tuple that ``model(tokens, return_aux=True)`` returns (per layer a dict with
-        ``q, k [B, T, H, K]`` normalised and ``beta, lam [B, T, H]``), or a list of per-layer
+        ``q, k [B, T, HV, K]`` normalised and ``beta, lam [B, T, HV]``), or a list of per-layer
         ``beta * c`` arrays ``[..., H]``.
       tokens: ``[B, T]`` int tokens, with a model.
       mask: optional ``[B, T]`` bool/0-1 array: only those positions count (e.g. skip padding).

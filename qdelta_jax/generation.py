@@ -51,22 +51,22 @@ def _generate(graphdef, state, prompt, lengths, rng, *, max_new_tokens, temperat
               top_p, eos_id):
     model = nnx.merge(graphdef, state)
     B, P = prompt.shape
-    N = max_new_tokens
+    n_new = max_new_tokens
     # Right padding -> left padding: row b's prompt ends at position P - 1.
     src = jnp.arange(P)[None, :] - (P - lengths[:, None])
     mask = src >= 0
     tokens = jnp.where(mask, jnp.take_along_axis(prompt, jnp.maximum(src, 0), axis=1), 0)
     logits, cache = model.step(tokens, model.init_cache(B), mask=mask)
-    keys = jax.random.split(rng, N)
+    keys = jax.random.split(rng, n_new)
     sample = partial(_sample, temperature=temperature, top_k=top_k, top_p=top_p)
     first = sample(logits[:, -1], keys[0])
     fill = 0 if eos_id is None else eos_id
-    out = jnp.full((B, N), fill, jnp.int32).at[:, 0].set(first)
+    out = jnp.full((B, n_new), fill, jnp.int32).at[:, 0].set(first)
     done = jnp.zeros((B,), bool) if eos_id is None else first == eos_id
 
     def cond(carry):
         i, _, _, done, _, _ = carry
-        return (i < N) & ~jnp.all(done)
+        return (i < n_new) & ~jnp.all(done)
 
     def body(carry):
         i, tok, cache, done, out, n = carry

@@ -1,8 +1,8 @@
 """The Q-Delta layer (docs/MATH.md section 4) as a Flax NNX module, its parts, and a Linen wrapper.
 
-Dimension letters as in :mod:`qdelta_jax.reference`: B batch, T time, D hidden, H query/key
-heads, HV value heads (``num_v_heads``, a multiple of H), K key head dim, V value head dim,
-W conv width, S documents per row.
+Shapes use the letters of :mod:`qdelta_jax.array_typing` (B batch, T time, D model width, H
+query/key heads, HV value heads, K, V head dims, W conv width, E conv channels, S documents per
+row).
 
 One layer, from ``x [B, T, D]``::
 
@@ -61,9 +61,10 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from jaxtyping import Array, Bool, Float, Int
+from jaxtyping import Array
 
 from qdelta_jax import ops, packing, reference
+from qdelta_jax.array_typing import ConvCache, Hidden, RowOffsets, RowStates, TokenMask
 
 F32 = jnp.float32
 
@@ -139,15 +140,15 @@ class ShortConv(nnx.Module):
 
     ``y[t] = sum_i kernel[i] * x[t - (W - 1) + i]`` (PyTorch's causal ``Conv1d`` convention).
 
-    ``__call__(x [B, L, C], cache [B, W-1, C] | None, *, starts=None, mask=None)`` returns
-    ``(y [B, L, C], new_cache [B, W-1, C])``. ``cache`` holds the inputs preceding ``x`` (zeros
+    ``__call__(x [B, T, E], cache [B, W-1, E] | None, *, starts=None, mask=None)`` returns
+    ``(y [B, T, E], new_cache [B, W-1, E])``. ``cache`` holds the inputs preceding ``x`` (zeros
     at the start of a sequence); the same code serves training (no cache), prefill and one-token
-    steps; ``new_cache`` keeps the dtype of ``cache``. ``starts [B, L]``: the position where
+    steps; ``new_cache`` keeps the dtype of ``cache``. ``starts [B, T]``: the position where
     each token's document starts; taps reaching before it are dropped, so packed documents do
-    not mix. ``mask [B, L]``: False positions contribute a zero input (left padding).
+    not mix. ``mask [B, T]``: False positions contribute a zero input (left padding).
 
     ``dtype``: compute dtype, ``None`` for the input's. ``channel_axis``: the logical name of the
-    channel axis of ``kernel [W, C]`` (``"qk"`` or ``"v"`` in the layer).
+    channel axis of ``kernel [W, E]`` (``"qk"`` or ``"v"`` in the layer).
     """
 
     def __init__(self, channels: int, width: int = 4, *, std: float = 0.02, dtype=F32,
@@ -159,14 +160,14 @@ class ShortConv(nnx.Module):
         init = partitioned(_normal(std), "conv", channel_axis)
         self.kernel = nnx.Param(init(rngs.params(), (width, channels), param_dtype))
 
-    def init_cache(self, batch_size: int, dtype=None) -> Float[Array, "B Wm1 C"]:
+    def init_cache(self, batch_size: int, dtype=None) -> ConvCache:
         """Zero cache in ``dtype`` (default: the compute dtype, else ``param_dtype``)."""
         if dtype is None:
             dtype = self.param_dtype if self.dtype is None else self.dtype
         return jnp.zeros((batch_size, self.width - 1, self.channels), dtype)
 
     def __call__(self, x, cache=None, *, starts=None, mask=None):
-        B, L, C = x.shape
+        B, T, E = x.shape
         Wm1 = self.width - 1
         if self.dtype is not None:
             x = x.astype(self.dtype)
@@ -174,20 +175,20 @@ class ShortConv(nnx.Module):
         if mask is not None:
             x = jnp.where(mask[..., None], x, jnp.zeros((), x.dtype))
         if cache is None:
-            cache = jnp.zeros((B, Wm1, C), x.dtype)
+            cache = jnp.zeros((B, Wm1, E), x.dtype)
         elif starts is not None:
             raise ValueError("ShortConv: a cache and document starts cannot be combined")
-        xc = jnp.concatenate([cache.astype(x.dtype), x], axis=1)  # [B, Wm1 + L, C]
+        xc = jnp.concatenate([cache.astype(x.dtype), x], axis=1)  # [B, W - 1 + T, E]
         w = self.kernel[...].astype(F32)
-        t = jnp.arange(L)
-        y = jnp.zeros((B, L, C), F32)
+        t = jnp.arange(T)
+        y = jnp.zeros((B, T, E), F32)
         for i in range(self.width):
             lag = Wm1 - i  # tap i reads x[t - lag]
-            tap = xc[:, i : i + L].astype(F32)
+            tap = xc[:, i : i + T].astype(F32)
             if starts is not None:
                 tap = jnp.where((t - lag >= starts)[..., None], tap, 0.0)
             y = y + w[i] * tap
-        new_cache = xc[:, L:] if Wm1 > 0 else xc[:, :0]
+        new_cache = xc[:, T:] if Wm1 > 0 else xc[:, :0]
         if cache_dtype is not None:  # a decoding loop's carry keeps its dtype
             new_cache = new_cache.astype(cache_dtype)
         return y.astype(x.dtype), new_cache
@@ -203,7 +204,7 @@ class LayerCache(NamedTuple):
     ``[B, W-1, HV*V]`` in the compute dtype (``None`` without the short conv).
     """
 
-    state: Float[Array, "B HV K V"]
+    state: RowStates
     conv_q: Array | None
     conv_k: Array | None
     conv_v: Array | None
@@ -428,11 +429,11 @@ class QDelta(nnx.Module):
 
     def __call__(
         self,
-        x: Float[Array, "B T D"],
+        x: Hidden,
         *,
-        cu_seqlens: Int[Array, "B S+1"] | packing.Documents | None = None,
+        cu_seqlens: RowOffsets | packing.Documents | None = None,
         cache: LayerCache | None = None,
-        mask: Bool[Array, "B T"] | None = None,
+        mask: TokenMask | None = None,
         return_aux: bool = False,
     ):
         """Applies the layer.

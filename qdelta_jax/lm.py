@@ -34,9 +34,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jaxtyping import Array, Bool, Float, Int
+from jaxtyping import Array, Float, Int
 
 from qdelta_jax import packing
+from qdelta_jax.array_typing import Logits, RowOffsets, TokenMask, Tokens
 from qdelta_jax.blocks import Block, _block_forward
 from qdelta_jax.layers import LayerCache, RMSNorm, partitioned
 from qdelta_jax.loss import LOSS_CHUNK_TOKENS, chunked_cross_entropy
@@ -54,13 +55,13 @@ class QDeltaLM(nnx.Module):
     ``norm``, ``lm_head.kernel [D, vocab]`` (absent when tied).
 
     With ``config.scan_layers``: ``blocks`` is one :class:`Block` whose parameters carry a
-    leading ``[num_hidden_layers]`` axis (``blocks.attn.q_proj.kernel [L, D, H*K]``; created
-    with ``nnx.vmap``, so the per-layer initial values differ from the unrolled model's for the
-    same seed, though they have the same distribution). The forward pass is a ``lax.scan`` over
-    layers (``remat`` checkpoints the scanned body), decoding too, and the decoding cache is
-    one :class:`qdelta_jax.layers.LayerCache` whose arrays have a leading ``[L]`` axis instead of
-    a tuple of per-layer caches. :func:`to_scanned` converts an unrolled model to that layout
-    (same parameters).
+    leading ``[L]`` axis (``L = num_hidden_layers``; ``blocks.attn.q_proj.kernel [L, D, H*K]``;
+    created with ``nnx.vmap``, so the per-layer initial values differ from the unrolled model's
+    for the same seed, though they have the same distribution). The forward pass is a
+    ``lax.scan`` over layers (``remat`` checkpoints the scanned body), decoding too, and the
+    decoding cache is one :class:`qdelta_jax.layers.LayerCache` whose arrays have a leading
+    ``[L]`` axis instead of a tuple of per-layer caches. :func:`to_scanned` converts an unrolled
+    model to that layout (same parameters).
     """
 
     def __init__(self, config: QDeltaConfig, *, rngs: nnx.Rngs):
@@ -115,9 +116,9 @@ class QDeltaLM(nnx.Module):
 
     def hidden(
         self,
-        tokens: Int[Array, "B T"],
+        tokens: Tokens,
         *,
-        cu_seqlens: Int[Array, "B S+1"] | None = None,
+        cu_seqlens: RowOffsets | packing.Documents | None = None,
         return_aux: bool = False,
     ):
         """The residual stream after the last block, before the final norm: ``[B, T, D]``
@@ -144,9 +145,9 @@ class QDeltaLM(nnx.Module):
 
     def __call__(
         self,
-        tokens: Int[Array, "B T"],
+        tokens: Tokens,
         *,
-        cu_seqlens: Int[Array, "B S+1"] | None = None,
+        cu_seqlens: RowOffsets | packing.Documents | None = None,
         return_aux: bool = False,
     ):
         """Logits ``[B, T, vocab]`` float32 (``(logits, aux)`` with ``return_aux``).
@@ -161,11 +162,11 @@ class QDeltaLM(nnx.Module):
 
     def loss(
         self,
-        tokens: Int[Array, "B T"],
+        tokens: Tokens,
         targets: Int[Array, "B T"],
         mask: Float[Array, "B T"],
         *,
-        cu_seqlens: Int[Array, "B S+1"] | None = None,
+        cu_seqlens: RowOffsets | packing.Documents | None = None,
         chunk_tokens: int = LOSS_CHUNK_TOKENS,
         return_correct: bool = False,
     ):
@@ -213,14 +214,14 @@ class QDeltaLM(nnx.Module):
 
     def step(
         self,
-        tokens: Int[Array, "B L"],
+        tokens: Tokens,
         cache: ModelCache,
         *,
-        mask: Bool[Array, "B L"] | None = None,
-    ) -> tuple[Float[Array, "B L vocab"], ModelCache]:
+        mask: TokenMask | None = None,
+    ) -> tuple[Logits, ModelCache]:
         """Continues decoding: logits for ``tokens`` given the cache, and the new cache.
 
-        L > 1 runs the chunked op (prefill), L == 1 the one-token update (the fused Pallas
+        T > 1 runs the chunked op (prefill), T == 1 the one-token update (the fused Pallas
         kernel where the layers' ``decode_implementation()`` is ``"pallas"``, the GPU default).
         ``mask`` (False at left padding, or at rows that have finished) keeps those positions
         from touching the state and the conv caches. :func:`compiled_step` wraps this in one
@@ -281,7 +282,7 @@ def compiled_step(model: QDeltaLM):
     """``model.step`` as one compiled program (every layer, the embedding and the logits) whose
     cache argument is donated, so each layer's state is updated in place.
 
-    Returns ``step(tokens [B, L], cache, mask=None) -> (logits [B, L, vocab], new_cache)``; the
+    Returns ``step(tokens [B, T], cache, mask=None) -> (logits [B, T, vocab], new_cache)``; the
     cache passed in must not be used again. The parameters are the model's at the time of the
     call (a later change to the model is not seen). One compilation per shape of ``tokens``."""
     graphdef, state = nnx.split(model)

@@ -23,9 +23,9 @@ def _ce_chunks(h, w, targets, mask, chunk, dtype, with_correct, with_grads):
     """Scans ``chunk`` tokens at a time: the per-token nll (not masked), the masked correct
     count and, ``with_grads``, the gradients of the masked nll sum with respect to ``h``
     and ``w``."""
-    N, D = h.shape
-    n = -(-N // chunk)
-    pad = n * chunk - N
+    M, D = h.shape
+    n = -(-M // chunk)
+    pad = n * chunk - M
 
     def chunks(a):
         a = jnp.pad(a, [(0, pad)] + [(0, 0)] * (a.ndim - 1))
@@ -57,9 +57,9 @@ def _ce_chunks(h, w, targets, mask, chunk, dtype, with_correct, with_grads):
     dw0 = jnp.zeros((D, vocab), F32) if with_grads else None
     dw, (nll, correct, dx) = jax.lax.scan(body, dw0, (chunks(h), chunks(targets),
                                                       chunks(mask.astype(F32))))
-    nll = nll.reshape(-1)[:N]
+    nll = nll.reshape(-1)[:M]
     if with_grads:
-        dx = dx.reshape(n * chunk, D)[:N]
+        dx = dx.reshape(n * chunk, D)[:M]
     return nll, jnp.sum(correct), dx, dw
 
 
@@ -90,10 +90,10 @@ _chunked_ce.defvjp(_chunked_ce_fwd, _chunked_ce_bwd)
 
 
 def chunked_cross_entropy(
-    h: Float[Array, "*N D"],
+    h: Float[Array, "... D"],
     w: Float[Array, "D vocab"],
-    targets: Int[Array, "*N"],
-    mask: Float[Array, "*N"],
+    targets: Int[Array, "..."],
+    mask: Float[Array, "..."],
     *,
     compute_dtype=None,
     chunk_tokens: int = LOSS_CHUNK_TOKENS,
@@ -104,16 +104,16 @@ def chunked_cross_entropy(
     ``sum(mask * (logsumexp(h @ w) - (h @ w)[target]))`` with the matmul in ``compute_dtype``
     (default ``h``'s dtype) accumulated in float32, as the model's logits are; computed
     ``chunk_tokens`` tokens at a time (a ``lax.scan``), so only one chunk's ``[chunk, vocab]``
-    float32 logits exist at once, never all ``[*N, vocab]``. A ``custom_vjp`` computes the
+    float32 logits exist at once, never all ``[..., vocab]``. A ``custom_vjp`` computes the
     gradients chunk by chunk in the same pass (one matmul for the logits, one each for ``dh``
     and ``dw``: no recomputation in the backward pass).
 
     Args:
-      h: ``[*N, D]`` final hidden states (after the final norm).
+      h: ``[..., D]`` final hidden states (after the final norm).
       w: ``[D, vocab]`` the output projection, any float dtype (its gradient has that dtype and
         is summed over chunks in float32).
-      targets: ``[*N]`` integer ids in ``[0, vocab)``.
-      mask: ``[*N]`` weights of the positions (0 or 1), cast to float32.
+      targets: ``[...]`` integer ids in ``[0, vocab)``.
+      mask: ``[...]`` weights of the positions (0 or 1), cast to float32.
       return_correct: also count the masked positions whose argmax is the target (an argmax
         over the vocabulary per token: leave it off when the count is not used).
 
@@ -125,7 +125,7 @@ def chunked_cross_entropy(
       TypeError: for non-integer ``targets``.
     """
     if h.ndim < 2 or w.ndim != 2 or w.shape[0] != h.shape[-1]:
-        raise ValueError(f"h must be [*N, D] and w [D, vocab] with the same D, got h "
+        raise ValueError(f"h must be [..., D] and w [D, vocab] with the same D, got h "
                          f"{list(h.shape)} and w {list(w.shape)}")
     lead = tuple(h.shape[:-1])
     if tuple(targets.shape) != lead or tuple(mask.shape) != lead:
@@ -136,11 +136,11 @@ def chunked_cross_entropy(
     if not isinstance(chunk_tokens, (int, np.integer)) or isinstance(chunk_tokens, bool) or (
             chunk_tokens < 1):
         raise ValueError(f"chunk_tokens must be a positive integer, got {chunk_tokens!r}")
-    N = math.prod(lead)
+    M = math.prod(lead)
     dtype = jnp.dtype(compute_dtype if compute_dtype is not None else h.dtype)
     with jax.named_scope("lm_head_loss"):  # the name profiles of the train step look for
-        nll, correct = _chunked_ce(h.reshape(N, h.shape[-1]), w, targets.reshape(N),
-                                   mask.reshape(N).astype(F32),
-                                   int(min(chunk_tokens, max(N, 1))), dtype,
+        nll, correct = _chunked_ce(h.reshape(M, h.shape[-1]), w, targets.reshape(M),
+                                   mask.reshape(M).astype(F32),
+                                   int(min(chunk_tokens, max(M, 1))), dtype,
                                    bool(return_correct))
     return (nll, correct) if return_correct else nll

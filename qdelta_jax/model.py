@@ -11,6 +11,8 @@ This module gathers the model's public names; each part lives in the module of i
 * :mod:`qdelta_jax.loss`: :func:`chunked_cross_entropy`, the LM head and loss in chunks;
 * :mod:`qdelta_jax.generation`: :func:`generate`.
 
+Shapes use the letters of :mod:`qdelta_jax.array_typing` (D model width, L layers, ...).
+
 Model (docs/MATH.md section 4): token embedding, ``num_hidden_layers`` pre-norm blocks
 ``x + QDelta(RMSNorm(x))`` then ``x + SwiGLU(RMSNorm(x))``, a final RMSNorm and an untied
 ``lm_head`` (tied with ``tie_word_embeddings``). Logits are float32.

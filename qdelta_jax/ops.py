@@ -28,7 +28,8 @@ its own rows. The ``"xla"`` and ``"reference"`` paths
 are ordinary XLA and partition by themselves.
 
 All checks read only shapes and dtypes (and the values of ``cu_seqlens`` when they are concrete),
-so they run once at trace time and cost nothing in a compiled step.
+so they run once at trace time and cost nothing in a compiled step. Shapes use the letters of
+:mod:`qdelta_jax.array_typing`.
 """
 
 from __future__ import annotations
@@ -38,9 +39,9 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jaxtyping import Array, Float, Int
 
 from qdelta_jax import nonfinite, packing, reference
+from qdelta_jax.array_typing import QK, HeadScalars, Offsets, States, Values
 
 IMPLEMENTATIONS = ("reference", "xla", "pallas", "pallas-triton", "pallas-mosaic")
 
@@ -134,25 +135,25 @@ def default_implementation(chunk_size: int = 64, K: int | None = None,
 
 
 def qdelta_rule(
-    q: Float[Array, "B T H K"],
-    k: Float[Array, "B T H K"],
-    v: Float[Array, "B T HV V"],
-    g: Float[Array, "B T HV"],
-    beta: Float[Array, "B T HV"],
-    lam: Float[Array, "B T HV"],
+    q: QK,
+    k: QK,
+    v: Values,
+    g: HeadScalars,
+    beta: HeadScalars,
+    lam: HeadScalars,
     *,
     scale: float | None = None,
-    initial_state: Float[Array, "N HV K V"] | None = None,
+    initial_state: States | None = None,
     output_final_state: bool = False,
     normalize_qk: bool = True,
     check_values: bool = False,
-    cu_seqlens: Int[Array, " N+1"] | Int[Array, "B S+1"] | packing.Documents | None = None,
+    cu_seqlens: Offsets | packing.Documents | None = None,
     chunk_size: int = 64,
     implementation: str | None = None,
     config=None,
     batch_axes: tuple[str, ...] = DEFAULT_BATCH_AXES,
     guard_nonfinite: bool = False,
-) -> tuple[Float[Array, "B T HV V"], Float[Array, "N HV K V"] | None]:
+) -> tuple[Values, States | None]:
     """The Q-Delta recurrence (docs/MATH.md section 1) over a batch of sequences.
 
     **q and k are L2-normalised inside the op by default** (``normalize_qk=True``:

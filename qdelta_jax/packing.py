@@ -29,7 +29,8 @@ Two chunk layouts serve the chunked paths (:func:`make_layout`):
   state entering and leaving each document is a chunk-entry or chunk-exit state. Tokens are
   scattered into that layout and gathered back.
 
-Both are exact; the row-aligned one does no scatter, no gather and no extra chunks.
+Both are exact; the row-aligned one does no scatter, no gather and no extra chunks. Shapes use
+the letters of :mod:`qdelta_jax.array_typing`.
 """
 
 from __future__ import annotations
@@ -120,7 +121,7 @@ def doc_starts(cu: Int[Array, "B S+1"], T: int) -> Int[Array, "B T"]:
     return _derive(cu, T).starts
 
 
-def one_row(cu: Int[Array, "B S+1"], T: int) -> Int[Array, " BS+1"]:
+def one_row(cu: Int[Array, "B S+1"], T: int) -> Int[Array, " B*S+1"]:
     """Per-row offsets as the offsets of the same documents in one row of ``B T`` tokens (row
     ``b`` shifted by ``b T``): document ``s`` of row ``b`` becomes document ``b S + s``."""
     B = cu.shape[0]

@@ -1,9 +1,8 @@
 """The Q-Delta recurrence, one token at a time: the definition every fast path is tested against.
 
-Dimension letters used throughout the package: B batch, T time, H heads, K key/query head
-dim, V value head dim, C chunk length, N sequences (rows of ``initial_state``).
-
-Per batch element and head, with the state ``S`` of shape ``[K, V]`` (key-major, as in
+Shapes use the letters of :mod:`qdelta_jax.array_typing` (B batch, T time, H heads, K, V head
+dims, N sequences, S documents per row). Per batch element and head, with the state ``S`` (the
+matrix of the math, not the letter of shapes) of shape ``[K, V]`` (key-major, as in
 flash-linear-attention; the paper writes the transpose)::
 
     x_t = k_t + lam_t * q_t               # mixed key-query read vector

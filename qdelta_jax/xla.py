@@ -1,7 +1,9 @@
 """The chunkwise form of Q-Delta in plain ``jnp`` (docs/MATH.md section 2), with an analytic
 backward.
 
-Time is split into chunks of C tokens. Inside a chunk (indices i, j; ``G`` the inclusive
+Shapes use the letters of :mod:`qdelta_jax.array_typing`; the capitals of the chunk math below
+(``A``, ``T``, ``W``, ``U``, ``D``, ``G``) are matrices, named as there. Time is split into chunks
+of C tokens. Inside a chunk (indices i, j; ``G`` the inclusive
 cumulative sum of ``g``; ``gamma = exp(G)``; ``h`` the state entering the chunk)::
 
     A_ij = beta_i (x_i . k_j) exp(G_i - G_j)   for i > j     # x on the ROW index
