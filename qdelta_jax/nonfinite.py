@@ -215,12 +215,12 @@ def _spoiled(out) -> Array:
     return ~jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(out)]))
 
 
-def call(run, q, k, v, g, beta, lam, initial_state, cu_seqlens):
-    """``run(q, k, v, g, beta, lam, initial_state, cu_seqlens) -> (o, final or None)`` with
+def call(run, q, k, v, g, beta, lam, initial_state, docs: packing.Documents | None):
+    """``run(q, k, v, g, beta, lam, initial_state, docs) -> (o, final or None)`` with
     the scan's non-finite outputs and gradients (the module docstring): ``run`` on the raw
     inputs, and where its outputs are not all finite, ``run`` again on the sanitised inputs
     with the scan's spoiling put back (:func:`guard`, :func:`apply_inputs`,
-    :func:`apply_outputs`). Gradients w.r.t. the seven float inputs; ``cu_seqlens`` gets none."""
+    :func:`apply_outputs`). Gradients w.r.t. the seven float inputs; the documents get none."""
     x = (q, k, v, g, beta, lam, initial_state)
 
     def plain(x, cu):
@@ -249,4 +249,4 @@ def call(run, q, k, v, g, beta, lam, initial_state, cu_seqlens):
         return dx, None
 
     f.defvjp(f_fwd, f_bwd)
-    return f(x, cu_seqlens)
+    return f(x, docs)
