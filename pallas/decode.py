@@ -201,9 +201,9 @@ def _pad_axis(x, axis: int, n: int):
 
 
 def fused_step(
-    q: Float[Array, "B HK"],
-    k: Float[Array, "B HK"],
-    v: Float[Array, "B HVV"],
+    q: Float[Array, "B H*K"],
+    k: Float[Array, "B H*K"],
+    v: Float[Array, "B HV*V"],
     b: Float[Array, "B HV"],
     lam: Float[Array, "B HV"] | None,
     a: Float[Array, "B HV"] | None,

@@ -29,7 +29,7 @@ of the authors' two), or kept as metadata that does not change the function (tok
 
 Name map: :data:`NAME_MAP` is the one table of the authors' tensor names, our parameter paths
 and the layout change between them (``nn.Linear.weight [out, in]`` is our ``kernel [in, out]``;
-a depthwise ``Conv1d.weight [C, 1, W]`` is our ``ShortConv.kernel [W, C]``).
+a depthwise ``Conv1d.weight [E, 1, W]`` is our ``ShortConv.kernel [W, E]``).
 """
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ MAX_SHARD_SIZE = 5 * 10**9
 # (authors' tensor name, our parameter path, layout). ``{i}`` is the layer index. A row is used
 # when the model has that parameter (g_proj only with use_gate, the convs only with
 # use_short_conv, lm_head only without tied embeddings). Layouts: "copy" (same array), "linear"
-# (torch [out, in] <-> ours [in, out]), "conv" (torch [C, 1, W] <-> ours [W, C]).
+# (torch [out, in] <-> ours [in, out]), "conv" (torch [E, 1, W] <-> ours [W, E]).
 NAME_MAP: tuple[tuple[str, tuple[Any, ...], str], ...] = (
     ("model.embeddings.weight", ("embed", "embedding"), "copy"),
     ("model.layers.{i}.attn_norm.weight", ("blocks", "{i}", "attn_norm", "scale"), "copy"),

@@ -48,10 +48,6 @@ def test_legend_has_the_letters_of_the_style():
 def test_every_annotated_shape_uses_the_legend(path):
     text = path.read_text()
     shapes = re.findall(r'(?:Float|Int|Bool)\[Array, "([^"]*)"\]', text)
-    if path.parent.name == "pallas":
-        # The kernels' annotations are theirs to edit: pallas.decode's "B HK" / "B HVV" (read
-        # H*K, HV*V) are the only ones outside the legend. Their docstrings follow it.
-        shapes = [s for s in shapes if s not in ("B HK", "B HVV")]
     # Docstring shapes: ``name [A, B, ...]`` where every entry is a size expression.
     for m in re.finditer(r"\[((?:[A-Z][A-Za-z]*(?:[*+-][A-Z0-9][A-Za-z0-9]*)*(?:, )?)+)\]``",
                          text):
