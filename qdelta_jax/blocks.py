@@ -48,7 +48,8 @@ class Block(nnx.Module):
             conv_size=c.conv_size, allow_neg_eigval=c.allow_neg_eigval, lam_bias=c.lam_bias,
             fixed_lam=c.fixed_lam, use_decay=c.use_decay, norm_eps=c.norm_eps,
             chunk_size=c.chunk_size, implementation=c.implementation,
-            save_residuals=c.save_residuals, initializer_range=c.initializer_range, dtype=dtype,
+            save_residuals=c.save_residuals, guard_nonfinite=c.guard_nonfinite,
+            initializer_range=c.initializer_range, dtype=dtype,
             param_dtype=pdtype, rngs=rngs,
         )
         self.mlp_norm = RMSNorm(c.hidden_size, eps=c.norm_eps, param_dtype=pdtype)

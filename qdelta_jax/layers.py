@@ -231,6 +231,8 @@ class QDelta(nnx.Module):
       save_residuals: the Pallas kernels' ``save_residuals`` (``qdelta_rule``'s ``config``):
         ``False`` recomputes the forward's per-chunk residuals in the backward (less memory,
         slower); ``None`` leaves the kernels' default (on unless ``QDELTA_SAVE_RESIDUALS=0``).
+      guard_nonfinite: passed to ``qdelta_rule``: a NaN or inf spoils exactly what the
+        recurrence spoils (off by default for its cost; see there).
       initializer_range: std of the normal init of every linear and conv kernel.
       dtype: compute dtype (float32 or bfloat16), or ``None``: the inputs' dtype promoted with
         ``param_dtype``, as Flax's layers infer it. param_dtype: parameter dtype.
@@ -258,6 +260,7 @@ class QDelta(nnx.Module):
         chunk_size: int = 64,
         implementation: str | None = None,
         save_residuals: bool | None = None,
+        guard_nonfinite: bool = False,
         initializer_range: float = 0.02,
         dtype=F32,
         param_dtype=F32,
@@ -306,6 +309,10 @@ class QDelta(nnx.Module):
         self.chunk_size = chunk_size
         self.implementation = implementation
         self.save_residuals = save_residuals
+        if not isinstance(guard_nonfinite, bool):
+            raise ValueError(f"QDelta: guard_nonfinite must be True or False, got "
+                             f"{guard_nonfinite!r}")
+        self.guard_nonfinite = guard_nonfinite
         self.dtype = None if dtype is None else jnp.dtype(dtype)
         self.param_dtype = jnp.dtype(param_dtype)
 
@@ -416,7 +423,7 @@ class QDelta(nnx.Module):
 
     def _rule(self, q, k, v, g, beta, lam, *, docs, initial_state, output_final_state):
         kw = dict(scale=self.head_dim**-0.5, normalize_qk=False, chunk_size=self.chunk_size,
-                  implementation=self.implementation)
+                  implementation=self.implementation, guard_nonfinite=self.guard_nonfinite)
         if self.save_residuals is not None:
             from qdelta_jax.pallas.config import Config
 

@@ -42,6 +42,8 @@ class QDeltaConfig:
     axis and runs them with ``lax.scan`` (one compiled block instead of an unrolled loop: much
     faster compilation for deep models); see :class:`QDeltaLM`. ``save_residuals``: the Pallas
     kernels' (see :class:`qdelta_jax.layers.QDelta`); it changes memory and speed, not results.
+    ``guard_nonfinite``: the op's (:func:`qdelta_jax.qdelta_rule`): a NaN or inf in a layer's
+    inputs spoils exactly what the recurrence spoils, at a cost (off by default).
     """
 
     vocab_size: int = 32000
@@ -66,6 +68,7 @@ class QDeltaConfig:
     chunk_size: int = 64
     implementation: str | None = None
     save_residuals: bool | None = None
+    guard_nonfinite: bool = False
     remat: bool = False
     scan_layers: bool = False
     compute_dtype: str = "float32"
@@ -119,6 +122,8 @@ class QDeltaConfig:
             bad("implementation", f"None or one of {ops.IMPLEMENTATIONS}")
         if not (self.save_residuals is None or isinstance(self.save_residuals, bool)):
             bad("save_residuals", "None (the kernels' default), True or False")
+        if not isinstance(self.guard_nonfinite, bool):
+            bad("guard_nonfinite", "True or False")
         for name in ("compute_dtype", "param_dtype"):
             if getattr(self, name) not in DTYPES:
                 bad(name, f"one of {DTYPES}")

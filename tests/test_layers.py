@@ -291,6 +291,8 @@ def test_bad_cu_seqlens_and_arguments():
         make(implementation="cuda")
     with pytest.raises(ValueError, match="save_residuals"):
         make(save_residuals="no")
+    with pytest.raises(ValueError, match="guard_nonfinite"):
+        make(guard_nonfinite=1)
 
 
 def test_save_residuals_reaches_the_op_as_its_config(monkeypatch):
@@ -309,6 +311,30 @@ def test_save_residuals_reaches_the_op_as_its_config(monkeypatch):
     make(save_residuals=False)(x)
     make()(x)
     assert seen == [Config(save_residuals=False), None]
+
+
+def test_guard_nonfinite_reaches_the_op(monkeypatch):
+    """The layer's and the model config's ``guard_nonfinite`` is the op's (off by default);
+    with it on, a NaN in the layer's input leaves the earlier tokens of its chunk finite."""
+    from qdelta_jax import ops
+
+    seen = []
+    real = ops.qdelta_rule
+
+    def spy(*a, **kw):
+        seen.append(kw.get("guard_nonfinite"))
+        return real(*a, **kw)
+
+    monkeypatch.setattr(ops, "qdelta_rule", spy)
+    x = inputs(B=1, T=12).at[0, 9, 0].set(jnp.nan)
+    on = make(guard_nonfinite=True, implementation="xla", chunk_size=16)(x)
+    off = make(implementation="xla", chunk_size=16)(x)
+    assert seen == [True, False]
+    assert np.isfinite(np.asarray(on[0, :9])).all() and not np.isfinite(np.asarray(on[0, 9])).all()
+    assert not np.isfinite(np.asarray(off[0, :9])).all()
+    from qdelta_jax.model import QDeltaConfig
+    with pytest.raises(ValueError, match="guard_nonfinite"):
+        QDeltaConfig(guard_nonfinite="yes")
 
 
 def test_reference_and_xla_implementations_agree():
