@@ -14,7 +14,7 @@ For every shape BxTxHxKxV (bf16, fresh random inputs, q and k L2-normalised in t
   attention), forward and forward+backward.
 
 Each is timed two ways after warm-up: "pipelined" (``--reps`` calls back to back, one
-synchronisation, the median of 5 rounds: the method ``qdelta_jax.testing.time_fn`` uses for our
+synchronisation, the median of 5 rounds: ``qdelta_jax.testing.time_fn``, the loop that times our
 side) and ``triton.testing.do_bench`` (median). An anchor that cannot run says why in its row.
 """
 
@@ -24,16 +24,12 @@ import argparse
 import importlib
 import json
 import os
-import statistics
 import sys
 import types
 
-
-def parse_shape(s: str) -> tuple[int, ...]:
-    shape = tuple(int(x) for x in s.lower().split("x"))
-    if len(shape) != 5:
-        raise SystemExit(f"--shapes: expected BxTxHxKxV, got {s!r}")
-    return shape
+# Only the shape syntax and the timing loop; importing JAX claims no GPU memory (JAX takes it
+# when its first computation runs).
+from qdelta_jax.testing import parse_shape, time_fn
 
 
 def load_authors(root: str):
@@ -49,22 +45,16 @@ def load_authors(root: str):
 
 
 def timings(fn, warmup: int, reps: int) -> dict:
+    """``fn``'s pipelined time per call in milliseconds, measured by the loop that times our side
+    (``qdelta_jax.testing.time_fn``, synchronising CUDA instead of JAX arrays), and triton's
+    ``do_bench`` median."""
     import torch
     from triton.testing import do_bench
 
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    piped = []
-    for _ in range(5):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        for _ in range(reps):
-            fn()
-        e.record()
+    def sync(_):
         torch.cuda.synchronize()
-        piped.append(s.elapsed_time(e) / reps)
-    return {"pipe": statistics.median(piped),
+
+    return {"pipe": time_fn(fn, (), warmup, reps, pipelined=True, sync=sync),
             "do_bench": float(do_bench(fn, warmup=25, rep=100, return_mode="median"))}
 
 
@@ -159,9 +149,12 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     import torch
 
+    try:
+        shapes = [parse_shape(s) for s in a.shapes]
+    except ValueError as e:
+        p.error(f"--shapes: {e}")
     rows = []
-    for s in a.shapes:
-        shape = parse_shape(s)
+    for shape in shapes:
         for name in a.only:
             row = {"anchor": name, "shape": shape}
             try:

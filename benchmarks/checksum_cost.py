@@ -7,9 +7,10 @@ train state (params and AdamW moments, vocabulary 32000): the time each checkpoi
 from __future__ import annotations
 
 import argparse
-import time
 
 import jax
+
+from qdelta_jax.testing import time_fn
 
 
 def main() -> None:
@@ -27,16 +28,10 @@ def main() -> None:
     sess = trainer.Session(args, cfg, shd.make_mesh(None))
     state = sess.init_state().to_dict()
     n = sum(x.size for x in jax.tree.leaves(state))
-    ckpt.checksums(state)  # compile
-    times = []
-    for _ in range(a.reps):
-        t = time.perf_counter()
-        ckpt.checksums(state)
-        times.append(time.perf_counter() - t)
-    best = min(times)
+    ms = time_fn(ckpt.checksums, (state,), warmup=1, reps=a.reps)  # the warm-up compiles
     print(f"{a.preset}: {n / 1e6:.1f}M state elements on {jax.device_count()} x "
-          f"{jax.devices()[0].device_kind}: checksums {best * 1e3:.1f} ms "
-          f"({n * 4 / best / 1e9:.1f} GB/s of float32)")
+          f"{jax.devices()[0].device_kind}: checksums {ms:.1f} ms median "
+          f"({n * 4 / ms / 1e6:.1f} GB/s of float32)")
 
 
 if __name__ == "__main__":

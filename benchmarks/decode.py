@@ -35,9 +35,7 @@ import argparse
 import dataclasses
 import json
 import os
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import jax
@@ -48,6 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from qdelta_jax.model import QDeltaConfig, QDeltaLM, compiled_step, count_params  # noqa: E402
 from qdelta_jax.pallas import decode as pallas_decode  # noqa: E402
+from qdelta_jax.testing import time_fn  # noqa: E402
 
 IMPLS = {"fused": "pallas", "jnp": "xla"}
 
@@ -87,15 +86,6 @@ def build(cfg: QDeltaConfig, seed: int):
     return nnx.split(make())
 
 
-def _median_time(fn, reps: int, steps: int) -> float:
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append((time.perf_counter() - t0) / steps)
-    return statistics.median(times)
-
-
 def time_scan(graphdef, params, batch: int, steps: int, reps: int, no_blocks: bool = False):
     """Seconds per token of ``steps`` greedy steps inside one jitted ``lax.scan``."""
 
@@ -122,7 +112,7 @@ def time_scan(graphdef, params, batch: int, steps: int, reps: int, no_blocks: bo
         return state["tok"]
 
     jax.block_until_ready(go())  # compiles
-    return _median_time(go, reps, steps)
+    return time_fn(go, warmup=0, reps=reps) / 1e3 / steps
 
 
 def time_call(graphdef, params, batch: int, steps: int, reps: int, warmup: int) -> float:
@@ -139,7 +129,7 @@ def time_call(graphdef, params, batch: int, steps: int, reps: int, warmup: int) 
         return state["tok"]
 
     jax.block_until_ready(go(warmup))
-    return _median_time(go, reps, steps)
+    return time_fn(go, warmup=0, reps=reps) / 1e3 / steps
 
 
 def _pass_through(q, k, v, b, lam, a, state, conv_cache, weights, mask, *, num_heads, scale,

@@ -26,13 +26,9 @@ from flax import nnx
 
 from qdelta_jax import hf, reference
 from qdelta_jax.model import QDeltaLM
+from qdelta_jax.testing import rel_err
 
 HERE = Path(__file__).resolve().parent
-
-
-def rel(a, b) -> float:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
 def with_implementation(model: QDeltaLM, implementation: str) -> QDeltaLM:
@@ -74,11 +70,11 @@ def main(argv=None) -> None:
             base, base16 = hf.from_hf(d), hf.from_hf(d, dtype="bfloat16")
             for impl in a.implementations.split(","):
                 m = with_implementation(base, impl)
-                full = rel(forward(m, jnp.asarray(ids)), exact)
-                dec = rel(decoded(m, ids), exact)
-                b16 = rel(forward(with_implementation(base16, impl), jnp.asarray(ids)), exact)
+                full = rel_err(forward(m, jnp.asarray(ids)), exact)
+                dec = rel_err(decoded(m, ids), exact)
+                b16 = rel_err(forward(with_implementation(base16, impl), jnp.asarray(ids)), exact)
                 print(f"{d.name:<22} {impl:<15} {full:>10.2e} {dec:>10.2e} {b16:>10.2e} "
-                      f"{rel(authors, exact):>10.2e}", flush=True)
+                      f"{rel_err(authors, exact):>10.2e}", flush=True)
 
 
 if __name__ == "__main__":

@@ -41,14 +41,14 @@ import traceback
 import jax
 import jax.numpy as jnp
 import numpy as np
-from pallas_dev import inputs, rel  # the same inputs and error as the Triton stage checks
+from pallas_dev import KERNEL_INPUTS  # the same inputs as the Triton stage checks
 
 from qdelta_jax import packing, qdelta_rule, xla
 from qdelta_jax.pallas import backward as pbwd
 from qdelta_jax.pallas import config as pcfg
 from qdelta_jax.pallas import forward as pfwd
 from qdelta_jax.pallas import mosaic
-from qdelta_jax.testing import time_fn
+from qdelta_jax.testing import parse_shape, random_inputs, random_offsets, rel_err, time_fn
 
 F32 = jnp.float32
 C = 64
@@ -90,20 +90,10 @@ DEFAULT_VARIANTS = ("bv64_s2", "res_bv64_s2", "res_bv128_s1", "so_bv64_s2", "so_
                     "rev_bv64_s1", "seg_rev_bv64_s2")
 
 
-
-
 def offsets(B, T, seed, docs=6):
     """``[B, docs + 1]`` row offsets: per row, one boundary exactly at a chunk start, the others
     at random positions (most of them inside a chunk)."""
-    rng = np.random.default_rng(seed)
-    rows = []
-    for _ in range(B):
-        cuts = set(rng.integers(1, T, size=docs - 2).tolist())
-        cuts.add(int(rng.integers(1, T // C)) * C if T > C else T // 2)
-        cuts = sorted(cuts)[:docs - 1]
-        cuts += [T] * (docs - 1 - len(cuts))
-        rows.append([0] + cuts + [T])
-    return jnp.asarray(rows, jnp.int32)
+    return jnp.asarray(random_offsets(B, T, docs, seed, aligned_to=C))
 
 
 def times(fn, args, reps):
@@ -160,7 +150,7 @@ def _run_variants(res, variants, packed, reverse, scale, margs, names, ref, tol,
             got = dict(zip(names, out))
             keys = [key for key in ref if key in got]
             for key in keys:
-                r[key] = rel(got[key], ref[key])
+                r[key] = rel_err(got[key], ref[key])
             r["finite"] = all(bool(jnp.isfinite(x.astype(F32)).all()) for x in out)
             r["pass"] = bool(r["finite"] and all(r[key] <= tol[key] for key in keys))
             r["ms"] = times(f, margs, reps)
@@ -176,7 +166,8 @@ def run_case(shape, dtype, reps, variants, packed: bool, fwd_total: bool = False
     res: dict = {"shape": list(shape), "dtype": jnp.dtype(dtype).name, "packed": packed,
                  "variants": {}}
     scale = K**-0.5
-    q, k, v, g, beta, lam, h0 = inputs(jax.random.PRNGKey(B * 7 + T + K), B, T, H, K, V, dtype)
+    q, k, v, g, beta, lam, h0 = random_inputs(jax.random.PRNGKey(B * 7 + T + K), B, T, H, K, V,
+                                          dtype=dtype, **KERNEL_INPUTS)
     if packed:
         cu = offsets(B, T, seed=B + T)
         res["cu_seqlens"] = np.asarray(cu).tolist() if B * T <= 4 * 4096 else "random"
@@ -220,7 +211,7 @@ def run_case(shape, dtype, reps, variants, packed: bool, fwd_total: bool = False
         o_t = tri_out(q, k, G, h_in, D, *extra)
         got = {"o": o_t, "final": fin_t, "h_in": h_in, "D": D}
         for key in ref:
-            res["triton." + key] = rel(got[key], ref[key])
+            res["triton." + key] = rel_err(got[key], ref[key])
             tol[key] = max(eps, 3 * res["triton." + key])
         res["triton.state_ms"] = times(tri_state, sargs, reps)
         res["triton.output_ms"] = times(tri_out, (q, k, G, h_in, D) + extra, reps)
@@ -246,7 +237,8 @@ def run_reverse(shape, dtype, reps, variants, packed: bool):
     res: dict = {"shape": list(shape), "dtype": jnp.dtype(dtype).name, "packed": packed,
                  "reverse": True, "variants": {}}
     scale = K**-0.5
-    q, k, v, g, beta, lam, _ = inputs(jax.random.PRNGKey(B * 7 + T + K), B, T, H, K, V, dtype)
+    q, k, v, g, beta, lam, _ = random_inputs(jax.random.PRNGKey(B * 7 + T + K), B, T, H, K, V,
+                                          dtype=dtype, **KERNEL_INPUTS)
     do = jax.random.normal(jax.random.PRNGKey(T + 1), (B, T, H, V), F32).astype(dtype)
     dfin = 0.1 * jax.random.normal(jax.random.PRNGKey(T + 2), (B, H, K, V), F32)
     if packed:
@@ -290,7 +282,7 @@ def run_reverse(shape, dtype, reps, variants, packed: bool):
     try:
         got = dict(zip(("dh_out", "dD", "dh0"), tri(*targs)))
         for key in ref:
-            res["triton." + key] = rel(got[key], ref[key])
+            res["triton." + key] = rel_err(got[key], ref[key])
             tol[key] = max(eps, 3 * res["triton." + key])
         res["triton.reverse_ms"] = times(tri, targs, reps)
     except Exception as e:  # noqa: BLE001
@@ -356,7 +348,10 @@ def main(argv=None):
     ap.add_argument("--out", default=None)
     a = ap.parse_args(argv)
     dtype = jnp.dtype(a.dtype)
-    shapes = [tuple(int(x) for x in s.split("x")) for s in a.shapes.split(",") if s]
+    try:
+        shapes = [parse_shape(s) for s in a.shapes.split(",") if s]
+    except ValueError as e:
+        ap.error(f"--shapes: {e}")
     dev = jax.devices()[0]
     print(f"device: {dev.device_kind}, jax {jax.__version__}, backend {jax.default_backend()}",
           flush=True)

@@ -45,20 +45,10 @@ import jax.numpy as jnp
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # anchors.py beside this file
 
 from qdelta_jax import qdelta_rule  # noqa: E402
-from qdelta_jax.testing import random_inputs, random_offsets, time_fn
+from qdelta_jax.testing import parse_shape, random_inputs, random_offsets, time_fn
 
 BENCH_SHAPES = ["8x4096x6x128x256", "8x4096x16x128x128", "2x16384x6x128x256"]
 SMALL_SHAPES = ["2x512x2x64x64"]
-
-
-def parse_shape(s: str) -> tuple[int, ...]:
-    try:
-        shape = tuple(int(x) for x in s.lower().split("x"))
-    except ValueError:
-        shape = ()
-    if len(shape) != 5 or min(shape) < 1:
-        raise SystemExit(f"--shapes: expected BxTxHxKxV with positive integers, got {s!r}")
-    return shape
 
 
 def memory(compiled) -> dict:
@@ -203,7 +193,10 @@ def main(argv=None) -> int:
                    help="also time every implementation with the non-finite guard")
     p.add_argument("--json", default=None, help="write raw numbers here")
     a = p.parse_args(argv)
-    shapes = [parse_shape(s) for s in (a.shapes or (SMALL_SHAPES if a.small else BENCH_SHAPES))]
+    try:
+        shapes = [parse_shape(s) for s in (a.shapes or (SMALL_SHAPES if a.small else BENCH_SHAPES))]
+    except ValueError as e:
+        p.error(f"--shapes: {e}")
     on_gpu = jax.default_backend() == "gpu"
     impls = a.impl or (["xla", "pallas", "pallas-no-save-residuals"] if on_gpu else ["xla"])
     dtype = jnp.dtype(a.dtype)

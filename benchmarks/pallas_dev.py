@@ -26,30 +26,14 @@ from qdelta_jax import packing, qdelta_rule, xla
 from qdelta_jax.pallas import backward as pbwd
 from qdelta_jax.pallas import config as pcfg
 from qdelta_jax.pallas import forward as pfwd
-from qdelta_jax.testing import time_fn
+from qdelta_jax.testing import parse_shape, random_inputs, rel_err, time_fn
 
 F32 = jnp.float32
 
 
-def rel(a, b) -> float:
-    a = jnp.asarray(a, F32)
-    b = jnp.asarray(b, F32)
-    return float(jnp.linalg.norm((a - b).ravel()) / (jnp.linalg.norm(b.ravel()) + 1e-30))
-
-
-def inputs(key, B, T, H, K, V, dtype):
-    ks = jax.random.split(key, 8)
-    nrm = lambda x: x / jnp.linalg.norm(x, axis=-1, keepdims=True)  # noqa: E731
-    q = nrm(jax.random.normal(ks[0], (B, T, H, K), F32)).astype(dtype)
-    k = nrm(jax.random.normal(ks[1], (B, T, H, K), F32) + 0.5).astype(dtype)  # correlated keys
-    v = jax.random.normal(ks[2], (B, T, H, V), F32).astype(dtype)
-    g = -jnp.exp(jax.random.uniform(ks[3], (H,), F32, 0.0, 2.7)) * jax.nn.softplus(
-        jax.random.normal(ks[4], (B, T, H), F32) - 3.0
-    )
-    beta = jax.nn.sigmoid(jax.random.normal(ks[5], (B, T, H), F32))
-    lam = jax.nn.sigmoid(jax.random.normal(ks[6], (B, T, H), F32) - 0.9)
-    h0 = 0.1 * jax.random.normal(ks[7], (B, H, K, V), F32)
-    return q, k, v, g, beta, lam, h0
+# The inputs of the kernel checks (here and in mosaic_dev.py): unit q and k with correlated
+# keys, as the op passes them to the kernels, and a spread of per-head decay rates.
+KERNEL_INPUTS = dict(unit_qk=True, key_shift=0.5, g_rate=(0.0, 2.7), h0_scale=0.1)
 
 
 def bench(fn, args, reps=30, warmup=3):
@@ -92,20 +76,20 @@ def stage_checks(q, k, v, g, beta, lam, h0, C, res):
                                                      cfg_solve=cfg.solve))(
         qp, kp, vp, Gp, bp, lp)
     loc = jax.jit(xla.chunk_local)(sp(qp), sp(kp), sp(vp), sp(Gp), sp(bp), sp(lp))
-    res["local.W"] = rel(sp(W), loc.W)
-    res["local.U"] = rel(sp(U), loc.U)
-    res["local.T"] = rel(sp(Tinv), loc.Tinv)
+    res["local.W"] = rel_err(sp(W), loc.W)
+    res["local.U"] = rel_err(sp(U), loc.U)
+    res["local.T"] = rel_err(sp(Tinv), loc.Tinv)
     h_in, D, fin = jax.jit(lambda *a: pfwd.state_pass(*a, C=C, cfg=cfg.state, interpret=interp))(
         kp, Gp, W, U, h0, m.reset, m.is_last, m.seq)
     xh, xD, xf = jax.jit(lambda *a: xla.state_pass(*a, m, dt))(sp(kp), loc.G, loc.W, loc.U, h0)
-    res["state.h_in"] = rel(jnp.moveaxis(h_in, 2, 1), xh)
-    res["state.D"] = rel(sp(D), xD)
-    res["state.final"] = rel(fin, xf)
+    res["state.h_in"] = rel_err(jnp.moveaxis(h_in, 2, 1), xh)
+    res["state.D"] = rel_err(sp(D), xD)
+    res["state.final"] = rel_err(fin, xf)
     scale = K**-0.5
     o = jax.jit(lambda *a: pfwd.chunk_output(*a, scale=scale, out_dtype=v.dtype, C=C,
                                              cfg=cfg.output, interpret=interp))(qp, kp, Gp, h_in, D)
     xo = jax.jit(lambda *a: xla.chunk_output(*a, scale, dt))(sp(qp), sp(kp), loc.G, xh, xD)
-    res["output.o"] = rel(sp(o), xo)
+    res["output.o"] = rel_err(sp(o), xo)
     do = jax.random.normal(jax.random.PRNGKey(7), vp.shape, F32).astype(dt)
     dfin = jax.random.normal(jax.random.PRNGKey(8), h0.shape, F32)
     pdD0 = jax.jit(lambda *a: pbwd.chunk_dd0(*a, scale=scale, C=C, cfg=cfg.dd0,
@@ -116,11 +100,11 @@ def stage_checks(q, k, v, g, beta, lam, h0, C, res):
     _, incl = xla._masks(C)
     Pm = xla._mm("...ik,...jk->...ij", sp(qp), sp(kp), dt) * xla._decay(loc.G, incl)
     dD0 = (scale * xla._mm("...ij,...iv->...jv", Pm, sp(do), dt)).astype(dt)
-    res["dd0.dD0"] = rel(sp(pdD0), dD0)
+    res["dd0.dD0"] = rel_err(sp(pdD0), dD0)
     xdh, xdh0 = jax.jit(lambda *a: xla.reverse_state_pass(*a, m, scale, B, dt))(
         sp(kp), loc.G, loc.W, sp(qp), sp(do), dD0, dfin)
-    res["reverse.dh_out"] = rel(jnp.moveaxis(dh_out, 2, 1), xdh)
-    res["reverse.dh0"] = rel(dh0, xdh0)
+    res["reverse.dh_out"] = rel_err(jnp.moveaxis(dh_out, 2, 1), xdh)
+    res["reverse.dh0"] = rel_err(dh0, xdh0)
     grads = jax.jit(lambda *a: xla.chunk_grads(*a, scale, dt))(
         sp(qp), sp(kp), sp(vp), sp(bp), sp(lp), loc, xh, xD, sp(do), xdh)
     dqp, dkp, dW, dGp, dPs = jax.jit(lambda *a: pbwd.chunk_dqkw(
@@ -129,7 +113,7 @@ def stage_checks(q, k, v, g, beta, lam, h0, C, res):
                                               interpret=interp, cfg_k=cfg.grads_k))(
         qp, kp, vp, Gp, bp, lp, Tinv, dD, dW, dqp, dkp, dGp, dPs)
     for name, a, b in zip(("dq", "dk", "dv", "dg", "dbeta", "dlam"), out, grads):
-        res[f"grads.{name}"] = rel(sp(a), b)
+        res[f"grads.{name}"] = rel_err(sp(a), b)
     # stage timings (each stage alone, at the config's settings or a candidate's)
     ins = dict(wu=(qp, kp, vp, Gp, bp, lp), solve=(qp, kp, Gp, bp, lp),
                state=(kp, Gp, W, U, h0, m.reset, m.is_last, m.seq),
@@ -202,7 +186,8 @@ SWEEP_DEADLINE = [0.0]
 
 def run_shape(B, T, H, K, V, dtype, C, reps, do_stages):
     res: dict = {"shape": [B, T, H, K, V], "dtype": jnp.dtype(dtype).name, "chunk": C}
-    args = inputs(jax.random.PRNGKey(B * 7 + T + K), B, T, H, K, V, dtype)
+    args = random_inputs(jax.random.PRNGKey(B * 7 + T + K), B, T, H, K, V, dtype=dtype,
+                         **KERNEL_INPUTS)
     w = jax.random.normal(jax.random.PRNGKey(3), (B, T, H, V), F32)
     if do_stages:
         try:
@@ -223,16 +208,16 @@ def run_shape(B, T, H, K, V, dtype, C, reps, do_stages):
         outs = {impl: vg[impl](*args, w) for impl in vg}
         names = ("q", "k", "v", "g", "beta", "lam", "h0")
         for impl, ((_, (o, fin)), gr) in outs.items():
-            res[f"{impl}.o"] = rel(o, ref[0][1][0])
-            res[f"{impl}.final"] = rel(fin, ref[0][1][1])
+            res[f"{impl}.o"] = rel_err(o, ref[0][1][0])
+            res[f"{impl}.final"] = rel_err(fin, ref[0][1][1])
             for n, a, b in zip(names, gr, ref[1]):
-                res[f"{impl}.d{n}"] = rel(a, b)
+                res[f"{impl}.d{n}"] = rel_err(a, b)
         (_, (o_p, f_p)), g_p = outs["pallas"]
         (_, (o_x, f_x)), g_x = outs["xla"]
-        res["pallas_vs_xla.o"] = rel(o_p, o_x)
-        res["pallas_vs_xla.final"] = rel(f_p, f_x)
+        res["pallas_vs_xla.o"] = rel_err(o_p, o_x)
+        res["pallas_vs_xla.final"] = rel_err(f_p, f_x)
         for n, a, b in zip(names, g_p, g_x):
-            res[f"pallas_vs_xla.d{n}"] = rel(a, b)
+            res[f"pallas_vs_xla.d{n}"] = rel_err(a, b)
     except Exception as e:  # noqa: BLE001
         res["check_error"] = f"{type(e).__name__}: {e}"[:3000]
         traceback.print_exc()
@@ -254,9 +239,9 @@ def run_shape(B, T, H, K, V, dtype, C, reps, do_stages):
                                        argnums=tuple(range(7)), has_aux=True))
         (_, (o_s, f_s)), g_s = f(*args, w)
         (_, (o_p, f_p)), g_p = vg["pallas"](*args, w)
-        res["pallas_no_save_residuals_vs_pallas.final"] = rel(f_s, f_p)
+        res["pallas_no_save_residuals_vs_pallas.final"] = rel_err(f_s, f_p)
         for n, a_, b_ in zip(("q", "k", "v", "g", "beta", "lam", "h0"), g_s, g_p):
-            res[f"pallas_no_save_residuals_vs_pallas.d{n}"] = rel(a_, b_)
+            res[f"pallas_no_save_residuals_vs_pallas.d{n}"] = rel_err(a_, b_)
         res["pallas_no_save_residuals.fwdbwd_ms"] = bench(f, (*args, w), reps)
     except Exception as e:  # noqa: BLE001
         res["no_save_residuals_error"] = f"{type(e).__name__}: {e}"[:3000]
@@ -285,7 +270,7 @@ def main(argv=None):
     runs += [(s, "float32") for s in a.extra_fp32.split(",") if s]
     allres = {"device": dev.device_kind, "jax": jax.__version__, "runs": []}
     for s, dts in runs:
-        B, T, H, K, V = (int(x) for x in s.split("x"))
+        B, T, H, K, V = parse_shape(s)
         t0 = time.perf_counter()
         main_runs = [r for r in runs if r[1] == a.dtype]
         last = bool(main_runs) and (s, dts) == main_runs[-1]

@@ -77,7 +77,7 @@ def main(argv=None) -> int:
                    help="pallas: save_residuals off (the backward recomputes W, T, h_in, D)")
     p.add_argument("--warmup", type=int, default=3)
     a = p.parse_args(argv)
-    from ops import parse_shape
+    from qdelta_jax.testing import parse_shape
 
     shape = parse_shape(a.shape)
     start, stop = cuda_profiler()
