@@ -16,14 +16,14 @@ from flax import nnx
 from qdelta_jax.layers import QDelta
 from qdelta_jax.model import QDeltaConfig, QDeltaLM, _sample, compiled_step, generate
 from qdelta_jax.pallas import decode as pallas_decode
+from qdelta_jax.testing import rel_err
 
 D = 32
 pytestmark = pytest.mark.usefixtures("xla_cache")
 
 
 def rel(a, b) -> float:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30))
+    return rel_err(a, b, ord=np.inf)  # the error of the largest entry, relative to it
 
 
 def tol(dtype) -> float:

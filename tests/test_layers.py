@@ -12,13 +12,13 @@ from flax import linen as nn
 from flax import nnx
 
 from qdelta_jax.layers import GatedRMSNorm, QDelta, RMSNorm, ShortConv, qdelta_linen
+from qdelta_jax.testing import rel_err
 
 D, H, K = 32, 2, 16
 
 
 def rel(a, b) -> float:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30))
+    return rel_err(a, b, ord=np.inf)  # the error of the largest entry, relative to it
 
 
 def make(seed=0, **kw) -> QDelta:

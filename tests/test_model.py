@@ -22,13 +22,13 @@ from qdelta_jax.model import (
     to_scanned,
     weight_decay_mask,
 )
+from qdelta_jax.testing import rel_err
 
 TINY = QDeltaConfig.from_preset("tiny")
 
 
 def rel(a, b) -> float:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30))
+    return rel_err(a, b, ord=np.inf)  # the error of the largest entry, relative to it
 
 
 @pytest.fixture(scope="module")

@@ -1,9 +1,11 @@
-"""The lax.scan reference against float64 numpy loops written here from docs/MATH.md section 1."""
+"""The lax.scan reference: the shared op suite (:mod:`op_suite`) against the reference run in
+float64, and float64 NumPy loops written here from docs/MATH.md section 1."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from op_suite import OpSuite
 
 from qdelta_jax import qdelta_rule, qdelta_step
 from qdelta_jax.testing import random_inputs
@@ -32,25 +34,10 @@ def numpy_qdelta(q, k, v, g, beta, lam, h0, scale, normalize=True):
     return o, S
 
 
-def numpy_gated_delta(q, k, v, g, beta, h0, scale):
-    """Gated DeltaNet written independently: S = a (I - beta k k^T) S + beta k v^T."""
-    q, k, v, g, beta, h0 = (np.asarray(x, np.float64) for x in (q, k, v, g, beta, h0))
-    q = q / np.sqrt((q * q).sum(-1, keepdims=True) + 1e-6)
-    k = k / np.sqrt((k * k).sum(-1, keepdims=True) + 1e-6)
-    B, T, H, K = q.shape
-    o = np.zeros(v.shape)
-    S = h0.copy()
-    eye = np.eye(K)
-    for b in range(B):
-        for h in range(H):
-            s = S[b, h]
-            for t in range(T):
-                kt = k[b, t, h]
-                s = np.exp(g[b, t, h]) * (eye - beta[b, t, h] * np.outer(kt, kt)) @ s
-                s = s + beta[b, t, h] * np.outer(kt, v[b, t, h])
-                o[b, t, h] = scale * s.T @ q[b, t, h]
-            S[b, h] = s
-    return o, S
+class TestReference(OpSuite):
+    implementation = "reference"
+    oracle_x64 = True  # itself in float64: what float32 rounding costs the scan
+    test_chunk_sizes_agree = None  # the scan has no chunks
 
 
 @pytest.mark.parametrize("T,K,V", [(1, 8, 8), (37, 16, 24), (80, 12, 20)])
@@ -63,22 +50,6 @@ def test_reference_matches_float64_loop(T, K, V):
     o_np, f_np = numpy_qdelta(q, k, v, g, beta, lam, h0, K**-0.5)
     np.testing.assert_allclose(o, o_np, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(final, f_np, rtol=1e-5, atol=1e-5)
-
-
-@pytest.mark.parametrize("use_decay", [True, False])
-def test_lam_zero_is_gated_delta_rule_and_deltanet(use_decay):
-    q, k, v, g, beta, lam, h0 = random_inputs(
-        jax.random.key(7), 1, 50, 2, 16, 16, lam_zero=True, g_scale=1.0 if use_decay else 0.0
-    )
-    assert not use_decay or float(jnp.min(g)) < 0
-    o_ref, f_ref = numpy_gated_delta(q, k, v, g, beta, h0, 0.3)
-    for impl in ("reference", "xla"):
-        o, final = qdelta_rule(
-            q, k, v, g, beta, lam, scale=0.3, initial_state=h0, output_final_state=True,
-            implementation=impl, chunk_size=16,
-        )
-        np.testing.assert_allclose(o, o_ref, rtol=1e-5, atol=1e-5)
-        np.testing.assert_allclose(final, f_ref, rtol=1e-5, atol=1e-5)
 
 
 def test_lam_changes_the_function():
