@@ -5,7 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from op_suite import OpSuite
+from op_suite import CASES, OpSuite
 
 from qdelta_jax import qdelta_rule, qdelta_step
 from qdelta_jax.testing import random_inputs
@@ -34,10 +34,19 @@ def numpy_qdelta(q, k, v, g, beta, lam, h0, scale, normalize=True):
     return o, S
 
 
+# Sizes that matter to a scan: one token, K and V not powers of two, a long sequence, bfloat16.
+REFERENCE_CASES = ("T1-C16", "T65-C32-K24-V40", "T200-C64-K20-V36", "bf16-T200-C32-V48")
+
+
 class TestReference(OpSuite):
     implementation = "reference"
     oracle_x64 = True  # itself in float64: what float32 rounding costs the scan
-    test_chunk_sizes_agree = None  # the scan has no chunks
+    test_chunk_sizes_agree = None  # the scan has no chunks,
+    test_many_chunks_forward = None  # nor chunk boundaries
+
+    @pytest.mark.parametrize("case", [c for c in CASES if c.id in REFERENCE_CASES])
+    def test_matches_reference(self, case):
+        super().test_matches_reference(case)
 
 
 @pytest.mark.parametrize("T,K,V", [(1, 8, 8), (37, 16, 24), (80, 12, 20)])
