@@ -121,10 +121,10 @@ def test_cu_seqlens_needs_batch_one():
     q, k, v, g, beta, lam, _ = random_inputs(jax.random.key(1), 2, T, H, K, V)
     with pytest.raises(ValueError, match=r"batch size must\s+be 1 .*got batch size 2"):
         qdelta_rule(q, k, v, g, beta, lam, cu_seqlens=jnp.array([0, 20]))
-    # Per-row offsets take any batch size.
-    o, _ = qdelta_rule(q, k, v, g, beta, lam, cu_seqlens=jnp.array([[0, 20], [0, 20]]),
-                       implementation="xla")
-    o1, _ = qdelta_rule(q, k, v, g, beta, lam, implementation="xla")
+    # Per-row offsets take any batch size. (Jitted: one compilation instead of op-by-op.)
+    run = jax.jit(lambda cu, *xs: qdelta_rule(*xs, cu_seqlens=cu, implementation="xla")[0])
+    o = run(jnp.array([[0, 20], [0, 20]]), q, k, v, g, beta, lam)
+    o1 = run(None, q, k, v, g, beta, lam)
     np.testing.assert_allclose(np.asarray(o), np.asarray(o1), rtol=1e-5, atol=1e-6)
 
 
@@ -156,9 +156,11 @@ def test_default_implementation_falls_back_for_sizes_the_kernels_do_not_take(mon
 
 def test_cu_seqlens_as_a_python_list():
     q, k, v, g, beta, lam, _ = random_inputs(jax.random.key(3), 1, 20, 1, 8, 8)
-    o, _ = qdelta_rule(q, k, v, g, beta, lam, cu_seqlens=[0, 7, 20], implementation="xla")
-    o2, _ = qdelta_rule(q, k, v, g, beta, lam, cu_seqlens=jnp.array([0, 7, 20]),
-                        implementation="xla")
+    # The list is a constant of the traced function, as a caller's list would be.
+    o, _ = jax.jit(lambda *xs: qdelta_rule(*xs, cu_seqlens=[0, 7, 20], implementation="xla"))(
+        q, k, v, g, beta, lam)
+    o2, _ = jax.jit(lambda cu, *xs: qdelta_rule(*xs, cu_seqlens=cu, implementation="xla"))(
+        jnp.array([0, 7, 20]), q, k, v, g, beta, lam)
     np.testing.assert_array_equal(np.asarray(o), np.asarray(o2))
 
 
