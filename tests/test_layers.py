@@ -295,18 +295,25 @@ def test_bad_cu_seqlens_and_arguments():
         make(guard_nonfinite=1)
 
 
-def test_save_residuals_reaches_the_op_as_its_config(monkeypatch):
+def spy_on_op(monkeypatch, name: str) -> list:
+    """The values of the op's keyword ``name`` in every call the layers make from now on."""
     from qdelta_jax import ops
-    from qdelta_jax.pallas.config import Config
 
     seen = []
     real = ops.qdelta_rule
 
     def spy(*a, **kw):
-        seen.append(kw.get("config"))
+        seen.append(kw.get(name))
         return real(*a, **kw)
 
     monkeypatch.setattr(ops, "qdelta_rule", spy)
+    return seen
+
+
+def test_save_residuals_reaches_the_op_as_its_config(monkeypatch):
+    from qdelta_jax.pallas.config import Config
+
+    seen = spy_on_op(monkeypatch, "config")
     x = inputs(B=1, T=8)
     make(save_residuals=False)(x)
     make()(x)
@@ -316,16 +323,7 @@ def test_save_residuals_reaches_the_op_as_its_config(monkeypatch):
 def test_guard_nonfinite_reaches_the_op(monkeypatch):
     """The layer's and the model config's ``guard_nonfinite`` is the op's (off by default);
     with it on, a NaN in the layer's input leaves the earlier tokens of its chunk finite."""
-    from qdelta_jax import ops
-
-    seen = []
-    real = ops.qdelta_rule
-
-    def spy(*a, **kw):
-        seen.append(kw.get("guard_nonfinite"))
-        return real(*a, **kw)
-
-    monkeypatch.setattr(ops, "qdelta_rule", spy)
+    seen = spy_on_op(monkeypatch, "guard_nonfinite")
     x = inputs(B=1, T=12).at[0, 9, 0].set(jnp.nan)
     on = make(guard_nonfinite=True, implementation="xla", chunk_size=16)(x)
     off = make(implementation="xla", chunk_size=16)(x)
