@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from qdelta_jax import testing
 from qdelta_jax.testing import random_offsets
 
 F32 = jnp.float32
@@ -49,28 +50,14 @@ TOL = {"float32": 1e-4, "bfloat16": 3e-2}
 NAMES = ("o", "final", "dq", "dk", "dv", "dg", "dbeta", "dlam", "dh0", "o_infer")
 
 
-def parse_shape(s: str) -> tuple[int, int, int, int, int]:
-    parts = s.lower().split("x")
-    if len(parts) != 5 or not all(p.isdigit() and int(p) > 0 for p in parts):
-        raise argparse.ArgumentTypeError(f"shape must be BxTxHxKxV with positive ints, got {s!r}")
-    return tuple(int(p) for p in parts)  # type: ignore[return-value]
-
-
 def make_inputs(key, B, T, H, K, V):
     """Random float32 inputs: unit q, k (keys correlated, as after SiLU), decays from about
-    exp(-1e-3) to exp(-5), beta and lam in (0, 1), and a random initial state."""
-    ks = jax.random.split(key, 9)
-    unit = lambda x: x / jnp.linalg.norm(x, axis=-1, keepdims=True)  # noqa: E731
-    q = unit(jax.random.normal(ks[0], (B, T, H, K), F32))
-    k = unit(jax.random.normal(ks[1], (B, T, H, K), F32) + 0.5)
-    v = jax.random.normal(ks[2], (B, T, H, V), F32)
-    rate = jnp.exp(jax.random.uniform(ks[3], (H,), F32, -2.0, 2.7))
-    g = -rate * jax.nn.softplus(jax.random.normal(ks[4], (B, T, H), F32) - 3.0)
-    beta = jax.nn.sigmoid(jax.random.normal(ks[5], (B, T, H), F32))
-    lam = jax.nn.sigmoid(jax.random.normal(ks[6], (B, T, H), F32) - 0.9)
-    h0 = 0.1 * jax.random.normal(ks[7], (B, H, K, V), F32)
-    w = jax.random.normal(ks[8], (B, T, H, V), F32)
-    return (q, k, v, g, beta, lam, h0), w
+    exp(-1e-3) to exp(-5) (a spread of rates per head), beta and lam in (0, 1), a random
+    initial state; and the weights ``w`` of the loss over the output."""
+    xs = testing.random_inputs(key, B, T, H, K, V, unit_qk=True, key_shift=0.5,
+                               g_rate=(-2.0, 2.7), h0_scale=0.1)
+    w = jax.random.normal(jax.random.fold_in(key, 1), (B, T, H, V), F32)
+    return xs, w
 
 
 @functools.cache
@@ -116,12 +103,7 @@ def _flatten(out):
     return [o, fin, *grads]
 
 
-def rel_err(a, b) -> float:
-    a = np.asarray(jnp.asarray(a, F32), np.float64)
-    b = np.asarray(jnp.asarray(b, F32), np.float64)
-    if not np.all(np.isfinite(a)):
-        return float("inf")
-    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+rel_err = testing.rel_err  # inf where either side is not finite (a failure, never a NaN)
 
 
 def check_shape(shape, dtypes, impls, chunk_size: int, seed: int, docs: int = 0):
@@ -209,14 +191,12 @@ def main(argv: list[str] | None = None) -> int:
     if a.docs < 0:
         ap.error(f"--docs must be >= 0, got {a.docs}")
 
-    if a.small:
-        shapes = [parse_shape(s) for s in SMALL_SHAPES]
-        chunk = 16
-    else:
-        shapes = [parse_shape(s) for s in (a.shapes.split(",") if a.shapes else DEFAULT_SHAPES)]
-        chunk = a.chunk_size
-    if a.shapes and a.small:
-        shapes = [parse_shape(s) for s in a.shapes.split(",")]
+    given = a.shapes.split(",") if a.shapes else (SMALL_SHAPES if a.small else DEFAULT_SHAPES)
+    try:
+        shapes = [testing.parse_shape(s) for s in given]
+    except ValueError as e:
+        ap.error(f"--shapes: {e}")
+    chunk = 16 if a.small else a.chunk_size
     dtypes = ("float32", "bfloat16") if a.dtype == "both" else (a.dtype,)
     impls = available(a.implementations.split(",") if a.implementations else None, a.small)
     print(f"qdelta-check: backend {jax.default_backend()} ({jax.devices()[0].device_kind}), "

@@ -257,10 +257,13 @@ def test_config_defaults_and_cache(tmp_path, monkeypatch):
     assert pcfg.default_config(128, 256, 64, jnp.bfloat16) == cfg
 
 
-def test_check_small_runs():
+def test_check_small_runs(capsys):
     from qdelta_jax import check
 
     assert check.main(["--small", "--dtype", "float32", "--shapes", "1x33x1x16x16"]) == 0
+    with pytest.raises(SystemExit):
+        check.main(["--shapes", "1x2x3"])
+    assert "--shapes: shape must be BxTxHxKxV" in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------- packed rows
