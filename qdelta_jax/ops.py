@@ -317,12 +317,6 @@ def qdelta_rule(
         if core is not None:
             run = shard_over_batch(run, B, batch_axes)
         if guard_nonfinite:  # NaN, inf spoil what the scan spoils, nothing earlier
-            kept = run
-
-            def run(*args):
-                o, final = kept(*args)
-                return o, (final if output_final_state else None)
-
             o, final = nonfinite.call(run, q, k, v, g, beta, lam, initial_state, docs)
         else:
             o, final = run(q, k, v, g, beta, lam, initial_state, docs)
