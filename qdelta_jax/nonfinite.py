@@ -114,25 +114,25 @@ def _count_in(prefix: Array, lo: Array, hi: Array) -> Array:
     return at(hi) - at(lo) > 0
 
 
-def _grad_masks(bq, bk, bv, bg, bbeta, blam, start, end) -> dict:
+def _prefix(b: Array) -> Array:
+    """``[B, T + 1, H]`` counts of set flags of ``b [B, T, H]`` before each position."""
+    c = jnp.cumsum(b.astype(jnp.int32), axis=1)
+    return jnp.concatenate([jnp.zeros_like(c[:, :1]), c], axis=1)
+
+
+def _grad_masks(bq, bk, bv, bg, bbeta, blam, px, start, end) -> dict:
     """Per token ``[B, T, H]``: where the scan's gradient of each input is non-finite.
 
     Per head and document, with ``S_t`` the state after token ``t`` and ``dS_t`` its gradient:
     ``S_t`` is non-finite once any input at or before ``t`` is; ``dS_t`` is non-finite when
     ``q_t`` is, or any of ``q, k, g, beta, lam`` after ``t`` (the reverse step from ``t + 1``
     multiplies by ``exp(g)``, ``beta``, ``k`` and ``x = k + lam q``, never by ``v``). Each
-    input's gradient at ``t`` is then non-finite where a factor of its formula is."""
-    B, T, H = bq.shape
+    input's gradient at ``t`` is then non-finite where a factor of its formula is. ``px``:
+    :func:`_prefix` of the flags that spoil the whole state (any of ``q, k, g, beta, lam``)."""
+    T = bq.shape[1]
     t = jnp.arange(T, dtype=jnp.int32)[None, :]
     bx = bq | bk | blam  # x = k + lam q
-    xbad = bx | bg | bbeta  # spoils the whole state
-    anybad = xbad | bv
-
-    def prefix(b):
-        c = jnp.cumsum(b.astype(jnp.int32), axis=1)
-        return jnp.concatenate([jnp.zeros((B, 1, H), jnp.int32), c], axis=1)
-
-    pa, px = prefix(anybad), prefix(xbad)
+    pa = _prefix(bx | bg | bbeta | bv)
     s_now = _count_in(pa, start, t + 1)  # S_t non-finite
     s_prev = _count_in(pa, start, t)  # S_{t-1} non-finite
     ds = bq | _count_in(px, jnp.minimum(t + 1, end), end)  # dS_t non-finite
@@ -159,13 +159,11 @@ def guard(q, k, v, g, beta, lam, docs: packing.Documents | None = None) -> Guard
     bv = jnp.any(bad_v, axis=-1)
     bg, bbeta, blam = ~_finite_g(g), ~jnp.isfinite(beta), ~jnp.isfinite(lam)
     start, end = _doc_bounds(docs, B, T)
-    grads = _grad_masks(bq, bk, bv, bg, bbeta, blam, start, end)
+    px = _prefix(bq | bk | bg | bbeta | blam)  # the flags that spoil the whole state
+    grads = _grad_masks(bq, bk, bv, bg, bbeta, blam, px, start, end)
     grad_nan = {n: (m[..., None] if n in ("q", "k", "v") else m) for n, m in grads.items()}
 
-    xbad = bq | bk | bg | bbeta | blam
     t = jnp.arange(T, dtype=jnp.int32)
-    px = jnp.concatenate([jnp.zeros((B, 1, H), jnp.int32),
-                          jnp.cumsum(xbad.astype(jnp.int32), axis=1)], axis=1)
     x_now = _count_in(px, start, jnp.broadcast_to(t + 1, (B, T)))  # [B, T, H]
     # The first non-finite v of every column in each document (T where there is none).
     first = jnp.where(bad_v, t[None, :, None, None], T)
