@@ -103,9 +103,6 @@ def _flatten(out):
     return [o, fin, *grads]
 
 
-rel_err = testing.rel_err  # inf where either side is not finite (a failure, never a NaN)
-
-
 def check_shape(shape, dtypes, impls, chunk_size: int, seed: int, docs: int = 0):
     """Rows ``(dtype, impl, errors, seconds, error message)``; the float32 HIGHEST reference is
     computed once per shape and shared by every dtype. ``docs``: packed documents per row."""
@@ -125,7 +122,7 @@ def check_shape(shape, dtypes, impls, chunk_size: int, seed: int, docs: int = 0)
             try:
                 out = _flatten(_value_and_grads(impl, chunk_size, packed)(*args))
                 out.append(_forward_only(impl, chunk_size, packed)(*args[:7]))
-                errs = [float("nan") if b is None else rel_err(a, b)
+                errs = [float("nan") if b is None else testing.rel_err(a, b)
                         for a, b in zip(out, ref + [ref[0]])]
                 err_msg = None
             except Exception as e:  # noqa: BLE001 - reported as a failed row
