@@ -116,11 +116,6 @@ def doc_ids(cu: Int[Array, "B S+1"], T: int) -> Int[Array, "B T"]:
     return jax.vmap(row)(cu)
 
 
-def doc_starts(cu: Int[Array, "B S+1"], T: int) -> Int[Array, "B T"]:
-    """The position where each token's document starts (for the short convolution)."""
-    return _derive(cu, T).starts
-
-
 def one_row(cu: Int[Array, "B S+1"], T: int) -> Int[Array, " B*S+1"]:
     """Per-row offsets as the offsets of the same documents in one row of ``B T`` tokens (row
     ``b`` shifted by ``b T``): document ``s`` of row ``b`` becomes document ``b S + s``."""
@@ -151,7 +146,7 @@ class Documents(NamedTuple):
     @property
     def num_states(self) -> int:
         """How many documents (state entries): ``B S``."""
-        return self.offsets.shape[0] * (self.offsets.shape[1] - 1)
+        return num_states(self.offsets)
 
 
 def documents(cu_seqlens, B: int, T: int) -> Documents:

@@ -60,10 +60,10 @@ def test_segmented_cumsum_restarts_at_documents_without_losing_precision():
     np.testing.assert_allclose(G, want, rtol=1e-6, atol=0)
 
 
-def test_one_row_and_doc_starts():
+def test_one_row_and_document_starts():
     cu = jnp.array([[0, 2, 5], [0, 5, 5]], jnp.int32)
     assert packing.one_row(cu, 5).tolist() == [0, 2, 5, 10, 10]  # 4 documents, the last empty
-    assert packing.doc_starts(cu, 5).tolist() == [[0, 0, 2, 2, 2], [0, 0, 0, 0, 0]]
+    assert packing.documents(cu, 2, 5).starts.tolist() == [[0, 0, 2, 2, 2], [0, 0, 0, 0, 0]]
 
 
 def _documents_by_loop(cu, T):
