@@ -79,6 +79,11 @@ def stage_checks(q, k, v, g, beta, lam, h0, C, res):
     res["local.W"] = rel_err(sp(W), loc.W)
     res["local.U"] = rel_err(sp(U), loc.U)
     res["local.T"] = rel_err(sp(Tinv), loc.Tinv)
+    fW, fU, fT = jax.jit(lambda *a: pfwd.chunk_solve_wu(*a, C=C, cfg=cfg.solve,
+                                                        interpret=interp))(qp, kp, vp, Gp, bp, lp)
+    res["solve_wu.W"] = rel_err(sp(fW), loc.W)
+    res["solve_wu.U"] = rel_err(sp(fU), loc.U)
+    res["solve_wu.T"] = rel_err(sp(fT), loc.Tinv)
     h_in, D, fin = jax.jit(lambda *a: pfwd.state_pass(*a, C=C, cfg=cfg.state, interpret=interp))(
         kp, Gp, W, U, h0, m.reset, m.is_last, m.seq)
     xh, xD, xf = jax.jit(lambda *a: xla.state_pass(*a, m, dt))(sp(kp), loc.G, loc.W, loc.U, h0)
@@ -116,6 +121,7 @@ def stage_checks(q, k, v, g, beta, lam, h0, C, res):
         res[f"grads.{name}"] = rel_err(sp(a), b)
     # stage timings (each stage alone, at the config's settings or a candidate's)
     ins = dict(wu=(qp, kp, vp, Gp, bp, lp), solve=(qp, kp, Gp, bp, lp),
+               solve_wu=(qp, kp, vp, Gp, bp, lp), solve_wu_infer=(qp, kp, vp, Gp, bp, lp),
                state=(kp, Gp, W, U, h0, m.reset, m.is_last, m.seq),
                output=(qp, kp, Gp, h_in, D),
                dd0=(qp, kp, Gp, do),
@@ -124,12 +130,19 @@ def stage_checks(q, k, v, g, beta, lam, h0, C, res):
                grads_v=(qp, kp, vp, Gp, bp, lp, Tinv, dD, dW, dqp, dkp, dGp, dPs))
     ins["grads_k"] = ins["grads_v"]
 
+    def field(name):  # the Config stage a timed stage's settings belong to
+        return "solve" if name.startswith("solve_wu") else name
+
     def stage_fn(name, sc):
-        c = dataclasses.replace(cfg, **{name: sc})
+        c = dataclasses.replace(cfg, **{field(name): sc})
         f = {
             "wu": lambda *a: pfwd.chunk_local(*a, C=C, cfg=c.wu, interpret=interp,
                                               cfg_solve=c.solve),
             "solve": lambda *a: pfwd.chunk_solve(*a, C=C, cfg=c.solve, interpret=interp),
+            # the solve and W/U in one launch (solve's settings), with T and without it
+            "solve_wu": lambda *a: pfwd.chunk_solve_wu(*a, C=C, cfg=c.solve, interpret=interp),
+            "solve_wu_infer": lambda *a: pfwd.chunk_solve_wu(*a, C=C, cfg=c.solve,
+                                                             interpret=interp, with_t=False),
             "state": lambda *a: pfwd.state_pass(*a, C=C, cfg=c.state, interpret=interp),
             "output": lambda *a: pfwd.chunk_output(*a, scale=scale, out_dtype=v.dtype, C=C,
                                                    cfg=c.output, interpret=interp),
@@ -144,13 +157,14 @@ def stage_checks(q, k, v, g, beta, lam, h0, C, res):
         return jax.jit(f["grads_v" if name == "grads_k" else name])
 
     t = {}
-    for name in ("wu", "solve", "state", "output", "dd0", "reverse", "dqkw", "grads_v"):
-        t[name] = bench(stage_fn(name, getattr(cfg, name)), ins[name])
+    for name in ("wu", "solve", "solve_wu", "solve_wu_infer", "state", "output", "dd0",
+                 "reverse", "dqkw", "grads_v"):
+        t[name] = bench(stage_fn(name, getattr(cfg, field(name))), ins[name])
     if SWEEP_DEADLINE[0]:
         SWEEP_DEADLINE[0] += time.perf_counter()
         sweep = res.setdefault("sweep", {})
-        for name, cands in SWEEP.items():
-            for cand in cands:
+        for name in SWEEP_STAGES or list(SWEEP):
+            for cand in SWEEP[name]:
                 if time.perf_counter() > SWEEP_DEADLINE[0]:
                     sweep["stopped"] = "deadline"
                     return t
@@ -178,10 +192,16 @@ SWEEP = {  # in the order they run until the deadline: the backward's largest ke
                 (8, 2, 64, 0), (4, 3, 32, 0)],
     "wu": [(4, 1, 64, 128), (8, 1, 128, 128), (4, 1, 256, 128), (4, 1, 128, 64)],
     "solve": [(2, 1, 0, 64), (1, 1, 0, 32), (4, 1, 0, 64), (1, 1, 0, 128)],
+    "solve_wu": [(1, 1, 64, 128), (1, 1, 64, 64), (1, 1, 32, 64), (1, 1, 128, 128),
+                 (2, 1, 64, 64), (2, 1, 64, 128), (2, 1, 128, 128), (4, 1, 64, 64),
+                 (4, 1, 128, 128), (1, 2, 64, 64)],
+    "solve_wu_infer": [(1, 1, 64, 128), (1, 1, 64, 64), (2, 1, 64, 64), (2, 1, 128, 128),
+                       (4, 1, 64, 64)],
     "state": [(4, 2, 64, 0), (4, 2, 32, 0), (4, 2, 16, 0), (2, 2, 16, 0), (2, 2, 32, 0)],
     "output": [(4, 2, 128, 0), (8, 2, 256, 0)],
 }
 SWEEP_DEADLINE = [0.0]
+SWEEP_STAGES: list[str] = []  # --sweep-stages: only these (default all, in SWEEP's order)
 
 
 def run_shape(B, T, H, K, V, dtype, C, reps, do_stages):
@@ -262,7 +282,13 @@ def main(argv=None):
     ap.add_argument("--sweep-s", type=float, default=0.0,
                     help="also time the SWEEP candidates of each stage for up to this many seconds"
                     " (last shape of --dtype only)")
+    ap.add_argument("--sweep-stages", default="",
+                    help="comma-separated SWEEP stages to sweep, in this order (default: all)")
     a = ap.parse_args(argv)
+    bad = [n for n in a.sweep_stages.split(",") if n and n not in SWEEP]
+    if bad:
+        ap.error(f"--sweep-stages: unknown {bad}; known: {', '.join(SWEEP)}")
+    SWEEP_STAGES[:] = [n for n in a.sweep_stages.split(",") if n]
     dev = jax.devices()[0]
     print(f"device: {dev.device_kind}, jax {jax.__version__}, backend {jax.default_backend()}",
           flush=True)
