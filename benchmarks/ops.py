@@ -68,38 +68,16 @@ def peak_bytes() -> int | None:
     return stats.get("peak_bytes_in_use")
 
 
-# Suffixes of an implementation name that set kernel config fields (``pallas+fused``,
-# ``pallas-mosaic+fused+recompute``): one run compares config variants on one card.
-CONFIG_SUFFIXES = {"fused": ("fuse_solve_wu", True), "unfused": ("fuse_solve_wu", False),
-                   "recompute": ("save_residuals", False)}
-
-
-def split_impl(impl: str):
-    """``(implementation, Config or None)`` of a benchmark name: ``pallas-no-save-residuals``
-    is pallas with ``save_residuals`` off; ``+`` suffixes (:data:`CONFIG_SUFFIXES`) set
-    config fields. Raises ValueError for an unknown suffix."""
-    if impl == "pallas-no-save-residuals":
-        impl = "pallas+recompute"
-    base, *suffixes = impl.split("+")
-    if not suffixes:
-        return base, None
-    from qdelta_jax.pallas import Config
-
-    fields = {}
-    for sfx in suffixes:
-        if sfx not in CONFIG_SUFFIXES:
-            raise ValueError(f"unknown config suffix +{sfx} in {impl!r}; known: "
-                             f"{', '.join('+' + k for k in CONFIG_SUFFIXES)}")
-        name, value = CONFIG_SUFFIXES[sfx]
-        fields[name] = value
-    return base, Config(**fields)
-
-
 def bench_impl(impl, shape, dtype, warmup, reps, chunk_size, docs=0, guard=False):
-    """``impl``: an implementation of qdelta_rule, optionally with config suffixes
-    (:func:`split_impl`); ``guard``: with the non-finite guard."""
-    base, config = split_impl(impl)
-    row = _bench_impl(impl, base, shape, dtype, warmup, reps, chunk_size, docs, config, guard)
+    """``impl``: an implementation of qdelta_rule, or ``pallas-no-save-residuals`` (pallas with
+    ``config=Config(save_residuals=False)``); ``guard``: with the non-finite guard."""
+    config = None
+    if impl == "pallas-no-save-residuals":
+        from qdelta_jax.pallas import Config
+
+        config = Config(save_residuals=False)
+    row = _bench_impl(impl, "pallas" if config is not None else impl, shape, dtype, warmup, reps,
+                      chunk_size, docs, config, guard)
     if guard:
         row["impl"] += " (guarded)"
     return row
@@ -200,9 +178,7 @@ def main(argv=None) -> int:
                    help="BxTxHxKxV (default: the three shapes of BENCHMARKS.md)")
     p.add_argument("--impl", nargs="+", default=None,
                    help="implementations (default: xla, plus pallas and pallas-no-save-residuals"
-                   " on GPU); pallas-no-save-residuals is pallas with save_residuals off; a"
-                   " suffix +fused / +unfused / +recompute sets the kernel config (the solve"
-                   " and W/U in one launch or two; residuals recomputed), e.g. pallas+fused")
+                   " on GPU); pallas-no-save-residuals is pallas with save_residuals off")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     p.add_argument("--chunk-size", type=int, default=64)
     p.add_argument("--warmup", type=int, default=5)
@@ -223,11 +199,6 @@ def main(argv=None) -> int:
         p.error(f"--shapes: {e}")
     on_gpu = jax.default_backend() == "gpu"
     impls = a.impl or (["xla", "pallas", "pallas-no-save-residuals"] if on_gpu else ["xla"])
-    for impl in impls:
-        try:
-            split_impl(impl)
-        except ValueError as e:
-            p.error(f"--impl: {e}")
     dtype = jnp.dtype(a.dtype)
     anchors = run_anchors(shapes, a.warmup, a.reps) if a.anchors else None
     device = jax.devices()[0].device_kind

@@ -75,26 +75,23 @@ def stage_checks(q, k, v, g, beta, lam, h0, C, res):
     W, U, Tinv = jax.jit(lambda *a: pfwd.chunk_local(*a, C=C, cfg=cfg.wu, interpret=interp,
                                                      cfg_solve=cfg.solve))(
         qp, kp, vp, Gp, bp, lp)
-    loc = jax.jit(xla.chunk_local)(sp(qp), sp(kp), sp(vp), sp(Gp), sp(bp), sp(lp))
-    res["local.W"] = rel_err(sp(W), loc.W)
-    res["local.U"] = rel_err(sp(U), loc.U)
-    res["local.T"] = rel_err(sp(Tinv), loc.Tinv)
-    fW, fU, fT = jax.jit(lambda *a: pfwd.chunk_solve_wu(*a, C=C, cfg=cfg.solve,
-                                                        interpret=interp))(qp, kp, vp, Gp, bp, lp)
-    res["solve_wu.W"] = rel_err(sp(fW), loc.W)
-    res["solve_wu.U"] = rel_err(sp(fU), loc.U)
-    res["solve_wu.T"] = rel_err(sp(fT), loc.Tinv)
     h_in, D, fin = jax.jit(lambda *a: pfwd.state_pass(*a, C=C, cfg=cfg.state, interpret=interp))(
         kp, Gp, W, U, h0, m.reset, m.is_last, m.seq)
-    xh, xD, xf = jax.jit(lambda *a: xla.state_pass(*a, m, dt))(sp(kp), loc.G, loc.W, loc.U, h0)
-    res["state.h_in"] = rel_err(jnp.moveaxis(h_in, 2, 1), xh)
-    res["state.D"] = rel_err(sp(D), xD)
-    res["state.final"] = rel_err(fin, xf)
     scale = K**-0.5
     o = jax.jit(lambda *a: pfwd.chunk_output(*a, scale=scale, out_dtype=v.dtype, C=C,
                                              cfg=cfg.output, interpret=interp))(qp, kp, Gp, h_in, D)
-    xo = jax.jit(lambda *a: xla.chunk_output(*a, scale, dt))(sp(qp), sp(kp), loc.G, xh, xD)
-    res["output.o"] = rel_err(sp(o), xo)
+    if CHECK[0]:
+        loc = jax.jit(xla.chunk_local)(sp(qp), sp(kp), sp(vp), sp(Gp), sp(bp), sp(lp))
+        res["local.W"] = rel_err(sp(W), loc.W)
+        res["local.U"] = rel_err(sp(U), loc.U)
+        res["local.T"] = rel_err(sp(Tinv), loc.Tinv)
+        xh, xD, xf = jax.jit(lambda *a: xla.state_pass(*a, m, dt))(sp(kp), loc.G, loc.W, loc.U,
+                                                                   h0)
+        res["state.h_in"] = rel_err(jnp.moveaxis(h_in, 2, 1), xh)
+        res["state.D"] = rel_err(sp(D), xD)
+        res["state.final"] = rel_err(fin, xf)
+        xo = jax.jit(lambda *a: xla.chunk_output(*a, scale, dt))(sp(qp), sp(kp), loc.G, xh, xD)
+        res["output.o"] = rel_err(sp(o), xo)
     do = jax.random.normal(jax.random.PRNGKey(7), vp.shape, F32).astype(dt)
     dfin = jax.random.normal(jax.random.PRNGKey(8), h0.shape, F32)
     pdD0 = jax.jit(lambda *a: pbwd.chunk_dd0(*a, scale=scale, C=C, cfg=cfg.dd0,
@@ -102,26 +99,27 @@ def stage_checks(q, k, v, g, beta, lam, h0, C, res):
     dh_out, dD, dh0 = jax.jit(lambda *a: pbwd.reverse_state_pass(
         *a, scale=scale, C=C, cfg=cfg.reverse, interpret=interp))(
         qp, kp, Gp, W, do, pdD0, dfin, m.reset, m.is_last, m.seq)
-    _, incl = xla._masks(C)
-    Pm = xla._mm("...ik,...jk->...ij", sp(qp), sp(kp), dt) * xla._decay(loc.G, incl)
-    dD0 = (scale * xla._mm("...ij,...iv->...jv", Pm, sp(do), dt)).astype(dt)
-    res["dd0.dD0"] = rel_err(sp(pdD0), dD0)
-    xdh, xdh0 = jax.jit(lambda *a: xla.reverse_state_pass(*a, m, scale, B, dt))(
-        sp(kp), loc.G, loc.W, sp(qp), sp(do), dD0, dfin)
-    res["reverse.dh_out"] = rel_err(jnp.moveaxis(dh_out, 2, 1), xdh)
-    res["reverse.dh0"] = rel_err(dh0, xdh0)
-    grads = jax.jit(lambda *a: xla.chunk_grads(*a, scale, dt))(
-        sp(qp), sp(kp), sp(vp), sp(bp), sp(lp), loc, xh, xD, sp(do), xdh)
+    if CHECK[0]:
+        _, incl = xla._masks(C)
+        Pm = xla._mm("...ik,...jk->...ij", sp(qp), sp(kp), dt) * xla._decay(loc.G, incl)
+        dD0 = (scale * xla._mm("...ij,...iv->...jv", Pm, sp(do), dt)).astype(dt)
+        res["dd0.dD0"] = rel_err(sp(pdD0), dD0)
+        xdh, xdh0 = jax.jit(lambda *a: xla.reverse_state_pass(*a, m, scale, B, dt))(
+            sp(kp), loc.G, loc.W, sp(qp), sp(do), dD0, dfin)
+        res["reverse.dh_out"] = rel_err(jnp.moveaxis(dh_out, 2, 1), xdh)
+        res["reverse.dh0"] = rel_err(dh0, xdh0)
+        grads = jax.jit(lambda *a: xla.chunk_grads(*a, scale, dt))(
+            sp(qp), sp(kp), sp(vp), sp(bp), sp(lp), loc, xh, xD, sp(do), xdh)
     dqp, dkp, dW, dGp, dPs = jax.jit(lambda *a: pbwd.chunk_dqkw(
         *a, scale=scale, C=C, cfg=cfg.dqkw, interpret=interp))(qp, kp, Gp, h_in, dh_out, do, D, dD)
     out = jax.jit(lambda *a: pbwd.chunk_grads(*a, C=C, cfg=cfg.grads_v,
                                               interpret=interp, cfg_k=cfg.grads_k))(
         qp, kp, vp, Gp, bp, lp, Tinv, dD, dW, dqp, dkp, dGp, dPs)
-    for name, a, b in zip(("dq", "dk", "dv", "dg", "dbeta", "dlam"), out, grads):
-        res[f"grads.{name}"] = rel_err(sp(a), b)
+    if CHECK[0]:
+        for name, a, b in zip(("dq", "dk", "dv", "dg", "dbeta", "dlam"), out, grads):
+            res[f"grads.{name}"] = rel_err(sp(a), b)
     # stage timings (each stage alone, at the config's settings or a candidate's)
     ins = dict(wu=(qp, kp, vp, Gp, bp, lp), solve=(qp, kp, Gp, bp, lp),
-               solve_wu=(qp, kp, vp, Gp, bp, lp), solve_wu_infer=(qp, kp, vp, Gp, bp, lp),
                state=(kp, Gp, W, U, h0, m.reset, m.is_last, m.seq),
                output=(qp, kp, Gp, h_in, D),
                dd0=(qp, kp, Gp, do),
@@ -130,19 +128,12 @@ def stage_checks(q, k, v, g, beta, lam, h0, C, res):
                grads_v=(qp, kp, vp, Gp, bp, lp, Tinv, dD, dW, dqp, dkp, dGp, dPs))
     ins["grads_k"] = ins["grads_v"]
 
-    def field(name):  # the Config stage a timed stage's settings belong to
-        return "solve" if name.startswith("solve_wu") else name
-
     def stage_fn(name, sc):
-        c = dataclasses.replace(cfg, **{field(name): sc})
+        c = dataclasses.replace(cfg, **{name: sc})
         f = {
             "wu": lambda *a: pfwd.chunk_local(*a, C=C, cfg=c.wu, interpret=interp,
                                               cfg_solve=c.solve),
             "solve": lambda *a: pfwd.chunk_solve(*a, C=C, cfg=c.solve, interpret=interp),
-            # the solve and W/U in one launch (solve's settings), with T and without it
-            "solve_wu": lambda *a: pfwd.chunk_solve_wu(*a, C=C, cfg=c.solve, interpret=interp),
-            "solve_wu_infer": lambda *a: pfwd.chunk_solve_wu(*a, C=C, cfg=c.solve,
-                                                             interpret=interp, with_t=False),
             "state": lambda *a: pfwd.state_pass(*a, C=C, cfg=c.state, interpret=interp),
             "output": lambda *a: pfwd.chunk_output(*a, scale=scale, out_dtype=v.dtype, C=C,
                                                    cfg=c.output, interpret=interp),
@@ -157,9 +148,8 @@ def stage_checks(q, k, v, g, beta, lam, h0, C, res):
         return jax.jit(f["grads_v" if name == "grads_k" else name])
 
     t = {}
-    for name in ("wu", "solve", "solve_wu", "solve_wu_infer", "state", "output", "dd0",
-                 "reverse", "dqkw", "grads_v"):
-        t[name] = bench(stage_fn(name, getattr(cfg, field(name))), ins[name])
+    for name in ("wu", "solve", "state", "output", "dd0", "reverse", "dqkw", "grads_v"):
+        t[name] = bench(stage_fn(name, getattr(cfg, name)), ins[name])
     if SWEEP_DEADLINE[0]:
         SWEEP_DEADLINE[0] += time.perf_counter()
         sweep = res.setdefault("sweep", {})
@@ -192,16 +182,12 @@ SWEEP = {  # in the order they run until the deadline: the backward's largest ke
                 (8, 2, 64, 0), (4, 3, 32, 0)],
     "wu": [(4, 1, 64, 128), (8, 1, 128, 128), (4, 1, 256, 128), (4, 1, 128, 64)],
     "solve": [(2, 1, 0, 64), (1, 1, 0, 32), (4, 1, 0, 64), (1, 1, 0, 128)],
-    "solve_wu": [(1, 1, 64, 128), (1, 1, 64, 64), (1, 1, 32, 64), (1, 1, 128, 128),
-                 (2, 1, 64, 64), (2, 1, 64, 128), (2, 1, 128, 128), (4, 1, 64, 64),
-                 (4, 1, 128, 128), (1, 2, 64, 64)],
-    "solve_wu_infer": [(1, 1, 64, 128), (1, 1, 64, 64), (2, 1, 64, 64), (2, 1, 128, 128),
-                       (4, 1, 64, 64)],
     "state": [(4, 2, 64, 0), (4, 2, 32, 0), (4, 2, 16, 0), (2, 2, 16, 0), (2, 2, 32, 0)],
     "output": [(4, 2, 128, 0), (8, 2, 256, 0)],
 }
 SWEEP_DEADLINE = [0.0]
-SWEEP_STAGES: list[str] = []  # --sweep-stages: only these (default all, in SWEEP's order)
+CHECK = [True]  # --sweep-only turns the comparisons with the XLA stages and path off
+SWEEP_STAGES: list[str] = []  # --sweep-stages: only these, in that order (default all)
 
 
 def run_shape(B, T, H, K, V, dtype, C, reps, do_stages):
@@ -217,6 +203,8 @@ def run_shape(B, T, H, K, V, dtype, C, reps, do_stages):
         except Exception as e:  # noqa: BLE001
             res["stage_error"] = f"{type(e).__name__}: {e}"[:3000]
             traceback.print_exc()
+    if not CHECK[0]:  # --sweep-only: the stage times and the sweep are the result
+        return res
     try:
         vg = {}
         for impl in ("pallas", "xla"):
@@ -282,6 +270,9 @@ def main(argv=None):
     ap.add_argument("--sweep-s", type=float, default=0.0,
                     help="also time the SWEEP candidates of each stage for up to this many seconds"
                     " (last shape of --dtype only)")
+    ap.add_argument("--sweep-only", action="store_true",
+                    help="time the stages and sweep them without checking them against the XLA"
+                    " stages and the whole op (much faster on large shapes)")
     ap.add_argument("--sweep-stages", default="",
                     help="comma-separated SWEEP stages to sweep, in this order (default: all)")
     a = ap.parse_args(argv)
@@ -289,6 +280,7 @@ def main(argv=None):
     if bad:
         ap.error(f"--sweep-stages: unknown {bad}; known: {', '.join(SWEEP)}")
     SWEEP_STAGES[:] = [n for n in a.sweep_stages.split(",") if n]
+    CHECK[0] = not a.sweep_only
     dev = jax.devices()[0]
     print(f"device: {dev.device_kind}, jax {jax.__version__}, backend {jax.default_backend()}",
           flush=True)

@@ -69,12 +69,7 @@ class Config:
     A field left ``None`` is filled by :func:`get_config` for the call's sizes: a stage from the
     recorded (tuned) or default config, ``save_residuals`` from
     :func:`default_save_residuals` (on unless ``QDELTA_SAVE_RESIDUALS`` says otherwise). So
-    ``Config(save_residuals=False)`` is a whole config for ``qdelta_rule(..., config=...)``.
-
-    ``fuse_solve_wu``: the solve kernel also forms ``W`` and ``U`` (``chunk_solve_wu``, one
-    launch with ``solve``'s settings, its ``block_v`` the V tile of ``U``; ``wu`` is then
-    unused), so ``T`` crosses HBM only where the backward keeps it. ``None``: the recorded or
-    default choice."""
+    ``Config(save_residuals=False)`` is a whole config for ``qdelta_rule(..., config=...)``."""
 
     solve: StageConfig | None = None
     wu: StageConfig | None = None
@@ -86,17 +81,15 @@ class Config:
     grads_v: StageConfig | None = None
     grads_k: StageConfig | None = None
     save_residuals: bool | None = None
-    fuse_solve_wu: bool | None = None
 
     def __post_init__(self):
         for name in STAGES:
             x = getattr(self, name)
             if x is not None and not isinstance(x, StageConfig):
                 raise TypeError(f"Config.{name} must be a StageConfig or None, got {x!r}")
-        for name in ("save_residuals", "fuse_solve_wu"):
-            x = getattr(self, name)
-            if x is not None and not isinstance(x, bool):
-                raise TypeError(f"Config.{name} must be a bool or None, got {x!r}")
+        if self.save_residuals is not None and not isinstance(self.save_residuals, bool):
+            raise TypeError(f"Config.save_residuals must be a bool or None, got "
+                            f"{self.save_residuals!r}")
 
     @property
     def sets_stages(self) -> bool:
@@ -130,7 +123,6 @@ def default_config(K: int, V: int, chunk_size: int = 64, dtype=None) -> Config:
     bv_out = min(V, 256 if K <= 128 else 128)
     cfg = Config(
         save_residuals=True,
-        fuse_solve_wu=False,
         wu=StageConfig(num_warps=4, num_stages=1, block_v=min(V, 64), block_k=min(K, 128)),
         state=StageConfig(num_warps=w_state, num_stages=2, block_v=bv_state),
         output=StageConfig(num_warps=4, num_stages=2, block_v=bv_out),
@@ -209,9 +201,6 @@ def get_config(K: int, V: int, chunk_size: int, dtype, config: Config | None = N
         if getattr(config, f.name) is not None}
     if given.get("save_residuals") is None:
         given["save_residuals"] = default_save_residuals()
-    if cfg.fuse_solve_wu is None and "fuse_solve_wu" not in given:  # recorded before the flag
-        given["fuse_solve_wu"] = default_config(padded_size(K), padded_size(V), chunk_size,
-                                                dtype).fuse_solve_wu
     return dataclasses.replace(cfg, **given)
 
 

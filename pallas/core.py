@@ -54,18 +54,11 @@ def check_sizes(K: int, V: int, chunk_size: int) -> None:
         )
 
 
-def _local(q, k, v, G, beta, lam, seg, cfg: Config, C, interp, with_t: bool):
-    """``(W, U, T)``: the solve and W/U, in one launch where ``cfg.fuse_solve_wu`` (``T`` then
-    None unless ``with_t``: only the backward reads it)."""
-    return fwd.chunk_local(q, k, v, G, beta, lam, seg, C=C, cfg=cfg.wu, interpret=interp,
-                           cfg_solve=cfg.solve, fused=bool(cfg.fuse_solve_wu), with_t=with_t)
-
-
-def _states(q, k, v, G, beta, lam, h0, seg, reset, is_last, seq, cfg: Config, C, interp,
-            with_t: bool = True):
+def _states(q, k, v, G, beta, lam, h0, seg, reset, is_last, seq, cfg: Config, C, interp):
     """``(W, T, h_in, D)`` (what the backward needs) and the final states: the solve, W/U and
     the state pass, shared by the forward and the backward's recompute."""
-    W, U, Tinv = _local(q, k, v, G, beta, lam, seg, cfg, C, interp, with_t)
+    W, U, Tinv = fwd.chunk_local(q, k, v, G, beta, lam, seg, C=C, cfg=cfg.wu,
+                                 interpret=interp, cfg_solve=cfg.solve)
     h_in, D, final = fwd.state_pass(
         k, G, W, U, h0, reset, is_last, seq, seg, C=C, cfg=cfg.state, interpret=interp
     )
@@ -73,10 +66,9 @@ def _states(q, k, v, G, beta, lam, h0, seg, reset, is_last, seq, cfg: Config, C,
 
 
 def _forward(q, k, v, G, beta, lam, h0, seg, reset, is_last, seq, scale, cfg: Config, C,
-             interp, with_t: bool = True):
+             interp):
     """``(o, final)`` and the residuals ``(W, T, h_in, D)``."""
-    res, final = _states(q, k, v, G, beta, lam, h0, seg, reset, is_last, seq, cfg, C, interp,
-                         with_t)
+    res, final = _states(q, k, v, G, beta, lam, h0, seg, reset, is_last, seq, cfg, C, interp)
     _, _, h_in, D = res
     o = fwd.chunk_output(
         q, k, G, h_in, D, seg, scale=scale, out_dtype=v.dtype, C=C, cfg=cfg.output,
@@ -102,7 +94,8 @@ def _mosaic_h0(h0, seg, B):
 
 def _mosaic_forward(q, k, v, G, beta, lam, h0, seg, scale, cfg: Config, C, interp, mcfg,
                     residuals: bool):
-    W, U, Tinv = _local(q, k, v, G, beta, lam, seg, cfg, C, interp, with_t=residuals)
+    W, U, Tinv = fwd.chunk_local(q, k, v, G, beta, lam, seg, C=C, cfg=cfg.wu,
+                                 interpret=interp, cfg_solve=cfg.solve)
     out = mosaic.state_output(q, k, G, W, U, _mosaic_h0(h0, seg, q.shape[0]), seg, scale=scale,
                               out_dtype=v.dtype, residuals=residuals, C=C, cfg=mcfg.cfg)
     o, final = out[0], out[1]
@@ -119,7 +112,7 @@ def _core(q, k, v, G, beta, lam, h0, seg, reset, is_last, seq, scale, cfg, C, in
         return _mosaic_forward(q, k, v, G, beta, lam, h0, seg, scale, cfg, C, interp, mcfg,
                                residuals=False)[0]
     return _forward(q, k, v, G, beta, lam, h0, seg, reset, is_last, seq, scale, cfg, C,
-                    interp, with_t=False)[0]
+                    interp)[0]
 
 
 def _core_fwd(q, k, v, G, beta, lam, h0, seg, reset, is_last, seq, scale, cfg, C, interp, mcfg):
@@ -128,7 +121,7 @@ def _core_fwd(q, k, v, G, beta, lam, h0, seg, reset, is_last, seq, scale, cfg, C
         out, res = _mosaic_forward(q, k, v, G, beta, lam, h0, seg, scale, cfg, C, interp, mcfg,
                                    residuals=cfg.save_residuals)
     else:
-        out, res = _forward(*inputs, scale, cfg, C, interp, with_t=cfg.save_residuals)
+        out, res = _forward(*inputs, scale, cfg, C, interp)
     return out, (inputs, res if cfg.save_residuals else None)
 
 

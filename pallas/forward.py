@@ -44,12 +44,14 @@ F32 = jnp.float32
 # ----------------------------------------------------------------------------- 1. local
 
 
-def _chunk_inverse(q_ref, k_ref, Gs, segs, beta, lam, *, BK, dt, hp):
-    """``T = (I + A)^-1`` of one chunk as 16 x 16 float32 blocks ``{(b, c): T_bc}`` (c <= b):
-    the blocks of ``A`` on and below the diagonal summed over K slices of ``BK``
-    (``X = k + lam q``), then :func:`._util.solve_blocks`."""
-    K = q_ref.shape[-1]
-    nb = len(Gs)
+def _solve_kernel(q_ref, k_ref, G_ref, b_ref, l_ref, seg_ref, t_ref, *, BK, dt, hp):
+    C, K = q_ref.shape
+    nb = C // u.S
+    Gs = [G_ref[u.rows(b)] for b in range(nb)]
+    segs = [None if seg_ref is None else seg_ref[u.rows(b)] for b in range(nb)]
+    beta = [b_ref[u.rows(b)].astype(F32) for b in range(nb)]
+    lam = [l_ref[u.rows(b)].astype(F32) for b in range(nb)]
+    # The blocks of X K^T on and below the diagonal (X = k + lam q), summed over K slices.
     acc = {}
     for kk in range(K // BK):
         ks = pl.ds(kk * BK, BK)
@@ -63,30 +65,11 @@ def _chunk_inverse(q_ref, k_ref, Gs, segs, beta, lam, *, BK, dt, hp):
     A = {(b, c): beta[b][:, None] * acc[b, c]
          * u.decay(Gs[b], Gs[c], u.within(strict if b == c else None, segs[b], segs[c]))
          for b in range(nb) for c in range(b + 1)}
-    return u.solve_blocks(A, nb, hp)
-
-
-def _block_rows(G_ref, b_ref, l_ref, seg_ref, nb):
-    """The chunk's ``G``, document ids, ``beta`` and ``lam`` by 16-row blocks."""
-    Gs = [G_ref[u.rows(b)] for b in range(nb)]
-    segs = [None if seg_ref is None else seg_ref[u.rows(b)] for b in range(nb)]
-    beta = [b_ref[u.rows(b)].astype(F32) for b in range(nb)]
-    lam = [l_ref[u.rows(b)].astype(F32) for b in range(nb)]
-    return Gs, segs, beta, lam
-
-
-def _write_blocks(t_ref, T, nb):
+    T = u.solve_blocks(A, nb, hp)
     z = jnp.zeros((u.S, u.S), F32)
     for b in range(nb):
         for c in range(nb):
             t_ref[u.rows(b), u.rows(c)] = T[b, c] if c <= b else z
-
-
-def _solve_kernel(q_ref, k_ref, G_ref, b_ref, l_ref, seg_ref, t_ref, *, BK, dt, hp):
-    nb = q_ref.shape[0] // u.S
-    Gs, segs, beta, lam = _block_rows(G_ref, b_ref, l_ref, seg_ref, nb)
-    T = _chunk_inverse(q_ref, k_ref, Gs, segs, beta, lam, BK=BK, dt=dt, hp=hp)
-    _write_blocks(t_ref, T, nb)
 
 
 def chunk_solve(q, k, G, beta, lam, seg=None, *, C: int, cfg: StageConfig, interpret: bool):
@@ -154,90 +137,12 @@ def chunk_wu(q, k, v, G, beta, lam, Tinv, seg=None, *, C: int, cfg: StageConfig,
     )(q, k, v, G, beta, lam, Tinv, *extra)
 
 
-def _solve_wu_kernel(*refs, BK, BV, dt, hp, with_t):
-    q_ref, k_ref, v_ref, G_ref, b_ref, l_ref, seg_ref, w_ref, u_ref = refs[:9]
-    C, K = q_ref.shape
-    V = v_ref.shape[-1]
-    nb = C // u.S
-    Gs, segs, beta, lam = _block_rows(G_ref, b_ref, l_ref, seg_ref, nb)
-    T = _chunk_inverse(q_ref, k_ref, Gs, segs, beta, lam, BK=BK, dt=dt, hp=hp)
-    if with_t:
-        _write_blocks(refs[9], T, nb)
-    # W and U by block rows: row block b of T Y is sum_{c <= b} T_bc Y_c, so T never has to be
-    # assembled into one [C, C] tile (the Triton lowering cannot concatenate register tiles).
-    # T meets X and V in the compute dtype, as in chunk_wu.
-    Td = {bc: t.astype(dt) for bc, t in T.items()}
-    if seg_ref is None:
-        gam = [jnp.exp(g) for g in Gs]
-    else:  # gamma holds for the chunk's first document only
-        first = jnp.min(seg_ref[...])
-        gam = [jnp.where(sg == first, jnp.exp(jnp.where(sg == first, g, 0.0)), 0.0)
-               for g, sg in zip(Gs, segs)]
-
-    def by_blocks(out_ref, cols, Y):
-        for b in range(nb):
-            acc = u.dot(Td[b, 0], Y[0], dt=dt, hp=hp)
-            for c in range(1, b + 1):
-                acc = acc + u.dot(Td[b, c], Y[c], dt=dt, hp=hp)
-            out_ref[u.rows(b), cols] = acc.astype(out_ref.dtype)
-
-    for kk in range(K // BK):  # W = T (beta gamma X)
-        ks = pl.ds(kk * BK, BK)
-        by_blocks(w_ref, ks, [
-            ((beta[c] * gam[c])[:, None] * (k_ref[u.rows(c), ks].astype(F32)
-                                            + lam[c][:, None] * q_ref[u.rows(c), ks].astype(F32))
-             ).astype(dt) for c in range(nb)])
-    for j in range(V // BV):  # U = T (beta V)
-        vs = pl.ds(j * BV, BV)
-        by_blocks(u_ref, vs, [(beta[c][:, None] * v_ref[u.rows(c), vs].astype(F32)).astype(dt)
-                              for c in range(nb)])
-
-
-def chunk_solve_wu(q, k, v, G, beta, lam, seg=None, *, C: int, cfg: StageConfig,
-                   interpret: bool, with_t: bool = True):
-    """:func:`chunk_solve` and :func:`chunk_wu` in one launch: ``(W, U, T)`` (``T`` None
-    without ``with_t``). One program per (batch, chunk, head) inverts ``I + A`` in registers as
-    :func:`chunk_solve` does, then forms ``W`` and ``U`` by 16-row blocks from the register
-    blocks of ``T`` (K tiles of ``cfg.block_k``, V tiles of ``cfg.block_v``), so ``T`` crosses
-    HBM only when the backward needs it and ``q, k`` are read by one kernel instead of two."""
-    B, Tp, H, K = q.shape
-    V = v.shape[-1]
-    dt = q.dtype
-    kernel = functools.partial(
-        _solve_wu_kernel, BK=min(cfg.block_k or K, K), BV=min(cfg.block_v or V, V), dt=dt,
-        hp=u.f32_precision(interpret, dt), with_t=with_t,
-    )
-    extra, extra_specs = seg_args(seg, C)
-    out_shape = [jax.ShapeDtypeStruct((B, Tp, H, K), dt), jax.ShapeDtypeStruct((B, Tp, H, V), dt)]
-    out_specs = [spec_rows(C, K), spec_rows(C, V)]
-    if with_t:
-        out_shape.append(jax.ShapeDtypeStruct((B, Tp, H, C), F32))
-        out_specs.append(spec_rows(C, C))
-    out = pl.pallas_call(
-        u.with_seg(kernel, 6, seg is not None),
-        out_shape=tuple(out_shape),
-        grid=(B, Tp // C, H),
-        in_specs=[spec_rows(C, K), spec_rows(C, K), spec_rows(C, V)]
-        + [spec_rows(C, None)] * 3 + extra_specs,
-        out_specs=tuple(out_specs),
-        interpret=interpret,
-        compiler_params=params(cfg),
-        name="qdelta_chunk_solve_wu",
-    )(q, k, v, G, beta, lam, *extra)
-    return out[0], out[1], (out[2] if with_t else None)
-
-
 def chunk_local(q, k, v, G, beta, lam, seg=None, *, C: int, cfg: StageConfig, interpret: bool,
-                cfg_solve: StageConfig | None = None, fused: bool = False,
-                with_t: bool = True):
+                cfg_solve: StageConfig | None = None):
     """``W [B, Tp, H, K]`` and ``U [B, Tp, H, V]`` in ``q``'s dtype and ``T = (I + A)^-1`` as
     ``[B, Tp, H, C]`` float32, which the backward hands to :func:`backward.chunk_grads` instead
     of solving twice. Two launches: :func:`chunk_solve` (``cfg_solve``), then :func:`chunk_wu`
-    (``cfg``); with ``fused``, one: :func:`chunk_solve_wu` (``cfg_solve``), which returns
-    ``T`` only ``with_t`` (else None)."""
-    if fused:
-        return chunk_solve_wu(q, k, v, G, beta, lam, seg, C=C, cfg=cfg_solve or cfg,
-                              interpret=interpret, with_t=with_t)
+    (``cfg``)."""
     Tinv = chunk_solve(q, k, G, beta, lam, seg, C=C, cfg=cfg_solve or cfg, interpret=interpret)
     W, U = chunk_wu(q, k, v, G, beta, lam, Tinv, seg, C=C, cfg=cfg, interpret=interpret)
     return W, U, Tinv

@@ -78,16 +78,6 @@ def test_forward_stages_match_xla(staged):
                                  cfg=pcfg.StageConfig(block_v=16, block_k=8), interpret=True,
                                  cfg_solve=pcfg.StageConfig(num_warps=1, block_k=8))
     assert rel_err(W2, W) < 1e-6 and rel_err(U2, U) < 1e-6
-    # The solve and W/U in one launch, by 16-row blocks of T: the same numbers, T only on
-    # request.
-    for sc in (pcfg.StageConfig(num_warps=1, block_k=8, block_v=16), cfg.solve):
-        W3, U3, T3 = pfwd.chunk_local(s["q"], s["k"], s["v"], s["G"], s["beta"], s["lam"], C=C,
-                                      cfg=cfg.wu, interpret=True, cfg_solve=sc, fused=True)
-        assert rel_err(W3, W) < 1e-6 and rel_err(U3, U) < 1e-6
-        assert rel_err(sp(T3), loc.Tinv) < 1e-5
-    W4, U4, T4 = pfwd.chunk_solve_wu(s["q"], s["k"], s["v"], s["G"], s["beta"], s["lam"], C=C,
-                                     cfg=cfg.solve, interpret=True, with_t=False)
-    assert T4 is None and rel_err(W4, W) < 1e-6 and rel_err(U4, U) < 1e-6
     h_in, D, fin = pfwd.state_pass(s["k"], s["G"], W, U, s["h0"], m.reset, m.is_last, m.seq, C=C,
                                    cfg=cfg.state, interpret=True)
     assert rel_err(jnp.moveaxis(h_in, 2, 1), s["xh"]) < 1e-5
@@ -190,45 +180,6 @@ def test_no_save_residuals_matches_xla():
     assert rel_err(got[0], want[0]) < 2e-5
     for name, a, b in zip(ARGS, got[1], want[1]):
         assert rel_err(a, b) < 2e-5, name
-
-
-@pytest.mark.parametrize("dtype", [F32, jnp.bfloat16])
-@pytest.mark.parametrize("fuse,save", [(True, True), (True, False)])
-def test_fused_solve_wu_matches_xla(dtype, fuse, save):
-    """``Config(fuse_solve_wu=True)``: the solve and W/U in one launch, forward and every
-    gradient against the XLA path, packed documents (boundaries inside chunks) and K, V that
-    are not powers of two; with the residuals kept and recomputed."""
-    B, T, H, K, V, C = 1, 80, 2, 12, 20, 16
-    (q, k, v, g, beta, lam, _), w = make(9, B, T, H, K, V, dtype=dtype)
-    cu = jnp.asarray([0, 7, 23, 24, 61, 80], jnp.int32)
-    h0 = jax.random.normal(jax.random.PRNGKey(10), (5, H, K, V), F32)
-    cfg = pcfg.Config(fuse_solve_wu=fuse, save_residuals=save)
-
-    def run(impl, config=None):
-        def loss(q, k, v, g, beta, lam, h0):
-            o, fin = qdelta_rule(q, k, v, g, beta, lam, initial_state=h0, chunk_size=C,
-                                 cu_seqlens=cu, output_final_state=True, implementation=impl,
-                                 config=config)
-            return jnp.sum(o.astype(F32) * w) + jnp.sum(fin * jnp.cos(h0)), (o, fin)
-
-        return jax.jit(jax.value_and_grad(loss, argnums=tuple(range(7)), has_aux=True))(
-            q, k, v, g, beta, lam, h0)
-
-    (_, (o, fin)), grads = run("pallas", cfg)
-    (_, (xo, xfin)), xgrads = run("xla")
-    tol = TOL[jnp.dtype(dtype)]
-    assert rel_err(o, xo) < tol and rel_err(fin, xfin) < tol
-    for name, a, b in zip(ARGS, grads, xgrads):
-        assert rel_err(a, b) < tol, name
-    # Without a gradient the fused launch writes no T: one launch fewer outputs, same o.
-    fwd = lambda c: qdelta_rule(q, k, v, g, beta, lam, chunk_size=C, cu_seqlens=cu,  # noqa: E731
-                                implementation="pallas", config=c)[0]
-    assert rel_err(fwd(cfg), fwd(pcfg.Config(fuse_solve_wu=False))) < (1e-6 if dtype == F32
-                                                                       else 1e-2)
-    jaxpr = str(jax.make_jaxpr(lambda: fwd(cfg))())
-    assert "qdelta_chunk_solve_wu" in jaxpr and "qdelta_chunk_wu" not in jaxpr
-    with pytest.raises(TypeError, match="fuse_solve_wu"):
-        pcfg.Config(fuse_solve_wu="yes")
 
 
 def test_save_residuals_config_switches_the_op_path(monkeypatch):
