@@ -119,7 +119,8 @@ def stage_checks(q, k, v, g, beta, lam, h0, C, res):
         for name, a, b in zip(("dq", "dk", "dv", "dg", "dbeta", "dlam"), out, grads):
             res[f"grads.{name}"] = rel_err(sp(a), b)
     # stage timings (each stage alone, at the config's settings or a candidate's)
-    ins = dict(wu=(qp, kp, vp, Gp, bp, lp), solve=(qp, kp, Gp, bp, lp),
+    ins = dict(wu=(qp, kp, vp, Gp, bp, lp), wu_infer=(qp, kp, vp, Gp, bp, lp),
+               solve=(qp, kp, Gp, bp, lp),
                state=(kp, Gp, W, U, h0, m.reset, m.is_last, m.seq),
                output=(qp, kp, Gp, h_in, D),
                dd0=(qp, kp, Gp, do),
@@ -129,10 +130,13 @@ def stage_checks(q, k, v, g, beta, lam, h0, C, res):
     ins["grads_k"] = ins["grads_v"]
 
     def stage_fn(name, sc):
-        c = dataclasses.replace(cfg, **{name: sc})
+        c = dataclasses.replace(cfg, **{"wu" if name == "wu_infer" else name: sc})
         f = {
             "wu": lambda *a: pfwd.chunk_local(*a, C=C, cfg=c.wu, interpret=interp,
                                               cfg_solve=c.solve),
+            # the pair where no backward reads T (inference): T in the compute dtype
+            "wu_infer": lambda *a: pfwd.chunk_local(*a, C=C, cfg=c.wu, interpret=interp,
+                                                    cfg_solve=c.solve, t_float32=False),
             "solve": lambda *a: pfwd.chunk_solve(*a, C=C, cfg=c.solve, interpret=interp),
             "state": lambda *a: pfwd.state_pass(*a, C=C, cfg=c.state, interpret=interp),
             "output": lambda *a: pfwd.chunk_output(*a, scale=scale, out_dtype=v.dtype, C=C,
@@ -148,8 +152,9 @@ def stage_checks(q, k, v, g, beta, lam, h0, C, res):
         return jax.jit(f["grads_v" if name == "grads_k" else name])
 
     t = {}
-    for name in ("wu", "solve", "state", "output", "dd0", "reverse", "dqkw", "grads_v"):
-        t[name] = bench(stage_fn(name, getattr(cfg, name)), ins[name])
+    for name in ("wu", "wu_infer", "solve", "state", "output", "dd0", "reverse", "dqkw", "grads_v"):
+        t[name] = bench(stage_fn(name, getattr(cfg, "wu" if name == "wu_infer" else name)),
+                        ins[name])
     if SWEEP_DEADLINE[0]:
         SWEEP_DEADLINE[0] += time.perf_counter()
         sweep = res.setdefault("sweep", {})

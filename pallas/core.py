@@ -54,11 +54,13 @@ def check_sizes(K: int, V: int, chunk_size: int) -> None:
         )
 
 
-def _states(q, k, v, G, beta, lam, h0, seg, reset, is_last, seq, cfg: Config, C, interp):
+def _states(q, k, v, G, beta, lam, h0, seg, reset, is_last, seq, cfg: Config, C, interp,
+            keep_t: bool = True):
     """``(W, T, h_in, D)`` (what the backward needs) and the final states: the solve, W/U and
-    the state pass, shared by the forward and the backward's recompute."""
+    the state pass, shared by the forward and the backward's recompute. ``keep_t``: ``T`` in
+    float32 for the backward; else in the compute dtype (W/U reads it so)."""
     W, U, Tinv = fwd.chunk_local(q, k, v, G, beta, lam, seg, C=C, cfg=cfg.wu,
-                                 interpret=interp, cfg_solve=cfg.solve)
+                                 interpret=interp, cfg_solve=cfg.solve, t_float32=keep_t)
     h_in, D, final = fwd.state_pass(
         k, G, W, U, h0, reset, is_last, seq, seg, C=C, cfg=cfg.state, interpret=interp
     )
@@ -66,9 +68,10 @@ def _states(q, k, v, G, beta, lam, h0, seg, reset, is_last, seq, cfg: Config, C,
 
 
 def _forward(q, k, v, G, beta, lam, h0, seg, reset, is_last, seq, scale, cfg: Config, C,
-             interp):
+             interp, keep_t: bool = True):
     """``(o, final)`` and the residuals ``(W, T, h_in, D)``."""
-    res, final = _states(q, k, v, G, beta, lam, h0, seg, reset, is_last, seq, cfg, C, interp)
+    res, final = _states(q, k, v, G, beta, lam, h0, seg, reset, is_last, seq, cfg, C, interp,
+                         keep_t)
     _, _, h_in, D = res
     o = fwd.chunk_output(
         q, k, G, h_in, D, seg, scale=scale, out_dtype=v.dtype, C=C, cfg=cfg.output,
@@ -95,7 +98,7 @@ def _mosaic_h0(h0, seg, B):
 def _mosaic_forward(q, k, v, G, beta, lam, h0, seg, scale, cfg: Config, C, interp, mcfg,
                     residuals: bool):
     W, U, Tinv = fwd.chunk_local(q, k, v, G, beta, lam, seg, C=C, cfg=cfg.wu,
-                                 interpret=interp, cfg_solve=cfg.solve)
+                                 interpret=interp, cfg_solve=cfg.solve, t_float32=residuals)
     out = mosaic.state_output(q, k, G, W, U, _mosaic_h0(h0, seg, q.shape[0]), seg, scale=scale,
                               out_dtype=v.dtype, residuals=residuals, C=C, cfg=mcfg.cfg)
     o, final = out[0], out[1]
@@ -112,7 +115,7 @@ def _core(q, k, v, G, beta, lam, h0, seg, reset, is_last, seq, scale, cfg, C, in
         return _mosaic_forward(q, k, v, G, beta, lam, h0, seg, scale, cfg, C, interp, mcfg,
                                residuals=False)[0]
     return _forward(q, k, v, G, beta, lam, h0, seg, reset, is_last, seq, scale, cfg, C,
-                    interp)[0]
+                    interp, keep_t=False)[0]
 
 
 def _core_fwd(q, k, v, G, beta, lam, h0, seg, reset, is_last, seq, scale, cfg, C, interp, mcfg):
@@ -121,7 +124,7 @@ def _core_fwd(q, k, v, G, beta, lam, h0, seg, reset, is_last, seq, scale, cfg, C
         out, res = _mosaic_forward(q, k, v, G, beta, lam, h0, seg, scale, cfg, C, interp, mcfg,
                                    residuals=cfg.save_residuals)
     else:
-        out, res = _forward(*inputs, scale, cfg, C, interp)
+        out, res = _forward(*inputs, scale, cfg, C, interp, keep_t=cfg.save_residuals)
     return out, (inputs, res if cfg.save_residuals else None)
 
 

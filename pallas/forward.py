@@ -69,14 +69,17 @@ def _solve_kernel(q_ref, k_ref, G_ref, b_ref, l_ref, seg_ref, t_ref, *, BK, dt, 
     z = jnp.zeros((u.S, u.S), F32)
     for b in range(nb):
         for c in range(nb):
-            t_ref[u.rows(b), u.rows(c)] = T[b, c] if c <= b else z
+            t_ref[u.rows(b), u.rows(c)] = (T[b, c] if c <= b else z).astype(t_ref.dtype)
 
 
-def chunk_solve(q, k, G, beta, lam, seg=None, *, C: int, cfg: StageConfig, interpret: bool):
-    """``T = (I + A)^-1`` as ``[B, Tp, H, C]`` float32 (row i of the chunk's ``T`` at token i),
-    with ``A_ij = beta_i (x_i . k_j) exp(G_i - G_j)`` (i > j, else 0): one program per
-    (batch, chunk, head) computes the 16 x 16 blocks of ``A`` by K slices of ``cfg.block_k``
-    and inverts them in registers (:func:`._util.solve_blocks`)."""
+def chunk_solve(q, k, G, beta, lam, seg=None, *, C: int, cfg: StageConfig, interpret: bool,
+                t_dtype=F32):
+    """``T = (I + A)^-1`` as ``[B, Tp, H, C]`` (row i of the chunk's ``T`` at token i), with
+    ``A_ij = beta_i (x_i . k_j) exp(G_i - G_j)`` (i > j, else 0): one program per (batch,
+    chunk, head) computes the 16 x 16 blocks of ``A`` by K slices of ``cfg.block_k`` and inverts
+    them in registers (:func:`._util.solve_blocks`). ``t_dtype``: float32 where the backward
+    reads ``T``; the compute dtype where only :func:`chunk_wu` does (it rounds ``T`` to that
+    dtype before its matmuls, so W and U are the same bit for bit, for half the bytes)."""
     B, Tp, H, K = q.shape
     dt = q.dtype
     kernel = functools.partial(_solve_kernel, BK=min(cfg.block_k or K, K), dt=dt,
@@ -84,7 +87,7 @@ def chunk_solve(q, k, G, beta, lam, seg=None, *, C: int, cfg: StageConfig, inter
     extra, extra_specs = seg_args(seg, C)
     return pl.pallas_call(
         u.with_seg(kernel, 5, seg is not None),
-        out_shape=jax.ShapeDtypeStruct((B, Tp, H, C), F32),
+        out_shape=jax.ShapeDtypeStruct((B, Tp, H, C), t_dtype),
         grid=(B, Tp // C, H),
         in_specs=[spec_rows(C, K), spec_rows(C, K)] + [spec_rows(C, None)] * 3 + extra_specs,
         out_specs=spec_rows(C, C),
@@ -138,12 +141,15 @@ def chunk_wu(q, k, v, G, beta, lam, Tinv, seg=None, *, C: int, cfg: StageConfig,
 
 
 def chunk_local(q, k, v, G, beta, lam, seg=None, *, C: int, cfg: StageConfig, interpret: bool,
-                cfg_solve: StageConfig | None = None):
+                cfg_solve: StageConfig | None = None, t_float32: bool = True):
     """``W [B, Tp, H, K]`` and ``U [B, Tp, H, V]`` in ``q``'s dtype and ``T = (I + A)^-1`` as
-    ``[B, Tp, H, C]`` float32, which the backward hands to :func:`backward.chunk_grads` instead
-    of solving twice. Two launches: :func:`chunk_solve` (``cfg_solve``), then :func:`chunk_wu`
-    (``cfg``)."""
-    Tinv = chunk_solve(q, k, G, beta, lam, seg, C=C, cfg=cfg_solve or cfg, interpret=interpret)
+    ``[B, Tp, H, C]``, which the backward hands to :func:`backward.chunk_grads` instead of
+    solving twice: float32, or with ``t_float32=False`` (no backward reads it) in ``q``'s
+    dtype. Two launches: :func:`chunk_solve` (``cfg_solve``), then :func:`chunk_wu` (``cfg``).
+    (One launch forming ``W, U`` from the register blocks of ``T`` by 16-row blocks was slower
+    on an H200: forward 1.40 against 0.96 ms at the 340M layer.)"""
+    Tinv = chunk_solve(q, k, G, beta, lam, seg, C=C, cfg=cfg_solve or cfg, interpret=interpret,
+                       t_dtype=F32 if t_float32 else q.dtype)
     W, U = chunk_wu(q, k, v, G, beta, lam, Tinv, seg, C=C, cfg=cfg, interpret=interpret)
     return W, U, Tinv
 

@@ -147,6 +147,31 @@ def test_solve_unit_lower_is_the_inverse():
     assert rel_err(T, want) < 1e-5
 
 
+def test_inverse_in_the_compute_dtype_where_no_backward_reads_it():
+    """Without a gradient the solve writes ``T`` in the compute dtype (W/U rounds it so before
+    its matmuls): the same W and U bit for bit, and the op's forward unchanged."""
+    C, B, T, H, K, V = 16, 1, 48, 2, 32, 32
+    (q, k, v, g, beta, lam, _), _ = make(13, B, T, H, K, V, dtype=jnp.bfloat16)
+    G = packing.chunk_cumsum(g, C)
+    cfg = pcfg.default_config(K, V, C, jnp.bfloat16)
+    kw = dict(C=C, cfg=cfg.wu, interpret=True, cfg_solve=cfg.solve)
+    W, U, T32 = pfwd.chunk_local(q, k, v, G, beta, lam, **kw)
+    W2, U2, T16 = pfwd.chunk_local(q, k, v, G, beta, lam, t_float32=False, **kw)
+    assert T32.dtype == F32 and T16.dtype == jnp.bfloat16
+    assert np.array_equal(np.asarray(T16), np.asarray(T32.astype(jnp.bfloat16)))
+    assert np.array_equal(np.asarray(W2), np.asarray(W)) and np.array_equal(np.asarray(U2),
+                                                                            np.asarray(U))
+
+    def fwd(q, k, v):
+        return qdelta_rule(q, k, v, g, beta, lam, chunk_size=C, implementation="pallas")[0]
+
+    o_infer = jax.jit(fwd)(q, k, v)  # the primal: T in bf16
+    o_train, _ = jax.jit(lambda *a: jax.vjp(fwd, *a))(q, k, v)  # the custom_vjp forward
+    assert np.array_equal(np.asarray(o_infer), np.asarray(o_train))
+    jaxpr = str(jax.make_jaxpr(fwd)(q, k, v))
+    assert "bf16[1,48,2,16]" in jaxpr and "f32[1,48,2,16]" not in jaxpr  # T, in bf16 only
+
+
 # ----------------------------------------------------------------------------- qdelta_rule
 
 
