@@ -63,7 +63,7 @@ class Variant:
 
 
 def _variant(name: str) -> Variant:
-    """``[seg_][rev_|so_][res_]bv{64,128}_s{steps}[_wg]``: packed case, the reverse pass,
+    """``[seg_][rev_|so_][res_]bv{32,64,128}_s{steps}[_wg]``: packed case, the reverse pass,
     ``scale_operands``, ``residuals``, the V tile, ``max_concurrent_steps``, warpgroup lowering
     semantics."""
     parts = name.split("_")
@@ -76,11 +76,11 @@ def _variant(name: str) -> Variant:
 
 
 VARIANTS = {name: _variant(name) for name in (
-    "bv64_s2", "bv64_s1", "bv128_s1",
-    "res_bv64_s2", "res_bv64_s1", "res_bv128_s1",
+    "bv64_s2", "bv64_s1", "bv128_s1", "bv32_s2", "bv32_s3",
+    "res_bv64_s2", "res_bv64_s1", "res_bv128_s1", "res_bv32_s2", "seg_bv32_s2",
     "so_bv64_s2", "so_res_bv64_s2", "so_res_bv64_s1", "so_res_bv128_s1",
     "seg_bv64_s2", "seg_res_bv64_s2", "seg_res_bv64_s1", "seg_so_res_bv64_s2",
-    "rev_bv64_s2", "rev_bv64_s1", "rev_bv128_s1", "seg_rev_bv64_s2",
+    "rev_bv64_s2", "rev_bv64_s1", "rev_bv128_s1", "seg_rev_bv64_s2", "rev_bv32_s2",
     # Not run by default: with jax 0.11.2 its layout inference searches for minutes (on a CPU)
     # and then finds no solution.
     "bv64_s2_wg",

@@ -68,16 +68,33 @@ def peak_bytes() -> int | None:
     return stats.get("peak_bytes_in_use")
 
 
-def bench_impl(impl, shape, dtype, warmup, reps, chunk_size, docs=0, guard=False):
-    """``impl``: an implementation of qdelta_rule, or ``pallas-no-save-residuals`` (pallas with
-    ``config=Config(save_residuals=False)``); ``guard``: with the non-finite guard."""
-    config = None
+def split_impl(impl: str):
+    """``(implementation, Config or None)`` of a benchmark name: ``pallas-no-save-residuals``
+    is pallas with ``save_residuals`` off; a suffix ``+mbvN`` (``pallas+mbv32``) sets the
+    Mosaic GPU kernels' V tile to N. Raises ValueError for another suffix."""
     if impl == "pallas-no-save-residuals":
         from qdelta_jax.pallas import Config
 
-        config = Config(save_residuals=False)
-    row = _bench_impl(impl, "pallas" if config is not None else impl, shape, dtype, warmup, reps,
-                      chunk_size, docs, config, guard)
+        return "pallas", Config(save_residuals=False)
+    base, *suffixes = impl.split("+")
+    if not suffixes:
+        return base, None
+    from qdelta_jax.pallas import Config
+
+    fields = {}
+    for sfx in suffixes:
+        if not (sfx.startswith("mbv") and sfx[3:].isdigit()):
+            raise ValueError(f"unknown suffix +{sfx} in {impl!r}; known: +mbvN (the Mosaic GPU "
+                             "V tile, N in 32, 64, 128)")
+        fields["mosaic_block_v"] = int(sfx[3:])
+    return base, Config(**fields)
+
+
+def bench_impl(impl, shape, dtype, warmup, reps, chunk_size, docs=0, guard=False):
+    """``impl``: an implementation of qdelta_rule, with the forms :func:`split_impl` takes;
+    ``guard``: with the non-finite guard."""
+    base, config = split_impl(impl)
+    row = _bench_impl(impl, base, shape, dtype, warmup, reps, chunk_size, docs, config, guard)
     if guard:
         row["impl"] += " (guarded)"
     return row
@@ -178,7 +195,8 @@ def main(argv=None) -> int:
                    help="BxTxHxKxV (default: the three shapes of BENCHMARKS.md)")
     p.add_argument("--impl", nargs="+", default=None,
                    help="implementations (default: xla, plus pallas and pallas-no-save-residuals"
-                   " on GPU); pallas-no-save-residuals is pallas with save_residuals off")
+                   " on GPU); pallas-no-save-residuals is pallas with save_residuals off; a"
+                   " suffix +mbvN sets the Mosaic GPU kernels' V tile (pallas+mbv32)")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     p.add_argument("--chunk-size", type=int, default=64)
     p.add_argument("--warmup", type=int, default=5)
@@ -199,6 +217,11 @@ def main(argv=None) -> int:
         p.error(f"--shapes: {e}")
     on_gpu = jax.default_backend() == "gpu"
     impls = a.impl or (["xla", "pallas", "pallas-no-save-residuals"] if on_gpu else ["xla"])
+    for impl in impls:
+        try:
+            split_impl(impl)
+        except ValueError as e:
+            p.error(f"--impl: {e}")
     dtype = jnp.dtype(a.dtype)
     anchors = run_anchors(shapes, a.warmup, a.reps) if a.anchors else None
     device = jax.devices()[0].device_kind

@@ -69,7 +69,10 @@ class Config:
     A field left ``None`` is filled by :func:`get_config` for the call's sizes: a stage from the
     recorded (tuned) or default config, ``save_residuals`` from
     :func:`default_save_residuals` (on unless ``QDELTA_SAVE_RESIDUALS`` says otherwise). So
-    ``Config(save_residuals=False)`` is a whole config for ``qdelta_rule(..., config=...)``."""
+    ``Config(save_residuals=False)`` is a whole config for ``qdelta_rule(..., config=...)``.
+
+    ``mosaic_block_v``: the V tile (32, 64 or 128) of the Mosaic GPU kernels where they run;
+    ``None``: chosen from the grid (:func:`qdelta_jax.pallas.core.mosaic_block_v`)."""
 
     solve: StageConfig | None = None
     wu: StageConfig | None = None
@@ -81,6 +84,7 @@ class Config:
     grads_v: StageConfig | None = None
     grads_k: StageConfig | None = None
     save_residuals: bool | None = None
+    mosaic_block_v: int | None = None
 
     def __post_init__(self):
         for name in STAGES:
@@ -90,6 +94,10 @@ class Config:
         if self.save_residuals is not None and not isinstance(self.save_residuals, bool):
             raise TypeError(f"Config.save_residuals must be a bool or None, got "
                             f"{self.save_residuals!r}")
+        if self.mosaic_block_v is not None and (isinstance(self.mosaic_block_v, bool) or
+                                                self.mosaic_block_v not in (32, 64, 128)):
+            raise ValueError(f"Config.mosaic_block_v must be 32, 64, 128 or None, got "
+                             f"{self.mosaic_block_v!r}")
 
     @property
     def sets_stages(self) -> bool:
@@ -103,8 +111,14 @@ class Config:
     def from_dict(cls, d: dict) -> Config:
         """The inverse of :meth:`to_dict`; also takes the stages' earlier names
         (``OLD_NAMES``), as configs recorded before the renaming hold them."""
-        return cls(**{OLD_NAMES.get(k, k): StageConfig(**v) if isinstance(v, dict) else
-                      (None if v is None else bool(v)) for k, v in d.items()})
+        def value(k, v):
+            if isinstance(v, dict):
+                return StageConfig(**v)
+            if v is None or k == "mosaic_block_v":
+                return v
+            return bool(v)
+
+        return cls(**{OLD_NAMES.get(k, k): value(k, v) for k, v in d.items()})
 
 
 def default_config(K: int, V: int, chunk_size: int = 64, dtype=None) -> Config:

@@ -188,6 +188,18 @@ def sequential_block_v(cfg: Config, programs_per_tile: int, V: int, sms: int | N
     return dataclasses.replace(cfg, **out) if out else cfg
 
 
+def mosaic_block_v(ctas_per_tile: int, V: int, sms: int | None) -> int:
+    """The V tile of the Mosaic GPU kernels: 64, or 32 where tiles of 64 would launch fewer
+    CTAs (one per batch row, head and V tile; ``ctas_per_tile = B H``) than the chip has
+    multiprocessors and ``V`` splits into tiles of 32. Each CTA runs every chunk of its row in
+    sequence with its state slice in registers, so at small ``B H`` (B2 H6 at V 256: 48 CTAs
+    for 132 SMs) most of the chip idles; a tile of 32 doubles the CTAs, each recomputing the
+    V-independent ``Q K^T``. ``sms`` ``None`` (unknown): 64."""
+    if sms and V % 32 == 0 and ctas_per_tile * max(V // 64, 1) < sms:
+        return 32
+    return 64
+
+
 def _sm_count() -> int | None:
     try:
         return int(getattr(jax.devices()[0], "core_count", 0)) or None
@@ -196,7 +208,8 @@ def _sm_count() -> int | None:
 
 
 def mosaic_reason(K: int, V: int, chunk_size: int, dtype, out_dtype, *, interpret: bool,
-                  rows_are_sequences: bool, seg, train: bool = False) -> str | None:
+                  rows_are_sequences: bool, seg, train: bool = False,
+                  cfg: mosaic.MosaicConfig | None = None) -> str | None:
     """Why the Mosaic GPU kernels cannot serve this call (``None``: they can). ``train``: also
     the differentiated forward and the reverse pass (they then write ``h_in, D``)."""
     if interpret:
@@ -210,14 +223,15 @@ def mosaic_reason(K: int, V: int, chunk_size: int, dtype, out_dtype, *, interpre
         return "the per-document layout (states in or out of packed documents)"
     try:
         mosaic.check_supported(K=K, V=V, C=chunk_size, dtype=dtype, out_dtype=out_dtype,
-                               residuals=train, segmented=seg is not None)
+                               cfg=cfg, residuals=train, segmented=seg is not None)
     except ValueError as e:
         return str(e)
     return None
 
 
 def choose_mosaic(forward_backend: str, K: int, V: int, chunk_size: int, dtype, out_dtype, *,
-                  interpret: bool, rows_are_sequences: bool, seg) -> MosaicUse | None:
+                  interpret: bool, rows_are_sequences: bool, seg,
+                  block_v: int = 64) -> MosaicUse | None:
     """Where the Mosaic GPU kernels serve a call (``None``: the Triton kernels do).
 
     ``"auto"`` takes them for the forward where no gradient is taken, unpacked rows, where
@@ -229,18 +243,20 @@ def choose_mosaic(forward_backend: str, K: int, V: int, chunk_size: int, dtype, 
     never takes them. Every fallback's reason goes to this module's debug log."""
     if forward_backend == "triton":
         return None
+    mcfg = mosaic.MosaicConfig(block_v=block_v)
     if forward_backend == "mosaic":
         why = mosaic_reason(K, V, chunk_size, dtype, out_dtype, interpret=interpret,
-                            rows_are_sequences=rows_are_sequences, seg=seg, train=True)
+                            rows_are_sequences=rows_are_sequences, seg=seg, train=True,
+                            cfg=mcfg)
         if why is not None:
             raise ValueError(f"the Mosaic GPU forward cannot run this call: {why}")
-        return MosaicUse(mosaic.MosaicConfig(), train=True)
+        return MosaicUse(mcfg, train=True)
     why = ("packed rows take the Mosaic kernels only with forward_backend='mosaic'"
            if seg is not None else
            mosaic_reason(K, V, chunk_size, dtype, out_dtype, interpret=interpret,
-                         rows_are_sequences=rows_are_sequences, seg=seg))
+                         rows_are_sequences=rows_are_sequences, seg=seg, cfg=mcfg))
     if why is None:
-        return MosaicUse(mosaic.MosaicConfig())
+        return MosaicUse(mcfg)
     log.debug("qdelta pallas forward: Triton kernels, not Mosaic GPU: %s", why)
     return None
 
@@ -292,7 +308,9 @@ def make_core(*, K: int, V: int, dtype, chunk_size: int, config: Config | None =
         vp = _pad_last(v, Vp)
         h0p = _pad_last(jnp.pad(h0.astype(F32), [(0, 0), (0, 0), (0, Kp - K), (0, 0)]), Vp)
         mcfg = choose_mosaic(forward_backend, Kp, Vp, chunk_size, q.dtype, v.dtype,
-                             interpret=interp, rows_are_sequences=rows_are_sequences, seg=seg)
+                             interpret=interp, rows_are_sequences=rows_are_sequences, seg=seg,
+                             block_v=cfg.mosaic_block_v or mosaic_block_v(
+                                 q.shape[0] * q.shape[2], Vp, sms or _sm_count()))
         o, final = _core(
             qp, kp, vp, G.astype(F32), beta.astype(F32), lam.astype(F32), h0p, seg, reset,
             is_last, seq, float(scale), cfg, chunk_size, interp, mcfg,

@@ -43,7 +43,7 @@ lowering_platforms=("cuda",))`` runs the whole Mosaic GPU lowering, register lay
 but not run: Mosaic GPU interpret mode (jax 0.11.2) does not simulate a wgmma whose left operand
 is in registers (``P`` here) nor accumulators initialised through ``pl.run_state``.
 Supported: chunk size 64 (the wgmma M of the ``[C, *]`` products), K a multiple
-of 64 up to 256, V tiles of 64 or 128 dividing V, bfloat16 or float16 inputs, one sequence per
+of 64 up to 256, V tiles of 32, 64 or 128 dividing V, bfloat16 or float16 inputs, one sequence per
 batch row (the state starts from ``h0[b]`` at chunk 0 and ends at the last chunk) or the
 row-aligned packed layout; not the per-document layout (``cu_seqlens`` with states in or out).
 :func:`check_supported` says why a shape is not.
@@ -91,7 +91,8 @@ def _require_plgpu():
 class MosaicConfig:
     """Launch settings of :func:`state_output`.
 
-    ``block_v``: the V tile of one CTA (64 or 128; the grid is ``B x H x V / block_v``).
+    ``block_v``: the V tile of one CTA (32, 64 or 128; the grid is ``B x H x V / block_v``;
+    with 32 the ``[C, K]`` operands take the 64-byte swizzle of the ``[*, 32]`` ones).
     ``max_concurrent_steps``: chunks in flight in the TMA pipeline (1: the next chunk's loads
     start only after this chunk's math; 2 or more: they overlap it).
     ``lowering_semantics``: ``"lane"`` (register layouts as the kernel states them) or
@@ -109,8 +110,8 @@ class MosaicConfig:
     scale_operands: bool = False
 
     def __post_init__(self):
-        if self.block_v not in (64, 128):
-            raise ValueError(f"block_v must be 64 or 128, got {self.block_v}")
+        if self.block_v not in (32, 64, 128):
+            raise ValueError(f"block_v must be 32, 64 or 128, got {self.block_v}")
         if not isinstance(self.max_concurrent_steps, int) or self.max_concurrent_steps < 1:
             raise ValueError(
                 f"max_concurrent_steps must be an int >= 1, got {self.max_concurrent_steps!r}"
@@ -169,9 +170,19 @@ def check_supported(*, K: int, V: int, C: int, dtype, out_dtype=None,
         )
 
 
-def _transforms(minor: int, dt):
-    """Tiling and swizzle of a wgmma operand whose minor dimension holds ``minor`` elements."""
-    swizzle = plgpu.find_swizzle(minor * jnp.dtype(dt).itemsize * 8)
+def _swizzle(minor: int, dt) -> int:
+    """The widest shared-memory swizzle (bytes) a row of ``minor`` elements takes."""
+    return plgpu.find_swizzle(minor * jnp.dtype(dt).itemsize * 8)
+
+
+def _transforms(minor: int, dt, cap: int | None = None):
+    """Tiling and swizzle of a wgmma operand whose minor dimension holds ``minor`` elements;
+    ``cap`` bounds the swizzle (bytes). Why a bound: both shared-memory operands of one wgmma
+    need the same swizzle, so with V tiles of 32 (64-byte rows) the ``[C, K]`` operands that
+    meet ``[*, BV]`` ones (``W h``, ``Q h``, ``K^T D``) take 64 bytes too."""
+    swizzle = _swizzle(minor, dt)
+    if cap is not None:
+        swizzle = min(swizzle, cap)
     return (plgpu.TilingTransform((8, swizzle // jnp.dtype(dt).itemsize)),
             plgpu.SwizzleTransform(swizzle))
 
@@ -315,7 +326,8 @@ def _kernel(*refs, C, NC, H, BV, scale, steps, dt, residuals, segmented, scale_o
         o_s[...] = (scale * o).astype(o_s.dtype)
         return state
 
-    tk, tv = _transforms(K, dt), _transforms(BV, dt)
+    tv = _transforms(BV, dt)
+    tk = _transforms(K, dt, cap=_swizzle(BV, dt))
     rows_k = lambda c: (b, c, h, 0)  # noqa: E731
     rows_v = lambda c: (b, c, h, j)  # noqa: E731
     in_specs = [
@@ -496,7 +508,8 @@ def _reverse_kernel(*refs, C, NC, H, BV, scale, steps, dt, segmented):
         # No gradient crosses back into the document before one that starts with this chunk.
         return dh_in if keep is None else dh_in * keep
 
-    tk, tv = _transforms(K, dt), _transforms(BV, dt)
+    tv = _transforms(BV, dt)
+    tk = _transforms(K, dt, cap=_swizzle(BV, dt))
     rows_k = lambda c: (b, NC - 1 - c, h, 0)  # noqa: E731
     rows_v = lambda c: (b, NC - 1 - c, h, j)  # noqa: E731
     in_specs = [plgpu.BlockSpec((None, C, None, K), rows_k, transforms=tk)] * 3  # q, k, W

@@ -26,6 +26,8 @@ needs_plgpu = pytest.mark.skipif(not mosaic.available(), reason="no Mosaic GPU i
 @pytest.mark.parametrize("cfg", [
     mosaic.MosaicConfig(block_v=64, max_concurrent_steps=2),
     mosaic.MosaicConfig(block_v=128, max_concurrent_steps=1),
+    # V tiles of 32: the [C, K] operands take the [*, 32] operands' 64-byte swizzle
+    mosaic.MosaicConfig(block_v=32, max_concurrent_steps=3),
 ])
 def test_lowers_for_cuda(cfg):
     f = jax.jit(lambda *a: mosaic.state_output(*a, scale=0.1, cfg=cfg))
@@ -39,6 +41,7 @@ def test_lowers_for_cuda(cfg):
     (True, False, mosaic.MosaicConfig(block_v=128, max_concurrent_steps=1, scale_operands=True)),
     (False, True, mosaic.MosaicConfig(block_v=64, max_concurrent_steps=2, scale_operands=True)),
     (True, True, mosaic.MosaicConfig(block_v=64, max_concurrent_steps=2)),
+    (True, True, mosaic.MosaicConfig(block_v=32, max_concurrent_steps=2)),
 ])
 def test_residuals_and_documents_lower_for_cuda(residuals, segmented, cfg):
     B, T, H, K, V = 2, 192, 2, 128, 256
@@ -59,6 +62,7 @@ def test_residuals_and_documents_lower_for_cuda(residuals, segmented, cfg):
 @pytest.mark.parametrize("segmented, cfg", [
     (False, mosaic.MosaicConfig(block_v=64, max_concurrent_steps=2)),
     (True, mosaic.MosaicConfig(block_v=64, max_concurrent_steps=1)),
+    (False, mosaic.MosaicConfig(block_v=32, max_concurrent_steps=2)),
 ])
 def test_reverse_state_pass_lowers_for_cuda(segmented, cfg):
     B, T, H, K, V = 2, 192, 2, 128, 128
@@ -102,7 +106,7 @@ def test_check_supported_names_the_problem(kw, match):
 
 def test_config_rejects_bad_settings():
     with pytest.raises(ValueError, match="block_v"):
-        mosaic.MosaicConfig(block_v=32)
+        mosaic.MosaicConfig(block_v=16)
     with pytest.raises(ValueError, match="max_concurrent_steps"):
         mosaic.MosaicConfig(max_concurrent_steps=0)
     with pytest.raises(ValueError, match="lowering_semantics"):

@@ -322,6 +322,36 @@ def test_sequential_block_v_follows_the_grid():
     assert pcore.sequential_block_v(cfg, 12, 256, None) == cfg
 
 
+def test_mosaic_block_v_follows_the_grid(monkeypatch):
+    """V tiles of 32 for the Mosaic kernels where tiles of 64 launch fewer CTAs than the chip
+    has multiprocessors; ``Config.mosaic_block_v`` overrides the choice and reaches the
+    kernels' config."""
+    assert pcore.mosaic_block_v(48, 256, 132) == 64  # B8 H6: 192 CTAs
+    assert pcore.mosaic_block_v(128, 128, 132) == 64  # B8 H16 V128: 256 CTAs
+    assert pcore.mosaic_block_v(12, 256, 132) == 32  # B2 H6: 48 CTAs
+    assert pcore.mosaic_block_v(12, 256, None) == 64  # unknown chip: as before
+    assert pcore.mosaic_block_v(2, 16, 132) == 64  # V 16 does not split into 32s
+    cfg = pcfg.Config(mosaic_block_v=32)
+    assert pcfg.Config.from_dict(cfg.to_dict()) == cfg
+    assert pcfg.get_config(128, 256, 64, jnp.bfloat16, cfg).mosaic_block_v == 32
+    for bad in (48, True, "32"):
+        with pytest.raises(ValueError, match="mosaic_block_v"):
+            pcfg.Config(mosaic_block_v=bad)
+    monkeypatch.setattr(pcore, "mosaic_reason", lambda *a, **k: None)
+    use = pcore.choose_mosaic("auto", 128, 256, 64, jnp.bfloat16, jnp.bfloat16, interpret=False,
+                              rows_are_sequences=True, seg=None, block_v=32)
+    assert use.cfg.block_v == 32 and not use.train
+    seen = []
+    monkeypatch.setattr(pcore, "choose_mosaic",
+                        lambda *a, block_v, **k: seen.append(block_v) or None)
+    monkeypatch.setattr(pcore, "_sm_count", lambda: 132)
+    (q, k, v, g, beta, lam, _), _ = make(52, 2, 64, 6, 16, 64)
+    for config, want in ((None, 32), (pcfg.Config(mosaic_block_v=64), 64)):
+        qdelta_rule(q, k, v, g, beta, lam, chunk_size=16, implementation="pallas",
+                    config=config)
+        assert seen.pop() == want  # B2 H6 V64: 12 CTAs at tiles of 64
+
+
 def test_forward_backend_choice_off_the_gpu():
     (q, k, v, g, beta, lam, _), _ = make(51, 1, 20, 1, 16, 16)
     o_t, _ = qdelta_rule(q, k, v, g, beta, lam, chunk_size=16, implementation="pallas-triton")
