@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every GPU measurement recorded in BENCHMARKS.md and docs/RESULTS.md, in one script, so a lease
 # runs them together on one card. Sections: check, check340, infer, dev, seqsweep, ops, ops340,
-# opspack, anchors, mosaic, prof, steps, crossover, ncu, decode, train, train{1,2}_{unrolled,scan},
+# opspack, anchors, mosaic, dqkw, prof, steps, crossover, ncu, decode, train, train{1,2}_{unrolled,scan},
 # recall (default:
 # ops train decode check). benchmarks/gpu_lanes.sh runs groups of sections on different GPUs
 # of one host at once. Each step has its own time limit so that one slow step cannot eat the others.
@@ -119,6 +119,10 @@ for s in $sections; do
         ;;
     mosaic)  # the Mosaic GPU kernels against the xla stages and the Triton kernels
         step mosaic ${MOSAIC_LIMIT:-300} "$PY" benchmarks/mosaic_dev.py
+        ;;
+    dqkw)  # the Mosaic GPU state-side gradients (not dispatched yet) against the Triton kernel
+        step dqkw ${MOSAIC_LIMIT:-200} "$PY" benchmarks/mosaic_dev.py --variants "" \
+            --dqkw 64,32 --shapes 8x4096x6x128x256,2x16384x6x128x256,8x4096x16x128x128
         ;;
     ops)
         step ops ${OPS_LIMIT:-300} "$PY" benchmarks/ops.py --fla --reps 30 --warmup 5 --json "$OUT_DIR/ops.json"

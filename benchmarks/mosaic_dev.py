@@ -47,7 +47,7 @@ from qdelta_jax import packing, qdelta_rule, xla
 from qdelta_jax.pallas import backward as pbwd
 from qdelta_jax.pallas import config as pcfg
 from qdelta_jax.pallas import forward as pfwd
-from qdelta_jax.pallas import mosaic
+from qdelta_jax.pallas import mosaic, mosaic_backward
 from qdelta_jax.testing import parse_shape, random_inputs, random_offsets, rel_err, time_fn
 
 F32 = jnp.float32
@@ -294,6 +294,61 @@ def run_reverse(shape, dtype, reps, variants, packed: bool):
     return res
 
 
+def run_dqkw(shape, dtype, reps, block_vs):
+    """The Mosaic GPU ``chunk_dqkw`` (:mod:`qdelta_jax.pallas.mosaic_backward`) at each V tile
+    of ``block_vs`` against the Triton kernel (itself checked against the XLA stage by
+    ``pallas_dev.py``), on the states and gradients the Triton forward and reverse pass give
+    for random inputs: the relative error of each output and the times of both."""
+    B, T, H, K, V = shape
+    scale = K**-0.5
+    q, k, v, g, beta, lam, h0 = random_inputs(jax.random.PRNGKey(B * 7 + T + K), B, T, H, K, V,
+                                              dtype=dtype, **KERNEL_INPUTS)
+    do = jax.random.normal(jax.random.PRNGKey(T + 1), (B, T, H, V), F32).astype(dtype)
+    dfin = 0.1 * jax.random.normal(jax.random.PRNGKey(T + 2), (B, H, K, V), F32)
+    m = packing.make_layout(B, T, C, None).meta
+    cfg = pcfg.get_config(K, V, C, dtype)
+    G = packing.chunk_cumsum(g, C)
+    interp = jax.default_backend() != "gpu"
+    W, U, _ = jax.jit(lambda *a: pfwd.chunk_local(*a, C=C, cfg=cfg.wu, interpret=interp,
+                                                  cfg_solve=cfg.solve))(q, k, v, G, beta, lam)
+    h_in, D, _ = jax.jit(lambda *a: pfwd.state_pass(*a, C=C, cfg=cfg.state, interpret=interp))(
+        k, G, W, U, h0, m.reset, m.is_last, m.seq)
+    dD0 = jax.jit(lambda *a: pbwd.chunk_dd0(*a, scale=scale, C=C, cfg=cfg.dd0,
+                                            interpret=interp))(q, k, G, do)
+    dh_out, dD, _ = jax.jit(lambda *a: pbwd.reverse_state_pass(
+        *a, scale=scale, C=C, cfg=cfg.reverse, interpret=interp))(
+        q, k, G, W, do, dD0, dfin, m.reset, m.is_last, m.seq)
+    args = (q, k, G, h_in, dh_out, do, D, dD)
+    names = ("dq_part", "dk_part", "dW", "dG_part", "dPs")
+    tri = jax.jit(lambda *a: pbwd.chunk_dqkw(*a, scale=scale, C=C, cfg=cfg.dqkw,
+                                             interpret=interp))
+    ref = tri(*args)
+    res = {"shape": list(shape), "dtype": jnp.dtype(dtype).name, "dqkw": True,
+           "triton_ms": times(tri, args, reps), "variants": {}}
+    tol = float(jnp.finfo(dtype).eps)
+    print(f"\n== {list(shape)} {res['dtype']} dqkw (rel. error vs the Triton kernel; ms = sync "
+          f"/ pipelined median)\ntriton dqkw {res['triton_ms'][0]:.3f} {res['triton_ms'][1]:.3f}")
+    for bv in block_vs:
+        r: dict = {}
+        res["variants"][f"bv{bv}"] = r
+        try:
+            f = jax.jit(lambda *a, bv=bv: mosaic_backward.chunk_dqkw(*a, scale=scale,
+                                                                      block_v=bv))
+            got = jax.block_until_ready(f(*args))
+            for n, a_, b_ in zip(names, got, ref):
+                r[n] = rel_err(a_, b_)
+            r["pass"] = all(r[n] <= tol for n in names)
+            r["ms"] = times(f, args, reps)
+            print(f"mosaic dqkw bv{bv} " + " ".join(f"{n} {r[n]:.1e}" for n in names)
+                  + f" {r['ms'][0]:.3f} {r['ms'][1]:.3f} {'PASS' if r['pass'] else 'FAIL'}"
+                  f" {res['triton_ms'][1] / r['ms'][1]:.2f}x triton", flush=True)
+        except Exception as e:  # noqa: BLE001 - report, go on with the other tiles
+            traceback.print_exc()
+            r["error"] = f"{type(e).__name__}: {e}"[:3000]
+            print(f"mosaic dqkw bv{bv} FAIL {r['error'][:300]}", flush=True)
+    return res
+
+
 def _e(r, key):
     return f"{r[key]:>9.2e}" if key in r else f"{'-':>9}"
 
@@ -345,6 +400,9 @@ def main(argv=None):
                     help="only lower every variant for cuda (runs on a CPU-only machine)")
     ap.add_argument("--fwd-total", action="store_true",
                     help="also time the whole Pallas forward (qdelta_rule) in the unpacked case")
+    ap.add_argument("--dqkw", default="",
+                    help="also check and time the Mosaic GPU chunk_dqkw at these V tiles "
+                    "(comma list, e.g. 64,32) against the Triton kernel")
     ap.add_argument("--out", default=None)
     a = ap.parse_args(argv)
     dtype = jnp.dtype(a.dtype)
@@ -376,6 +434,14 @@ def main(argv=None):
             allres["runs"].append({"shape": list(shape), "lower": low})
             save()
             continue
+        if a.dqkw:
+            try:
+                allres["runs"].append(run_dqkw(shape, dtype, a.reps,
+                                               [int(x) for x in a.dqkw.split(",")]))
+            except Exception as e:  # noqa: BLE001 - the other cases still run
+                traceback.print_exc()
+                print(f"dqkw {shape} FAIL {type(e).__name__}: {str(e)[:300]}", flush=True)
+            save()
         for packed, rev in ((False, False), (True, False), (False, True), (True, True)):
             if not any((VARIANTS[v].packed, VARIANTS[v].reverse) == (packed, rev)
                        for v in variants):

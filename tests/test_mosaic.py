@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from qdelta_jax.pallas import mosaic
+from qdelta_jax.pallas import mosaic, mosaic_backward
 
 F32 = jnp.float32
 BF16 = jnp.bfloat16
@@ -140,3 +140,36 @@ def test_state_output_checks_shapes():
         mosaic.state_output(q, k, G, W, U, h0, seg[:, :64], scale=0.1)
     with pytest.raises(ValueError, match="seg must hold integer"):
         mosaic.state_output(q, k, G, W, U, h0, seg.astype(F32), scale=0.1)
+
+
+@needs_plgpu
+@pytest.mark.parametrize("block_v", [64, 32])
+def test_dqkw_lowers_for_cuda(block_v):
+    """The Mosaic GPU state-side gradients: the outputs of the Triton chunk_dqkw, lowered."""
+    B, T, H, K, V = 2, 192, 2, 128, 256
+    NC = T // 64
+    S = jax.ShapeDtypeStruct
+    args = (S((B, T, H, K), BF16), S((B, T, H, K), BF16), S((B, T, H), F32),
+            S((B, NC, H, K, V), BF16), S((B, NC, H, K, V), BF16)) + (S((B, T, H, V), BF16),) * 3
+    f = jax.jit(lambda *a: mosaic_backward.chunk_dqkw(*a, scale=0.1, block_v=block_v))
+    traced = f.trace(*args)
+    assert [(o.shape, o.dtype) for o in jax.tree.leaves(traced.out_info)] == [
+        ((B, T, H, K), F32), ((B, T, H, K), F32), ((B, T, H, K), BF16), ((B, T, H), F32),
+        ((B, T, H, 64), F32)]
+    assert "mosaic_gpu" in traced.lower(lowering_platforms=("cuda",)).as_text()
+
+
+@needs_plgpu
+def test_dqkw_checks_arguments():
+    with pytest.raises(ValueError, match="block_k=64"):
+        mosaic_backward.check_supported(K=96, V=256, C=64, dtype=BF16)
+    with pytest.raises(ValueError, match="bfloat16 or float16"):
+        mosaic_backward.check_supported(K=128, V=256, C=64, dtype=F32)
+    with pytest.raises(ValueError, match="block_v"):
+        mosaic_backward.check_supported(K=128, V=96, C=64, dtype=BF16)
+    with pytest.raises(ValueError, match="chunk_size=64"):
+        mosaic_backward.check_supported(K=128, V=256, C=32, dtype=BF16)
+    z = jnp.zeros((1, 64, 1, 128), BF16)
+    with pytest.raises(ValueError, match="unpacked rows only"):
+        mosaic_backward.chunk_dqkw(z, z, None, None, None, None, None, None,
+                                   seg=jnp.zeros((1, 64), jnp.int32), scale=0.1)

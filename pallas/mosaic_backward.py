@@ -1,0 +1,203 @@
+"""Mosaic GPU (``plgpu``) kernel of the backward's state-side gradients: the contract of
+:func:`qdelta_jax.pallas.backward.chunk_dqkw`, one warpgroup per (batch row, chunk, head,
+K tile) with its four products as wgmmas accumulating in registers.
+
+Why: the Triton ``chunk_dqkw`` (0.40 ms at B8 T4096 H6 K128 V256 bf16 on an H200) moves about
+1.1 GB, a floor of about 0.24 ms; it runs at 255 registers and 12.5% occupancy with its
+``mma`` operands loaded synchronously. Here :func:`plgpu.emit_pipeline` streams the chunk's
+V tiles of ``h_in, dh_out`` (``[BK, BV]``) and ``dO, D, dD`` (``[C, BV]``) in by TMA while the
+wgmmas of the previous tile run:
+
+* ``dO h_in^T``, ``D dh_out^T`` and ``dD h_in^T`` (``[C, BV] x [BV, BK]``) and
+  ``dP = dO D^T`` (``[C, BV] x [BV, C]``), every product reading ``h_in`` / ``dh_out`` / ``D``
+  transposed from shared memory;
+* the row sums of ``h_in o dh_out`` (the carried state's ``dG`` term), in registers.
+
+The epilogue scales by the chunk's decays and writes ``dq_part, dk_part`` (float32), ``dW``
+(compute dtype), ``dPs = scale dP o decay o causal`` (float32, by the first K tile) and the
+per-row ``dG`` parts. Two sums that would need a whole-tile reduction to a scalar in the
+kernel (``sum(de)`` over the chunk and ``sum(h_in o dh_out)``) leave it as a ``[C]`` and a
+``[BK]`` vector; :func:`chunk_dqkw` adds them to the chunk's last row in XLA (a few MB).
+
+Numerics as :mod:`.backward`: every product accumulates in float32 from operands in the
+compute dtype, the decays applied in float32 after the products.
+
+Status: lowered for CUDA on the CPU in CI (``tests/test_mosaic.py``); not yet dispatched by
+:mod:`.core`. ``benchmarks/mosaic_dev.py``'s ``dqkw`` variant checks it against the Triton
+kernel and the XLA stage on the GPU and times both. Unpacked rows only (``seg`` not taken),
+bfloat16 / float16, chunk 64, K a multiple of 64, V a multiple of ``block_v``.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+from qdelta_jax.pallas import mosaic as m
+
+F32 = jnp.float32
+
+
+def smem_bytes(C: int, BK: int, BV: int, itemsize: int, steps: int) -> int:
+    """Shared memory of one CTA: ``steps`` buffers of ``h_in, dh_out`` (``[BK, BV]``) and
+    ``dO, D, dD`` (``[C, BV]``); the ``q, k`` tiles; the float32 outputs staged for their TMA
+    copies (``dq, dk [C, BK]``, ``dPs [C, C]``, three vectors) and ``dW``."""
+    per_step = (2 * BK * BV + 3 * C * BV) * itemsize
+    stage = 4 * (2 * C * BK + C * C + 2 * C + BK) + C * BK * itemsize
+    return steps * per_step + 2 * C * BK * itemsize + 4 * C + stage
+
+
+def check_supported(*, K: int, V: int, C: int, dtype, block_k: int = 64, block_v: int = 64,
+                    steps: int = 2) -> None:
+    """Raises ``ValueError`` naming the first size or dtype this kernel does not take."""
+    dt = jnp.dtype(dtype)
+    if dt not in m.DTYPES:
+        raise ValueError(f"the Mosaic GPU dqkw kernel takes bfloat16 or float16, got {dt.name}")
+    if C != m.CHUNK:
+        raise ValueError(f"the Mosaic GPU dqkw kernel needs chunk_size={m.CHUNK}, got {C}")
+    if block_k != 64 or K % block_k:
+        raise ValueError(f"the Mosaic GPU dqkw kernel needs K a multiple of block_k=64, got "
+                         f"K={K}, block_k={block_k}")
+    if block_v not in (32, 64, 128) or V % block_v:
+        raise ValueError(f"block_v must be 32, 64 or 128 dividing V={V}, got {block_v}")
+    need = smem_bytes(C, block_k, block_v, dt.itemsize, steps)
+    if need > m.SMEM_BYTES:
+        raise ValueError(f"block_v={block_v}, steps={steps} need {need} bytes of shared memory"
+                         f" per CTA, more than {m.SMEM_BYTES}")
+
+
+def _kernel(q_ref, k_ref, g_ref, hin_ref, dho_ref, do_ref, d_ref, dd_ref,
+            dq_ref, dk_ref, dw_ref, dg_ref, de_ref, hd_ref, dps_ref,
+            q_s, k_s, g_s, dq_s, dk_s, dw_s, dps_s, dg_s, de_s, hd_s, bars,
+            *, C, NC, H, nk, BK, BV, nv, scale, steps, dt):
+    plgpu = m.plgpu
+    b, c, h, kt = (lax.axis_index(n) for n in ("b", "c", "h", "kt"))
+    rows, cols = pl.ds(c * C, C), pl.ds(kt * BK, BK)
+    plgpu.copy_gmem_to_smem(q_ref.at[b, rows, h, cols], q_s, bars.at[0])
+    plgpu.copy_gmem_to_smem(k_ref.at[b, rows, h, cols], k_s, bars.at[1])
+    plgpu.copy_gmem_to_smem(g_ref.at[b, h, rows], g_s, bars.at[2])
+
+    wg = plgpu.Layout.WGMMA
+    zeros = lambda n: plgpu.layout_cast(jnp.full((C, n), 0, F32), wg)  # noqa: E731
+    hd0 = plgpu.layout_cast(jnp.full((BK,), 0, F32), wg.reduce(1))
+
+    def step(_, hin_s, dho_s, do_s, d_s, dd_s, carry):
+        doh, dkd, dw, dp, hd = carry
+
+        def products(accs):
+            a_doh, a_dkd, a_dw, a_dp = accs
+            plgpu.wgmma(a_doh, do_s, hin_s.T)
+            plgpu.wgmma(a_dkd, d_s, dho_s.T)
+            plgpu.wgmma(a_dw, dd_s, hin_s.T)
+            plgpu.wgmma(a_dp, do_s, d_s.T)
+
+        doh, dkd, dw, dp = pl.run_state(products)(
+            tuple(plgpu.ACC.init(x) for x in (doh, dkd, dw, dp)))
+        hv = m._load(hin_s, wg).astype(F32)
+        dv = m._load(dho_s, wg).astype(F32)
+        return doh, dkd, dw, dp, hd + jnp.sum(hv * dv, axis=1)
+
+    state_rows = lambda j: (((b * NC + c) * H + h) * nk + kt, j)  # noqa: E731
+    tv = m._transforms(BV, dt)
+    in_specs = [
+        plgpu.BlockSpec((BK, BV), state_rows, transforms=tv),  # h_in as [B NC H K, V]
+        plgpu.BlockSpec((BK, BV), state_rows, transforms=tv),  # dh_out
+    ] + [plgpu.BlockSpec((None, C, None, BV), lambda j: (b, c, h, j), transforms=tv)] * 3
+    doh, dkd, dw, dp, hd = plgpu.emit_pipeline(
+        step, grid=(nv,), in_specs=in_specs, max_concurrent_steps=steps,
+        init_carry=(zeros(BK), zeros(BK), zeros(BK), zeros(C), hd0),
+    )(hin_ref, dho_ref, do_ref, d_ref, dd_ref)
+
+    for i in range(3):
+        plgpu.barrier_wait(bars.at[i])
+    causal = m._causal(C)
+    Gi, Gj, gam, e, _, mask, _ = m._gates(g_s, None, None, causal)
+    gC = g_s[C - 1]
+    qv = m._load(q_s, wg).astype(F32)
+    kv = m._load(k_s, wg).astype(F32)
+    dq_s[...] = scale * m._rows(gam, doh.shape) * doh
+    dk_s[...] = m._rows(e, dkd.shape) * dkd
+    dw_s[...] = (-dw).astype(dt)
+    de = jnp.sum(dkd * kv, axis=1) * e
+    de_s[...] = de
+    dg_s[...] = scale * gam * jnp.sum(doh * qv, axis=1) - de
+    hd_s[...] = hd * jnp.exp(gC)
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(dq_s, dq_ref.at[b, rows, h, cols])
+    plgpu.copy_smem_to_gmem(dk_s, dk_ref.at[b, rows, h, cols])
+    plgpu.copy_smem_to_gmem(dw_s, dw_ref.at[b, rows, h, cols])
+    plgpu.copy_smem_to_gmem(dg_s, dg_ref.at[kt, b, h, rows])
+    plgpu.copy_smem_to_gmem(de_s, de_ref.at[kt, b, h, rows])
+    plgpu.copy_smem_to_gmem(hd_s, hd_ref.at[b, c, h, cols])
+
+    @pl.when(kt == 0)
+    def _():
+        diff = jnp.where(mask, m._rows(Gi, (C, C)) - m._cols(Gj, (C, C)), 0.0)
+        dps_s[...] = jnp.where(mask, scale * dp * jnp.exp(diff), 0.0)
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(dps_s, dps_ref.at[b, rows, h, :])
+
+    plgpu.wait_smem_to_gmem(0)
+
+
+def chunk_dqkw(q, k, G, h_in, dh_out, do, D, dD, seg=None, *, scale: float, C: int = 64,
+               block_k: int = 64, block_v: int = 64, steps: int = 2):
+    """:func:`qdelta_jax.pallas.backward.chunk_dqkw` on Mosaic GPU: ``dq_part, dk_part
+    [B, Tp, H, K]`` float32, ``dW`` in the compute dtype, ``dG_part [B, Tp, H]`` float32 and
+    ``dPs [B, Tp, H, C]`` float32, from ``q, k [B, Tp, H, K]``, ``G [B, Tp, H]``,
+    ``h_in, dh_out [B, NC, H, K, V]``, ``do, D, dD [B, Tp, H, V]`` (one sequence per row).
+
+    Raises ``RuntimeError`` without Mosaic GPU, ``ValueError`` for what it does not take."""
+    m._require_plgpu()
+    plgpu = m.plgpu
+    if seg is not None:
+        raise ValueError("the Mosaic GPU dqkw kernel takes unpacked rows only (seg=None)")
+    B, Tp, H, K = q.shape
+    V = do.shape[-1]
+    dt = jnp.dtype(q.dtype)
+    check_supported(K=K, V=V, C=C, dtype=dt, block_k=block_k, block_v=block_v, steps=steps)
+    if Tp % C:
+        raise ValueError(f"q has {Tp} time steps, not a multiple of chunk_size={C}")
+    NC, BK, BV = Tp // C, block_k, block_v
+    nk, nv = K // BK, V // BV
+    for name, x, shape in (("k", k, q.shape), ("G", G, (B, Tp, H)),
+                           ("h_in", h_in, (B, NC, H, K, V)), ("dh_out", dh_out, (B, NC, H, K, V)),
+                           ("do", do, (B, Tp, H, V)), ("D", D, (B, Tp, H, V)),
+                           ("dD", dD, (B, Tp, H, V))):
+        if tuple(x.shape) != tuple(shape):
+            raise ValueError(f"{name} has shape {tuple(x.shape)}, expected {tuple(shape)}")
+    tk = m._transforms(BK, dt)
+    smem = lambda shape, dtype, t=(): plgpu.SMEM(shape, dtype, transforms=t)  # noqa: E731
+    scratch = [
+        smem((C, BK), dt, tk), smem((C, BK), dt, tk), smem((C,), F32),  # q, k, G
+        smem((C, BK), F32, m._transforms(BK, F32)), smem((C, BK), F32, m._transforms(BK, F32)),
+        smem((C, BK), dt, tk), smem((C, C), F32, m._transforms(C, F32)),  # dq dk dW dPs
+        smem((C,), F32), smem((C,), F32), smem((BK,), F32),  # dG part, de, hd
+        plgpu.Barrier(num_barriers=3),
+    ]
+    out_type = (
+        jax.ShapeDtypeStruct((B, Tp, H, K), F32), jax.ShapeDtypeStruct((B, Tp, H, K), F32),
+        jax.ShapeDtypeStruct((B, Tp, H, K), dt),
+        jax.ShapeDtypeStruct((nk, B, H, Tp), F32), jax.ShapeDtypeStruct((nk, B, H, Tp), F32),
+        jax.ShapeDtypeStruct((B, NC, H, K), F32), jax.ShapeDtypeStruct((B, Tp, H, C), F32),
+    )
+    kernel = functools.partial(_kernel, C=C, NC=NC, H=H, nk=nk, BK=BK, BV=BV, nv=nv,
+                               scale=float(scale), steps=min(steps, nv), dt=dt)
+    call = plgpu.kernel(
+        kernel, out_type=out_type, scratch_types=scratch, grid=(B, NC, H, nk),
+        grid_names=("b", "c", "h", "kt"),
+        compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Lane),
+    )
+    dqp, dkp, dW, dg, de, hd, dPs = call(
+        q, k, jnp.swapaxes(G.astype(F32), 1, 2), h_in.reshape(B * NC * H * K, V),
+        dh_out.reshape(B * NC * H * K, V), do, D, dD)
+    # The chunk's last row also gets sum(de) and exp(G_C) sum(h_in o dh_out), summed here.
+    dg, de = jnp.sum(dg, axis=0), jnp.sum(de, axis=0)  # over K tiles: [B, H, Tp]
+    last = (jnp.sum(de.reshape(B, H, NC, C), axis=-1)
+            + jnp.swapaxes(jnp.sum(hd, axis=-1), 1, 2))  # [B, H, NC]
+    dg = dg.reshape(B, H, NC, C).at[..., C - 1].add(last).reshape(B, H, Tp)
+    return dqp, dkp, dW, jnp.swapaxes(dg, 1, 2), dPs
