@@ -72,7 +72,11 @@ class Config:
     ``Config(save_residuals=False)`` is a whole config for ``qdelta_rule(..., config=...)``.
 
     ``mosaic_block_v``: the V tile (32, 64 or 128) of the Mosaic GPU kernels where they run;
-    ``None``: chosen from the grid (:func:`qdelta_jax.pallas.core.mosaic_block_v`)."""
+    ``None``: chosen from the grid (:func:`qdelta_jax.pallas.core.mosaic_block_v`).
+
+    ``mosaic_dqkw``: where the backward runs on the Mosaic GPU kernels
+    (``implementation="pallas-mosaic"``, unpacked rows), its state-side gradients too
+    (:mod:`qdelta_jax.pallas.mosaic_backward`, not yet checked on a GPU; off unless set)."""
 
     solve: StageConfig | None = None
     wu: StageConfig | None = None
@@ -85,15 +89,17 @@ class Config:
     grads_k: StageConfig | None = None
     save_residuals: bool | None = None
     mosaic_block_v: int | None = None
+    mosaic_dqkw: bool | None = None
 
     def __post_init__(self):
         for name in STAGES:
             x = getattr(self, name)
             if x is not None and not isinstance(x, StageConfig):
                 raise TypeError(f"Config.{name} must be a StageConfig or None, got {x!r}")
-        if self.save_residuals is not None and not isinstance(self.save_residuals, bool):
-            raise TypeError(f"Config.save_residuals must be a bool or None, got "
-                            f"{self.save_residuals!r}")
+        for name in ("save_residuals", "mosaic_dqkw"):
+            x = getattr(self, name)
+            if x is not None and not isinstance(x, bool):
+                raise TypeError(f"Config.{name} must be a bool or None, got {x!r}")
         if self.mosaic_block_v is not None and (isinstance(self.mosaic_block_v, bool) or
                                                 self.mosaic_block_v not in (32, 64, 128)):
             raise ValueError(f"Config.mosaic_block_v must be 32, 64, 128 or None, got "

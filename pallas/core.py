@@ -25,7 +25,7 @@ import jax.numpy as jnp
 from qdelta_jax.pallas import _util as u
 from qdelta_jax.pallas import backward as bwd
 from qdelta_jax.pallas import forward as fwd
-from qdelta_jax.pallas import mosaic
+from qdelta_jax.pallas import mosaic, mosaic_backward
 from qdelta_jax.pallas.config import Config, get_config, padded_size
 
 log = logging.getLogger(__name__)
@@ -148,9 +148,13 @@ def _core_bwd(scale, cfg: Config, C, interp, mcfg, res, cts):
             q, k, G, W, do, dD0, dfinal, reset, is_last, seq, seg, scale=scale, C=C,
             cfg=cfg.reverse, interpret=interp,
         )
-    dqp, dkp, dW, dGp, dPs = bwd.chunk_dqkw(
-        q, k, G, h_in, dh_out, do, D, dD, seg, scale=scale, C=C, cfg=cfg.dqkw, interpret=interp
-    )
+    if _mosaic_dqkw(cfg, mcfg, q, do, seg, C):
+        dqp, dkp, dW, dGp, dPs = mosaic_backward.chunk_dqkw(
+            q, k, G, h_in, dh_out, do, D, dD, scale=scale, C=C, block_v=mcfg.cfg.block_v)
+    else:
+        dqp, dkp, dW, dGp, dPs = bwd.chunk_dqkw(
+            q, k, G, h_in, dh_out, do, D, dD, seg, scale=scale, C=C, cfg=cfg.dqkw,
+            interpret=interp)
     dq, dk, dv, dG, db, dl = bwd.chunk_grads(
         q, k, v, G, beta, lam, Tinv, dD, dW, dqp, dkp, dGp, dPs, seg, C=C, cfg=cfg.grads_v,
         interpret=interp, cfg_k=cfg.grads_k,
@@ -162,6 +166,25 @@ def _core_bwd(scale, cfg: Config, C, interp, mcfg, res, cts):
 
 
 _core.defvjp(_core_fwd, _core_bwd)
+
+
+def _mosaic_dqkw(cfg: Config, mcfg, q, do, seg, C) -> bool:
+    """Whether the backward's state-side gradients run on Mosaic GPU: asked for
+    (``cfg.mosaic_dqkw``), in a backward on the Mosaic kernels, for a call the kernel takes
+    (else the Triton kernel, the reason in the debug log)."""
+    if not cfg.mosaic_dqkw or mcfg is None or not mcfg.train:
+        return False
+    if seg is not None:
+        why = "packed rows"
+    else:
+        try:
+            mosaic_backward.check_supported(K=q.shape[-1], V=do.shape[-1], C=C, dtype=q.dtype,
+                                            block_v=mcfg.cfg.block_v)
+            return True
+        except ValueError as e:
+            why = str(e)
+    log.debug("qdelta pallas backward: Triton chunk_dqkw, not Mosaic GPU: %s", why)
+    return False
 
 
 def sequential_block_v(cfg: Config, programs_per_tile: int, V: int, sms: int | None) -> Config:

@@ -22,9 +22,10 @@ kernel (``sum(de)`` over the chunk and ``sum(h_in o dh_out)``) leave it as a ``[
 Numerics as :mod:`.backward`: every product accumulates in float32 from operands in the
 compute dtype, the decays applied in float32 after the products.
 
-Status: lowered for CUDA on the CPU in CI (``tests/test_mosaic.py``); not yet dispatched by
-:mod:`.core`. ``benchmarks/mosaic_dev.py``'s ``dqkw`` variant checks it against the Triton
-kernel and the XLA stage on the GPU and times both. Unpacked rows only (``seg`` not taken),
+Status: lowered for CUDA on the CPU in CI (``tests/test_mosaic.py``), not yet run on a GPU;
+:mod:`.core` calls it only where asked (``Config(mosaic_dqkw=True)`` with
+``implementation="pallas-mosaic"``). ``benchmarks/mosaic_dev.py --dqkw`` checks it against
+the Triton kernel on the GPU and times both. Unpacked rows only (``seg`` not taken),
 bfloat16 / float16, chunk 64, K a multiple of 64, V a multiple of ``block_v``.
 """
 

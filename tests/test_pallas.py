@@ -40,10 +40,11 @@ def make(seed, B, T, H, K, V, N=None, dtype=F32):
     return args, w
 
 
-def value_and_grads(impl, C, cu_seqlens=None):
+def value_and_grads(impl, C, cu_seqlens=None, config=None):
     def loss(q, k, v, g, beta, lam, h0, w):
         o, fin = qdelta_rule(q, k, v, g, beta, lam, initial_state=h0, output_final_state=True,
-                             chunk_size=C, cu_seqlens=cu_seqlens, implementation=impl)
+                             chunk_size=C, cu_seqlens=cu_seqlens, implementation=impl,
+                             config=config)
         return jnp.sum(o.astype(F32) * w) + jnp.sum(fin * jnp.cos(h0)), (o, fin)
 
     return jax.jit(jax.value_and_grad(loss, argnums=tuple(range(7)), has_aux=True))
@@ -297,10 +298,10 @@ def test_check_small_runs(capsys):
 CU_ROWS = jnp.asarray(op_suite.CU_ROWS, jnp.int32)
 
 
-def packed_value_and_grads(impl, C, cu):
+def packed_value_and_grads(impl, C, cu, config=None):
     def loss(q, k, v, g, beta, lam, w):
         o, _ = qdelta_rule(q, k, v, g, beta, lam, chunk_size=C, cu_seqlens=cu,
-                           implementation=impl)
+                           implementation=impl, config=config)
         return jnp.sum(o.astype(F32) * w), o
 
     return jax.jit(jax.value_and_grad(loss, argnums=tuple(range(6)), has_aux=True))
@@ -378,7 +379,7 @@ def test_mosaic_training_dispatch_wiring(monkeypatch):
     contract built from the Triton kernels: the residuals, the reverse pass and the packed-rows
     handling reach the backward as they should (the kernels themselves are checked on the GPU
     by benchmarks/mosaic_dev.py)."""
-    from qdelta_jax.pallas import mosaic
+    from qdelta_jax.pallas import mosaic, mosaic_backward
 
     cfg = pcfg.StageConfig(num_warps=4)
 
@@ -398,25 +399,40 @@ def test_mosaic_training_dispatch_wiring(monkeypatch):
         return pbwd.reverse_state_pass(q, k, G, W, do, dD0, dfinal, m.reset, m.is_last, m.seq,
                                        seg, scale=scale, C=C, cfg=cfg, interpret=True)
 
+    def chunk_dqkw(*a, scale, C=64, block_v=64):
+        return pbwd.chunk_dqkw(*a, scale=scale, C=C, cfg=pcfg.StageConfig(num_warps=4),
+                               interpret=True)
+
     calls = []
     monkeypatch.setattr(mosaic, "state_output",
                         lambda *a, **k: calls.append("fwd") or state_output(*a, **k))
     monkeypatch.setattr(mosaic, "reverse_state_pass",
                         lambda *a, **k: calls.append("rev") or reverse_state_pass(*a, **k))
+    monkeypatch.setattr(mosaic_backward, "chunk_dqkw",
+                        lambda *a, **k: calls.append("dqkw") or chunk_dqkw(*a, **k))
+    monkeypatch.setattr(mosaic_backward, "check_supported", lambda **k: None)
     monkeypatch.setattr(pcore, "mosaic_reason", lambda *a, **k: None)
     C = 16
     (q, k, v, g, beta, lam, h0), w = make(61, 2, 40, 2, 16, 16)
     args = (q, k, v, g, beta, lam, h0)
-    (_, (o_m, f_m)), g_m = value_and_grads("pallas-mosaic", C)(*args, w)
     (_, (o_x, f_x)), g_x = value_and_grads("xla", C)(*args, w)
-    assert calls == ["fwd", "rev"]
     tol = TOL[jnp.dtype(F32)]
-    assert rel_err(o_m, o_x) < tol and rel_err(f_m, f_x) < tol
-    for name, a, b in zip(ARGS, g_m, g_x):
-        assert rel_err(a, b) < tol, name
+    # Config(mosaic_dqkw=True) adds the Mosaic state-side gradients, unpacked rows only.
+    for config, want in ((None, ["fwd", "rev"]), (pcfg.Config(mosaic_dqkw=True),
+                                                  ["fwd", "rev", "dqkw"])):
+        calls.clear()
+        (_, (o_m, f_m)), g_m = value_and_grads("pallas-mosaic", C, config=config)(*args, w)
+        assert calls == want
+        assert rel_err(o_m, o_x) < tol and rel_err(f_m, f_x) < tol
+        for name, a, b in zip(ARGS, g_m, g_x):
+            assert rel_err(a, b) < tol, name
+    with pytest.raises(TypeError, match="mosaic_dqkw"):
+        pcfg.Config(mosaic_dqkw=1)
     calls.clear()
     wp = w
-    (_, o_p), gp = packed_value_and_grads("pallas-mosaic", C, CU_ROWS)(q, k, v, g, beta, lam, wp)
+    # packed rows keep the Triton state-side gradients even when the Mosaic ones are asked for
+    (_, o_p), gp = packed_value_and_grads("pallas-mosaic", C, CU_ROWS,
+                                          pcfg.Config(mosaic_dqkw=True))(q, k, v, g, beta, lam, wp)
     (_, o_px), gpx = packed_value_and_grads("xla", C, CU_ROWS)(q, k, v, g, beta, lam, wp)
     assert calls == ["fwd", "rev"]
     assert rel_err(o_p, o_px) < tol
