@@ -180,3 +180,20 @@ def test_llama_is_causal_and_its_loss_is_the_loss_of_its_logits(scan_layers):
                                float(jnp.sum(lse - picked)), rtol=1e-5)
     with pytest.raises(ValueError, match="cu_seqlens"):
         m(tokens, cu_seqlens=jnp.array([[0, 6, 12], [0, 12, 12]]))
+
+
+def test_ops_implementation_names():
+    """``benchmarks/ops.py --impl``: an implementation, optionally with kernel config suffixes
+    (the Mosaic V tile, the Mosaic state-side gradients); anything else is refused by name."""
+    from qdelta_jax.pallas import Config
+
+    ops = load("ops")
+    assert ops.split_impl("pallas") == ("pallas", None)
+    assert ops.split_impl("pallas-no-save-residuals") == ("pallas", Config(save_residuals=False))
+    assert ops.split_impl("pallas+mbv32") == ("pallas", Config(mosaic_block_v=32))
+    assert ops.split_impl("pallas-mosaic+mdqkw+mbv64") == (
+        "pallas-mosaic", Config(mosaic_dqkw=True, mosaic_block_v=64))
+    with pytest.raises(ValueError, match=r"unknown suffix \+fast"):
+        ops.split_impl("pallas+fast")
+    with pytest.raises(ValueError, match="mosaic_block_v"):
+        ops.split_impl("pallas+mbv48")
