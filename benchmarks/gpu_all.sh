@@ -122,7 +122,7 @@ for s in $sections; do
         ;;
     dqkw)  # the Mosaic GPU state-side gradients (not dispatched yet) against the Triton kernel
         step dqkw ${MOSAIC_LIMIT:-200} "$PY" benchmarks/mosaic_dev.py --variants "" \
-            --dqkw 64,32 --shapes 8x4096x6x128x256,2x16384x6x128x256,8x4096x16x128x128
+            --dqkw 32,64 --shapes 8x4096x6x128x256,2x16384x6x128x256,8x4096x16x128x128
         step dqkw_ops ${OPS_LIMIT:-240} "$PY" benchmarks/ops.py --impl pallas-mosaic \
             pallas-mosaic+mdqkw --reps 20 --warmup 3 --json "$OUT_DIR/dqkw_ops.json"
         ;;

@@ -150,7 +150,7 @@ def _core_bwd(scale, cfg: Config, C, interp, mcfg, res, cts):
         )
     if _mosaic_dqkw(cfg, mcfg, q, do, seg, C):
         dqp, dkp, dW, dGp, dPs = mosaic_backward.chunk_dqkw(
-            q, k, G, h_in, dh_out, do, D, dD, scale=scale, C=C, block_v=mcfg.cfg.block_v)
+            q, k, G, h_in, dh_out, do, D, dD, scale=scale, C=C)
     else:
         dqp, dkp, dW, dGp, dPs = bwd.chunk_dqkw(
             q, k, G, h_in, dh_out, do, D, dD, seg, scale=scale, C=C, cfg=cfg.dqkw,
@@ -178,8 +178,7 @@ def _mosaic_dqkw(cfg: Config, mcfg, q, do, seg, C) -> bool:
         why = "packed rows"
     else:
         try:
-            mosaic_backward.check_supported(K=q.shape[-1], V=do.shape[-1], C=C, dtype=q.dtype,
-                                            block_v=mcfg.cfg.block_v)
+            mosaic_backward.check_supported(K=q.shape[-1], V=do.shape[-1], C=C, dtype=q.dtype)
             return True
         except ValueError as e:
             why = str(e)

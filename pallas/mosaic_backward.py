@@ -45,14 +45,16 @@ F32 = jnp.float32
 
 def smem_bytes(C: int, BK: int, BV: int, itemsize: int, steps: int) -> int:
     """Shared memory of one CTA: ``steps`` buffers of ``h_in, dh_out`` (``[BK, BV]``) and
-    ``dO, D, dD`` (``[C, BV]``); the ``q, k`` tiles; the float32 outputs staged for their TMA
-    copies (``dq, dk [C, BK]``, ``dPs [C, C]``, three vectors) and ``dW``."""
+    ``dO, D, dD`` (``[C, BV]``); the ``q, k`` tiles and ``G``; one float32 ``[C, BK]`` buffer
+    that stages ``dq``, ``dk`` and ``dPs`` in turn for their TMA copies, three float32 vectors
+    and ``dW``. At the defaults (V tiles of 32, two in flight) about 81 KB: two CTAs a
+    multiprocessor."""
     per_step = (2 * BK * BV + 3 * C * BV) * itemsize
-    stage = 4 * (2 * C * BK + C * C + 2 * C + BK) + C * BK * itemsize
+    stage = 4 * (C * BK + 2 * C + BK) + C * BK * itemsize
     return steps * per_step + 2 * C * BK * itemsize + 4 * C + stage
 
 
-def check_supported(*, K: int, V: int, C: int, dtype, block_k: int = 64, block_v: int = 64,
+def check_supported(*, K: int, V: int, C: int, dtype, block_k: int = 64, block_v: int = 32,
                     steps: int = 2) -> None:
     """Raises ``ValueError`` naming the first size or dtype this kernel does not take."""
     dt = jnp.dtype(dtype)
@@ -60,7 +62,7 @@ def check_supported(*, K: int, V: int, C: int, dtype, block_k: int = 64, block_v
         raise ValueError(f"the Mosaic GPU dqkw kernel takes bfloat16 or float16, got {dt.name}")
     if C != m.CHUNK:
         raise ValueError(f"the Mosaic GPU dqkw kernel needs chunk_size={m.CHUNK}, got {C}")
-    if block_k != 64 or K % block_k:
+    if block_k != C or K % block_k:
         raise ValueError(f"the Mosaic GPU dqkw kernel needs K a multiple of block_k=64, got "
                          f"K={K}, block_k={block_k}")
     if block_v not in (32, 64, 128) or V % block_v:
@@ -73,7 +75,7 @@ def check_supported(*, K: int, V: int, C: int, dtype, block_k: int = 64, block_v
 
 def _kernel(q_ref, k_ref, g_ref, hin_ref, dho_ref, do_ref, d_ref, dd_ref,
             dq_ref, dk_ref, dw_ref, dg_ref, de_ref, hd_ref, dps_ref,
-            q_s, k_s, g_s, dq_s, dk_s, dw_s, dps_s, dg_s, de_s, hd_s, bars,
+            q_s, k_s, g_s, f_s, dw_s, dg_s, de_s, hd_s, bars,
             *, C, NC, H, nk, BK, BV, nv, scale, steps, dt):
     plgpu = m.plgpu
     b, c, h, kt = (lax.axis_index(n) for n in ("b", "c", "h", "kt"))
@@ -120,16 +122,21 @@ def _kernel(q_ref, k_ref, g_ref, hin_ref, dho_ref, do_ref, d_ref, dd_ref,
     gC = g_s[C - 1]
     qv = m._load(q_s, wg).astype(F32)
     kv = m._load(k_s, wg).astype(F32)
-    dq_s[...] = scale * m._rows(gam, doh.shape) * doh
-    dk_s[...] = m._rows(e, dkd.shape) * dkd
+    # One float32 staging buffer for dq, dk and dPs in turn (each refilled once the copy
+    # before has read it): it keeps the CTA small enough for two a multiprocessor.
+    f_s[...] = scale * m._rows(gam, doh.shape) * doh
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(f_s, dq_ref.at[b, rows, h, cols])
     dw_s[...] = (-dw).astype(dt)
     de = jnp.sum(dkd * kv, axis=1) * e
     de_s[...] = de
     dg_s[...] = scale * gam * jnp.sum(doh * qv, axis=1) - de
     hd_s[...] = hd * jnp.exp(gC)
+    dk = m._rows(e, dkd.shape) * dkd
+    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+    f_s[...] = dk
     plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(dq_s, dq_ref.at[b, rows, h, cols])
-    plgpu.copy_smem_to_gmem(dk_s, dk_ref.at[b, rows, h, cols])
+    plgpu.copy_smem_to_gmem(f_s, dk_ref.at[b, rows, h, cols])
     plgpu.copy_smem_to_gmem(dw_s, dw_ref.at[b, rows, h, cols])
     plgpu.copy_smem_to_gmem(dg_s, dg_ref.at[kt, b, h, rows])
     plgpu.copy_smem_to_gmem(de_s, de_ref.at[kt, b, h, rows])
@@ -138,15 +145,17 @@ def _kernel(q_ref, k_ref, g_ref, hin_ref, dho_ref, do_ref, d_ref, dd_ref,
     @pl.when(kt == 0)
     def _():
         diff = jnp.where(mask, m._rows(Gi, (C, C)) - m._cols(Gj, (C, C)), 0.0)
-        dps_s[...] = jnp.where(mask, scale * dp * jnp.exp(diff), 0.0)
+        dps = jnp.where(mask, scale * dp * jnp.exp(diff), 0.0)
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+        f_s[...] = dps
         plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(dps_s, dps_ref.at[b, rows, h, :])
+        plgpu.copy_smem_to_gmem(f_s, dps_ref.at[b, rows, h, :])
 
     plgpu.wait_smem_to_gmem(0)
 
 
 def chunk_dqkw(q, k, G, h_in, dh_out, do, D, dD, seg=None, *, scale: float, C: int = 64,
-               block_k: int = 64, block_v: int = 64, steps: int = 2):
+               block_k: int = 64, block_v: int = 32, steps: int = 2):
     """:func:`qdelta_jax.pallas.backward.chunk_dqkw` on Mosaic GPU: ``dq_part, dk_part
     [B, Tp, H, K]`` float32, ``dW`` in the compute dtype, ``dG_part [B, Tp, H]`` float32 and
     ``dPs [B, Tp, H, C]`` float32, from ``q, k [B, Tp, H, K]``, ``G [B, Tp, H]``,
@@ -175,8 +184,8 @@ def chunk_dqkw(q, k, G, h_in, dh_out, do, D, dD, seg=None, *, scale: float, C: i
     smem = lambda shape, dtype, t=(): plgpu.SMEM(shape, dtype, transforms=t)  # noqa: E731
     scratch = [
         smem((C, BK), dt, tk), smem((C, BK), dt, tk), smem((C,), F32),  # q, k, G
-        smem((C, BK), F32, m._transforms(BK, F32)), smem((C, BK), F32, m._transforms(BK, F32)),
-        smem((C, BK), dt, tk), smem((C, C), F32, m._transforms(C, F32)),  # dq dk dW dPs
+        smem((C, BK), F32, m._transforms(BK, F32)),  # dq, dk, dPs in turn (BK == C)
+        smem((C, BK), dt, tk),  # dW
         smem((C,), F32), smem((C,), F32), smem((BK,), F32),  # dG part, de, hd
         plgpu.Barrier(num_barriers=3),
     ]

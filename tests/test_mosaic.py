@@ -166,7 +166,7 @@ def test_dqkw_checks_arguments():
     with pytest.raises(ValueError, match="bfloat16 or float16"):
         mosaic_backward.check_supported(K=128, V=256, C=64, dtype=F32)
     with pytest.raises(ValueError, match="block_v"):
-        mosaic_backward.check_supported(K=128, V=96, C=64, dtype=BF16)
+        mosaic_backward.check_supported(K=128, V=80, C=64, dtype=BF16)
     with pytest.raises(ValueError, match="chunk_size=64"):
         mosaic_backward.check_supported(K=128, V=256, C=32, dtype=BF16)
     z = jnp.zeros((1, 64, 1, 128), BF16)
