@@ -72,7 +72,8 @@ class Config:
     ``Config(save_residuals=False)`` is a whole config for ``qdelta_rule(..., config=...)``.
 
     ``mosaic_block_v``: the V tile (32, 64 or 128) of the Mosaic GPU kernels where they run;
-    ``None``: chosen from the grid (:func:`qdelta_jax.pallas.core.mosaic_block_v`).
+    ``None``: for the no-gradient forward chosen from the grid
+    (:func:`qdelta_jax.pallas.core.mosaic_block_v`), 64 with ``implementation="pallas-mosaic"``.
 
     ``mosaic_dqkw``: where the backward runs on the Mosaic GPU kernels
     (``implementation="pallas-mosaic"``, unpacked rows), its state-side gradients too

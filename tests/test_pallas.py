@@ -347,9 +347,10 @@ def test_mosaic_block_v_follows_the_grid(monkeypatch):
                         lambda *a, block_v, **k: seen.append(block_v) or None)
     monkeypatch.setattr(pcore, "_sm_count", lambda: 132)
     (q, k, v, g, beta, lam, _), _ = make(52, 2, 64, 6, 16, 64)
-    for config, want in ((None, 32), (pcfg.Config(mosaic_block_v=64), 64)):
-        qdelta_rule(q, k, v, g, beta, lam, chunk_size=16, implementation="pallas",
-                    config=config)
+    for impl, config, want in (("pallas", None, 32), ("pallas", pcfg.Config(mosaic_block_v=64), 64),
+                               ("pallas-mosaic", None, 64),  # training on Mosaic: 64 unless set
+                               ("pallas-mosaic", pcfg.Config(mosaic_block_v=32), 32)):
+        qdelta_rule(q, k, v, g, beta, lam, chunk_size=16, implementation=impl, config=config)
         assert seen.pop() == want  # B2 H6 V64: 12 CTAs at tiles of 64
 
 
