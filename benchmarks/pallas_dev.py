@@ -129,8 +129,11 @@ def stage_checks(q, k, v, g, beta, lam, h0, C, res):
                grads_v=(qp, kp, vp, Gp, bp, lp, Tinv, dD, dW, dqp, dkp, dGp, dPs))
     ins["grads_k"] = ins["grads_v"]
 
+    def field(name):  # the Config stage whose settings a timed stage runs with
+        return "wu" if name == "wu_infer" else name
+
     def stage_fn(name, sc):
-        c = dataclasses.replace(cfg, **{"wu" if name == "wu_infer" else name: sc})
+        c = dataclasses.replace(cfg, **{field(name): sc})
         f = {
             "wu": lambda *a: pfwd.chunk_local(*a, C=C, cfg=c.wu, interpret=interp,
                                               cfg_solve=c.solve),
@@ -153,8 +156,7 @@ def stage_checks(q, k, v, g, beta, lam, h0, C, res):
 
     t = {}
     for name in ("wu", "wu_infer", "solve", "state", "output", "dd0", "reverse", "dqkw", "grads_v"):
-        t[name] = bench(stage_fn(name, getattr(cfg, "wu" if name == "wu_infer" else name)),
-                        ins[name])
+        t[name] = bench(stage_fn(name, getattr(cfg, field(name))), ins[name])
     if SWEEP_DEADLINE[0]:
         SWEEP_DEADLINE[0] += time.perf_counter()
         sweep = res.setdefault("sweep", {})
@@ -281,10 +283,10 @@ def main(argv=None):
     ap.add_argument("--sweep-stages", default="",
                     help="comma-separated SWEEP stages to sweep, in this order (default: all)")
     a = ap.parse_args(argv)
-    bad = [n for n in a.sweep_stages.split(",") if n and n not in SWEEP]
+    SWEEP_STAGES[:] = [n for n in a.sweep_stages.split(",") if n]
+    bad = [n for n in SWEEP_STAGES if n not in SWEEP]
     if bad:
         ap.error(f"--sweep-stages: unknown {bad}; known: {', '.join(SWEEP)}")
-    SWEEP_STAGES[:] = [n for n in a.sweep_stages.split(",") if n]
     CHECK[0] = not a.sweep_only
     dev = jax.devices()[0]
     print(f"device: {dev.device_kind}, jax {jax.__version__}, backend {jax.default_backend()}",

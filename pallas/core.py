@@ -329,13 +329,15 @@ def make_core(*, K: int, V: int, dtype, chunk_size: int, config: Config | None =
         qp, kp = _pad_last(q, Kp), _pad_last(k, Kp)
         vp = _pad_last(v, Vp)
         h0p = _pad_last(jnp.pad(h0.astype(F32), [(0, 0), (0, 0), (0, Kp - K), (0, 0)]), Vp)
+        block_v = cfg.mosaic_block_v
+        if block_v is None:
+            # Training on Mosaic keeps tiles of 64: its residual-writing forward has not been
+            # checked on a GPU with tiles of 32.
+            block_v = (64 if forward_backend == "mosaic" else
+                       mosaic_block_v(q.shape[0] * q.shape[2], Vp, sms or _sm_count()))
         mcfg = choose_mosaic(forward_backend, Kp, Vp, chunk_size, q.dtype, v.dtype,
                              interpret=interp, rows_are_sequences=rows_are_sequences, seg=seg,
-                             block_v=cfg.mosaic_block_v or (
-                                 # training on Mosaic keeps tiles of 64: its residual-writing
-                                 # forward has not been checked on a GPU with tiles of 32
-                                 64 if forward_backend == "mosaic" else mosaic_block_v(
-                                     q.shape[0] * q.shape[2], Vp, sms or _sm_count())))
+                             block_v=block_v)
         o, final = _core(
             qp, kp, vp, G.astype(F32), beta.astype(F32), lam.astype(F32), h0p, seg, reset,
             is_last, seq, float(scale), cfg, chunk_size, interp, mcfg,

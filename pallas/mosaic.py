@@ -170,6 +170,18 @@ def check_supported(*, K: int, V: int, C: int, dtype, out_dtype=None,
         )
 
 
+def check_args(shapes, dt, same_dtype) -> None:
+    """Raises ``ValueError`` naming the first argument of a kernel call whose shape is not the
+    expected one (``shapes``: ``(name, array, shape)``) or, among ``same_dtype`` (``(name,
+    array)``), whose dtype is not ``dt``."""
+    for name, x, shape in shapes:
+        if tuple(x.shape) != tuple(shape):
+            raise ValueError(f"{name} has shape {tuple(x.shape)}, expected {tuple(shape)}")
+    for name, x in same_dtype:
+        if jnp.dtype(x.dtype) != dt:
+            raise ValueError(f"{name} has dtype {jnp.dtype(x.dtype).name}, expected {dt.name}")
+
+
 def _swizzle(minor: int, dt) -> int:
     """The widest shared-memory swizzle (bytes) a row of ``minor`` elements takes."""
     return plgpu.find_swizzle(minor * jnp.dtype(dt).itemsize * 8)
@@ -396,12 +408,7 @@ def state_output(q, k, G, W, U, h0, seg=None, *, scale: float, out_dtype=None,
               ("G", G, (B, Tp, H)), ("h0", h0, (B, H, K, V))]
     if segmented:
         shapes.append(("seg", seg, (B, Tp)))
-    for name, x, shape in shapes:
-        if tuple(x.shape) != shape:
-            raise ValueError(f"{name} has shape {tuple(x.shape)}, expected {shape}")
-    for name, x in (("k", k), ("W", W), ("U", U)):
-        if jnp.dtype(x.dtype) != dt:
-            raise ValueError(f"{name} has dtype {jnp.dtype(x.dtype).name}, expected {dt.name}")
+    check_args(shapes, dt, (("k", k), ("W", W), ("U", U)))
     if segmented and not jnp.issubdtype(seg.dtype, jnp.integer):
         raise ValueError(f"seg must hold integer document ids, got dtype {seg.dtype}")
     if Tp % C:
@@ -566,12 +573,7 @@ def reverse_state_pass(q, k, G, W, do, dD0, dfinal, seg=None, *, scale: float, C
               ("dfinal", dfinal, (B, H, K, V))]
     if seg is not None:
         shapes.append(("seg", seg, (B, Tp)))
-    for name, x, shape in shapes:
-        if tuple(x.shape) != shape:
-            raise ValueError(f"{name} has shape {tuple(x.shape)}, expected {shape}")
-    for name, x in (("k", k), ("W", W), ("do", do), ("dD0", dD0)):
-        if jnp.dtype(x.dtype) != dt:
-            raise ValueError(f"{name} has dtype {jnp.dtype(x.dtype).name}, expected {dt.name}")
+    check_args(shapes, dt, (("k", k), ("W", W), ("do", do), ("dD0", dD0)))
     if Tp % C:
         raise ValueError(f"q has {Tp} time steps, not a multiple of chunk_size={C}")
     NC, BV = Tp // C, cfg.block_v

@@ -118,8 +118,7 @@ def _kernel(q_ref, k_ref, g_ref, hin_ref, dho_ref, do_ref, d_ref, dd_ref,
     for i in range(3):
         plgpu.barrier_wait(bars.at[i])
     causal = m._causal(C)
-    Gi, Gj, gam, e, _, mask, _ = m._gates(g_s, None, None, causal)
-    gC = g_s[C - 1]
+    Gi, Gj, gam, e, aC, mask, _ = m._gates(g_s, None, None, causal)
     qv = m._load(q_s, wg).astype(F32)
     kv = m._load(k_s, wg).astype(F32)
     # One float32 staging buffer for dq, dk and dPs in turn (each refilled once the copy
@@ -131,7 +130,7 @@ def _kernel(q_ref, k_ref, g_ref, hin_ref, dho_ref, do_ref, d_ref, dd_ref,
     de = jnp.sum(dkd * kv, axis=1) * e
     de_s[...] = de
     dg_s[...] = scale * gam * jnp.sum(doh * qv, axis=1) - de
-    hd_s[...] = hd * jnp.exp(gC)
+    hd_s[...] = hd * aC
     dk = m._rows(e, dkd.shape) * dkd
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
     f_s[...] = dk
@@ -174,12 +173,11 @@ def chunk_dqkw(q, k, G, h_in, dh_out, do, D, dD, seg=None, *, scale: float, C: i
         raise ValueError(f"q has {Tp} time steps, not a multiple of chunk_size={C}")
     NC, BK, BV = Tp // C, block_k, block_v
     nk, nv = K // BK, V // BV
-    for name, x, shape in (("k", k, q.shape), ("G", G, (B, Tp, H)),
-                           ("h_in", h_in, (B, NC, H, K, V)), ("dh_out", dh_out, (B, NC, H, K, V)),
-                           ("do", do, (B, Tp, H, V)), ("D", D, (B, Tp, H, V)),
-                           ("dD", dD, (B, Tp, H, V))):
-        if tuple(x.shape) != tuple(shape):
-            raise ValueError(f"{name} has shape {tuple(x.shape)}, expected {tuple(shape)}")
+    state, rows = (B, NC, H, K, V), (B, Tp, H, V)
+    m.check_args((("k", k, q.shape), ("G", G, (B, Tp, H)), ("h_in", h_in, state),
+                  ("dh_out", dh_out, state), ("do", do, rows), ("D", D, rows), ("dD", dD, rows)),
+                 dt, (("k", k), ("h_in", h_in), ("dh_out", dh_out), ("do", do), ("D", D),
+                      ("dD", dD)))
     tk = m._transforms(BK, dt)
     smem = lambda shape, dtype, t=(): plgpu.SMEM(shape, dtype, transforms=t)  # noqa: E731
     scratch = [

@@ -400,7 +400,7 @@ def test_mosaic_training_dispatch_wiring(monkeypatch):
         return pbwd.reverse_state_pass(q, k, G, W, do, dD0, dfinal, m.reset, m.is_last, m.seq,
                                        seg, scale=scale, C=C, cfg=cfg, interpret=True)
 
-    def chunk_dqkw(*a, scale, C=64, block_v=64):
+    def chunk_dqkw(*a, scale, C=64):
         return pbwd.chunk_dqkw(*a, scale=scale, C=C, cfg=pcfg.StageConfig(num_warps=4),
                                interpret=True)
 
