@@ -120,11 +120,11 @@ for s in $sections; do
     mosaic)  # the Mosaic GPU kernels against the xla stages and the Triton kernels
         step mosaic ${MOSAIC_LIMIT:-300} "$PY" benchmarks/mosaic_dev.py
         ;;
-    dqkw)  # the Mosaic GPU state-side gradients (not dispatched yet) against the Triton kernel
+    dqkw)  # the Mosaic GPU state-side gradients against the Triton kernel
         step dqkw ${MOSAIC_LIMIT:-200} "$PY" benchmarks/mosaic_dev.py --variants "" \
             --dqkw 32,64 --shapes 8x4096x6x128x256,2x16384x6x128x256,8x4096x16x128x128
         step dqkw_ops ${OPS_LIMIT:-240} "$PY" benchmarks/ops.py --impl pallas-mosaic \
-            pallas-mosaic+mdqkw --reps 20 --warmup 3 --json "$OUT_DIR/dqkw_ops.json"
+            pallas-mosaic+tdqkw --reps 20 --warmup 3 --json "$OUT_DIR/dqkw_ops.json"
         ;;
     ops)
         step ops ${OPS_LIMIT:-300} "$PY" benchmarks/ops.py --fla --reps 30 --warmup 5 --json "$OUT_DIR/ops.json"

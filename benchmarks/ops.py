@@ -71,8 +71,9 @@ def peak_bytes() -> int | None:
 def split_impl(impl: str):
     """``(implementation, Config or None)`` of a benchmark name: ``pallas-no-save-residuals``
     is pallas with ``save_residuals`` off; a suffix ``+mbvN`` (``pallas+mbv32``) sets the
-    Mosaic GPU kernels' V tile to N, ``+mdqkw`` (``pallas-mosaic+mdqkw``) runs the backward's
-    state-side gradients on Mosaic GPU too. Raises ValueError for another suffix."""
+    Mosaic GPU kernels' V tile to N, ``+tdqkw`` (``pallas-mosaic+tdqkw``) runs the backward's
+    state-side gradients on the Triton kernel instead of Mosaic GPU's. Raises ValueError for
+    another suffix."""
     if impl == "pallas-no-save-residuals":
         from qdelta_jax.pallas import Config
 
@@ -84,13 +85,13 @@ def split_impl(impl: str):
 
     fields = {}
     for sfx in suffixes:
-        if sfx == "mdqkw":
-            fields["mosaic_dqkw"] = True
+        if sfx == "tdqkw":
+            fields["mosaic_dqkw"] = False
         elif sfx.startswith("mbv") and sfx[3:].isdigit():
             fields["mosaic_block_v"] = int(sfx[3:])
         else:
             raise ValueError(f"unknown suffix +{sfx} in {impl!r}; known: +mbvN (the Mosaic GPU "
-                             "V tile, N in 32, 64, 128), +mdqkw")
+                             "V tile, N in 32, 64, 128), +tdqkw")
     return base, Config(**fields)
 
 
@@ -200,8 +201,8 @@ def main(argv=None) -> int:
     p.add_argument("--impl", nargs="+", default=None,
                    help="implementations (default: xla, plus pallas and pallas-no-save-residuals"
                    " on GPU); pallas-no-save-residuals is pallas with save_residuals off; a"
-                   " suffix +mbvN sets the Mosaic GPU kernels' V tile (pallas+mbv32), +mdqkw"
-                   " the Mosaic GPU state-side gradients (pallas-mosaic+mdqkw)")
+                   " suffix +mbvN sets the Mosaic GPU kernels' V tile (pallas+mbv32), +tdqkw"
+                   " the Triton state-side gradients under pallas-mosaic (pallas-mosaic+tdqkw)")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     p.add_argument("--chunk-size", type=int, default=64)
     p.add_argument("--warmup", type=int, default=5)

@@ -72,12 +72,13 @@ class Config:
     ``Config(save_residuals=False)`` is a whole config for ``qdelta_rule(..., config=...)``.
 
     ``mosaic_block_v``: the V tile (32, 64 or 128) of the Mosaic GPU kernels where they run;
-    ``None``: for the no-gradient forward chosen from the grid
-    (:func:`qdelta_jax.pallas.core.mosaic_block_v`), 64 with ``implementation="pallas-mosaic"``.
+    ``None``: chosen from the grid (:func:`qdelta_jax.pallas.core.mosaic_block_v`), 64 for
+    packed rows.
 
     ``mosaic_dqkw``: where the backward runs on the Mosaic GPU kernels
     (``implementation="pallas-mosaic"``, unpacked rows), its state-side gradients too
-    (:mod:`qdelta_jax.pallas.mosaic_backward`, not yet checked on a GPU; off unless set)."""
+    (:mod:`qdelta_jax.pallas.mosaic_backward`); ``None`` or ``True``: yes, ``False``: the
+    Triton kernel."""
 
     solve: StageConfig | None = None
     wu: StageConfig | None = None

@@ -169,10 +169,10 @@ _core.defvjp(_core_fwd, _core_bwd)
 
 
 def _mosaic_dqkw(cfg: Config, mcfg, q, do, seg, C) -> bool:
-    """Whether the backward's state-side gradients run on Mosaic GPU: asked for
-    (``cfg.mosaic_dqkw``), in a backward on the Mosaic kernels, for a call the kernel takes
-    (else the Triton kernel, the reason in the debug log)."""
-    if not cfg.mosaic_dqkw or mcfg is None or not mcfg.train:
+    """Whether the backward's state-side gradients run on Mosaic GPU: in a backward on the
+    Mosaic kernels, unless ``Config(mosaic_dqkw=False)``, for a call the kernel takes (else the
+    Triton kernel, the reason in the debug log)."""
+    if cfg.mosaic_dqkw is False or mcfg is None or not mcfg.train:
         return False
     if seg is not None:
         why = "packed rows"
@@ -331,9 +331,9 @@ def make_core(*, K: int, V: int, dtype, chunk_size: int, config: Config | None =
         h0p = _pad_last(jnp.pad(h0.astype(F32), [(0, 0), (0, 0), (0, Kp - K), (0, 0)]), Vp)
         block_v = cfg.mosaic_block_v
         if block_v is None:
-            # Training on Mosaic keeps tiles of 64: its residual-writing forward has not been
-            # checked on a GPU with tiles of 32.
-            block_v = (64 if forward_backend == "mosaic" else
+            # Packed rows on Mosaic keep tiles of 64: their document-masked kernels have not
+            # been checked on a GPU with tiles of 32.
+            block_v = (64 if forward_backend == "mosaic" and seg is not None else
                        mosaic_block_v(q.shape[0] * q.shape[2], Vp, sms or _sm_count()))
         mcfg = choose_mosaic(forward_backend, Kp, Vp, chunk_size, q.dtype, v.dtype,
                              interpret=interp, rows_are_sequences=rows_are_sequences, seg=seg,

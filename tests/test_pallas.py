@@ -348,10 +348,16 @@ def test_mosaic_block_v_follows_the_grid(monkeypatch):
     monkeypatch.setattr(pcore, "_sm_count", lambda: 132)
     (q, k, v, g, beta, lam, _), _ = make(52, 2, 64, 6, 16, 64)
     for impl, config, want in (("pallas", None, 32), ("pallas", pcfg.Config(mosaic_block_v=64), 64),
-                               ("pallas-mosaic", None, 64),  # training on Mosaic: 64 unless set
-                               ("pallas-mosaic", pcfg.Config(mosaic_block_v=32), 32)):
+                               ("pallas-mosaic", None, 32),
+                               ("pallas-mosaic", pcfg.Config(mosaic_block_v=64), 64)):
         qdelta_rule(q, k, v, g, beta, lam, chunk_size=16, implementation=impl, config=config)
         assert seen.pop() == want  # B2 H6 V64: 12 CTAs at tiles of 64
+    # Packed rows on Mosaic keep tiles of 64 unless told otherwise.
+    cu = jnp.array([[0, 20, 64], [0, 64, 64]], jnp.int32)
+    for config, want in ((None, 64), (pcfg.Config(mosaic_block_v=32), 32)):
+        qdelta_rule(q, k, v, g, beta, lam, chunk_size=16, implementation="pallas-mosaic",
+                    config=config, cu_seqlens=cu)
+        assert seen.pop() == want
 
 
 def test_forward_backend_choice_off_the_gpu():
@@ -418,9 +424,11 @@ def test_mosaic_training_dispatch_wiring(monkeypatch):
     args = (q, k, v, g, beta, lam, h0)
     (_, (o_x, f_x)), g_x = value_and_grads("xla", C)(*args, w)
     tol = TOL[jnp.dtype(F32)]
-    # Config(mosaic_dqkw=True) adds the Mosaic state-side gradients, unpacked rows only.
-    for config, want in ((None, ["fwd", "rev"]), (pcfg.Config(mosaic_dqkw=True),
-                                                  ["fwd", "rev", "dqkw"])):
+    # The Mosaic state-side gradients run by default, unpacked rows only;
+    # Config(mosaic_dqkw=False) keeps the Triton kernel.
+    for config, want in ((None, ["fwd", "rev", "dqkw"]), (pcfg.Config(mosaic_dqkw=True),
+                                                          ["fwd", "rev", "dqkw"]),
+                         (pcfg.Config(mosaic_dqkw=False), ["fwd", "rev"])):
         calls.clear()
         (_, (o_m, f_m)), g_m = value_and_grads("pallas-mosaic", C, config=config)(*args, w)
         assert calls == want
@@ -431,7 +439,7 @@ def test_mosaic_training_dispatch_wiring(monkeypatch):
         pcfg.Config(mosaic_dqkw=1)
     calls.clear()
     wp = w
-    # packed rows keep the Triton state-side gradients even when the Mosaic ones are asked for
+    # packed rows keep the Triton state-side gradients even where the Mosaic ones are asked for
     (_, o_p), gp = packed_value_and_grads("pallas-mosaic", C, CU_ROWS,
                                           pcfg.Config(mosaic_dqkw=True))(q, k, v, g, beta, lam, wp)
     (_, o_px), gpx = packed_value_and_grads("xla", C, CU_ROWS)(q, k, v, g, beta, lam, wp)
