@@ -27,6 +27,11 @@ try/except: a failure prints its full error and the run goes on. Writes JSON to 
 
     python benchmarks/mosaic_dev.py               # B8 T4096 H6 K128 V256 bf16, then a small one
     python benchmarks/mosaic_dev.py --lower-only  # CPU: lower every variant for cuda only
+
+``--launch-cost N`` times, instead, ``N`` dependent calls in one jitted function at a shape of
+one CTA (B1 T64 H1 K128 V64), the Mosaic fused pass against the Triton state pass + output:
+the time a call costs beyond its work, what a model that calls the kernels in every layer pays
+once a layer.
 """
 
 from __future__ import annotations
@@ -60,19 +65,21 @@ class Variant:
     residuals: bool = False
     packed: bool = False  # runs in the packed case (with seg) instead of the unpacked one
     reverse: bool = False  # mosaic.reverse_state_pass instead of mosaic.state_output
+    fused_dd0: bool = False  # the reverse pass forms dD0 itself (passed dD0=None)
 
 
 def _variant(name: str) -> Variant:
-    """``[seg_][rev_|so_][res_]bv{32,64,128}_s{steps}[_wg]``: packed case, the reverse pass,
-    ``scale_operands``, ``residuals``, the V tile, ``max_concurrent_steps``, warpgroup lowering
-    semantics."""
+    """``[seg_][rev_[fd_]|so_][res_]bv{32,64,128}_s{steps}[_wg]``: packed case, the reverse
+    pass (``fd``: forming ``dD0`` itself), ``scale_operands``, ``residuals``, the V tile,
+    ``max_concurrent_steps``, warpgroup lowering semantics."""
     parts = name.split("_")
     flags = set(parts[:-2]) if not name.endswith("_wg") else set(parts[:-3])
     bv, steps = (parts[-3], parts[-2]) if name.endswith("_wg") else (parts[-2], parts[-1])
     cfg = mosaic.MosaicConfig(block_v=int(bv[2:]), max_concurrent_steps=int(steps[1:]),
                               lowering_semantics="warpgroup" if name.endswith("_wg") else "lane",
                               scale_operands="so" in flags)
-    return Variant(cfg, residuals="res" in flags, packed="seg" in flags, reverse="rev" in flags)
+    return Variant(cfg, residuals="res" in flags, packed="seg" in flags, reverse="rev" in flags,
+                   fused_dd0="fd" in flags)
 
 
 VARIANTS = {name: _variant(name) for name in (
@@ -81,6 +88,7 @@ VARIANTS = {name: _variant(name) for name in (
     "so_bv64_s2", "so_res_bv64_s2", "so_res_bv64_s1", "so_res_bv128_s1",
     "seg_bv64_s2", "seg_res_bv64_s2", "seg_res_bv64_s1", "seg_so_res_bv64_s2",
     "rev_bv64_s2", "rev_bv64_s1", "rev_bv128_s1", "seg_rev_bv64_s2", "rev_bv32_s2",
+    "rev_fd_bv64_s2", "rev_fd_bv32_s2", "seg_rev_fd_bv64_s2",
     # Not run by default: with jax 0.11.2 its layout inference searches for minutes (on a CPU)
     # and then finds no solution.
     "bv64_s2_wg",
@@ -104,10 +112,54 @@ def times(fn, args, reps):
 
 
 def _mosaic_fn(v: Variant, scale):
+    if v.reverse and v.fused_dd0:  # the same arguments, dD0 (the sixth) left to the kernel
+        return jax.jit(lambda *a: mosaic.reverse_state_pass(*a[:5], None, *a[6:], scale=scale,
+                                                            cfg=v.cfg))
     if v.reverse:
         return jax.jit(lambda *a: mosaic.reverse_state_pass(*a, scale=scale, cfg=v.cfg))
     return jax.jit(lambda *a: mosaic.state_output(*a, scale=scale, residuals=v.residuals,
                                                   cfg=v.cfg))
+
+
+def launch_cost(n: int, dtype, reps: int) -> dict:
+    """Median ms of ``n`` dependent calls (each call's output is the next one's ``U``) in one
+    jitted function at one CTA's shape, Mosaic and Triton, synchronised and pipelined; and
+    the microseconds a call."""
+    B, T, H, K, V = 1, 64, 1, 128, 64
+    q, k, v, g, beta, lam, h0 = random_inputs(jax.random.PRNGKey(5), B, T, H, K, V,
+                                              dtype=dtype, **KERNEL_INPUTS)
+    G = packing.chunk_cumsum(g, C)
+    sp = lambda x: xla._split(x, C)  # noqa: E731
+    loc = jax.jit(xla.chunk_local)(sp(q), sp(k), sp(v), sp(G), sp(beta), sp(lam))
+    W, U = xla._merge(loc.W).astype(dtype), xla._merge(loc.U).astype(dtype)
+    m = packing.make_layout(B, T, C, None).meta
+    cfg = pcfg.get_config(K, V, C, dtype)
+    scale = K**-0.5
+
+    def mosaic_step(U):
+        return mosaic.state_output(q, k, G, W, U, h0, scale=scale, out_dtype=dtype)[0]
+
+    def triton_step(U):
+        h_in, D, _ = pfwd.state_pass(k, G, W, U, h0, m.reset, m.is_last, m.seq, None, C=C,
+                                     cfg=cfg.state, interpret=False)
+        return pfwd.chunk_output(q, k, G, h_in, D, None, scale=scale, out_dtype=dtype, C=C,
+                                 cfg=cfg.output, interpret=False)
+
+    out = {"n": n, "shape": [B, T, H, K, V]}
+    for name, step in (("mosaic", mosaic_step), ("triton", triton_step)):
+        def chain(U, step=step):
+            for _ in range(n):
+                U = step(U)
+            return U
+
+        try:
+            ms = times(jax.jit(chain), (U,), reps)
+            out[name] = {"ms": ms, "us_per_call": [1e3 * t / n for t in ms]}
+        except Exception as e:  # noqa: BLE001 - report the other one
+            traceback.print_exc()
+            out[name] = {"error": f"{type(e).__name__}: {e}"[:2000]}
+        print(f"launch cost, {n} dependent calls: {name} {json.dumps(out[name])}", flush=True)
+    return out
 
 
 def lower_only(shape, dtype, variants):
@@ -403,6 +455,8 @@ def main(argv=None):
     ap.add_argument("--dqkw", default="",
                     help="also check and time the Mosaic GPU chunk_dqkw at these V tiles "
                     "(comma list, e.g. 64,32) against the Triton kernel")
+    ap.add_argument("--launch-cost", type=int, default=0, metavar="N",
+                    help="only time N dependent calls at one CTA's shape, Mosaic and Triton")
     ap.add_argument("--out", default=None)
     a = ap.parse_args(argv)
     dtype = jnp.dtype(a.dtype)
@@ -428,6 +482,11 @@ def main(argv=None):
                 json.dump(allres, f, indent=1)
 
     t0 = time.perf_counter()
+    if a.launch_cost:
+        allres["launch_cost"] = launch_cost(a.launch_cost, dtype, a.reps)
+        save()
+        print(f"wall {time.perf_counter() - t0:.0f} s")
+        return 0
     for shape in shapes:
         if a.lower_only:
             low = lower_only(shape, dtype, variants)

@@ -78,7 +78,11 @@ class Config:
     ``mosaic_dqkw``: where the backward runs on the Mosaic GPU kernels
     (``implementation="pallas-mosaic"``, unpacked rows), its state-side gradients too
     (:mod:`qdelta_jax.pallas.mosaic_backward`); ``None`` or ``True``: yes, ``False``: the
-    Triton kernel."""
+    Triton kernel.
+
+    ``mosaic_fused_dd0``: where the backward's reverse pass runs on Mosaic GPU, it forms
+    ``dD0 = scale P^T dO`` itself instead of reading it from the ``chunk_dd0`` launch
+    (``None``: off)."""
 
     solve: StageConfig | None = None
     wu: StageConfig | None = None
@@ -92,13 +96,14 @@ class Config:
     save_residuals: bool | None = None
     mosaic_block_v: int | None = None
     mosaic_dqkw: bool | None = None
+    mosaic_fused_dd0: bool | None = None
 
     def __post_init__(self):
         for name in STAGES:
             x = getattr(self, name)
             if x is not None and not isinstance(x, StageConfig):
                 raise TypeError(f"Config.{name} must be a StageConfig or None, got {x!r}")
-        for name in ("save_residuals", "mosaic_dqkw"):
+        for name in ("save_residuals", "mosaic_dqkw", "mosaic_fused_dd0"):
             x = getattr(self, name)
             if x is not None and not isinstance(x, bool):
                 raise TypeError(f"Config.{name} must be a bool or None, got {x!r}")

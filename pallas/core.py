@@ -144,8 +144,10 @@ def _core_bwd(scale, cfg: Config, C, interp, mcfg, norm, res, cts):
     if saved is None:  # save_residuals off: recompute W, T, h_in, D
         saved, _ = _states(q, k, v, G, beta, lam, h0, seg, reset, is_last, seq, cfg, C, interp)
     W, Tinv, h_in, D = saved
-    dD0 = bwd.chunk_dd0(q, k, G, do, seg, scale=scale, C=C, cfg=cfg.dd0, interpret=interp)
-    if mcfg is not None and mcfg.train:
+    mosaic_reverse = mcfg is not None and mcfg.train
+    dD0 = (None if mosaic_reverse and cfg.mosaic_fused_dd0 else
+           bwd.chunk_dd0(q, k, G, do, seg, scale=scale, C=C, cfg=cfg.dd0, interpret=interp))
+    if mosaic_reverse:
         B = q.shape[0]
         dfin = jnp.zeros((B,) + h0.shape[1:], F32) if seg is not None else dfinal
         dh_out, dD, dh0 = mosaic.reverse_state_pass(q, k, G, W, do, dD0, dfin.astype(F32), seg,

@@ -246,11 +246,12 @@ def _gates(g_s, seg_s, segp_s, causal):
     return Gi, Gj, gam, e, aC, mask, keep
 
 
-def _causal(C):
-    """The ``i >= j`` mask in the layout of a ``[C, C]`` accumulator."""
+def _causal(C, transposed: bool = False):
+    """The ``i >= j`` mask (row ``i``, column ``j``; ``transposed``: ``i <= j``) in the layout
+    of a ``[C, C]`` accumulator."""
     row = plgpu.broadcasted_iota(jnp.int32, (C, C), 0, layout=plgpu.Layout.WGMMA)
     col = plgpu.broadcasted_iota(jnp.int32, (C, C), 1, layout=plgpu.Layout.WGMMA)
-    return row >= col
+    return row <= col if transposed else row >= col
 
 
 def _kernel(*refs, C, NC, H, BV, scale, steps, dt, residuals, segmented, scale_operands):
@@ -459,17 +460,18 @@ def state_output(q, k, G, W, U, h0, seg=None, *, scale: float, out_dtype=None,
 
 
 def reverse_smem_bytes(K: int, C: int, BV: int, itemsize: int, steps: int,
-                       segmented: bool = False) -> int:
+                       segmented: bool = False, fused_dd0: bool = False) -> int:
     """Shared memory of one CTA of :func:`reverse_state_pass`: ``steps`` pipeline buffers of
-    ``Q, K, W`` (``[C, K]``), ``dO``, ``dD0`` and ``dD`` (``[C, BV]``), ``dh_out``
-    (``[K, BV]``), ``G`` and the ids, plus the float32 ``[K, BV]`` buffer of ``dfinal`` in and
-    ``dh0`` out."""
-    per_step = (3 * C * K + 3 * C * BV + K * BV) * itemsize + 4 * C + (8 * C if segmented else 0)
+    ``Q, K, W`` (``[C, K]``), ``dO``, ``dD0`` (unless ``fused_dd0``) and ``dD`` (``[C, BV]``),
+    ``dh_out`` (``[K, BV]``), ``G`` and the ids, plus the float32 ``[K, BV]`` buffer of
+    ``dfinal`` in and ``dh0`` out."""
+    per_step = ((3 * C * K + (2 if fused_dd0 else 3) * C * BV + K * BV) * itemsize + 4 * C
+                + (8 * C if segmented else 0))
     return steps * per_step + 4 * K * BV
 
 
-def _reverse_kernel(*refs, C, NC, H, BV, scale, steps, dt, segmented):
-    n_in = 8 if segmented else 6
+def _reverse_kernel(*refs, C, NC, H, BV, scale, steps, dt, segmented, fused_dd0):
+    n_in = (8 if segmented else 6) - fused_dd0
     ins = refs[:n_in]
     dfin_ref, dhout_ref, dd_ref, dh0_ref, f_s, bar = refs[n_in:]
     b, h, j = lax.axis_index("b"), lax.axis_index("h"), lax.axis_index("v")
@@ -479,12 +481,27 @@ def _reverse_kernel(*refs, C, NC, H, BV, scale, steps, dt, segmented):
     plgpu.barrier_wait(bar)
     dh_last = _load(f_s, plgpu.Layout.WGMMA)
 
+    # dD0 = scale P^T dO in the kernel: P^T = (K Q^T) o exp(G_i - G_j) over pairs j <= i
+    # (row j, column i), the transpose of the forward's mask.
+    anticausal = _causal(C, transposed=True)
+
     def chunk(_, *refs):
-        q_s, k_s, w_s, g_s, do_s, dd0_s = refs[:6]
-        seg_s, segp_s = refs[6:8] if segmented else (None, None)
+        q_s, k_s, w_s, g_s, do_s = refs[:5]
+        dd0_s = None if fused_dd0 else refs[5]
+        seg_s, segp_s = refs[n_in - 2:n_in] if segmented else (None, None)
         dh_s, dD_s = refs[n_in:n_in + 2]
         dh = refs[-1]
-        _, _, gam, e, aC, _, keep = _gates(g_s, seg_s, segp_s, None)
+        Gi, Gj, gam, e, aC, mask, keep = _gates(g_s, seg_s, segp_s,
+                                                anticausal if fused_dd0 else None)
+        if fused_dd0:
+            def kq_product(acc):
+                plgpu.wgmma(acc, k_s, q_s.T)
+                return acc[...]
+
+            kq = pl.run_scoped(kq_product, plgpu.ACC((C, C), F32))
+            # exp(G_i - G_j) only where the mask holds, so the exponent never overflows
+            diff = jnp.where(mask, _cols(Gj, (C, C)) - _rows(Gi, (C, C)), 0.0)
+            PT = jnp.where(mask, (scale * kq) * jnp.exp(diff), 0.0).astype(dt)
         dh_s[...] = dh.astype(dt)
         # The operands as the chain rule of the state pass meets them: exp(G_C - G) K (what
         # wrote into the state), gamma Q (what read it) and -W (negation is exact), rounded
@@ -497,10 +514,13 @@ def _reverse_kernel(*refs, C, NC, H, BV, scale, steps, dt, segmented):
         plgpu.commit_smem()
 
         def dd_update(acc):
+            if fused_dd0:
+                plgpu.wgmma(acc, PT, do_s)
             plgpu.wgmma(acc, k_s, dh_s)
 
-        dD = pl.run_state(dd_update)(
-            plgpu.ACC.init(_load(dd0_s, plgpu.Layout.WGMMA).astype(F32)))
+        dD = pl.run_state(dd_update)(plgpu.ACC.init(
+            plgpu.layout_cast(jnp.full((C, BV), 0, F32), plgpu.Layout.WGMMA) if fused_dd0
+            else _load(dd0_s, plgpu.Layout.WGMMA).astype(F32)))
         dD_s[...] = dD.astype(dt)
         plgpu.commit_smem()
 
@@ -523,8 +543,9 @@ def _reverse_kernel(*refs, C, NC, H, BV, scale, steps, dt, segmented):
     in_specs += [
         plgpu.BlockSpec((None, None, C), lambda c: (b, h, NC - 1 - c)),  # G, [B, H, Tp]
         plgpu.BlockSpec((None, C, None, BV), rows_v, transforms=tv),  # dO
-        plgpu.BlockSpec((None, C, None, BV), rows_v, transforms=tv),  # dD0
     ]
+    if not fused_dd0:
+        in_specs.append(plgpu.BlockSpec((None, C, None, BV), rows_v, transforms=tv))  # dD0
     if segmented:
         in_specs += [plgpu.BlockSpec((None, C), lambda c: (b, NC - 1 - c))] * 2
     out_specs = [
@@ -544,6 +565,7 @@ def _reverse_kernel(*refs, C, NC, H, BV, scale, steps, dt, segmented):
 
 def reverse_state_pass(q, k, G, W, do, dD0, dfinal, seg=None, *, scale: float, C: int = CHUNK,
                        cfg: MosaicConfig | None = None):
+    # dD0 None: the kernel forms it (see the docstring's Args).
     """The reverse pass over chunks of the backward (the state gradient), as
     :func:`qdelta_jax.pallas.backward.reverse_state_pass` computes it for one sequence per row
     (or the row-aligned packed layout with ``seg``), one CTA per (batch row, head, V tile)
@@ -556,7 +578,10 @@ def reverse_state_pass(q, k, G, W, do, dD0, dfinal, seg=None, *, scale: float, C
 
     Args (layout of :func:`state_output`): ``q, k, W [B, Tp, H, K]``, ``do`` and
     ``dD0 = scale P^T dO`` (:func:`qdelta_jax.pallas.backward.chunk_dd0`) ``[B, Tp, H, V]`` in
-    the compute dtype, ``G [B, Tp, H]`` float32, ``dfinal [B, H, K, V]`` (the gradient of the
+    the compute dtype, or ``dD0=None``: each CTA forms ``scale P^T dO`` for its V tile from
+    ``K Q^T`` (one more ``[C, K] x [K, C]`` and one ``[C, C] x [C, BV]`` wgmma a chunk, in
+    place of the ``chunk_dd0`` launch and of reading ``dD0``; ``P^T`` rounded to the compute
+    dtype after the scale), ``G [B, Tp, H]`` float32, ``dfinal [B, H, K, V]`` (the gradient of the
     final state of each row; zeros for packed rows), ``seg [B, Tp]`` or ``None``.
 
     Returns ``dh_out [B, NC, H, K, V]`` (the gradient of the state leaving each chunk) and
@@ -568,17 +593,21 @@ def reverse_state_pass(q, k, G, W, do, dD0, dfinal, seg=None, *, scale: float, C
     V = do.shape[-1]
     dt = jnp.dtype(q.dtype)
     check_supported(K=K, V=V, C=C, dtype=dt, cfg=dataclasses.replace(cfg, max_concurrent_steps=1))
+    fused = dD0 is None
     shapes = [("k", k, (B, Tp, H, K)), ("W", W, (B, Tp, H, K)), ("G", G, (B, Tp, H)),
-              ("do", do, (B, Tp, H, V)), ("dD0", dD0, (B, Tp, H, V)),
-              ("dfinal", dfinal, (B, H, K, V))]
+              ("do", do, (B, Tp, H, V)), ("dfinal", dfinal, (B, H, K, V))]
+    same = [("k", k), ("W", W), ("do", do)]
+    if not fused:
+        shapes.append(("dD0", dD0, (B, Tp, H, V)))
+        same.append(("dD0", dD0))
     if seg is not None:
         shapes.append(("seg", seg, (B, Tp)))
-    check_args(shapes, dt, (("k", k), ("W", W), ("do", do), ("dD0", dD0)))
+    check_args(shapes, dt, tuple(same))
     if Tp % C:
         raise ValueError(f"q has {Tp} time steps, not a multiple of chunk_size={C}")
     NC, BV = Tp // C, cfg.block_v
     steps = min(cfg.max_concurrent_steps, NC)
-    need = reverse_smem_bytes(K, C, BV, dt.itemsize, steps, seg is not None)
+    need = reverse_smem_bytes(K, C, BV, dt.itemsize, steps, seg is not None, fused)
     if need > SMEM_BYTES:
         raise ValueError(
             f"K={K}, block_v={BV}, max_concurrent_steps={steps}: the reverse pass needs {need}"
@@ -587,7 +616,8 @@ def reverse_state_pass(q, k, G, W, do, dD0, dfinal, seg=None, *, scale: float, C
     semantics = {"warpgroup": plgpu.LoweringSemantics.Warpgroup,
                  "lane": plgpu.LoweringSemantics.Lane}[cfg.lowering_semantics]
     kernel = functools.partial(_reverse_kernel, C=C, NC=NC, H=H, BV=BV, scale=float(scale),
-                               steps=steps, dt=dt, segmented=seg is not None)
+                               steps=steps, dt=dt, segmented=seg is not None,
+                               fused_dd0=fused)
     call = plgpu.kernel(
         kernel,
         out_type=(jax.ShapeDtypeStruct((B * NC * H * K, V), dt),
@@ -599,7 +629,7 @@ def reverse_state_pass(q, k, G, W, do, dD0, dfinal, seg=None, *, scale: float, C
         grid_names=("b", "h", "v"),
         compiler_params=plgpu.CompilerParams(lowering_semantics=semantics),
     )
-    args = [q, k, W, jnp.swapaxes(G.astype(F32), 1, 2), do, dD0]
+    args = [q, k, W, jnp.swapaxes(G.astype(F32), 1, 2), do] + ([] if fused else [dD0])
     if seg is not None:
         seg = seg.astype(jnp.int32)
         args += [seg, jnp.concatenate([seg[:, :1], seg[:, :-1]], axis=1)]

@@ -59,17 +59,23 @@ def test_residuals_and_documents_lower_for_cuda(residuals, segmented, cfg):
 
 
 @needs_plgpu
-@pytest.mark.parametrize("segmented, cfg", [
-    (False, mosaic.MosaicConfig(block_v=64, max_concurrent_steps=2)),
-    (True, mosaic.MosaicConfig(block_v=64, max_concurrent_steps=1)),
-    (False, mosaic.MosaicConfig(block_v=32, max_concurrent_steps=2)),
+@pytest.mark.parametrize("segmented, cfg, fused_dd0", [
+    (False, mosaic.MosaicConfig(block_v=64, max_concurrent_steps=2), False),
+    (True, mosaic.MosaicConfig(block_v=64, max_concurrent_steps=1), False),
+    (False, mosaic.MosaicConfig(block_v=32, max_concurrent_steps=2), False),
+    (False, mosaic.MosaicConfig(block_v=64, max_concurrent_steps=2), True),
+    (True, mosaic.MosaicConfig(block_v=64, max_concurrent_steps=2), True),
+    (False, mosaic.MosaicConfig(block_v=32, max_concurrent_steps=2), True),
 ])
-def test_reverse_state_pass_lowers_for_cuda(segmented, cfg):
+def test_reverse_state_pass_lowers_for_cuda(segmented, cfg, fused_dd0):
+    """Also with ``dD0=None`` (the kernel forms ``scale P^T dO`` itself)."""
     B, T, H, K, V = 2, 192, 2, 128, 128
     S = jax.ShapeDtypeStruct
     q, k, G, W, U, dfin = _args(B, T, H, K, V)
-    args = (q, k, G, W, U, U, dfin) + ((S((B, T), jnp.int32),) if segmented else ())
-    f = jax.jit(lambda *a: mosaic.reverse_state_pass(*a, scale=0.1, cfg=cfg))
+    seg = (S((B, T), jnp.int32),) if segmented else ()
+    f = jax.jit(lambda *a: mosaic.reverse_state_pass(*a[:5], None, *a[5:], scale=0.1, cfg=cfg)
+                if fused_dd0 else mosaic.reverse_state_pass(*a, scale=0.1, cfg=cfg))
+    args = ((q, k, G, W, U, dfin) if fused_dd0 else (q, k, G, W, U, U, dfin)) + seg
     traced = f.trace(*args)
     # dh_out, dD and dh0 as pallas.backward.reverse_state_pass writes them
     assert [(o.shape, o.dtype) for o in jax.tree.leaves(traced.out_info)] == [

@@ -403,6 +403,9 @@ def test_mosaic_training_dispatch_wiring(monkeypatch):
     def reverse_state_pass(q, k, G, W, do, dD0, dfinal, seg=None, *, scale, C=64, **kw):
         B, Tp = q.shape[:2]
         m = _meta_like_mosaic(B, Tp, C, seg)
+        if dD0 is None:  # Config(mosaic_fused_dd0=True): the kernel forms it
+            calls.append("dd0 in rev")
+            dD0 = pbwd.chunk_dd0(q, k, G, do, seg, scale=scale, C=C, cfg=cfg, interpret=True)
         return pbwd.reverse_state_pass(q, k, G, W, do, dD0, dfinal, m.reset, m.is_last, m.seq,
                                        seg, scale=scale, C=C, cfg=cfg, interpret=True)
 
@@ -428,7 +431,9 @@ def test_mosaic_training_dispatch_wiring(monkeypatch):
     # Config(mosaic_dqkw=False) keeps the Triton kernel.
     for config, want in ((None, ["fwd", "rev", "dqkw"]), (pcfg.Config(mosaic_dqkw=True),
                                                           ["fwd", "rev", "dqkw"]),
-                         (pcfg.Config(mosaic_dqkw=False), ["fwd", "rev"])):
+                         (pcfg.Config(mosaic_dqkw=False), ["fwd", "rev"]),
+                         (pcfg.Config(mosaic_fused_dd0=True),
+                          ["fwd", "rev", "dd0 in rev", "dqkw"])):
         calls.clear()
         (_, (o_m, f_m)), g_m = value_and_grads("pallas-mosaic", C, config=config)(*args, w)
         assert calls == want
