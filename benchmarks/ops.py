@@ -98,39 +98,27 @@ def split_impl(impl: str):
 
 
 def bench_impl(impl, shape, dtype, warmup, reps, chunk_size, docs=0, guard=False):
-    """``impl``: an implementation of qdelta_rule, with the forms :func:`split_impl` takes, and
-    a last suffix ``+l2out``: q, k normalised before the op by the stand-alone L2 kernels
-    (``pallas.l2norm.l2_normalize``, one launch each way per tensor) and the op called with
-    ``normalize_qk=False``, the layout before the core normalised them itself;
+    """``impl``: an implementation of qdelta_rule, with the forms :func:`split_impl` takes;
     ``guard``: with the non-finite guard."""
-    l2_outside = impl.endswith("+l2out")
-    base, config = split_impl(impl.removesuffix("+l2out"))
-    row = _bench_impl(impl, base, shape, dtype, warmup, reps, chunk_size, docs, config, guard,
-                      l2_outside)
+    base, config = split_impl(impl)
+    row = _bench_impl(impl, base, shape, dtype, warmup, reps, chunk_size, docs, config, guard)
     if guard:
         row["impl"] += " (guarded)"
     return row
 
 
-def op_functions(impl, shape, dtype, chunk_size=64, docs=0, config=None, guard=False,
-                 l2_outside=False):
+def op_functions(impl, shape, dtype, chunk_size=64, docs=0, config=None, guard=False):
     """``[("fwd", fn, args), ("fwd_bwd", fn, args)]``: the op's forward and its ``jax.vjp``
     pull-back of all six inputs, on fresh random inputs of ``shape`` (BxTxHxKxV); ``docs > 0``
-    packs that many documents into every row; ``config``: the op's kernel config;
-    ``l2_outside``: see :func:`bench_impl`."""
+    packs that many documents into every row; ``config``: the op's kernel config."""
     B, T, H, K, V = shape
     q, k, v, g, beta, lam, _ = random_inputs(jax.random.key(0), B, T, H, K, V, dtype=dtype)
     do = jax.random.normal(jax.random.key(1), v.shape, jnp.float32).astype(v.dtype)
     cu = jnp.asarray(random_offsets(B, T, docs)) if docs else None
 
     def fwd(q, k, v, g, beta, lam):
-        if l2_outside:
-            from qdelta_jax.pallas import l2norm
-
-            q, k = l2norm.l2_normalize(q), l2norm.l2_normalize(k)
         return qdelta_rule(q, k, v, g, beta, lam, implementation=impl, chunk_size=chunk_size,
-                           cu_seqlens=cu, config=config, guard_nonfinite=guard,
-                           normalize_qk=not l2_outside)[0]
+                           cu_seqlens=cu, config=config, guard_nonfinite=guard)[0]
 
     def fwd_bwd(q, k, v, g, beta, lam, do):
         o, vjp = jax.vjp(fwd, q, k, v, g, beta, lam)
@@ -141,11 +129,10 @@ def op_functions(impl, shape, dtype, chunk_size=64, docs=0, config=None, guard=F
 
 
 def _bench_impl(name_, impl, shape, dtype, warmup, reps, chunk_size, docs=0, config=None,
-                guard=False, l2_outside=False):
+                guard=False):
     row = {"impl": name_ + (f" ({docs} docs/row)" if docs else ""), "shape": shape,
            "dtype": jnp.dtype(dtype).name}
-    for name, fn, args in op_functions(impl, shape, dtype, chunk_size, docs, config, guard,
-                                       l2_outside):
+    for name, fn, args in op_functions(impl, shape, dtype, chunk_size, docs, config, guard):
         t0 = time.perf_counter()
         try:
             compiled = jax.jit(fn).lower(*args).compile()
@@ -241,7 +228,7 @@ def main(argv=None) -> int:
     impls = a.impl or (["xla", "pallas", "pallas-no-save-residuals"] if on_gpu else ["xla"])
     for impl in impls:
         try:
-            split_impl(impl.removesuffix("+l2out"))
+            split_impl(impl)
         except ValueError as e:
             p.error(f"--impl: {e}")
     dtype = jnp.dtype(a.dtype)

@@ -204,22 +204,16 @@ def within(mask, seg_i, seg_j=None):
     return same if mask is None else mask & same
 
 
-def with_optional(kernel, n_in: int, count: int, present: bool):
-    """``kernel`` takes ``count`` optional refs after its ``n_in`` inputs; where they are not
-    ``present`` it gets ``None`` for each and the call passes no such inputs."""
-    if present:
-        return kernel
-
-    def call(*refs):
-        return kernel(*refs[:n_in], *([None] * count), *refs[n_in:])
-
-    return call
-
-
 def with_seg(kernel, n_in: int, segmented: bool):
     """``kernel`` takes a ``seg_ref`` after its ``n_in`` inputs; without documents inside chunks
     it gets ``None`` there and the call passes no such input."""
-    return with_optional(kernel, n_in, 1, segmented)
+    if segmented:
+        return kernel
+
+    def call(*refs):
+        return kernel(*refs[:n_in], None, *refs[n_in:])
+
+    return call
 
 
 # ----------------------------------------------------------------------------- launch specs

@@ -33,7 +33,6 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from qdelta_jax.pallas import _util as u
-from qdelta_jax.pallas import l2norm
 from qdelta_jax.pallas._util import params, seg_args, spec_rows
 from qdelta_jax.pallas.config import StageConfig
 
@@ -296,10 +295,8 @@ def _grads_k_phase1(dps_ref, da_ref, dbv_ref, QK, Rd, A, G, beta, lam, strict, s
 
 def _grads_k_kernel(
     q_ref, k_ref, G_ref, b_ref, l_ref, t_ref, dw_ref, dps_ref, da_ref, dbv_ref, dqp_ref,
-    dkp_ref, dgp_ref, seg_ref, rq_ref, rk_ref, dq_ref, dk_ref, dg_ref, db_ref, dl_ref, *, dt, hp,
+    dkp_ref, dgp_ref, seg_ref, dq_ref, dk_ref, dg_ref, db_ref, dl_ref, *, dt, hp,
 ):
-    # rq_ref, rk_ref (the inverse norms of the unit q, k the core normalised itself, or None):
-    # dq, dk leave as gradients w.r.t. the raw q, k.
     C = q_ref.shape[0]
     strict, _ = u.masks(C)
     q, k = q_ref[...], k_ref[...]
@@ -331,15 +328,11 @@ def _grads_k_kernel(
     dl_ref[...] = dl + bg * bxq
     dq = (dqp_ref[...] + u.dot(M, k, dt=dt, hp=hp)
           + u.dot(T * (lam * bg)[None, :], dW, ta=True, dt=dt, hp=hp))
-    if rq_ref is not None:
-        dq = l2norm.unit_backward(q, rq_ref[...], dq)
     dq_ref[...] = dq.astype(dq_ref.dtype)
     dk = (
         dkp_ref[...] + u.dot(S, k, dt=dt, hp=hp) + u.dot(M, q, ta=True, dt=dt, hp=hp)
         + u.dot(T * bg[None, :], dW, ta=True, dt=dt, hp=hp)
     )
-    if rk_ref is not None:
-        dk = l2norm.unit_backward(k, rk_ref[...], dk)
     dk_ref[...] = dk.astype(dk_ref.dtype)
     dg_ref[...] = dG + dgp_ref[...]
 
@@ -407,15 +400,11 @@ def _grads_k_split_kernel(
 
 
 def chunk_grads(q, k, v, G, beta, lam, Tinv, dD, dW, dq_part, dk_part, dG_part, dPs, seg=None,
-                *, C: int, cfg: StageConfig, interpret, cfg_k: StageConfig | None = None,
-                inv_norms=None):
+                *, C: int, cfg: StageConfig, interpret, cfg_k: StageConfig | None = None):
     """All local gradients (the counterpart of :func:`qdelta_jax.xla.chunk_grads`, given the
     state-side terms and ``dPs`` of :func:`chunk_dqkw` and ``Tinv = (I + A)^-1 [B, Tp, H, C]``
     from ``forward.chunk_local``). Returns ``dq, dk, dv`` in the input dtypes
-    and ``dg, dbeta, dlam`` float32, on the padded layout. ``inv_norms``: ``(rq, rk)``
-    ``[B, Tp, H]`` float32 where ``q, k`` are unit rows the core normalised (``q = q_raw rq``):
-    ``dq, dk`` are then w.r.t. ``q_raw, k_raw`` (the K-side kernel applies the normalisation's
-    backward to its float32 results; with K slices, XLA does after it).
+    and ``dg, dbeta, dlam`` float32, on the padded layout.
 
     Two launches, so that each holds few tiles live: the V side (``cfg``, loop over V tiles:
     ``dv``, the V part of ``dbeta`` and ``dA = -T^T dT T^T`` as ``[B, Tp, H, C]`` float32),
@@ -442,15 +431,10 @@ def chunk_grads(q, k, v, G, beta, lam, Tinv, dD, dW, dq_part, dk_part, dG_part, 
         compiler_params=params(cfg),
         name="qdelta_chunk_grads_v",
     )(q, k, v, G, beta, lam, Tinv, dD, dW, *extra)
-    in_kernel = inv_norms is not None and bk_k == K
-    if bk_k == K:
-        kernel = u.with_optional(functools.partial(_grads_k_kernel, dt=dt, hp=hp), 14, 2,
-                                 in_kernel)
-    else:
-        kernel = functools.partial(_grads_k_split_kernel, BK=bk_k, dt=dt, hp=hp)
-    norm_args, norm_specs = (list(inv_norms), [ss, ss]) if in_kernel else ([], [])
     dq, dk, dg, db, dl = pl.pallas_call(
-        u.with_seg(kernel, 13, seg is not None),
+        u.with_seg(functools.partial(_grads_k_kernel, dt=dt, hp=hp) if bk_k == K
+                   else functools.partial(_grads_k_split_kernel, BK=bk_k, dt=dt, hp=hp), 13,
+                   seg is not None),
         out_shape=(
             jax.ShapeDtypeStruct((B, Tp, H, K), q.dtype),
             jax.ShapeDtypeStruct((B, Tp, H, K), k.dtype),
@@ -459,13 +443,10 @@ def chunk_grads(q, k, v, G, beta, lam, Tinv, dD, dW, dq_part, dk_part, dG_part, 
             jax.ShapeDtypeStruct((B, Tp, H), F32),
         ),
         grid=(B, Tp // C, H),
-        in_specs=[ks, ks, ss, ss, ss, cs, ks, cs, cs, ss, ks, ks, ss] + extra_specs + norm_specs,
+        in_specs=[ks, ks, ss, ss, ss, cs, ks, cs, cs, ss, ks, ks, ss] + extra_specs,
         out_specs=(ks, ks, ss, ss, ss),
         interpret=interpret,
         compiler_params=params(cfg_k or cfg),
         name="qdelta_chunk_grads_k",
-    )(q, k, G, beta, lam, Tinv, dW, dPs, dA, dbv, dq_part, dk_part, dG_part, *extra, *norm_args)
-    if inv_norms is not None and not in_kernel:
-        dq = l2norm.unit_backward(q, inv_norms[0], dq).astype(q.dtype)
-        dk = l2norm.unit_backward(k, inv_norms[1], dk).astype(k.dtype)
+    )(q, k, G, beta, lam, Tinv, dW, dPs, dA, dbv, dq_part, dk_part, dG_part, *extra)
     return dq, dk, dv, dg, db, dl

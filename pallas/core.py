@@ -25,7 +25,7 @@ import jax.numpy as jnp
 from qdelta_jax.pallas import _util as u
 from qdelta_jax.pallas import backward as bwd
 from qdelta_jax.pallas import forward as fwd
-from qdelta_jax.pallas import l2norm, mosaic, mosaic_backward
+from qdelta_jax.pallas import mosaic, mosaic_backward
 from qdelta_jax.pallas.config import Config, get_config, padded_size
 
 log = logging.getLogger(__name__)
@@ -107,14 +107,10 @@ def _mosaic_forward(q, k, v, G, beta, lam, h0, seg, scale, cfg: Config, C, inter
     return (o, final), ((W, Tinv, out[2], out[3]) if residuals else None)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(11, 12, 13, 14, 15, 16))
-def _core(q, k, v, G, beta, lam, h0, seg, reset, is_last, seq, scale, cfg, C, interp, mcfg,
-          norm):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(11, 12, 13, 14, 15))
+def _core(q, k, v, G, beta, lam, h0, seg, reset, is_last, seq, scale, cfg, C, interp, mcfg):
     # The primal runs where no gradient is taken (inference, prefill); differentiated calls
     # run _core_fwd. With mcfg the Mosaic GPU kernel fuses the state pass and the output.
-    # norm: q, k arrive raw and are L2-normalised here (their backward is in chunk_grads_k).
-    if norm:
-        q, k, _, _ = l2norm.normalize_pair(q, k, interpret=interp)
     if mcfg is not None:
         return _mosaic_forward(q, k, v, G, beta, lam, h0, seg, scale, cfg, C, interp, mcfg,
                                residuals=False)[0]
@@ -122,23 +118,18 @@ def _core(q, k, v, G, beta, lam, h0, seg, reset, is_last, seq, scale, cfg, C, in
                     interp, keep_t=False)[0]
 
 
-def _core_fwd(q, k, v, G, beta, lam, h0, seg, reset, is_last, seq, scale, cfg, C, interp, mcfg,
-              norm):
-    inv_norms = None
-    if norm:  # the backward reads the unit rows and the inverse norms, not the raw q, k
-        q, k, rq, rk = l2norm.normalize_pair(q, k, interpret=interp)
-        inv_norms = (rq, rk)
+def _core_fwd(q, k, v, G, beta, lam, h0, seg, reset, is_last, seq, scale, cfg, C, interp, mcfg):
     inputs = (q, k, v, G, beta, lam, h0, seg, reset, is_last, seq)
     if mcfg is not None and mcfg.train:
         out, res = _mosaic_forward(q, k, v, G, beta, lam, h0, seg, scale, cfg, C, interp, mcfg,
                                    residuals=cfg.save_residuals)
     else:
         out, res = _forward(*inputs, scale, cfg, C, interp, keep_t=cfg.save_residuals)
-    return out, (inputs, res if cfg.save_residuals else None, inv_norms)
+    return out, (inputs, res if cfg.save_residuals else None)
 
 
-def _core_bwd(scale, cfg: Config, C, interp, mcfg, norm, res, cts):
-    (q, k, v, G, beta, lam, h0, seg, reset, is_last, seq), saved, inv_norms = res
+def _core_bwd(scale, cfg: Config, C, interp, mcfg, res, cts):
+    (q, k, v, G, beta, lam, h0, seg, reset, is_last, seq), saved = res
     do, dfinal = cts
     do = do.astype(q.dtype)
     if saved is None:  # save_residuals off: recompute W, T, h_in, D
@@ -168,7 +159,7 @@ def _core_bwd(scale, cfg: Config, C, interp, mcfg, norm, res, cts):
             interpret=interp)
     dq, dk, dv, dG, db, dl = bwd.chunk_grads(
         q, k, v, G, beta, lam, Tinv, dD, dW, dqp, dkp, dGp, dPs, seg, C=C, cfg=cfg.grads_v,
-        interpret=interp, cfg_k=cfg.grads_k, inv_norms=inv_norms,
+        interpret=interp, cfg_k=cfg.grads_k,
     )
     return (
         dq, dk, dv, dG.astype(G.dtype), db.astype(beta.dtype), dl.astype(lam.dtype),
@@ -302,8 +293,7 @@ def _pad_last(x, n: int):
 
 
 def make_core(*, K: int, V: int, dtype, chunk_size: int, config: Config | None = None,
-              interpret: bool | None = None, forward_backend: str = "auto",
-              normalize_qk: bool = False):
+              interpret: bool | None = None, forward_backend: str = "auto"):
     """A core function ``(q, k, v, G, beta, lam, h0, seg, reset, is_last, seq, scale) ->
     (o, final)`` with the contract of :func:`qdelta_jax.xla.chunked_core`, differentiable
     w.r.t. its first 7 arguments. ``config`` (may be partial) is completed by :func:`get_config`;
@@ -315,9 +305,6 @@ def make_core(*, K: int, V: int, dtype, chunk_size: int, config: Config | None =
     pass is Mosaic's too; packed rows too), and raises ValueError naming the reason where they
     cannot run; ``"triton"`` never uses them. The core takes
     ``rows_are_sequences=True`` when each batch row is one sequence with its own ``h0`` entry.
-    ``normalize_qk``: the core takes raw ``q, k`` and L2-normalises them over K itself (as
-    :func:`qdelta_jax.reference.l2_normalize`): one launch forward, and the backward's last
-    kernel returns the gradients w.r.t. the raw ``q, k`` (:mod:`.l2norm`).
 
     Raises ValueError for unsupported ``chunk_size``, head sizes or ``forward_backend``."""
     check_sizes(K, V, chunk_size)
@@ -355,7 +342,7 @@ def make_core(*, K: int, V: int, dtype, chunk_size: int, config: Config | None =
                              block_v=block_v)
         o, final = _core(
             qp, kp, vp, G.astype(F32), beta.astype(F32), lam.astype(F32), h0p, seg, reset,
-            is_last, seq, float(scale), cfg, chunk_size, interp, mcfg, bool(normalize_qk),
+            is_last, seq, float(scale), cfg, chunk_size, interp, mcfg,
         )
         return o[..., :V], final[:, :, :K, :V]
 

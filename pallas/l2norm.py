@@ -13,11 +13,6 @@ dtype, as :func:`qdelta_jax.reference.l2_normalize` followed by a cast gives. Ba
 
 Backend: head sizes that are powers of two from 16 to 256; other sizes (and the CPU, where the
 kernels would run interpreted) take the XLA expression, which computes the same function.
-
-Inside the chunked core (:func:`normalize_pair`, :func:`unit_backward`): the Pallas core
-normalises ``q`` and ``k`` itself, in one launch that also keeps the inverse norms ``r``, and
-its last backward kernel (``chunk_grads_k``) applies ``dx = r (dy - y (dy . y))`` to the float32
-gradients it has in registers, so the backward has no normalisation kernels of its own.
 """
 
 from __future__ import annotations
@@ -57,53 +52,6 @@ def _bwd_kernel(x_ref, dy_ref, dx_ref, *, eps):
     r = lax.rsqrt(jnp.sum(x * x, axis=1, keepdims=True) + eps)
     y = x * r
     dx_ref[...] = (r * (dy - y * jnp.sum(dy * y, axis=1, keepdims=True))).astype(dx_ref.dtype)
-
-
-def unit_backward(y, r, dy):
-    """The gradient w.r.t. ``x`` of ``y = x r``, ``r = (sum x^2 + eps)^(-1/2)`` over the last
-    axis, from the unit rows ``y`` (any float dtype), ``r`` (``y.shape[:-1]``) and ``dy``;
-    float32. Plain jnp: the kernels call it on register tiles, XLA on arrays."""
-    yf, dyf = y.astype(F32), dy.astype(F32)
-    return r[..., None] * (dyf - yf * jnp.sum(dyf * yf, axis=-1, keepdims=True))
-
-
-def _pair_kernel(q_ref, k_ref, qn_ref, kn_ref, rq_ref, rk_ref, *, eps):
-    for x_ref, y_ref, r_ref in ((q_ref, qn_ref, rq_ref), (k_ref, kn_ref, rk_ref)):
-        x = x_ref[...].astype(F32)
-        r = lax.rsqrt(jnp.sum(x * x, axis=1) + eps)
-        y_ref[...] = (x * r[:, None]).astype(y_ref.dtype)
-        r_ref[...] = r
-
-
-def normalize_pair(q, k, *, interpret: bool, eps: float = EPS):
-    """``(q / |q|, k / |k|, 1 / |q|, 1 / |k|)`` over the last axis (with ``eps`` as
-    :func:`l2_normalize`), the unit rows in the inputs' dtype and the inverse norms float32
-    ``[...]``, in one launch; not differentiable (the core's ``custom_vjp`` differentiates it
-    with :func:`unit_backward`). ``q`` and ``k`` have one shape, the last axis a power of two
-    from 16 to 256 and a row count that is a multiple of 16."""
-    if q.shape != k.shape:
-        raise ValueError(f"q and k must have one shape, got {q.shape} and {k.shape}")
-    K = q.shape[-1]
-    lead = q.shape[:-1]
-    qr, kr = q.reshape(-1, K), k.reshape(-1, K)
-    R = qr.shape[0]
-    if not supported(K) or R % 16:
-        raise ValueError(f"normalize_pair takes a last axis that is a power of two from 16 to"
-                         f" 256 and a multiple of 16 rows, got {q.shape}")
-    BR = _rows_block(R, K)
-    spec, vec = pl.BlockSpec((BR, K), lambda i: (i, 0)), pl.BlockSpec((BR,), lambda i: (i,))
-    qn, kn, rq, rk = pl.pallas_call(
-        functools.partial(_pair_kernel, eps=float(eps)),
-        out_shape=(jax.ShapeDtypeStruct((R, K), q.dtype), jax.ShapeDtypeStruct((R, K), k.dtype),
-                   jax.ShapeDtypeStruct((R,), F32), jax.ShapeDtypeStruct((R,), F32)),
-        grid=(R // BR,),
-        in_specs=[spec, spec],
-        out_specs=(spec, spec, vec, vec),
-        interpret=interpret,
-        compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=1),
-        name="qdelta_l2norm_qk",
-    )(qr, kr)
-    return qn.reshape(q.shape), kn.reshape(k.shape), rq.reshape(lead), rk.reshape(lead)
 
 
 def _call(kernel, out_dtype, *xs, interpret: bool):

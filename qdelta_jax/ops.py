@@ -277,10 +277,14 @@ def qdelta_rule(
 
     if check_values:
         _check_values(q=q, k=k, v=v, g=g, beta=beta, lam=lam, initial_state=initial_state)
-    if normalize_qk and not implementation.startswith("pallas"):
-        # The Pallas core normalises inside (one launch forward; the backward in its last kernel).
-        q = reference.l2_normalize(q).astype(q.dtype)
-        k = reference.l2_normalize(k).astype(k.dtype)
+    if normalize_qk:
+        if implementation.startswith("pallas"):  # one kernel each way, not XLA's two passes
+            from qdelta_jax.pallas import l2norm
+
+            q, k = l2norm.l2_normalize(q), l2norm.l2_normalize(k)
+        else:
+            q = reference.l2_normalize(q).astype(q.dtype)
+            k = reference.l2_normalize(k).astype(k.dtype)
     if HV != H:  # grouped value heads: value head j reads q/k head j // (HV // H)
         q, k = jnp.repeat(q, HV // H, axis=2), jnp.repeat(k, HV // H, axis=2)
 
@@ -298,8 +302,7 @@ def qdelta_rule(
 
             backend = {"pallas": "auto", "pallas-triton": "triton", "pallas-mosaic": "mosaic"}
             core = pallas.make_core(K=K, V=V, dtype=q.dtype, chunk_size=chunk_size,
-                                    config=config, forward_backend=backend[implementation],
-                                    normalize_qk=bool(normalize_qk))
+                                    config=config, forward_backend=backend[implementation])
 
         def run(q, k, v, g, beta, lam, initial_state, docs):
             return xla.qdelta_chunked(

@@ -461,10 +461,9 @@ def qdelta_chunked(
     chunk_size: int = 64,
     core=None,
 ) -> tuple[Float[Array, "B T H V"], Float[Array, "N H K V"] | None]:
-    """Chunked Q-Delta on already-normalised ``q, k`` (raw ones where ``core`` normalises
-    them; use :func:`qdelta_jax.qdelta_rule`, which checks its inputs; ``cu_seqlens`` a
-    :class:`qdelta_jax.packing.Documents`, or offsets that :func:`qdelta_jax.packing.documents`
-    takes).
+    """Chunked Q-Delta on already-normalised ``q, k`` (use :func:`qdelta_jax.qdelta_rule`, which
+    checks its inputs; ``cu_seqlens`` a :class:`qdelta_jax.packing.Documents`, or offsets that
+    :func:`qdelta_jax.packing.documents` takes).
     ``core`` replaces :func:`chunked_core` (the Pallas kernels plug in here; it is also told
     ``rows_are_sequences``).
 
