@@ -72,8 +72,9 @@ def split_impl(impl: str):
     """``(implementation, Config or None)`` of a benchmark name: ``pallas-no-save-residuals``
     is pallas with ``save_residuals`` off; a suffix ``+mbvN`` (``pallas+mbv32``) sets the
     Mosaic GPU kernels' V tile to N, ``+tdqkw`` (``pallas-mosaic+tdqkw``) runs the backward's
-    state-side gradients on the Triton kernel instead of Mosaic GPU's, ``+fdd0`` has the Mosaic
-    reverse pass form ``dD0`` itself. Raises ValueError for another suffix."""
+    state-side gradients on the Triton kernel instead of Mosaic GPU's, ``+tdd0`` gives the
+    Mosaic reverse pass ``dD0`` from the Triton ``chunk_dd0`` launch instead of forming it
+    itself. Raises ValueError for another suffix."""
     if impl == "pallas-no-save-residuals":
         from qdelta_jax.pallas import Config
 
@@ -87,13 +88,13 @@ def split_impl(impl: str):
     for sfx in suffixes:
         if sfx == "tdqkw":
             fields["mosaic_dqkw"] = False
-        elif sfx == "fdd0":
-            fields["mosaic_fused_dd0"] = True
+        elif sfx == "tdd0":
+            fields["mosaic_fused_dd0"] = False
         elif sfx.startswith("mbv") and sfx[3:].isdigit():
             fields["mosaic_block_v"] = int(sfx[3:])
         else:
             raise ValueError(f"unknown suffix +{sfx} in {impl!r}; known: +mbvN (the Mosaic GPU "
-                             "V tile, N in 32, 64, 128), +tdqkw, +fdd0")
+                             "V tile, N in 32, 64, 128), +tdqkw, +tdd0")
     return base, Config(**fields)
 
 
@@ -204,8 +205,8 @@ def main(argv=None) -> int:
                    help="implementations (default: xla, plus pallas and pallas-no-save-residuals"
                    " on GPU); pallas-no-save-residuals is pallas with save_residuals off; a"
                    " suffix +mbvN sets the Mosaic GPU kernels' V tile (pallas+mbv32), +tdqkw"
-                   " the Triton state-side gradients under pallas-mosaic (pallas-mosaic+tdqkw), +fdd0"
-                   " dD0 formed in the Mosaic reverse pass (pallas-mosaic+fdd0)")
+                   " the Triton state-side gradients under pallas-mosaic (pallas-mosaic+tdqkw), +tdd0"
+                   " dD0 from its own launch under pallas-mosaic (pallas-mosaic+tdd0)")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     p.add_argument("--chunk-size", type=int, default=64)
     p.add_argument("--warmup", type=int, default=5)

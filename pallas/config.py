@@ -82,7 +82,7 @@ class Config:
 
     ``mosaic_fused_dd0``: where the backward's reverse pass runs on Mosaic GPU, it forms
     ``dD0 = scale P^T dO`` itself instead of reading it from the ``chunk_dd0`` launch
-    (``None``: off)."""
+    (``None`` or ``True``: yes; ``False``: the separate launch)."""
 
     solve: StageConfig | None = None
     wu: StageConfig | None = None

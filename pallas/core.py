@@ -136,7 +136,7 @@ def _core_bwd(scale, cfg: Config, C, interp, mcfg, res, cts):
         saved, _ = _states(q, k, v, G, beta, lam, h0, seg, reset, is_last, seq, cfg, C, interp)
     W, Tinv, h_in, D = saved
     mosaic_reverse = mcfg is not None and mcfg.train
-    dD0 = (None if mosaic_reverse and cfg.mosaic_fused_dd0 else
+    dD0 = (None if mosaic_reverse and cfg.mosaic_fused_dd0 is not False else
            bwd.chunk_dd0(q, k, G, do, seg, scale=scale, C=C, cfg=cfg.dd0, interpret=interp))
     if mosaic_reverse:
         B = q.shape[0]

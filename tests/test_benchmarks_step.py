@@ -193,8 +193,8 @@ def test_ops_implementation_names():
     assert ops.split_impl("pallas+mbv32") == ("pallas", Config(mosaic_block_v=32))
     assert ops.split_impl("pallas-mosaic+tdqkw+mbv64") == (
         "pallas-mosaic", Config(mosaic_dqkw=False, mosaic_block_v=64))
-    assert ops.split_impl("pallas-mosaic+fdd0") == ("pallas-mosaic",
-                                                    Config(mosaic_fused_dd0=True))
+    assert ops.split_impl("pallas-mosaic+tdd0") == ("pallas-mosaic",
+                                                    Config(mosaic_fused_dd0=False))
     with pytest.raises(ValueError, match=r"unknown suffix \+fast"):
         ops.split_impl("pallas+fast")
     with pytest.raises(ValueError, match="mosaic_block_v"):

@@ -427,13 +427,13 @@ def test_mosaic_training_dispatch_wiring(monkeypatch):
     args = (q, k, v, g, beta, lam, h0)
     (_, (o_x, f_x)), g_x = value_and_grads("xla", C)(*args, w)
     tol = TOL[jnp.dtype(F32)]
-    # The Mosaic state-side gradients run by default, unpacked rows only;
-    # Config(mosaic_dqkw=False) keeps the Triton kernel.
-    for config, want in ((None, ["fwd", "rev", "dqkw"]), (pcfg.Config(mosaic_dqkw=True),
-                                                          ["fwd", "rev", "dqkw"]),
-                         (pcfg.Config(mosaic_dqkw=False), ["fwd", "rev"]),
-                         (pcfg.Config(mosaic_fused_dd0=True),
-                          ["fwd", "rev", "dd0 in rev", "dqkw"])):
+    # The Mosaic state-side gradients run by default, unpacked rows only, and the reverse pass
+    # forms dD0 itself; Config(mosaic_dqkw=False) keeps the Triton dqkw kernel,
+    # Config(mosaic_fused_dd0=False) the chunk_dd0 launch.
+    mine = ["fwd", "rev", "dd0 in rev", "dqkw"]
+    for config, want in ((None, mine), (pcfg.Config(mosaic_dqkw=True), mine),
+                         (pcfg.Config(mosaic_dqkw=False), ["fwd", "rev", "dd0 in rev"]),
+                         (pcfg.Config(mosaic_fused_dd0=False), ["fwd", "rev", "dqkw"])):
         calls.clear()
         (_, (o_m, f_m)), g_m = value_and_grads("pallas-mosaic", C, config=config)(*args, w)
         assert calls == want
@@ -448,7 +448,7 @@ def test_mosaic_training_dispatch_wiring(monkeypatch):
     (_, o_p), gp = packed_value_and_grads("pallas-mosaic", C, CU_ROWS,
                                           pcfg.Config(mosaic_dqkw=True))(q, k, v, g, beta, lam, wp)
     (_, o_px), gpx = packed_value_and_grads("xla", C, CU_ROWS)(q, k, v, g, beta, lam, wp)
-    assert calls == ["fwd", "rev"]
+    assert calls == ["fwd", "rev", "dd0 in rev"]
     assert rel_err(o_p, o_px) < tol
     for name, a, b in zip(("q", "k", "v", "g", "beta", "lam"), gp, gpx):
         assert rel_err(a, b) < tol, name
