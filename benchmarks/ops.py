@@ -205,8 +205,8 @@ def main(argv=None) -> int:
                    help="implementations (default: xla, plus pallas and pallas-no-save-residuals"
                    " on GPU); pallas-no-save-residuals is pallas with save_residuals off; a"
                    " suffix +mbvN sets the Mosaic GPU kernels' V tile (pallas+mbv32), +tdqkw"
-                   " the Triton state-side gradients under pallas-mosaic (pallas-mosaic+tdqkw), +tdd0"
-                   " dD0 from its own launch under pallas-mosaic (pallas-mosaic+tdd0)")
+                   " the Triton state-side gradients under pallas-mosaic (pallas-mosaic+tdqkw),"
+                   " +tdd0 dD0 from its own launch under pallas-mosaic (pallas-mosaic+tdd0)")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     p.add_argument("--chunk-size", type=int, default=64)
     p.add_argument("--warmup", type=int, default=5)
