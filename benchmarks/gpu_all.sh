@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Every GPU measurement recorded in BENCHMARKS.md and docs/RESULTS.md, in one script, so a lease
 # runs them together on one card. Sections: check, check340, infer, dev, seqsweep, ops, ops340,
-# opspack, anchors, mosaic, dqkw, prof, steps, crossover, ncu, decode, train, train{1,2}_{unrolled,scan},
-# recall (default:
+# opspack, anchors, mosaic, mtrain, dqkw, launch, prof, steps, crossover, ncu, decode, train,
+# train{1,2}_{unrolled,scan}, recall (default:
 # ops train decode check). benchmarks/gpu_lanes.sh runs groups of sections on different GPUs
 # of one host at once. Each step has its own time limit so that one slow step cannot eat the others.
 #
@@ -119,6 +119,10 @@ for s in $sections; do
         ;;
     mosaic)  # the Mosaic GPU kernels against the xla stages and the Triton kernels
         step mosaic ${MOSAIC_LIMIT:-300} "$PY" benchmarks/mosaic_dev.py
+        ;;
+    launch)  # the time a Mosaic GPU call costs beyond its work, against a Triton one
+        step launch ${MOSAIC_LIMIT:-200} "$PY" benchmarks/mosaic_dev.py --launch-cost 20 \
+            --out "$OUT_DIR/launch.json"
         ;;
     dqkw)  # the Mosaic GPU state-side gradients against the Triton kernel
         step dqkw ${MOSAIC_LIMIT:-200} "$PY" benchmarks/mosaic_dev.py --variants "" \
