@@ -21,7 +21,8 @@ while :func:`plgpu.emit_pipeline` streams the next chunks' ``Q, K, W, U, G`` in 
 touches HBM; for training (``residuals=True``) ``h`` and ``D`` are written into the pipeline's
 output buffers, which the wgmmas read and TMA then stores as the backward's ``h_in`` and ``D``.
 :func:`reverse_state_pass` is the same loop run backwards for ``dh`` (two accumulators, the
-decayed ``K``, ``Q`` and ``-W`` rounded in their own pipeline buffers).
+decayed ``K``, ``Q`` and ``-W`` rounded in their own pipeline buffers), forming the chunk's
+``dD0 = scale P^T dO`` from ``K Q^T`` itself unless it is given.
 
 Numerics: the same rounding points as :func:`qdelta_jax.xla.state_pass` and
 :func:`qdelta_jax.xla.chunk_output` (the state and every accumulation in float32, matmul
@@ -471,7 +472,7 @@ def reverse_smem_bytes(K: int, C: int, BV: int, itemsize: int, steps: int,
 
 
 def _reverse_kernel(*refs, C, NC, H, BV, scale, steps, dt, segmented, fused_dd0):
-    n_in = (8 if segmented else 6) - fused_dd0
+    n_in = (8 if segmented else 6) - int(fused_dd0)
     ins = refs[:n_in]
     dfin_ref, dhout_ref, dd_ref, dh0_ref, f_s, bar = refs[n_in:]
     b, h, j = lax.axis_index("b"), lax.axis_index("h"), lax.axis_index("v")
@@ -565,7 +566,6 @@ def _reverse_kernel(*refs, C, NC, H, BV, scale, steps, dt, segmented, fused_dd0)
 
 def reverse_state_pass(q, k, G, W, do, dD0, dfinal, seg=None, *, scale: float, C: int = CHUNK,
                        cfg: MosaicConfig | None = None):
-    # dD0 None: the kernel forms it (see the docstring's Args).
     """The reverse pass over chunks of the backward (the state gradient), as
     :func:`qdelta_jax.pallas.backward.reverse_state_pass` computes it for one sequence per row
     (or the row-aligned packed layout with ``seg``), one CTA per (batch row, head, V tile)
