@@ -1,11 +1,6 @@
 #!/usr/bin/env bash
 # c/call 1: command buffers x backend at 4 layers; the backward stage sweep; the guard's cost
-set -u
-export PYTHONUNBUFFERED=1
-R=$OUT/r; mkdir -p $R
-t0=$SECONDS
-bash benchmarks/gpu_install.sh $R/install.log || exit 1
-nvidia-smi -L | tee $R/device.txt
+. benchmarks/call_prelude.sh  # install, record the card, start t0
 echo "install done at $((SECONDS-t0))s"
 for impl in pallas-triton pallas-mosaic; do for cb in on off; do
   if [ $cb = off ]; then flags="--xla_gpu_enable_command_buffer="; else flags=""; fi

@@ -1,11 +1,6 @@
 #!/usr/bin/env bash
 # c/call 2: the guard after the fix; the 340m step (Triton, stand-in, Mosaic) and the isolated op
-set -u
-export PYTHONUNBUFFERED=1
-R=$OUT/r; mkdir -p $R
-t0=$SECONDS
-bash benchmarks/gpu_install.sh $R/install.log || exit 1
-nvidia-smi -L | tee $R/device.txt
+. benchmarks/call_prelude.sh  # install, record the card, start t0
 timeout 80 python3 benchmarks/ops.py --shapes 8x4096x6x128x256 --impl pallas --docs 0 32 \
   --unguarded --reps 30 --warmup 5 --json $R/guard.json > $R/guard.log 2>&1
 echo "guard rc=$? at $((SECONDS-t0))s"; tail -7 $R/guard.log

@@ -1,11 +1,6 @@
 #!/usr/bin/env bash
 # c/call 3: the 340m step (Triton, stand-in, Mosaic), guard off; the isolated op at the step's tokens
-set -u
-export PYTHONUNBUFFERED=1
-R=$OUT/r; mkdir -p $R
-t0=$SECONDS
-bash benchmarks/gpu_install.sh $R/install.log || exit 1
-nvidia-smi -L | tee $R/device.txt
+. benchmarks/call_prelude.sh  # install, record the card, start t0
 for args in "pallas-triton" "pallas-triton --stand-in"; do
   echo "== step $args"
   timeout 120 python3 benchmarks/results/2026-12-01c-h200/steptime.py $args --steps 10 2>&1 | grep -E "RESULT|Error" | tee -a $R/steps.log

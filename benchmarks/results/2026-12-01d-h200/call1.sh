@@ -2,12 +2,7 @@
 # d/call 1: the solve and W/U in one launch (Config.fuse_solve_wu) against two, at the three
 # benchmark shapes with fla's forward in the same process; then the fused kernel's settings
 # swept stage by stage at the 340M layer and at H16.
-set -u
-export PYTHONUNBUFFERED=1
-R=$OUT/r; mkdir -p $R
-t0=$SECONDS
-bash benchmarks/gpu_install.sh $R/install.log || exit 1
-nvidia-smi -L | tee $R/device.txt
+. benchmarks/call_prelude.sh  # install, record the card, start t0
 timeout 260 python3 benchmarks/ops.py --shapes 8x4096x6x128x256 8x4096x16x128x128 \
   2x16384x6x128x256 --impl pallas pallas+fused pallas-mosaic pallas-mosaic+fused --fla \
   --reps 20 --warmup 3 --json $R/ops.json > $R/ops.log 2>&1

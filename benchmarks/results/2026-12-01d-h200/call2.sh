@@ -1,12 +1,7 @@
 #!/usr/bin/env bash
 # d/call 2: the forward stages' launch settings swept at B8 T4096 H16 K128 V128 and B2 T16384
 # H6 (pallas_dev --sweep-only: stage times, no XLA checks), the Mosaic V tile at H16.
-set -u
-export PYTHONUNBUFFERED=1
-R=$OUT/r; mkdir -p $R
-t0=$SECONDS
-bash benchmarks/gpu_install.sh $R/install.log || exit 1
-nvidia-smi -L | tee $R/device.txt
+. benchmarks/call_prelude.sh  # install, record the card, start t0
 timeout 170 python3 benchmarks/pallas_dev.py --shapes 8x4096x16x128x128 --extra-fp32 "" \
   --reps 20 --sweep-only --sweep-s 130 --sweep-stages solve,wu,output,state,dqkw \
   --out $R/sweep_h16.json > $R/sweep_h16.log 2>&1

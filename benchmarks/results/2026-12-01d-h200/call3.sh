@@ -2,12 +2,7 @@
 # d/call 3: T in the compute dtype where no backward reads it: the solve + W/U pair both ways
 # (pallas_dev stage times wu / wu_infer) at the three benchmark shapes; the op at those shapes
 # with fla's forward in the same process; qdelta-check at the 340M layer (bf16).
-set -u
-export PYTHONUNBUFFERED=1
-R=$OUT/r; mkdir -p $R
-t0=$SECONDS
-bash benchmarks/gpu_install.sh $R/install.log || exit 1
-nvidia-smi -L | tee $R/device.txt
+. benchmarks/call_prelude.sh  # install, record the card, start t0
 timeout 200 python3 benchmarks/pallas_dev.py \
   --shapes 8x4096x6x128x256,8x4096x16x128x128,2x16384x6x128x256 --extra-fp32 "" --reps 30 \
   --sweep-only --out $R/stages.json > $R/stages.log 2>&1

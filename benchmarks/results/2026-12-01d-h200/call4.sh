@@ -1,12 +1,7 @@
 #!/usr/bin/env bash
 # d/call 4: the fused decode kernel's V tile and warps at batch 16 and 64 (340m, bf16,
 # scan_layers), XLA's step in the first run as the anchor.
-set -u
-export PYTHONUNBUFFERED=1
-R=$OUT/r; mkdir -p $R
-t0=$SECONDS
-bash benchmarks/gpu_install.sh $R/install.log || exit 1
-nvidia-smi -L | tee $R/device.txt
+. benchmarks/call_prelude.sh  # install, record the card, start t0
 impls=fused,jnp
 for cfg in "32 4" "64 4" "128 4" "64 8" "16 2"; do
   set -- $cfg

@@ -2,12 +2,7 @@
 # d/call 5: the Mosaic GPU kernels with V tiles of 32 (the [C, K] operands on the 64-byte
 # swizzle) against 64, checked against the XLA stages, at the three benchmark shapes; then the
 # op with either tile at T16384 and the 340M layer, fla's forward in the same process.
-set -u
-export PYTHONUNBUFFERED=1
-R=$OUT/r; mkdir -p $R
-t0=$SECONDS
-bash benchmarks/gpu_install.sh $R/install.log || exit 1
-nvidia-smi -L | tee $R/device.txt
+. benchmarks/call_prelude.sh  # install, record the card, start t0
 timeout 125 python3 benchmarks/mosaic_dev.py \
   --shapes 2x16384x6x128x256,8x4096x6x128x256,8x4096x16x128x128 \
   --variants bv64_s2,bv32_s2,bv32_s3,rev_bv64_s2,rev_bv32_s2 --reps 20 \

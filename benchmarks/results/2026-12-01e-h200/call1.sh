@@ -3,12 +3,7 @@
 # and timed, V tiles 32 and 64, at the three benchmark shapes; the residual-writing Mosaic
 # forward and the reverse pass with V tiles of 32 against the XLA stages; then the op with and
 # without them, fla's forward in the same process.
-set -u
-export PYTHONUNBUFFERED=1
-R=$OUT/r; mkdir -p $R
-t0=$SECONDS
-bash benchmarks/gpu_install.sh $R/install.log || exit 1
-nvidia-smi -L | tee $R/device.txt
+. benchmarks/call_prelude.sh  # install, record the card, start t0
 timeout 200 python3 benchmarks/mosaic_dev.py --dqkw 32,64 \
   --shapes 8x4096x6x128x256,2x16384x6x128x256,8x4096x16x128x128 \
   --variants res_bv64_s2,res_bv32_s2,rev_bv32_s2 --reps 20 \

@@ -4,12 +4,7 @@
 # at low B*H, checked end to end (qdelta-check, bf16, unpacked and 32 documents a row); the
 # Mosaic reverse pass forming dD0 itself against the XLA stages; the cost of a Mosaic call
 # beyond its work; then the op with the L2 kernels outside / inside and with dD0 fused.
-set -u
-export PYTHONUNBUFFERED=1
-R=$OUT/r; mkdir -p $R
-t0=$SECONDS
-bash benchmarks/gpu_install.sh $R/install.log || exit 1
-nvidia-smi -L | tee $R/device.txt
+. benchmarks/call_prelude.sh  # install, record the card, start t0
 timeout 150 python3 -m qdelta_jax.check --shapes 8x4096x6x128x256,2x16384x6x128x256 \
   --dtype bfloat16 --no-fd --implementations xla,pallas,pallas-mosaic > $R/check.log 2>&1
 echo "check rc=$? at $((SECONDS-t0))s"; grep -v -i -E "warn|^\s*$" $R/check.log | tail -14

@@ -2,12 +2,7 @@
 # e/call 3: pallas-mosaic as it now stands (Mosaic dqkw, dD0 formed in the Mosaic reverse pass,
 # V tiles of 32 at low B*H) checked end to end at B2 T16384 H6 (bf16), then timed at the three
 # benchmark shapes beside fla's forward.
-set -u
-export PYTHONUNBUFFERED=1
-R=$OUT/r; mkdir -p $R
-t0=$SECONDS
-bash benchmarks/gpu_install.sh $R/install.log || exit 1
-nvidia-smi -L | tee $R/device.txt
+. benchmarks/call_prelude.sh  # install, record the card, start t0
 timeout 130 python3 -m qdelta_jax.check --shapes 2x16384x6x128x256 \
   --dtype bfloat16 --no-fd --implementations xla,pallas-mosaic > $R/check16k.log 2>&1
 echo "check16k rc=$? at $((SECONDS-t0))s"; grep -v -i -E "warn|^\s*$" $R/check16k.log | tail -6
