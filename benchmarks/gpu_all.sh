@@ -1,9 +1,8 @@
 #!/usr/bin/env bash
 # Every GPU measurement recorded in BENCHMARKS.md and docs/RESULTS.md, in one script, so a lease
 # runs them together on one card. Sections: check, check340, infer, dev, seqsweep, ops, ops340,
-# opspack, anchors, mosaic, mtrain, dqkw, launch, prof, steps, crossover, ncu, decode, train,
-# train{1,2}_{unrolled,scan}, recall (default:
-# ops train decode check). benchmarks/gpu_lanes.sh runs groups of sections on different GPUs
+# opspack, anchors, authors, mosaic, mtrain, dqkw, launch, prof, steps, crossover, ncu, decode,
+# train, train{1,2}_{unrolled,scan}, recall (default: ops train decode check). benchmarks/gpu_lanes.sh runs groups of sections on different GPUs
 # of one host at once. Each step has its own time limit so that one slow step cannot eat the others.
 #
 #   bash benchmarks/gpu_all.sh                      # ops train decode check
@@ -119,6 +118,11 @@ for s in $sections; do
         ;;
     mosaic)  # the Mosaic GPU kernels against the xla stages and the Triton kernels
         step mosaic ${MOSAIC_LIMIT:-300} "$PY" benchmarks/mosaic_dev.py
+        ;;
+    authors)  # the authors' PyTorch model's training step at the 340m preset, 4 x 4096 (torch)
+        step authors ${AUTHORS_LIMIT:-540} "$PY" benchmarks/authors_step.py --authors \
+            "${QDELTA_AUTHORS:-.anchors}" --preset 340m --batch 4 --seq-len 4096 \
+            --json "$OUT_DIR/authors_step.json"
         ;;
     launch)  # the time a Mosaic GPU call costs beyond its work, against a Triton one
         step launch ${MOSAIC_LIMIT:-200} "$PY" benchmarks/mosaic_dev.py --launch-cost 20 \

@@ -199,3 +199,28 @@ def test_ops_implementation_names():
         ops.split_impl("pallas+fast")
     with pytest.raises(ValueError, match="mosaic_block_v"):
         ops.split_impl("pallas+mbv48")
+
+
+def test_authors_step_config_and_errors(tmp_path, capsys):
+    """``benchmarks/authors_step.py`` (the authors' PyTorch model, GPU only): the config it builds
+    their model from is our preset's, through the converter's mapping; a missing repository and
+    bad sizes are refused by name."""
+    from qdelta_jax.model import QDeltaConfig
+
+    step = load("authors_step")
+    ours = QDeltaConfig.from_preset("340m")
+    cfg = step.authors_config("340m")
+    assert (cfg["hidden_size"], cfg["num_heads"], cfg["head_dim"], cfg["num_hidden_layers"],
+            cfg["vocab_size"]) == (ours.hidden_size, ours.num_heads, ours.head_dim,
+                                   ours.num_hidden_layers, ours.vocab_size)
+    assert cfg["head_dim"] * cfg["expand_v"] == ours.head_v_dim
+    assert step.authors_config("340m", vocab_size=512)["vocab_size"] == 512
+    assert step.main(["--print-config", "--preset", "tiny"]) == step.authors_config("tiny")
+    assert json.loads(capsys.readouterr().out)["model_type"] == "qdelta"
+    with pytest.raises(FileNotFoundError, match="no qdelta/ under"):
+        step.load_model_class(str(tmp_path))
+    with pytest.raises(SystemExit):
+        step.parse_args(["--seq-len", "0"])
+    assert "--seq-len must be >= 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="--preset nope"):
+        step.main(["--preset", "nope", "--print-config"])
