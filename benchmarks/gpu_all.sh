@@ -2,8 +2,8 @@
 # Every GPU measurement recorded in BENCHMARKS.md and docs/RESULTS.md, in one script, so a lease
 # runs them together on one card. Sections: check, check340, infer, dev, seqsweep, ops, ops340,
 # opspack, anchors, authors, mosaic, mtrain, dqkw, launch, prof, steps, crossover, ncu, decode,
-# train, train{1,2}_{unrolled,scan}, recall (default: ops train decode check). benchmarks/gpu_lanes.sh runs groups of sections on different GPUs
-# of one host at once. Each step has its own time limit so that one slow step cannot eat the others.
+# train, train{1,2}_{unrolled,scan}, recall (default: ops train decode check).
+# benchmarks/gpu_lanes.sh runs groups of sections on different GPUs of one host at once. Each step has its own time limit so that one slow step cannot eat the others.
 #
 #   bash benchmarks/gpu_all.sh                      # ops train decode check
 #   bash benchmarks/gpu_all.sh recall               # the recall experiment alone
