@@ -69,33 +69,11 @@ def peak_bytes() -> int | None:
 
 
 def split_impl(impl: str):
-    """``(implementation, Config or None)`` of a benchmark name: ``pallas-no-save-residuals``
-    is pallas with ``save_residuals`` off; a suffix ``+mbvN`` (``pallas+mbv32``) sets the
-    Mosaic GPU kernels' V tile to N, ``+tdqkw`` (``pallas-mosaic+tdqkw``) runs the backward's
-    state-side gradients on the Triton kernel instead of Mosaic GPU's, ``+tdd0`` gives the
-    Mosaic reverse pass ``dD0`` from the Triton ``chunk_dd0`` launch instead of forming it
-    itself. Raises ValueError for another suffix."""
-    if impl == "pallas-no-save-residuals":
-        from qdelta_jax.pallas import Config
+    """``(implementation, Config or None)`` of a benchmark name:
+    :func:`qdelta_jax.pallas.config.split_variant`."""
+    from qdelta_jax.pallas.config import split_variant
 
-        return "pallas", Config(save_residuals=False)
-    base, *suffixes = impl.split("+")
-    if not suffixes:
-        return base, None
-    from qdelta_jax.pallas import Config
-
-    fields = {}
-    for sfx in suffixes:
-        if sfx == "tdqkw":
-            fields["mosaic_dqkw"] = False
-        elif sfx == "tdd0":
-            fields["mosaic_fused_dd0"] = False
-        elif sfx.startswith("mbv") and sfx[3:].isdigit():
-            fields["mosaic_block_v"] = int(sfx[3:])
-        else:
-            raise ValueError(f"unknown suffix +{sfx} in {impl!r}; known: +mbvN (the Mosaic GPU "
-                             "V tile, N in 32, 64, 128), +tdqkw, +tdd0")
-    return base, Config(**fields)
+    return split_variant(impl)
 
 
 def bench_impl(impl, shape, dtype, warmup, reps, chunk_size, docs=0, guard=False):

@@ -255,3 +255,31 @@ def remember(K: int, V: int, chunk_size: int, dtype, cfg: Config, *, persist: bo
         data = _read_file(CACHE_FILE)
         data[key] = cfg.to_dict()
         CACHE_FILE.write_text(json.dumps(data, indent=1, sort_keys=True))
+
+
+def split_variant(name: str) -> tuple[str, Config | None]:
+    """``(implementation, Config or None)`` of an implementation name with kernel-config
+    suffixes, as ``benchmarks/ops.py --impl`` and ``qdelta-check --implementations`` take them:
+    ``pallas-no-save-residuals`` is ``pallas`` with ``save_residuals`` off; ``+mbvN``
+    (``pallas+mbv32``) sets the Mosaic GPU kernels' V tile to N; ``+tdqkw``
+    (``pallas-mosaic+tdqkw``) runs the backward's state-side gradients on the Triton kernel
+    instead of Mosaic GPU's; ``+tdd0`` gives the Mosaic reverse pass ``dD0`` from the Triton
+    ``chunk_dd0`` launch instead of forming it itself. A name without suffixes is returned with
+    ``None``. Raises ValueError for another suffix (or a V tile :class:`Config` refuses)."""
+    if name == "pallas-no-save-residuals":
+        return "pallas", Config(save_residuals=False)
+    base, *suffixes = name.split("+")
+    if not suffixes:
+        return base, None
+    fields: dict = {}
+    for sfx in suffixes:
+        if sfx == "tdqkw":
+            fields["mosaic_dqkw"] = False
+        elif sfx == "tdd0":
+            fields["mosaic_fused_dd0"] = False
+        elif sfx.startswith("mbv") and sfx[3:].isdigit():
+            fields["mosaic_block_v"] = int(sfx[3:])
+        else:
+            raise ValueError(f"unknown suffix +{sfx} in {name!r}; known: +mbvN (the Mosaic GPU "
+                             "V tile, N in 32, 64, 128), +tdqkw, +tdd0")
+    return base, Config(**fields)

@@ -11,7 +11,9 @@ any error exceeds the dtype's tolerance.
 
 Implementations: ``xla`` always; ``pallas`` on a GPU (on other backends only with ``--small``
 or when named in ``--implementations``: it then runs in Pallas interpret mode, which is slow);
-``reference`` (the ``lax.scan``) only when named, since its backward stores every state.
+``reference`` (the ``lax.scan``) only when named, since its backward stores every state. A name
+may carry kernel-config suffixes (``pallas-mosaic+tdqkw``, ``pallas+mbv32``:
+:func:`qdelta_jax.pallas.config.split_variant`), to check a kernel variant end to end.
 
     qdelta-check                      # BENCHMARKS.md's shapes, the 1B layer, T = 32768
     qdelta-check --small              # a quick CPU-sized run (used by the tests)
@@ -60,21 +62,33 @@ def make_inputs(key, B, T, H, K, V):
     return xs, w
 
 
+def _variant(impl: str) -> dict:
+    """``qdelta_rule`` keywords of an implementation name, kernel-config suffixes included
+    (``pallas-mosaic+tdqkw``: :func:`qdelta_jax.pallas.config.split_variant`)."""
+    if "+" not in impl and impl != "pallas-no-save-residuals":
+        return {"implementation": impl}
+    from qdelta_jax.pallas.config import split_variant
+
+    base, config = split_variant(impl)
+    return {"implementation": base, "config": config}
+
+
 @functools.cache
 def _value_and_grads(impl: str, chunk_size: int, packed: bool = False):
     from qdelta_jax import qdelta_rule
 
+    kw = _variant(impl)
     if packed:
         def loss(q, k, v, g, beta, lam, cu, w):
             o, _ = qdelta_rule(q, k, v, g, beta, lam, cu_seqlens=cu, chunk_size=chunk_size,
-                               implementation=impl)
+                               **kw)
             return jnp.sum(o.astype(F32) * w), (o, None)
 
         return jax.jit(jax.value_and_grad(loss, argnums=tuple(range(6)), has_aux=True))
 
     def loss(q, k, v, g, beta, lam, h0, w):
         o, fin = qdelta_rule(q, k, v, g, beta, lam, initial_state=h0, output_final_state=True,
-                             chunk_size=chunk_size, implementation=impl)
+                             chunk_size=chunk_size, **kw)
         # A random projection of o plus one of the final state: every output gets a cotangent.
         return jnp.sum(o.astype(F32) * w) + jnp.sum(fin * h0), (o, fin)
 
@@ -87,12 +101,14 @@ def _forward_only(impl: str, chunk_size: int, packed: bool = False):
     forward may run other kernels there than under differentiation)."""
     from qdelta_jax import qdelta_rule
 
+    kw = _variant(impl)
+
     def fwd(q, k, v, g, beta, lam, state):
         if packed:
             return qdelta_rule(q, k, v, g, beta, lam, cu_seqlens=state, chunk_size=chunk_size,
-                               implementation=impl)[0]
+                               **kw)[0]
         return qdelta_rule(q, k, v, g, beta, lam, initial_state=state, chunk_size=chunk_size,
-                           implementation=impl)[0]
+                           **kw)[0]
 
     return jax.jit(fwd)
 
@@ -146,7 +162,7 @@ def fd_check(impl: str, chunk_size: int = 16) -> str:
         def f(q, k, v, g, beta, lam, h0):
             o, fin = qdelta_rule(q, k, v, g, beta, lam, initial_state=h0,
                                  output_final_state=True, chunk_size=chunk_size,
-                                 implementation=impl)
+                                 **_variant(impl))
             return jnp.sum(o * w) + jnp.sum(fin * h0)
 
         try:
@@ -178,7 +194,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dtype", choices=("bfloat16", "float32", "both"), default="both")
     ap.add_argument("--chunk-size", type=int, default=64)
     ap.add_argument("--implementations", type=str, default=None,
-                    help="comma-separated subset of reference,xla,pallas (default: available)")
+                    help="comma-separated subset of reference,xla,pallas,pallas-triton,"
+                         "pallas-mosaic, each optionally with kernel-config suffixes "
+                         "(pallas-mosaic+tdqkw; see qdelta_jax.pallas.config.split_variant)"
+                         " (default: available)")
     ap.add_argument("--small", action="store_true", help="small CPU-sized shapes, chunk 16")
     ap.add_argument("--no-fd", action="store_true", help="skip the float64 finite differences")
     ap.add_argument("--seed", type=int, default=0)
@@ -196,6 +215,11 @@ def main(argv: list[str] | None = None) -> int:
     chunk = 16 if a.small else a.chunk_size
     dtypes = ("float32", "bfloat16") if a.dtype == "both" else (a.dtype,)
     impls = available(a.implementations.split(",") if a.implementations else None, a.small)
+    for impl in impls:
+        try:
+            _variant(impl)
+        except ValueError as e:
+            ap.error(f"--implementations: {e}")
     print(f"qdelta-check: backend {jax.default_backend()} ({jax.devices()[0].device_kind}), "
           f"jax {jax.__version__}, chunk {chunk}, implementations {impls}")
     print("reference: implementation='xla' on float32 inputs, precision HIGHEST")

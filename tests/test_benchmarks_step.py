@@ -199,6 +199,14 @@ def test_ops_implementation_names():
         ops.split_impl("pallas+fast")
     with pytest.raises(ValueError, match="mosaic_block_v"):
         ops.split_impl("pallas+mbv48")
+    # qdelta-check takes the same names and refuses unknown suffixes by name.
+    from qdelta_jax import check
+
+    assert check._variant("pallas-mosaic+tdd0") == {
+        "implementation": "pallas-mosaic", "config": Config(mosaic_fused_dd0=False)}
+    assert check._variant("xla") == {"implementation": "xla"}
+    with pytest.raises(SystemExit):
+        check.main(["--small", "--implementations", "xla,pallas+fast"])
 
 
 def test_authors_step_config_and_errors(tmp_path, capsys):
