@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Every GPU measurement recorded in BENCHMARKS.md and docs/RESULTS.md, in one script, so a lease
 # runs them together on one card. Sections: check, check340, infer, dev, seqsweep, ops, ops340,
-# opspack, anchors, authors, mosaic, mtrain, dqkw, launch, prof, steps, crossover, ncu, decode,
-# train, train{1,2}_{unrolled,scan}, recall (default: ops train decode check).
-# benchmarks/gpu_lanes.sh runs groups of sections on different GPUs of one host at once. Each step has its own time limit so that one slow step cannot eat the others.
+# opspack, anchors, authors, mosaic, mtrain, dqkw, gradsk, launch, prof, steps, crossover, ncu,
+# decode, train, train{1,2}_{unrolled,scan}, recall (default: ops train decode check).
+# benchmarks/gpu_lanes.sh runs groups of sections on different GPUs of one host at once. Each
+# step has its own time limit so that one slow step cannot eat the others.
 #
 #   bash benchmarks/gpu_all.sh                      # ops train decode check
 #   bash benchmarks/gpu_all.sh recall               # the recall experiment alone
@@ -127,6 +128,12 @@ for s in $sections; do
     launch)  # the time a Mosaic GPU call costs beyond its work, against a Triton one
         step launch ${MOSAIC_LIMIT:-200} "$PY" benchmarks/mosaic_dev.py --launch-cost 20 \
             --out "$OUT_DIR/launch.json"
+        ;;
+    gradsk)  # the K side's products on Mosaic GPU (opt-in) against the Triton kernels; the op
+        step gradsk ${MOSAIC_LIMIT:-200} "$PY" benchmarks/mosaic_dev.py --variants "" \
+            --grads-k --shapes 8x4096x6x128x256,2x16384x6x128x256,8x4096x16x128x128
+        step gradsk_ops ${OPS_LIMIT:-240} "$PY" benchmarks/ops.py --impl pallas-mosaic \
+            pallas-mosaic+mgk --reps 20 --warmup 3 --json "$OUT_DIR/gradsk_ops.json"
         ;;
     dqkw)  # the Mosaic GPU state-side gradients against the Triton kernel
         step dqkw ${MOSAIC_LIMIT:-200} "$PY" benchmarks/mosaic_dev.py --variants "" \

@@ -28,6 +28,10 @@ try/except: a failure prints its full error and the run goes on. Writes JSON to 
     python benchmarks/mosaic_dev.py               # B8 T4096 H6 K128 V256 bf16, then a small one
     python benchmarks/mosaic_dev.py --lower-only  # CPU: lower every variant for cuda only
 
+``--grads-k`` also checks the local gradients with the K side's products on Mosaic GPU
+(``mosaic_backward.grads_k_products``) against their XLA oracle and the Triton kernels, and
+times both.
+
 ``--launch-cost N`` times, instead, ``N`` dependent calls in one jitted function at a shape of
 one CTA (B1 T64 H1 K128 V64), the Mosaic fused pass against the Triton state pass + output:
 the time a call costs beyond its work, what a model that calls the kernels in every layer pays
@@ -119,6 +123,57 @@ def _mosaic_fn(v: Variant, scale):
         return jax.jit(lambda *a: mosaic.reverse_state_pass(*a, scale=scale, cfg=v.cfg))
     return jax.jit(lambda *a: mosaic.state_output(*a, scale=scale, residuals=v.residuals,
                                                   cfg=v.cfg))
+
+
+def run_grads_k(shape, dtype, reps):
+    """The local gradients (``backward.chunk_grads``) with the K side's products on Mosaic GPU
+    (``mosaic_backward.grads_k_products``) against the same with their XLA oracle (the same
+    rounding: errors are accumulation order) and against the one-launch Triton K side; times of
+    the Mosaic split and of the Triton kernels."""
+    B, T, H, K, V = shape
+    q, k, v, g, beta, lam, _ = random_inputs(jax.random.PRNGKey(B + T + 3), B, T, H, K, V,
+                                          dtype=dtype, **KERNEL_INPUTS)
+    G = packing.chunk_cumsum(g, C)
+    cfg = pcfg.get_config(K, V, C, dtype)
+    interp = jax.default_backend() != "gpu"  # a CPU smoke run: the Triton side interpreted
+    _, _, Tinv = jax.jit(lambda *a: pfwd.chunk_local(*a, C=C, cfg=cfg.wu, interpret=interp,
+                                                     cfg_solve=cfg.solve))(q, k, v, G, beta, lam)
+    keys = jax.random.split(jax.random.PRNGKey(T + 4), 6)
+    rnd = lambda i, s, dt=F32: jax.random.normal(keys[i], s, F32).astype(dt)  # noqa: E731
+    args = (q, k, v, G, beta, lam, Tinv, rnd(0, v.shape, dtype), rnd(1, q.shape, dtype),
+            rnd(2, q.shape), rnd(3, q.shape), rnd(4, G.shape), jnp.tril(rnd(5, (B, T, H, C))))
+
+    def grads(k_products):
+        return jax.jit(lambda *a: pbwd.chunk_grads(*a, C=C, cfg=cfg.grads_v, interpret=interp,
+                                                   cfg_k=cfg.grads_k, k_products=k_products))
+
+    names = ("dq", "dk", "dv", "dg", "dbeta", "dlam")
+    res = {"shape": list(shape), "dtype": jnp.dtype(dtype).name, "grads_k": True}
+    tri = grads(None)
+    res["triton_ms"] = times(tri, args, reps)
+    ref_tri = tri(*args)
+    ref_xla = grads(pbwd.grads_k_products_xla)(*args)
+    print(f"\n== {list(shape)} {res['dtype']} local gradients (rel. error; ms = sync / "
+          f"pipelined median)\ntriton grads_v + grads_k {res['triton_ms'][0]:.3f} "
+          f"{res['triton_ms'][1]:.3f}")
+    try:
+        f = grads(mosaic_backward.grads_k_products)
+        got = f(*args)
+        res["vs_oracle"] = {n: rel_err(a, b) for n, a, b in zip(names, got, ref_xla)}
+        res["vs_triton"] = {n: rel_err(a, b) for n, a, b in zip(names, got, ref_tri)}
+        tol = 2 * float(jnp.finfo(dtype).eps)
+        res["pass"] = all(e <= tol for e in res["vs_oracle"].values())
+        res["ms"] = times(f, args, reps)
+        print("mosaic grads_k products vs oracle " + " ".join(
+            f"{n} {e:.1e}" for n, e in res["vs_oracle"].items()) + "; vs triton " + " ".join(
+            f"{n} {e:.1e}" for n, e in res["vs_triton"].items())
+            + f" {res['ms'][0]:.3f} {res['ms'][1]:.3f} {'PASS' if res['pass'] else 'FAIL'} "
+            f"{res['triton_ms'][1] / res['ms'][1]:.2f}x triton", flush=True)
+    except Exception as e:  # noqa: BLE001 - the other cases still run
+        traceback.print_exc()
+        res["error"] = f"{type(e).__name__}: {e}"[:3000]
+        print(f"mosaic grads_k products FAIL {res['error'][:300]}", flush=True)
+    return res
 
 
 def launch_cost(n: int, dtype, reps: int) -> dict:
@@ -455,6 +510,9 @@ def main(argv=None):
     ap.add_argument("--dqkw", default="",
                     help="also check and time the Mosaic GPU chunk_dqkw at these V tiles "
                     "(comma list, e.g. 64,32) against the Triton kernel")
+    ap.add_argument("--grads-k", action="store_true",
+                    help="also check and time the local gradients with the K side's products on "
+                    "Mosaic GPU against the Triton kernels")
     ap.add_argument("--launch-cost", type=int, default=0, metavar="N",
                     help="only time N dependent calls at one CTA's shape, Mosaic and Triton")
     ap.add_argument("--out", default=None)
@@ -493,6 +551,13 @@ def main(argv=None):
             allres["runs"].append({"shape": list(shape), "lower": low})
             save()
             continue
+        if a.grads_k:
+            try:
+                allres["runs"].append(run_grads_k(shape, dtype, a.reps))
+            except Exception as e:  # noqa: BLE001 - the other cases still run
+                traceback.print_exc()
+                print(f"grads_k {shape} FAIL {type(e).__name__}: {str(e)[:300]}", flush=True)
+            save()
         if a.dqkw:
             try:
                 allres["runs"].append(run_dqkw(shape, dtype, a.reps,

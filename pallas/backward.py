@@ -399,8 +399,99 @@ def _grads_k_split_kernel(
     dg_ref[...] = dG + dgp_ref[...]
 
 
+def _grads_k_phase1_kernel(q_ref, k_ref, G_ref, b_ref, l_ref, dps_ref, da_ref, dbv_ref, seg_ref,
+                           m_ref, s_ref, dg_ref, db_ref, dl_ref, *, dt, hp):
+    """The ``[C, C]`` part of :func:`_grads_k_kernel` alone: ``M``, ``S`` (compute dtype, as
+    the K-side kernel rounds them for its matmuls) and the partial ``dG, dbeta, dlam``."""
+    C = q_ref.shape[0]
+    strict, _ = u.masks(C)
+    q, k = q_ref[...], k_ref[...]
+    beta = b_ref[...].astype(F32)
+    lam = l_ref[...].astype(F32)
+    G = u.g_vec(G_ref[...], dt)
+    seg = None if seg_ref is None else seg_ref[...]
+    Rd, A = u.local(q, k, G, beta, lam, dt, hp, seg)
+    QK = u.dot(q, k, tb=True, dt=dt, hp=hp)
+    dG, dbeta, dl, M, S = _grads_k_phase1(dps_ref, da_ref, dbv_ref, QK, Rd, A, G, beta, lam,
+                                          strict, seg)
+    m_ref[...] = M.astype(m_ref.dtype)
+    s_ref[...] = S.astype(s_ref.dtype)
+    dg_ref[...] = dG
+    db_ref[...] = dbeta
+    dl_ref[...] = dl
+
+
+def chunk_grads_k_phase1(q, k, G, beta, lam, dPs, dA, dbv, seg=None, *, C: int,
+                         cfg: StageConfig, interpret):
+    """The ``[C, C]`` half of the K-side local gradients (the products of the other half run
+    on Mosaic GPU, :func:`qdelta_jax.pallas.mosaic_backward.grads_k_products`): ``M = dPs +
+    lam dR`` and ``S = dR + dR^T`` ``[B, Tp, H, C]`` in the compute dtype and the partial
+    ``dG, dbeta, dlam [B, Tp, H]`` float32, from ``dPs`` (:func:`chunk_dqkw`), ``dA`` and the
+    V part of ``dbeta`` (``chunk_grads``' V side)."""
+    B, Tp, H, K = q.shape
+    dt = q.dtype
+    hp = u.f32_precision(interpret, dt)
+    ks, ss, cs = spec_rows(C, K), spec_rows(C, None), spec_rows(C, C)
+    extra, extra_specs = seg_args(seg, C)
+    vec = jax.ShapeDtypeStruct((B, Tp, H), F32)
+    return pl.pallas_call(
+        u.with_seg(functools.partial(_grads_k_phase1_kernel, dt=dt, hp=hp), 8, seg is not None),
+        out_shape=(jax.ShapeDtypeStruct((B, Tp, H, C), dt),
+                   jax.ShapeDtypeStruct((B, Tp, H, C), dt), vec, vec, vec),
+        grid=(B, Tp // C, H),
+        in_specs=[ks, ks, ss, ss, ss, cs, cs, ss] + extra_specs,
+        out_specs=(cs, cs, ss, ss, ss),
+        interpret=interpret,
+        compiler_params=params(cfg),
+        name="qdelta_chunk_grads_k_phase1",
+    )(q, k, G, beta, lam, dPs, dA, dbv, *extra)
+
+
+def grads_k_finish(G, beta, lam, bxq, bxk, dG1, db1, dl1, dG_part):
+    """``dg, dbeta, dlam`` of the K side from the phase-1 partials and the row sums
+    ``bxq = dbx . q``, ``bxk = dbx . k`` (``dbx = T^T dW``), as :func:`_grads_k_kernel` ends
+    (unpacked rows: ``gamma = exp(G)``). All ``[B, Tp, H]`` float32."""
+    gam = jnp.exp(G)
+    bg = beta * gam
+    bxX = bxk + lam * bxq
+    return dG1 + bg * bxX + dG_part, db1 + gam * bxX, dl1 + bg * bxq
+
+
+def grads_k_products_xla(q, k, Tinv, dW, M, S, dq_part, dk_part, lbg, bg):
+    """The oracle of :func:`qdelta_jax.pallas.mosaic_backward.grads_k_products` in XLA, with
+    its rounding: ``dbx = T^T dW`` (``T`` in the compute dtype), ``dq = dq_part + M k +
+    lbg dbx``, ``dk = dk_part + S k + M^T q + bg dbx`` (compute dtype) and the row sums
+    ``dbx . q``, ``dbx . k`` (float32). ``[B, Tp, H, *]`` layouts; ``lbg = lam beta gamma``,
+    ``bg = beta gamma`` ``[B, Tp, H]``."""
+    B, Tp, H, K = q.shape
+    C = Tinv.shape[-1]
+    dt = q.dtype
+
+    def chunks(x):
+        return jnp.swapaxes(x.reshape(B, Tp // C, C, H, x.shape[-1]), 2, 3)
+
+    def mm(eq, a, b):
+        return jnp.einsum(eq, a.astype(dt), b.astype(dt), preferred_element_type=F32)
+
+    qc, kc, Tc, dWc, Mc, Sc = (chunks(x) for x in (q, k, Tinv, dW, M, S))
+    dbx = mm("...ji,...jk->...ik", Tc, dWc)
+    dq = (chunks(dq_part) + mm("...ij,...jk->...ik", Mc, kc)
+          + chunks(lbg[..., None]) * dbx)
+    dk = (chunks(dk_part) + mm("...ij,...jk->...ik", Sc, kc) + mm("...ji,...jk->...ik", Mc, qc)
+          + chunks(bg[..., None]) * dbx)
+    sq = jnp.sum(dbx * qc.astype(F32), axis=-1)
+    sk = jnp.sum(dbx * kc.astype(F32), axis=-1)
+
+    def back(x):
+        return jnp.swapaxes(x, 2, 3).reshape((B, Tp, H) + x.shape[4:])
+
+    return (back(dq).astype(dt), back(dk).astype(dt), back(sq[..., None])[..., 0],
+            back(sk[..., None])[..., 0])
+
+
 def chunk_grads(q, k, v, G, beta, lam, Tinv, dD, dW, dq_part, dk_part, dG_part, dPs, seg=None,
-                *, C: int, cfg: StageConfig, interpret, cfg_k: StageConfig | None = None):
+                *, C: int, cfg: StageConfig, interpret, cfg_k: StageConfig | None = None,
+                k_products=None):
     """All local gradients (the counterpart of :func:`qdelta_jax.xla.chunk_grads`, given the
     state-side terms and ``dPs`` of :func:`chunk_dqkw` and ``Tinv = (I + A)^-1 [B, Tp, H, C]``
     from ``forward.chunk_local``). Returns ``dq, dk, dv`` in the input dtypes
@@ -408,7 +499,10 @@ def chunk_grads(q, k, v, G, beta, lam, Tinv, dD, dW, dq_part, dk_part, dG_part, 
 
     Two launches, so that each holds few tiles live: the V side (``cfg``, loop over V tiles:
     ``dv``, the V part of ``dbeta`` and ``dA = -T^T dT T^T`` as ``[B, Tp, H, C]`` float32),
-    then the K side (``cfg_k``: everything through ``A``, ``W`` and ``X``)."""
+    then the K side (``cfg_k``: everything through ``A``, ``W`` and ``X``). ``k_products``
+    (unpacked rows): the K side as :func:`chunk_grads_k_phase1` and then this function, with
+    the contract of :func:`grads_k_products_xla` (the Mosaic GPU kernel
+    :func:`qdelta_jax.pallas.mosaic_backward.grads_k_products`, or that oracle)."""
     B, Tp, H, K = q.shape
     V = v.shape[-1]
     dt = q.dtype
@@ -431,6 +525,15 @@ def chunk_grads(q, k, v, G, beta, lam, Tinv, dD, dW, dq_part, dk_part, dG_part, 
         compiler_params=params(cfg),
         name="qdelta_chunk_grads_v",
     )(q, k, v, G, beta, lam, Tinv, dD, dW, *extra)
+    if k_products is not None:
+        if seg is not None:
+            raise ValueError("the split K side (k_products) takes unpacked rows only")
+        M, S, dG1, db1, dl1 = chunk_grads_k_phase1(q, k, G, beta, lam, dPs, dA, dbv, C=C,
+                                                   cfg=cfg_k or cfg, interpret=interpret)
+        bg = beta * jnp.exp(G)
+        dq, dk, bxq, bxk = k_products(q, k, Tinv, dW, M, S, dq_part, dk_part, lam * bg, bg)
+        dg, db, dl = grads_k_finish(G, beta, lam, bxq, bxk, dG1, db1, dl1, dG_part)
+        return dq, dk, dv, dg, db, dl
     dq, dk, dg, db, dl = pl.pallas_call(
         u.with_seg(functools.partial(_grads_k_kernel, dt=dt, hp=hp) if bk_k == K
                    else functools.partial(_grads_k_split_kernel, BK=bk_k, dt=dt, hp=hp), 13,

@@ -82,7 +82,12 @@ class Config:
 
     ``mosaic_fused_dd0``: where the backward's reverse pass runs on Mosaic GPU, it forms
     ``dD0 = scale P^T dO`` itself instead of reading it from the ``chunk_dd0`` launch
-    (``None`` or ``True``: yes; ``False``: the separate launch)."""
+    (``None`` or ``True``: yes; ``False``: the separate launch).
+
+    ``mosaic_grads_k``: where the backward runs on the Mosaic GPU kernels (unpacked rows), the
+    K side of the local gradients too: its ``[C, C]`` part in a Triton launch, its products on
+    Mosaic GPU (:func:`qdelta_jax.pallas.mosaic_backward.grads_k_products`, not yet checked on
+    a GPU; ``None``: off)."""
 
     solve: StageConfig | None = None
     wu: StageConfig | None = None
@@ -97,13 +102,14 @@ class Config:
     mosaic_block_v: int | None = None
     mosaic_dqkw: bool | None = None
     mosaic_fused_dd0: bool | None = None
+    mosaic_grads_k: bool | None = None
 
     def __post_init__(self):
         for name in STAGES:
             x = getattr(self, name)
             if x is not None and not isinstance(x, StageConfig):
                 raise TypeError(f"Config.{name} must be a StageConfig or None, got {x!r}")
-        for name in ("save_residuals", "mosaic_dqkw", "mosaic_fused_dd0"):
+        for name in ("save_residuals", "mosaic_dqkw", "mosaic_fused_dd0", "mosaic_grads_k"):
             x = getattr(self, name)
             if x is not None and not isinstance(x, bool):
                 raise TypeError(f"Config.{name} must be a bool or None, got {x!r}")
@@ -264,7 +270,8 @@ def split_variant(name: str) -> tuple[str, Config | None]:
     (``pallas+mbv32``) sets the Mosaic GPU kernels' V tile to N; ``+tdqkw``
     (``pallas-mosaic+tdqkw``) runs the backward's state-side gradients on the Triton kernel
     instead of Mosaic GPU's; ``+tdd0`` gives the Mosaic reverse pass ``dD0`` from the Triton
-    ``chunk_dd0`` launch instead of forming it itself. A name without suffixes is returned with
+    ``chunk_dd0`` launch instead of forming it itself; ``+mgk`` (``pallas-mosaic+mgk``) runs
+    the K-side local gradients' products on Mosaic GPU. A name without suffixes is returned with
     ``None``. Raises ValueError for another suffix (or a V tile :class:`Config` refuses)."""
     if name == "pallas-no-save-residuals":
         return "pallas", Config(save_residuals=False)
@@ -277,9 +284,11 @@ def split_variant(name: str) -> tuple[str, Config | None]:
             fields["mosaic_dqkw"] = False
         elif sfx == "tdd0":
             fields["mosaic_fused_dd0"] = False
+        elif sfx == "mgk":
+            fields["mosaic_grads_k"] = True
         elif sfx.startswith("mbv") and sfx[3:].isdigit():
             fields["mosaic_block_v"] = int(sfx[3:])
         else:
             raise ValueError(f"unknown suffix +{sfx} in {name!r}; known: +mbvN (the Mosaic GPU "
-                             "V tile, N in 32, 64, 128), +tdqkw, +tdd0")
+                             "V tile, N in 32, 64, 128), +tdqkw, +tdd0, +mgk")
     return base, Config(**fields)

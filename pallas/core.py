@@ -160,6 +160,8 @@ def _core_bwd(scale, cfg: Config, C, interp, mcfg, res, cts):
     dq, dk, dv, dG, db, dl = bwd.chunk_grads(
         q, k, v, G, beta, lam, Tinv, dD, dW, dqp, dkp, dGp, dPs, seg, C=C, cfg=cfg.grads_v,
         interpret=interp, cfg_k=cfg.grads_k,
+        k_products=(mosaic_backward.grads_k_products
+                    if _mosaic_grads_k(cfg, mcfg, q, seg, C) else None),
     )
     return (
         dq, dk, dv, dG.astype(G.dtype), db.astype(beta.dtype), dl.astype(lam.dtype),
@@ -185,6 +187,24 @@ def _mosaic_dqkw(cfg: Config, mcfg, q, do, seg, C) -> bool:
         except ValueError as e:
             why = str(e)
     log.debug("qdelta pallas backward: Triton chunk_dqkw, not Mosaic GPU: %s", why)
+    return False
+
+
+def _mosaic_grads_k(cfg: Config, mcfg, q, seg, C) -> bool:
+    """Whether the K-side local gradients' products run on Mosaic GPU: asked for
+    (``cfg.mosaic_grads_k``), in a backward on the Mosaic kernels, for a call the kernel takes
+    (else the Triton kernel, the reason in the debug log)."""
+    if not cfg.mosaic_grads_k or mcfg is None or not mcfg.train:
+        return False
+    if seg is not None:
+        why = "packed rows"
+    else:
+        try:
+            mosaic_backward.check_products_supported(K=q.shape[-1], C=C, dtype=q.dtype)
+            return True
+        except ValueError as e:
+            why = str(e)
+    log.debug("qdelta pallas backward: Triton chunk_grads_k, not Mosaic GPU: %s", why)
     return False
 
 

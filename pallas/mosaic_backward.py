@@ -210,3 +210,136 @@ def chunk_dqkw(q, k, G, h_in, dh_out, do, D, dD, seg=None, *, scale: float, C: i
             + jnp.swapaxes(jnp.sum(hd, axis=-1), 1, 2))  # [B, H, NC]
     dg = dg.reshape(B, H, NC, C).at[..., C - 1].add(last).reshape(B, H, Tp)
     return dqp, dkp, dW, jnp.swapaxes(dg, 1, 2), dPs
+
+
+# ----------------------------------------------------------------------------- K-side products
+
+
+def products_smem_bytes(C: int, BK: int, itemsize: int) -> int:
+    """Shared memory of one CTA of :func:`grads_k_products`: ``q, k, dW`` and the ``dq, dk``
+    staging tiles (``[C, BK]``, compute dtype), ``T`` in float32 and in the compute dtype,
+    ``M, S`` (``[C, C]``), ``dq_part, dk_part`` (``[C, BK]`` float32) and four ``[C]``
+    vectors: about 113 KB at C 64, BK 64, bf16."""
+    return ((5 * C * BK + 3 * C * C) * itemsize + 4 * C * C + 2 * 4 * C * BK + 4 * 4 * C)
+
+
+def _products_kernel(q_ref, k_ref, t_ref, dw_ref, m_ref, s_ref, dqp_ref, dkp_ref, lbg_ref,
+                     bg_ref, dq_ref, dk_ref, sq_ref, sk_ref,
+                     q_s, k_s, dw_s, t32_s, t_s, m_s, s_s, dqp_s, dkp_s, lbg_s, bg_s,
+                     oq_s, ok_s, sq_s, sk_s, bars, *, C, BK, dt):
+    plgpu = m.plgpu
+    b, c, h, kt = (lax.axis_index(n) for n in ("b", "c", "h", "kt"))
+    rows, cols = pl.ds(c * C, C), pl.ds(kt * BK, BK)
+    loads = ((q_ref.at[b, rows, h, cols], q_s), (k_ref.at[b, rows, h, cols], k_s),
+             (dw_ref.at[b, rows, h, cols], dw_s), (t_ref.at[b, rows, h, :], t32_s),
+             (m_ref.at[b, rows, h, :], m_s), (s_ref.at[b, rows, h, :], s_s),
+             (dqp_ref.at[b, rows, h, cols], dqp_s), (dkp_ref.at[b, rows, h, cols], dkp_s),
+             (lbg_ref.at[b, h, rows], lbg_s), (bg_ref.at[b, h, rows], bg_s))
+    for i, (src, dst) in enumerate(loads):
+        plgpu.copy_gmem_to_smem(src, dst, bars.at[i])
+    for i in range(len(loads)):
+        plgpu.barrier_wait(bars.at[i])
+
+    wg = plgpu.Layout.WGMMA
+    # T is kept in float32 for the V side's dA; its products here take it in the compute
+    # dtype, as the Triton kernel's do.
+    t_s[...] = m._load(t32_s, wg).astype(dt)
+    plgpu.commit_smem()
+    zeros = plgpu.layout_cast(jnp.full((C, BK), 0, F32), wg)
+
+    def products(accs):
+        a_bx, a_dq, a_dk = accs
+        plgpu.wgmma(a_bx, t_s.T, dw_s)  # dbx = T^T dW
+        plgpu.wgmma(a_dq, m_s, k_s)  # + M k
+        plgpu.wgmma(a_dk, s_s, k_s)  # + S k
+        plgpu.wgmma(a_dk, m_s.T, q_s)  # + M^T q
+
+    dbx, dq, dk = pl.run_state(products)((
+        plgpu.ACC.init(zeros), plgpu.ACC.init(m._load(dqp_s, wg)),
+        plgpu.ACC.init(m._load(dkp_s, wg))))
+    lbg = m._load(lbg_s, wg.reduce(1))
+    bg = m._load(bg_s, wg.reduce(1))
+    # (T diag(s))^T dW = diag(s) dbx: the row terms of dq and dk from the one product.
+    oq_s[...] = (dq + m._rows(lbg, dbx.shape) * dbx).astype(dt)
+    ok_s[...] = (dk + m._rows(bg, dbx.shape) * dbx).astype(dt)
+    sq_s[...] = jnp.sum(dbx * m._load(q_s, wg).astype(F32), axis=1)
+    sk_s[...] = jnp.sum(dbx * m._load(k_s, wg).astype(F32), axis=1)
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(oq_s, dq_ref.at[b, rows, h, cols])
+    plgpu.copy_smem_to_gmem(ok_s, dk_ref.at[b, rows, h, cols])
+    plgpu.copy_smem_to_gmem(sq_s, sq_ref.at[kt, b, h, rows])
+    plgpu.copy_smem_to_gmem(sk_s, sk_ref.at[kt, b, h, rows])
+    plgpu.wait_smem_to_gmem(0)
+
+
+def check_products_supported(*, K: int, C: int, dtype, block_k: int = 64) -> None:
+    """Raises ``ValueError`` naming the first size or dtype :func:`grads_k_products` does not
+    take."""
+    dt = jnp.dtype(dtype)
+    if dt not in m.DTYPES:
+        raise ValueError(f"the Mosaic GPU K-side products take bfloat16 or float16, got "
+                         f"{dt.name}")
+    if C != m.CHUNK:
+        raise ValueError(f"the Mosaic GPU K-side products need chunk_size={m.CHUNK}, got {C}")
+    if block_k != 64 or K % block_k:
+        raise ValueError(f"the Mosaic GPU K-side products need K a multiple of 64, got K={K}")
+
+
+def grads_k_products(q, k, Tinv, dW, M, S, dq_part, dk_part, lbg, bg, *, block_k: int = 64):
+    """The matmul half of the K-side local gradients on Mosaic GPU, with the contract of
+    :func:`qdelta_jax.pallas.backward.grads_k_products_xla`: one warpgroup per (batch row,
+    chunk, head, K tile of 64); ``dbx = T^T dW``, ``M k``, ``S k`` and ``M^T q`` as wgmmas
+    onto accumulators that start from ``dq_part``, ``dk_part``; then ``dq = dq_part + M k +
+    lbg dbx``, ``dk = dk_part + S k + M^T q + bg dbx`` (compute dtype) and the row sums
+    ``dbx . q``, ``dbx . k`` (float32; each K tile's part, summed here).
+
+    ``q, k, dW [B, Tp, H, K]`` in the compute dtype, ``Tinv [B, Tp, H, C]`` float32,
+    ``M, S [B, Tp, H, C]`` compute dtype (:func:`qdelta_jax.pallas.backward.
+    chunk_grads_k_phase1`), ``dq_part, dk_part [B, Tp, H, K]`` float32, ``lbg, bg [B, Tp, H]``
+    float32. Unpacked rows, chunk 64, K a multiple of 64. Status: lowered for CUDA in CI, not
+    yet run on a GPU; :mod:`.core` calls it only with ``Config(mosaic_grads_k=True)``.
+
+    Raises ``RuntimeError`` without Mosaic GPU, ``ValueError`` for what it does not take."""
+    m._require_plgpu()
+    plgpu = m.plgpu
+    B, Tp, H, K = q.shape
+    C = Tinv.shape[-1]
+    dt = jnp.dtype(q.dtype)
+    check_products_supported(K=K, C=C, dtype=dt, block_k=block_k)
+    if Tp % C:
+        raise ValueError(f"q has {Tp} time steps, not a multiple of chunk_size={C}")
+    rows_k, rows_c, vec = (B, Tp, H, K), (B, Tp, H, C), (B, Tp, H)
+    m.check_args((("k", k, rows_k), ("Tinv", Tinv, rows_c), ("dW", dW, rows_k),
+                  ("M", M, rows_c), ("S", S, rows_c), ("dq_part", dq_part, rows_k),
+                  ("dk_part", dk_part, rows_k), ("lbg", lbg, vec), ("bg", bg, vec)),
+                 dt, (("k", k), ("dW", dW), ("M", M), ("S", S)))
+    for name, x in (("Tinv", Tinv), ("dq_part", dq_part), ("dk_part", dk_part), ("lbg", lbg),
+                    ("bg", bg)):
+        if jnp.dtype(x.dtype) != jnp.dtype(F32):
+            raise ValueError(f"{name} has dtype {jnp.dtype(x.dtype).name}, expected float32")
+    NC, BK = Tp // C, block_k
+    nk = K // BK
+    tk, tc, tf = m._transforms(BK, dt), m._transforms(C, dt), m._transforms(BK, F32)
+    smem = lambda shape, dtype, t=(): plgpu.SMEM(shape, dtype, transforms=t)  # noqa: E731
+    scratch = [
+        smem((C, BK), dt, tk), smem((C, BK), dt, tk), smem((C, BK), dt, tk),  # q, k, dW
+        smem((C, C), F32, m._transforms(C, F32)), smem((C, C), dt, tc),  # T, T in dt
+        smem((C, C), dt, tc), smem((C, C), dt, tc),  # M, S
+        smem((C, BK), F32, tf), smem((C, BK), F32, tf),  # dq_part, dk_part
+        smem((C,), F32), smem((C,), F32),  # lbg, bg
+        smem((C, BK), dt, tk), smem((C, BK), dt, tk),  # dq, dk out
+        smem((C,), F32), smem((C,), F32),  # the row sums out
+        plgpu.Barrier(num_barriers=10),
+    ]
+    out_type = (jax.ShapeDtypeStruct(rows_k, dt), jax.ShapeDtypeStruct(rows_k, dt),
+                jax.ShapeDtypeStruct((nk, B, H, Tp), F32),
+                jax.ShapeDtypeStruct((nk, B, H, Tp), F32))
+    call = plgpu.kernel(
+        functools.partial(_products_kernel, C=C, BK=BK, dt=dt), out_type=out_type,
+        scratch_types=scratch, grid=(B, NC, H, nk), grid_names=("b", "c", "h", "kt"),
+        compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Lane),
+    )
+    dq, dk, sq, sk = call(q, k, Tinv, dW, M, S, dq_part, dk_part,
+                          jnp.swapaxes(lbg, 1, 2), jnp.swapaxes(bg, 1, 2))
+    # Row sums over the K tiles, back to [B, Tp, H].
+    return dq, dk, jnp.swapaxes(jnp.sum(sq, axis=0), 1, 2), jnp.swapaxes(jnp.sum(sk, axis=0), 1, 2)

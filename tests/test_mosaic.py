@@ -166,6 +166,42 @@ def test_dqkw_lowers_for_cuda(block_v):
 
 
 @needs_plgpu
+def test_grads_k_products_lower_for_cuda():
+    """The Mosaic GPU K-side products: the outputs of their XLA oracle, lowered."""
+    B, T, H, K, C = 2, 192, 2, 128, 64
+    S = jax.ShapeDtypeStruct
+    rk, rc, vec = (B, T, H, K), (B, T, H, C), (B, T, H)
+    args = (S(rk, BF16), S(rk, BF16), S(rc, F32), S(rk, BF16), S(rc, BF16), S(rc, BF16),
+            S(rk, F32), S(rk, F32), S(vec, F32), S(vec, F32))
+    traced = jax.jit(mosaic_backward.grads_k_products).trace(*args)
+    assert [(o.shape, o.dtype) for o in jax.tree.leaves(traced.out_info)] == [
+        (rk, BF16), (rk, BF16), (vec, F32), (vec, F32)]
+    assert "mosaic_gpu" in traced.lower(lowering_platforms=("cuda",)).as_text()
+
+
+@needs_plgpu
+def test_grads_k_products_check_arguments():
+    with pytest.raises(ValueError, match="multiple of 64"):
+        mosaic_backward.check_products_supported(K=96, C=64, dtype=BF16)
+    with pytest.raises(ValueError, match="bfloat16 or float16"):
+        mosaic_backward.check_products_supported(K=128, C=64, dtype=F32)
+    with pytest.raises(ValueError, match="chunk_size=64"):
+        mosaic_backward.check_products_supported(K=128, C=32, dtype=BF16)
+    z = lambda *s_, dt=BF16: jnp.zeros(s_, dt)  # noqa: E731
+    good = [z(1, 64, 1, 128), z(1, 64, 1, 128), z(1, 64, 1, 64, dt=F32), z(1, 64, 1, 128),
+            z(1, 64, 1, 64), z(1, 64, 1, 64), z(1, 64, 1, 128, dt=F32),
+            z(1, 64, 1, 128, dt=F32), z(1, 64, 1, dt=F32), z(1, 64, 1, dt=F32)]
+    bad = list(good)
+    bad[4] = z(1, 64, 1, 32)
+    with pytest.raises(ValueError, match="M has shape"):
+        mosaic_backward.grads_k_products(*bad)
+    bad = list(good)
+    bad[6] = z(1, 64, 1, 128)
+    with pytest.raises(ValueError, match="dq_part has dtype bfloat16, expected float32"):
+        mosaic_backward.grads_k_products(*bad)
+
+
+@needs_plgpu
 def test_dqkw_checks_arguments():
     with pytest.raises(ValueError, match="block_k=64"):
         mosaic_backward.check_supported(K=96, V=256, C=64, dtype=BF16)

@@ -134,6 +134,39 @@ def test_backward_stages_match_xla(staged):
                            cfg=cfg.grads_v, interpret=True, cfg_k=pcfg.StageConfig(block_k=8))
     for name, a, b in zip(("dq", "dk", "dv", "dg", "dbeta", "dlam"), got, want):
         assert rel_err(sp(a), b) < 2e-5, name + " (K slices)"
+    # The K side split in two (its [C, C] part, then the products the Mosaic GPU kernel runs,
+    # here by their XLA oracle).
+    got = pbwd.chunk_grads(q, k, v, G, beta, lam, Tinv, dD, dW, dqp, dkp, dGp, dPs, C=C,
+                           cfg=cfg.grads_v, interpret=True, k_products=pbwd.grads_k_products_xla)
+    for name, a, b in zip(("dq", "dk", "dv", "dg", "dbeta", "dlam"), got, want):
+        assert rel_err(sp(a), b) < 2e-5, name + " (split K side)"
+    with pytest.raises(ValueError, match="unpacked rows only"):
+        pbwd.chunk_grads(q, k, v, G, beta, lam, Tinv, dD, dW, dqp, dkp, dGp, dPs,
+                         jnp.zeros(q.shape[:2], jnp.int32), C=C, cfg=cfg.grads_v,
+                         interpret=True, k_products=pbwd.grads_k_products_xla)
+
+
+def test_split_k_side_in_bfloat16():
+    """bfloat16: the split K side (phase-1 kernel + the products' oracle) against the one-launch
+    K-side kernel, on the same inputs; they differ by where T meets its row scales (before or
+    after the rounding), within the dtype's tolerance."""
+    C, B, T, H, K, V = 32, 2, 64, 2, 32, 32
+    (q, k, v, g, beta, lam, _), _ = make(21, B, T, H, K, V, dtype=jnp.bfloat16)
+    G = packing.chunk_cumsum(g, C)
+    cfg = pcfg.default_config(K, V, C, jnp.bfloat16)
+    keys = jax.random.split(jax.random.PRNGKey(22), 6)
+    rnd = lambda i, shape, dt=F32: jax.random.normal(keys[i], shape, F32).astype(dt)  # noqa: E731
+    _, _, Tinv = pfwd.chunk_local(q, k, v, G, beta, lam, C=C, cfg=cfg.wu, interpret=True)
+    dD, dW = rnd(0, v.shape, jnp.bfloat16), rnd(1, q.shape, jnp.bfloat16)
+    dqp, dkp, dGp = rnd(2, q.shape), rnd(3, q.shape), rnd(4, G.shape)
+    dPs = jnp.tril(rnd(5, (B, T, H, C)))
+    args = (q, k, v, G, beta, lam, Tinv, dD, dW, dqp, dkp, dGp, dPs)
+    one = pbwd.chunk_grads(*args, C=C, cfg=cfg.grads_v, interpret=True, cfg_k=cfg.grads_k)
+    two = pbwd.chunk_grads(*args, C=C, cfg=cfg.grads_v, interpret=True, cfg_k=cfg.grads_k,
+                           k_products=pbwd.grads_k_products_xla)
+    for name, a, b in zip(("dq", "dk", "dv", "dg", "dbeta", "dlam"), two, one):
+        assert a.dtype == b.dtype, name
+        assert rel_err(a, b) < TOL[jnp.dtype(jnp.bfloat16)], name
 
 
 def test_solve_unit_lower_is_the_inverse():
@@ -413,6 +446,10 @@ def test_mosaic_training_dispatch_wiring(monkeypatch):
         return pbwd.chunk_dqkw(*a, scale=scale, C=C, cfg=pcfg.StageConfig(num_warps=4),
                                interpret=True)
 
+    def grads_k_products(*a):
+        calls.append("grads_k")
+        return pbwd.grads_k_products_xla(*a)
+
     calls = []
     monkeypatch.setattr(mosaic, "state_output",
                         lambda *a, **k: calls.append("fwd") or state_output(*a, **k))
@@ -421,6 +458,8 @@ def test_mosaic_training_dispatch_wiring(monkeypatch):
     monkeypatch.setattr(mosaic_backward, "chunk_dqkw",
                         lambda *a, **k: calls.append("dqkw") or chunk_dqkw(*a, **k))
     monkeypatch.setattr(mosaic_backward, "check_supported", lambda **k: None)
+    monkeypatch.setattr(mosaic_backward, "grads_k_products", grads_k_products)
+    monkeypatch.setattr(mosaic_backward, "check_products_supported", lambda **k: None)
     monkeypatch.setattr(pcore, "mosaic_reason", lambda *a, **k: None)
     C = 16
     (q, k, v, g, beta, lam, h0), w = make(61, 2, 40, 2, 16, 16)
@@ -433,7 +472,9 @@ def test_mosaic_training_dispatch_wiring(monkeypatch):
     mine = ["fwd", "rev", "dd0 in rev", "dqkw"]
     for config, want in ((None, mine), (pcfg.Config(mosaic_dqkw=True), mine),
                          (pcfg.Config(mosaic_dqkw=False), ["fwd", "rev", "dd0 in rev"]),
-                         (pcfg.Config(mosaic_fused_dd0=False), ["fwd", "rev", "dqkw"])):
+                         (pcfg.Config(mosaic_fused_dd0=False), ["fwd", "rev", "dqkw"]),
+                         # Config(mosaic_grads_k=True): the K side's products on Mosaic GPU
+                         (pcfg.Config(mosaic_grads_k=True), mine + ["grads_k"])):
         calls.clear()
         (_, (o_m, f_m)), g_m = value_and_grads("pallas-mosaic", C, config=config)(*args, w)
         assert calls == want
@@ -445,8 +486,9 @@ def test_mosaic_training_dispatch_wiring(monkeypatch):
     calls.clear()
     wp = w
     # packed rows keep the Triton state-side gradients even where the Mosaic ones are asked for
-    (_, o_p), gp = packed_value_and_grads("pallas-mosaic", C, CU_ROWS,
-                                          pcfg.Config(mosaic_dqkw=True))(q, k, v, g, beta, lam, wp)
+    (_, o_p), gp = packed_value_and_grads(
+        "pallas-mosaic", C, CU_ROWS, pcfg.Config(mosaic_dqkw=True, mosaic_grads_k=True))(
+            q, k, v, g, beta, lam, wp)
     (_, o_px), gpx = packed_value_and_grads("xla", C, CU_ROWS)(q, k, v, g, beta, lam, wp)
     assert calls == ["fwd", "rev", "dd0 in rev"]
     assert rel_err(o_p, o_px) < tol
