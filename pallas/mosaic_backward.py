@@ -1,6 +1,8 @@
-"""Mosaic GPU (``plgpu``) kernel of the backward's state-side gradients: the contract of
-:func:`qdelta_jax.pallas.backward.chunk_dqkw`, one warpgroup per (batch row, chunk, head,
-K tile) with its four products as wgmmas accumulating in registers.
+"""Mosaic GPU (``plgpu``) kernels of the backward: the state-side gradients
+(:func:`chunk_dqkw`, the contract of :func:`qdelta_jax.pallas.backward.chunk_dqkw`, one
+warpgroup per (batch row, chunk, head, K tile) with its four products as wgmmas accumulating in
+registers) and, opt-in, the products of the K-side local gradients (:func:`grads_k_products`,
+the contract of :func:`qdelta_jax.pallas.backward.grads_k_products_xla`; see its docstring).
 
 Why: the Triton ``chunk_dqkw`` (0.40 ms at B8 T4096 H6 K128 V256 bf16 on an H200) moves about
 1.1 GB, a floor of about 0.24 ms; it runs at 255 registers and 12.5% occupancy with its
