@@ -293,23 +293,31 @@ def _grads_k_phase1(dps_ref, da_ref, dbv_ref, QK, Rd, A, G, beta, lam, strict, s
     return dG, dbeta, dl, dPs + lam[:, None] * dR, dR + dR.T
 
 
-def _grads_k_kernel(
-    q_ref, k_ref, G_ref, b_ref, l_ref, t_ref, dw_ref, dps_ref, da_ref, dbv_ref, dqp_ref,
-    dkp_ref, dgp_ref, seg_ref, dq_ref, dk_ref, dg_ref, db_ref, dl_ref, *, dt, hp,
-):
-    C = q_ref.shape[0]
-    strict, _ = u.masks(C)
+def _k_side_tiles(q_ref, k_ref, G_ref, b_ref, l_ref, seg_ref, dt, hp):
+    """What both K-side kernels start from: the strict mask, ``q, k``, float32 ``beta, lam,
+    G``, the document ids (or None), ``Rd, A`` (:func:`qdelta_jax.pallas._util.local`) and
+    ``Q K^T``."""
+    strict, _ = u.masks(q_ref.shape[0])
     q, k = q_ref[...], k_ref[...]
     beta = b_ref[...].astype(F32)
     lam = l_ref[...].astype(F32)
     G = u.g_vec(G_ref[...], dt)
     seg = None if seg_ref is None else seg_ref[...]
     Rd, A = u.local(q, k, G, beta, lam, dt, hp, seg)
+    QK = u.dot(q, k, tb=True, dt=dt, hp=hp)
+    return strict, q, k, beta, lam, G, seg, Rd, A, QK
+
+
+def _grads_k_kernel(
+    q_ref, k_ref, G_ref, b_ref, l_ref, t_ref, dw_ref, dps_ref, da_ref, dbv_ref, dqp_ref,
+    dkp_ref, dgp_ref, seg_ref, dq_ref, dk_ref, dg_ref, db_ref, dl_ref, *, dt, hp,
+):
+    strict, q, k, beta, lam, G, seg, Rd, A, QK = _k_side_tiles(q_ref, k_ref, G_ref, b_ref,
+                                                               l_ref, seg_ref, dt, hp)
     gam = u.gam_of(G, seg)
     bg = beta * gam
 
     # Phase 1, [C, C] tiles only.
-    QK = u.dot(q, k, tb=True, dt=dt, hp=hp)
     dG, dbeta, dl, M, S = _grads_k_phase1(dps_ref, da_ref, dbv_ref, QK, Rd, A, G, beta, lam,
                                           strict, seg)
 
@@ -403,15 +411,8 @@ def _grads_k_phase1_kernel(q_ref, k_ref, G_ref, b_ref, l_ref, dps_ref, da_ref, d
                            m_ref, s_ref, dg_ref, db_ref, dl_ref, *, dt, hp):
     """The ``[C, C]`` part of :func:`_grads_k_kernel` alone: ``M``, ``S`` (compute dtype, as
     the K-side kernel rounds them for its matmuls) and the partial ``dG, dbeta, dlam``."""
-    C = q_ref.shape[0]
-    strict, _ = u.masks(C)
-    q, k = q_ref[...], k_ref[...]
-    beta = b_ref[...].astype(F32)
-    lam = l_ref[...].astype(F32)
-    G = u.g_vec(G_ref[...], dt)
-    seg = None if seg_ref is None else seg_ref[...]
-    Rd, A = u.local(q, k, G, beta, lam, dt, hp, seg)
-    QK = u.dot(q, k, tb=True, dt=dt, hp=hp)
+    strict, _, _, beta, lam, G, seg, Rd, A, QK = _k_side_tiles(q_ref, k_ref, G_ref, b_ref,
+                                                               l_ref, seg_ref, dt, hp)
     dG, dbeta, dl, M, S = _grads_k_phase1(dps_ref, da_ref, dbv_ref, QK, Rd, A, G, beta, lam,
                                           strict, seg)
     m_ref[...] = M.astype(m_ref.dtype)
