@@ -52,8 +52,7 @@ def load_model_class(root: str):
     return qdelta.QDeltaConfig, qdelta.QDeltaForCausalLM
 
 
-def run(cfg: dict, root: str, batch: int, seq_len: int, warmup: int, steps: int,
-        log=print) -> dict:
+def run(cfg: dict, root: str, batch: int, seq_len: int, warmup: int, steps: int) -> dict:
     """Builds the authors' model from ``cfg`` on the GPU and times its training step."""
     import torch
 
@@ -80,14 +79,16 @@ def run(cfg: dict, root: str, batch: int, seq_len: int, warmup: int, steps: int,
         opt.zero_grad(set_to_none=True)
         return loss
 
-    log(f"authors' model: {n_params:,} parameters, built in {time.perf_counter() - t0:.1f} s; "
-        f"{warmup} warm-up steps (their kernels autotune on the first)", file=sys.stderr,
-        flush=True)
+    def progress(line):  # stderr: stdout carries the one JSON result
+        print(line, file=sys.stderr, flush=True)
+
+    progress(f"authors' model: {n_params:,} parameters, built in {time.perf_counter() - t0:.1f}"
+             f" s; {warmup} warm-up steps (their kernels autotune on the first)")
     for i in range(warmup):
         loss = step()
         torch.cuda.synchronize()
-        log(f"  warm-up step {i + 1}: loss {loss.item():.4f}, "
-            f"{time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
+        progress(f"  warm-up step {i + 1}: loss {loss.item():.4f}, "
+                 f"{time.perf_counter() - t0:.0f} s")
     torch.cuda.reset_peak_memory_stats()
     times = []
     for _ in range(steps):

@@ -181,10 +181,9 @@ def main(argv=None) -> int:
                    help="BxTxHxKxV (default: the three shapes of BENCHMARKS.md)")
     p.add_argument("--impl", nargs="+", default=None,
                    help="implementations (default: xla, plus pallas and pallas-no-save-residuals"
-                   " on GPU); pallas-no-save-residuals is pallas with save_residuals off; a"
-                   " suffix +mbvN sets the Mosaic GPU kernels' V tile (pallas+mbv32), +tdqkw"
-                   " the Triton state-side gradients under pallas-mosaic (pallas-mosaic+tdqkw),"
-                   " +tdd0 dD0 from its own launch under pallas-mosaic (pallas-mosaic+tdd0)")
+                   " on GPU); pallas-no-save-residuals is pallas with save_residuals off;"
+                   " kernel-config suffixes as qdelta_jax.pallas.config.split_variant takes"
+                   " them: +mbvN (the Mosaic GPU V tile), +tdqkw, +tdd0, +mgk")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     p.add_argument("--chunk-size", type=int, default=64)
     p.add_argument("--warmup", type=int, default=5)

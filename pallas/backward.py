@@ -448,12 +448,10 @@ def chunk_grads_k_phase1(q, k, G, beta, lam, dPs, dA, dbv, seg=None, *, C: int,
     )(q, k, G, beta, lam, dPs, dA, dbv, *extra)
 
 
-def grads_k_finish(G, beta, lam, bxq, bxk, dG1, db1, dl1, dG_part):
+def grads_k_finish(gam, bg, lam, bxq, bxk, dG1, db1, dl1, dG_part):
     """``dg, dbeta, dlam`` of the K side from the phase-1 partials and the row sums
-    ``bxq = dbx . q``, ``bxk = dbx . k`` (``dbx = T^T dW``), as :func:`_grads_k_kernel` ends
-    (unpacked rows: ``gamma = exp(G)``). All ``[B, Tp, H]`` float32."""
-    gam = jnp.exp(G)
-    bg = beta * gam
+    ``bxq = dbx . q``, ``bxk = dbx . k`` (``dbx = T^T dW``), as :func:`_grads_k_kernel` ends;
+    ``gam = exp(G)`` (unpacked rows), ``bg = beta gam``. All ``[B, Tp, H]`` float32."""
     bxX = bxk + lam * bxq
     return dG1 + bg * bxX + dG_part, db1 + gam * bxX, dl1 + bg * bxq
 
@@ -531,9 +529,10 @@ def chunk_grads(q, k, v, G, beta, lam, Tinv, dD, dW, dq_part, dk_part, dG_part, 
             raise ValueError("the split K side (k_products) takes unpacked rows only")
         M, S, dG1, db1, dl1 = chunk_grads_k_phase1(q, k, G, beta, lam, dPs, dA, dbv, C=C,
                                                    cfg=cfg_k or cfg, interpret=interpret)
-        bg = beta * jnp.exp(G)
+        gam = jnp.exp(G)
+        bg = beta * gam
         dq, dk, bxq, bxk = k_products(q, k, Tinv, dW, M, S, dq_part, dk_part, lam * bg, bg)
-        dg, db, dl = grads_k_finish(G, beta, lam, bxq, bxk, dG1, db1, dl1, dG_part)
+        dg, db, dl = grads_k_finish(gam, bg, lam, bxq, bxk, dG1, db1, dl1, dG_part)
         return dq, dk, dv, dg, db, dl
     dq, dk, dg, db, dl = pl.pallas_call(
         u.with_seg(functools.partial(_grads_k_kernel, dt=dt, hp=hp) if bk_k == K

@@ -150,18 +150,25 @@ def _core_bwd(scale, cfg: Config, C, interp, mcfg, res, cts):
             q, k, G, W, do, dD0, dfinal, reset, is_last, seq, seg, scale=scale, C=C,
             cfg=cfg.reverse, interpret=interp,
         )
-    if _mosaic_dqkw(cfg, mcfg, q, do, seg, C):
+    K, V = q.shape[-1], do.shape[-1]
+    # The state-side gradients on Mosaic GPU unless Config(mosaic_dqkw=False); the K side's
+    # products only with Config(mosaic_grads_k=True).
+    if _mosaic_backward_kernel(
+            cfg.mosaic_dqkw is not False, mcfg, seg, "chunk_dqkw",
+            lambda: mosaic_backward.check_supported(K=K, V=V, C=C, dtype=q.dtype)):
         dqp, dkp, dW, dGp, dPs = mosaic_backward.chunk_dqkw(
             q, k, G, h_in, dh_out, do, D, dD, scale=scale, C=C)
     else:
         dqp, dkp, dW, dGp, dPs = bwd.chunk_dqkw(
             q, k, G, h_in, dh_out, do, D, dD, seg, scale=scale, C=C, cfg=cfg.dqkw,
             interpret=interp)
+    mosaic_k = _mosaic_backward_kernel(
+        bool(cfg.mosaic_grads_k), mcfg, seg, "chunk_grads_k",
+        lambda: mosaic_backward.check_products_supported(K=K, C=C, dtype=q.dtype))
     dq, dk, dv, dG, db, dl = bwd.chunk_grads(
         q, k, v, G, beta, lam, Tinv, dD, dW, dqp, dkp, dGp, dPs, seg, C=C, cfg=cfg.grads_v,
         interpret=interp, cfg_k=cfg.grads_k,
-        k_products=(mosaic_backward.grads_k_products
-                    if _mosaic_grads_k(cfg, mcfg, q, seg, C) else None),
+        k_products=mosaic_backward.grads_k_products if mosaic_k else None,
     )
     return (
         dq, dk, dv, dG.astype(G.dtype), db.astype(beta.dtype), dl.astype(lam.dtype),
@@ -172,39 +179,22 @@ def _core_bwd(scale, cfg: Config, C, interp, mcfg, res, cts):
 _core.defvjp(_core_fwd, _core_bwd)
 
 
-def _mosaic_dqkw(cfg: Config, mcfg, q, do, seg, C) -> bool:
-    """Whether the backward's state-side gradients run on Mosaic GPU: in a backward on the
-    Mosaic kernels, unless ``Config(mosaic_dqkw=False)``, for a call the kernel takes (else the
-    Triton kernel, the reason in the debug log)."""
-    if cfg.mosaic_dqkw is False or mcfg is None or not mcfg.train:
+def _mosaic_backward_kernel(wanted: bool, mcfg, seg, triton_name: str, check) -> bool:
+    """Whether one of the backward's opt-in or opt-out Mosaic GPU kernels runs: ``wanted`` (its
+    ``Config`` switch), in a backward on the Mosaic kernels, for unpacked rows that ``check()``
+    (the kernel's size and dtype check, raising ``ValueError``) accepts; else the Triton kernel
+    ``triton_name`` runs and the reason goes to the debug log."""
+    if not wanted or mcfg is None or not mcfg.train:
         return False
     if seg is not None:
         why = "packed rows"
     else:
         try:
-            mosaic_backward.check_supported(K=q.shape[-1], V=do.shape[-1], C=C, dtype=q.dtype)
+            check()
             return True
         except ValueError as e:
             why = str(e)
-    log.debug("qdelta pallas backward: Triton chunk_dqkw, not Mosaic GPU: %s", why)
-    return False
-
-
-def _mosaic_grads_k(cfg: Config, mcfg, q, seg, C) -> bool:
-    """Whether the K-side local gradients' products run on Mosaic GPU: asked for
-    (``cfg.mosaic_grads_k``), in a backward on the Mosaic kernels, for a call the kernel takes
-    (else the Triton kernel, the reason in the debug log)."""
-    if not cfg.mosaic_grads_k or mcfg is None or not mcfg.train:
-        return False
-    if seg is not None:
-        why = "packed rows"
-    else:
-        try:
-            mosaic_backward.check_products_supported(K=q.shape[-1], C=C, dtype=q.dtype)
-            return True
-        except ValueError as e:
-            why = str(e)
-    log.debug("qdelta pallas backward: Triton chunk_grads_k, not Mosaic GPU: %s", why)
+    log.debug("qdelta pallas backward: Triton %s, not Mosaic GPU: %s", triton_name, why)
     return False
 
 

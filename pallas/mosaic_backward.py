@@ -315,10 +315,8 @@ def grads_k_products(q, k, Tinv, dW, M, S, dq_part, dk_part, lbg, bg, *, block_k
                   ("M", M, rows_c), ("S", S, rows_c), ("dq_part", dq_part, rows_k),
                   ("dk_part", dk_part, rows_k), ("lbg", lbg, vec), ("bg", bg, vec)),
                  dt, (("k", k), ("dW", dW), ("M", M), ("S", S)))
-    for name, x in (("Tinv", Tinv), ("dq_part", dq_part), ("dk_part", dk_part), ("lbg", lbg),
-                    ("bg", bg)):
-        if jnp.dtype(x.dtype) != jnp.dtype(F32):
-            raise ValueError(f"{name} has dtype {jnp.dtype(x.dtype).name}, expected float32")
+    m.check_args((), jnp.dtype(F32), (("Tinv", Tinv), ("dq_part", dq_part),
+                                      ("dk_part", dk_part), ("lbg", lbg), ("bg", bg)))
     NC, BK = Tp // C, block_k
     nk = K // BK
     tk, tc, tf = m._transforms(BK, dt), m._transforms(C, dt), m._transforms(BK, F32)

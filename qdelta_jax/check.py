@@ -65,12 +65,11 @@ def make_inputs(key, B, T, H, K, V):
 def _variant(impl: str) -> dict:
     """``qdelta_rule`` keywords of an implementation name, kernel-config suffixes included
     (``pallas-mosaic+tdqkw``: :func:`qdelta_jax.pallas.config.split_variant`)."""
-    if "+" not in impl and impl != "pallas-no-save-residuals":
-        return {"implementation": impl}
     from qdelta_jax.pallas.config import split_variant
 
     base, config = split_variant(impl)
-    return {"implementation": base, "config": config}
+    return {"implementation": base} if config is None else {"implementation": base,
+                                                             "config": config}
 
 
 @functools.cache
