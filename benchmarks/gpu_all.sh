@@ -129,11 +129,11 @@ for s in $sections; do
         step launch ${MOSAIC_LIMIT:-200} "$PY" benchmarks/mosaic_dev.py --launch-cost 20 \
             --out "$OUT_DIR/launch.json"
         ;;
-    gradsk)  # the K side's products on Mosaic GPU (opt-in) against the Triton kernels; the op
+    gradsk)  # the K side's products on Mosaic GPU against the Triton kernels; the op
         step gradsk ${MOSAIC_LIMIT:-200} "$PY" benchmarks/mosaic_dev.py --variants "" \
             --grads-k --shapes 8x4096x6x128x256,2x16384x6x128x256,8x4096x16x128x128
         step gradsk_ops ${OPS_LIMIT:-240} "$PY" benchmarks/ops.py --impl pallas-mosaic \
-            pallas-mosaic+mgk --reps 20 --warmup 3 --json "$OUT_DIR/gradsk_ops.json"
+            pallas-mosaic+tgk --reps 20 --warmup 3 --json "$OUT_DIR/gradsk_ops.json"
         ;;
     dqkw)  # the Mosaic GPU state-side gradients against the Triton kernel
         step dqkw ${MOSAIC_LIMIT:-200} "$PY" benchmarks/mosaic_dev.py --variants "" \

@@ -448,10 +448,22 @@ def chunk_grads_k_phase1(q, k, G, beta, lam, dPs, dA, dbv, seg=None, *, C: int,
     )(q, k, G, beta, lam, dPs, dA, dbv, *extra)
 
 
+def chunk_gamma(G, seg, C: int):
+    """``gamma = exp(G)`` ``[B, Tp, H]`` float32 as the kernels form it per chunk
+    (:func:`qdelta_jax.pallas._util.gam_of`): zero past the chunk's first document."""
+    G = G.astype(F32)
+    if seg is None:
+        return jnp.exp(G)
+    B, Tp = seg.shape
+    sc = seg.reshape(B, Tp // C, C)
+    first = (sc == jnp.min(sc, axis=-1, keepdims=True)).reshape(B, Tp)[..., None]
+    return jnp.where(first, jnp.exp(jnp.where(first, G, 0.0)), 0.0)
+
+
 def grads_k_finish(gam, bg, lam, bxq, bxk, dG1, db1, dl1, dG_part):
     """``dg, dbeta, dlam`` of the K side from the phase-1 partials and the row sums
     ``bxq = dbx . q``, ``bxk = dbx . k`` (``dbx = T^T dW``), as :func:`_grads_k_kernel` ends;
-    ``gam = exp(G)`` (unpacked rows), ``bg = beta gam``. All ``[B, Tp, H]`` float32."""
+    ``gam`` (:func:`chunk_gamma`), ``bg = beta gam``. All ``[B, Tp, H]`` float32."""
     bxX = bxk + lam * bxq
     return dG1 + bg * bxX + dG_part, db1 + gam * bxX, dl1 + bg * bxq
 
@@ -498,8 +510,8 @@ def chunk_grads(q, k, v, G, beta, lam, Tinv, dD, dW, dq_part, dk_part, dG_part, 
 
     Two launches, so that each holds few tiles live: the V side (``cfg``, loop over V tiles:
     ``dv``, the V part of ``dbeta`` and ``dA = -T^T dT T^T`` as ``[B, Tp, H, C]`` float32),
-    then the K side (``cfg_k``: everything through ``A``, ``W`` and ``X``). ``k_products``
-    (unpacked rows): the K side as :func:`chunk_grads_k_phase1` and then this function, with
+    then the K side (``cfg_k``: everything through ``A``, ``W`` and ``X``). ``k_products``:
+    the K side as :func:`chunk_grads_k_phase1` and then this function, with
     the contract of :func:`grads_k_products_xla` (the Mosaic GPU kernel
     :func:`qdelta_jax.pallas.mosaic_backward.grads_k_products`, or that oracle)."""
     B, Tp, H, K = q.shape
@@ -525,11 +537,9 @@ def chunk_grads(q, k, v, G, beta, lam, Tinv, dD, dW, dq_part, dk_part, dG_part, 
         name="qdelta_chunk_grads_v",
     )(q, k, v, G, beta, lam, Tinv, dD, dW, *extra)
     if k_products is not None:
-        if seg is not None:
-            raise ValueError("the split K side (k_products) takes unpacked rows only")
-        M, S, dG1, db1, dl1 = chunk_grads_k_phase1(q, k, G, beta, lam, dPs, dA, dbv, C=C,
+        M, S, dG1, db1, dl1 = chunk_grads_k_phase1(q, k, G, beta, lam, dPs, dA, dbv, seg, C=C,
                                                    cfg=cfg_k or cfg, interpret=interpret)
-        gam = jnp.exp(G)
+        gam = chunk_gamma(G, seg, C)
         bg = beta * gam
         dq, dk, bxq, bxk = k_products(q, k, Tinv, dW, M, S, dq_part, dk_part, lam * bg, bg)
         dg, db, dl = grads_k_finish(gam, bg, lam, bxq, bxk, dG1, db1, dl1, dG_part)

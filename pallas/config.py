@@ -86,8 +86,8 @@ class Config:
 
     ``mosaic_grads_k``: where the backward runs on the Mosaic GPU kernels (unpacked rows), the
     K side of the local gradients too: its ``[C, C]`` part in a Triton launch, its products on
-    Mosaic GPU (:func:`qdelta_jax.pallas.mosaic_backward.grads_k_products`, not yet checked on
-    a GPU; ``None``: off)."""
+    Mosaic GPU (:func:`qdelta_jax.pallas.mosaic_backward.grads_k_products`); ``None`` or
+    ``True``: yes, ``False``: the one-launch Triton K side."""
 
     solve: StageConfig | None = None
     wu: StageConfig | None = None
@@ -270,8 +270,8 @@ def split_variant(name: str) -> tuple[str, Config | None]:
     (``pallas+mbv32``) sets the Mosaic GPU kernels' V tile to N; ``+tdqkw``
     (``pallas-mosaic+tdqkw``) runs the backward's state-side gradients on the Triton kernel
     instead of Mosaic GPU's; ``+tdd0`` gives the Mosaic reverse pass ``dD0`` from the Triton
-    ``chunk_dd0`` launch instead of forming it itself; ``+mgk`` (``pallas-mosaic+mgk``) runs
-    the K-side local gradients' products on Mosaic GPU. A name without suffixes is returned with
+    ``chunk_dd0`` launch instead of forming it itself; ``+tgk`` (``pallas-mosaic+tgk``) runs
+    the K-side local gradients in one Triton launch instead of their products on Mosaic GPU. A name without suffixes is returned with
     ``None``. Raises ValueError for another suffix (or a V tile :class:`Config` refuses)."""
     if name == "pallas-no-save-residuals":
         return "pallas", Config(save_residuals=False)
@@ -284,11 +284,11 @@ def split_variant(name: str) -> tuple[str, Config | None]:
             fields["mosaic_dqkw"] = False
         elif sfx == "tdd0":
             fields["mosaic_fused_dd0"] = False
-        elif sfx == "mgk":
-            fields["mosaic_grads_k"] = True
+        elif sfx == "tgk":
+            fields["mosaic_grads_k"] = False
         elif sfx.startswith("mbv") and sfx[3:].isdigit():
             fields["mosaic_block_v"] = int(sfx[3:])
         else:
             raise ValueError(f"unknown suffix +{sfx} in {name!r}; known: +mbvN (the Mosaic GPU "
-                             "V tile, N in 32, 64, 128), +tdqkw, +tdd0, +mgk")
+                             "V tile, N in 32, 64, 128), +tdqkw, +tdd0, +tgk")
     return base, Config(**fields)

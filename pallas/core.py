@@ -151,8 +151,8 @@ def _core_bwd(scale, cfg: Config, C, interp, mcfg, res, cts):
             cfg=cfg.reverse, interpret=interp,
         )
     K, V = q.shape[-1], do.shape[-1]
-    # The state-side gradients on Mosaic GPU unless Config(mosaic_dqkw=False); the K side's
-    # products only with Config(mosaic_grads_k=True).
+    # The state-side gradients and the K side's products on Mosaic GPU unless
+    # Config(mosaic_dqkw=False) / Config(mosaic_grads_k=False).
     if _mosaic_backward_kernel(
             cfg.mosaic_dqkw is not False, mcfg, seg, "chunk_dqkw",
             lambda: mosaic_backward.check_supported(K=K, V=V, C=C, dtype=q.dtype)):
@@ -162,8 +162,10 @@ def _core_bwd(scale, cfg: Config, C, interp, mcfg, res, cts):
         dqp, dkp, dW, dGp, dPs = bwd.chunk_dqkw(
             q, k, G, h_in, dh_out, do, D, dD, seg, scale=scale, C=C, cfg=cfg.dqkw,
             interpret=interp)
+    # The K-side products take no document ids (the document masks are in the Triton [C, C]
+    # part and in gamma): packed rows take them too.
     mosaic_k = _mosaic_backward_kernel(
-        bool(cfg.mosaic_grads_k), mcfg, seg, "chunk_grads_k",
+        cfg.mosaic_grads_k is not False, mcfg, None, "chunk_grads_k",
         lambda: mosaic_backward.check_products_supported(K=K, C=C, dtype=q.dtype))
     dq, dk, dv, dG, db, dl = bwd.chunk_grads(
         q, k, v, G, beta, lam, Tinv, dD, dW, dqp, dkp, dGp, dPs, seg, C=C, cfg=cfg.grads_v,
@@ -180,10 +182,11 @@ _core.defvjp(_core_fwd, _core_bwd)
 
 
 def _mosaic_backward_kernel(wanted: bool, mcfg, seg, triton_name: str, check) -> bool:
-    """Whether one of the backward's opt-in or opt-out Mosaic GPU kernels runs: ``wanted`` (its
-    ``Config`` switch), in a backward on the Mosaic kernels, for unpacked rows that ``check()``
-    (the kernel's size and dtype check, raising ``ValueError``) accepts; else the Triton kernel
-    ``triton_name`` runs and the reason goes to the debug log."""
+    """Whether one of the backward's Mosaic GPU kernels runs: ``wanted`` (its ``Config``
+    switch), in a backward on the Mosaic kernels, for sizes that ``check()`` (the kernel's size
+    and dtype check, raising ``ValueError``) accepts and, for a kernel without document masks,
+    unpacked rows (``seg`` None; a kernel that needs none is asked with None); else the Triton
+    kernel ``triton_name`` runs and the reason goes to the debug log."""
     if not wanted or mcfg is None or not mcfg.train:
         return False
     if seg is not None:

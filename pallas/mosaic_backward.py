@@ -1,7 +1,7 @@
 """Mosaic GPU (``plgpu``) kernels of the backward: the state-side gradients
 (:func:`chunk_dqkw`, the contract of :func:`qdelta_jax.pallas.backward.chunk_dqkw`, one
 warpgroup per (batch row, chunk, head, K tile) with its four products as wgmmas accumulating in
-registers) and, opt-in, the products of the K-side local gradients (:func:`grads_k_products`,
+registers) and the products of the K-side local gradients (:func:`grads_k_products`,
 the contract of :func:`qdelta_jax.pallas.backward.grads_k_products_xla`; see its docstring).
 
 Why: the Triton ``chunk_dqkw`` (0.40 ms at B8 T4096 H6 K128 V256 bf16 on an H200) moves about
@@ -298,8 +298,10 @@ def grads_k_products(q, k, Tinv, dW, M, S, dq_part, dk_part, lbg, bg, *, block_k
     ``q, k, dW [B, Tp, H, K]`` in the compute dtype, ``Tinv [B, Tp, H, C]`` float32,
     ``M, S [B, Tp, H, C]`` compute dtype (:func:`qdelta_jax.pallas.backward.
     chunk_grads_k_phase1`), ``dq_part, dk_part [B, Tp, H, K]`` float32, ``lbg, bg [B, Tp, H]``
-    float32. Unpacked rows, chunk 64, K a multiple of 64. Status: lowered for CUDA in CI, not
-    yet run on a GPU; :mod:`.core` calls it only with ``Config(mosaic_grads_k=True)``.
+    float32. Unpacked rows, chunk 64, K a multiple of 64. Status: lowered for CUDA in CI; on an
+    H200 ``benchmarks/mosaic_dev.py --grads-k`` finds it within 3e-5 of the oracle (BENCHMARKS.md).
+    :mod:`.core` calls it in the backward of ``implementation="pallas-mosaic"`` unless
+    ``Config(mosaic_grads_k=False)``.
 
     Raises ``RuntimeError`` without Mosaic GPU, ``ValueError`` for what it does not take."""
     m._require_plgpu()

@@ -195,7 +195,7 @@ def test_ops_implementation_names():
         "pallas-mosaic", Config(mosaic_dqkw=False, mosaic_block_v=64))
     assert ops.split_impl("pallas-mosaic+tdd0") == ("pallas-mosaic",
                                                     Config(mosaic_fused_dd0=False))
-    assert ops.split_impl("pallas-mosaic+mgk") == ("pallas-mosaic", Config(mosaic_grads_k=True))
+    assert ops.split_impl("pallas-mosaic+tgk") == ("pallas-mosaic", Config(mosaic_grads_k=False))
     with pytest.raises(ValueError, match=r"unknown suffix \+fast"):
         ops.split_impl("pallas+fast")
     with pytest.raises(ValueError, match="mosaic_block_v"):

@@ -140,10 +140,21 @@ def test_backward_stages_match_xla(staged):
                            cfg=cfg.grads_v, interpret=True, k_products=pbwd.grads_k_products_xla)
     for name, a, b in zip(("dq", "dk", "dv", "dg", "dbeta", "dlam"), got, want):
         assert rel_err(sp(a), b) < 2e-5, name + " (split K side)"
-    with pytest.raises(ValueError, match="unpacked rows only"):
-        pbwd.chunk_grads(q, k, v, G, beta, lam, Tinv, dD, dW, dqp, dkp, dGp, dPs,
-                         jnp.zeros(q.shape[:2], jnp.int32), C=C, cfg=cfg.grads_v,
-                         interpret=True, k_products=pbwd.grads_k_products_xla)
+    # Packed rows: documents starting inside chunks (ids per token; gamma past a chunk's first
+    # document is zero), the split K side against the one-launch kernel on the same inputs.
+    Tp = q.shape[1]
+    seg = jnp.broadcast_to(jnp.searchsorted(jnp.array([1, 7, 8, 2 * C - 3, 2 * C + 1]),
+                                            jnp.arange(Tp), side="right"), q.shape[:2])
+    seg = seg.astype(jnp.int32)
+    one = pbwd.chunk_grads(q, k, v, G, beta, lam, Tinv, dD, dW, dqp, dkp, dGp, dPs, seg, C=C,
+                           cfg=cfg.grads_v, interpret=True)
+    two = pbwd.chunk_grads(q, k, v, G, beta, lam, Tinv, dD, dW, dqp, dkp, dGp, dPs, seg, C=C,
+                           cfg=cfg.grads_v, interpret=True, k_products=pbwd.grads_k_products_xla)
+    for name, a, b in zip(("dq", "dk", "dv", "dg", "dbeta", "dlam"), two, one):
+        assert rel_err(a, b) < 2e-5, name + " (split K side, packed)"
+    gam = pbwd.chunk_gamma(G, seg, C)
+    assert float(jnp.max(jnp.abs(gam[:, 1:7]))) == 0.0  # past chunk 0's first document
+    assert float(jnp.min(gam[:, C:C + 8])) > 0.0  # chunk 1 starts inside a document
 
 
 def test_split_k_side_in_bfloat16():
@@ -466,15 +477,17 @@ def test_mosaic_training_dispatch_wiring(monkeypatch):
     args = (q, k, v, g, beta, lam, h0)
     (_, (o_x, f_x)), g_x = value_and_grads("xla", C)(*args, w)
     tol = TOL[jnp.dtype(F32)]
-    # The Mosaic state-side gradients run by default, unpacked rows only, and the reverse pass
-    # forms dD0 itself; Config(mosaic_dqkw=False) keeps the Triton dqkw kernel,
+    # The Mosaic state-side gradients and K-side products run by default, unpacked rows only,
+    # and the reverse pass forms dD0 itself; Config(mosaic_dqkw=False) keeps the Triton dqkw
+    # kernel, Config(mosaic_grads_k=False) the one-launch Triton K side,
     # Config(mosaic_fused_dd0=False) the chunk_dd0 launch.
-    mine = ["fwd", "rev", "dd0 in rev", "dqkw"]
+    mine = ["fwd", "rev", "dd0 in rev", "dqkw", "grads_k"]
     for config, want in ((None, mine), (pcfg.Config(mosaic_dqkw=True), mine),
-                         (pcfg.Config(mosaic_dqkw=False), ["fwd", "rev", "dd0 in rev"]),
-                         (pcfg.Config(mosaic_fused_dd0=False), ["fwd", "rev", "dqkw"]),
-                         # Config(mosaic_grads_k=True): the K side's products on Mosaic GPU
-                         (pcfg.Config(mosaic_grads_k=True), mine + ["grads_k"])):
+                         (pcfg.Config(mosaic_dqkw=False), ["fwd", "rev", "dd0 in rev",
+                                                           "grads_k"]),
+                         (pcfg.Config(mosaic_fused_dd0=False), ["fwd", "rev", "dqkw",
+                                                                "grads_k"]),
+                         (pcfg.Config(mosaic_grads_k=False), mine[:-1])):
         calls.clear()
         (_, (o_m, f_m)), g_m = value_and_grads("pallas-mosaic", C, config=config)(*args, w)
         assert calls == want
@@ -485,12 +498,13 @@ def test_mosaic_training_dispatch_wiring(monkeypatch):
         pcfg.Config(mosaic_dqkw=1)
     calls.clear()
     wp = w
-    # packed rows keep the Triton state-side gradients even where the Mosaic ones are asked for
+    # packed rows keep the Triton state-side gradients even where the Mosaic ones are asked
+    # for; the K-side products (no document masks of their own) run on Mosaic GPU
     (_, o_p), gp = packed_value_and_grads(
         "pallas-mosaic", C, CU_ROWS, pcfg.Config(mosaic_dqkw=True, mosaic_grads_k=True))(
             q, k, v, g, beta, lam, wp)
     (_, o_px), gpx = packed_value_and_grads("xla", C, CU_ROWS)(q, k, v, g, beta, lam, wp)
-    assert calls == ["fwd", "rev", "dd0 in rev"]
+    assert calls == ["fwd", "rev", "dd0 in rev", "grads_k"]
     assert rel_err(o_p, o_px) < tol
     for name, a, b in zip(("q", "k", "v", "g", "beta", "lam"), gp, gpx):
         assert rel_err(a, b) < tol, name
