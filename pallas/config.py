@@ -271,8 +271,9 @@ def split_variant(name: str) -> tuple[str, Config | None]:
     (``pallas-mosaic+tdqkw``) runs the backward's state-side gradients on the Triton kernel
     instead of Mosaic GPU's; ``+tdd0`` gives the Mosaic reverse pass ``dD0`` from the Triton
     ``chunk_dd0`` launch instead of forming it itself; ``+tgk`` (``pallas-mosaic+tgk``) runs
-    the K-side local gradients in one Triton launch instead of their products on Mosaic GPU. A name without suffixes is returned with
-    ``None``. Raises ValueError for another suffix (or a V tile :class:`Config` refuses)."""
+    the K-side local gradients in one Triton launch instead of their products on Mosaic GPU.
+    A name without suffixes is returned with ``None``. Raises ValueError for another suffix
+    (or a V tile :class:`Config` refuses)."""
     if name == "pallas-no-save-residuals":
         return "pallas", Config(save_residuals=False)
     base, *suffixes = name.split("+")
