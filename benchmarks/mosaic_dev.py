@@ -30,7 +30,9 @@ try/except: a failure prints its full error and the run goes on. Writes JSON to 
 
 ``--grads-k`` also checks the local gradients with the K side's products on Mosaic GPU
 (``mosaic_backward.grads_k_products``) against their XLA oracle and the Triton kernels, and
-times both.
+times both; ``--grads-v`` the V side on Mosaic GPU (``mosaic_backward.grads_v``) against its
+XLA oracle and the Triton launch; ``--fused-local`` the fused local gradients' kernels
+(``grads_v_from_d``, ``dqkw_products``) against their oracles and the kernels they replace.
 
 ``--launch-cost N`` times, instead, ``N`` dependent calls in one jitted function at a shape of
 one CTA (B1 T64 H1 K128 V64), the Mosaic fused pass against the Triton state pass + output:
@@ -42,6 +44,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import os
 import time
@@ -173,6 +176,156 @@ def run_grads_k(shape, dtype, reps):
         traceback.print_exc()
         res["error"] = f"{type(e).__name__}: {e}"[:3000]
         print(f"mosaic grads_k products FAIL {res['error'][:300]}", flush=True)
+    return res
+
+
+def run_grads_v(shape, dtype, reps):
+    """The V side of the local gradients on Mosaic GPU (``mosaic_backward.grads_v``) against its
+    XLA oracle (``backward.grads_v_xla``, ``dA`` in float32) and the Triton launch; times of
+    both."""
+    B, T, H, K, V = shape
+    q, k, v, g, beta, lam, _ = random_inputs(jax.random.PRNGKey(B + T + 5), B, T, H, K, V,
+                                          dtype=dtype, **KERNEL_INPUTS)
+    G = packing.chunk_cumsum(g, C)
+    cfg = pcfg.get_config(K, V, C, dtype)
+    interp = jax.default_backend() != "gpu"
+    _, _, Tinv = jax.jit(lambda *a: pfwd.chunk_local(*a, C=C, cfg=cfg.wu, interpret=interp,
+                                                     cfg_solve=cfg.solve))(q, k, v, G, beta, lam)
+    keys = jax.random.split(jax.random.PRNGKey(T + 6), 2)
+    dD = jax.random.normal(keys[0], v.shape, F32).astype(dtype)
+    dW = jax.random.normal(keys[1], q.shape, F32).astype(dtype)
+    beta32, lam32 = beta.astype(F32), lam.astype(F32)
+    bg = beta32 * pbwd.chunk_gamma(G, None, C)
+    args = (q, k, v, Tinv, dD, dW, beta32, bg, lam32)
+    names = ("dv", "dbeta_v", "dA")
+    res = {"shape": list(shape), "dtype": jnp.dtype(dtype).name, "grads_v": True}
+    tri = jax.jit(lambda q, k, v, Tinv, dD, dW, *_: pbwd._grads_v_launch(
+        q, k, v, G, beta, lam, Tinv, dD, dW, None, C=C, cfg=cfg.grads_v, interpret=interp))
+    res["triton_ms"] = times(tri, args, reps)
+    ref_tri = tri(*args)
+    ref_xla = jax.jit(pbwd.grads_v_xla)(*args)
+    print(f"\n== {list(shape)} {res['dtype']} V side of the local gradients (rel. error; ms = "
+          f"sync / pipelined median)\ntriton grads_v {res['triton_ms'][0]:.3f} "
+          f"{res['triton_ms'][1]:.3f}; triton vs oracle " + " ".join(
+              f"{n} {rel_err(a, b):.1e}" for n, a, b in zip(names, ref_tri, ref_xla)))
+    try:
+        f = jax.jit(mosaic_backward.grads_v)
+        got = f(*args)
+        res["vs_oracle"] = {n: rel_err(a, b) for n, a, b in zip(names, got, ref_xla)}
+        res["vs_triton"] = {n: rel_err(a, b) for n, a, b in zip(names, got, ref_tri)}
+        tol = 2 * float(jnp.finfo(dtype).eps)
+        res["pass"] = all(e <= tol for e in res["vs_oracle"].values())
+        res["ms"] = times(f, args, reps)
+        print("mosaic grads_v vs oracle " + " ".join(
+            f"{n} {e:.1e}" for n, e in res["vs_oracle"].items()) + "; vs triton " + " ".join(
+            f"{n} {e:.1e}" for n, e in res["vs_triton"].items())
+            + f" {res['ms'][0]:.3f} {res['ms'][1]:.3f} {'PASS' if res['pass'] else 'FAIL'} "
+            f"{res['triton_ms'][1] / res['ms'][1]:.2f}x triton", flush=True)
+    except Exception as e:  # noqa: BLE001 - the other cases still run
+        traceback.print_exc()
+        res["error"] = f"{type(e).__name__}: {e}"[:3000]
+        print(f"mosaic grads_v FAIL {res['error'][:300]}", flush=True)
+    return res
+
+
+def run_fused_local(shape, dtype, reps):
+    """The fused local gradients' two Mosaic GPU kernels on the states the Triton forward and
+    reverse pass give for random inputs: ``grads_v_from_d`` against its XLA oracle (and its
+    ``dA``, from ``D``, against the Triton V side's, from ``dW``), ``dqkw_products`` against the
+    Triton ``chunk_dqkw`` + the K side's products' oracle; times against the kernels they
+    replace (the Triton V side, the Mosaic ``grads_v``, the Mosaic ``chunk_dqkw`` +
+    ``grads_k_products``)."""
+    B, T, H, K, V = shape
+    scale = K**-0.5
+    q, k, v, g, beta, lam, h0 = random_inputs(jax.random.PRNGKey(B * 5 + T + K), B, T, H, K, V,
+                                              dtype=dtype, **KERNEL_INPUTS)
+    do = jax.random.normal(jax.random.PRNGKey(T + 7), (B, T, H, V), F32).astype(dtype)
+    dfin = 0.1 * jax.random.normal(jax.random.PRNGKey(T + 8), (B, H, K, V), F32)
+    m = packing.make_layout(B, T, C, None).meta
+    cfg = pcfg.get_config(K, V, C, dtype)
+    G = packing.chunk_cumsum(g, C)
+    interp = jax.default_backend() != "gpu"
+    W, U, Tinv = jax.jit(lambda *a: pfwd.chunk_local(*a, C=C, cfg=cfg.wu, interpret=interp,
+                                                     cfg_solve=cfg.solve))(
+        q, k, v, G, beta, lam)
+    h_in, D, _ = jax.jit(lambda *a: pfwd.state_pass(*a, C=C, cfg=cfg.state, interpret=interp))(
+        k, G, W, U, h0, m.reset, m.is_last, m.seq)
+    dD0 = jax.jit(lambda *a: pbwd.chunk_dd0(*a, scale=scale, C=C, cfg=cfg.dd0,
+                                            interpret=interp))(q, k, G, do)
+    dh_out, dD, _ = jax.jit(lambda *a: pbwd.reverse_state_pass(
+        *a, scale=scale, C=C, cfg=cfg.reverse, interpret=interp))(
+        q, k, G, W, do, dD0, dfin, m.reset, m.is_last, m.seq)
+    beta32, lam32 = beta.astype(F32), lam.astype(F32)
+    bg = beta32 * pbwd.chunk_gamma(G, None, C)
+    tol = 2 * float(jnp.finfo(dtype).eps)
+    res = {"shape": list(shape), "dtype": jnp.dtype(dtype).name, "fused_local": True}
+    print(f"\n== {list(shape)} {res['dtype']} fused local gradients (rel. error; ms = sync / "
+          f"pipelined median)", flush=True)
+
+    # The V side from D.
+    dqp, dkp, dW, _, dPs_t = jax.jit(lambda *a: pbwd.chunk_dqkw(
+        *a, scale=scale, C=C, cfg=cfg.dqkw, interpret=interp))(q, k, G, h_in, dh_out, do, D, dD)
+    vargs = (v, Tinv, dD, do, D, G, beta32)
+    oracle = jax.jit(functools.partial(pbwd.grads_v_from_d_xla, scale=scale))(*vargs)
+    tri_v = jax.jit(lambda q, k, v, Tinv, dD, dW: pbwd._grads_v_launch(
+        q, k, v, G, beta, lam, Tinv, dD, dW, None, C=C, cfg=cfg.grads_v, interpret=interp))
+    dA_w = tri_v(q, k, v, Tinv, dD, dW)[2]
+    res["dA_from_D_vs_from_dW"] = rel_err(oracle[2], dA_w)
+    res["dPs_vs_dqkw"] = rel_err(oracle[3], dPs_t)
+    res["triton_v_ms"] = times(tri_v, (q, k, v, Tinv, dD, dW), reps)
+    print(f"oracle dA from D vs Triton dA from dW {res['dA_from_D_vs_from_dW']:.1e}, dPs vs "
+          f"chunk_dqkw {res['dPs_vs_dqkw']:.1e}; triton grads_v {res['triton_v_ms'][0]:.3f} "
+          f"{res['triton_v_ms'][1]:.3f}", flush=True)
+    names = ("dv", "dbeta_v", "dA", "dPs", "Tb")
+    try:
+        f = jax.jit(functools.partial(mosaic_backward.grads_v_from_d, scale=scale))
+        got = f(*vargs)
+        res["v_vs_oracle"] = {n: rel_err(a, b) for n, a, b in zip(names, got, oracle)}
+        res["v_pass"] = all(e <= tol for e in res["v_vs_oracle"].values())
+        res["v_ms"] = times(f, vargs, reps)
+        print("mosaic grads_v_from_d vs oracle " + " ".join(
+            f"{n} {e:.1e}" for n, e in res["v_vs_oracle"].items())
+            + f" {res['v_ms'][0]:.3f} {res['v_ms'][1]:.3f} "
+            f"{'PASS' if res['v_pass'] else 'FAIL'} "
+            f"{res['triton_v_ms'][1] / res['v_ms'][1]:.2f}x triton grads_v", flush=True)
+    except Exception as e:  # noqa: BLE001 - the other kernel still runs
+        traceback.print_exc()
+        res["v_error"] = f"{type(e).__name__}: {e}"[:3000]
+        print(f"mosaic grads_v_from_d FAIL {res['v_error'][:300]}", flush=True)
+
+    # The state side fused with the K side's products, on M, S from the oracle's dA, dPs.
+    _, dbv, dA, dPs, Tb = oracle
+    M, S, *_ = jax.jit(lambda *a: pbwd.chunk_grads_k_phase1(*a, C=C, cfg=cfg.grads_k,
+                                                            interpret=interp))(
+        q, k, G, beta, lam, dPs, dA, dbv)
+    kargs = (q, k, G, h_in, dh_out, do, D, dD, Tb, M, S, lam32 * bg, bg)
+    ref = jax.jit(functools.partial(pbwd.dqkw_products_ref, scale=scale, C=C, cfg=cfg.dqkw,
+                                    interpret=interp))(*kargs)
+
+    def unfused(q, k, G, h_in, dh_out, do, D, dD, Tb, M, S, lbg, bg):
+        dqp, dkp, dW, dGp, _ = mosaic_backward.chunk_dqkw(q, k, G, h_in, dh_out, do, D, dD,
+                                                          scale=scale)
+        return mosaic_backward.grads_k_products(q, k, Tb.astype(F32), dW, M, S, dqp, dkp, lbg,
+                                                bg) + (dGp,)
+
+    names = ("dq", "dk", "dG_part", "sq", "sk")
+    try:
+        res["unfused_ms"] = times(jax.jit(unfused), kargs, reps)
+        f = jax.jit(functools.partial(mosaic_backward.dqkw_products, scale=scale))
+        got = f(*kargs)
+        res["k_vs_ref"] = {n: rel_err(a, b) for n, a, b in zip(names, got, ref)}
+        res["k_pass"] = all(e <= tol for e in res["k_vs_ref"].values())
+        res["k_ms"] = times(f, kargs, reps)
+        print("mosaic dqkw_products vs triton dqkw + products oracle " + " ".join(
+            f"{n} {e:.1e}" for n, e in res["k_vs_ref"].items())
+            + f" {res['k_ms'][0]:.3f} {res['k_ms'][1]:.3f} "
+            f"{'PASS' if res['k_pass'] else 'FAIL'}; mosaic dqkw + products "
+            f"{res['unfused_ms'][0]:.3f} {res['unfused_ms'][1]:.3f} "
+            f"({res['unfused_ms'][1] / res['k_ms'][1]:.2f}x)", flush=True)
+    except Exception as e:  # noqa: BLE001
+        traceback.print_exc()
+        res["k_error"] = f"{type(e).__name__}: {e}"[:3000]
+        print(f"mosaic dqkw_products FAIL {res['k_error'][:300]}", flush=True)
     return res
 
 
@@ -513,6 +666,11 @@ def main(argv=None):
     ap.add_argument("--grads-k", action="store_true",
                     help="also check and time the local gradients with the K side's products on "
                     "Mosaic GPU against the Triton kernels")
+    ap.add_argument("--grads-v", action="store_true",
+                    help="also check and time the V side of the local gradients on Mosaic GPU "
+                    "against its XLA oracle and the Triton launch")
+    ap.add_argument("--fused-local", action="store_true",
+                    help="also check and time the fused local gradients' two Mosaic GPU kernels")
     ap.add_argument("--launch-cost", type=int, default=0, metavar="N",
                     help="only time N dependent calls at one CTA's shape, Mosaic and Triton")
     ap.add_argument("--out", default=None)
@@ -557,6 +715,20 @@ def main(argv=None):
             except Exception as e:  # noqa: BLE001 - the other cases still run
                 traceback.print_exc()
                 print(f"grads_k {shape} FAIL {type(e).__name__}: {str(e)[:300]}", flush=True)
+            save()
+        if a.fused_local:
+            try:
+                allres["runs"].append(run_fused_local(shape, dtype, a.reps))
+            except Exception as e:  # noqa: BLE001 - the other cases still run
+                traceback.print_exc()
+                print(f"fused_local {shape} FAIL {type(e).__name__}: {str(e)[:300]}", flush=True)
+            save()
+        if a.grads_v:
+            try:
+                allres["runs"].append(run_grads_v(shape, dtype, a.reps))
+            except Exception as e:  # noqa: BLE001 - the other cases still run
+                traceback.print_exc()
+                print(f"grads_v {shape} FAIL {type(e).__name__}: {str(e)[:300]}", flush=True)
             save()
         if a.dqkw:
             try:

@@ -468,60 +468,130 @@ def grads_k_finish(gam, bg, lam, bxq, bxk, dG1, db1, dl1, dG_part):
     return dG1 + bg * bxX + dG_part, db1 + gam * bxX, dl1 + bg * bxq
 
 
+def _to_chunks(x, C: int):
+    """``[B, Tp, H, *]`` -> ``[B, NC, H, C, *]``."""
+    B, Tp, H = x.shape[:3]
+    return jnp.swapaxes(x.reshape((B, Tp // C, C, H) + x.shape[3:]), 2, 3)
+
+
+def _from_chunks(x):
+    """``[B, NC, H, C, *]`` -> ``[B, Tp, H, *]``."""
+    B, NC, H, C = x.shape[:4]
+    return jnp.swapaxes(x, 2, 3).reshape((B, NC * C, H) + x.shape[4:])
+
+
+def _mm_in(dt):
+    def mm(eq, a, b):
+        return jnp.einsum(eq, a.astype(dt), b.astype(dt), preferred_element_type=F32)
+    return mm
+
+
 def grads_k_products_xla(q, k, Tinv, dW, M, S, dq_part, dk_part, lbg, bg):
     """The oracle of :func:`qdelta_jax.pallas.mosaic_backward.grads_k_products` in XLA, with
     its rounding: ``dbx = T^T dW`` (``T`` in the compute dtype), ``dq = dq_part + M k +
     lbg dbx``, ``dk = dk_part + S k + M^T q + bg dbx`` (compute dtype) and the row sums
     ``dbx . q``, ``dbx . k`` (float32). ``[B, Tp, H, *]`` layouts; ``lbg = lam beta gamma``,
     ``bg = beta gamma`` ``[B, Tp, H]``."""
-    B, Tp, H, K = q.shape
     C = Tinv.shape[-1]
     dt = q.dtype
-
-    def chunks(x):
-        return jnp.swapaxes(x.reshape(B, Tp // C, C, H, x.shape[-1]), 2, 3)
-
-    def mm(eq, a, b):
-        return jnp.einsum(eq, a.astype(dt), b.astype(dt), preferred_element_type=F32)
-
-    qc, kc, Tc, dWc, Mc, Sc = (chunks(x) for x in (q, k, Tinv, dW, M, S))
+    mm = _mm_in(dt)
+    qc, kc, Tc, dWc, Mc, Sc = (_to_chunks(x, C) for x in (q, k, Tinv, dW, M, S))
     dbx = mm("...ji,...jk->...ik", Tc, dWc)
-    dq = (chunks(dq_part) + mm("...ij,...jk->...ik", Mc, kc)
-          + chunks(lbg[..., None]) * dbx)
-    dk = (chunks(dk_part) + mm("...ij,...jk->...ik", Sc, kc) + mm("...ji,...jk->...ik", Mc, qc)
-          + chunks(bg[..., None]) * dbx)
+    dq = (_to_chunks(dq_part, C) + mm("...ij,...jk->...ik", Mc, kc)
+          + _to_chunks(lbg[..., None], C) * dbx)
+    dk = (_to_chunks(dk_part, C) + mm("...ij,...jk->...ik", Sc, kc)
+          + mm("...ji,...jk->...ik", Mc, qc) + _to_chunks(bg[..., None], C) * dbx)
     sq = jnp.sum(dbx * qc.astype(F32), axis=-1)
     sk = jnp.sum(dbx * kc.astype(F32), axis=-1)
-
-    def back(x):
-        return jnp.swapaxes(x, 2, 3).reshape((B, Tp, H) + x.shape[4:])
-
-    return (back(dq).astype(dt), back(dk).astype(dt), back(sq[..., None])[..., 0],
-            back(sk[..., None])[..., 0])
+    return (_from_chunks(dq).astype(dt), _from_chunks(dk).astype(dt), _from_chunks(sq),
+            _from_chunks(sk))
 
 
-def chunk_grads(q, k, v, G, beta, lam, Tinv, dD, dW, dq_part, dk_part, dG_part, dPs, seg=None,
-                *, C: int, cfg: StageConfig, interpret, cfg_k: StageConfig | None = None,
-                k_products=None):
-    """All local gradients (the counterpart of :func:`qdelta_jax.xla.chunk_grads`, given the
-    state-side terms and ``dPs`` of :func:`chunk_dqkw` and ``Tinv = (I + A)^-1 [B, Tp, H, C]``
-    from ``forward.chunk_local``). Returns ``dq, dk, dv`` in the input dtypes
-    and ``dg, dbeta, dlam`` float32, on the padded layout.
+def grads_v_xla(q, k, v, Tinv, dD, dW, beta, bg, lam):
+    """The V side of the local gradients in XLA, with the contract of
+    :func:`qdelta_jax.pallas.mosaic_backward.grads_v` (and the Triton launch's rounding:
+    product operands in the compute dtype, ``dA`` from float32 ``T`` and ``dT``):
+    ``dv = beta T^T dD``, ``sum_v (T^T dD) o V`` and ``dA = -T^T dT T^T`` (strictly lower)
+    with ``dT = dW (bg X)^T + dD (beta V)^T``, ``X = k + lam q``."""
+    C = Tinv.shape[-1]
+    dt = q.dtype
+    mm = _mm_in(dt)
+    qc, kc, vc, Tc, dDc, dWc = (_to_chunks(x, C) for x in (q, k, v, Tinv, dD, dW))
+    betac, bgc, lamc = (_to_chunks(x[..., None], C) for x in (beta, bg, lam))
+    bx = bgc * (kc.astype(F32) + lamc * qc.astype(F32))
+    vf = vc.astype(F32)
+    dT = mm("...ik,...jk->...ij", dWc, bx) + mm("...iv,...jv->...ij", dDc, betac * vf)
+    dbv = mm("...ji,...jv->...iv", Tc, dDc)
+    dA = -jnp.einsum("...ji,...jk,...lk->...il", Tc, dT, Tc, precision=lax.Precision.HIGHEST)
+    dA = jnp.where(jnp.tril(jnp.ones((C, C), bool), -1), dA, 0.0)
+    return (_from_chunks(betac * dbv).astype(v.dtype), _from_chunks(jnp.sum(dbv * vf, -1)),
+            _from_chunks(dA))
 
-    Two launches, so that each holds few tiles live: the V side (``cfg``, loop over V tiles:
-    ``dv``, the V part of ``dbeta`` and ``dA = -T^T dT T^T`` as ``[B, Tp, H, C]`` float32),
-    then the K side (``cfg_k``: everything through ``A``, ``W`` and ``X``). ``k_products``:
-    the K side as :func:`chunk_grads_k_phase1` and then this function, with
-    the contract of :func:`grads_k_products_xla` (the Mosaic GPU kernel
-    :func:`qdelta_jax.pallas.mosaic_backward.grads_k_products`, or that oracle)."""
+
+def grads_v_from_d_xla(v, Tinv, dD, do, D, G, beta, *, scale: float):
+    """The oracle of :func:`qdelta_jax.pallas.mosaic_backward.grads_v_from_d` in XLA, with its
+    rounding (product operands in the compute dtype, ``dA`` from float32 ``T``): ``dv = beta
+    T^T dD``, ``sum_v (T^T dD) o V``, ``dA = -T^T (dD D^T)`` (strictly lower), ``dPs = scale
+    (dO D^T) o decay o causal`` and ``T`` in the compute dtype. Unpacked rows."""
+    C = Tinv.shape[-1]
+    dt = v.dtype
+    mm = _mm_in(dt)
+    vc, Tc, dDc, doc, Dc = (_to_chunks(x, C) for x in (v, Tinv, dD, do, D))
+    betac = _to_chunks(beta.astype(F32)[..., None], C)
+    Gc = _to_chunks(G.astype(F32)[..., None], C)[..., 0]
+    dbv = mm("...ji,...jv->...iv", Tc, dDc)
+    dA = -jnp.einsum("...ji,...jk->...ik", Tc, mm("...iv,...jv->...ij", dDc, Dc),
+                     precision=lax.Precision.HIGHEST)
+    dA = jnp.where(jnp.tril(jnp.ones((C, C), bool), -1), dA, 0.0)
+    causal = jnp.tril(jnp.ones((C, C), bool))
+    diff = jnp.where(causal, Gc[..., :, None] - Gc[..., None, :], 0.0)
+    dPs = jnp.where(causal, scale * mm("...iv,...jv->...ij", doc, Dc) * jnp.exp(diff), 0.0)
+    return (_from_chunks(betac * dbv).astype(dt), _from_chunks(jnp.sum(dbv * vc.astype(F32), -1)),
+            _from_chunks(dA), _from_chunks(dPs), Tinv.astype(dt))
+
+
+def dqkw_products_ref(q, k, G, h_in, dh_out, do, D, dD, Tb, M, S, lbg, bg, *, scale: float,
+                      C: int = 64, cfg: StageConfig | None = None, interpret: bool = False):
+    """The contract of :func:`qdelta_jax.pallas.mosaic_backward.dqkw_products` by its two
+    unfused parts: the Triton :func:`chunk_dqkw` and :func:`grads_k_products_xla`. Returns
+    ``dq, dk``, the state-side ``dG`` part and the row sums ``dbx . q``, ``dbx . k``."""
+    dqp, dkp, dW, dGp, _ = chunk_dqkw(q, k, G, h_in, dh_out, do, D, dD, scale=scale, C=C,
+                                      cfg=cfg or StageConfig(num_warps=4), interpret=interpret)
+    dq, dk, sq, sk = grads_k_products_xla(q, k, Tb, dW, M, S, dqp, dkp, lbg, bg)
+    return dq, dk, dGp, sq, sk
+
+
+def local_grads_from_d(q, k, v, G, beta, lam, Tinv, h_in, dh_out, do, D, dD, *, scale: float,
+                       C: int, cfg_k: StageConfig, interpret, v_side, dqkw_k):
+    """The backward after the reverse pass with the state-side gradients and the K side's
+    products in one kernel: ``v_side`` (the contract of :func:`grads_v_from_d_xla`: ``dv``,
+    the V part of ``dbeta``, ``dA`` and ``dPs`` from ``D`` rather than ``dW``), then the K
+    side's ``[C, C]`` part (:func:`chunk_grads_k_phase1`), then ``dqkw_k`` (the contract of
+    :func:`dqkw_products_ref`). Returns ``dq, dk, dv`` in the input dtypes and ``dg, dbeta,
+    dlam`` float32. Unpacked rows."""
+    beta32 = beta.astype(F32)
+    dv, dbv, dA, dPs, Tb = v_side(v, Tinv, dD, do, D, G, beta32, scale=scale)
+    M, S, dG1, db1, dl1 = chunk_grads_k_phase1(q, k, G, beta, lam, dPs, dA, dbv, C=C,
+                                               cfg=cfg_k, interpret=interpret)
+    gam = chunk_gamma(G, None, C)
+    bg = beta32 * gam
+    dq, dk, dGp, sq, sk = dqkw_k(q, k, G, h_in, dh_out, do, D, dD, Tb, M, S, lam * bg, bg,
+                                 scale=scale)
+    dg, db, dl = grads_k_finish(gam, bg, lam, sq, sk, dG1, db1, dl1, dGp)
+    return dq, dk, dv, dg, db, dl
+
+
+def _grads_v_launch(q, k, v, G, beta, lam, Tinv, dD, dW, seg, *, C: int, cfg: StageConfig,
+                    interpret):
+    """The Triton launch of :func:`chunk_grads`' V side: ``dv``, the V part of ``dbeta`` and
+    ``dA`` (the contract of :func:`grads_v_xla`, from ``G`` and the document ids)."""
     B, Tp, H, K = q.shape
     V = v.shape[-1]
     dt = q.dtype
     hp = u.f32_precision(interpret, dt)
     ks, vs, ss, cs = spec_rows(C, K), spec_rows(C, V), spec_rows(C, None), spec_rows(C, C)
-    bk_k = (cfg_k or cfg).block_k or K
     extra, extra_specs = seg_args(seg, C)
-    dv, dbv, dA = pl.pallas_call(
+    return pl.pallas_call(
         u.with_seg(functools.partial(_grads_v_kernel, BV=cfg.block_v or V, dt=dt, hp=hp), 9,
                    seg is not None),
         out_shape=(
@@ -536,11 +606,41 @@ def chunk_grads(q, k, v, G, beta, lam, Tinv, dD, dW, dq_part, dk_part, dG_part, 
         compiler_params=params(cfg),
         name="qdelta_chunk_grads_v",
     )(q, k, v, G, beta, lam, Tinv, dD, dW, *extra)
+
+
+def chunk_grads(q, k, v, G, beta, lam, Tinv, dD, dW, dq_part, dk_part, dG_part, dPs, seg=None,
+                *, C: int, cfg: StageConfig, interpret, cfg_k: StageConfig | None = None,
+                k_products=None, v_side=None):
+    """All local gradients (the counterpart of :func:`qdelta_jax.xla.chunk_grads`, given the
+    state-side terms and ``dPs`` of :func:`chunk_dqkw` and ``Tinv = (I + A)^-1 [B, Tp, H, C]``
+    from ``forward.chunk_local``). Returns ``dq, dk, dv`` in the input dtypes
+    and ``dg, dbeta, dlam`` float32, on the padded layout.
+
+    Two launches, so that each holds few tiles live: the V side (``cfg``, loop over V tiles:
+    ``dv``, the V part of ``dbeta`` and ``dA = -T^T dT T^T`` as ``[B, Tp, H, C]`` float32),
+    then the K side (``cfg_k``: everything through ``A``, ``W`` and ``X``). ``v_side``: the V
+    side by this function instead, with the contract of :func:`grads_v_xla` (the Mosaic GPU
+    kernel :func:`qdelta_jax.pallas.mosaic_backward.grads_v`, or that oracle). ``k_products``:
+    the K side as :func:`chunk_grads_k_phase1` and then this function, with the contract of
+    :func:`grads_k_products_xla` (the Mosaic GPU kernel
+    :func:`qdelta_jax.pallas.mosaic_backward.grads_k_products`, or that oracle)."""
+    B, Tp, H, K = q.shape
+    ks, ss, cs = spec_rows(C, K), spec_rows(C, None), spec_rows(C, C)
+    dt = q.dtype
+    hp = u.f32_precision(interpret, dt)
+    bk_k = (cfg_k or cfg).block_k or K
+    extra, extra_specs = seg_args(seg, C)
+    if k_products is not None or v_side is not None:
+        gam = chunk_gamma(G, seg, C)
+        bg = beta.astype(F32) * gam
+    if v_side is not None:
+        dv, dbv, dA = v_side(q, k, v, Tinv, dD, dW, beta.astype(F32), bg, lam.astype(F32))
+    else:
+        dv, dbv, dA = _grads_v_launch(q, k, v, G, beta, lam, Tinv, dD, dW, seg, C=C, cfg=cfg,
+                                      interpret=interpret)
     if k_products is not None:
         M, S, dG1, db1, dl1 = chunk_grads_k_phase1(q, k, G, beta, lam, dPs, dA, dbv, seg, C=C,
                                                    cfg=cfg_k or cfg, interpret=interpret)
-        gam = chunk_gamma(G, seg, C)
-        bg = beta * gam
         dq, dk, bxq, bxk = k_products(q, k, Tinv, dW, M, S, dq_part, dk_part, lam * bg, bg)
         dg, db, dl = grads_k_finish(gam, bg, lam, bxq, bxk, dG1, db1, dl1, dG_part)
         return dq, dk, dv, dg, db, dl

@@ -76,6 +76,46 @@ def check_supported(*, K: int, V: int, C: int, dtype, block_k: int = 64, block_v
                          f" per CTA, more than {m.SMEM_BYTES}")
 
 
+def _state_side_loop(hin_ref, dho_ref, do_ref, d_ref, dd_ref, *, b, c, h, kt, NC, H, nk, C, BK,
+                     BV, nv, steps, dt, with_dp):
+    """The V loop of the state-side gradients: ``plgpu.emit_pipeline`` streams the chunk's V
+    tiles of ``h_in, dh_out`` and ``dO, D, dD`` in while ``dO h_in^T``, ``D dh_out^T``, ``dD
+    h_in^T`` (and, ``with_dp``, ``dO D^T``) accumulate in registers, with the row sums of
+    ``h_in o dh_out``. Returns the four accumulators (``dp`` None without it) and the sums."""
+    plgpu = m.plgpu
+    wg = plgpu.Layout.WGMMA
+    zeros = lambda n: plgpu.layout_cast(jnp.full((C, n), 0, F32), wg)  # noqa: E731
+    hd0 = plgpu.layout_cast(jnp.full((BK,), 0, F32), wg.reduce(1))
+
+    def step(_, hin_s, dho_s, do_s, d_s, dd_s, carry):
+        doh, dkd, dw, dp, hd = carry
+
+        def products(accs):
+            a_doh, a_dkd, a_dw, *a_dp = accs
+            plgpu.wgmma(a_doh, do_s, hin_s.T)
+            plgpu.wgmma(a_dkd, d_s, dho_s.T)
+            plgpu.wgmma(a_dw, dd_s, hin_s.T)
+            if a_dp:
+                plgpu.wgmma(a_dp[0], do_s, d_s.T)
+
+        accs = (doh, dkd, dw) + ((dp,) if with_dp else ())
+        doh, dkd, dw, *dp = pl.run_state(products)(tuple(plgpu.ACC.init(x) for x in accs))
+        hv = m._load(hin_s, wg).astype(F32)
+        dv = m._load(dho_s, wg).astype(F32)
+        return doh, dkd, dw, dp[0] if with_dp else None, hd + jnp.sum(hv * dv, axis=1)
+
+    state_rows = lambda j: (((b * NC + c) * H + h) * nk + kt, j)  # noqa: E731
+    tv = m._transforms(BV, dt)
+    in_specs = [
+        plgpu.BlockSpec((BK, BV), state_rows, transforms=tv),  # h_in as [B NC H K, V]
+        plgpu.BlockSpec((BK, BV), state_rows, transforms=tv),  # dh_out
+    ] + [plgpu.BlockSpec((None, C, None, BV), lambda j: (b, c, h, j), transforms=tv)] * 3
+    return plgpu.emit_pipeline(
+        step, grid=(nv,), in_specs=in_specs, max_concurrent_steps=steps,
+        init_carry=(zeros(BK), zeros(BK), zeros(BK), zeros(C) if with_dp else None, hd0),
+    )(hin_ref, dho_ref, do_ref, d_ref, dd_ref)
+
+
 def _kernel(q_ref, k_ref, g_ref, hin_ref, dho_ref, do_ref, d_ref, dd_ref,
             dq_ref, dk_ref, dw_ref, dg_ref, de_ref, hd_ref, dps_ref,
             q_s, k_s, g_s, f_s, dw_s, dg_s, de_s, hd_s, bars,
@@ -88,35 +128,9 @@ def _kernel(q_ref, k_ref, g_ref, hin_ref, dho_ref, do_ref, d_ref, dd_ref,
     plgpu.copy_gmem_to_smem(g_ref.at[b, h, rows], g_s, bars.at[2])
 
     wg = plgpu.Layout.WGMMA
-    zeros = lambda n: plgpu.layout_cast(jnp.full((C, n), 0, F32), wg)  # noqa: E731
-    hd0 = plgpu.layout_cast(jnp.full((BK,), 0, F32), wg.reduce(1))
-
-    def step(_, hin_s, dho_s, do_s, d_s, dd_s, carry):
-        doh, dkd, dw, dp, hd = carry
-
-        def products(accs):
-            a_doh, a_dkd, a_dw, a_dp = accs
-            plgpu.wgmma(a_doh, do_s, hin_s.T)
-            plgpu.wgmma(a_dkd, d_s, dho_s.T)
-            plgpu.wgmma(a_dw, dd_s, hin_s.T)
-            plgpu.wgmma(a_dp, do_s, d_s.T)
-
-        doh, dkd, dw, dp = pl.run_state(products)(
-            tuple(plgpu.ACC.init(x) for x in (doh, dkd, dw, dp)))
-        hv = m._load(hin_s, wg).astype(F32)
-        dv = m._load(dho_s, wg).astype(F32)
-        return doh, dkd, dw, dp, hd + jnp.sum(hv * dv, axis=1)
-
-    state_rows = lambda j: (((b * NC + c) * H + h) * nk + kt, j)  # noqa: E731
-    tv = m._transforms(BV, dt)
-    in_specs = [
-        plgpu.BlockSpec((BK, BV), state_rows, transforms=tv),  # h_in as [B NC H K, V]
-        plgpu.BlockSpec((BK, BV), state_rows, transforms=tv),  # dh_out
-    ] + [plgpu.BlockSpec((None, C, None, BV), lambda j: (b, c, h, j), transforms=tv)] * 3
-    doh, dkd, dw, dp, hd = plgpu.emit_pipeline(
-        step, grid=(nv,), in_specs=in_specs, max_concurrent_steps=steps,
-        init_carry=(zeros(BK), zeros(BK), zeros(BK), zeros(C), hd0),
-    )(hin_ref, dho_ref, do_ref, d_ref, dd_ref)
+    doh, dkd, dw, dp, hd = _state_side_loop(hin_ref, dho_ref, do_ref, d_ref, dd_ref, b=b, c=c,
+                                            h=h, kt=kt, NC=NC, H=H, nk=nk, C=C, BK=BK, BV=BV,
+                                            nv=nv, steps=steps, dt=dt, with_dp=True)
 
     for i in range(3):
         plgpu.barrier_wait(bars.at[i])
@@ -206,12 +220,339 @@ def chunk_dqkw(q, k, G, h_in, dh_out, do, D, dD, seg=None, *, scale: float, C: i
     dqp, dkp, dW, dg, de, hd, dPs = call(
         q, k, jnp.swapaxes(G.astype(F32), 1, 2), h_in.reshape(B * NC * H * K, V),
         dh_out.reshape(B * NC * H * K, V), do, D, dD)
-    # The chunk's last row also gets sum(de) and exp(G_C) sum(h_in o dh_out), summed here.
+    return dqp, dkp, dW, _dg_part(dg, de, hd, C), dPs
+
+
+def _dg_part(dg, de, hd, C):
+    """The state-side ``dG`` part ``[B, Tp, H]`` from a kernel's per-K-tile row terms ``dg, de
+    [nk, B, H, Tp]`` and ``hd = aC sum(h_in o dh_out)`` ``[B, NC, H, K]``: the chunk's last row
+    also gets ``sum(de)`` and ``sum(hd)``, summed here."""
+    _, B, H, Tp = dg.shape
+    NC = Tp // C
     dg, de = jnp.sum(dg, axis=0), jnp.sum(de, axis=0)  # over K tiles: [B, H, Tp]
     last = (jnp.sum(de.reshape(B, H, NC, C), axis=-1)
             + jnp.swapaxes(jnp.sum(hd, axis=-1), 1, 2))  # [B, H, NC]
     dg = dg.reshape(B, H, NC, C).at[..., C - 1].add(last).reshape(B, H, Tp)
-    return dqp, dkp, dW, jnp.swapaxes(dg, 1, 2), dPs
+    return jnp.swapaxes(dg, 1, 2)
+
+
+# ----------------------------------------------------------------------------- fused
+
+
+def dqkw_products_smem_bytes(C: int, BK: int, BV: int, itemsize: int, steps: int) -> int:
+    """Shared memory of one CTA of :func:`dqkw_products`: the V loop's buffers (as
+    :func:`smem_bytes`), ``q, k, dW`` and the ``dq, dk`` staging tiles (``[C, BK]``), ``T, M,
+    S`` (``[C, C]``, compute dtype) and eight ``[C]`` / ``[BK]`` vectors: about 105 KB at C 64,
+    BK 64, V tiles of 32, two in flight, bf16 (two CTAs a multiprocessor)."""
+    per_step = (2 * BK * BV + 3 * C * BV) * itemsize
+    return steps * per_step + (5 * C * BK + 3 * C * C) * itemsize + 4 * (7 * C + BK)
+
+
+def _dqkw_products_kernel(q_ref, k_ref, g_ref, hin_ref, dho_ref, do_ref, d_ref, dd_ref, t_ref,
+                          m_ref, s_ref, lbg_ref, bg_ref,
+                          dq_ref, dk_ref, dg_ref, de_ref, hd_ref, sq_ref, sk_ref,
+                          q_s, k_s, g_s, t_s, m_s, s_s, lbg_s, bg_s, dw_s, oq_s, ok_s,
+                          dg_s, de_s, hd_s, sq_s, sk_s, bars,
+                          *, C, NC, H, nk, BK, BV, nv, scale, steps, dt):
+    plgpu = m.plgpu
+    b, c, h, kt = (lax.axis_index(n) for n in ("b", "c", "h", "kt"))
+    rows, cols = pl.ds(c * C, C), pl.ds(kt * BK, BK)
+    # Everything but the V loop's operands is copied in while the loop runs.
+    loads = ((q_ref.at[b, rows, h, cols], q_s), (k_ref.at[b, rows, h, cols], k_s),
+             (g_ref.at[b, h, rows], g_s), (t_ref.at[b, rows, h, :], t_s),
+             (m_ref.at[b, rows, h, :], m_s), (s_ref.at[b, rows, h, :], s_s),
+             (lbg_ref.at[b, h, rows], lbg_s), (bg_ref.at[b, h, rows], bg_s))
+    for i, (src, dst) in enumerate(loads):
+        plgpu.copy_gmem_to_smem(src, dst, bars.at[i])
+    doh, dkd, dw, _, hd = _state_side_loop(hin_ref, dho_ref, do_ref, d_ref, dd_ref, b=b, c=c,
+                                           h=h, kt=kt, NC=NC, H=H, nk=nk, C=C, BK=BK, BV=BV,
+                                           nv=nv, steps=steps, dt=dt, with_dp=False)
+    for i in range(len(loads)):
+        plgpu.barrier_wait(bars.at[i])
+
+    wg = plgpu.Layout.WGMMA
+    _, _, gam, e, aC, _, _ = m._gates(g_s, None, None, None)
+    qv = m._load(q_s, wg).astype(F32)
+    kv = m._load(k_s, wg).astype(F32)
+    dw_s[...] = (-dw).astype(dt)  # dW = -dD h_in^T, rounded as the unfused kernel writes it
+    plgpu.commit_smem()
+    de = jnp.sum(dkd * kv, axis=1) * e
+    de_s[...] = de
+    dg_s[...] = scale * gam * jnp.sum(doh * qv, axis=1) - de
+    hd_s[...] = hd * aC
+
+    def products(accs):
+        a_bx, a_dq, a_dk = accs
+        plgpu.wgmma(a_bx, t_s.T, dw_s)  # dbx = T^T dW
+        plgpu.wgmma(a_dq, m_s, k_s)  # + M k
+        plgpu.wgmma(a_dk, s_s, k_s)  # + S k
+        plgpu.wgmma(a_dk, m_s.T, q_s)  # + M^T q
+
+    # The state-side parts dq_part = scale gamma dO h^T, dk_part = e D dh^T never leave the
+    # registers: they start the accumulators of the K side's products.
+    dbx, dq, dk = pl.run_state(products)((
+        plgpu.ACC.init(plgpu.layout_cast(jnp.full((C, BK), 0, F32), wg)),
+        plgpu.ACC.init(scale * m._rows(gam, doh.shape) * doh),
+        plgpu.ACC.init(m._rows(e, dkd.shape) * dkd)))
+    lbg = m._load(lbg_s, wg.reduce(1))
+    bg = m._load(bg_s, wg.reduce(1))
+    oq_s[...] = (dq + m._rows(lbg, dbx.shape) * dbx).astype(dt)
+    ok_s[...] = (dk + m._rows(bg, dbx.shape) * dbx).astype(dt)
+    sq_s[...] = jnp.sum(dbx * qv, axis=1)
+    sk_s[...] = jnp.sum(dbx * kv, axis=1)
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(oq_s, dq_ref.at[b, rows, h, cols])
+    plgpu.copy_smem_to_gmem(ok_s, dk_ref.at[b, rows, h, cols])
+    plgpu.copy_smem_to_gmem(dg_s, dg_ref.at[kt, b, h, rows])
+    plgpu.copy_smem_to_gmem(de_s, de_ref.at[kt, b, h, rows])
+    plgpu.copy_smem_to_gmem(hd_s, hd_ref.at[b, c, h, cols])
+    plgpu.copy_smem_to_gmem(sq_s, sq_ref.at[kt, b, h, rows])
+    plgpu.copy_smem_to_gmem(sk_s, sk_ref.at[kt, b, h, rows])
+    plgpu.wait_smem_to_gmem(0)
+
+
+def check_dqkw_products_supported(*, K: int, V: int, C: int, dtype, block_k: int = 64,
+                                  block_v: int = 32, steps: int = 2) -> None:
+    """Raises ``ValueError`` naming the first size or dtype :func:`dqkw_products` does not
+    take (those of :func:`chunk_dqkw`, within its larger shared memory)."""
+    check_supported(K=K, V=V, C=C, dtype=dtype, block_k=block_k, block_v=block_v, steps=steps)
+    need = dqkw_products_smem_bytes(C, block_k, block_v, jnp.dtype(dtype).itemsize, steps)
+    if need > m.SMEM_BYTES:
+        raise ValueError(f"block_v={block_v}, steps={steps} need {need} bytes of shared memory"
+                         f" per CTA in the fused state-side and K-side kernel, more than "
+                         f"{m.SMEM_BYTES}")
+
+
+def dqkw_products(q, k, G, h_in, dh_out, do, D, dD, Tb, M, S, lbg, bg, *, scale: float,
+                  C: int = 64, block_k: int = 64, block_v: int = 32, steps: int = 2):
+    """:func:`chunk_dqkw` and :func:`grads_k_products` in one kernel (one warpgroup per batch
+    row, chunk, head and K tile of 64): the state-side V loop, then ``dbx = T^T dW``, ``M k``,
+    ``S k``, ``M^T q`` as wgmmas onto accumulators that start from the state-side ``dq, dk``
+    parts in registers, so that those parts (float32) and ``dW`` never cross HBM. Needs the K
+    side's ``[C, C]`` part first (``M, S`` from :func:`qdelta_jax.pallas.backward.
+    chunk_grads_k_phase1`), hence a ``dA`` and ``dPs`` that do not need ``dW``:
+    :func:`grads_v_from_d`.
+
+    ``q, k [B, Tp, H, K]``, ``G [B, Tp, H]``, ``h_in, dh_out [B, NC, H, K, V]``, ``do, D, dD
+    [B, Tp, H, V]``, ``Tb, M, S [B, Tp, H, C]`` in the compute dtype (``Tb``: ``T`` rounded),
+    ``lbg = lam beta gamma``, ``bg = beta gamma`` ``[B, Tp, H]`` float32. Returns ``dq, dk``
+    (compute dtype), the state-side ``dG`` part and the row sums ``dbx . q``, ``dbx . k``
+    (``[B, Tp, H]`` float32): the contract of :func:`qdelta_jax.pallas.backward.
+    dqkw_products_xla`. Unpacked rows, chunk 64, K a multiple of 64. Status: lowered for CUDA
+    in CI; checked on a GPU by ``benchmarks/mosaic_dev.py --fused-local``.
+
+    Raises ``RuntimeError`` without Mosaic GPU, ``ValueError`` for what it does not take."""
+    m._require_plgpu()
+    plgpu = m.plgpu
+    B, Tp, H, K = q.shape
+    V = do.shape[-1]
+    dt = jnp.dtype(q.dtype)
+    check_dqkw_products_supported(K=K, V=V, C=C, dtype=dt, block_k=block_k, block_v=block_v,
+                                  steps=steps)
+    if Tp % C:
+        raise ValueError(f"q has {Tp} time steps, not a multiple of chunk_size={C}")
+    NC, BK, BV = Tp // C, block_k, block_v
+    nk, nv = K // BK, V // BV
+    state, rows, rows_c, vec = (B, NC, H, K, V), (B, Tp, H, V), (B, Tp, H, C), (B, Tp, H)
+    m.check_args((("k", k, q.shape), ("G", G, vec), ("h_in", h_in, state),
+                  ("dh_out", dh_out, state), ("do", do, rows), ("D", D, rows), ("dD", dD, rows),
+                  ("Tb", Tb, rows_c), ("M", M, rows_c), ("S", S, rows_c), ("lbg", lbg, vec),
+                  ("bg", bg, vec)),
+                 dt, (("k", k), ("h_in", h_in), ("dh_out", dh_out), ("do", do), ("D", D),
+                      ("dD", dD), ("Tb", Tb), ("M", M), ("S", S)))
+    m.check_args((), jnp.dtype(F32), (("lbg", lbg), ("bg", bg)))
+    tk, tc = m._transforms(BK, dt), m._transforms(C, dt)
+    smem = lambda shape, dtype, t=(): plgpu.SMEM(shape, dtype, transforms=t)  # noqa: E731
+    scratch = [
+        smem((C, BK), dt, tk), smem((C, BK), dt, tk), smem((C,), F32),  # q, k, G
+        smem((C, C), dt, tc), smem((C, C), dt, tc), smem((C, C), dt, tc),  # T, M, S
+        smem((C,), F32), smem((C,), F32),  # lbg, bg
+        smem((C, BK), dt, tk), smem((C, BK), dt, tk), smem((C, BK), dt, tk),  # dW, dq, dk
+        smem((C,), F32), smem((C,), F32), smem((BK,), F32),  # dG part, de, hd
+        smem((C,), F32), smem((C,), F32),  # the row sums
+        plgpu.Barrier(num_barriers=8),
+    ]
+    out_type = (
+        jax.ShapeDtypeStruct((B, Tp, H, K), dt), jax.ShapeDtypeStruct((B, Tp, H, K), dt),
+        jax.ShapeDtypeStruct((nk, B, H, Tp), F32), jax.ShapeDtypeStruct((nk, B, H, Tp), F32),
+        jax.ShapeDtypeStruct((B, NC, H, K), F32),
+        jax.ShapeDtypeStruct((nk, B, H, Tp), F32), jax.ShapeDtypeStruct((nk, B, H, Tp), F32),
+    )
+    kernel = functools.partial(_dqkw_products_kernel, C=C, NC=NC, H=H, nk=nk, BK=BK, BV=BV,
+                               nv=nv, scale=float(scale), steps=min(steps, nv), dt=dt)
+    call = plgpu.kernel(
+        kernel, out_type=out_type, scratch_types=scratch, grid=(B, NC, H, nk),
+        grid_names=("b", "c", "h", "kt"),
+        compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Lane),
+    )
+    sw = lambda x: jnp.swapaxes(x, 1, 2)  # noqa: E731 - [B, Tp, H] <-> [B, H, Tp]
+    dq, dk, dg, de, hd, sq, sk = call(
+        q, k, sw(G.astype(F32)), h_in.reshape(B * NC * H * K, V),
+        dh_out.reshape(B * NC * H * K, V), do, D, dD, Tb, M, S, sw(lbg), sw(bg))
+    return (dq, dk, _dg_part(dg, de, hd, C), sw(jnp.sum(sq, axis=0)), sw(jnp.sum(sk, axis=0)))
+
+
+def grads_v_from_d_smem_bytes(C: int, BV: int, itemsize: int, steps: int) -> int:
+    """Shared memory of one CTA of :func:`grads_v_from_d`: ``steps`` buffers of ``v, dD, dO,
+    D, dv`` (``[C, BV]``), ``T`` in float32 (then the ``dA`` and ``dPs`` staging tile), the
+    high and low halves of ``T`` and of ``dD D^T`` (``[C, C]``), three ``[C]`` vectors: about
+    89 KB at V tiles of 32, two in flight, bf16."""
+    return (5 * steps * C * BV + 4 * C * C) * itemsize + 4 * C * C + 3 * 4 * C
+
+
+def _grads_v_from_d_kernel(v_ref, dd_ref, do_ref, d_ref, t_ref, g_ref, b_ref,
+                           dv_ref, dbv_ref, da_ref, dps_ref, tb_ref,
+                           t32_s, th_s, tl_s, xh_s, xl_s, g_s, b_s, db_s, bars,
+                           *, C, BV, nv, scale, steps, dt):
+    plgpu = m.plgpu
+    b, c, h = (lax.axis_index(n) for n in ("b", "c", "h"))
+    rows = pl.ds(c * C, C)
+    loads = ((t_ref.at[b, rows, h, :], t32_s), (g_ref.at[b, h, rows], g_s),
+             (b_ref.at[b, h, rows], b_s))
+    for i, (src, dst) in enumerate(loads):
+        plgpu.copy_gmem_to_smem(src, dst, bars.at[i])
+    for i in range(len(loads)):
+        plgpu.barrier_wait(bars.at[i])
+
+    wg = plgpu.Layout.WGMMA
+    vec = wg.reduce(1)
+    beta = m._load(b_s, vec)
+    tf = m._load(t32_s, wg)
+    th = tf.astype(dt)
+    th_s[...] = th  # T as the products take it (the Triton kernels round it so too) ...
+    tl_s[...] = (tf - th.astype(F32)).astype(dt)  # ... and the rest, for dA's product
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(th_s, tb_ref.at[b, rows, h, :])
+    zeros = lambda n: plgpu.layout_cast(jnp.full((C, n), 0, F32), wg)  # noqa: E731
+
+    def step(_, v_s, dd_s, do_s, d_s, dv_s, carry):
+        ddd, dod, dbeta = carry
+
+        def products(accs):
+            a_ddd, a_dod, a_dbv = accs
+            plgpu.wgmma(a_ddd, dd_s, d_s.T)  # dD D^T
+            plgpu.wgmma(a_dod, do_s, d_s.T)  # dO D^T
+            plgpu.wgmma(a_dbv, th_s.T, dd_s)  # T^T dD
+
+        ddd, dod, dbv = pl.run_state(products)(
+            (plgpu.ACC.init(ddd), plgpu.ACC.init(dod), plgpu.ACC.init(zeros(BV))))
+        dv_s[...] = (m._rows(beta, dbv.shape) * dbv).astype(dv_s.dtype)
+        vv = m._load(v_s, wg).astype(F32)
+        return ddd, dod, dbeta + jnp.sum(dbv * vv, axis=1)
+
+    tv = m._transforms(BV, dt)
+    spec = plgpu.BlockSpec((None, C, None, BV), lambda j: (b, c, h, j), transforms=tv)
+    ddd, dod, dbeta = plgpu.emit_pipeline(
+        step, grid=(nv,), in_specs=[spec] * 4, out_specs=[spec], max_concurrent_steps=steps,
+        init_carry=(zeros(C), zeros(C), plgpu.layout_cast(jnp.full((C,), 0, F32), vec)),
+    )(v_ref, dd_ref, do_ref, d_ref, dv_ref)
+    db_s[...] = dbeta
+
+    # dA = -T^T dD D^T (strictly lower): the T^T dT T^T of the V side with dT = dD D^T
+    # (I + A)^T, as D = T (beta V - beta gamma X h_in). Its product on the halves of both
+    # operands (high x high + high x low + low x high, about 16 bits).
+    hi = ddd.astype(dt)
+    xh_s[...] = hi
+    xl_s[...] = (ddd - hi.astype(F32)).astype(dt)
+    plgpu.commit_smem()
+
+    def left(acc):
+        plgpu.wgmma(acc, th_s.T, xh_s)
+        plgpu.wgmma(acc, th_s.T, xl_s)
+        plgpu.wgmma(acc, tl_s.T, xh_s)
+
+    y = pl.run_state(left)(plgpu.ACC.init(zeros(C)))
+    row = plgpu.broadcasted_iota(jnp.int32, (C, C), 0, layout=wg)
+    col = plgpu.broadcasted_iota(jnp.int32, (C, C), 1, layout=wg)
+    t32_s[...] = jnp.where(row > col, -y, 0.0)
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(t32_s, da_ref.at[b, rows, h, :])
+    plgpu.copy_smem_to_gmem(db_s, dbv_ref.at[b, h, rows])
+    # dPs = scale (dO D^T) o exp(G_i - G_j) on i >= j, as chunk_dqkw writes it.
+    Gi, Gj, _, _, _, mask, _ = m._gates(g_s, None, None, m._causal(C))
+    diff = jnp.where(mask, m._rows(Gi, (C, C)) - m._cols(Gj, (C, C)), 0.0)
+    dps = jnp.where(mask, scale * dod * jnp.exp(diff), 0.0)
+    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+    t32_s[...] = dps
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(t32_s, dps_ref.at[b, rows, h, :])
+    plgpu.wait_smem_to_gmem(0)
+
+
+def check_grads_v_from_d_supported(*, V: int, C: int, dtype, block_v: int = 32,
+                                   steps: int = 2) -> None:
+    """Raises ``ValueError`` naming the first size or dtype :func:`grads_v_from_d` does not
+    take."""
+    dt = jnp.dtype(dtype)
+    if dt not in m.DTYPES:
+        raise ValueError(f"the Mosaic GPU V-side gradients take bfloat16 or float16, got "
+                         f"{dt.name}")
+    if C != m.CHUNK:
+        raise ValueError(f"the Mosaic GPU V-side gradients need chunk_size={m.CHUNK}, got {C}")
+    if block_v not in (32, 64) or V % block_v:
+        raise ValueError(f"block_v must be 32 or 64 dividing V={V}, got {block_v}")
+    need = grads_v_from_d_smem_bytes(C, block_v, dt.itemsize, steps)
+    if need > m.SMEM_BYTES:
+        raise ValueError(f"block_v={block_v}, steps={steps} need {need} bytes of shared memory"
+                         f" per CTA, more than {m.SMEM_BYTES}")
+
+
+def grads_v_from_d(v, Tinv, dD, do, D, G, beta, *, scale: float, block_v: int = 32,
+                   steps: int = 2):
+    """The V side of the local gradients and ``dPs`` from ``D`` instead of ``dW``, on Mosaic
+    GPU (one warpgroup per batch row, chunk and head; V tiles streamed in by
+    :func:`plgpu.emit_pipeline`): ``dv = beta T^T dD`` (``v``'s dtype), the V part of
+    ``dbeta`` (``sum_v (T^T dD) o V``), ``dA = -T^T (dD D^T)`` (strictly lower; equal to the
+    V side's ``-T^T dT T^T``: ``dT = dD (beta V - beta gamma X h_in)^T = dD D^T (I + A)^T``),
+    ``dPs = scale (dO D^T) o decay o causal`` (``chunk_dqkw``'s) and ``T`` rounded to the
+    compute dtype, so that the K side's ``[C, C]`` part can run before the state-side
+    gradients and :func:`dqkw_products` can fuse those with the K side's products.
+
+    ``v, dD, do, D [B, Tp, H, V]`` in the compute dtype, ``Tinv [B, Tp, H, C]``, ``G, beta
+    [B, Tp, H]`` float32. Returns ``dv``, ``dbv [B, Tp, H]``, ``dA, dPs [B, Tp, H, C]``
+    float32 and ``Tb [B, Tp, H, C]`` (compute dtype): the contract of
+    :func:`qdelta_jax.pallas.backward.grads_v_from_d_xla`. Unpacked rows, chunk 64. Status:
+    lowered for CUDA in CI; checked on a GPU by ``benchmarks/mosaic_dev.py --fused-local``.
+
+    Raises ``RuntimeError`` without Mosaic GPU, ``ValueError`` for what it does not take."""
+    m._require_plgpu()
+    plgpu = m.plgpu
+    B, Tp, H, V = v.shape
+    C = Tinv.shape[-1]
+    dt = jnp.dtype(v.dtype)
+    check_grads_v_from_d_supported(V=V, C=C, dtype=dt, block_v=block_v, steps=steps)
+    if Tp % C:
+        raise ValueError(f"v has {Tp} time steps, not a multiple of chunk_size={C}")
+    rows_v, rows_c, vecs = (B, Tp, H, V), (B, Tp, H, C), (B, Tp, H)
+    m.check_args((("Tinv", Tinv, rows_c), ("dD", dD, rows_v), ("do", do, rows_v),
+                  ("D", D, rows_v), ("G", G, vecs), ("beta", beta, vecs)),
+                 dt, (("dD", dD), ("do", do), ("D", D)))
+    m.check_args((), jnp.dtype(F32), (("Tinv", Tinv), ("beta", beta)))
+    NC, BV = Tp // C, block_v
+    nv = V // BV
+    # With V tiles of 32 the [C, C] operands that meet [C, BV] ones (T^T dD) take their
+    # 64-byte swizzle (both operands of a wgmma need the same); dA's products follow.
+    tc = m._transforms(C, dt, cap=m._swizzle(BV, dt))
+    smem = lambda shape, dtype, t=(): plgpu.SMEM(shape, dtype, transforms=t)  # noqa: E731
+    scratch = [
+        smem((C, C), F32, m._transforms(C, F32)),  # T, then dA, then dPs
+        smem((C, C), dt, tc), smem((C, C), dt, tc),  # T high, low
+        smem((C, C), dt, tc), smem((C, C), dt, tc),  # dD D^T high, low
+        smem((C,), F32), smem((C,), F32), smem((C,), F32),  # G, beta, the dbeta part
+        plgpu.Barrier(num_barriers=3),
+    ]
+    out_type = (jax.ShapeDtypeStruct(rows_v, v.dtype), jax.ShapeDtypeStruct((B, H, Tp), F32),
+                jax.ShapeDtypeStruct(rows_c, F32), jax.ShapeDtypeStruct(rows_c, F32),
+                jax.ShapeDtypeStruct(rows_c, dt))
+    call = plgpu.kernel(
+        functools.partial(_grads_v_from_d_kernel, C=C, BV=BV, nv=nv, scale=float(scale),
+                          steps=min(steps, nv), dt=dt),
+        out_type=out_type, scratch_types=scratch, grid=(B, NC, H), grid_names=("b", "c", "h"),
+        compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Lane),
+    )
+    sw = lambda x: jnp.swapaxes(x, 1, 2)  # noqa: E731 - [B, Tp, H] <-> [B, H, Tp]
+    dv, dbv, dA, dPs, Tb = call(v, dD, do, D, Tinv, sw(G.astype(F32)), sw(beta))
+    return dv, sw(dbv), dA, dPs, Tb
 
 
 # ----------------------------------------------------------------------------- K-side products
@@ -345,3 +686,187 @@ def grads_k_products(q, k, Tinv, dW, M, S, dq_part, dk_part, lbg, bg, *, block_k
                           jnp.swapaxes(lbg, 1, 2), jnp.swapaxes(bg, 1, 2))
     # Row sums over the K tiles, back to [B, Tp, H].
     return dq, dk, jnp.swapaxes(jnp.sum(sq, axis=0), 1, 2), jnp.swapaxes(jnp.sum(sk, axis=0), 1, 2)
+
+
+# ----------------------------------------------------------------------------- V side
+
+
+def grads_v_smem_bytes(C: int, K: int, BV: int, itemsize: int, steps: int) -> int:
+    """Shared memory of one CTA of :func:`grads_v`: ``q``, ``k`` (``beta gamma X`` once
+    formed) and ``dW`` (``[C, K]``), ``T`` in float32 (then the ``dA`` staging tile) and its
+    high and low halves, the two halves of ``dT`` (then of ``T^T dT``) (``[C, C]``), ``steps``
+    buffers of ``v, dD, dv`` and the ``beta V`` tile (``[C, BV]``), four ``[C]`` vectors."""
+    return ((3 * C * K + 4 * C * C + (3 * steps + 1) * C * BV) * itemsize + 4 * C * C
+            + 4 * 4 * C)
+
+
+def _grads_v_kernel(q_ref, k_ref, v_ref, t_ref, dd_ref, dw_ref, b_ref, bg_ref, l_ref,
+                    dv_ref, dbv_ref, da_ref,
+                    q_s, k_s, dw_s, t32_s, th_s, tl_s, xh_s, xl_s, bv_s, b_s, bg_s, l_s, db_s,
+                    bars, *, C, BV, nv, steps, dt):
+    plgpu = m.plgpu
+    b, c, h = (lax.axis_index(n) for n in ("b", "c", "h"))
+    rows = pl.ds(c * C, C)
+    loads = ((q_ref.at[b, rows, h, :], q_s), (k_ref.at[b, rows, h, :], k_s),
+             (dw_ref.at[b, rows, h, :], dw_s), (t_ref.at[b, rows, h, :], t32_s),
+             (b_ref.at[b, h, rows], b_s), (bg_ref.at[b, h, rows], bg_s),
+             (l_ref.at[b, h, rows], l_s))
+    for i, (src, dst) in enumerate(loads):
+        plgpu.copy_gmem_to_smem(src, dst, bars.at[i])
+    for i in range(len(loads)):
+        plgpu.barrier_wait(bars.at[i])
+
+    wg = plgpu.Layout.WGMMA
+    vec = wg.reduce(1)
+    beta, bg, lam = m._load(b_s, vec), m._load(bg_s, vec), m._load(l_s, vec)
+    # beta gamma X = beta gamma (k + lam q), rounded as W's operand is, in k's buffer.
+    qv = m._load(q_s, wg).astype(F32)
+    kv = m._load(k_s, wg).astype(F32)
+    k_s[...] = (m._rows(bg, kv.shape) * (kv + m._rows(lam, qv.shape) * qv)).astype(dt)
+    # T in the compute dtype for dv's product (as the Triton kernel rounds it), and its
+    # high and low halves for dA's: T = th + tl to about 16 bits.
+    tf = m._load(t32_s, wg)
+    th = tf.astype(dt)
+    th_s[...] = th
+    tl_s[...] = (tf - th.astype(F32)).astype(dt)
+    plgpu.commit_smem()
+    zeros = lambda n: plgpu.layout_cast(jnp.full((C, n), 0, F32), wg)  # noqa: E731
+
+    def first(acc):
+        plgpu.wgmma(acc, dw_s, k_s.T)  # dT = dW (beta gamma X)^T + ...
+
+    dT0 = pl.run_state(first)(plgpu.ACC.init(zeros(C)))
+
+    def step(_, v_s, dd_s, dv_s, carry):
+        dT, dbeta = carry
+        vv = m._load(v_s, wg).astype(F32)
+        bv_s[...] = (m._rows(beta, vv.shape) * vv).astype(dt)
+        plgpu.commit_smem()
+
+        def products(accs):
+            a_dt, a_dbv = accs
+            plgpu.wgmma(a_dt, dd_s, bv_s.T)  # ... + dD (beta V)^T
+            plgpu.wgmma(a_dbv, th_s.T, dd_s)  # T^T dD
+
+        dT, dbv = pl.run_state(products)((plgpu.ACC.init(dT), plgpu.ACC.init(zeros(BV))))
+        dv_s[...] = (m._rows(beta, dbv.shape) * dbv).astype(dv_s.dtype)
+        return dT, dbeta + jnp.sum(dbv * vv, axis=1)
+
+    tv = m._transforms(BV, dt)
+    spec = plgpu.BlockSpec((None, C, None, BV), lambda j: (b, c, h, j), transforms=tv)
+    dT, dbeta = plgpu.emit_pipeline(
+        step, grid=(nv,), in_specs=[spec, spec], out_specs=[spec],
+        max_concurrent_steps=steps,
+        init_carry=(dT0, plgpu.layout_cast(jnp.full((C,), 0, F32), vec)),
+    )(v_ref, dd_ref, dv_ref)
+    db_s[...] = dbeta
+
+    # dA = -T^T dT T^T, both products on the halves (high x high + high x low + low x high).
+    def split(x):
+        hi = x.astype(dt)
+        xh_s[...] = hi
+        xl_s[...] = (x - hi.astype(F32)).astype(dt)
+        plgpu.commit_smem()
+
+    split(dT)
+
+    def left(acc):
+        plgpu.wgmma(acc, th_s.T, xh_s)
+        plgpu.wgmma(acc, th_s.T, xl_s)
+        plgpu.wgmma(acc, tl_s.T, xh_s)
+
+    split(pl.run_state(left)(plgpu.ACC.init(zeros(C))))
+
+    def right(acc):
+        plgpu.wgmma(acc, xh_s, th_s.T)
+        plgpu.wgmma(acc, xh_s, tl_s.T)
+        plgpu.wgmma(acc, xl_s, th_s.T)
+
+    z = pl.run_state(right)(plgpu.ACC.init(zeros(C)))
+    row = plgpu.broadcasted_iota(jnp.int32, (C, C), 0, layout=wg)
+    col = plgpu.broadcasted_iota(jnp.int32, (C, C), 1, layout=wg)
+    t32_s[...] = jnp.where(row > col, -z, 0.0)
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(t32_s, da_ref.at[b, rows, h, :])
+    plgpu.copy_smem_to_gmem(db_s, dbv_ref.at[b, h, rows])
+    plgpu.wait_smem_to_gmem(0)
+
+
+def check_grads_v_supported(*, K: int, V: int, C: int, dtype, block_v: int = 64,
+                            steps: int = 2) -> None:
+    """Raises ``ValueError`` naming the first size or dtype :func:`grads_v` does not take."""
+    dt = jnp.dtype(dtype)
+    if dt not in m.DTYPES:
+        raise ValueError(f"the Mosaic GPU V-side gradients take bfloat16 or float16, got "
+                         f"{dt.name}")
+    if C != m.CHUNK:
+        raise ValueError(f"the Mosaic GPU V-side gradients need chunk_size={m.CHUNK}, got {C}")
+    if K % 64:
+        raise ValueError(f"the Mosaic GPU V-side gradients need K a multiple of 64, got K={K}")
+    if block_v != 64 or V % block_v:
+        raise ValueError(f"the Mosaic GPU V-side gradients need V a multiple of 64, got V={V}")
+    need = grads_v_smem_bytes(C, K, block_v, dt.itemsize, steps)
+    if need > m.SMEM_BYTES:
+        raise ValueError(f"K={K} needs {need} bytes of shared memory per CTA in the Mosaic GPU "
+                         f"V-side gradients, more than {m.SMEM_BYTES}")
+
+
+def grads_v(q, k, v, Tinv, dD, dW, beta, bg, lam, *, block_v: int = 64, steps: int = 2):
+    """The V side of the local gradients on Mosaic GPU, the contract of the Triton
+    ``chunk_grads_v`` launch in :func:`qdelta_jax.pallas.backward.chunk_grads`: ``dv = beta
+    T^T dD`` (``v``'s dtype), the V part of ``dbeta``, ``sum_v (T^T dD) o V`` ``[B, Tp, H]``
+    float32, and ``dA = -T^T dT T^T`` (strictly lower, ``[B, Tp, H, C]`` float32) with ``dT =
+    dW (beta gamma X)^T + dD (beta V)^T``, ``X = k + lam q``.
+
+    One warpgroup per (batch row, chunk, head): ``dW (beta gamma X)^T``, then by V tiles
+    streamed in by :func:`plgpu.emit_pipeline` the ``dD (beta V)^T`` and ``T^T dD`` wgmmas;
+    ``dA``'s two ``[C, C]`` products run on the high and low bf16 halves of ``T`` and of their
+    left operand (three wgmmas each, about 16 bits: the Triton kernel takes one TF32 pass, the
+    XLA path float32).
+
+    ``q, k, dW [B, Tp, H, K]``, ``v, dD [B, Tp, H, V]`` in the compute dtype, ``Tinv
+    [B, Tp, H, C]`` float32, ``beta``, ``bg = beta gamma`` (gamma zero past a chunk's first
+    document: :func:`qdelta_jax.pallas.backward.chunk_gamma`; the kernel needs no document
+    ids) and ``lam`` ``[B, Tp, H]`` float32. Chunk 64, K a multiple of 64, V of 64. Status:
+    lowered for CUDA in CI; checked on a GPU by ``benchmarks/mosaic_dev.py --grads-v``.
+
+    Raises ``RuntimeError`` without Mosaic GPU, ``ValueError`` for what it does not take."""
+    m._require_plgpu()
+    plgpu = m.plgpu
+    B, Tp, H, K = q.shape
+    V = v.shape[-1]
+    C = Tinv.shape[-1]
+    dt = jnp.dtype(q.dtype)
+    check_grads_v_supported(K=K, V=V, C=C, dtype=dt, block_v=block_v, steps=steps)
+    if Tp % C:
+        raise ValueError(f"q has {Tp} time steps, not a multiple of chunk_size={C}")
+    rows_k, rows_v, rows_c, vecs = (B, Tp, H, K), (B, Tp, H, V), (B, Tp, H, C), (B, Tp, H)
+    m.check_args((("k", k, rows_k), ("v", v, rows_v), ("Tinv", Tinv, rows_c),
+                  ("dD", dD, rows_v), ("dW", dW, rows_k), ("beta", beta, vecs),
+                  ("bg", bg, vecs), ("lam", lam, vecs)),
+                 dt, (("k", k), ("v", v), ("dD", dD), ("dW", dW)))
+    m.check_args((), jnp.dtype(F32), (("Tinv", Tinv), ("beta", beta), ("bg", bg),
+                                      ("lam", lam)))
+    NC, BV = Tp // C, block_v
+    nv = V // BV
+    tk, tc = m._transforms(K, dt), m._transforms(C, dt)
+    smem = lambda shape, dtype, t=(): plgpu.SMEM(shape, dtype, transforms=t)  # noqa: E731
+    scratch = [
+        smem((C, K), dt, tk), smem((C, K), dt, tk), smem((C, K), dt, tk),  # q, k, dW
+        smem((C, C), F32, m._transforms(C, F32)),  # T, then dA
+        smem((C, C), dt, tc), smem((C, C), dt, tc),  # T high, low
+        smem((C, C), dt, tc), smem((C, C), dt, tc),  # dT (then T^T dT) high, low
+        smem((C, BV), dt, m._transforms(BV, dt)),  # beta V
+        smem((C,), F32), smem((C,), F32), smem((C,), F32), smem((C,), F32),  # beta, bg, lam, db
+        plgpu.Barrier(num_barriers=7),
+    ]
+    out_type = (jax.ShapeDtypeStruct(rows_v, v.dtype), jax.ShapeDtypeStruct((B, H, Tp), F32),
+                jax.ShapeDtypeStruct(rows_c, F32))
+    call = plgpu.kernel(
+        functools.partial(_grads_v_kernel, C=C, BV=BV, nv=nv, steps=min(steps, nv), dt=dt),
+        out_type=out_type, scratch_types=scratch, grid=(B, NC, H), grid_names=("b", "c", "h"),
+        compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Lane),
+    )
+    sw = lambda x: jnp.swapaxes(x, 1, 2)  # noqa: E731 - [B, Tp, H] -> [B, H, Tp]
+    dv, dbv, dA = call(q, k, v, Tinv, dD, dW, sw(beta), sw(bg), sw(lam))
+    return dv, sw(dbv), dA

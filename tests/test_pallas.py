@@ -6,6 +6,8 @@ and Mosaic kernels. Shapes are small: interpret mode is slow."""
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -140,6 +142,27 @@ def test_backward_stages_match_xla(staged):
                            cfg=cfg.grads_v, interpret=True, k_products=pbwd.grads_k_products_xla)
     for name, a, b in zip(("dq", "dk", "dv", "dg", "dbeta", "dlam"), got, want):
         assert rel_err(sp(a), b) < 2e-5, name + " (split K side)"
+    # The V side by the contract of the Mosaic GPU kernel (here its XLA oracle), alone and with
+    # the split K side.
+    for kp in (None, pbwd.grads_k_products_xla):
+        got = pbwd.chunk_grads(q, k, v, G, beta, lam, Tinv, dD, dW, dqp, dkp, dGp, dPs, C=C,
+                               cfg=cfg.grads_v, interpret=True, k_products=kp,
+                               v_side=pbwd.grads_v_xla)
+        for name, a, b in zip(("dq", "dk", "dv", "dg", "dbeta", "dlam"), got, want):
+            assert rel_err(sp(a), b) < 2e-5, name + f" (V side oracle, k_products {kp})"
+    # dA and dPs from D (not dW), then the state-side gradients fused with the K side's
+    # products: the contracts of the Mosaic GPU kernels, here by their oracles.
+    got = pbwd.local_grads_from_d(
+        q, k, v, G, beta, lam, Tinv, h_in, dh_out, do, D, dD, scale=scale, C=C,
+        cfg_k=cfg.grads_k, interpret=True, v_side=pbwd.grads_v_from_d_xla,
+        dqkw_k=functools.partial(pbwd.dqkw_products_ref, C=C, cfg=cfg.dqkw, interpret=True))
+    for name, a, b in zip(("dq", "dk", "dv", "dg", "dbeta", "dlam"), got, want):
+        assert rel_err(sp(a), b) < 2e-5, name + " (from D, fused state side)"
+    _, _, dA_d, dPs_d, _ = pbwd.grads_v_from_d_xla(v, Tinv, dD, do, D, G, beta, scale=scale)
+    _, _, dA_w = pbwd._grads_v_launch(q, k, v, G, beta, lam, Tinv, dD, dW, None, C=C,
+                                      cfg=cfg.grads_v, interpret=True)
+    assert rel_err(dA_d, dA_w) < 2e-5  # -T^T dD D^T = -T^T dT T^T
+    assert rel_err(dPs_d, dPs) < 1e-5
     # Packed rows: documents starting inside chunks (ids per token; gamma past a chunk's first
     # document is zero), the split K side against the one-launch kernel on the same inputs.
     Tp = q.shape[1]
@@ -152,6 +175,11 @@ def test_backward_stages_match_xla(staged):
                            cfg=cfg.grads_v, interpret=True, k_products=pbwd.grads_k_products_xla)
     for name, a, b in zip(("dq", "dk", "dv", "dg", "dbeta", "dlam"), two, one):
         assert rel_err(a, b) < 2e-5, name + " (split K side, packed)"
+    three = pbwd.chunk_grads(q, k, v, G, beta, lam, Tinv, dD, dW, dqp, dkp, dGp, dPs, seg, C=C,
+                             cfg=cfg.grads_v, interpret=True, k_products=pbwd.grads_k_products_xla,
+                             v_side=pbwd.grads_v_xla)
+    for name, a, b in zip(("dq", "dk", "dv", "dg", "dbeta", "dlam"), three, one):
+        assert rel_err(a, b) < 2e-5, name + " (V side oracle, packed)"
     gam = pbwd.chunk_gamma(G, seg, C)
     assert float(jnp.max(jnp.abs(gam[:, 1:7]))) == 0.0  # past chunk 0's first document
     assert float(jnp.min(gam[:, C:C + 8])) > 0.0  # chunk 1 starts inside a document
@@ -176,6 +204,13 @@ def test_split_k_side_in_bfloat16():
     two = pbwd.chunk_grads(*args, C=C, cfg=cfg.grads_v, interpret=True, cfg_k=cfg.grads_k,
                            k_products=pbwd.grads_k_products_xla)
     for name, a, b in zip(("dq", "dk", "dv", "dg", "dbeta", "dlam"), two, one):
+        assert a.dtype == b.dtype, name
+        assert rel_err(a, b) < TOL[jnp.dtype(jnp.bfloat16)], name
+    # The V side's oracle (the Mosaic GPU kernel's contract) against the Triton launch: the
+    # same roundings but dA's products in float32 instead of one TF32 pass.
+    three = pbwd.chunk_grads(*args, C=C, cfg=cfg.grads_v, interpret=True, cfg_k=cfg.grads_k,
+                             k_products=pbwd.grads_k_products_xla, v_side=pbwd.grads_v_xla)
+    for name, a, b in zip(("dq", "dk", "dv", "dg", "dbeta", "dlam"), three, two):
         assert a.dtype == b.dtype, name
         assert rel_err(a, b) < TOL[jnp.dtype(jnp.bfloat16)], name
 
@@ -425,11 +460,11 @@ def _meta_like_mosaic(B, Tp, C, seg):
     return packing.row_aligned_meta(seg, C)
 
 
-def test_mosaic_training_dispatch_wiring(monkeypatch):
-    """implementation='pallas-mosaic' (training on the Mosaic kernels) with stand-ins of the same
-    contract built from the Triton kernels: the residuals, the reverse pass and the packed-rows
-    handling reach the backward as they should (the kernels themselves are checked on the GPU
-    by benchmarks/mosaic_dev.py)."""
+@pytest.fixture
+def mosaic_standins(monkeypatch):
+    """The Mosaic GPU kernels of implementation='pallas-mosaic' replaced by stand-ins of the same
+    contract built from the Triton kernels (interpret mode) and the XLA oracles; returns the
+    list the stand-ins append their names to, in call order."""
     from qdelta_jax.pallas import mosaic, mosaic_backward
 
     cfg = pcfg.StageConfig(num_warps=4)
@@ -461,6 +496,19 @@ def test_mosaic_training_dispatch_wiring(monkeypatch):
         calls.append("grads_k")
         return pbwd.grads_k_products_xla(*a)
 
+    def grads_v(*a):
+        calls.append("grads_v")
+        return pbwd.grads_v_xla(*a)
+
+    def grads_v_from_d(*a, **kw):
+        calls.append("grads_v from D")
+        return pbwd.grads_v_from_d_xla(*a, **kw)
+
+    def dqkw_products(*a, scale):
+        calls.append("dqkw + grads_k")
+        C = a[8].shape[-1]  # Tb [B, Tp, H, C]
+        return pbwd.dqkw_products_ref(*a, scale=scale, C=C, interpret=True)
+
     calls = []
     monkeypatch.setattr(mosaic, "state_output",
                         lambda *a, **k: calls.append("fwd") or state_output(*a, **k))
@@ -471,7 +519,22 @@ def test_mosaic_training_dispatch_wiring(monkeypatch):
     monkeypatch.setattr(mosaic_backward, "check_supported", lambda **k: None)
     monkeypatch.setattr(mosaic_backward, "grads_k_products", grads_k_products)
     monkeypatch.setattr(mosaic_backward, "check_products_supported", lambda **k: None)
+    monkeypatch.setattr(mosaic_backward, "grads_v", grads_v)
+    monkeypatch.setattr(mosaic_backward, "check_grads_v_supported", lambda **k: None)
+    monkeypatch.setattr(mosaic_backward, "grads_v_from_d", grads_v_from_d)
+    monkeypatch.setattr(mosaic_backward, "dqkw_products", dqkw_products)
+    monkeypatch.setattr(mosaic_backward, "check_grads_v_from_d_supported", lambda **k: None)
+    monkeypatch.setattr(mosaic_backward, "check_dqkw_products_supported", lambda **k: None)
     monkeypatch.setattr(pcore, "mosaic_reason", lambda *a, **k: None)
+    return calls
+
+
+def test_mosaic_training_dispatch_wiring(mosaic_standins):
+    """implementation='pallas-mosaic' (training on the Mosaic kernels) with stand-ins of the same
+    contract built from the Triton kernels: the residuals, the reverse pass and the packed-rows
+    handling reach the backward as they should (the kernels themselves are checked on the GPU
+    by benchmarks/mosaic_dev.py)."""
+    calls = mosaic_standins
     C = 16
     (q, k, v, g, beta, lam, h0), w = make(61, 2, 40, 2, 16, 16)
     args = (q, k, v, g, beta, lam, h0)
@@ -487,7 +550,13 @@ def test_mosaic_training_dispatch_wiring(monkeypatch):
                                                            "grads_k"]),
                          (pcfg.Config(mosaic_fused_dd0=False), ["fwd", "rev", "dqkw",
                                                                 "grads_k"]),
-                         (pcfg.Config(mosaic_grads_k=False), mine[:-1])):
+                         (pcfg.Config(mosaic_grads_k=False), mine[:-1]),
+                         # Config(mosaic_grads_v=True): the V side on Mosaic GPU too
+                         (pcfg.Config(mosaic_grads_v=True), mine[:-1] + ["grads_v", "grads_k"]),
+                         # Config(mosaic_fused_local=True): dA, dPs from D, then one kernel for
+                         # the state side and the K side's products
+                         (pcfg.Config(mosaic_fused_local=True),
+                          mine[:-2] + ["grads_v from D", "dqkw + grads_k"])):
         calls.clear()
         (_, (o_m, f_m)), g_m = value_and_grads("pallas-mosaic", C, config=config)(*args, w)
         assert calls == want
@@ -499,15 +568,37 @@ def test_mosaic_training_dispatch_wiring(monkeypatch):
     calls.clear()
     wp = w
     # packed rows keep the Triton state-side gradients even where the Mosaic ones are asked
-    # for; the K-side products (no document masks of their own) run on Mosaic GPU
+    # for; the V side and the K-side products (no document masks of their own) run on Mosaic
     (_, o_p), gp = packed_value_and_grads(
-        "pallas-mosaic", C, CU_ROWS, pcfg.Config(mosaic_dqkw=True, mosaic_grads_k=True))(
+        "pallas-mosaic", C, CU_ROWS,
+        pcfg.Config(mosaic_dqkw=True, mosaic_grads_k=True, mosaic_grads_v=True))(
             q, k, v, g, beta, lam, wp)
     (_, o_px), gpx = packed_value_and_grads("xla", C, CU_ROWS)(q, k, v, g, beta, lam, wp)
-    assert calls == ["fwd", "rev", "dd0 in rev", "grads_k"]
+    assert calls == ["fwd", "rev", "dd0 in rev", "grads_v", "grads_k"]
     assert rel_err(o_p, o_px) < tol
     for name, a, b in zip(("q", "k", "v", "g", "beta", "lam"), gp, gpx):
         assert rel_err(a, b) < tol, name
+
+
+def test_mosaic_backward_variants_in_bfloat16(mosaic_standins):
+    """bfloat16 through the Mosaic backward's variants (stand-ins of the kernels' contracts):
+    the V side on Mosaic GPU, and dA, dPs from the forward's rounded D with the state side
+    fused to the K side's products, against the XLA path on the same inputs."""
+    calls = mosaic_standins
+    C = 16
+    (q, k, v, g, beta, lam, h0), w = make(62, 2, 48, 2, 16, 32, dtype=jnp.bfloat16)
+    args = (q, k, v, g, beta, lam, h0)
+    (_, (o_x, f_x)), g_x = value_and_grads("xla", C)(*args, w)
+    tol = TOL[jnp.dtype(jnp.bfloat16)]
+    for config, last in ((None, "grads_k"), (pcfg.Config(mosaic_grads_v=True), "grads_k"),
+                         (pcfg.Config(mosaic_fused_local=True), "dqkw + grads_k")):
+        calls.clear()
+        (_, (o_m, f_m)), g_m = value_and_grads("pallas-mosaic", C, config=config)(*args, w)
+        assert calls[-1] == last
+        assert rel_err(o_m, o_x) < tol and rel_err(f_m, f_x) < tol
+        for name, a, b in zip(ARGS, g_m, g_x):
+            assert a.dtype == b.dtype, name
+            assert rel_err(a, b) < tol, name
 
 
 def test_mosaic_choice_per_backend(monkeypatch):
