@@ -395,7 +395,7 @@ def dqkw_products(q, k, G, h_in, dh_out, do, D, dD, Tb, M, S, lbg, bg, *, scale:
 def grads_v_from_d_smem_bytes(C: int, BV: int, itemsize: int, steps: int) -> int:
     """Shared memory of one CTA of :func:`grads_v_from_d`: ``steps`` buffers of ``v, dD, dO,
     D, dv`` (``[C, BV]``), ``T`` in float32 (then the ``dA`` and ``dPs`` staging tile), the
-    high and low halves of ``T`` and of ``dD D^T`` (``[C, C]``), three ``[C]`` vectors: about
+    high and low halves of ``T`` and of ``D dD^T`` (``[C, C]``), three ``[C]`` vectors: about
     89 KB at V tiles of 32, two in flight, bf16."""
     return (5 * steps * C * BV + 4 * C * C) * itemsize + 4 * C * C + 3 * 4 * C
 
@@ -430,7 +430,7 @@ def _grads_v_from_d_kernel(v_ref, dd_ref, do_ref, d_ref, t_ref, g_ref, b_ref,
 
         def products(accs):
             a_ddd, a_dod, a_dbv = accs
-            plgpu.wgmma(a_ddd, dd_s, d_s.T)  # dD D^T
+            plgpu.wgmma(a_ddd, d_s, dd_s.T)  # (dD D^T)^T
             plgpu.wgmma(a_dod, do_s, d_s.T)  # dO D^T
             plgpu.wgmma(a_dbv, th_s.T, dd_s)  # T^T dD
 
@@ -450,16 +450,18 @@ def _grads_v_from_d_kernel(v_ref, dd_ref, do_ref, d_ref, t_ref, g_ref, b_ref,
 
     # dA = -T^T dD D^T (strictly lower): the T^T dT T^T of the V side with dT = dD D^T
     # (I + A)^T, as D = T (beta V - beta gamma X h_in). Its product on the halves of both
-    # operands (high x high + high x low + low x high, about 16 bits).
+    # operands (high x high + high x low + low x high, about 16 bits). The loop accumulated
+    # (dD D^T)^T so that it enters here as a transposed (K-major) operand, the form the
+    # [C, C] tiles' 64-byte swizzle at V tiles of 32 takes.
     hi = ddd.astype(dt)
     xh_s[...] = hi
     xl_s[...] = (ddd - hi.astype(F32)).astype(dt)
     plgpu.commit_smem()
 
     def left(acc):
-        plgpu.wgmma(acc, th_s.T, xh_s)
-        plgpu.wgmma(acc, th_s.T, xl_s)
-        plgpu.wgmma(acc, tl_s.T, xh_s)
+        plgpu.wgmma(acc, th_s.T, xh_s.T)
+        plgpu.wgmma(acc, th_s.T, xl_s.T)
+        plgpu.wgmma(acc, tl_s.T, xh_s.T)
 
     y = pl.run_state(left)(plgpu.ACC.init(zeros(C)))
     row = plgpu.broadcasted_iota(jnp.int32, (C, C), 0, layout=wg)
@@ -537,7 +539,7 @@ def grads_v_from_d(v, Tinv, dD, do, D, G, beta, *, scale: float, block_v: int = 
     scratch = [
         smem((C, C), F32, m._transforms(C, F32)),  # T, then dA, then dPs
         smem((C, C), dt, tc), smem((C, C), dt, tc),  # T high, low
-        smem((C, C), dt, tc), smem((C, C), dt, tc),  # dD D^T high, low
+        smem((C, C), dt, tc), smem((C, C), dt, tc),  # (dD D^T)^T high, low
         smem((C,), F32), smem((C,), F32), smem((C,), F32),  # G, beta, the dbeta part
         plgpu.Barrier(num_barriers=3),
     ]
