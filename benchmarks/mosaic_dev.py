@@ -30,8 +30,7 @@ try/except: a failure prints its full error and the run goes on. Writes JSON to 
 
 ``--grads-k`` also checks the local gradients with the K side's products on Mosaic GPU
 (``mosaic_backward.grads_k_products``) against their XLA oracle and the Triton kernels, and
-times both; ``--grads-v`` the V side on Mosaic GPU (``mosaic_backward.grads_v``) against its
-XLA oracle and the Triton launch; ``--fused-local`` the fused local gradients' kernels
+times both; ``--fused-local`` the fused local gradients' kernels
 (``grads_v_from_d``, ``dqkw_products``) against their oracles and the kernels they replace.
 
 ``--launch-cost N`` times, instead, ``N`` dependent calls in one jitted function at a shape of
@@ -179,62 +178,12 @@ def run_grads_k(shape, dtype, reps):
     return res
 
 
-def run_grads_v(shape, dtype, reps):
-    """The V side of the local gradients on Mosaic GPU (``mosaic_backward.grads_v``) against its
-    XLA oracle (``backward.grads_v_xla``, ``dA`` in float32) and the Triton launch; times of
-    both."""
-    B, T, H, K, V = shape
-    q, k, v, g, beta, lam, _ = random_inputs(jax.random.PRNGKey(B + T + 5), B, T, H, K, V,
-                                          dtype=dtype, **KERNEL_INPUTS)
-    G = packing.chunk_cumsum(g, C)
-    cfg = pcfg.get_config(K, V, C, dtype)
-    interp = jax.default_backend() != "gpu"
-    _, _, Tinv = jax.jit(lambda *a: pfwd.chunk_local(*a, C=C, cfg=cfg.wu, interpret=interp,
-                                                     cfg_solve=cfg.solve))(q, k, v, G, beta, lam)
-    keys = jax.random.split(jax.random.PRNGKey(T + 6), 2)
-    dD = jax.random.normal(keys[0], v.shape, F32).astype(dtype)
-    dW = jax.random.normal(keys[1], q.shape, F32).astype(dtype)
-    beta32, lam32 = beta.astype(F32), lam.astype(F32)
-    bg = beta32 * pbwd.chunk_gamma(G, None, C)
-    args = (q, k, v, Tinv, dD, dW, beta32, bg, lam32)
-    names = ("dv", "dbeta_v", "dA")
-    res = {"shape": list(shape), "dtype": jnp.dtype(dtype).name, "grads_v": True}
-    tri = jax.jit(lambda q, k, v, Tinv, dD, dW, *_: pbwd._grads_v_launch(
-        q, k, v, G, beta, lam, Tinv, dD, dW, None, C=C, cfg=cfg.grads_v, interpret=interp))
-    res["triton_ms"] = times(tri, args, reps)
-    ref_tri = tri(*args)
-    ref_xla = jax.jit(pbwd.grads_v_xla)(*args)
-    print(f"\n== {list(shape)} {res['dtype']} V side of the local gradients (rel. error; ms = "
-          f"sync / pipelined median)\ntriton grads_v {res['triton_ms'][0]:.3f} "
-          f"{res['triton_ms'][1]:.3f}; triton vs oracle " + " ".join(
-              f"{n} {rel_err(a, b):.1e}" for n, a, b in zip(names, ref_tri, ref_xla)))
-    try:
-        f = jax.jit(mosaic_backward.grads_v)
-        got = f(*args)
-        res["vs_oracle"] = {n: rel_err(a, b) for n, a, b in zip(names, got, ref_xla)}
-        res["vs_triton"] = {n: rel_err(a, b) for n, a, b in zip(names, got, ref_tri)}
-        tol = 2 * float(jnp.finfo(dtype).eps)
-        res["pass"] = all(e <= tol for e in res["vs_oracle"].values())
-        res["ms"] = times(f, args, reps)
-        print("mosaic grads_v vs oracle " + " ".join(
-            f"{n} {e:.1e}" for n, e in res["vs_oracle"].items()) + "; vs triton " + " ".join(
-            f"{n} {e:.1e}" for n, e in res["vs_triton"].items())
-            + f" {res['ms'][0]:.3f} {res['ms'][1]:.3f} {'PASS' if res['pass'] else 'FAIL'} "
-            f"{res['triton_ms'][1] / res['ms'][1]:.2f}x triton", flush=True)
-    except Exception as e:  # noqa: BLE001 - the other cases still run
-        traceback.print_exc()
-        res["error"] = f"{type(e).__name__}: {e}"[:3000]
-        print(f"mosaic grads_v FAIL {res['error'][:300]}", flush=True)
-    return res
-
-
 def run_fused_local(shape, dtype, reps):
     """The fused local gradients' two Mosaic GPU kernels on the states the Triton forward and
     reverse pass give for random inputs: ``grads_v_from_d`` against its XLA oracle (and its
     ``dA``, from ``D``, against the Triton V side's, from ``dW``), ``dqkw_products`` against the
     Triton ``chunk_dqkw`` + the K side's products' oracle; times against the kernels they
-    replace (the Triton V side, the Mosaic ``grads_v``, the Mosaic ``chunk_dqkw`` +
-    ``grads_k_products``)."""
+    replace (the Triton V side, the Mosaic ``chunk_dqkw`` + ``grads_k_products``)."""
     B, T, H, K, V = shape
     scale = K**-0.5
     q, k, v, g, beta, lam, h0 = random_inputs(jax.random.PRNGKey(B * 5 + T + K), B, T, H, K, V,
@@ -666,11 +615,6 @@ def main(argv=None):
     ap.add_argument("--grads-k", action="store_true",
                     help="also check and time the local gradients with the K side's products on "
                     "Mosaic GPU against the Triton kernels")
-    ap.add_argument("--grads-v", action="store_true",
-                    help="also check and time the V side of the local gradients on Mosaic GPU "
-                    "against its XLA oracle and the Triton launch")
-    ap.add_argument("--fused-local", action="store_true",
-                    help="also check and time the fused local gradients' two Mosaic GPU kernels")
     ap.add_argument("--launch-cost", type=int, default=0, metavar="N",
                     help="only time N dependent calls at one CTA's shape, Mosaic and Triton")
     ap.add_argument("--out", default=None)
@@ -722,13 +666,6 @@ def main(argv=None):
             except Exception as e:  # noqa: BLE001 - the other cases still run
                 traceback.print_exc()
                 print(f"fused_local {shape} FAIL {type(e).__name__}: {str(e)[:300]}", flush=True)
-            save()
-        if a.grads_v:
-            try:
-                allres["runs"].append(run_grads_v(shape, dtype, a.reps))
-            except Exception as e:  # noqa: BLE001 - the other cases still run
-                traceback.print_exc()
-                print(f"grads_v {shape} FAIL {type(e).__name__}: {str(e)[:300]}", flush=True)
             save()
         if a.dqkw:
             try:

@@ -507,27 +507,6 @@ def grads_k_products_xla(q, k, Tinv, dW, M, S, dq_part, dk_part, lbg, bg):
             _from_chunks(sk))
 
 
-def grads_v_xla(q, k, v, Tinv, dD, dW, beta, bg, lam):
-    """The V side of the local gradients in XLA, with the contract of
-    :func:`qdelta_jax.pallas.mosaic_backward.grads_v` (and the Triton launch's rounding:
-    product operands in the compute dtype, ``dA`` from float32 ``T`` and ``dT``):
-    ``dv = beta T^T dD``, ``sum_v (T^T dD) o V`` and ``dA = -T^T dT T^T`` (strictly lower)
-    with ``dT = dW (bg X)^T + dD (beta V)^T``, ``X = k + lam q``."""
-    C = Tinv.shape[-1]
-    dt = q.dtype
-    mm = _mm_in(dt)
-    qc, kc, vc, Tc, dDc, dWc = (_to_chunks(x, C) for x in (q, k, v, Tinv, dD, dW))
-    betac, bgc, lamc = (_to_chunks(x[..., None], C) for x in (beta, bg, lam))
-    bx = bgc * (kc.astype(F32) + lamc * qc.astype(F32))
-    vf = vc.astype(F32)
-    dT = mm("...ik,...jk->...ij", dWc, bx) + mm("...iv,...jv->...ij", dDc, betac * vf)
-    dbv = mm("...ji,...jv->...iv", Tc, dDc)
-    dA = -jnp.einsum("...ji,...jk,...lk->...il", Tc, dT, Tc, precision=lax.Precision.HIGHEST)
-    dA = jnp.where(jnp.tril(jnp.ones((C, C), bool), -1), dA, 0.0)
-    return (_from_chunks(betac * dbv).astype(v.dtype), _from_chunks(jnp.sum(dbv * vf, -1)),
-            _from_chunks(dA))
-
-
 def grads_v_from_d_xla(v, Tinv, dD, do, D, G, beta, *, scale: float):
     """The oracle of :func:`qdelta_jax.pallas.mosaic_backward.grads_v_from_d` in XLA, with its
     rounding (product operands in the compute dtype, ``dA`` from float32 ``T``): ``dv = beta
@@ -584,7 +563,7 @@ def local_grads_from_d(q, k, v, G, beta, lam, Tinv, h_in, dh_out, do, D, dD, *, 
 def _grads_v_launch(q, k, v, G, beta, lam, Tinv, dD, dW, seg, *, C: int, cfg: StageConfig,
                     interpret):
     """The Triton launch of :func:`chunk_grads`' V side: ``dv``, the V part of ``dbeta`` and
-    ``dA`` (the contract of :func:`grads_v_xla`, from ``G`` and the document ids)."""
+    ``dA``, from ``G`` and the document ids."""
     B, Tp, H, K = q.shape
     V = v.shape[-1]
     dt = q.dtype
@@ -610,7 +589,7 @@ def _grads_v_launch(q, k, v, G, beta, lam, Tinv, dD, dW, seg, *, C: int, cfg: St
 
 def chunk_grads(q, k, v, G, beta, lam, Tinv, dD, dW, dq_part, dk_part, dG_part, dPs, seg=None,
                 *, C: int, cfg: StageConfig, interpret, cfg_k: StageConfig | None = None,
-                k_products=None, v_side=None):
+                k_products=None):
     """All local gradients (the counterpart of :func:`qdelta_jax.xla.chunk_grads`, given the
     state-side terms and ``dPs`` of :func:`chunk_dqkw` and ``Tinv = (I + A)^-1 [B, Tp, H, C]``
     from ``forward.chunk_local``). Returns ``dq, dk, dv`` in the input dtypes
@@ -618,9 +597,7 @@ def chunk_grads(q, k, v, G, beta, lam, Tinv, dD, dW, dq_part, dk_part, dG_part, 
 
     Two launches, so that each holds few tiles live: the V side (``cfg``, loop over V tiles:
     ``dv``, the V part of ``dbeta`` and ``dA = -T^T dT T^T`` as ``[B, Tp, H, C]`` float32),
-    then the K side (``cfg_k``: everything through ``A``, ``W`` and ``X``). ``v_side``: the V
-    side by this function instead, with the contract of :func:`grads_v_xla` (the Mosaic GPU
-    kernel :func:`qdelta_jax.pallas.mosaic_backward.grads_v`, or that oracle). ``k_products``:
+    then the K side (``cfg_k``: everything through ``A``, ``W`` and ``X``). ``k_products``:
     the K side as :func:`chunk_grads_k_phase1` and then this function, with the contract of
     :func:`grads_k_products_xla` (the Mosaic GPU kernel
     :func:`qdelta_jax.pallas.mosaic_backward.grads_k_products`, or that oracle)."""
@@ -630,15 +607,11 @@ def chunk_grads(q, k, v, G, beta, lam, Tinv, dD, dW, dq_part, dk_part, dG_part, 
     hp = u.f32_precision(interpret, dt)
     bk_k = (cfg_k or cfg).block_k or K
     extra, extra_specs = seg_args(seg, C)
-    if k_products is not None or v_side is not None:
+    dv, dbv, dA = _grads_v_launch(q, k, v, G, beta, lam, Tinv, dD, dW, seg, C=C, cfg=cfg,
+                                  interpret=interpret)
+    if k_products is not None:
         gam = chunk_gamma(G, seg, C)
         bg = beta.astype(F32) * gam
-    if v_side is not None:
-        dv, dbv, dA = v_side(q, k, v, Tinv, dD, dW, beta.astype(F32), bg, lam.astype(F32))
-    else:
-        dv, dbv, dA = _grads_v_launch(q, k, v, G, beta, lam, Tinv, dD, dW, seg, C=C, cfg=cfg,
-                                      interpret=interpret)
-    if k_products is not None:
         M, S, dG1, db1, dl1 = chunk_grads_k_phase1(q, k, G, beta, lam, dPs, dA, dbv, seg, C=C,
                                                    cfg=cfg_k or cfg, interpret=interpret)
         dq, dk, bxq, bxk = k_products(q, k, Tinv, dW, M, S, dq_part, dk_part, lam * bg, bg)

@@ -89,15 +89,11 @@ class Config:
     Mosaic GPU (:func:`qdelta_jax.pallas.mosaic_backward.grads_k_products`); ``None`` or
     ``True``: yes, ``False``: the one-launch Triton K side.
 
-    ``mosaic_grads_v``: where the backward runs on the Mosaic GPU kernels, the V side of the
-    local gradients on Mosaic GPU too (:func:`qdelta_jax.pallas.mosaic_backward.grads_v`;
-    ``True``: yes, ``None`` or ``False``: the Triton launch).
-
-    ``mosaic_fused_local``: where the backward runs on the Mosaic GPU kernels (unpacked rows),
-    the state-side gradients and the K side's products in one Mosaic GPU kernel
-    (:func:`qdelta_jax.pallas.mosaic_backward.dqkw_products`) after a V side that forms ``dA``
-    and ``dPs`` from ``D`` (:func:`qdelta_jax.pallas.mosaic_backward.grads_v_from_d`);
-    ``True``: yes, ``None`` or ``False``: the separate kernels above."""
+    ``mosaic_fused_local``: where the backward runs on the Mosaic GPU kernels (unpacked rows)
+    with both of the above, the state-side gradients and the K side's products in one Mosaic
+    GPU kernel (:func:`qdelta_jax.pallas.mosaic_backward.dqkw_products`) after a Mosaic V side
+    that forms ``dA`` and ``dPs`` from ``D`` (:func:`qdelta_jax.pallas.mosaic_backward.
+    grads_v_from_d`); ``None`` or ``True``: yes, ``False``: the separate kernels above."""
 
     solve: StageConfig | None = None
     wu: StageConfig | None = None
@@ -113,7 +109,6 @@ class Config:
     mosaic_dqkw: bool | None = None
     mosaic_fused_dd0: bool | None = None
     mosaic_grads_k: bool | None = None
-    mosaic_grads_v: bool | None = None
     mosaic_fused_local: bool | None = None
 
     def __post_init__(self):
@@ -122,7 +117,7 @@ class Config:
             if x is not None and not isinstance(x, StageConfig):
                 raise TypeError(f"Config.{name} must be a StageConfig or None, got {x!r}")
         for name in ("save_residuals", "mosaic_dqkw", "mosaic_fused_dd0", "mosaic_grads_k",
-                     "mosaic_grads_v", "mosaic_fused_local"):
+                     "mosaic_fused_local"):
             x = getattr(self, name)
             if x is not None and not isinstance(x, bool):
                 raise TypeError(f"Config.{name} must be a bool or None, got {x!r}")
@@ -285,9 +280,9 @@ def split_variant(name: str) -> tuple[str, Config | None]:
     instead of Mosaic GPU's; ``+tdd0`` gives the Mosaic reverse pass ``dD0`` from the Triton
     ``chunk_dd0`` launch instead of forming it itself; ``+tgk`` (``pallas-mosaic+tgk``) runs
     the K-side local gradients in one Triton launch instead of their products on Mosaic GPU;
-    ``+mgv`` runs their V side on Mosaic GPU; ``+mfl`` sets ``mosaic_fused_local``. A name
-    without suffixes is returned with ``None``. Raises ValueError for another suffix (or a V
-    tile :class:`Config` refuses)."""
+    ``+nfl`` keeps the state-side gradients and the K side's products in separate kernels
+    (``mosaic_fused_local`` off). A name without suffixes is returned with ``None``. Raises
+    ValueError for another suffix (or a V tile :class:`Config` refuses)."""
     if name == "pallas-no-save-residuals":
         return "pallas", Config(save_residuals=False)
     base, *suffixes = name.split("+")
@@ -301,13 +296,11 @@ def split_variant(name: str) -> tuple[str, Config | None]:
             fields["mosaic_fused_dd0"] = False
         elif sfx == "tgk":
             fields["mosaic_grads_k"] = False
-        elif sfx == "mgv":
-            fields["mosaic_grads_v"] = True
-        elif sfx == "mfl":
-            fields["mosaic_fused_local"] = True
+        elif sfx == "nfl":
+            fields["mosaic_fused_local"] = False
         elif sfx.startswith("mbv") and sfx[3:].isdigit():
             fields["mosaic_block_v"] = int(sfx[3:])
         else:
             raise ValueError(f"unknown suffix +{sfx} in {name!r}; known: +mbvN (the Mosaic GPU "
-                             "V tile, N in 32, 64, 128), +tdqkw, +tdd0, +tgk, +mgv, +mfl")
+                             "V tile, N in 32, 64, 128), +tdqkw, +tdd0, +tgk, +nfl")
     return base, Config(**fields)

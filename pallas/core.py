@@ -151,8 +151,12 @@ def _core_bwd(scale, cfg: Config, C, interp, mcfg, res, cts):
             cfg=cfg.reverse, interpret=interp,
         )
     K, V = q.shape[-1], do.shape[-1]
+    # The state side fused with the K side's products (after a V side from D) unless any of
+    # the three is switched off.
+    fused = (cfg.mosaic_fused_local is not False and cfg.mosaic_dqkw is not False
+             and cfg.mosaic_grads_k is not False)
     if _mosaic_backward_kernel(
-            bool(cfg.mosaic_fused_local), mcfg, seg, "chunk_dqkw and chunk_grads_v",
+            fused, mcfg, seg, "chunk_dqkw and chunk_grads_v",
             lambda: (mosaic_backward.check_dqkw_products_supported(K=K, V=V, C=C,
                                                                    dtype=q.dtype),
                      mosaic_backward.check_grads_v_from_d_supported(V=V, C=C, dtype=q.dtype))):
@@ -175,19 +179,15 @@ def _core_bwd(scale, cfg: Config, C, interp, mcfg, res, cts):
         dqp, dkp, dW, dGp, dPs = bwd.chunk_dqkw(
             q, k, G, h_in, dh_out, do, D, dD, seg, scale=scale, C=C, cfg=cfg.dqkw,
             interpret=interp)
-    # The K-side products and the V side take no document ids (the document masks are in the
-    # Triton [C, C] part and in gamma): packed rows take them too.
+    # The K-side products take no document ids (the document masks are in the Triton [C, C]
+    # part and in gamma): packed rows take them too.
     mosaic_k = _mosaic_backward_kernel(
         cfg.mosaic_grads_k is not False, mcfg, None, "chunk_grads_k",
         lambda: mosaic_backward.check_products_supported(K=K, C=C, dtype=q.dtype))
-    mosaic_v = _mosaic_backward_kernel(
-        bool(cfg.mosaic_grads_v), mcfg, None, "chunk_grads_v",
-        lambda: mosaic_backward.check_grads_v_supported(K=K, V=V, C=C, dtype=q.dtype))
     dq, dk, dv, dG, db, dl = bwd.chunk_grads(
         q, k, v, G, beta, lam, Tinv, dD, dW, dqp, dkp, dGp, dPs, seg, C=C, cfg=cfg.grads_v,
         interpret=interp, cfg_k=cfg.grads_k,
         k_products=mosaic_backward.grads_k_products if mosaic_k else None,
-        v_side=mosaic_backward.grads_v if mosaic_v else None,
     )
     return (
         dq, dk, dv, dG.astype(G.dtype), db.astype(beta.dtype), dl.astype(lam.dtype),

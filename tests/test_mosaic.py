@@ -180,47 +180,6 @@ def test_grads_k_products_lower_for_cuda():
 
 
 @needs_plgpu
-@pytest.mark.parametrize("K,V", [(128, 256), (64, 64)])
-def test_grads_v_lowers_for_cuda(K, V):
-    """The Mosaic GPU V side of the local gradients: the outputs of the Triton launch, lowered."""
-    B, T, H, C = 2, 192, 2, 64
-    S = jax.ShapeDtypeStruct
-    rk, rv, rc, vec = (B, T, H, K), (B, T, H, V), (B, T, H, C), (B, T, H)
-    args = (S(rk, BF16), S(rk, BF16), S(rv, BF16), S(rc, F32), S(rv, BF16), S(rk, BF16),
-            S(vec, F32), S(vec, F32), S(vec, F32))
-    traced = jax.jit(mosaic_backward.grads_v).trace(*args)
-    assert [(o.shape, o.dtype) for o in jax.tree.leaves(traced.out_info)] == [
-        (rv, BF16), (vec, F32), (rc, F32)]
-    assert "mosaic_gpu" in traced.lower(lowering_platforms=("cuda",)).as_text()
-
-
-@needs_plgpu
-def test_grads_v_checks_arguments():
-    with pytest.raises(ValueError, match="K a multiple of 64"):
-        mosaic_backward.check_grads_v_supported(K=96, V=256, C=64, dtype=BF16)
-    with pytest.raises(ValueError, match="V a multiple of 64"):
-        mosaic_backward.check_grads_v_supported(K=128, V=96, C=64, dtype=BF16)
-    with pytest.raises(ValueError, match="bfloat16 or float16"):
-        mosaic_backward.check_grads_v_supported(K=128, V=256, C=64, dtype=F32)
-    with pytest.raises(ValueError, match="chunk_size=64"):
-        mosaic_backward.check_grads_v_supported(K=128, V=256, C=32, dtype=BF16)
-    with pytest.raises(ValueError, match="shared memory"):
-        mosaic_backward.check_grads_v_supported(K=512, V=256, C=64, dtype=BF16)
-    z = lambda *s_, dt=BF16: jnp.zeros(s_, dt)  # noqa: E731
-    good = [z(1, 64, 1, 128), z(1, 64, 1, 128), z(1, 64, 1, 64), z(1, 64, 1, 64, dt=F32),
-            z(1, 64, 1, 64), z(1, 64, 1, 128), z(1, 64, 1, dt=F32), z(1, 64, 1, dt=F32),
-            z(1, 64, 1, dt=F32)]
-    bad = list(good)
-    bad[4] = z(1, 64, 1, 128)
-    with pytest.raises(ValueError, match="dD has shape"):
-        mosaic_backward.grads_v(*bad)
-    bad = list(good)
-    bad[7] = z(1, 64, 1)
-    with pytest.raises(ValueError, match="bg has dtype bfloat16, expected float32"):
-        mosaic_backward.grads_v(*bad)
-
-
-@needs_plgpu
 @pytest.mark.parametrize("block_v", [32, 64])
 def test_grads_v_from_d_lowers_for_cuda(block_v):
     """dv, dbeta's V part, dA and dPs from D (the fused backward's V side), lowered."""

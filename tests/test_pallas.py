@@ -142,14 +142,6 @@ def test_backward_stages_match_xla(staged):
                            cfg=cfg.grads_v, interpret=True, k_products=pbwd.grads_k_products_xla)
     for name, a, b in zip(("dq", "dk", "dv", "dg", "dbeta", "dlam"), got, want):
         assert rel_err(sp(a), b) < 2e-5, name + " (split K side)"
-    # The V side by the contract of the Mosaic GPU kernel (here its XLA oracle), alone and with
-    # the split K side.
-    for kp in (None, pbwd.grads_k_products_xla):
-        got = pbwd.chunk_grads(q, k, v, G, beta, lam, Tinv, dD, dW, dqp, dkp, dGp, dPs, C=C,
-                               cfg=cfg.grads_v, interpret=True, k_products=kp,
-                               v_side=pbwd.grads_v_xla)
-        for name, a, b in zip(("dq", "dk", "dv", "dg", "dbeta", "dlam"), got, want):
-            assert rel_err(sp(a), b) < 2e-5, name + f" (V side oracle, k_products {kp})"
     # dA and dPs from D (not dW), then the state-side gradients fused with the K side's
     # products: the contracts of the Mosaic GPU kernels, here by their oracles.
     got = pbwd.local_grads_from_d(
@@ -175,11 +167,6 @@ def test_backward_stages_match_xla(staged):
                            cfg=cfg.grads_v, interpret=True, k_products=pbwd.grads_k_products_xla)
     for name, a, b in zip(("dq", "dk", "dv", "dg", "dbeta", "dlam"), two, one):
         assert rel_err(a, b) < 2e-5, name + " (split K side, packed)"
-    three = pbwd.chunk_grads(q, k, v, G, beta, lam, Tinv, dD, dW, dqp, dkp, dGp, dPs, seg, C=C,
-                             cfg=cfg.grads_v, interpret=True, k_products=pbwd.grads_k_products_xla,
-                             v_side=pbwd.grads_v_xla)
-    for name, a, b in zip(("dq", "dk", "dv", "dg", "dbeta", "dlam"), three, one):
-        assert rel_err(a, b) < 2e-5, name + " (V side oracle, packed)"
     gam = pbwd.chunk_gamma(G, seg, C)
     assert float(jnp.max(jnp.abs(gam[:, 1:7]))) == 0.0  # past chunk 0's first document
     assert float(jnp.min(gam[:, C:C + 8])) > 0.0  # chunk 1 starts inside a document
@@ -204,13 +191,6 @@ def test_split_k_side_in_bfloat16():
     two = pbwd.chunk_grads(*args, C=C, cfg=cfg.grads_v, interpret=True, cfg_k=cfg.grads_k,
                            k_products=pbwd.grads_k_products_xla)
     for name, a, b in zip(("dq", "dk", "dv", "dg", "dbeta", "dlam"), two, one):
-        assert a.dtype == b.dtype, name
-        assert rel_err(a, b) < TOL[jnp.dtype(jnp.bfloat16)], name
-    # The V side's oracle (the Mosaic GPU kernel's contract) against the Triton launch: the
-    # same roundings but dA's products in float32 instead of one TF32 pass.
-    three = pbwd.chunk_grads(*args, C=C, cfg=cfg.grads_v, interpret=True, cfg_k=cfg.grads_k,
-                             k_products=pbwd.grads_k_products_xla, v_side=pbwd.grads_v_xla)
-    for name, a, b in zip(("dq", "dk", "dv", "dg", "dbeta", "dlam"), three, two):
         assert a.dtype == b.dtype, name
         assert rel_err(a, b) < TOL[jnp.dtype(jnp.bfloat16)], name
 
@@ -496,10 +476,6 @@ def mosaic_standins(monkeypatch):
         calls.append("grads_k")
         return pbwd.grads_k_products_xla(*a)
 
-    def grads_v(*a):
-        calls.append("grads_v")
-        return pbwd.grads_v_xla(*a)
-
     def grads_v_from_d(*a, **kw):
         calls.append("grads_v from D")
         return pbwd.grads_v_from_d_xla(*a, **kw)
@@ -519,8 +495,6 @@ def mosaic_standins(monkeypatch):
     monkeypatch.setattr(mosaic_backward, "check_supported", lambda **k: None)
     monkeypatch.setattr(mosaic_backward, "grads_k_products", grads_k_products)
     monkeypatch.setattr(mosaic_backward, "check_products_supported", lambda **k: None)
-    monkeypatch.setattr(mosaic_backward, "grads_v", grads_v)
-    monkeypatch.setattr(mosaic_backward, "check_grads_v_supported", lambda **k: None)
     monkeypatch.setattr(mosaic_backward, "grads_v_from_d", grads_v_from_d)
     monkeypatch.setattr(mosaic_backward, "dqkw_products", dqkw_products)
     monkeypatch.setattr(mosaic_backward, "check_grads_v_from_d_supported", lambda **k: None)
@@ -540,23 +514,21 @@ def test_mosaic_training_dispatch_wiring(mosaic_standins):
     args = (q, k, v, g, beta, lam, h0)
     (_, (o_x, f_x)), g_x = value_and_grads("xla", C)(*args, w)
     tol = TOL[jnp.dtype(F32)]
-    # The Mosaic state-side gradients and K-side products run by default, unpacked rows only,
-    # and the reverse pass forms dD0 itself; Config(mosaic_dqkw=False) keeps the Triton dqkw
-    # kernel, Config(mosaic_grads_k=False) the one-launch Triton K side,
-    # Config(mosaic_fused_dd0=False) the chunk_dd0 launch.
-    mine = ["fwd", "rev", "dd0 in rev", "dqkw", "grads_k"]
-    for config, want in ((None, mine), (pcfg.Config(mosaic_dqkw=True), mine),
+    # By default (unpacked rows) the reverse pass forms dD0 itself, the V side forms dA and
+    # dPs from D, and one kernel runs the state-side gradients with the K side's products.
+    # Config(mosaic_fused_local=False) keeps those two in separate Mosaic kernels;
+    # Config(mosaic_dqkw=False) the Triton dqkw kernel, Config(mosaic_grads_k=False) the
+    # one-launch Triton K side (neither fused), Config(mosaic_fused_dd0=False) the chunk_dd0
+    # launch.
+    fused = ["fwd", "rev", "dd0 in rev", "grads_v from D", "dqkw + grads_k"]
+    split = ["fwd", "rev", "dd0 in rev", "dqkw", "grads_k"]
+    for config, want in ((None, fused), (pcfg.Config(mosaic_fused_local=True), fused),
+                         (pcfg.Config(mosaic_fused_local=False), split),
                          (pcfg.Config(mosaic_dqkw=False), ["fwd", "rev", "dd0 in rev",
                                                            "grads_k"]),
-                         (pcfg.Config(mosaic_fused_dd0=False), ["fwd", "rev", "dqkw",
-                                                                "grads_k"]),
-                         (pcfg.Config(mosaic_grads_k=False), mine[:-1]),
-                         # Config(mosaic_grads_v=True): the V side on Mosaic GPU too
-                         (pcfg.Config(mosaic_grads_v=True), mine[:-1] + ["grads_v", "grads_k"]),
-                         # Config(mosaic_fused_local=True): dA, dPs from D, then one kernel for
-                         # the state side and the K side's products
-                         (pcfg.Config(mosaic_fused_local=True),
-                          mine[:-2] + ["grads_v from D", "dqkw + grads_k"])):
+                         (pcfg.Config(mosaic_fused_dd0=False),
+                          ["fwd", "rev", "grads_v from D", "dqkw + grads_k"]),
+                         (pcfg.Config(mosaic_grads_k=False), split[:-1])):
         calls.clear()
         (_, (o_m, f_m)), g_m = value_and_grads("pallas-mosaic", C, config=config)(*args, w)
         assert calls == want
@@ -567,14 +539,14 @@ def test_mosaic_training_dispatch_wiring(mosaic_standins):
         pcfg.Config(mosaic_dqkw=1)
     calls.clear()
     wp = w
-    # packed rows keep the Triton state-side gradients even where the Mosaic ones are asked
-    # for; the V side and the K-side products (no document masks of their own) run on Mosaic
+    # packed rows keep the Triton state-side gradients and V side even where the Mosaic ones
+    # are asked for; the K-side products (no document masks of their own) run on Mosaic GPU
     (_, o_p), gp = packed_value_and_grads(
         "pallas-mosaic", C, CU_ROWS,
-        pcfg.Config(mosaic_dqkw=True, mosaic_grads_k=True, mosaic_grads_v=True))(
+        pcfg.Config(mosaic_dqkw=True, mosaic_grads_k=True, mosaic_fused_local=True))(
             q, k, v, g, beta, lam, wp)
     (_, o_px), gpx = packed_value_and_grads("xla", C, CU_ROWS)(q, k, v, g, beta, lam, wp)
-    assert calls == ["fwd", "rev", "dd0 in rev", "grads_v", "grads_k"]
+    assert calls == ["fwd", "rev", "dd0 in rev", "grads_k"]
     assert rel_err(o_p, o_px) < tol
     for name, a, b in zip(("q", "k", "v", "g", "beta", "lam"), gp, gpx):
         assert rel_err(a, b) < tol, name
@@ -582,16 +554,16 @@ def test_mosaic_training_dispatch_wiring(mosaic_standins):
 
 def test_mosaic_backward_variants_in_bfloat16(mosaic_standins):
     """bfloat16 through the Mosaic backward's variants (stand-ins of the kernels' contracts):
-    the V side on Mosaic GPU, and dA, dPs from the forward's rounded D with the state side
-    fused to the K side's products, against the XLA path on the same inputs."""
+    dA, dPs from the forward's rounded D with the state side fused to the K side's products
+    (the default), and the separate kernels, against the XLA path on the same inputs."""
     calls = mosaic_standins
     C = 16
     (q, k, v, g, beta, lam, h0), w = make(62, 2, 48, 2, 16, 32, dtype=jnp.bfloat16)
     args = (q, k, v, g, beta, lam, h0)
     (_, (o_x, f_x)), g_x = value_and_grads("xla", C)(*args, w)
     tol = TOL[jnp.dtype(jnp.bfloat16)]
-    for config, last in ((None, "grads_k"), (pcfg.Config(mosaic_grads_v=True), "grads_k"),
-                         (pcfg.Config(mosaic_fused_local=True), "dqkw + grads_k")):
+    for config, last in ((None, "dqkw + grads_k"),
+                         (pcfg.Config(mosaic_fused_local=False), "grads_k")):
         calls.clear()
         (_, (o_m, f_m)), g_m = value_and_grads("pallas-mosaic", C, config=config)(*args, w)
         assert calls[-1] == last
