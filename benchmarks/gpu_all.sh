@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every GPU measurement recorded in BENCHMARKS.md and docs/RESULTS.md, in one script, so a lease
 # runs them together on one card. Sections: check, check340, infer, dev, seqsweep, ops, ops340,
-# opspack, anchors, authors, mosaic, mtrain, dqkw, gradsk, launch, prof, steps, crossover, ncu,
+# opspack, anchors, authors, mosaic, mtrain, dqkw, gradsk, fused, launch, prof, steps, crossover, ncu,
 # decode, train, train{1,2}_{unrolled,scan}, recall (default: ops train decode check).
 # benchmarks/gpu_lanes.sh runs groups of sections on different GPUs of one host at once. Each
 # step has its own time limit so that one slow step cannot eat the others.
@@ -132,13 +132,19 @@ for s in $sections; do
     gradsk)  # the K side's products on Mosaic GPU against the Triton kernels; the op
         step gradsk ${MOSAIC_LIMIT:-200} "$PY" benchmarks/mosaic_dev.py --variants "" \
             --grads-k --shapes 8x4096x6x128x256,2x16384x6x128x256,8x4096x16x128x128
-        step gradsk_ops ${OPS_LIMIT:-240} "$PY" benchmarks/ops.py --impl pallas-mosaic \
+        step gradsk_ops ${OPS_LIMIT:-240} "$PY" benchmarks/ops.py --impl pallas-mosaic+nfl \
             pallas-mosaic+tgk --reps 20 --warmup 3 --json "$OUT_DIR/gradsk_ops.json"
+        ;;
+    fused)  # the fused local gradients' Mosaic GPU kernels against their oracles; the op
+        step fused ${MOSAIC_LIMIT:-200} "$PY" benchmarks/mosaic_dev.py --variants "" \
+            --fused-local --shapes 8x4096x6x128x256,2x16384x6x128x256,8x4096x16x128x128
+        step fused_ops ${OPS_LIMIT:-240} "$PY" benchmarks/ops.py --impl pallas-mosaic \
+            pallas-mosaic+nfl --reps 20 --warmup 3 --json "$OUT_DIR/fused_ops.json"
         ;;
     dqkw)  # the Mosaic GPU state-side gradients against the Triton kernel
         step dqkw ${MOSAIC_LIMIT:-200} "$PY" benchmarks/mosaic_dev.py --variants "" \
             --dqkw 32,64 --shapes 8x4096x6x128x256,2x16384x6x128x256,8x4096x16x128x128
-        step dqkw_ops ${OPS_LIMIT:-240} "$PY" benchmarks/ops.py --impl pallas-mosaic \
+        step dqkw_ops ${OPS_LIMIT:-240} "$PY" benchmarks/ops.py --impl pallas-mosaic+nfl \
             pallas-mosaic+tdqkw --reps 20 --warmup 3 --json "$OUT_DIR/dqkw_ops.json"
         ;;
     ops)

@@ -1,8 +1,9 @@
 """Mosaic GPU (``plgpu``) kernels of the backward: the state-side gradients
 (:func:`chunk_dqkw`, the contract of :func:`qdelta_jax.pallas.backward.chunk_dqkw`, one
 warpgroup per (batch row, chunk, head, K tile) with its four products as wgmmas accumulating in
-registers) and the products of the K-side local gradients (:func:`grads_k_products`,
-the contract of :func:`qdelta_jax.pallas.backward.grads_k_products_xla`; see its docstring).
+registers), the products of the K-side local gradients (:func:`grads_k_products`, the contract
+of :func:`qdelta_jax.pallas.backward.grads_k_products_xla`; see its docstring), and the fused
+pair that replaces both with the V side (:func:`grads_v_from_d`, then :func:`dqkw_products`).
 
 Why: the Triton ``chunk_dqkw`` (0.40 ms at B8 T4096 H6 K128 V256 bf16 on an H200) moves about
 1.1 GB, a floor of about 0.24 ms; it runs at 255 registers and 12.5% occupancy with its
@@ -21,14 +22,29 @@ per-row ``dG`` parts. Two sums that would need a whole-tile reduction to a scala
 kernel (``sum(de)`` over the chunk and ``sum(h_in o dh_out)``) leave it as a ``[C]`` and a
 ``[BK]`` vector; :func:`chunk_dqkw` adds them to the chunk's last row in XLA (a few MB).
 
-Numerics as :mod:`.backward`: every product accumulates in float32 from operands in the
-compute dtype, the decays applied in float32 after the products.
+The fused pair: the K side's products need ``M, S`` from the K side's ``[C, C]`` part, which
+needs ``dA``, which the V side forms from ``dW``, which the state side forms. ``dA`` does not
+need ``dW``: with ``D = T (beta V - beta gamma X h_in)``, the V side's ``dT = dW (beta gamma
+X)^T + dD (beta V)^T = dD D^T (I + A)^T`` and ``dA = -T^T dT T^T = -T^T (dD D^T)``. So
+:func:`grads_v_from_d` forms ``dv``, ``dA`` and ``dPs`` from ``D`` and ``dD`` first, the
+Triton ``[C, C]`` part follows, and :func:`dqkw_products` runs the state-side V loop and then
+the K side's products onto the state-side ``dq, dk`` parts still in registers: those float32
+parts and ``dW`` never cross HBM. ``D`` is the forward's rounded one, so ``dA`` differs from
+the one through ``dW`` by about the compute dtype's rounding (2e-3 relative in bf16 on an
+H200, the same order as the products' operand roundings).
 
-Status: lowered for CUDA on the CPU in CI (``tests/test_mosaic.py``); on the GPU
-``benchmarks/mosaic_dev.py --dqkw`` checks it against the Triton kernel and times both (on an
-H200 it matches it to 3e-5 and is 1.1x to 1.5x faster at the benchmark shapes, BENCHMARKS.md).
-:mod:`.core` calls it in the backward of ``implementation="pallas-mosaic"`` unless
-``Config(mosaic_dqkw=False)``. Unpacked rows only (``seg`` not taken),
+Numerics as :mod:`.backward`: every product accumulates in float32 from operands in the
+compute dtype, the decays applied in float32 after the products; ``dA``'s ``[C, C]`` product
+runs on the high and low bf16 halves of both operands (about 16 bits).
+
+Status: lowered for CUDA on the CPU in CI (``tests/test_mosaic.py``), their wiring and
+contracts checked there with XLA stand-ins; on the GPU ``benchmarks/mosaic_dev.py --dqkw``,
+``--grads-k`` and ``--fused-local`` check each against its oracle or the Triton kernel and
+time them (BENCHMARKS.md). :mod:`.core` calls them in the backward of
+``implementation="pallas-mosaic"``: the fused pair by default on unpacked rows,
+``Config(mosaic_fused_local=False)`` for :func:`chunk_dqkw` and :func:`grads_k_products`
+apart, ``Config(mosaic_dqkw=False)`` / ``Config(mosaic_grads_k=False)`` for the Triton
+kernels. Unpacked rows only, except :func:`grads_k_products` (no document ids of its own);
 bfloat16 / float16, chunk 64, K a multiple of 64, V a multiple of ``block_v``.
 """
 
