@@ -178,18 +178,16 @@ def run_grads_k(shape, dtype, reps):
     return res
 
 
-def run_fused_local(shape, dtype, reps):
-    """The fused local gradients' two Mosaic GPU kernels on the states the Triton forward and
-    reverse pass give for random inputs: ``grads_v_from_d`` against its XLA oracle (and its
-    ``dA``, from ``D``, against the Triton V side's, from ``dW``), ``dqkw_products`` against the
-    Triton ``chunk_dqkw`` + the K side's products' oracle; times against the kernels they
-    replace (the Triton V side, the Mosaic ``chunk_dqkw`` + ``grads_k_products``)."""
+def triton_states(shape, dtype, seed):
+    """Random inputs and the states and gradients the Triton forward and reverse pass give for
+    them: ``(q, k, v, beta, lam, G, dO, T, h_in, D, dh_out, dD)``, the config and whether the
+    Triton kernels run interpreted (a CPU smoke run)."""
     B, T, H, K, V = shape
     scale = K**-0.5
-    q, k, v, g, beta, lam, h0 = random_inputs(jax.random.PRNGKey(B * 5 + T + K), B, T, H, K, V,
+    q, k, v, g, beta, lam, h0 = random_inputs(jax.random.PRNGKey(seed), B, T, H, K, V,
                                               dtype=dtype, **KERNEL_INPUTS)
-    do = jax.random.normal(jax.random.PRNGKey(T + 7), (B, T, H, V), F32).astype(dtype)
-    dfin = 0.1 * jax.random.normal(jax.random.PRNGKey(T + 8), (B, H, K, V), F32)
+    do = jax.random.normal(jax.random.PRNGKey(T + 1), (B, T, H, V), F32).astype(dtype)
+    dfin = 0.1 * jax.random.normal(jax.random.PRNGKey(T + 2), (B, H, K, V), F32)
     m = packing.make_layout(B, T, C, None).meta
     cfg = pcfg.get_config(K, V, C, dtype)
     G = packing.chunk_cumsum(g, C)
@@ -204,6 +202,19 @@ def run_fused_local(shape, dtype, reps):
     dh_out, dD, _ = jax.jit(lambda *a: pbwd.reverse_state_pass(
         *a, scale=scale, C=C, cfg=cfg.reverse, interpret=interp))(
         q, k, G, W, do, dD0, dfin, m.reset, m.is_last, m.seq)
+    return (q, k, v, beta, lam, G, do, Tinv, h_in, D, dh_out, dD), cfg, interp
+
+
+def run_fused_local(shape, dtype, reps):
+    """The fused local gradients' two Mosaic GPU kernels on the states the Triton forward and
+    reverse pass give for random inputs: ``grads_v_from_d`` against its XLA oracle (and its
+    ``dA``, from ``D``, against the Triton V side's, from ``dW``), ``dqkw_products`` against the
+    Triton ``chunk_dqkw`` + the K side's products' oracle; times against the kernels they
+    replace (the Triton V side, the Mosaic ``chunk_dqkw`` + ``grads_k_products``)."""
+    B, T, H, K, V = shape
+    scale = K**-0.5
+    (q, k, v, beta, lam, G, do, Tinv, h_in, D, dh_out, dD), cfg, interp = triton_states(
+        shape, dtype, B * 5 + T + K)
     beta32, lam32 = beta.astype(F32), lam.astype(F32)
     bg = beta32 * pbwd.chunk_gamma(G, None, C)
     tol = 2 * float(jnp.finfo(dtype).eps)
@@ -510,23 +521,8 @@ def run_dqkw(shape, dtype, reps, block_vs):
     for random inputs: the relative error of each output and the times of both."""
     B, T, H, K, V = shape
     scale = K**-0.5
-    q, k, v, g, beta, lam, h0 = random_inputs(jax.random.PRNGKey(B * 7 + T + K), B, T, H, K, V,
-                                              dtype=dtype, **KERNEL_INPUTS)
-    do = jax.random.normal(jax.random.PRNGKey(T + 1), (B, T, H, V), F32).astype(dtype)
-    dfin = 0.1 * jax.random.normal(jax.random.PRNGKey(T + 2), (B, H, K, V), F32)
-    m = packing.make_layout(B, T, C, None).meta
-    cfg = pcfg.get_config(K, V, C, dtype)
-    G = packing.chunk_cumsum(g, C)
-    interp = jax.default_backend() != "gpu"
-    W, U, _ = jax.jit(lambda *a: pfwd.chunk_local(*a, C=C, cfg=cfg.wu, interpret=interp,
-                                                  cfg_solve=cfg.solve))(q, k, v, G, beta, lam)
-    h_in, D, _ = jax.jit(lambda *a: pfwd.state_pass(*a, C=C, cfg=cfg.state, interpret=interp))(
-        k, G, W, U, h0, m.reset, m.is_last, m.seq)
-    dD0 = jax.jit(lambda *a: pbwd.chunk_dd0(*a, scale=scale, C=C, cfg=cfg.dd0,
-                                            interpret=interp))(q, k, G, do)
-    dh_out, dD, _ = jax.jit(lambda *a: pbwd.reverse_state_pass(
-        *a, scale=scale, C=C, cfg=cfg.reverse, interpret=interp))(
-        q, k, G, W, do, dD0, dfin, m.reset, m.is_last, m.seq)
+    (q, k, _, _, _, G, do, _, h_in, D, dh_out, dD), cfg, interp = triton_states(
+        shape, dtype, B * 7 + T + K)
     args = (q, k, G, h_in, dh_out, do, D, dD)
     names = ("dq_part", "dk_part", "dW", "dG_part", "dPs")
     tri = jax.jit(lambda *a: pbwd.chunk_dqkw(*a, scale=scale, C=C, cfg=cfg.dqkw,
@@ -615,6 +611,8 @@ def main(argv=None):
     ap.add_argument("--grads-k", action="store_true",
                     help="also check and time the local gradients with the K side's products on "
                     "Mosaic GPU against the Triton kernels")
+    ap.add_argument("--fused-local", action="store_true",
+                    help="also check and time the fused local gradients' two Mosaic GPU kernels")
     ap.add_argument("--launch-cost", type=int, default=0, metavar="N",
                     help="only time N dependent calls at one CTA's shape, Mosaic and Triton")
     ap.add_argument("--out", default=None)

@@ -252,6 +252,38 @@ def _dg_part(dg, de, hd, C):
     return jnp.swapaxes(dg, 1, 2)
 
 
+def _k_side_products(dq0, dk0, t_s, dw_s, m_s, s_s, q_s, k_s, lbg_s, bg_s, oq_s, ok_s, sq_s,
+                     sk_s, dt, qv=None, kv=None):
+    """The K side's products of one chunk, head and K tile: ``dbx = T^T dW``, ``M k``, ``S k``
+    and ``M^T q`` as wgmmas onto accumulators that start from ``dq0``, ``dk0`` (``[C, BK]``
+    float32 in registers); ``dq = dq0 + M k + lbg dbx``, ``dk = dk0 + S k + M^T q + bg dbx``
+    into ``oq_s``, ``ok_s`` (compute dtype) and the row sums ``dbx . q``, ``dbx . k`` into
+    ``sq_s``, ``sk_s`` (``qv``, ``kv``: ``q``, ``k`` already in registers, else loaded). The
+    caller commits the shared memory."""
+    plgpu = m.plgpu
+    wg = plgpu.Layout.WGMMA
+
+    def products(accs):
+        a_bx, a_dq, a_dk = accs
+        plgpu.wgmma(a_bx, t_s.T, dw_s)  # dbx = T^T dW
+        plgpu.wgmma(a_dq, m_s, k_s)  # + M k
+        plgpu.wgmma(a_dk, s_s, k_s)  # + S k
+        plgpu.wgmma(a_dk, m_s.T, q_s)  # + M^T q
+
+    dbx, dq, dk = pl.run_state(products)((
+        plgpu.ACC.init(plgpu.layout_cast(jnp.full(dq0.shape, 0, F32), wg)),
+        plgpu.ACC.init(dq0), plgpu.ACC.init(dk0)))
+    lbg = m._load(lbg_s, wg.reduce(1))
+    bg = m._load(bg_s, wg.reduce(1))
+    # (T diag(s))^T dW = diag(s) dbx: the row terms of dq and dk from the one product.
+    oq_s[...] = (dq + m._rows(lbg, dbx.shape) * dbx).astype(dt)
+    ok_s[...] = (dk + m._rows(bg, dbx.shape) * dbx).astype(dt)
+    qv = m._load(q_s, wg).astype(F32) if qv is None else qv
+    kv = m._load(k_s, wg).astype(F32) if kv is None else kv
+    sq_s[...] = jnp.sum(dbx * qv, axis=1)
+    sk_s[...] = jnp.sum(dbx * kv, axis=1)
+
+
 # ----------------------------------------------------------------------------- fused
 
 
@@ -297,25 +329,11 @@ def _dqkw_products_kernel(q_ref, k_ref, g_ref, hin_ref, dho_ref, do_ref, d_ref, 
     dg_s[...] = scale * gam * jnp.sum(doh * qv, axis=1) - de
     hd_s[...] = hd * aC
 
-    def products(accs):
-        a_bx, a_dq, a_dk = accs
-        plgpu.wgmma(a_bx, t_s.T, dw_s)  # dbx = T^T dW
-        plgpu.wgmma(a_dq, m_s, k_s)  # + M k
-        plgpu.wgmma(a_dk, s_s, k_s)  # + S k
-        plgpu.wgmma(a_dk, m_s.T, q_s)  # + M^T q
-
     # The state-side parts dq_part = scale gamma dO h^T, dk_part = e D dh^T never leave the
     # registers: they start the accumulators of the K side's products.
-    dbx, dq, dk = pl.run_state(products)((
-        plgpu.ACC.init(plgpu.layout_cast(jnp.full((C, BK), 0, F32), wg)),
-        plgpu.ACC.init(scale * m._rows(gam, doh.shape) * doh),
-        plgpu.ACC.init(m._rows(e, dkd.shape) * dkd)))
-    lbg = m._load(lbg_s, wg.reduce(1))
-    bg = m._load(bg_s, wg.reduce(1))
-    oq_s[...] = (dq + m._rows(lbg, dbx.shape) * dbx).astype(dt)
-    ok_s[...] = (dk + m._rows(bg, dbx.shape) * dbx).astype(dt)
-    sq_s[...] = jnp.sum(dbx * qv, axis=1)
-    sk_s[...] = jnp.sum(dbx * kv, axis=1)
+    _k_side_products(scale * m._rows(gam, doh.shape) * doh, m._rows(e, dkd.shape) * dkd,
+                     t_s, dw_s, m_s, s_s, q_s, k_s, lbg_s, bg_s, oq_s, ok_s, sq_s, sk_s, dt,
+                     qv=qv, kv=kv)
     plgpu.commit_smem()
     plgpu.copy_smem_to_gmem(oq_s, dq_ref.at[b, rows, h, cols])
     plgpu.copy_smem_to_gmem(ok_s, dk_ref.at[b, rows, h, cols])
@@ -606,25 +624,8 @@ def _products_kernel(q_ref, k_ref, t_ref, dw_ref, m_ref, s_ref, dqp_ref, dkp_ref
     # dtype, as the Triton kernel's do.
     t_s[...] = m._load(t32_s, wg).astype(dt)
     plgpu.commit_smem()
-    zeros = plgpu.layout_cast(jnp.full((C, BK), 0, F32), wg)
-
-    def products(accs):
-        a_bx, a_dq, a_dk = accs
-        plgpu.wgmma(a_bx, t_s.T, dw_s)  # dbx = T^T dW
-        plgpu.wgmma(a_dq, m_s, k_s)  # + M k
-        plgpu.wgmma(a_dk, s_s, k_s)  # + S k
-        plgpu.wgmma(a_dk, m_s.T, q_s)  # + M^T q
-
-    dbx, dq, dk = pl.run_state(products)((
-        plgpu.ACC.init(zeros), plgpu.ACC.init(m._load(dqp_s, wg)),
-        plgpu.ACC.init(m._load(dkp_s, wg))))
-    lbg = m._load(lbg_s, wg.reduce(1))
-    bg = m._load(bg_s, wg.reduce(1))
-    # (T diag(s))^T dW = diag(s) dbx: the row terms of dq and dk from the one product.
-    oq_s[...] = (dq + m._rows(lbg, dbx.shape) * dbx).astype(dt)
-    ok_s[...] = (dk + m._rows(bg, dbx.shape) * dbx).astype(dt)
-    sq_s[...] = jnp.sum(dbx * m._load(q_s, wg).astype(F32), axis=1)
-    sk_s[...] = jnp.sum(dbx * m._load(k_s, wg).astype(F32), axis=1)
+    _k_side_products(m._load(dqp_s, wg), m._load(dkp_s, wg), t_s, dw_s, m_s, s_s, q_s, k_s,
+                     lbg_s, bg_s, oq_s, ok_s, sq_s, sk_s, dt)
     plgpu.commit_smem()
     plgpu.copy_smem_to_gmem(oq_s, dq_ref.at[b, rows, h, cols])
     plgpu.copy_smem_to_gmem(ok_s, dk_ref.at[b, rows, h, cols])
