@@ -205,6 +205,16 @@ def triton_states(shape, dtype, seed):
     return (q, k, v, beta, lam, G, do, Tinv, h_in, D, dh_out, dD), cfg, interp
 
 
+def check_against(res, key, f, args, want, names, tol, reps):
+    """Runs ``f(*args)``, puts the relative error of each output against ``want`` under
+    ``res[key + "_vs_oracle"]``, whether all are within ``tol`` under ``key + "_pass"`` and
+    ``f``'s times under ``key + "_ms"``."""
+    got = f(*args)
+    res[key + "_vs_oracle"] = {n: rel_err(a, b) for n, a, b in zip(names, got, want)}
+    res[key + "_pass"] = all(e <= tol for e in res[key + "_vs_oracle"].values())
+    res[key + "_ms"] = times(f, args, reps)
+
+
 def run_fused_local(shape, dtype, reps):
     """The fused local gradients' two Mosaic GPU kernels on the states the Triton forward and
     reverse pass give for random inputs: ``grads_v_from_d`` against its XLA oracle (and its
@@ -236,13 +246,10 @@ def run_fused_local(shape, dtype, reps):
     print(f"oracle dA from D vs Triton dA from dW {res['dA_from_D_vs_from_dW']:.1e}, dPs vs "
           f"chunk_dqkw {res['dPs_vs_dqkw']:.1e}; triton grads_v {res['triton_v_ms'][0]:.3f} "
           f"{res['triton_v_ms'][1]:.3f}", flush=True)
-    names = ("dv", "dbeta_v", "dA", "dPs", "Tb")
     try:
-        f = jax.jit(functools.partial(mosaic_backward.grads_v_from_d, scale=scale))
-        got = f(*vargs)
-        res["v_vs_oracle"] = {n: rel_err(a, b) for n, a, b in zip(names, got, oracle)}
-        res["v_pass"] = all(e <= tol for e in res["v_vs_oracle"].values())
-        res["v_ms"] = times(f, vargs, reps)
+        check_against(res, "v", jax.jit(functools.partial(mosaic_backward.grads_v_from_d,
+                                                          scale=scale)),
+                      vargs, oracle, ("dv", "dbeta_v", "dA", "dPs", "Tb"), tol, reps)
         print("mosaic grads_v_from_d vs oracle " + " ".join(
             f"{n} {e:.1e}" for n, e in res["v_vs_oracle"].items())
             + f" {res['v_ms'][0]:.3f} {res['v_ms'][1]:.3f} "
@@ -268,16 +275,13 @@ def run_fused_local(shape, dtype, reps):
         return mosaic_backward.grads_k_products(q, k, Tb.astype(F32), dW, M, S, dqp, dkp, lbg,
                                                 bg) + (dGp,)
 
-    names = ("dq", "dk", "dG_part", "sq", "sk")
     try:
         res["unfused_ms"] = times(jax.jit(unfused), kargs, reps)
-        f = jax.jit(functools.partial(mosaic_backward.dqkw_products, scale=scale))
-        got = f(*kargs)
-        res["k_vs_ref"] = {n: rel_err(a, b) for n, a, b in zip(names, got, ref)}
-        res["k_pass"] = all(e <= tol for e in res["k_vs_ref"].values())
-        res["k_ms"] = times(f, kargs, reps)
+        check_against(res, "k", jax.jit(functools.partial(mosaic_backward.dqkw_products,
+                                                          scale=scale)),
+                      kargs, ref, ("dq", "dk", "dG_part", "sq", "sk"), tol, reps)
         print("mosaic dqkw_products vs triton dqkw + products oracle " + " ".join(
-            f"{n} {e:.1e}" for n, e in res["k_vs_ref"].items())
+            f"{n} {e:.1e}" for n, e in res["k_vs_oracle"].items())
             + f" {res['k_ms'][0]:.3f} {res['k_ms'][1]:.3f} "
             f"{'PASS' if res['k_pass'] else 'FAIL'}; mosaic dqkw + products "
             f"{res['unfused_ms'][0]:.3f} {res['unfused_ms'][1]:.3f} "

@@ -132,6 +132,21 @@ def _state_side_loop(hin_ref, dho_ref, do_ref, d_ref, dd_ref, *, b, c, h, kt, NC
     )(hin_ref, dho_ref, do_ref, d_ref, dd_ref)
 
 
+def _write_dps(dp, Gi, Gj, mask, scale, stage_s, dst):
+    """``dPs = scale dP o exp(G_i - G_j)`` on the mask's pairs (``dP = dO D^T`` ``[C, C]`` in
+    registers) to ``dst`` through the float32 staging tile ``stage_s``, once the copies before
+    have read it."""
+    plgpu = m.plgpu
+    C = dp.shape[0]
+    # exp(G_i - G_j) only where the mask holds, so the exponent never overflows
+    diff = jnp.where(mask, m._rows(Gi, (C, C)) - m._cols(Gj, (C, C)), 0.0)
+    dps = jnp.where(mask, scale * dp * jnp.exp(diff), 0.0)
+    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+    stage_s[...] = dps
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(stage_s, dst)
+
+
 def _kernel(q_ref, k_ref, g_ref, hin_ref, dho_ref, do_ref, d_ref, dd_ref,
             dq_ref, dk_ref, dw_ref, dg_ref, de_ref, hd_ref, dps_ref,
             q_s, k_s, g_s, f_s, dw_s, dg_s, de_s, hd_s, bars,
@@ -176,12 +191,7 @@ def _kernel(q_ref, k_ref, g_ref, hin_ref, dho_ref, do_ref, d_ref, dd_ref,
 
     @pl.when(kt == 0)
     def _():
-        diff = jnp.where(mask, m._rows(Gi, (C, C)) - m._cols(Gj, (C, C)), 0.0)
-        dps = jnp.where(mask, scale * dp * jnp.exp(diff), 0.0)
-        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-        f_s[...] = dps
-        plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(f_s, dps_ref.at[b, rows, h, :])
+        _write_dps(dp, Gi, Gj, mask, scale, f_s, dps_ref.at[b, rows, h, :])
 
     plgpu.wait_smem_to_gmem(0)
 
@@ -504,14 +514,8 @@ def _grads_v_from_d_kernel(v_ref, dd_ref, do_ref, d_ref, t_ref, g_ref, b_ref,
     plgpu.commit_smem()
     plgpu.copy_smem_to_gmem(t32_s, da_ref.at[b, rows, h, :])
     plgpu.copy_smem_to_gmem(db_s, dbv_ref.at[b, h, rows])
-    # dPs = scale (dO D^T) o exp(G_i - G_j) on i >= j, as chunk_dqkw writes it.
     Gi, Gj, _, _, _, mask, _ = m._gates(g_s, None, None, m._causal(C))
-    diff = jnp.where(mask, m._rows(Gi, (C, C)) - m._cols(Gj, (C, C)), 0.0)
-    dps = jnp.where(mask, scale * dod * jnp.exp(diff), 0.0)
-    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-    t32_s[...] = dps
-    plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(t32_s, dps_ref.at[b, rows, h, :])
+    _write_dps(dod, Gi, Gj, mask, scale, t32_s, dps_ref.at[b, rows, h, :])
     plgpu.wait_smem_to_gmem(0)
 
 
