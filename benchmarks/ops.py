@@ -216,17 +216,27 @@ def main(argv=None) -> int:
           f"dtype {dtype.name}, chunk {a.chunk_size}, warmup {a.warmup}, reps {a.reps}",
           file=sys.stderr)
     rows = []
+
+    def save():  # after every row: a run cut short keeps what it measured
+        if a.json:
+            with open(a.json, "w") as fh:
+                json.dump({"device": device, "jax": jax.__version__, "rows": rows,
+                           "anchors": anchors}, fh, indent=1, default=str)
+
     for shape in shapes:
         guards = (False, True) if a.guarded else (False,)
         for impl, docs, guard in [(i, d, u) for i in impls for d in a.docs for u in guards]:
             row = bench_impl(impl, shape, dtype, a.warmup, a.reps, a.chunk_size, docs, guard)
             rows.append(row)
+            save()
             print(f"# {impl} {shape}: fwd {fmt_ms(row.get('fwd'))} ms, "
-                  f"fwd+bwd {fmt_ms(row.get('fwd_bwd'))} ms "
+                  f"fwd+bwd {fmt_ms(row.get('fwd_bwd'))} ms (pipelined "
+                  f"{fmt_ms(row.get('fwd_pipe'))} / {fmt_ms(row.get('fwd_bwd_pipe'))}) "
                   f"{row.get('fwd_error', '')} {row.get('fwd_bwd_error', '')}",
                   file=sys.stderr, flush=True)
         if a.fla and on_gpu:
             rows.append(bench_fla(shape, a.warmup, a.reps))
+            save()
     print(f"\nDevice: {device}; dtype {dtype.name}; median of {a.reps} after {a.warmup} warm-up\n")
     print("| shape B,T,H,K,V | impl | fwd ms | fwd+bwd ms | fwd ms, pipelined "
           "| fwd+bwd ms, pipelined | fwd Mtok/s | fwd+bwd Mtok/s | fwd temp GiB "
@@ -246,10 +256,7 @@ def main(argv=None) -> int:
                 print(f"|  | {r['impl']} {key}: {r[key]} | | | | | | | | |")
     if anchors is not None:
         print_anchor_table(rows, anchors, impls)
-    if a.json:
-        with open(a.json, "w") as fh:
-            json.dump({"device": device, "jax": jax.__version__, "rows": rows,
-                       "anchors": anchors}, fh, indent=1, default=str)
+    save()
     return 0
 
 
