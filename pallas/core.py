@@ -156,7 +156,7 @@ def _core_bwd(scale, cfg: Config, C, interp, mcfg, res, cts):
     fused = (cfg.mosaic_fused_local is not False and cfg.mosaic_dqkw is not False
              and cfg.mosaic_grads_k is not False)
     if _mosaic_backward_kernel(
-            fused, mcfg, seg, "chunk_dqkw and chunk_grads_v",
+            fused, mcfg, seg, "separate state-side and K-side kernels, not the fused ones",
             lambda: (mosaic_backward.check_dqkw_products_supported(K=K, V=V, C=C,
                                                                    dtype=q.dtype),
                      mosaic_backward.check_grads_v_from_d_supported(V=V, C=C, dtype=q.dtype))):
@@ -171,7 +171,7 @@ def _core_bwd(scale, cfg: Config, C, interp, mcfg, res, cts):
     # The state-side gradients and the K side's products on Mosaic GPU unless
     # Config(mosaic_dqkw=False) / Config(mosaic_grads_k=False).
     if _mosaic_backward_kernel(
-            cfg.mosaic_dqkw is not False, mcfg, seg, "chunk_dqkw",
+            cfg.mosaic_dqkw is not False, mcfg, seg, "the Triton chunk_dqkw, not Mosaic GPU's",
             lambda: mosaic_backward.check_supported(K=K, V=V, C=C, dtype=q.dtype)):
         dqp, dkp, dW, dGp, dPs = mosaic_backward.chunk_dqkw(
             q, k, G, h_in, dh_out, do, D, dD, scale=scale, C=C)
@@ -182,7 +182,8 @@ def _core_bwd(scale, cfg: Config, C, interp, mcfg, res, cts):
     # The K-side products take no document ids (the document masks are in the Triton [C, C]
     # part and in gamma): packed rows take them too.
     mosaic_k = _mosaic_backward_kernel(
-        cfg.mosaic_grads_k is not False, mcfg, None, "chunk_grads_k",
+        cfg.mosaic_grads_k is not False, mcfg, None,
+        "the Triton chunk_grads_k, not the Mosaic GPU products",
         lambda: mosaic_backward.check_products_supported(K=K, C=C, dtype=q.dtype))
     dq, dk, dv, dG, db, dl = bwd.chunk_grads(
         q, k, v, G, beta, lam, Tinv, dD, dW, dqp, dkp, dGp, dPs, seg, C=C, cfg=cfg.grads_v,
@@ -198,12 +199,12 @@ def _core_bwd(scale, cfg: Config, C, interp, mcfg, res, cts):
 _core.defvjp(_core_fwd, _core_bwd)
 
 
-def _mosaic_backward_kernel(wanted: bool, mcfg, seg, triton_name: str, check) -> bool:
+def _mosaic_backward_kernel(wanted: bool, mcfg, seg, fallback: str, check) -> bool:
     """Whether one of the backward's Mosaic GPU kernels runs: ``wanted`` (its ``Config``
     switch), in a backward on the Mosaic kernels, for sizes that ``check()`` (the kernel's size
     and dtype check, raising ``ValueError``) accepts and, for a kernel without document masks,
-    unpacked rows (``seg`` None; a kernel that needs none is asked with None); else the Triton
-    kernel ``triton_name`` runs and the reason goes to the debug log."""
+    unpacked rows (``seg`` None; a kernel that needs none is asked with None); else
+    ``fallback`` (what runs instead) and the reason go to the debug log."""
     if not wanted or mcfg is None or not mcfg.train:
         return False
     if seg is not None:
@@ -214,7 +215,7 @@ def _mosaic_backward_kernel(wanted: bool, mcfg, seg, triton_name: str, check) ->
             return True
         except ValueError as e:
             why = str(e)
-    log.debug("qdelta pallas backward: Triton %s, not Mosaic GPU: %s", triton_name, why)
+    log.debug("qdelta pallas backward: %s: %s", fallback, why)
     return False
 
 
