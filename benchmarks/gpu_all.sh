@@ -136,11 +136,17 @@ for s in $sections; do
         step gradsk_ops ${OPS_LIMIT:-240} "$PY" benchmarks/ops.py --impl pallas-mosaic+nfl \
             pallas-mosaic+tgk --reps 20 --warmup 3 --json "$OUT_DIR/gradsk_ops.json"
         ;;
-    fused)  # the fused local gradients' Mosaic GPU kernels against their oracles; the op
+    fused)  # the fused local gradients' Mosaic GPU kernels against their oracles; the op;
+        # qdelta-check with them on packed rows (+pfl: not the default there yet)
         step fused ${MOSAIC_LIMIT:-200} "$PY" benchmarks/mosaic_dev.py --variants "" \
             --fused-local --shapes 8x4096x6x128x256,2x16384x6x128x256,8x4096x16x128x128
         step fused_ops ${OPS_LIMIT:-240} "$PY" benchmarks/ops.py --impl pallas-mosaic \
             pallas-mosaic+nfl --reps 20 --warmup 3 --json "$OUT_DIR/fused_ops.json"
+        step fused_checkp ${CHECK_LIMIT:-200} "$PY" -m qdelta_jax.check \
+            --shapes 8x4096x6x128x256 --no-fd --dtype bfloat16 --docs 32 \
+            --implementations xla,pallas-mosaic,pallas-mosaic+pfl
+        step fused_opsp ${OPS_LIMIT:-240} "$PY" benchmarks/ops.py --impl pallas-mosaic \
+            pallas-mosaic+pfl --docs 32 --reps 20 --warmup 3 --json "$OUT_DIR/fused_opsp.json"
         ;;
     dqkw)  # the Mosaic GPU state-side gradients against the Triton kernel
         step dqkw ${MOSAIC_LIMIT:-200} "$PY" benchmarks/mosaic_dev.py --variants "" \

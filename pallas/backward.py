@@ -507,11 +507,12 @@ def grads_k_products_xla(q, k, Tinv, dW, M, S, dq_part, dk_part, lbg, bg):
             _from_chunks(sk))
 
 
-def grads_v_from_d_xla(v, Tinv, dD, do, D, G, beta, *, scale: float):
+def grads_v_from_d_xla(v, Tinv, dD, do, D, G, beta, seg=None, *, scale: float):
     """The oracle of :func:`qdelta_jax.pallas.mosaic_backward.grads_v_from_d` in XLA, with its
     rounding (product operands in the compute dtype, ``dA`` from float32 ``T``): ``dv = beta
     T^T dD``, ``sum_v (T^T dD) o V``, ``dA = -T^T (dD D^T)`` (strictly lower), ``dPs = scale
-    (dO D^T) o decay o causal`` and ``T`` in the compute dtype. Unpacked rows."""
+    (dO D^T) o decay o causal`` (within documents, ``seg [B, Tp]``) and ``T`` in the compute
+    dtype."""
     C = Tinv.shape[-1]
     dt = v.dtype
     mm = _mm_in(dt)
@@ -523,38 +524,43 @@ def grads_v_from_d_xla(v, Tinv, dD, do, D, G, beta, *, scale: float):
                      precision=lax.Precision.HIGHEST)
     dA = jnp.where(jnp.tril(jnp.ones((C, C), bool), -1), dA, 0.0)
     causal = jnp.tril(jnp.ones((C, C), bool))
+    if seg is not None:
+        B, Tp = seg.shape
+        sc = seg.reshape(B, Tp // C, 1, C)
+        causal = causal & (sc[..., :, None] == sc[..., None, :])
     diff = jnp.where(causal, Gc[..., :, None] - Gc[..., None, :], 0.0)
     dPs = jnp.where(causal, scale * mm("...iv,...jv->...ij", doc, Dc) * jnp.exp(diff), 0.0)
     return (_from_chunks(betac * dbv).astype(dt), _from_chunks(jnp.sum(dbv * vc.astype(F32), -1)),
             _from_chunks(dA), _from_chunks(dPs), Tinv.astype(dt))
 
 
-def dqkw_products_ref(q, k, G, h_in, dh_out, do, D, dD, Tb, M, S, lbg, bg, *, scale: float,
-                      C: int = 64, cfg: StageConfig | None = None, interpret: bool = False):
+def dqkw_products_ref(q, k, G, h_in, dh_out, do, D, dD, Tb, M, S, lbg, bg, seg=None, *,
+                      scale: float, C: int = 64, cfg: StageConfig | None = None,
+                      interpret: bool = False):
     """The contract of :func:`qdelta_jax.pallas.mosaic_backward.dqkw_products` by its two
     unfused parts: the Triton :func:`chunk_dqkw` and :func:`grads_k_products_xla`. Returns
     ``dq, dk``, the state-side ``dG`` part and the row sums ``dbx . q``, ``dbx . k``."""
-    dqp, dkp, dW, dGp, _ = chunk_dqkw(q, k, G, h_in, dh_out, do, D, dD, scale=scale, C=C,
+    dqp, dkp, dW, dGp, _ = chunk_dqkw(q, k, G, h_in, dh_out, do, D, dD, seg, scale=scale, C=C,
                                       cfg=cfg or StageConfig(num_warps=4), interpret=interpret)
     dq, dk, sq, sk = grads_k_products_xla(q, k, Tb, dW, M, S, dqp, dkp, lbg, bg)
     return dq, dk, dGp, sq, sk
 
 
-def local_grads_from_d(q, k, v, G, beta, lam, Tinv, h_in, dh_out, do, D, dD, *, scale: float,
-                       C: int, cfg_k: StageConfig, interpret, v_side, dqkw_k):
+def local_grads_from_d(q, k, v, G, beta, lam, Tinv, h_in, dh_out, do, D, dD, seg=None, *,
+                       scale: float, C: int, cfg_k: StageConfig, interpret, v_side, dqkw_k):
     """The backward after the reverse pass with the state-side gradients and the K side's
     products in one kernel: ``v_side`` (the contract of :func:`grads_v_from_d_xla`: ``dv``,
     the V part of ``dbeta``, ``dA`` and ``dPs`` from ``D`` rather than ``dW``), then the K
     side's ``[C, C]`` part (:func:`chunk_grads_k_phase1`), then ``dqkw_k`` (the contract of
     :func:`dqkw_products_ref`). Returns ``dq, dk, dv`` in the input dtypes and ``dg, dbeta,
-    dlam`` float32. Unpacked rows."""
+    dlam`` float32. ``seg``: document ids of packed rows, or None."""
     beta32 = beta.astype(F32)
-    dv, dbv, dA, dPs, Tb = v_side(v, Tinv, dD, do, D, G, beta32, scale=scale)
-    M, S, dG1, db1, dl1 = chunk_grads_k_phase1(q, k, G, beta, lam, dPs, dA, dbv, C=C,
+    dv, dbv, dA, dPs, Tb = v_side(v, Tinv, dD, do, D, G, beta32, seg, scale=scale)
+    M, S, dG1, db1, dl1 = chunk_grads_k_phase1(q, k, G, beta, lam, dPs, dA, dbv, seg, C=C,
                                                cfg=cfg_k, interpret=interpret)
-    gam = chunk_gamma(G, None, C)
+    gam = chunk_gamma(G, seg, C)
     bg = beta32 * gam
-    dq, dk, dGp, sq, sk = dqkw_k(q, k, G, h_in, dh_out, do, D, dD, Tb, M, S, lam * bg, bg,
+    dq, dk, dGp, sq, sk = dqkw_k(q, k, G, h_in, dh_out, do, D, dD, Tb, M, S, lam * bg, bg, seg,
                                  scale=scale)
     dg, db, dl = grads_k_finish(gam, bg, lam, sq, sk, dG1, db1, dl1, dGp)
     return dq, dk, dv, dg, db, dl

@@ -89,11 +89,12 @@ class Config:
     Mosaic GPU (:func:`qdelta_jax.pallas.mosaic_backward.grads_k_products`); ``None`` or
     ``True``: yes, ``False``: the one-launch Triton K side.
 
-    ``mosaic_fused_local``: where the backward runs on the Mosaic GPU kernels (unpacked rows)
-    with both of the above, the state-side gradients and the K side's products in one Mosaic
-    GPU kernel (:func:`qdelta_jax.pallas.mosaic_backward.dqkw_products`) after a Mosaic V side
-    that forms ``dA`` and ``dPs`` from ``D`` (:func:`qdelta_jax.pallas.mosaic_backward.
-    grads_v_from_d`); ``None`` or ``True``: yes, ``False``: the separate kernels above."""
+    ``mosaic_fused_local``: where the backward runs on the Mosaic GPU kernels with both of the
+    above, the state-side gradients and the K side's products in one Mosaic GPU kernel
+    (:func:`qdelta_jax.pallas.mosaic_backward.dqkw_products`) after a Mosaic V side that forms
+    ``dA`` and ``dPs`` from ``D`` (:func:`qdelta_jax.pallas.mosaic_backward.grads_v_from_d`);
+    ``None``: yes for unpacked rows, ``True``: for packed rows too (their document-masked
+    variants are not yet checked on a GPU), ``False``: the separate kernels above."""
 
     solve: StageConfig | None = None
     wu: StageConfig | None = None
@@ -281,8 +282,9 @@ def split_variant(name: str) -> tuple[str, Config | None]:
     ``chunk_dd0`` launch instead of forming it itself; ``+tgk`` (``pallas-mosaic+tgk``) runs
     the K-side local gradients in one Triton launch instead of their products on Mosaic GPU;
     ``+nfl`` keeps the state-side gradients and the K side's products in separate kernels
-    (``mosaic_fused_local`` off). A name without suffixes is returned with ``None``. Raises
-    ValueError for another suffix (or a V tile :class:`Config` refuses)."""
+    (``mosaic_fused_local`` off), ``+pfl`` fuses them for packed rows too (on). A name
+    without suffixes is returned with ``None``. Raises ValueError for another suffix (or a V
+    tile :class:`Config` refuses)."""
     if name == "pallas-no-save-residuals":
         return "pallas", Config(save_residuals=False)
     base, *suffixes = name.split("+")
@@ -298,9 +300,11 @@ def split_variant(name: str) -> tuple[str, Config | None]:
             fields["mosaic_grads_k"] = False
         elif sfx == "nfl":
             fields["mosaic_fused_local"] = False
+        elif sfx == "pfl":
+            fields["mosaic_fused_local"] = True
         elif sfx.startswith("mbv") and sfx[3:].isdigit():
             fields["mosaic_block_v"] = int(sfx[3:])
         else:
             raise ValueError(f"unknown suffix +{sfx} in {name!r}; known: +mbvN (the Mosaic GPU "
-                             "V tile, N in 32, 64, 128), +tdqkw, +tdd0, +tgk, +nfl")
+                             "V tile, N in 32, 64, 128), +tdqkw, +tdd0, +tgk, +nfl, +pfl")
     return base, Config(**fields)

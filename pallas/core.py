@@ -152,16 +152,18 @@ def _core_bwd(scale, cfg: Config, C, interp, mcfg, res, cts):
         )
     K, V = q.shape[-1], do.shape[-1]
     # The state side fused with the K side's products (after a V side from D) unless any of
-    # the three is switched off.
+    # the three is switched off; for packed rows only when asked for (Config(
+    # mosaic_fused_local=True)): their document-masked variants have not been run on a GPU.
     fused = (cfg.mosaic_fused_local is not False and cfg.mosaic_dqkw is not False
              and cfg.mosaic_grads_k is not False)
     if _mosaic_backward_kernel(
-            fused, mcfg, seg, "separate state-side and K-side kernels, not the fused ones",
+            fused, mcfg, None if cfg.mosaic_fused_local else seg,
+            "separate state-side and K-side kernels, not the fused ones",
             lambda: (mosaic_backward.check_dqkw_products_supported(K=K, V=V, C=C,
                                                                    dtype=q.dtype),
                      mosaic_backward.check_grads_v_from_d_supported(V=V, C=C, dtype=q.dtype))):
         dq, dk, dv, dG, db, dl = bwd.local_grads_from_d(
-            q, k, v, G, beta, lam, Tinv, h_in, dh_out, do, D, dD, scale=scale, C=C,
+            q, k, v, G, beta, lam, Tinv, h_in, dh_out, do, D, dD, seg, scale=scale, C=C,
             cfg_k=cfg.grads_k, interpret=interp, v_side=mosaic_backward.grads_v_from_d,
             dqkw_k=mosaic_backward.dqkw_products)
         return (

@@ -132,6 +132,18 @@ def _state_side_loop(hin_ref, dho_ref, do_ref, d_ref, dd_ref, *, b, c, h, kt, NC
     )(hin_ref, dho_ref, do_ref, d_ref, dd_ref)
 
 
+def _with_seg_refs(kernel, n_in: int, n_out: int, segmented: bool):
+    """``kernel`` with its document ids as keyword refs: with ``segmented`` the call's last
+    input is ``seg`` (``[B, Tp]``) and its last scratch before the barriers ``seg_s`` (``[C]``
+    int32); without, both are None and the call has neither."""
+    def call(*refs):
+        if not segmented:
+            return kernel(*refs, seg_ref=None, seg_s=None)
+        ins, outs, scr = refs[:n_in], refs[n_in:n_in + n_out], refs[n_in + n_out:]
+        return kernel(*ins[:-1], *outs, *scr[:-2], scr[-1], seg_ref=ins[-1], seg_s=scr[-2])
+    return call
+
+
 def _write_dps(dp, Gi, Gj, mask, scale, stage_s, dst):
     """``dPs = scale dP o exp(G_i - G_j)`` on the mask's pairs (``dP = dO D^T`` ``[C, C]`` in
     registers) to ``dst`` through the float32 staging tile ``stage_s``, once the copies before
@@ -311,7 +323,7 @@ def _dqkw_products_kernel(q_ref, k_ref, g_ref, hin_ref, dho_ref, do_ref, d_ref, 
                           dq_ref, dk_ref, dg_ref, de_ref, hd_ref, sq_ref, sk_ref,
                           q_s, k_s, g_s, t_s, m_s, s_s, lbg_s, bg_s, dw_s, oq_s, ok_s,
                           dg_s, de_s, hd_s, sq_s, sk_s, bars,
-                          *, C, NC, H, nk, BK, BV, nv, scale, steps, dt):
+                          *, seg_ref, seg_s, C, NC, H, nk, BK, BV, nv, scale, steps, dt):
     plgpu = m.plgpu
     b, c, h, kt = (lax.axis_index(n) for n in ("b", "c", "h", "kt"))
     rows, cols = pl.ds(c * C, C), pl.ds(kt * BK, BK)
@@ -320,6 +332,8 @@ def _dqkw_products_kernel(q_ref, k_ref, g_ref, hin_ref, dho_ref, do_ref, d_ref, 
              (g_ref.at[b, h, rows], g_s), (t_ref.at[b, rows, h, :], t_s),
              (m_ref.at[b, rows, h, :], m_s), (s_ref.at[b, rows, h, :], s_s),
              (lbg_ref.at[b, h, rows], lbg_s), (bg_ref.at[b, h, rows], bg_s))
+    if seg_ref is not None:
+        loads += ((seg_ref.at[b, rows], seg_s),)
     for i, (src, dst) in enumerate(loads):
         plgpu.copy_gmem_to_smem(src, dst, bars.at[i])
     doh, dkd, dw, _, hd = _state_side_loop(hin_ref, dho_ref, do_ref, d_ref, dd_ref, b=b, c=c,
@@ -329,7 +343,9 @@ def _dqkw_products_kernel(q_ref, k_ref, g_ref, hin_ref, dho_ref, do_ref, d_ref, 
         plgpu.barrier_wait(bars.at[i])
 
     wg = plgpu.Layout.WGMMA
-    _, _, gam, e, aC, _, _ = m._gates(g_s, None, None, None)
+    # With documents: gamma zero past the chunk's first one, e before its last, aC zero where
+    # one starts inside the chunk (the third argument only feeds the unused "keep").
+    _, _, gam, e, aC, _, _ = m._gates(g_s, seg_s, seg_s, None)
     qv = m._load(q_s, wg).astype(F32)
     kv = m._load(k_s, wg).astype(F32)
     dw_s[...] = (-dw).astype(dt)  # dW = -dD h_in^T, rounded as the unfused kernel writes it
@@ -367,8 +383,9 @@ def check_dqkw_products_supported(*, K: int, V: int, C: int, dtype, block_k: int
                          f"{m.SMEM_BYTES}")
 
 
-def dqkw_products(q, k, G, h_in, dh_out, do, D, dD, Tb, M, S, lbg, bg, *, scale: float,
-                  C: int = 64, block_k: int = 64, block_v: int = 32, steps: int = 2):
+def dqkw_products(q, k, G, h_in, dh_out, do, D, dD, Tb, M, S, lbg, bg, seg=None, *,
+                  scale: float, C: int = 64, block_k: int = 64, block_v: int = 32,
+                  steps: int = 2):
     """:func:`chunk_dqkw` and :func:`grads_k_products` in one kernel (one warpgroup per batch
     row, chunk, head and K tile of 64): the state-side V loop, then ``dbx = T^T dW``, ``M k``,
     ``S k``, ``M^T q`` as wgmmas onto accumulators that start from the state-side ``dq, dk``
@@ -382,8 +399,10 @@ def dqkw_products(q, k, G, h_in, dh_out, do, D, dD, Tb, M, S, lbg, bg, *, scale:
     ``lbg = lam beta gamma``, ``bg = beta gamma`` ``[B, Tp, H]`` float32. Returns ``dq, dk``
     (compute dtype), the state-side ``dG`` part and the row sums ``dbx . q``, ``dbx . k``
     (``[B, Tp, H]`` float32): the contract of :func:`qdelta_jax.pallas.backward.
-    dqkw_products_xla`. Unpacked rows, chunk 64, K a multiple of 64. Status: lowered for CUDA
-    in CI; checked on a GPU by ``benchmarks/mosaic_dev.py --fused-local``.
+    dqkw_products_ref`. ``seg [B, Tp]``: document ids of packed rows (the chunk's decays cut
+    at its documents, as the Triton kernel's). Chunk 64, K a multiple of 64. Status: lowered
+    for CUDA in CI; on a GPU ``benchmarks/mosaic_dev.py --fused-local`` checked it on unpacked
+    rows; the packed variant has not been run on a GPU yet.
 
     Raises ``RuntimeError`` without Mosaic GPU, ``ValueError`` for what it does not take."""
     m._require_plgpu()
@@ -401,10 +420,11 @@ def dqkw_products(q, k, G, h_in, dh_out, do, D, dD, Tb, M, S, lbg, bg, *, scale:
     m.check_args((("k", k, q.shape), ("G", G, vec), ("h_in", h_in, state),
                   ("dh_out", dh_out, state), ("do", do, rows), ("D", D, rows), ("dD", dD, rows),
                   ("Tb", Tb, rows_c), ("M", M, rows_c), ("S", S, rows_c), ("lbg", lbg, vec),
-                  ("bg", bg, vec)),
+                  ("bg", bg, vec)) + ((("seg", seg, (B, Tp)),) if seg is not None else ()),
                  dt, (("k", k), ("h_in", h_in), ("dh_out", dh_out), ("do", do), ("D", D),
                       ("dD", dD), ("Tb", Tb), ("M", M), ("S", S)))
     m.check_args((), jnp.dtype(F32), (("lbg", lbg), ("bg", bg)))
+    segmented = seg is not None
     tk, tc = m._transforms(BK, dt), m._transforms(C, dt)
     smem = lambda shape, dtype, t=(): plgpu.SMEM(shape, dtype, transforms=t)  # noqa: E731
     scratch = [
@@ -414,7 +434,8 @@ def dqkw_products(q, k, G, h_in, dh_out, do, D, dD, Tb, M, S, lbg, bg, *, scale:
         smem((C, BK), dt, tk), smem((C, BK), dt, tk), smem((C, BK), dt, tk),  # dW, dq, dk
         smem((C,), F32), smem((C,), F32), smem((BK,), F32),  # dG part, de, hd
         smem((C,), F32), smem((C,), F32),  # the row sums
-        plgpu.Barrier(num_barriers=8),
+    ] + ([smem((C,), jnp.int32)] if segmented else []) + [  # document ids
+        plgpu.Barrier(num_barriers=9 if segmented else 8),
     ]
     out_type = (
         jax.ShapeDtypeStruct((B, Tp, H, K), dt), jax.ShapeDtypeStruct((B, Tp, H, K), dt),
@@ -422,8 +443,10 @@ def dqkw_products(q, k, G, h_in, dh_out, do, D, dD, Tb, M, S, lbg, bg, *, scale:
         jax.ShapeDtypeStruct((B, NC, H, K), F32),
         jax.ShapeDtypeStruct((nk, B, H, Tp), F32), jax.ShapeDtypeStruct((nk, B, H, Tp), F32),
     )
-    kernel = functools.partial(_dqkw_products_kernel, C=C, NC=NC, H=H, nk=nk, BK=BK, BV=BV,
-                               nv=nv, scale=float(scale), steps=min(steps, nv), dt=dt)
+    kernel = _with_seg_refs(
+        functools.partial(_dqkw_products_kernel, C=C, NC=NC, H=H, nk=nk, BK=BK, BV=BV, nv=nv,
+                          scale=float(scale), steps=min(steps, nv), dt=dt),
+        14 if segmented else 13, 7, segmented)
     call = plgpu.kernel(
         kernel, out_type=out_type, scratch_types=scratch, grid=(B, NC, H, nk),
         grid_names=("b", "c", "h", "kt"),
@@ -432,7 +455,8 @@ def dqkw_products(q, k, G, h_in, dh_out, do, D, dD, Tb, M, S, lbg, bg, *, scale:
     sw = lambda x: jnp.swapaxes(x, 1, 2)  # noqa: E731 - [B, Tp, H] <-> [B, H, Tp]
     dq, dk, dg, de, hd, sq, sk = call(
         q, k, sw(G.astype(F32)), h_in.reshape(B * NC * H * K, V),
-        dh_out.reshape(B * NC * H * K, V), do, D, dD, Tb, M, S, sw(lbg), sw(bg))
+        dh_out.reshape(B * NC * H * K, V), do, D, dD, Tb, M, S, sw(lbg), sw(bg),
+        *([seg.astype(jnp.int32)] if segmented else []))
     return (dq, dk, _dg_part(dg, de, hd, C), sw(jnp.sum(sq, axis=0)), sw(jnp.sum(sk, axis=0)))
 
 
@@ -447,12 +471,14 @@ def grads_v_from_d_smem_bytes(C: int, BV: int, itemsize: int, steps: int) -> int
 def _grads_v_from_d_kernel(v_ref, dd_ref, do_ref, d_ref, t_ref, g_ref, b_ref,
                            dv_ref, dbv_ref, da_ref, dps_ref, tb_ref,
                            t32_s, th_s, tl_s, xh_s, xl_s, g_s, b_s, db_s, bars,
-                           *, C, BV, nv, scale, steps, dt):
+                           *, seg_ref, seg_s, C, BV, nv, scale, steps, dt):
     plgpu = m.plgpu
     b, c, h = (lax.axis_index(n) for n in ("b", "c", "h"))
     rows = pl.ds(c * C, C)
     loads = ((t_ref.at[b, rows, h, :], t32_s), (g_ref.at[b, h, rows], g_s),
              (b_ref.at[b, h, rows], b_s))
+    if seg_ref is not None:
+        loads += ((seg_ref.at[b, rows], seg_s),)
     for i, (src, dst) in enumerate(loads):
         plgpu.copy_gmem_to_smem(src, dst, bars.at[i])
     for i in range(len(loads)):
@@ -514,7 +540,8 @@ def _grads_v_from_d_kernel(v_ref, dd_ref, do_ref, d_ref, t_ref, g_ref, b_ref,
     plgpu.commit_smem()
     plgpu.copy_smem_to_gmem(t32_s, da_ref.at[b, rows, h, :])
     plgpu.copy_smem_to_gmem(db_s, dbv_ref.at[b, h, rows])
-    Gi, Gj, _, _, _, mask, _ = m._gates(g_s, None, None, m._causal(C))
+    # The mask: i >= j, in one document (the third argument only feeds the unused "keep").
+    Gi, Gj, _, _, _, mask, _ = m._gates(g_s, seg_s, seg_s, m._causal(C))
     _write_dps(dod, Gi, Gj, mask, scale, t32_s, dps_ref.at[b, rows, h, :])
     plgpu.wait_smem_to_gmem(0)
 
@@ -537,7 +564,7 @@ def check_grads_v_from_d_supported(*, V: int, C: int, dtype, block_v: int = 32,
                          f" per CTA, more than {m.SMEM_BYTES}")
 
 
-def grads_v_from_d(v, Tinv, dD, do, D, G, beta, *, scale: float, block_v: int = 32,
+def grads_v_from_d(v, Tinv, dD, do, D, G, beta, seg=None, *, scale: float, block_v: int = 32,
                    steps: int = 2):
     """The V side of the local gradients and ``dPs`` from ``D`` instead of ``dW``, on Mosaic
     GPU (one warpgroup per batch row, chunk and head; V tiles streamed in by
@@ -551,8 +578,11 @@ def grads_v_from_d(v, Tinv, dD, do, D, G, beta, *, scale: float, block_v: int = 
     ``v, dD, do, D [B, Tp, H, V]`` in the compute dtype, ``Tinv [B, Tp, H, C]``, ``G, beta
     [B, Tp, H]`` float32. Returns ``dv``, ``dbv [B, Tp, H]``, ``dA, dPs [B, Tp, H, C]``
     float32 and ``Tb [B, Tp, H, C]`` (compute dtype): the contract of
-    :func:`qdelta_jax.pallas.backward.grads_v_from_d_xla`. Unpacked rows, chunk 64. Status:
-    lowered for CUDA in CI; checked on a GPU by ``benchmarks/mosaic_dev.py --fused-local``.
+    :func:`qdelta_jax.pallas.backward.grads_v_from_d_xla`. ``seg [B, Tp]``: document ids of
+    packed rows (``dPs``'s decay cut at documents; ``dA`` needs none: ``T`` and ``D`` hold
+    them). Chunk 64. Status: lowered for CUDA in CI; on a GPU ``benchmarks/mosaic_dev.py
+    --fused-local`` checked it on unpacked rows; the packed variant has not been run on a GPU
+    yet.
 
     Raises ``RuntimeError`` without Mosaic GPU, ``ValueError`` for what it does not take."""
     m._require_plgpu()
@@ -565,9 +595,11 @@ def grads_v_from_d(v, Tinv, dD, do, D, G, beta, *, scale: float, block_v: int = 
         raise ValueError(f"v has {Tp} time steps, not a multiple of chunk_size={C}")
     rows_v, rows_c, vecs = (B, Tp, H, V), (B, Tp, H, C), (B, Tp, H)
     m.check_args((("Tinv", Tinv, rows_c), ("dD", dD, rows_v), ("do", do, rows_v),
-                  ("D", D, rows_v), ("G", G, vecs), ("beta", beta, vecs)),
+                  ("D", D, rows_v), ("G", G, vecs), ("beta", beta, vecs))
+                 + ((("seg", seg, (B, Tp)),) if seg is not None else ()),
                  dt, (("dD", dD), ("do", do), ("D", D)))
     m.check_args((), jnp.dtype(F32), (("Tinv", Tinv), ("beta", beta)))
+    segmented = seg is not None
     NC, BV = Tp // C, block_v
     nv = V // BV
     # With V tiles of 32 the [C, C] operands that meet [C, BV] ones (T^T dD) take their
@@ -579,19 +611,22 @@ def grads_v_from_d(v, Tinv, dD, do, D, G, beta, *, scale: float, block_v: int = 
         smem((C, C), dt, tc), smem((C, C), dt, tc),  # T high, low
         smem((C, C), dt, tc), smem((C, C), dt, tc),  # (dD D^T)^T high, low
         smem((C,), F32), smem((C,), F32), smem((C,), F32),  # G, beta, the dbeta part
-        plgpu.Barrier(num_barriers=3),
+    ] + ([smem((C,), jnp.int32)] if segmented else []) + [  # document ids
+        plgpu.Barrier(num_barriers=4 if segmented else 3),
     ]
     out_type = (jax.ShapeDtypeStruct(rows_v, v.dtype), jax.ShapeDtypeStruct((B, H, Tp), F32),
                 jax.ShapeDtypeStruct(rows_c, F32), jax.ShapeDtypeStruct(rows_c, F32),
                 jax.ShapeDtypeStruct(rows_c, dt))
     call = plgpu.kernel(
-        functools.partial(_grads_v_from_d_kernel, C=C, BV=BV, nv=nv, scale=float(scale),
-                          steps=min(steps, nv), dt=dt),
+        _with_seg_refs(functools.partial(_grads_v_from_d_kernel, C=C, BV=BV, nv=nv,
+                                         scale=float(scale), steps=min(steps, nv), dt=dt),
+                       8 if segmented else 7, 5, segmented),
         out_type=out_type, scratch_types=scratch, grid=(B, NC, H), grid_names=("b", "c", "h"),
         compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Lane),
     )
     sw = lambda x: jnp.swapaxes(x, 1, 2)  # noqa: E731 - [B, Tp, H] <-> [B, H, Tp]
-    dv, dbv, dA, dPs, Tb = call(v, dD, do, D, Tinv, sw(G.astype(F32)), sw(beta))
+    dv, dbv, dA, dPs, Tb = call(v, dD, do, D, Tinv, sw(G.astype(F32)), sw(beta),
+                                *([seg.astype(jnp.int32)] if segmented else []))
     return dv, sw(dbv), dA, dPs, Tb
 
 

@@ -198,6 +198,8 @@ def test_ops_implementation_names():
     assert ops.split_impl("pallas-mosaic+tgk") == ("pallas-mosaic", Config(mosaic_grads_k=False))
     assert ops.split_impl("pallas-mosaic+nfl") == ("pallas-mosaic",
                                                    Config(mosaic_fused_local=False))
+    assert ops.split_impl("pallas-mosaic+pfl") == ("pallas-mosaic",
+                                                   Config(mosaic_fused_local=True))
     with pytest.raises(ValueError, match=r"unknown suffix \+fast"):
         ops.split_impl("pallas+fast")
     with pytest.raises(ValueError, match="mosaic_block_v"):

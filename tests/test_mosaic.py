@@ -180,14 +180,15 @@ def test_grads_k_products_lower_for_cuda():
 
 
 @needs_plgpu
-@pytest.mark.parametrize("block_v", [32, 64])
-def test_grads_v_from_d_lowers_for_cuda(block_v):
-    """dv, dbeta's V part, dA and dPs from D (the fused backward's V side), lowered."""
+@pytest.mark.parametrize("block_v,packed", [(32, False), (64, False), (32, True)])
+def test_grads_v_from_d_lowers_for_cuda(block_v, packed):
+    """dv, dbeta's V part, dA and dPs from D (the fused backward's V side), lowered; with
+    document ids for packed rows too."""
     B, T, H, V, C = 2, 192, 2, 256, 64
     S = jax.ShapeDtypeStruct
     rv, rc, vec = (B, T, H, V), (B, T, H, C), (B, T, H)
     args = (S(rv, BF16), S(rc, F32), S(rv, BF16), S(rv, BF16), S(rv, BF16), S(vec, F32),
-            S(vec, F32))
+            S(vec, F32)) + ((S((B, T), jnp.int32),) if packed else ())
     traced = jax.jit(lambda *a: mosaic_backward.grads_v_from_d(*a, scale=0.1,
                                                                block_v=block_v)).trace(*args)
     assert [(o.shape, o.dtype) for o in jax.tree.leaves(traced.out_info)] == [
@@ -196,15 +197,17 @@ def test_grads_v_from_d_lowers_for_cuda(block_v):
 
 
 @needs_plgpu
-def test_dqkw_products_lowers_for_cuda():
-    """The state-side gradients fused with the K side's products: dq, dk and the vectors."""
+@pytest.mark.parametrize("packed", [False, True])
+def test_dqkw_products_lowers_for_cuda(packed):
+    """The state-side gradients fused with the K side's products: dq, dk and the vectors;
+    with document ids for packed rows too."""
     B, T, H, K, V, C = 2, 192, 2, 128, 256, 64
     NC = T // C
     S = jax.ShapeDtypeStruct
     rk, rv, rc, vec, st = (B, T, H, K), (B, T, H, V), (B, T, H, C), (B, T, H), (B, NC, H, K, V)
     args = (S(rk, BF16), S(rk, BF16), S(vec, F32), S(st, BF16), S(st, BF16), S(rv, BF16),
             S(rv, BF16), S(rv, BF16), S(rc, BF16), S(rc, BF16), S(rc, BF16), S(vec, F32),
-            S(vec, F32))
+            S(vec, F32)) + ((S((B, T), jnp.int32),) if packed else ())
     traced = jax.jit(lambda *a: mosaic_backward.dqkw_products(*a, scale=0.1)).trace(*args)
     assert [(o.shape, o.dtype) for o in jax.tree.leaves(traced.out_info)] == [
         (rk, BF16), (rk, BF16), (vec, F32), (vec, F32), (vec, F32)]

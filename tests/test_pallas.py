@@ -537,19 +537,22 @@ def test_mosaic_training_dispatch_wiring(mosaic_standins):
             assert rel_err(a, b) < tol, name
     with pytest.raises(TypeError, match="mosaic_dqkw"):
         pcfg.Config(mosaic_dqkw=1)
-    calls.clear()
     wp = w
-    # packed rows keep the Triton state-side gradients and V side even where the Mosaic ones
-    # are asked for; the K-side products (no document masks of their own) run on Mosaic GPU
-    (_, o_p), gp = packed_value_and_grads(
-        "pallas-mosaic", C, CU_ROWS,
-        pcfg.Config(mosaic_dqkw=True, mosaic_grads_k=True, mosaic_fused_local=True))(
-            q, k, v, g, beta, lam, wp)
+    # Packed rows, by default: the Triton state-side gradients and V side, the K-side products
+    # (no document masks of their own) on Mosaic GPU. With Config(mosaic_fused_local=True) the
+    # fused path with its document masks (dPs within documents, gamma, e, aC per document).
     (_, o_px), gpx = packed_value_and_grads("xla", C, CU_ROWS)(q, k, v, g, beta, lam, wp)
-    assert calls == ["fwd", "rev", "dd0 in rev", "grads_k"]
-    assert rel_err(o_p, o_px) < tol
-    for name, a, b in zip(("q", "k", "v", "g", "beta", "lam"), gp, gpx):
-        assert rel_err(a, b) < tol, name
+    for config, want in ((pcfg.Config(mosaic_dqkw=True, mosaic_grads_k=True),
+                          ["fwd", "rev", "dd0 in rev", "grads_k"]),
+                         (pcfg.Config(mosaic_fused_local=True),
+                          ["fwd", "rev", "dd0 in rev", "grads_v from D", "dqkw + grads_k"])):
+        calls.clear()
+        (_, o_p), gp = packed_value_and_grads("pallas-mosaic", C, CU_ROWS, config)(
+            q, k, v, g, beta, lam, wp)
+        assert calls == want
+        assert rel_err(o_p, o_px) < tol
+        for name, a, b in zip(("q", "k", "v", "g", "beta", "lam"), gp, gpx):
+            assert rel_err(a, b) < tol, name
 
 
 def test_mosaic_backward_variants_in_bfloat16(mosaic_standins):
