@@ -32,6 +32,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
+from qdelta_jax import xla
 from qdelta_jax.pallas import _util as u
 from qdelta_jax.pallas._util import params, seg_args, spec_rows
 from qdelta_jax.pallas.config import StageConfig
@@ -451,13 +452,7 @@ def chunk_grads_k_phase1(q, k, G, beta, lam, dPs, dA, dbv, seg=None, *, C: int,
 def chunk_gamma(G, seg, C: int):
     """``gamma = exp(G)`` ``[B, Tp, H]`` float32 as the kernels form it per chunk
     (:func:`qdelta_jax.pallas._util.gam_of`): zero past the chunk's first document."""
-    G = G.astype(F32)
-    if seg is None:
-        return jnp.exp(G)
-    B, Tp = seg.shape
-    sc = seg.reshape(B, Tp // C, C)
-    first = (sc == jnp.min(sc, axis=-1, keepdims=True)).reshape(B, Tp)[..., None]
-    return jnp.where(first, jnp.exp(jnp.where(first, G, 0.0)), 0.0)
+    return xla._merge(xla.gates(xla._split(G.astype(F32), C), xla._seg_split(seg, C)).gam)
 
 
 def grads_k_finish(gam, bg, lam, bxq, bxk, dG1, db1, dl1, dG_part):
@@ -468,24 +463,6 @@ def grads_k_finish(gam, bg, lam, bxq, bxk, dG1, db1, dl1, dG_part):
     return dG1 + bg * bxX + dG_part, db1 + gam * bxX, dl1 + bg * bxq
 
 
-def _to_chunks(x, C: int):
-    """``[B, Tp, H, *]`` -> ``[B, NC, H, C, *]``."""
-    B, Tp, H = x.shape[:3]
-    return jnp.swapaxes(x.reshape((B, Tp // C, C, H) + x.shape[3:]), 2, 3)
-
-
-def _from_chunks(x):
-    """``[B, NC, H, C, *]`` -> ``[B, Tp, H, *]``."""
-    B, NC, H, C = x.shape[:4]
-    return jnp.swapaxes(x, 2, 3).reshape((B, NC * C, H) + x.shape[4:])
-
-
-def _mm_in(dt):
-    def mm(eq, a, b):
-        return jnp.einsum(eq, a.astype(dt), b.astype(dt), preferred_element_type=F32)
-    return mm
-
-
 def grads_k_products_xla(q, k, Tinv, dW, M, S, dq_part, dk_part, lbg, bg):
     """The oracle of :func:`qdelta_jax.pallas.mosaic_backward.grads_k_products` in XLA, with
     its rounding: ``dbx = T^T dW`` (``T`` in the compute dtype), ``dq = dq_part + M k +
@@ -494,17 +471,16 @@ def grads_k_products_xla(q, k, Tinv, dW, M, S, dq_part, dk_part, lbg, bg):
     ``bg = beta gamma`` ``[B, Tp, H]``."""
     C = Tinv.shape[-1]
     dt = q.dtype
-    mm = _mm_in(dt)
-    qc, kc, Tc, dWc, Mc, Sc = (_to_chunks(x, C) for x in (q, k, Tinv, dW, M, S))
+    sp, mm = (lambda x: xla._split(x, C)), (lambda eq, a, b: xla._mm(eq, a, b, dt))  # noqa: E731
+    qc, kc, Tc, dWc, Mc, Sc = (sp(x) for x in (q, k, Tinv, dW, M, S))
     dbx = mm("...ji,...jk->...ik", Tc, dWc)
-    dq = (_to_chunks(dq_part, C) + mm("...ij,...jk->...ik", Mc, kc)
-          + _to_chunks(lbg[..., None], C) * dbx)
-    dk = (_to_chunks(dk_part, C) + mm("...ij,...jk->...ik", Sc, kc)
-          + mm("...ji,...jk->...ik", Mc, qc) + _to_chunks(bg[..., None], C) * dbx)
+    dq = sp(dq_part) + mm("...ij,...jk->...ik", Mc, kc) + sp(lbg)[..., None] * dbx
+    dk = (sp(dk_part) + mm("...ij,...jk->...ik", Sc, kc) + mm("...ji,...jk->...ik", Mc, qc)
+          + sp(bg)[..., None] * dbx)
     sq = jnp.sum(dbx * qc.astype(F32), axis=-1)
     sk = jnp.sum(dbx * kc.astype(F32), axis=-1)
-    return (_from_chunks(dq).astype(dt), _from_chunks(dk).astype(dt), _from_chunks(sq),
-            _from_chunks(sk))
+    return (xla._merge(dq).astype(dt), xla._merge(dk).astype(dt), xla._merge(sq),
+            xla._merge(sk))
 
 
 def grads_v_from_d_xla(v, Tinv, dD, do, D, G, beta, seg=None, *, scale: float):
@@ -515,23 +491,19 @@ def grads_v_from_d_xla(v, Tinv, dD, do, D, G, beta, seg=None, *, scale: float):
     dtype."""
     C = Tinv.shape[-1]
     dt = v.dtype
-    mm = _mm_in(dt)
-    vc, Tc, dDc, doc, Dc = (_to_chunks(x, C) for x in (v, Tinv, dD, do, D))
-    betac = _to_chunks(beta.astype(F32)[..., None], C)
-    Gc = _to_chunks(G.astype(F32)[..., None], C)[..., 0]
+    sp, mm = (lambda x: xla._split(x, C)), (lambda eq, a, b: xla._mm(eq, a, b, dt))  # noqa: E731
+    vc, Tc, dDc, doc, Dc = (sp(x) for x in (v, Tinv, dD, do, D))
+    Gc = sp(G.astype(F32))
+    strict, incl = xla._masks(C)
     dbv = mm("...ji,...jv->...iv", Tc, dDc)
     dA = -jnp.einsum("...ji,...jk->...ik", Tc, mm("...iv,...jv->...ij", dDc, Dc),
                      precision=lax.Precision.HIGHEST)
-    dA = jnp.where(jnp.tril(jnp.ones((C, C), bool), -1), dA, 0.0)
-    causal = jnp.tril(jnp.ones((C, C), bool))
-    if seg is not None:
-        B, Tp = seg.shape
-        sc = seg.reshape(B, Tp // C, 1, C)
-        causal = causal & (sc[..., :, None] == sc[..., None, :])
-    diff = jnp.where(causal, Gc[..., :, None] - Gc[..., None, :], 0.0)
-    dPs = jnp.where(causal, scale * mm("...iv,...jv->...ij", doc, Dc) * jnp.exp(diff), 0.0)
-    return (_from_chunks(betac * dbv).astype(dt), _from_chunks(jnp.sum(dbv * vc.astype(F32), -1)),
-            _from_chunks(dA), _from_chunks(dPs), Tinv.astype(dt))
+    dA = jnp.where(strict, dA, 0.0)
+    within = xla._within(incl, xla.gates(Gc, xla._seg_split(seg, C)))
+    dPs = scale * mm("...iv,...jv->...ij", doc, Dc) * xla._decay(Gc, within)
+    return (xla._merge(sp(beta.astype(F32))[..., None] * dbv).astype(dt),
+            xla._merge(jnp.sum(dbv * vc.astype(F32), -1)), xla._merge(dA), xla._merge(dPs),
+            Tinv.astype(dt))
 
 
 def dqkw_products_ref(q, k, G, h_in, dh_out, do, D, dD, Tb, M, S, lbg, bg, seg=None, *,

@@ -150,6 +150,18 @@ def _core_bwd(scale, cfg: Config, C, interp, mcfg, res, cts):
             q, k, G, W, do, dD0, dfinal, reset, is_last, seq, seg, scale=scale, C=C,
             cfg=cfg.reverse, interpret=interp,
         )
+    dq, dk, dv, dG, db, dl = _local_grads(q, k, v, G, beta, lam, Tinv, h_in, dh_out, do, D,
+                                          dD, seg, scale, cfg, C, interp, mcfg)
+    return (
+        dq, dk, dv, dG.astype(G.dtype), db.astype(beta.dtype), dl.astype(lam.dtype),
+        dh0.astype(h0.dtype), None, None, None, None,
+    )
+
+
+def _local_grads(q, k, v, G, beta, lam, Tinv, h_in, dh_out, do, D, dD, seg, scale, cfg: Config,
+                 C, interp, mcfg):
+    """The backward after the reverse pass: ``dq, dk, dv, dG, dbeta, dlam`` from the states
+    and their gradients, on the kernels ``cfg`` and the layout choose."""
     K, V = q.shape[-1], do.shape[-1]
     # The state side fused with the K side's products (after a V side from D) unless any of
     # the three is switched off; for packed rows only when asked for (Config(
@@ -162,14 +174,10 @@ def _core_bwd(scale, cfg: Config, C, interp, mcfg, res, cts):
             lambda: (mosaic_backward.check_dqkw_products_supported(K=K, V=V, C=C,
                                                                    dtype=q.dtype),
                      mosaic_backward.check_grads_v_from_d_supported(V=V, C=C, dtype=q.dtype))):
-        dq, dk, dv, dG, db, dl = bwd.local_grads_from_d(
+        return bwd.local_grads_from_d(
             q, k, v, G, beta, lam, Tinv, h_in, dh_out, do, D, dD, seg, scale=scale, C=C,
             cfg_k=cfg.grads_k, interpret=interp, v_side=mosaic_backward.grads_v_from_d,
             dqkw_k=mosaic_backward.dqkw_products)
-        return (
-            dq, dk, dv, dG.astype(G.dtype), db.astype(beta.dtype), dl.astype(lam.dtype),
-            dh0.astype(h0.dtype), None, None, None, None,
-        )
     # The state-side gradients and the K side's products on Mosaic GPU unless
     # Config(mosaic_dqkw=False) / Config(mosaic_grads_k=False).
     if _mosaic_backward_kernel(
@@ -187,14 +195,10 @@ def _core_bwd(scale, cfg: Config, C, interp, mcfg, res, cts):
         cfg.mosaic_grads_k is not False, mcfg, None,
         "the Triton chunk_grads_k, not the Mosaic GPU products",
         lambda: mosaic_backward.check_products_supported(K=K, C=C, dtype=q.dtype))
-    dq, dk, dv, dG, db, dl = bwd.chunk_grads(
+    return bwd.chunk_grads(
         q, k, v, G, beta, lam, Tinv, dD, dW, dqp, dkp, dGp, dPs, seg, C=C, cfg=cfg.grads_v,
         interpret=interp, cfg_k=cfg.grads_k,
         k_products=mosaic_backward.grads_k_products if mosaic_k else None,
-    )
-    return (
-        dq, dk, dv, dG.astype(G.dtype), db.astype(beta.dtype), dl.astype(lam.dtype),
-        dh0.astype(h0.dtype), None, None, None, None,
     )
 
 
