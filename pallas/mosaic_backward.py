@@ -73,14 +73,22 @@ def smem_bytes(C: int, BK: int, BV: int, itemsize: int, steps: int) -> int:
     return steps * per_step + 2 * C * BK * itemsize + 4 * C + stage
 
 
+def _check_dtype_and_chunk(dtype, C: int, takes: str, needs: str):
+    """The checks every kernel here shares: ``dtype`` bfloat16 or float16 (returned as a
+    ``jnp.dtype``) and chunk 64; ``takes`` / ``needs`` start the messages."""
+    dt = jnp.dtype(dtype)
+    if dt not in m.DTYPES:
+        raise ValueError(f"{takes} bfloat16 or float16, got {dt.name}")
+    if C != m.CHUNK:
+        raise ValueError(f"{needs} chunk_size={m.CHUNK}, got {C}")
+    return dt
+
+
 def check_supported(*, K: int, V: int, C: int, dtype, block_k: int = 64, block_v: int = 32,
                     steps: int = 2) -> None:
     """Raises ``ValueError`` naming the first size or dtype this kernel does not take."""
-    dt = jnp.dtype(dtype)
-    if dt not in m.DTYPES:
-        raise ValueError(f"the Mosaic GPU dqkw kernel takes bfloat16 or float16, got {dt.name}")
-    if C != m.CHUNK:
-        raise ValueError(f"the Mosaic GPU dqkw kernel needs chunk_size={m.CHUNK}, got {C}")
+    dt = _check_dtype_and_chunk(dtype, C, "the Mosaic GPU dqkw kernel takes",
+                                "the Mosaic GPU dqkw kernel needs")
     if block_k != C or K % block_k:
         raise ValueError(f"the Mosaic GPU dqkw kernel needs K a multiple of block_k=64, got "
                          f"K={K}, block_k={block_k}")
@@ -550,12 +558,8 @@ def check_grads_v_from_d_supported(*, V: int, C: int, dtype, block_v: int = 32,
                                    steps: int = 2) -> None:
     """Raises ``ValueError`` naming the first size or dtype :func:`grads_v_from_d` does not
     take."""
-    dt = jnp.dtype(dtype)
-    if dt not in m.DTYPES:
-        raise ValueError(f"the Mosaic GPU V-side gradients take bfloat16 or float16, got "
-                         f"{dt.name}")
-    if C != m.CHUNK:
-        raise ValueError(f"the Mosaic GPU V-side gradients need chunk_size={m.CHUNK}, got {C}")
+    dt = _check_dtype_and_chunk(dtype, C, "the Mosaic GPU V-side gradients take",
+                                "the Mosaic GPU V-side gradients need")
     if block_v not in (32, 64) or V % block_v:
         raise ValueError(f"block_v must be 32 or 64 dividing V={V}, got {block_v}")
     need = grads_v_from_d_smem_bytes(C, block_v, dt.itemsize, steps)
@@ -676,12 +680,8 @@ def _products_kernel(q_ref, k_ref, t_ref, dw_ref, m_ref, s_ref, dqp_ref, dkp_ref
 def check_products_supported(*, K: int, C: int, dtype, block_k: int = 64) -> None:
     """Raises ``ValueError`` naming the first size or dtype :func:`grads_k_products` does not
     take."""
-    dt = jnp.dtype(dtype)
-    if dt not in m.DTYPES:
-        raise ValueError(f"the Mosaic GPU K-side products take bfloat16 or float16, got "
-                         f"{dt.name}")
-    if C != m.CHUNK:
-        raise ValueError(f"the Mosaic GPU K-side products need chunk_size={m.CHUNK}, got {C}")
+    _check_dtype_and_chunk(dtype, C, "the Mosaic GPU K-side products take",
+                           "the Mosaic GPU K-side products need")
     if block_k != 64 or K % block_k:
         raise ValueError(f"the Mosaic GPU K-side products need K a multiple of 64, got K={K}")
 
