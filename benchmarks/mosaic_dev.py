@@ -31,7 +31,9 @@ try/except: a failure prints its full error and the run goes on. Writes JSON to 
 ``--grads-k`` also checks the local gradients with the K side's products on Mosaic GPU
 (``mosaic_backward.grads_k_products``) against their XLA oracle and the Triton kernels, and
 times both; ``--fused-local`` the fused local gradients' kernels
-(``grads_v_from_d``, ``dqkw_products``) against their oracles and the kernels they replace.
+(``grads_v_from_d``, ``dqkw_products``) against their oracles and the kernels they replace;
+``--local`` the forward's local stage on Mosaic GPU (``mosaic_local.chunk_local``) against
+:func:`qdelta_jax.xla.chunk_local` and the Triton solve + W/U.
 
 ``--launch-cost N`` times, instead, ``N`` dependent calls in one jitted function at a shape of
 one CTA (B1 T64 H1 K128 V64), the Mosaic fused pass against the Triton state pass + output:
@@ -58,7 +60,7 @@ from qdelta_jax import packing, qdelta_rule, xla
 from qdelta_jax.pallas import backward as pbwd
 from qdelta_jax.pallas import config as pcfg
 from qdelta_jax.pallas import forward as pfwd
-from qdelta_jax.pallas import mosaic, mosaic_backward
+from qdelta_jax.pallas import mosaic, mosaic_backward, mosaic_local
 from qdelta_jax.testing import parse_shape, random_inputs, random_offsets, rel_err, time_fn
 
 F32 = jnp.float32
@@ -290,6 +292,66 @@ def run_fused_local(shape, dtype, reps):
         traceback.print_exc()
         res["k_error"] = f"{type(e).__name__}: {e}"[:3000]
         print(f"mosaic dqkw_products FAIL {res['k_error'][:300]}", flush=True)
+    return res
+
+
+def run_local(shape, dtype, reps, packed: bool):
+    """The forward's local stage on Mosaic GPU (``mosaic_local.chunk_local``: ``A``, ``T``,
+    ``W``, ``U`` in one kernel) against :func:`qdelta_jax.xla.chunk_local` (float32 ``T``, the
+    oracle) and the Triton solve + W/U (``forward.chunk_local``) on the same random inputs,
+    unpacked or on the row-aligned packed layout; times of both."""
+    B, T, H, K, V = shape
+    q, k, v, g, beta, lam, _ = random_inputs(jax.random.PRNGKey(B * 3 + T + V), B, T, H, K, V,
+                                             dtype=dtype, **KERNEL_INPUTS)
+    seg = None
+    if packed:
+        seg = packing.make_layout(B, T, C, offsets(B, T, seed=B + T + 1),
+                                  per_document=False).seg
+    G = packing.chunk_cumsum(g, C, seg)
+    sp = lambda x: xla._split(x, C)  # noqa: E731
+    loc = jax.jit(xla.chunk_local)(sp(q), sp(k), sp(v), sp(G), sp(beta), sp(lam),
+                                   xla._seg_split(seg, C))
+    want = {"W": xla._merge(loc.W), "U": xla._merge(loc.U), "T": xla._merge(loc.Tinv)}
+    cfg = pcfg.get_config(K, V, C, dtype)
+    interp = jax.default_backend() != "gpu"
+    args = (q, k, v, G, beta, lam) + (() if seg is None else (seg,))
+    res = {"shape": list(shape), "dtype": jnp.dtype(dtype).name, "local": True,
+           "packed": packed}
+    print(f"\n== {list(shape)} {res['dtype']} local stage{' (packed)' if packed else ''} "
+          f"(rel. error vs xla.chunk_local; ms = sync / pipelined median)", flush=True)
+    tri = jax.jit(lambda *a: pfwd.chunk_local(*a, C=C, cfg=cfg.wu, interpret=interp,
+                                              cfg_solve=cfg.solve))
+    got = dict(zip("WUT", tri(*args)))
+    res["triton_vs_oracle"] = {n: rel_err(got[n], want[n]) for n in want}
+    res["triton_ms"] = times(tri, args, reps)
+    print("triton solve + W/U " + " ".join(f"{n} {e:.1e}" for n, e in
+                                           res["triton_vs_oracle"].items())
+          + f" {res['triton_ms'][0]:.3f} {res['triton_ms'][1]:.3f}", flush=True)
+    for with_t in (True, False):
+        key = "mosaic" if with_t else "mosaic_no_t"
+        try:
+            f = jax.jit(lambda *a, with_t=with_t: mosaic_local.chunk_local(*a, with_t=with_t))
+            out = dict(zip("WUT", f(*args)))
+            names = "WUT" if with_t else "WU"
+            res[key + "_vs_oracle"] = {n: rel_err(out[n], want[n]) for n in names}
+            res[key + "_vs_triton"] = {n: rel_err(out[n], got[n]) for n in names}
+            # W, U: within the Triton kernels' own distance from the oracle (both round W, U
+            # to the compute dtype) or the dtype's eps; T: float32-close to the oracle.
+            tol = {n: max(float(jnp.finfo(dtype).eps), 2 * res["triton_vs_oracle"][n])
+                   for n in "WU"}
+            tol["T"] = 1e-4
+            res[key + "_pass"] = all(res[key + "_vs_oracle"][n] <= tol[n] for n in names)
+            res[key + "_ms"] = times(f, args, reps)
+            print(f"{key} vs oracle " + " ".join(
+                f"{n} {e:.1e}" for n, e in res[key + "_vs_oracle"].items()) + "; vs triton "
+                + " ".join(f"{n} {e:.1e}" for n, e in res[key + "_vs_triton"].items())
+                + f" {res[key + '_ms'][0]:.3f} {res[key + '_ms'][1]:.3f} "
+                f"{'PASS' if res[key + '_pass'] else 'FAIL'} "
+                f"{res['triton_ms'][1] / res[key + '_ms'][1]:.2f}x triton", flush=True)
+        except Exception as e:  # noqa: BLE001 - the other variant still runs
+            traceback.print_exc()
+            res[key + "_error"] = f"{type(e).__name__}: {e}"[:3000]
+            print(f"{key} FAIL {res[key + '_error'][:300]}", flush=True)
     return res
 
 
@@ -617,6 +679,9 @@ def main(argv=None):
                     "Mosaic GPU against the Triton kernels")
     ap.add_argument("--fused-local", action="store_true",
                     help="also check and time the fused local gradients' two Mosaic GPU kernels")
+    ap.add_argument("--local", action="store_true",
+                    help="also check and time the forward's local stage on Mosaic GPU "
+                    "(unpacked and packed) against xla.chunk_local and the Triton kernels")
     ap.add_argument("--launch-cost", type=int, default=0, metavar="N",
                     help="only time N dependent calls at one CTA's shape, Mosaic and Triton")
     ap.add_argument("--out", default=None)
@@ -669,6 +734,14 @@ def main(argv=None):
                 traceback.print_exc()
                 print(f"fused_local {shape} FAIL {type(e).__name__}: {str(e)[:300]}", flush=True)
             save()
+        if a.local:
+            for packed in (False, True):
+                try:
+                    allres["runs"].append(run_local(shape, dtype, a.reps, packed))
+                except Exception as e:  # noqa: BLE001 - the other cases still run
+                    traceback.print_exc()
+                    print(f"local {shape} FAIL {type(e).__name__}: {str(e)[:300]}", flush=True)
+                save()
         if a.dqkw:
             try:
                 allres["runs"].append(run_dqkw(shape, dtype, a.reps,

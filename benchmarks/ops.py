@@ -183,7 +183,8 @@ def main(argv=None) -> int:
                    help="implementations (default: xla, plus pallas and pallas-no-save-residuals"
                    " on GPU); pallas-no-save-residuals is pallas with save_residuals off;"
                    " kernel-config suffixes as qdelta_jax.pallas.config.split_variant takes"
-                   " them: +mbvN (the Mosaic GPU V tile), +tdqkw, +tdd0, +tgk, +nfl, +pfl")
+                   " them: +mbvN (the Mosaic GPU V tile), +tdqkw, +tdd0, +tgk, +nfl, +pfl, "
+                   "+mloc, +tloc")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     p.add_argument("--chunk-size", type=int, default=64)
     p.add_argument("--warmup", type=int, default=5)

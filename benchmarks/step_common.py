@@ -65,16 +65,22 @@ def batch_arrays(source, index: int, packed: bool = True) -> dict:
     return b
 
 
-def compile_step(sess, state, batch, *, accuracy: bool = False):
-    """``(compiled, compile_seconds)``: the session's train step, jitted with its shardings and
-    donation as :meth:`Session.train_step` does, lowered and compiled ahead of time."""
+def jitted_step(sess, batch, *, accuracy: bool = False):
+    """The session's train step, jitted with its shardings and donation as
+    :meth:`Session.train_step` does (not yet lowered)."""
     fn = loop.make_train_step(sess.fns, sess.tx, sess.args.grad_accum, None, accuracy)
-    jitted = jax.jit(
+    return jax.jit(
         fn,
         in_shardings=(sess.state_shardings, {k: sess.batch_sharding for k in batch}),
         out_shardings=(sess.state_shardings, sess.repl),
         donate_argnums=0,
     )
+
+
+def compile_step(sess, state, batch, *, accuracy: bool = False):
+    """``(compiled, compile_seconds)``: :func:`jitted_step` lowered and compiled ahead of
+    time."""
+    jitted = jitted_step(sess, batch, accuracy=accuracy)
     t0 = time.perf_counter()
     with jax.set_mesh(sess.mesh):
         compiled = jitted.lower(state, batch).compile()

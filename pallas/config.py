@@ -94,7 +94,13 @@ class Config:
     (:func:`qdelta_jax.pallas.mosaic_backward.dqkw_products`) after a Mosaic V side that forms
     ``dA`` and ``dPs`` from ``D`` (:func:`qdelta_jax.pallas.mosaic_backward.grads_v_from_d`);
     ``None``: yes for unpacked rows, ``True``: for packed rows too (their document-masked
-    variants are not yet checked on a GPU), ``False``: the separate kernels above."""
+    variants are not yet checked on a GPU), ``False``: the separate kernels above.
+
+    ``mosaic_local``: where the forward runs on the Mosaic GPU kernels (the fused state pass
+    and output), its local stage too (``A``, ``T``, ``W``, ``U`` in one Mosaic GPU kernel,
+    :func:`qdelta_jax.pallas.mosaic_local.chunk_local`) instead of the Triton solve and W/U;
+    ``True``: yes; ``None`` or ``False``: the Triton kernels (the Mosaic kernel has not yet
+    been checked on a GPU)."""
 
     solve: StageConfig | None = None
     wu: StageConfig | None = None
@@ -111,6 +117,7 @@ class Config:
     mosaic_fused_dd0: bool | None = None
     mosaic_grads_k: bool | None = None
     mosaic_fused_local: bool | None = None
+    mosaic_local: bool | None = None
 
     def __post_init__(self):
         for name in STAGES:
@@ -118,7 +125,7 @@ class Config:
             if x is not None and not isinstance(x, StageConfig):
                 raise TypeError(f"Config.{name} must be a StageConfig or None, got {x!r}")
         for name in ("save_residuals", "mosaic_dqkw", "mosaic_fused_dd0", "mosaic_grads_k",
-                     "mosaic_fused_local"):
+                     "mosaic_fused_local", "mosaic_local"):
             x = getattr(self, name)
             if x is not None and not isinstance(x, bool):
                 raise TypeError(f"Config.{name} must be a bool or None, got {x!r}")
@@ -282,7 +289,8 @@ def split_variant(name: str) -> tuple[str, Config | None]:
     ``chunk_dd0`` launch instead of forming it itself; ``+tgk`` (``pallas-mosaic+tgk``) runs
     the K-side local gradients in one Triton launch instead of their products on Mosaic GPU;
     ``+nfl`` keeps the state-side gradients and the K side's products in separate kernels
-    (``mosaic_fused_local`` off), ``+pfl`` fuses them for packed rows too (on). A name
+    (``mosaic_fused_local`` off), ``+pfl`` fuses them for packed rows too (on); ``+mloc`` runs
+    the forward's local stage on Mosaic GPU (``mosaic_local`` on), ``+tloc`` on Triton. A name
     without suffixes is returned with ``None``. Raises ValueError for another suffix (or a V
     tile :class:`Config` refuses)."""
     if name == "pallas-no-save-residuals":
@@ -302,9 +310,12 @@ def split_variant(name: str) -> tuple[str, Config | None]:
             fields["mosaic_fused_local"] = False
         elif sfx == "pfl":
             fields["mosaic_fused_local"] = True
+        elif sfx in ("mloc", "tloc"):
+            fields["mosaic_local"] = sfx == "mloc"
         elif sfx.startswith("mbv") and sfx[3:].isdigit():
             fields["mosaic_block_v"] = int(sfx[3:])
         else:
             raise ValueError(f"unknown suffix +{sfx} in {name!r}; known: +mbvN (the Mosaic GPU "
-                             "V tile, N in 32, 64, 128), +tdqkw, +tdd0, +tgk, +nfl, +pfl")
+                             "V tile, N in 32, 64, 128), +tdqkw, +tdd0, +tgk, +nfl, +pfl, "
+                             "+mloc, +tloc")
     return base, Config(**fields)

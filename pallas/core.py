@@ -25,7 +25,7 @@ import jax.numpy as jnp
 from qdelta_jax.pallas import _util as u
 from qdelta_jax.pallas import backward as bwd
 from qdelta_jax.pallas import forward as fwd
-from qdelta_jax.pallas import mosaic, mosaic_backward
+from qdelta_jax.pallas import mosaic, mosaic_backward, mosaic_local
 from qdelta_jax.pallas.config import Config, get_config, padded_size
 
 log = logging.getLogger(__name__)
@@ -95,10 +95,25 @@ def _mosaic_h0(h0, seg, B):
     return jnp.zeros((B,) + h0.shape[1:], F32) if seg is not None else h0
 
 
+def _mosaic_local_stage(q, k, v, G, beta, lam, seg, cfg: Config, C, interp, residuals: bool):
+    """``W, U, T`` for the Mosaic forward: on Mosaic GPU with ``Config(mosaic_local=True)``
+    where the kernel takes the sizes (``T`` only with ``residuals``), else the Triton solve
+    and W/U (the reason in the debug log)."""
+    if cfg.mosaic_local:
+        try:
+            mosaic_local.check_supported(K=q.shape[-1], V=v.shape[-1], C=C, dtype=q.dtype,
+                                         with_t=residuals)
+        except ValueError as e:
+            log.debug("qdelta pallas forward: the Triton solve and W/U, not Mosaic GPU's: %s", e)
+        else:
+            return mosaic_local.chunk_local(q, k, v, G, beta, lam, seg, C=C, with_t=residuals)
+    return fwd.chunk_local(q, k, v, G, beta, lam, seg, C=C, cfg=cfg.wu, interpret=interp,
+                           cfg_solve=cfg.solve, t_float32=residuals)
+
+
 def _mosaic_forward(q, k, v, G, beta, lam, h0, seg, scale, cfg: Config, C, interp, mcfg,
                     residuals: bool):
-    W, U, Tinv = fwd.chunk_local(q, k, v, G, beta, lam, seg, C=C, cfg=cfg.wu,
-                                 interpret=interp, cfg_solve=cfg.solve, t_float32=residuals)
+    W, U, Tinv = _mosaic_local_stage(q, k, v, G, beta, lam, seg, cfg, C, interp, residuals)
     out = mosaic.state_output(q, k, G, W, U, _mosaic_h0(h0, seg, q.shape[0]), seg, scale=scale,
                               out_dtype=v.dtype, residuals=residuals, C=C, cfg=mcfg.cfg)
     o, final = out[0], out[1]

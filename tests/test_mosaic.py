@@ -274,3 +274,50 @@ def test_dqkw_checks_arguments():
     with pytest.raises(ValueError, match="unpacked rows only"):
         mosaic_backward.chunk_dqkw(z, z, None, None, None, None, None, None,
                                    seg=jnp.zeros((1, 64), jnp.int32), scale=0.1)
+
+
+@needs_plgpu
+@pytest.mark.parametrize("packed,with_t,K,V", [(False, True, 128, 256), (False, False, 128, 256),
+                                               (True, True, 128, 256), (False, True, 256, 64)])
+def test_local_stage_lowers_for_cuda(packed, with_t, K, V):
+    """The forward's local stage on Mosaic GPU (A, T, W, U in one kernel), lowered: with and
+    without T for the backward, with document ids for packed rows, at K 256."""
+    from qdelta_jax.pallas import mosaic_local
+
+    B, T, H, C = 2, 192, 2, 64
+    S = jax.ShapeDtypeStruct
+    rk, rv, vec = (B, T, H, K), (B, T, H, V), (B, T, H)
+    args = (S(rk, BF16), S(rk, BF16), S(rv, BF16), S(vec, F32), S(vec, BF16),
+            S(vec, BF16)) + ((S((B, T), jnp.int32),) if packed else ())
+    traced = jax.jit(lambda *a: mosaic_local.chunk_local(
+        *a[:6], a[6] if packed else None, with_t=with_t)).trace(*args)
+    want = [(rk, BF16), (rv, BF16)] + ([((B, T, H, C), F32)] if with_t else [])
+    assert [(o.shape, o.dtype) for o in jax.tree.leaves(traced.out_info)] == want
+    assert "mosaic_gpu" in traced.lower(lowering_platforms=("cuda",)).as_text()
+
+
+@needs_plgpu
+def test_local_stage_checks_arguments():
+    from qdelta_jax.pallas import mosaic_local
+
+    for kw, match in ((dict(K=96, V=256), "K a multiple of 64"),
+                      (dict(K=128, V=80), "V a multiple of 64"),
+                      (dict(K=128, V=256, C=32), "chunk_size=64"),
+                      (dict(K=128, V=256, dtype=F32), "bfloat16 or float16"),
+                      (dict(K=256, V=1152), "shared memory")):
+        args = dict(C=64, dtype=BF16) | kw
+        with pytest.raises(ValueError, match=match):
+            mosaic_local.check_supported(**args)
+    # About 97 KB at the 340M layer: two CTAs a multiprocessor.
+    assert 2 * mosaic_local.smem_bytes(128, 256, 64, 2, True) < 228 * 1024
+    z = lambda *s_, dt=BF16: jnp.zeros(s_, dt)  # noqa: E731
+    good = [z(1, 64, 1, 64), z(1, 64, 1, 64), z(1, 64, 1, 64), z(1, 64, 1, dt=F32),
+            z(1, 64, 1), z(1, 64, 1)]
+    bad = list(good)
+    bad[2] = z(1, 64, 1, 64, dt=F32)
+    with pytest.raises(ValueError, match="v has dtype float32, expected bfloat16"):
+        mosaic_local.chunk_local(*bad)
+    bad = list(good)
+    bad[4] = z(1, 32, 1)
+    with pytest.raises(ValueError, match="beta has shape"):
+        mosaic_local.chunk_local(*bad)

@@ -445,7 +445,7 @@ def mosaic_standins(monkeypatch):
     """The Mosaic GPU kernels of implementation='pallas-mosaic' replaced by stand-ins of the same
     contract built from the Triton kernels (interpret mode) and the XLA oracles; returns the
     list the stand-ins append their names to, in call order."""
-    from qdelta_jax.pallas import mosaic, mosaic_backward
+    from qdelta_jax.pallas import mosaic, mosaic_backward, mosaic_local
 
     cfg = pcfg.StageConfig(num_warps=4)
 
@@ -485,7 +485,14 @@ def mosaic_standins(monkeypatch):
         C = a[8].shape[-1]  # Tb [B, Tp, H, C]
         return pbwd.dqkw_products_ref(*a, scale=scale, C=C, interpret=True)
 
+    def chunk_local(q, k, v, G, beta, lam, seg=None, *, C=64, with_t=True):
+        calls.append("local")
+        W, U, T = pfwd.chunk_local(q, k, v, G, beta, lam, seg, C=C, cfg=cfg, interpret=True)
+        return W, U, (T if with_t else None)
+
     calls = []
+    monkeypatch.setattr(mosaic_local, "chunk_local", chunk_local)
+    monkeypatch.setattr(mosaic_local, "check_supported", lambda **k: None)
     monkeypatch.setattr(mosaic, "state_output",
                         lambda *a, **k: calls.append("fwd") or state_output(*a, **k))
     monkeypatch.setattr(mosaic, "reverse_state_pass",
@@ -553,6 +560,45 @@ def test_mosaic_training_dispatch_wiring(mosaic_standins):
         assert rel_err(o_p, o_px) < tol
         for name, a, b in zip(("q", "k", "v", "g", "beta", "lam"), gp, gpx):
             assert rel_err(a, b) < tol, name
+
+
+@pytest.mark.parametrize("dtype", [F32, jnp.bfloat16])
+def test_mosaic_local_stage_wiring(mosaic_standins, dtype):
+    """Config(mosaic_local=True): the Mosaic forward's local stage (A, T, W, U) comes from the
+    Mosaic GPU kernel (a stand-in of its contract here) in training, with T for the backward,
+    and in inference, without; packed rows too; by default the Triton solve and W/U."""
+    calls = mosaic_standins
+    C = 16
+    (q, k, v, g, beta, lam, h0), w = make(63, 2, 40, 2, 16, 32, dtype=dtype)
+    args = (q, k, v, g, beta, lam, h0)
+    (_, (o_x, f_x)), g_x = value_and_grads("xla", C)(*args, w)
+    tol = TOL[jnp.dtype(dtype)]
+    on = pcfg.Config(mosaic_local=True)
+    for config, first in ((None, "fwd"), (pcfg.Config(mosaic_local=False), "fwd"),
+                          (on, "local")):
+        calls.clear()
+        (_, (o_m, f_m)), g_m = value_and_grads("pallas-mosaic", C, config=config)(*args, w)
+        assert calls[0] == first and calls.count("local") == (first == "local")
+        assert rel_err(o_m, o_x) < tol and rel_err(f_m, f_x) < tol
+        for name, a, b in zip(ARGS, g_m, g_x):
+            assert rel_err(a, b) < tol, name
+    calls.clear()
+    o_i, _ = qdelta_rule(q, k, v, g, beta, lam, initial_state=h0, chunk_size=C,
+                         implementation="pallas-mosaic", config=on)
+    assert calls == ["local", "fwd"]
+    assert rel_err(o_i, o_x) < tol
+    (_, o_px), gpx = packed_value_and_grads("xla", C, CU_ROWS)(q, k, v, g, beta, lam, w)
+    calls.clear()
+    (_, o_p), gp = packed_value_and_grads("pallas-mosaic", C, CU_ROWS, on)(
+        q, k, v, g, beta, lam, w)
+    assert calls[:2] == ["local", "fwd"]
+    assert rel_err(o_p, o_px) < tol
+    for name, a, b in zip(("q", "k", "v", "g", "beta", "lam"), gp, gpx):
+        assert rel_err(a, b) < tol, name
+    assert pcfg.split_variant("pallas-mosaic+mloc") == ("pallas-mosaic", on)
+    assert pcfg.split_variant("pallas-mosaic+tloc")[1] == pcfg.Config(mosaic_local=False)
+    with pytest.raises(TypeError, match="mosaic_local"):
+        pcfg.Config(mosaic_local="yes")
 
 
 def test_mosaic_backward_variants_in_bfloat16(mosaic_standins):
