@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Every GPU measurement recorded in BENCHMARKS.md and docs/RESULTS.md, in one script, so a lease
 # runs them together on one card. Sections: check, check340, infer, dev, seqsweep, ops, ops340,
-# opspack, anchors, authors, mosaic, mtrain, dqkw, gradsk, fused, launch, prof, steps, crossover, ncu,
-# decode, train, train{1,2}_{unrolled,scan}, recall (default: ops train decode check).
+# opspack, anchors, authors, mosaic, mtrain, dqkw, gradsk, fused, local, compile, launch, prof,
+# steps, crossover, ncu, decode, train, train{1,2}_{unrolled,scan}, recall (default: ops train decode check).
 # benchmarks/gpu_lanes.sh runs groups of sections on different GPUs of one host at once. Each
 # step has its own time limit so that one slow step cannot eat the others.
 #
@@ -137,16 +137,30 @@ for s in $sections; do
             pallas-mosaic+tgk --reps 20 --warmup 3 --json "$OUT_DIR/gradsk_ops.json"
         ;;
     fused)  # the fused local gradients' Mosaic GPU kernels against their oracles; the op;
-        # qdelta-check with them on packed rows (+pfl: not the default there yet)
+        # qdelta-check with them on packed rows; the op on packed rows with and without them
         step fused ${MOSAIC_LIMIT:-200} "$PY" benchmarks/mosaic_dev.py --variants "" \
             --fused-local --shapes 8x4096x6x128x256,2x16384x6x128x256,8x4096x16x128x128
         step fused_ops ${OPS_LIMIT:-240} "$PY" benchmarks/ops.py --impl pallas-mosaic \
             pallas-mosaic+nfl --reps 20 --warmup 3 --json "$OUT_DIR/fused_ops.json"
         step fused_checkp ${CHECK_LIMIT:-200} "$PY" -m qdelta_jax.check \
             --shapes 8x4096x6x128x256 --no-fd --dtype bfloat16 --docs 32 \
-            --implementations xla,pallas-mosaic,pallas-mosaic+pfl
+            --implementations xla,pallas-mosaic
         step fused_opsp ${OPS_LIMIT:-240} "$PY" benchmarks/ops.py --impl pallas-mosaic \
-            pallas-mosaic+pfl --docs 32 --reps 20 --warmup 3 --json "$OUT_DIR/fused_opsp.json"
+            pallas-mosaic+nfl --docs 32 --reps 20 --warmup 3 --json "$OUT_DIR/fused_opsp.json"
+        ;;
+    local)  # the forward's local stage on Mosaic GPU against xla.chunk_local and the Triton
+        # solve + W/U; qdelta-check; the op with it and with the Triton local stage (+tloc)
+        step local ${MOSAIC_LIMIT:-240} "$PY" benchmarks/mosaic_dev.py --variants "" --local \
+            --shapes 8x4096x6x128x256,2x16384x6x128x256,8x4096x16x128x128
+        step local_check ${CHECK_LIMIT:-200} "$PY" -m qdelta_jax.check \
+            --shapes 8x4096x6x128x256 --no-fd --dtype bfloat16 \
+            --implementations xla,pallas-mosaic,pallas-mosaic+tloc
+        step local_ops ${OPS_LIMIT:-300} "$PY" benchmarks/ops.py --impl pallas-mosaic \
+            pallas-mosaic+tloc --reps 20 --warmup 3 --json "$OUT_DIR/local_ops.json"
+        ;;
+    compile)  # the unrolled 340m step's compile time against depth, Mosaic GPU and Triton
+        step compile ${COMPILE_LIMIT:-420} "$PY" benchmarks/compile_time.py \
+            --impl pallas-mosaic pallas-triton --layers 2 4 8 --json "$OUT_DIR/compile_time.json"
         ;;
     dqkw)  # the Mosaic GPU state-side gradients against the Triton kernel
         step dqkw ${MOSAIC_LIMIT:-200} "$PY" benchmarks/mosaic_dev.py --variants "" \

@@ -93,14 +93,13 @@ class Config:
     above, the state-side gradients and the K side's products in one Mosaic GPU kernel
     (:func:`qdelta_jax.pallas.mosaic_backward.dqkw_products`) after a Mosaic V side that forms
     ``dA`` and ``dPs`` from ``D`` (:func:`qdelta_jax.pallas.mosaic_backward.grads_v_from_d`);
-    ``None``: yes for unpacked rows, ``True``: for packed rows too (their document-masked
-    variants are not yet checked on a GPU), ``False``: the separate kernels above.
+    ``None`` or ``True``: yes (unpacked and packed rows), ``False``: the separate kernels
+    above.
 
     ``mosaic_local``: where the forward runs on the Mosaic GPU kernels (the fused state pass
     and output), its local stage too (``A``, ``T``, ``W``, ``U`` in one Mosaic GPU kernel,
     :func:`qdelta_jax.pallas.mosaic_local.chunk_local`) instead of the Triton solve and W/U;
-    ``True``: yes; ``None`` or ``False``: the Triton kernels (the Mosaic kernel has not yet
-    been checked on a GPU)."""
+    ``None`` or ``True``: yes; ``False``: the Triton kernels."""
 
     solve: StageConfig | None = None
     wu: StageConfig | None = None
@@ -289,8 +288,8 @@ def split_variant(name: str) -> tuple[str, Config | None]:
     ``chunk_dd0`` launch instead of forming it itself; ``+tgk`` (``pallas-mosaic+tgk``) runs
     the K-side local gradients in one Triton launch instead of their products on Mosaic GPU;
     ``+nfl`` keeps the state-side gradients and the K side's products in separate kernels
-    (``mosaic_fused_local`` off), ``+pfl`` fuses them for packed rows too (on); ``+mloc`` runs
-    the forward's local stage on Mosaic GPU (``mosaic_local`` on), ``+tloc`` on Triton. A name
+    (``mosaic_fused_local`` off), ``+pfl`` sets it on; ``+mloc`` runs the forward's local
+    stage on Mosaic GPU (``mosaic_local`` on, the default), ``+tloc`` on Triton. A name
     without suffixes is returned with ``None``. Raises ValueError for another suffix (or a V
     tile :class:`Config` refuses)."""
     if name == "pallas-no-save-residuals":

@@ -96,10 +96,10 @@ def _mosaic_h0(h0, seg, B):
 
 
 def _mosaic_local_stage(q, k, v, G, beta, lam, seg, cfg: Config, C, interp, residuals: bool):
-    """``W, U, T`` for the Mosaic forward: on Mosaic GPU with ``Config(mosaic_local=True)``
+    """``W, U, T`` for the Mosaic forward: on Mosaic GPU unless ``Config(mosaic_local=False)``,
     where the kernel takes the sizes (``T`` only with ``residuals``), else the Triton solve
     and W/U (the reason in the debug log)."""
-    if cfg.mosaic_local:
+    if cfg.mosaic_local is not False:
         try:
             mosaic_local.check_supported(K=q.shape[-1], V=v.shape[-1], C=C, dtype=q.dtype,
                                          with_t=residuals)
@@ -179,12 +179,11 @@ def _local_grads(q, k, v, G, beta, lam, Tinv, h_in, dh_out, do, D, dD, seg, scal
     and their gradients, on the kernels ``cfg`` and the layout choose."""
     K, V = q.shape[-1], do.shape[-1]
     # The state side fused with the K side's products (after a V side from D) unless any of
-    # the three is switched off; for packed rows only when asked for (Config(
-    # mosaic_fused_local=True)): their document-masked variants have not been run on a GPU.
+    # the three is switched off, packed rows too (the kernels take the document ids).
     fused = (cfg.mosaic_fused_local is not False and cfg.mosaic_dqkw is not False
              and cfg.mosaic_grads_k is not False)
     if _mosaic_backward_kernel(
-            fused, mcfg, None if cfg.mosaic_fused_local else seg,
+            fused, mcfg, None,
             "separate state-side and K-side kernels, not the fused ones",
             lambda: (mosaic_backward.check_dqkw_products_supported(K=K, V=V, C=C,
                                                                    dtype=q.dtype),

@@ -183,6 +183,33 @@ def check_args(shapes, dt, same_dtype) -> None:
             raise ValueError(f"{name} has dtype {jnp.dtype(x.dtype).name}, expected {dt.name}")
 
 
+_KERNELS: dict = {}
+
+
+def _statics(kernel) -> tuple:
+    """The settings a ``functools.partial`` kernel body was built with, as a hashable key."""
+    return tuple(sorted(kernel.keywords.items()))
+
+
+def call_kernel(name: str, statics: tuple, body, args, **kw):
+    """``plgpu.kernel(body, **kw)(*args)`` through one ``jax.jit`` per kernel: per ``(name,
+    statics, kw, the arguments' shapes and dtypes)``, where ``statics`` holds every setting
+    ``body`` was built with.
+
+    Why: a model calls the same kernel in every layer. Called directly, each call lowers its
+    own copy of the kernel's Mosaic GPU module (about 0.4 MB of serialized IR in the custom
+    call), and with jax 0.11 the copies differ by layer (different kernel hashes), so jaxlib
+    compiles every copy: the unrolled 340m training step's compile grew by about 7 s a layer
+    on an H200. Through one jitted function per kernel the calls share one traced jaxpr, which
+    the lowering emits once and calls from every layer: one module, one hash, one compile."""
+    key = (name, statics, repr(sorted(kw.items())),
+           tuple((tuple(a.shape), jnp.dtype(a.dtype).name) for a in args))
+    fn = _KERNELS.get(key)
+    if fn is None:
+        fn = _KERNELS[key] = jax.jit(plgpu.kernel(body, **kw))
+    return fn(*args)
+
+
 def _swizzle(minor: int, dt) -> int:
     """The widest shared-memory swizzle (bytes) a row of ``minor`` elements takes."""
     return plgpu.find_swizzle(minor * jnp.dtype(dt).itemsize * 8)
@@ -434,14 +461,9 @@ def state_output(q, k, G, W, U, h0, seg=None, *, scale: float, out_dtype=None,
     else:
         scratch = [plgpu.SMEM((K, BV), dt, transforms=_transforms(BV, dt)),  # h
                    plgpu.SMEM((C, BV), dt, transforms=_transforms(BV, dt))] + scratch  # D
-    call = plgpu.kernel(
-        kernel,
-        out_type=tuple(out_type),
-        scratch_types=scratch,
-        grid=(B, H, V // BV),
-        grid_names=("b", "h", "v"),
-        compiler_params=plgpu.CompilerParams(lowering_semantics=semantics),
-    )
+    launch = dict(out_type=tuple(out_type), scratch_types=scratch, grid=(B, H, V // BV),
+                  grid_names=("b", "h", "v"),
+                  compiler_params=plgpu.CompilerParams(lowering_semantics=semantics))
     # G time-minor, so that one chunk of it is one contiguous 256-byte TMA copy.
     args = [q, k, W, U, jnp.swapaxes(G.astype(F32), 1, 2)]
     if segmented:
@@ -450,7 +472,8 @@ def state_output(q, k, G, W, U, h0, seg=None, *, scale: float, out_dtype=None,
         # first token differs from its predecessor starts a document.
         segp = jnp.concatenate([seg[:, :1], seg[:, :-1]], axis=1)
         args += [seg, segp]
-    out = call(*args, h0.astype(F32))
+    out = call_kernel("state_output", _statics(kernel), kernel, args + [h0.astype(F32)],
+                      **launch)
     if residuals:
         o, final, h_in, D = out
         return o, final, h_in.reshape(B, NC, H, K, V), D
@@ -618,8 +641,7 @@ def reverse_state_pass(q, k, G, W, do, dD0, dfinal, seg=None, *, scale: float, C
     kernel = functools.partial(_reverse_kernel, C=C, NC=NC, H=H, BV=BV, scale=float(scale),
                                steps=steps, dt=dt, segmented=seg is not None,
                                fused_dd0=fused)
-    call = plgpu.kernel(
-        kernel,
+    launch = dict(
         out_type=(jax.ShapeDtypeStruct((B * NC * H * K, V), dt),
                   jax.ShapeDtypeStruct((B, Tp, H, V), dt),
                   jax.ShapeDtypeStruct((B, H, K, V), F32)),
@@ -633,5 +655,6 @@ def reverse_state_pass(q, k, G, W, do, dD0, dfinal, seg=None, *, scale: float, C
     if seg is not None:
         seg = seg.astype(jnp.int32)
         args += [seg, jnp.concatenate([seg[:, :1], seg[:, :-1]], axis=1)]
-    dh_out, dD, dh0 = call(*args, dfinal.astype(F32))
+    dh_out, dD, dh0 = call_kernel("reverse_state_pass", _statics(kernel), kernel,
+                                  args + [dfinal.astype(F32)], **launch)
     return dh_out.reshape(B, NC, H, K, V), dD, dh0

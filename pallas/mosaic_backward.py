@@ -73,6 +73,10 @@ def smem_bytes(C: int, BK: int, BV: int, itemsize: int, steps: int) -> int:
     return steps * per_step + 2 * C * BK * itemsize + 4 * C + stage
 
 
+def _lane_params():  # the compiler parameters every kernel here takes
+    return m.plgpu.CompilerParams(lowering_semantics=m.plgpu.LoweringSemantics.Lane)
+
+
 def _check_dtype_and_chunk(dtype, C: int, takes: str, needs: str):
     """The checks every kernel here shares: ``dtype`` bfloat16 or float16 (returned as a
     ``jnp.dtype``) and chunk 64; ``takes`` / ``needs`` start the messages."""
@@ -258,14 +262,12 @@ def chunk_dqkw(q, k, G, h_in, dh_out, do, D, dD, seg=None, *, scale: float, C: i
     )
     kernel = functools.partial(_kernel, C=C, NC=NC, H=H, nk=nk, BK=BK, BV=BV, nv=nv,
                                scale=float(scale), steps=min(steps, nv), dt=dt)
-    call = plgpu.kernel(
-        kernel, out_type=out_type, scratch_types=scratch, grid=(B, NC, H, nk),
-        grid_names=("b", "c", "h", "kt"),
-        compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Lane),
-    )
-    dqp, dkp, dW, dg, de, hd, dPs = call(
-        q, k, jnp.swapaxes(G.astype(F32), 1, 2), h_in.reshape(B * NC * H * K, V),
-        dh_out.reshape(B * NC * H * K, V), do, D, dD)
+    dqp, dkp, dW, dg, de, hd, dPs = m.call_kernel(
+        "chunk_dqkw", m._statics(kernel), kernel,
+        (q, k, jnp.swapaxes(G.astype(F32), 1, 2), h_in.reshape(B * NC * H * K, V),
+         dh_out.reshape(B * NC * H * K, V), do, D, dD),
+        out_type=out_type, scratch_types=scratch, grid=(B, NC, H, nk),
+        grid_names=("b", "c", "h", "kt"), compiler_params=_lane_params())
     return dqp, dkp, dW, _dg_part(dg, de, hd, C), dPs
 
 
@@ -409,8 +411,8 @@ def dqkw_products(q, k, G, h_in, dh_out, do, D, dD, Tb, M, S, lbg, bg, seg=None,
     (``[B, Tp, H]`` float32): the contract of :func:`qdelta_jax.pallas.backward.
     dqkw_products_ref`. ``seg [B, Tp]``: document ids of packed rows (the chunk's decays cut
     at its documents, as the Triton kernel's). Chunk 64, K a multiple of 64. Status: lowered
-    for CUDA in CI; on a GPU ``benchmarks/mosaic_dev.py --fused-local`` checked it on unpacked
-    rows; the packed variant has not been run on a GPU yet.
+    for CUDA in CI; on a GPU ``benchmarks/mosaic_dev.py --fused-local`` checks it on unpacked
+    rows and ``qdelta-check --docs 32`` end to end on packed ones.
 
     Raises ``RuntimeError`` without Mosaic GPU, ``ValueError`` for what it does not take."""
     m._require_plgpu()
@@ -451,20 +453,17 @@ def dqkw_products(q, k, G, h_in, dh_out, do, D, dD, Tb, M, S, lbg, bg, seg=None,
         jax.ShapeDtypeStruct((B, NC, H, K), F32),
         jax.ShapeDtypeStruct((nk, B, H, Tp), F32), jax.ShapeDtypeStruct((nk, B, H, Tp), F32),
     )
-    kernel = _with_seg_refs(
-        functools.partial(_dqkw_products_kernel, C=C, NC=NC, H=H, nk=nk, BK=BK, BV=BV, nv=nv,
-                          scale=float(scale), steps=min(steps, nv), dt=dt),
-        14 if segmented else 13, 7, segmented)
-    call = plgpu.kernel(
-        kernel, out_type=out_type, scratch_types=scratch, grid=(B, NC, H, nk),
-        grid_names=("b", "c", "h", "kt"),
-        compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Lane),
-    )
+    body = functools.partial(_dqkw_products_kernel, C=C, NC=NC, H=H, nk=nk, BK=BK, BV=BV,
+                             nv=nv, scale=float(scale), steps=min(steps, nv), dt=dt)
     sw = lambda x: jnp.swapaxes(x, 1, 2)  # noqa: E731 - [B, Tp, H] <-> [B, H, Tp]
-    dq, dk, dg, de, hd, sq, sk = call(
-        q, k, sw(G.astype(F32)), h_in.reshape(B * NC * H * K, V),
-        dh_out.reshape(B * NC * H * K, V), do, D, dD, Tb, M, S, sw(lbg), sw(bg),
-        *([seg.astype(jnp.int32)] if segmented else []))
+    dq, dk, dg, de, hd, sq, sk = m.call_kernel(
+        "dqkw_products", m._statics(body) + (segmented,),
+        _with_seg_refs(body, 14 if segmented else 13, 7, segmented),
+        (q, k, sw(G.astype(F32)), h_in.reshape(B * NC * H * K, V),
+         dh_out.reshape(B * NC * H * K, V), do, D, dD, Tb, M, S, sw(lbg), sw(bg),
+         *([seg.astype(jnp.int32)] if segmented else [])),
+        out_type=out_type, scratch_types=scratch, grid=(B, NC, H, nk),
+        grid_names=("b", "c", "h", "kt"), compiler_params=_lane_params())
     return (dq, dk, _dg_part(dg, de, hd, C), sw(jnp.sum(sq, axis=0)), sw(jnp.sum(sk, axis=0)))
 
 
@@ -585,8 +584,8 @@ def grads_v_from_d(v, Tinv, dD, do, D, G, beta, seg=None, *, scale: float, block
     :func:`qdelta_jax.pallas.backward.grads_v_from_d_xla`. ``seg [B, Tp]``: document ids of
     packed rows (``dPs``'s decay cut at documents; ``dA`` needs none: ``T`` and ``D`` hold
     them). Chunk 64. Status: lowered for CUDA in CI; on a GPU ``benchmarks/mosaic_dev.py
-    --fused-local`` checked it on unpacked rows; the packed variant has not been run on a GPU
-    yet.
+    --fused-local`` checks it on unpacked rows and ``qdelta-check --docs 32`` end to end on
+    packed ones.
 
     Raises ``RuntimeError`` without Mosaic GPU, ``ValueError`` for what it does not take."""
     m._require_plgpu()
@@ -621,16 +620,16 @@ def grads_v_from_d(v, Tinv, dD, do, D, G, beta, seg=None, *, scale: float, block
     out_type = (jax.ShapeDtypeStruct(rows_v, v.dtype), jax.ShapeDtypeStruct((B, H, Tp), F32),
                 jax.ShapeDtypeStruct(rows_c, F32), jax.ShapeDtypeStruct(rows_c, F32),
                 jax.ShapeDtypeStruct(rows_c, dt))
-    call = plgpu.kernel(
-        _with_seg_refs(functools.partial(_grads_v_from_d_kernel, C=C, BV=BV, nv=nv,
-                                         scale=float(scale), steps=min(steps, nv), dt=dt),
-                       8 if segmented else 7, 5, segmented),
-        out_type=out_type, scratch_types=scratch, grid=(B, NC, H), grid_names=("b", "c", "h"),
-        compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Lane),
-    )
+    body = functools.partial(_grads_v_from_d_kernel, C=C, BV=BV, nv=nv, scale=float(scale),
+                             steps=min(steps, nv), dt=dt)
     sw = lambda x: jnp.swapaxes(x, 1, 2)  # noqa: E731 - [B, Tp, H] <-> [B, H, Tp]
-    dv, dbv, dA, dPs, Tb = call(v, dD, do, D, Tinv, sw(G.astype(F32)), sw(beta),
-                                *([seg.astype(jnp.int32)] if segmented else []))
+    dv, dbv, dA, dPs, Tb = m.call_kernel(
+        "grads_v_from_d", m._statics(body) + (segmented,),
+        _with_seg_refs(body, 8 if segmented else 7, 5, segmented),
+        (v, dD, do, D, Tinv, sw(G.astype(F32)), sw(beta),
+         *([seg.astype(jnp.int32)] if segmented else [])),
+        out_type=out_type, scratch_types=scratch, grid=(B, NC, H), grid_names=("b", "c", "h"),
+        compiler_params=_lane_params())
     return dv, sw(dbv), dA, dPs, Tb
 
 
@@ -735,12 +734,12 @@ def grads_k_products(q, k, Tinv, dW, M, S, dq_part, dk_part, lbg, bg, *, block_k
     out_type = (jax.ShapeDtypeStruct(rows_k, dt), jax.ShapeDtypeStruct(rows_k, dt),
                 jax.ShapeDtypeStruct((nk, B, H, Tp), F32),
                 jax.ShapeDtypeStruct((nk, B, H, Tp), F32))
-    call = plgpu.kernel(
-        functools.partial(_products_kernel, C=C, BK=BK, dt=dt), out_type=out_type,
-        scratch_types=scratch, grid=(B, NC, H, nk), grid_names=("b", "c", "h", "kt"),
-        compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Lane),
-    )
-    dq, dk, sq, sk = call(q, k, Tinv, dW, M, S, dq_part, dk_part,
-                          jnp.swapaxes(lbg, 1, 2), jnp.swapaxes(bg, 1, 2))
+    body = functools.partial(_products_kernel, C=C, BK=BK, dt=dt)
+    dq, dk, sq, sk = m.call_kernel(
+        "grads_k_products", m._statics(body), body,
+        (q, k, Tinv, dW, M, S, dq_part, dk_part, jnp.swapaxes(lbg, 1, 2),
+         jnp.swapaxes(bg, 1, 2)),
+        out_type=out_type, scratch_types=scratch, grid=(B, NC, H, nk),
+        grid_names=("b", "c", "h", "kt"), compiler_params=_lane_params())
     # Row sums over the K tiles, back to [B, Tp, H].
     return dq, dk, jnp.swapaxes(jnp.sum(sq, axis=0), 1, 2), jnp.swapaxes(jnp.sum(sk, axis=0), 1, 2)

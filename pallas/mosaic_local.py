@@ -24,7 +24,9 @@ vectors. Then, in registers and on the tensor cores:
 ``gamma`` is ``exp(G)`` on the chunk's first document and zero past it (packed rows), as in
 :func:`qdelta_jax.xla.gates`. Status: lowered for CUDA in CI (Mosaic GPU's interpret mode does
 not run wgmmas with register operands); checked on a GPU by ``benchmarks/mosaic_dev.py
---local`` against :func:`qdelta_jax.xla.chunk_local` and the Triton kernels.
+--local`` against :func:`qdelta_jax.xla.chunk_local` and the Triton kernels (on an H200 at
+the 340M layer: ``T`` 5.7e-7 from the float32 oracle against the Triton solve's 1.9e-5; ``W``,
+``U`` 6e-5 against 2.2e-4; 0.211 against 0.284 ms).
 """
 
 from __future__ import annotations
@@ -260,16 +262,14 @@ def chunk_local(q, k, v, G, beta, lam, seg=None, *, C: int = m.CHUNK, with_t: bo
         out_type.append(jax.ShapeDtypeStruct((B, Tp, H, C), F32))
     kernel = functools.partial(_local_kernel, C=C, nk=nk, nv=nv, dt=dt, with_t=with_t,
                                segmented=segmented)
-    call = plgpu.kernel(
-        kernel,
-        out_type=tuple(out_type), scratch_types=scratch, grid=(B, NC, H),
-        grid_names=("b", "c", "h"),
-        compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Lane),
-    )
     sw = lambda x: jnp.swapaxes(x.astype(F32), 1, 2)  # noqa: E731 - [B, Tp, H] -> [B, H, Tp]
     args = [q, k, v, sw(G), sw(beta), sw(lam)]
     if segmented:
         args.append(seg.astype(jnp.int32))
-    out = call(*args)
+    out = m.call_kernel(
+        "chunk_local", m._statics(kernel), kernel, args, out_type=tuple(out_type),
+        scratch_types=scratch, grid=(B, NC, H), grid_names=("b", "c", "h"),
+        compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Lane),
+    )
     return out[0], out[1], (out[2] if with_t else None)
 

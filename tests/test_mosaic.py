@@ -321,3 +321,29 @@ def test_local_stage_checks_arguments():
     bad[4] = z(1, 32, 1)
     with pytest.raises(ValueError, match="beta has shape"):
         mosaic_local.chunk_local(*bad)
+
+
+@needs_plgpu
+def test_repeated_kernels_lower_once():
+    """A kernel called from several layers (here under two name scopes) is one jitted
+    function: the lowered module holds one copy of its Mosaic GPU module and one kernel hash,
+    so jaxlib compiles it once however deep the model (mosaic.call_kernel)."""
+    import re
+
+    from qdelta_jax.pallas import mosaic_local
+
+    B, T, H, K, V = 1, 128, 1, 64, 64
+    S = jax.ShapeDtypeStruct
+    args = (S((B, T, H, K), BF16), S((B, T, H, K), BF16), S((B, T, H, V), BF16),
+            S((B, T, H), F32), S((B, T, H), BF16), S((B, T, H), BF16))
+
+    def two_layers(q, k, v, G, beta, lam):
+        with jax.named_scope("layer0"):
+            w, u, _ = mosaic_local.chunk_local(q, k, v, G, beta, lam)
+        with jax.named_scope("layer1"):
+            w, u, _ = mosaic_local.chunk_local(w, k, u, G, beta, lam)
+        return w, u
+
+    text = jax.jit(two_layers).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count("@mosaic_gpu_v2") == 1
+    assert len(set(re.findall(r'kernel_hash = "((?:[^"\\]|\\.)*)"', text))) == 1

@@ -527,14 +527,14 @@ def test_mosaic_training_dispatch_wiring(mosaic_standins):
     # Config(mosaic_dqkw=False) the Triton dqkw kernel, Config(mosaic_grads_k=False) the
     # one-launch Triton K side (neither fused), Config(mosaic_fused_dd0=False) the chunk_dd0
     # launch.
-    fused = ["fwd", "rev", "dd0 in rev", "grads_v from D", "dqkw + grads_k"]
-    split = ["fwd", "rev", "dd0 in rev", "dqkw", "grads_k"]
+    fused = ["local", "fwd", "rev", "dd0 in rev", "grads_v from D", "dqkw + grads_k"]
+    split = ["local", "fwd", "rev", "dd0 in rev", "dqkw", "grads_k"]
     for config, want in ((None, fused), (pcfg.Config(mosaic_fused_local=True), fused),
                          (pcfg.Config(mosaic_fused_local=False), split),
-                         (pcfg.Config(mosaic_dqkw=False), ["fwd", "rev", "dd0 in rev",
+                         (pcfg.Config(mosaic_dqkw=False), ["local", "fwd", "rev", "dd0 in rev",
                                                            "grads_k"]),
                          (pcfg.Config(mosaic_fused_dd0=False),
-                          ["fwd", "rev", "grads_v from D", "dqkw + grads_k"]),
+                          ["local", "fwd", "rev", "grads_v from D", "dqkw + grads_k"]),
                          (pcfg.Config(mosaic_grads_k=False), split[:-1])):
         calls.clear()
         (_, (o_m, f_m)), g_m = value_and_grads("pallas-mosaic", C, config=config)(*args, w)
@@ -545,14 +545,15 @@ def test_mosaic_training_dispatch_wiring(mosaic_standins):
     with pytest.raises(TypeError, match="mosaic_dqkw"):
         pcfg.Config(mosaic_dqkw=1)
     wp = w
-    # Packed rows, by default: the Triton state-side gradients and V side, the K-side products
-    # (no document masks of their own) on Mosaic GPU. With Config(mosaic_fused_local=True) the
-    # fused path with its document masks (dPs within documents, gamma, e, aC per document).
+    # Packed rows, by default: the fused path with its document masks (dPs within documents,
+    # gamma, e, aC per document). With Config(mosaic_fused_local=False): the Triton state-side
+    # gradients and V side (the Mosaic chunk_dqkw takes no document ids), the K-side products
+    # (no document masks of their own) on Mosaic GPU.
     (_, o_px), gpx = packed_value_and_grads("xla", C, CU_ROWS)(q, k, v, g, beta, lam, wp)
-    for config, want in ((pcfg.Config(mosaic_dqkw=True, mosaic_grads_k=True),
-                          ["fwd", "rev", "dd0 in rev", "grads_k"]),
-                         (pcfg.Config(mosaic_fused_local=True),
-                          ["fwd", "rev", "dd0 in rev", "grads_v from D", "dqkw + grads_k"])):
+    for config, want in ((pcfg.Config(mosaic_fused_local=False),
+                          ["local", "fwd", "rev", "dd0 in rev", "grads_k"]),
+                         (None, ["local", "fwd", "rev", "dd0 in rev", "grads_v from D",
+                                 "dqkw + grads_k"])):
         calls.clear()
         (_, o_p), gp = packed_value_and_grads("pallas-mosaic", C, CU_ROWS, config)(
             q, k, v, g, beta, lam, wp)
@@ -564,9 +565,9 @@ def test_mosaic_training_dispatch_wiring(mosaic_standins):
 
 @pytest.mark.parametrize("dtype", [F32, jnp.bfloat16])
 def test_mosaic_local_stage_wiring(mosaic_standins, dtype):
-    """Config(mosaic_local=True): the Mosaic forward's local stage (A, T, W, U) comes from the
-    Mosaic GPU kernel (a stand-in of its contract here) in training, with T for the backward,
-    and in inference, without; packed rows too; by default the Triton solve and W/U."""
+    """The Mosaic forward's local stage (A, T, W, U) comes from the Mosaic GPU kernel (a
+    stand-in of its contract here) in training, with T for the backward, and in inference,
+    without; packed rows too; Config(mosaic_local=False): the Triton solve and W/U."""
     calls = mosaic_standins
     C = 16
     (q, k, v, g, beta, lam, h0), w = make(63, 2, 40, 2, 16, 32, dtype=dtype)
@@ -574,7 +575,7 @@ def test_mosaic_local_stage_wiring(mosaic_standins, dtype):
     (_, (o_x, f_x)), g_x = value_and_grads("xla", C)(*args, w)
     tol = TOL[jnp.dtype(dtype)]
     on = pcfg.Config(mosaic_local=True)
-    for config, first in ((None, "fwd"), (pcfg.Config(mosaic_local=False), "fwd"),
+    for config, first in ((None, "local"), (pcfg.Config(mosaic_local=False), "fwd"),
                           (on, "local")):
         calls.clear()
         (_, (o_m, f_m)), g_m = value_and_grads("pallas-mosaic", C, config=config)(*args, w)
