@@ -186,6 +186,16 @@ def check_args(shapes, dt, same_dtype) -> None:
 _KERNELS: dict = {}
 
 
+def copy_in(loads, bars, wait: bool = True) -> None:
+    """Starts one TMA copy per ``(gmem source, smem destination)`` of ``loads``, each on its own
+    barrier of ``bars``, all in flight together; with ``wait``, waits for all of them."""
+    for i, (src, dst) in enumerate(loads):
+        plgpu.copy_gmem_to_smem(src, dst, bars.at[i])
+    if wait:
+        for i in range(len(loads)):
+            plgpu.barrier_wait(bars.at[i])
+
+
 def _statics(kernel) -> tuple:
     """The settings a ``functools.partial`` kernel body was built with, as a hashable key."""
     return tuple(sorted(kernel.keywords.items()))

@@ -344,8 +344,7 @@ def _dqkw_products_kernel(q_ref, k_ref, g_ref, hin_ref, dho_ref, do_ref, d_ref, 
              (lbg_ref.at[b, h, rows], lbg_s), (bg_ref.at[b, h, rows], bg_s))
     if seg_ref is not None:
         loads += ((seg_ref.at[b, rows], seg_s),)
-    for i, (src, dst) in enumerate(loads):
-        plgpu.copy_gmem_to_smem(src, dst, bars.at[i])
+    m.copy_in(loads, bars, wait=False)
     doh, dkd, dw, _, hd = _state_side_loop(hin_ref, dho_ref, do_ref, d_ref, dd_ref, b=b, c=c,
                                            h=h, kt=kt, NC=NC, H=H, nk=nk, C=C, BK=BK, BV=BV,
                                            nv=nv, steps=steps, dt=dt, with_dp=False)
@@ -486,10 +485,7 @@ def _grads_v_from_d_kernel(v_ref, dd_ref, do_ref, d_ref, t_ref, g_ref, b_ref,
              (b_ref.at[b, h, rows], b_s))
     if seg_ref is not None:
         loads += ((seg_ref.at[b, rows], seg_s),)
-    for i, (src, dst) in enumerate(loads):
-        plgpu.copy_gmem_to_smem(src, dst, bars.at[i])
-    for i in range(len(loads)):
-        plgpu.barrier_wait(bars.at[i])
+    m.copy_in(loads, bars)
 
     wg = plgpu.Layout.WGMMA
     vec = wg.reduce(1)
@@ -656,10 +652,7 @@ def _products_kernel(q_ref, k_ref, t_ref, dw_ref, m_ref, s_ref, dqp_ref, dkp_ref
              (m_ref.at[b, rows, h, :], m_s), (s_ref.at[b, rows, h, :], s_s),
              (dqp_ref.at[b, rows, h, cols], dqp_s), (dkp_ref.at[b, rows, h, cols], dkp_s),
              (lbg_ref.at[b, h, rows], lbg_s), (bg_ref.at[b, h, rows], bg_s))
-    for i, (src, dst) in enumerate(loads):
-        plgpu.copy_gmem_to_smem(src, dst, bars.at[i])
-    for i in range(len(loads)):
-        plgpu.barrier_wait(bars.at[i])
+    m.copy_in(loads, bars)
 
     wg = plgpu.Layout.WGMMA
     # T is kept in float32 for the V side's dA; its products here take it in the compute

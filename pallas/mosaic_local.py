@@ -156,10 +156,7 @@ def _local_kernel(*refs, C, nk, nv, dt, with_t, segmented):
                 (l_ref.at[b, h, rows], l_s)])
     if segmented:
         loads.append((seg_ref.at[b, rows], seg_s))
-    for i, (src, dst) in enumerate(loads):
-        plgpu.copy_gmem_to_smem(src, dst, bars.at[i])
-    for i in range(len(loads)):
-        plgpu.barrier_wait(bars.at[i])
+    m.copy_in(loads, bars)
 
     wg = plgpu.Layout.WGMMA
     vec = wg.reduce(1)
