@@ -237,3 +237,24 @@ def test_authors_step_config_and_errors(tmp_path, capsys):
     assert "--seq-len must be >= 1" in capsys.readouterr().err
     with pytest.raises(SystemExit, match="--preset nope"):
         step.main(["--preset", "nope", "--print-config"])
+
+
+def test_compile_time_tiny(tmp_path, capsys):
+    """benchmarks/compile_time.py at the tiny preset: a row per (implementation, depth, mode)
+    with lower and compile times, the custom-call counts of the lowered module, the JSON."""
+    ct = load("compile_time")
+    out = tmp_path / "ct.json"
+    assert ct.main(["--preset", "tiny", "--batch", "2", "--seq-len", "64", "--impl", "xla",
+                    "--layers", "1", "--scan", "both", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())
+    assert [(r["layers"], r["scan_layers"]) for r in rows] == [(1, False), (1, True)]
+    assert all(r["lower_s"] > 0 and r["compile_s"] > 0 and r["mosaic_hashes"] == 0
+               for r in rows)
+    assert "xla     scan layers   1" in capsys.readouterr().out
+    calls = ct.custom_calls('x = stablehlo.custom_call @mosaic_gpu_v2(%a) {backend_config = '
+                            '{kernel_hash = "\\01\\02", module = "m"}}\n'
+                            'y = stablehlo.custom_call @mosaic_gpu_v2(%b) {backend_config = '
+                            '{kernel_hash = "\\01\\02", module = "m"}}')
+    assert calls["targets"] == {"mosaic_gpu_v2": 2} and calls["mosaic_hashes"] == 1
+    with pytest.raises(SystemExit):
+        ct.parse_args(["--layers", "0"])
