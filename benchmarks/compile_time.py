@@ -5,9 +5,10 @@
 
 For every (implementation, number of layers, unrolled or ``scan_layers``) it builds the trainer's
 340m step (as ``profile_step.py`` does: random packed text, bf16 compute, AdamW) and times
-``lower`` and ``compile`` separately, and counts the custom calls in the lowered module: the
-Mosaic GPU calls, their distinct kernels (by the hash the lowering puts in each call's
-configuration) and the bytes of configuration they carry, and the Triton calls. A row is printed
+``lower`` and ``compile`` separately, and reads the lowered module: its custom calls by target
+(Mosaic GPU, Triton, ...), the Mosaic GPU calls' distinct kernels (by the hash the lowering
+puts in each call's configuration) and the size of the module text (the serialized kernels
+are in it). A row is printed
 and the JSON rewritten as soon as it is measured, so a run cut by a time limit keeps what it has.
 ``--compile-limit`` skips the remaining layer counts of an implementation once one compile took
 longer (the next would take longer still).

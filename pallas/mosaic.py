@@ -196,15 +196,29 @@ def copy_in(loads, bars, wait: bool = True) -> None:
             plgpu.barrier_wait(bars.at[i])
 
 
-def _statics(kernel) -> tuple:
-    """The settings a ``functools.partial`` kernel body was built with, as a hashable key."""
-    return tuple(sorted(kernel.keywords.items()))
+def lane_params():
+    """The compiler parameters of the kernels that state their register layouts (lane-level
+    lowering semantics)."""
+    return plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Lane)
 
 
-def call_kernel(name: str, statics: tuple, body, args, **kw):
-    """``plgpu.kernel(body, **kw)(*args)`` through one ``jax.jit`` per kernel: per ``(name,
-    statics, kw, the arguments' shapes and dtypes)``, where ``statics`` holds every setting
-    ``body`` was built with.
+def check_dtype_and_chunk(dtype, C: int, takes: str, needs: str):
+    """The checks the chunk-parallel kernels share: ``dtype`` bfloat16 or float16 (returned as
+    a ``jnp.dtype``) and chunk 64; ``takes`` / ``needs`` start the messages."""
+    dt = jnp.dtype(dtype)
+    if dt not in DTYPES:
+        raise ValueError(f"{takes} bfloat16 or float16, got {dt.name}")
+    if C != CHUNK:
+        raise ValueError(f"{needs} chunk_size={CHUNK}, got {C}")
+    return dt
+
+
+def call_kernel(body, args, *, wrap=None, **kw):
+    """``plgpu.kernel(wrap(body), **kw)(*args)`` through one ``jax.jit`` per kernel: per
+    ``body`` (a ``functools.partial`` of the kernel function: the function and the settings it
+    was built with), ``kw`` and the arguments' shapes and dtypes. ``wrap`` (default: none)
+    adapts the body's signature; what it does must follow from the arguments (as
+    ``mosaic_backward._with_seg_refs`` follows from whether document ids are passed).
 
     Why: a model calls the same kernel in every layer. Called directly, each call lowers its
     own copy of the kernel's Mosaic GPU module (about 0.4 MB of serialized IR in the custom
@@ -212,11 +226,11 @@ def call_kernel(name: str, statics: tuple, body, args, **kw):
     compiles every copy: the unrolled 340m training step's compile grew by about 7 s a layer
     on an H200. Through one jitted function per kernel the calls share one traced jaxpr, which
     the lowering emits once and calls from every layer: one module, one hash, one compile."""
-    key = (name, statics, repr(sorted(kw.items())),
+    key = (body.func, tuple(sorted(body.keywords.items())), repr(sorted(kw.items())),
            tuple((tuple(a.shape), jnp.dtype(a.dtype).name) for a in args))
     fn = _KERNELS.get(key)
     if fn is None:
-        fn = _KERNELS[key] = jax.jit(plgpu.kernel(body, **kw))
+        fn = _KERNELS[key] = jax.jit(plgpu.kernel(body if wrap is None else wrap(body), **kw))
     return fn(*args)
 
 
@@ -482,8 +496,7 @@ def state_output(q, k, G, W, U, h0, seg=None, *, scale: float, out_dtype=None,
         # first token differs from its predecessor starts a document.
         segp = jnp.concatenate([seg[:, :1], seg[:, :-1]], axis=1)
         args += [seg, segp]
-    out = call_kernel("state_output", _statics(kernel), kernel, args + [h0.astype(F32)],
-                      **launch)
+    out = call_kernel(kernel, args + [h0.astype(F32)], **launch)
     if residuals:
         o, final, h_in, D = out
         return o, final, h_in.reshape(B, NC, H, K, V), D
@@ -665,6 +678,5 @@ def reverse_state_pass(q, k, G, W, do, dD0, dfinal, seg=None, *, scale: float, C
     if seg is not None:
         seg = seg.astype(jnp.int32)
         args += [seg, jnp.concatenate([seg[:, :1], seg[:, :-1]], axis=1)]
-    dh_out, dD, dh0 = call_kernel("reverse_state_pass", _statics(kernel), kernel,
-                                  args + [dfinal.astype(F32)], **launch)
+    dh_out, dD, dh0 = call_kernel(kernel, args + [dfinal.astype(F32)], **launch)
     return dh_out.reshape(B, NC, H, K, V), dD, dh0

@@ -73,25 +73,10 @@ def smem_bytes(C: int, BK: int, BV: int, itemsize: int, steps: int) -> int:
     return steps * per_step + 2 * C * BK * itemsize + 4 * C + stage
 
 
-def _lane_params():  # the compiler parameters every kernel here takes
-    return m.plgpu.CompilerParams(lowering_semantics=m.plgpu.LoweringSemantics.Lane)
-
-
-def _check_dtype_and_chunk(dtype, C: int, takes: str, needs: str):
-    """The checks every kernel here shares: ``dtype`` bfloat16 or float16 (returned as a
-    ``jnp.dtype``) and chunk 64; ``takes`` / ``needs`` start the messages."""
-    dt = jnp.dtype(dtype)
-    if dt not in m.DTYPES:
-        raise ValueError(f"{takes} bfloat16 or float16, got {dt.name}")
-    if C != m.CHUNK:
-        raise ValueError(f"{needs} chunk_size={m.CHUNK}, got {C}")
-    return dt
-
-
 def check_supported(*, K: int, V: int, C: int, dtype, block_k: int = 64, block_v: int = 32,
                     steps: int = 2) -> None:
     """Raises ``ValueError`` naming the first size or dtype this kernel does not take."""
-    dt = _check_dtype_and_chunk(dtype, C, "the Mosaic GPU dqkw kernel takes",
+    dt = m.check_dtype_and_chunk(dtype, C, "the Mosaic GPU dqkw kernel takes",
                                 "the Mosaic GPU dqkw kernel needs")
     if block_k != C or K % block_k:
         raise ValueError(f"the Mosaic GPU dqkw kernel needs K a multiple of block_k=64, got "
@@ -263,11 +248,11 @@ def chunk_dqkw(q, k, G, h_in, dh_out, do, D, dD, seg=None, *, scale: float, C: i
     kernel = functools.partial(_kernel, C=C, NC=NC, H=H, nk=nk, BK=BK, BV=BV, nv=nv,
                                scale=float(scale), steps=min(steps, nv), dt=dt)
     dqp, dkp, dW, dg, de, hd, dPs = m.call_kernel(
-        "chunk_dqkw", m._statics(kernel), kernel,
+        kernel,
         (q, k, jnp.swapaxes(G.astype(F32), 1, 2), h_in.reshape(B * NC * H * K, V),
          dh_out.reshape(B * NC * H * K, V), do, D, dD),
         out_type=out_type, scratch_types=scratch, grid=(B, NC, H, nk),
-        grid_names=("b", "c", "h", "kt"), compiler_params=_lane_params())
+        grid_names=("b", "c", "h", "kt"), compiler_params=m.lane_params())
     return dqp, dkp, dW, _dg_part(dg, de, hd, C), dPs
 
 
@@ -456,13 +441,13 @@ def dqkw_products(q, k, G, h_in, dh_out, do, D, dD, Tb, M, S, lbg, bg, seg=None,
                              nv=nv, scale=float(scale), steps=min(steps, nv), dt=dt)
     sw = lambda x: jnp.swapaxes(x, 1, 2)  # noqa: E731 - [B, Tp, H] <-> [B, H, Tp]
     dq, dk, dg, de, hd, sq, sk = m.call_kernel(
-        "dqkw_products", m._statics(body) + (segmented,),
-        _with_seg_refs(body, 14 if segmented else 13, 7, segmented),
+        body,
         (q, k, sw(G.astype(F32)), h_in.reshape(B * NC * H * K, V),
          dh_out.reshape(B * NC * H * K, V), do, D, dD, Tb, M, S, sw(lbg), sw(bg),
          *([seg.astype(jnp.int32)] if segmented else [])),
+        wrap=lambda f: _with_seg_refs(f, 14 if segmented else 13, 7, segmented),
         out_type=out_type, scratch_types=scratch, grid=(B, NC, H, nk),
-        grid_names=("b", "c", "h", "kt"), compiler_params=_lane_params())
+        grid_names=("b", "c", "h", "kt"), compiler_params=m.lane_params())
     return (dq, dk, _dg_part(dg, de, hd, C), sw(jnp.sum(sq, axis=0)), sw(jnp.sum(sk, axis=0)))
 
 
@@ -553,7 +538,7 @@ def check_grads_v_from_d_supported(*, V: int, C: int, dtype, block_v: int = 32,
                                    steps: int = 2) -> None:
     """Raises ``ValueError`` naming the first size or dtype :func:`grads_v_from_d` does not
     take."""
-    dt = _check_dtype_and_chunk(dtype, C, "the Mosaic GPU V-side gradients take",
+    dt = m.check_dtype_and_chunk(dtype, C, "the Mosaic GPU V-side gradients take",
                                 "the Mosaic GPU V-side gradients need")
     if block_v not in (32, 64) or V % block_v:
         raise ValueError(f"block_v must be 32 or 64 dividing V={V}, got {block_v}")
@@ -620,12 +605,12 @@ def grads_v_from_d(v, Tinv, dD, do, D, G, beta, seg=None, *, scale: float, block
                              steps=min(steps, nv), dt=dt)
     sw = lambda x: jnp.swapaxes(x, 1, 2)  # noqa: E731 - [B, Tp, H] <-> [B, H, Tp]
     dv, dbv, dA, dPs, Tb = m.call_kernel(
-        "grads_v_from_d", m._statics(body) + (segmented,),
-        _with_seg_refs(body, 8 if segmented else 7, 5, segmented),
+        body,
         (v, dD, do, D, Tinv, sw(G.astype(F32)), sw(beta),
          *([seg.astype(jnp.int32)] if segmented else [])),
+        wrap=lambda f: _with_seg_refs(f, 8 if segmented else 7, 5, segmented),
         out_type=out_type, scratch_types=scratch, grid=(B, NC, H), grid_names=("b", "c", "h"),
-        compiler_params=_lane_params())
+        compiler_params=m.lane_params())
     return dv, sw(dbv), dA, dPs, Tb
 
 
@@ -672,7 +657,7 @@ def _products_kernel(q_ref, k_ref, t_ref, dw_ref, m_ref, s_ref, dqp_ref, dkp_ref
 def check_products_supported(*, K: int, C: int, dtype, block_k: int = 64) -> None:
     """Raises ``ValueError`` naming the first size or dtype :func:`grads_k_products` does not
     take."""
-    _check_dtype_and_chunk(dtype, C, "the Mosaic GPU K-side products take",
+    m.check_dtype_and_chunk(dtype, C, "the Mosaic GPU K-side products take",
                            "the Mosaic GPU K-side products need")
     if block_k != 64 or K % block_k:
         raise ValueError(f"the Mosaic GPU K-side products need K a multiple of 64, got K={K}")
@@ -729,10 +714,10 @@ def grads_k_products(q, k, Tinv, dW, M, S, dq_part, dk_part, lbg, bg, *, block_k
                 jax.ShapeDtypeStruct((nk, B, H, Tp), F32))
     body = functools.partial(_products_kernel, C=C, BK=BK, dt=dt)
     dq, dk, sq, sk = m.call_kernel(
-        "grads_k_products", m._statics(body), body,
+        body,
         (q, k, Tinv, dW, M, S, dq_part, dk_part, jnp.swapaxes(lbg, 1, 2),
          jnp.swapaxes(bg, 1, 2)),
         out_type=out_type, scratch_types=scratch, grid=(B, NC, H, nk),
-        grid_names=("b", "c", "h", "kt"), compiler_params=_lane_params())
+        grid_names=("b", "c", "h", "kt"), compiler_params=m.lane_params())
     # Row sums over the K tiles, back to [B, Tp, H].
     return dq, dk, jnp.swapaxes(jnp.sum(sq, axis=0), 1, 2), jnp.swapaxes(jnp.sum(sk, axis=0), 1, 2)

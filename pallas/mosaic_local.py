@@ -55,11 +55,8 @@ def smem_bytes(K: int, V: int, C: int, itemsize: int, with_t: bool) -> int:
 
 def check_supported(*, K: int, V: int, C: int, dtype, with_t: bool = True) -> None:
     """Raises ``ValueError`` naming the first size or dtype the kernel does not take."""
-    dt = jnp.dtype(dtype)
-    if dt not in m.DTYPES:
-        raise ValueError(f"the Mosaic GPU local stage takes bfloat16 or float16, got {dt.name}")
-    if C != m.CHUNK:
-        raise ValueError(f"the Mosaic GPU local stage needs chunk_size={m.CHUNK}, got {C}")
+    dt = m.check_dtype_and_chunk(dtype, C, "the Mosaic GPU local stage takes",
+                                 "the Mosaic GPU local stage needs")
     for name, n in (("K", K), ("V", V)):
         if n % TILE or n < TILE:
             raise ValueError(f"the Mosaic GPU local stage needs {name} a multiple of {TILE}, "
@@ -263,10 +260,8 @@ def chunk_local(q, k, v, G, beta, lam, seg=None, *, C: int = m.CHUNK, with_t: bo
     args = [q, k, v, sw(G), sw(beta), sw(lam)]
     if segmented:
         args.append(seg.astype(jnp.int32))
-    out = m.call_kernel(
-        "chunk_local", m._statics(kernel), kernel, args, out_type=tuple(out_type),
-        scratch_types=scratch, grid=(B, NC, H), grid_names=("b", "c", "h"),
-        compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Lane),
-    )
+    out = m.call_kernel(kernel, args, out_type=tuple(out_type), scratch_types=scratch,
+                        grid=(B, NC, H), grid_names=("b", "c", "h"),
+                        compiler_params=m.lane_params())
     return out[0], out[1], (out[2] if with_t else None)
 
