@@ -96,7 +96,8 @@ VARIANTS = {name: _variant(name) for name in (
     "so_bv64_s2", "so_res_bv64_s2", "so_res_bv64_s1", "so_res_bv128_s1",
     "seg_bv64_s2", "seg_res_bv64_s2", "seg_res_bv64_s1", "seg_so_res_bv64_s2",
     "rev_bv64_s2", "rev_bv64_s1", "rev_bv128_s1", "seg_rev_bv64_s2", "rev_bv32_s2",
-    "rev_fd_bv64_s2", "rev_fd_bv32_s2", "seg_rev_fd_bv64_s2",
+    "rev_fd_bv64_s2", "rev_fd_bv32_s2", "seg_rev_fd_bv64_s2", "rev_fd_bv64_s1",
+    "rev_fd_bv32_s1", "seg_rev_fd_bv64_s1", "seg_res_bv32_s1", "res_bv32_s1",
     # Not run by default: with jax 0.11.2 its layout inference searches for minutes (on a CPU)
     # and then finds no solution.
     "bv64_s2_wg",

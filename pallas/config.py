@@ -75,6 +75,10 @@ class Config:
     ``None``: chosen from the grid (:func:`qdelta_jax.pallas.core.mosaic_block_v`), 64 for
     packed rows.
 
+    ``mosaic_steps``: the pipeline depth (chunks whose loads are in flight, 1 to 4) of the
+    Mosaic GPU state pass and reverse pass; ``None``: 2. At 1 a CTA's next loads wait for its
+    math, but at ``mosaic_block_v=64`` two CTAs fit on a multiprocessor (one at 2).
+
     ``mosaic_dqkw``: where the backward runs on the Mosaic GPU kernels
     (``implementation="pallas-mosaic"``, unpacked rows), its state-side gradients too
     (:mod:`qdelta_jax.pallas.mosaic_backward`); ``None`` or ``True``: yes, ``False``: the
@@ -112,6 +116,7 @@ class Config:
     grads_k: StageConfig | None = None
     save_residuals: bool | None = None
     mosaic_block_v: int | None = None
+    mosaic_steps: int | None = None
     mosaic_dqkw: bool | None = None
     mosaic_fused_dd0: bool | None = None
     mosaic_grads_k: bool | None = None
@@ -132,6 +137,10 @@ class Config:
                                                 self.mosaic_block_v not in (32, 64, 128)):
             raise ValueError(f"Config.mosaic_block_v must be 32, 64, 128 or None, got "
                              f"{self.mosaic_block_v!r}")
+        if self.mosaic_steps is not None and (type(self.mosaic_steps) is not int or
+                                              self.mosaic_steps not in (1, 2, 3, 4)):
+            raise ValueError(f"Config.mosaic_steps must be 1, 2, 3, 4 or None, got "
+                             f"{self.mosaic_steps!r}")
 
     @property
     def sets_stages(self) -> bool:
@@ -148,7 +157,7 @@ class Config:
         def value(k, v):
             if isinstance(v, dict):
                 return StageConfig(**v)
-            if v is None or k == "mosaic_block_v":
+            if v is None or k in ("mosaic_block_v", "mosaic_steps"):
                 return v
             return bool(v)
 
@@ -282,7 +291,8 @@ def split_variant(name: str) -> tuple[str, Config | None]:
     """``(implementation, Config or None)`` of an implementation name with kernel-config
     suffixes, as ``benchmarks/ops.py --impl`` and ``qdelta-check --implementations`` take them:
     ``pallas-no-save-residuals`` is ``pallas`` with ``save_residuals`` off; ``+mbvN``
-    (``pallas+mbv32``) sets the Mosaic GPU kernels' V tile to N; ``+tdqkw``
+    (``pallas+mbv32``) sets the Mosaic GPU kernels' V tile to N, ``+msN`` the pipeline depth
+    of their state pass and reverse pass; ``+tdqkw``
     (``pallas-mosaic+tdqkw``) runs the backward's state-side gradients on the Triton kernel
     instead of Mosaic GPU's; ``+tdd0`` gives the Mosaic reverse pass ``dD0`` from the Triton
     ``chunk_dd0`` launch instead of forming it itself; ``+tgk`` (``pallas-mosaic+tgk``) runs
@@ -313,8 +323,10 @@ def split_variant(name: str) -> tuple[str, Config | None]:
             fields["mosaic_local"] = sfx == "mloc"
         elif sfx.startswith("mbv") and sfx[3:].isdigit():
             fields["mosaic_block_v"] = int(sfx[3:])
+        elif sfx.startswith("ms") and sfx[2:].isdigit():
+            fields["mosaic_steps"] = int(sfx[2:])
         else:
             raise ValueError(f"unknown suffix +{sfx} in {name!r}; known: +mbvN (the Mosaic GPU "
-                             "V tile, N in 32, 64, 128), +tdqkw, +tdd0, +tgk, +nfl, +pfl, "
-                             "+mloc, +tloc")
+                             "V tile, N in 32, 64, 128), +msN (its pipeline depth), +tdqkw, "
+                             "+tdd0, +tgk, +nfl, +pfl, +mloc, +tloc")
     return base, Config(**fields)

@@ -306,7 +306,7 @@ def mosaic_reason(K: int, V: int, chunk_size: int, dtype, out_dtype, *, interpre
 
 def choose_mosaic(forward_backend: str, K: int, V: int, chunk_size: int, dtype, out_dtype, *,
                   interpret: bool, rows_are_sequences: bool, seg,
-                  block_v: int = 64) -> MosaicUse | None:
+                  block_v: int = 64, steps: int = 2) -> MosaicUse | None:
     """Where the Mosaic GPU kernels serve a call (``None``: the Triton kernels do).
 
     ``"auto"`` takes them for the forward where no gradient is taken, unpacked rows, where
@@ -318,7 +318,7 @@ def choose_mosaic(forward_backend: str, K: int, V: int, chunk_size: int, dtype, 
     never takes them. Every fallback's reason goes to this module's debug log."""
     if forward_backend == "triton":
         return None
-    mcfg = mosaic.MosaicConfig(block_v=block_v)
+    mcfg = mosaic.MosaicConfig(block_v=block_v, max_concurrent_steps=steps)
     if forward_backend == "mosaic":
         why = mosaic_reason(K, V, chunk_size, dtype, out_dtype, interpret=interpret,
                             rows_are_sequences=rows_are_sequences, seg=seg, train=True,
@@ -390,7 +390,7 @@ def make_core(*, K: int, V: int, dtype, chunk_size: int, config: Config | None =
                        mosaic_block_v(q.shape[0] * q.shape[2], Vp, sms or _sm_count()))
         mcfg = choose_mosaic(forward_backend, Kp, Vp, chunk_size, q.dtype, v.dtype,
                              interpret=interp, rows_are_sequences=rows_are_sequences, seg=seg,
-                             block_v=block_v)
+                             block_v=block_v, steps=cfg.mosaic_steps or 2)
         o, final = _core(
             qp, kp, vp, G.astype(F32), beta.astype(F32), lam.astype(F32), h0p, seg, reset,
             is_last, seq, float(scale), cfg, chunk_size, interp, mcfg,

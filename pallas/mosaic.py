@@ -132,14 +132,16 @@ def smem_bytes(K: int, C: int, BV: int, itemsize: int, steps: int, out_itemsize:
     and ``O`` (``[C, BV]``), ``G`` (``[C]`` float32) and with ``segmented`` the two ``[C]``
     int32 id vectors; ``h`` (``[K, BV]``) and ``D`` (``[C, BV]``) in the compute dtype, once as
     scratch or, with ``residuals``, ``steps`` times as output buffers; the decayed ``D`` (not
-    with ``scale_operands``) and the float32 ``[K, BV]`` buffer that carries ``h0`` in and the
-    final state out."""
+    with ``scale_operands``); the float32 ``[K, BV]`` buffer that carries ``h0`` in and the
+    final state out lives in scopes of its own before and after the pipeline, reusing the
+    pipeline buffers' bytes (at ``steps=1`` and ``block_v=64`` the CTA fits twice on a
+    multiprocessor)."""
     hd = (K * BV + C * BV) * itemsize
     per_step = 3 * C * K * itemsize + C * BV * (itemsize + out_itemsize) + 4 * C
     per_step += 8 * C if segmented else 0
     per_step += hd if residuals else 0
     dd = 0 if scale_operands else C * BV * itemsize
-    return steps * per_step + (0 if residuals else hd) + dd + 4 * K * BV
+    return (0 if residuals else hd) + dd + max(steps * per_step, 4 * K * BV)
 
 
 def check_supported(*, K: int, V: int, C: int, dtype, out_dtype=None,
@@ -260,6 +262,31 @@ def _load(ref, layout):
         return plgpu.load(ref, (), layout=layout)
 
 
+def _load_f32_tile(src, bar, BV):
+    """A float32 ``[K, BV]`` tile of ``src`` (gmem) in registers, through a shared-memory
+    buffer that lives only for the copy: allocated in its own scope, it takes no room from the
+    pipeline buffers that follow (scoped allocations reuse the same bytes), so the pipeline
+    plus this tile ask for ``max`` rather than the sum of the two."""
+    def body(f_s):
+        plgpu.copy_gmem_to_smem(src, f_s, bar)
+        plgpu.barrier_wait(bar)
+        return _load(f_s, plgpu.Layout.WGMMA)
+
+    return pl.run_scoped(body, plgpu.SMEM(src.shape, F32, transforms=_transforms(BV, F32)))
+
+
+def _store_f32_tile(x, dst, BV):
+    """Writes the float32 register tile ``x`` to ``dst`` (gmem) through a scoped buffer, as
+    :func:`_load_f32_tile` reads one."""
+    def body(f_s):
+        f_s[...] = x
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(f_s, dst)
+        plgpu.wait_smem_to_gmem(0)
+
+    pl.run_scoped(body, plgpu.SMEM(dst.shape, F32, transforms=_transforms(BV, F32)))
+
+
 def _rows(x, shape):
     """A vector along the rows of a 2-D tile (``x[:, None]``, in a form the Mosaic GPU layouts
     take)."""
@@ -318,13 +345,11 @@ def _kernel(*refs, C, NC, H, BV, scale, steps, dt, residuals, segmented, scale_o
         h_scr, d_scr = scratch[:2]
         scratch = scratch[2:]
     dd_s = None if scale_operands else scratch.pop(0)
-    f_s, bar = scratch
+    (bar,) = scratch
     b, h, j = lax.axis_index("b"), lax.axis_index("h"), lax.axis_index("v")
     K = ins[0].shape[-1]
     vs = pl.ds(j * BV, BV)
-    plgpu.copy_gmem_to_smem(h0_ref.at[b, h, :, vs], f_s, bar)
-    plgpu.barrier_wait(bar)
-    state0 = _load(f_s, plgpu.Layout.WGMMA)
+    state0 = _load_f32_tile(h0_ref.at[b, h, :, vs], bar, BV)
 
     causal = _causal(C)
 
@@ -419,10 +444,7 @@ def _kernel(*refs, C, NC, H, BV, scale, steps, dt, residuals, segmented, scale_o
         max_concurrent_steps=steps,
         init_carry=state0,
     )(*ins, *outs[:1], *outs[2:])
-    f_s[...] = final
-    plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(f_s, fin_ref.at[b, h, :, vs])
-    plgpu.wait_smem_to_gmem(0)
+    _store_f32_tile(final, fin_ref.at[b, h, :, vs], BV)
 
 
 def state_output(q, k, G, W, U, h0, seg=None, *, scale: float, out_dtype=None,
@@ -475,8 +497,7 @@ def state_output(q, k, G, W, U, h0, seg=None, *, scale: float, out_dtype=None,
                                scale_operands=cfg.scale_operands)
     out_type = [jax.ShapeDtypeStruct((B, Tp, H, V), out_dtype),
                 jax.ShapeDtypeStruct((B, H, K, V), F32)]
-    scratch = [plgpu.SMEM((K, BV), F32, transforms=_transforms(BV, F32)),  # h0 in, final out
-               plgpu.Barrier()]
+    scratch = [plgpu.Barrier()]  # h0 in and final out go through scoped buffers
     if not cfg.scale_operands:
         scratch.insert(0, plgpu.SMEM((C, BV), dt, transforms=_transforms(BV, dt)))  # e o D
     if residuals:  # h and D are written from the pipeline's output buffers
@@ -510,23 +531,21 @@ def reverse_smem_bytes(K: int, C: int, BV: int, itemsize: int, steps: int,
                        segmented: bool = False, fused_dd0: bool = False) -> int:
     """Shared memory of one CTA of :func:`reverse_state_pass`: ``steps`` pipeline buffers of
     ``Q, K, W`` (``[C, K]``), ``dO``, ``dD0`` (unless ``fused_dd0``) and ``dD`` (``[C, BV]``),
-    ``dh_out`` (``[K, BV]``), ``G`` and the ids, plus the float32 ``[K, BV]`` buffer of
-    ``dfinal`` in and ``dh0`` out."""
+    ``dh_out`` (``[K, BV]``), ``G`` and the ids; the float32 ``[K, BV]`` buffer of ``dfinal``
+    in and ``dh0`` out reuses their bytes before and after the pipeline."""
     per_step = ((3 * C * K + (2 if fused_dd0 else 3) * C * BV + K * BV) * itemsize + 4 * C
                 + (8 * C if segmented else 0))
-    return steps * per_step + 4 * K * BV
+    return max(steps * per_step, 4 * K * BV)
 
 
 def _reverse_kernel(*refs, C, NC, H, BV, scale, steps, dt, segmented, fused_dd0):
     n_in = (8 if segmented else 6) - int(fused_dd0)
     ins = refs[:n_in]
-    dfin_ref, dhout_ref, dd_ref, dh0_ref, f_s, bar = refs[n_in:]
+    dfin_ref, dhout_ref, dd_ref, dh0_ref, bar = refs[n_in:]
     b, h, j = lax.axis_index("b"), lax.axis_index("h"), lax.axis_index("v")
     K = ins[0].shape[-1]
     vs = pl.ds(j * BV, BV)
-    plgpu.copy_gmem_to_smem(dfin_ref.at[b, h, :, vs], f_s, bar)
-    plgpu.barrier_wait(bar)
-    dh_last = _load(f_s, plgpu.Layout.WGMMA)
+    dh_last = _load_f32_tile(dfin_ref.at[b, h, :, vs], bar, BV)
 
     # dD0 = scale P^T dO in the kernel: P^T = (K Q^T) o exp(G_i - G_j) over pairs j <= i
     # (row j, column i), the transpose of the forward's mask.
@@ -604,10 +623,7 @@ def _reverse_kernel(*refs, C, NC, H, BV, scale, steps, dt, segmented, fused_dd0)
         chunk, grid=(NC,), in_specs=in_specs, out_specs=out_specs,
         max_concurrent_steps=steps, init_carry=dh_last,
     )(*ins, dhout_ref, dd_ref)
-    f_s[...] = dh0
-    plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(f_s, dh0_ref.at[b, h, :, vs])
-    plgpu.wait_smem_to_gmem(0)
+    _store_f32_tile(dh0, dh0_ref.at[b, h, :, vs], BV)
 
 
 def reverse_state_pass(q, k, G, W, do, dD0, dfinal, seg=None, *, scale: float, C: int = CHUNK,
@@ -668,8 +684,7 @@ def reverse_state_pass(q, k, G, W, do, dD0, dfinal, seg=None, *, scale: float, C
         out_type=(jax.ShapeDtypeStruct((B * NC * H * K, V), dt),
                   jax.ShapeDtypeStruct((B, Tp, H, V), dt),
                   jax.ShapeDtypeStruct((B, H, K, V), F32)),
-        scratch_types=[plgpu.SMEM((K, BV), F32, transforms=_transforms(BV, F32)),
-                       plgpu.Barrier()],
+        scratch_types=[plgpu.Barrier()],  # dfinal in and dh0 out: scoped buffers
         grid=(B, H, V // BV),
         grid_names=("b", "h", "v"),
         compiler_params=plgpu.CompilerParams(lowering_semantics=semantics),

@@ -200,6 +200,9 @@ def test_ops_implementation_names():
                                                    Config(mosaic_fused_local=False))
     assert ops.split_impl("pallas-mosaic+pfl") == ("pallas-mosaic",
                                                    Config(mosaic_fused_local=True))
+    assert ops.split_impl("pallas-mosaic+ms1") == ("pallas-mosaic", Config(mosaic_steps=1))
+    with pytest.raises(ValueError, match="mosaic_steps"):
+        ops.split_impl("pallas-mosaic+ms5")
     with pytest.raises(ValueError, match=r"unknown suffix \+fast"):
         ops.split_impl("pallas+fast")
     with pytest.raises(ValueError, match="mosaic_block_v"):

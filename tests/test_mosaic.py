@@ -135,6 +135,50 @@ def test_smem_accounting():
 
 
 @needs_plgpu
+@pytest.mark.parametrize("kind, residuals, steps", [
+    ("forward", False, 1), ("forward", True, 1), ("forward", True, 2),
+    ("reverse", None, 1), ("reverse", None, 2),
+])
+def test_lowered_smem_is_the_accounted_one(monkeypatch, kind, residuals, steps):
+    """The shared memory Pallas reserves for the lowered kernel is what ``smem_bytes`` /
+    ``reverse_smem_bytes`` count, up to alignment: the float32 ``[K, BV]`` tile of the initial
+    and final state shares the pipeline buffers' bytes (scoped before and after the pipeline)
+    instead of adding to them, so that at one step and tiles of 64 two CTAs fit on an sm_90
+    multiprocessor (228 KiB, 1 KiB reserved per CTA)."""
+    from jax._src.pallas.mosaic_gpu import lowering as mgpu_lowering
+
+    seen = []
+    estimate = mgpu_lowering._estimate_resources
+
+    def spy(ctx, jaxpr):
+        r = estimate(ctx, jaxpr)
+        seen.append(r.smem_scratch_bytes)
+        return r
+
+    monkeypatch.setattr(mgpu_lowering, "_estimate_resources", spy)
+    B, T, H, K, V = 1, 256, 2, 128, 256
+    cfg = mosaic.MosaicConfig(block_v=64, max_concurrent_steps=steps)
+    q = jax.ShapeDtypeStruct((B, T, H, K), BF16)
+    G = jax.ShapeDtypeStruct((B, T, H), F32)
+    vv = jax.ShapeDtypeStruct((B, T, H, V), BF16)
+    st = jax.ShapeDtypeStruct((B, H, K, V), F32)
+    if kind == "forward":
+        f = jax.jit(lambda *a: mosaic.state_output(*a, scale=0.1, residuals=residuals, cfg=cfg))
+        args = (q, q, G, q, vv, st)
+        want = mosaic.smem_bytes(K, 64, 64, 2, steps, 2, residuals)
+    else:
+        f = jax.jit(lambda q, k, G, W, do, df: mosaic.reverse_state_pass(
+            q, k, G, W, do, None, df, scale=0.1, cfg=cfg))
+        args = (q, q, G, q, vv, st)
+        want = mosaic.reverse_smem_bytes(K, 64, 64, 2, steps, fused_dd0=True)
+    f.trace(*args).lower(lowering_platforms=("cuda",))
+    got = max(seen)
+    assert want <= got <= want + 1024, (got, want)
+    if steps == 1:
+        assert 2 * (got + 1024) <= 228 * 1024
+
+
+@needs_plgpu
 def test_state_output_checks_shapes():
     q, k, G, W, U, h0 = (jnp.zeros(a.shape, a.dtype) for a in _args(1, 128, 1, 128, 128))
     with pytest.raises(ValueError, match="h0 has shape"):

@@ -411,6 +411,21 @@ def test_mosaic_block_v_follows_the_grid(monkeypatch):
                                ("pallas-mosaic", pcfg.Config(mosaic_block_v=64), 64)):
         qdelta_rule(q, k, v, g, beta, lam, chunk_size=16, implementation=impl, config=config)
         assert seen.pop() == want  # B2 H6 V64: 12 CTAs at tiles of 64
+    # The pipeline depth: 2 unless the config says otherwise, then as given.
+    depths = []
+    monkeypatch.setattr(pcore, "choose_mosaic",
+                        lambda *a, steps, **k: depths.append(steps) or None)
+    for config, want in ((None, 2), (pcfg.Config(mosaic_steps=1), 1)):
+        qdelta_rule(q, k, v, g, beta, lam, chunk_size=16, implementation="pallas-mosaic",
+                    config=config)
+        assert depths.pop() == want
+    for bad in (0, 5, True, 1.0):
+        with pytest.raises(ValueError, match="mosaic_steps"):
+            pcfg.Config(mosaic_steps=bad)
+    cfg = pcfg.Config(mosaic_steps=1)
+    assert pcfg.Config.from_dict(cfg.to_dict()) == cfg
+    monkeypatch.setattr(pcore, "choose_mosaic",
+                        lambda *a, block_v, **k: seen.append(block_v) or None)
     # Packed rows on Mosaic keep tiles of 64 unless told otherwise.
     cu = jnp.array([[0, 20, 64], [0, 64, 64]], jnp.int32)
     for config, want in ((None, 64), (pcfg.Config(mosaic_block_v=32), 32)):
