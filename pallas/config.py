@@ -76,8 +76,10 @@ class Config:
     packed rows.
 
     ``mosaic_steps``: the pipeline depth (chunks whose loads are in flight, 1 to 4) of the
-    Mosaic GPU state pass and reverse pass; ``None``: 2. At 1 a CTA's next loads wait for its
-    math, but at ``mosaic_block_v=64`` two CTAs fit on a multiprocessor (one at 2).
+    Mosaic GPU state pass and reverse pass; ``None``: 2 for the state pass, and for the
+    reverse pass 1 at V tiles of 64 (:func:`qdelta_jax.pallas.core.reverse_depth`), else 2.
+    At 1 a CTA's next loads wait for its math, but at ``mosaic_block_v=64`` two CTAs fit on a
+    multiprocessor (one at 2).
 
     ``mosaic_dqkw``: where the backward runs on the Mosaic GPU kernels
     (``implementation="pallas-mosaic"``, unpacked rows), its state-side gradients too

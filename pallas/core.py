@@ -88,6 +88,7 @@ class MosaicUse:
 
     cfg: mosaic.MosaicConfig
     train: bool = False
+    reverse_cfg: mosaic.MosaicConfig | None = None  # the reverse pass's (None: ``cfg``)
 
 
 def _mosaic_h0(h0, seg, B):
@@ -157,7 +158,8 @@ def _core_bwd(scale, cfg: Config, C, interp, mcfg, res, cts):
         B = q.shape[0]
         dfin = jnp.zeros((B,) + h0.shape[1:], F32) if seg is not None else dfinal
         dh_out, dD, dh0 = mosaic.reverse_state_pass(q, k, G, W, do, dD0, dfin.astype(F32), seg,
-                                                    scale=scale, C=C, cfg=mcfg.cfg)
+                                                    scale=scale, C=C,
+                                                    cfg=mcfg.reverse_cfg or mcfg.cfg)
         if seg is not None:  # h0 is the layout's internal zero state; its gradient is unused
             dh0 = jnp.zeros_like(h0)
     else:
@@ -275,6 +277,15 @@ def mosaic_block_v(ctas_per_tile: int, V: int, sms: int | None) -> int:
     return 64
 
 
+def reverse_depth(block_v: int) -> int:
+    """The reverse pass's default pipeline depth: 1 at V tiles of 64, where two of its CTAs
+    then share a multiprocessor (81 KB of shared memory each, against 164 KB at depth 2): on
+    an H200 0.322 against 0.379 ms at the 340M layer, 0.331 against 0.371 at H16, 0.340
+    against 0.420 on packed rows; 2 at tiles of 32 (small grids, B2 T16384: 0.666 against
+    0.933 ms). The state pass keeps depth 2 (at 1 it is slower: 0.480 against 0.356 ms)."""
+    return 1 if block_v == 64 else 2
+
+
 def _sm_count() -> int | None:
     try:
         return int(getattr(jax.devices()[0], "core_count", 0)) or None
@@ -306,31 +317,37 @@ def mosaic_reason(K: int, V: int, chunk_size: int, dtype, out_dtype, *, interpre
 
 def choose_mosaic(forward_backend: str, K: int, V: int, chunk_size: int, dtype, out_dtype, *,
                   interpret: bool, rows_are_sequences: bool, seg,
-                  block_v: int = 64, steps: int = 2) -> MosaicUse | None:
+                  block_v: int = 64, steps: int = 2,
+                  reverse_steps: int | None = None) -> MosaicUse | None:
     """Where the Mosaic GPU kernels serve a call (``None``: the Triton kernels do).
 
-    ``"auto"`` takes them for the forward where no gradient is taken, unpacked rows, where
-    they support the call; training stays on the Triton kernels. On an H200 the Mosaic training
-    path is faster for the op alone (forward+backward 2.25 vs 2.42 ms at the 340M layer) but
-    the 340m training step is slower with it (129.8 vs 116.3 ms) and compiles in 126 s instead
-    of 50 s (BENCHMARKS.md). ``"mosaic"`` takes them wherever they can run, training and
-    packed rows included, and raises ValueError naming the reason elsewhere; ``"triton"``
-    never takes them. Every fallback's reason goes to this module's debug log."""
+    ``"auto"`` takes them wherever they support the call, training and packed rows included
+    (the differentiated forward then writes the backward's residuals and the backward runs on
+    Mosaic GPU too); where only the not-differentiated forward fits (unpacked rows), that; the
+    Triton kernels elsewhere. On an H200 the op is faster on them at every benchmark shape and
+    so is the 340m training step (110.6 against 116.2 ms, compiling in 64 against 61 s;
+    BENCHMARKS.md). ``"mosaic"`` takes them wherever they can run and raises ValueError naming
+    the reason elsewhere; ``"triton"`` never takes them. Every fallback's reason goes to this
+    module's debug log.
+
+    ``steps``: the pipeline depth of the state pass (and of the reverse pass unless
+    ``reverse_steps`` is given)."""
     if forward_backend == "triton":
         return None
     mcfg = mosaic.MosaicConfig(block_v=block_v, max_concurrent_steps=steps)
-    if forward_backend == "mosaic":
-        why = mosaic_reason(K, V, chunk_size, dtype, out_dtype, interpret=interpret,
-                            rows_are_sequences=rows_are_sequences, seg=seg, train=True,
-                            cfg=mcfg)
-        if why is not None:
-            raise ValueError(f"the Mosaic GPU forward cannot run this call: {why}")
-        return MosaicUse(mcfg, train=True)
-    why = ("packed rows take the Mosaic kernels only with forward_backend='mosaic'"
-           if seg is not None else
-           mosaic_reason(K, V, chunk_size, dtype, out_dtype, interpret=interpret,
-                         rows_are_sequences=rows_are_sequences, seg=seg, cfg=mcfg))
+    why = mosaic_reason(K, V, chunk_size, dtype, out_dtype, interpret=interpret,
+                        rows_are_sequences=rows_are_sequences, seg=seg, train=True, cfg=mcfg)
     if why is None:
+        rcfg = (None if reverse_steps in (None, steps) else
+                dataclasses.replace(mcfg, max_concurrent_steps=reverse_steps))
+        return MosaicUse(mcfg, train=True, reverse_cfg=rcfg)
+    if forward_backend == "mosaic":
+        raise ValueError(f"the Mosaic GPU forward cannot run this call: {why}")
+    if seg is None and mosaic_reason(K, V, chunk_size, dtype, out_dtype, interpret=interpret,
+                                     rows_are_sequences=rows_are_sequences, seg=None,
+                                     cfg=mcfg) is None:
+        log.debug("qdelta pallas: the Mosaic GPU forward where no gradient is taken, the "
+                  "Triton kernels for training: %s", why)
         return MosaicUse(mcfg)
     log.debug("qdelta pallas forward: Triton kernels, not Mosaic GPU: %s", why)
     return None
@@ -349,12 +366,12 @@ def make_core(*, K: int, V: int, dtype, chunk_size: int, config: Config | None =
     (o, final)`` with the contract of :func:`qdelta_jax.xla.chunked_core`, differentiable
     w.r.t. its first 7 arguments. ``config`` (may be partial) is completed by :func:`get_config`;
     ``interpret`` defaults to "not on a GPU". ``forward_backend``: ``"auto"`` runs the Mosaic
-    GPU state pass + output (:mod:`.mosaic`) where no gradient is taken, for unpacked rows it
-    supports, the Triton kernels elsewhere (see :func:`choose_mosaic`; the reason goes to this
-    module's debug log); ``"mosaic"`` insists on the Mosaic kernels for every call, training
-    included (the forward then writes ``h_in, D`` from the fused pass and the backward's reverse
-    pass is Mosaic's too; packed rows too), and raises ValueError naming the reason where they
-    cannot run; ``"triton"`` never uses them. The core takes
+    GPU kernels (:mod:`.mosaic`, :mod:`.mosaic_local`, :mod:`.mosaic_backward`) for every call
+    they support, training and packed rows included (the forward then writes ``h_in, D`` from
+    the fused pass and the backward runs on Mosaic GPU too), the Triton kernels elsewhere (see
+    :func:`choose_mosaic`; the reason goes to this module's debug log); ``"mosaic"`` insists on
+    the Mosaic kernels and raises ValueError naming the reason where they cannot run;
+    ``"triton"`` never uses them. The core takes
     ``rows_are_sequences=True`` when each batch row is one sequence with its own ``h0`` entry.
 
     Raises ValueError for unsupported ``chunk_size``, head sizes or ``forward_backend``."""
@@ -386,11 +403,12 @@ def make_core(*, K: int, V: int, dtype, chunk_size: int, config: Config | None =
         if block_v is None:
             # Packed rows on Mosaic keep tiles of 64: their document-masked kernels have not
             # been checked on a GPU with tiles of 32.
-            block_v = (64 if forward_backend == "mosaic" and seg is not None else
+            block_v = (64 if forward_backend != "triton" and seg is not None else
                        mosaic_block_v(q.shape[0] * q.shape[2], Vp, sms or _sm_count()))
         mcfg = choose_mosaic(forward_backend, Kp, Vp, chunk_size, q.dtype, v.dtype,
                              interpret=interp, rows_are_sequences=rows_are_sequences, seg=seg,
-                             block_v=block_v, steps=cfg.mosaic_steps or 2)
+                             block_v=block_v, steps=cfg.mosaic_steps or 2,
+                             reverse_steps=cfg.mosaic_steps or reverse_depth(block_v))
         o, final = _core(
             qp, kp, vp, G.astype(F32), beta.astype(F32), lam.astype(F32), h0p, seg, reset,
             is_last, seq, float(scale), cfg, chunk_size, interp, mcfg,

@@ -7,15 +7,14 @@ Implementations (``implementation=``):
 * ``"xla"`` -- :mod:`qdelta_jax.xla`, the chunkwise form in plain ``jnp`` with an analytic
   ``custom_vjp``; runs on every backend.
 * ``"pallas"`` -- :mod:`qdelta_jax.pallas`, GPU kernels (Pallas) behind the same chunked layout;
-  on a machine without a GPU they run in Pallas interpret mode (slow; for tests). Training
-  (differentiated calls) runs the Triton-lowered kernels; where no gradient is taken, on Hopper
-  GPUs, a Mosaic GPU kernel fuses the state pass and the output for unpacked rows (bfloat16,
-  chunk 64; elsewhere the Triton kernels, the reason in the ``qdelta_jax.pallas.core`` debug
-  log). ``"pallas-triton"`` never uses the Mosaic kernels; ``"pallas-mosaic"`` runs them for
-  every call they take, training and packed rows included (the fused pass then also writes the
-  backward's residuals, and the backward's reverse pass is a Mosaic kernel too; exact end to
-  end on an H200, faster for the op alone, slower inside the 340m training step: see
-  BENCHMARKS.md), and raises a ValueError that says why where they cannot run.
+  on a machine without a GPU they run in Pallas interpret mode (slow; for tests). On Hopper
+  GPUs (bfloat16 or float16, chunk 64, K a multiple of 64 up to 256) the Mosaic GPU kernels
+  run the call, training and packed rows included: the local stage, the fused state pass and
+  output (which also writes the backward's residuals), and the backward's reverse pass and
+  local gradients; elsewhere the Triton-lowered kernels, the reason in the
+  ``qdelta_jax.pallas.core`` debug log. ``"pallas-triton"`` never uses the Mosaic kernels;
+  ``"pallas-mosaic"`` insists on them and raises a ValueError that says why where they cannot
+  run. Timings of both on an H200 are in BENCHMARKS.md.
 
 ``None`` picks ``"pallas"`` on GPUs and ``"xla"`` elsewhere.
 

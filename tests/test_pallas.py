@@ -400,7 +400,11 @@ def test_mosaic_block_v_follows_the_grid(monkeypatch):
     monkeypatch.setattr(pcore, "mosaic_reason", lambda *a, **k: None)
     use = pcore.choose_mosaic("auto", 128, 256, 64, jnp.bfloat16, jnp.bfloat16, interpret=False,
                               rows_are_sequences=True, seg=None, block_v=32)
-    assert use.cfg.block_v == 32 and not use.train
+    assert use.cfg.block_v == 32 and use.train  # "auto" trains on Mosaic GPU where it can
+    assert use.reverse_cfg is None  # the reverse pass at the state pass's depth
+    use = pcore.choose_mosaic("auto", 128, 256, 64, jnp.bfloat16, jnp.bfloat16, interpret=False,
+                              rows_are_sequences=True, seg=None, block_v=64, reverse_steps=1)
+    assert use.cfg.max_concurrent_steps == 2 and use.reverse_cfg.max_concurrent_steps == 1
     seen = []
     monkeypatch.setattr(pcore, "choose_mosaic",
                         lambda *a, block_v, **k: seen.append(block_v) or None)
@@ -414,8 +418,11 @@ def test_mosaic_block_v_follows_the_grid(monkeypatch):
     # The pipeline depth: 2 unless the config says otherwise, then as given.
     depths = []
     monkeypatch.setattr(pcore, "choose_mosaic",
-                        lambda *a, steps, **k: depths.append(steps) or None)
-    for config, want in ((None, 2), (pcfg.Config(mosaic_steps=1), 1)):
+                        lambda *a, steps, reverse_steps, **k: depths.append(
+                            (steps, reverse_steps)) or None)
+    # (tiles of 32 here: the reverse pass keeps depth 2; at tiles of 64 it takes 1)
+    for config, want in ((None, (2, 2)), (pcfg.Config(mosaic_block_v=64), (2, 1)),
+                         (pcfg.Config(mosaic_steps=1), (1, 1))):
         qdelta_rule(q, k, v, g, beta, lam, chunk_size=16, implementation="pallas-mosaic",
                     config=config)
         assert depths.pop() == want
@@ -428,10 +435,11 @@ def test_mosaic_block_v_follows_the_grid(monkeypatch):
                         lambda *a, block_v, **k: seen.append(block_v) or None)
     # Packed rows on Mosaic keep tiles of 64 unless told otherwise.
     cu = jnp.array([[0, 20, 64], [0, 64, 64]], jnp.int32)
-    for config, want in ((None, 64), (pcfg.Config(mosaic_block_v=32), 32)):
-        qdelta_rule(q, k, v, g, beta, lam, chunk_size=16, implementation="pallas-mosaic",
-                    config=config, cu_seqlens=cu)
-        assert seen.pop() == want
+    for impl in ("pallas-mosaic", "pallas"):
+        for config, want in ((None, 64), (pcfg.Config(mosaic_block_v=32), 32)):
+            qdelta_rule(q, k, v, g, beta, lam, chunk_size=16, implementation=impl,
+                        config=config, cu_seqlens=cu)
+            assert seen.pop() == want
 
 
 def test_forward_backend_choice_off_the_gpu():
@@ -559,6 +567,12 @@ def test_mosaic_training_dispatch_wiring(mosaic_standins):
             assert rel_err(a, b) < tol, name
     with pytest.raises(TypeError, match="mosaic_dqkw"):
         pcfg.Config(mosaic_dqkw=1)
+    # implementation="pallas" trains on the Mosaic kernels wherever they take the call.
+    calls.clear()
+    (_, (o_a, _)), g_a = value_and_grads("pallas", C)(*args, w)
+    assert calls == fused and rel_err(o_a, o_x) < tol
+    for name, a, b in zip(ARGS, g_a, g_x):
+        assert rel_err(a, b) < tol, name
     wp = w
     # Packed rows, by default: the fused path with its document masks (dPs within documents,
     # gamma, e, aC per document). With Config(mosaic_fused_local=False): the Triton state-side
@@ -576,6 +590,10 @@ def test_mosaic_training_dispatch_wiring(mosaic_standins):
         assert rel_err(o_p, o_px) < tol
         for name, a, b in zip(("q", "k", "v", "g", "beta", "lam"), gp, gpx):
             assert rel_err(a, b) < tol, name
+    calls.clear()
+    (_, o_p), gp = packed_value_and_grads("pallas", C, CU_ROWS)(q, k, v, g, beta, lam, wp)
+    assert calls == ["local", "fwd", "rev", "dd0 in rev", "grads_v from D", "dqkw + grads_k"]
+    assert rel_err(o_p, o_px) < tol
 
 
 @pytest.mark.parametrize("dtype", [F32, jnp.bfloat16])
@@ -639,20 +657,22 @@ def test_mosaic_backward_variants_in_bfloat16(mosaic_standins):
 
 
 def test_mosaic_choice_per_backend(monkeypatch):
-    """'auto' takes the Mosaic kernels for the no-gradient forward of unpacked rows only (the
-    training step was slower with them on an H200); 'mosaic' trains on them and raises with
-    the reason where they cannot run; 'triton' never asks."""
+    """'auto' and 'mosaic' train on the Mosaic kernels wherever they take the call, packed rows
+    included; where only the no-gradient forward fits, 'auto' takes that for unpacked rows
+    (the Triton kernels for packed ones) and 'mosaic' raises with the reason; 'triton' never
+    asks."""
     reasons = {True: None, False: None}
     monkeypatch.setattr(pcore, "mosaic_reason", lambda *a, train=False, **k: reasons[train])
     choose = lambda backend, seg=None: pcore.choose_mosaic(  # noqa: E731
         backend, 128, 256, 64, jnp.bfloat16, jnp.bfloat16, interpret=False,
         rows_are_sequences=True, seg=seg)
     seg = jnp.zeros((1, 64), jnp.int32)
-    assert not choose("auto").train and choose("mosaic").train and choose("mosaic", seg).train
+    for backend in ("auto", "mosaic"):
+        assert choose(backend).train and choose(backend, seg).train
     assert choose("triton") is None
-    assert choose("auto", seg=seg) is None  # packed rows: only when asked for
     reasons[True] = "no residual outputs here"
-    assert choose("auto") is not None
+    assert not choose("auto").train  # the forward only
+    assert choose("auto", seg=seg) is None
     with pytest.raises(ValueError, match="cannot run this call: no residual outputs here"):
         choose("mosaic")
     reasons[False] = "not sm_90"
