@@ -64,10 +64,10 @@ for s in $sections; do
         step opspack ${OPS_LIMIT:-300} "$PY" benchmarks/ops.py --fla --impl pallas --docs 0 32 \
             --reps 30 --warmup 5 --json "$OUT_DIR/opspack.json"
         ;;
-    anchors)  # pallas (Triton training) and pallas-mosaic beside the authors' kernel, fla's
+    anchors)  # pallas (the default: Mosaic GPU on Hopper) and pallas-triton beside the authors' kernel, fla's
         # forward and flash attention (torch, its own process, first)
         step anchors ${ANCHORS_LIMIT:-540} "$PY" benchmarks/ops.py --anchors \
-            --impl pallas pallas-mosaic --reps 30 --warmup 5 --json "$OUT_DIR/anchors.json"
+            --impl pallas-triton pallas --reps 30 --warmup 5 --json "$OUT_DIR/anchors.json"
         ;;
     seqsweep)  # per-stage checks and times at B2 T16384, the sequential passes' V tiles swept
         step seqsweep ${DEV_LIMIT:-300} "$PY" benchmarks/pallas_dev.py \
