@@ -64,8 +64,8 @@ for s in $sections; do
         step opspack ${OPS_LIMIT:-300} "$PY" benchmarks/ops.py --fla --impl pallas --docs 0 32 \
             --reps 30 --warmup 5 --json "$OUT_DIR/opspack.json"
         ;;
-    anchors)  # pallas (the default: Mosaic GPU on Hopper) and pallas-triton beside the authors' kernel, fla's
-        # forward and flash attention (torch, its own process, first)
+    anchors)  # pallas (the default: Mosaic GPU on Hopper) and pallas-triton beside the
+        # authors' kernel, fla's forward and flash attention (torch, its own process, first)
         step anchors ${ANCHORS_LIMIT:-540} "$PY" benchmarks/ops.py --anchors \
             --impl pallas-triton pallas --reps 30 --warmup 5 --json "$OUT_DIR/anchors.json"
         ;;
