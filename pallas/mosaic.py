@@ -262,7 +262,7 @@ def _load(ref, layout):
         return plgpu.load(ref, (), layout=layout)
 
 
-def _load_f32_tile(src, bar, BV):
+def _load_f32_tile(src, bar):
     """A float32 ``[K, BV]`` tile of ``src`` (gmem) in registers, through a shared-memory
     buffer that lives only for the copy: allocated in its own scope, it takes no room from the
     pipeline buffers that follow (scoped allocations reuse the same bytes), so the pipeline
@@ -272,10 +272,11 @@ def _load_f32_tile(src, bar, BV):
         plgpu.barrier_wait(bar)
         return _load(f_s, plgpu.Layout.WGMMA)
 
-    return pl.run_scoped(body, plgpu.SMEM(src.shape, F32, transforms=_transforms(BV, F32)))
+    return pl.run_scoped(body, plgpu.SMEM(src.shape, F32,
+                                          transforms=_transforms(src.shape[-1], F32)))
 
 
-def _store_f32_tile(x, dst, BV):
+def _store_f32_tile(x, dst):
     """Writes the float32 register tile ``x`` to ``dst`` (gmem) through a scoped buffer, as
     :func:`_load_f32_tile` reads one."""
     def body(f_s):
@@ -284,7 +285,7 @@ def _store_f32_tile(x, dst, BV):
         plgpu.copy_smem_to_gmem(f_s, dst)
         plgpu.wait_smem_to_gmem(0)
 
-    pl.run_scoped(body, plgpu.SMEM(dst.shape, F32, transforms=_transforms(BV, F32)))
+    pl.run_scoped(body, plgpu.SMEM(dst.shape, F32, transforms=_transforms(dst.shape[-1], F32)))
 
 
 def _rows(x, shape):
@@ -349,7 +350,7 @@ def _kernel(*refs, C, NC, H, BV, scale, steps, dt, residuals, segmented, scale_o
     b, h, j = lax.axis_index("b"), lax.axis_index("h"), lax.axis_index("v")
     K = ins[0].shape[-1]
     vs = pl.ds(j * BV, BV)
-    state0 = _load_f32_tile(h0_ref.at[b, h, :, vs], bar, BV)
+    state0 = _load_f32_tile(h0_ref.at[b, h, :, vs], bar)
 
     causal = _causal(C)
 
@@ -444,7 +445,7 @@ def _kernel(*refs, C, NC, H, BV, scale, steps, dt, residuals, segmented, scale_o
         max_concurrent_steps=steps,
         init_carry=state0,
     )(*ins, *outs[:1], *outs[2:])
-    _store_f32_tile(final, fin_ref.at[b, h, :, vs], BV)
+    _store_f32_tile(final, fin_ref.at[b, h, :, vs])
 
 
 def state_output(q, k, G, W, U, h0, seg=None, *, scale: float, out_dtype=None,
@@ -545,7 +546,7 @@ def _reverse_kernel(*refs, C, NC, H, BV, scale, steps, dt, segmented, fused_dd0)
     b, h, j = lax.axis_index("b"), lax.axis_index("h"), lax.axis_index("v")
     K = ins[0].shape[-1]
     vs = pl.ds(j * BV, BV)
-    dh_last = _load_f32_tile(dfin_ref.at[b, h, :, vs], bar, BV)
+    dh_last = _load_f32_tile(dfin_ref.at[b, h, :, vs], bar)
 
     # dD0 = scale P^T dO in the kernel: P^T = (K Q^T) o exp(G_i - G_j) over pairs j <= i
     # (row j, column i), the transpose of the forward's mask.
@@ -623,7 +624,7 @@ def _reverse_kernel(*refs, C, NC, H, BV, scale, steps, dt, segmented, fused_dd0)
         chunk, grid=(NC,), in_specs=in_specs, out_specs=out_specs,
         max_concurrent_steps=steps, init_carry=dh_last,
     )(*ins, dhout_ref, dd_ref)
-    _store_f32_tile(dh0, dh0_ref.at[b, h, :, vs], BV)
+    _store_f32_tile(dh0, dh0_ref.at[b, h, :, vs])
 
 
 def reverse_state_pass(q, k, G, W, do, dD0, dfinal, seg=None, *, scale: float, C: int = CHUNK,

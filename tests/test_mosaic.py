@@ -162,14 +162,13 @@ def test_lowered_smem_is_the_accounted_one(monkeypatch, kind, residuals, steps):
     G = jax.ShapeDtypeStruct((B, T, H), F32)
     vv = jax.ShapeDtypeStruct((B, T, H, V), BF16)
     st = jax.ShapeDtypeStruct((B, H, K, V), F32)
+    args = (q, q, G, q, vv, st)  # q, k, G, W, U or dO, h0 or dfinal
     if kind == "forward":
         f = jax.jit(lambda *a: mosaic.state_output(*a, scale=0.1, residuals=residuals, cfg=cfg))
-        args = (q, q, G, q, vv, st)
         want = mosaic.smem_bytes(K, 64, 64, 2, steps, 2, residuals)
     else:
         f = jax.jit(lambda q, k, G, W, do, df: mosaic.reverse_state_pass(
             q, k, G, W, do, None, df, scale=0.1, cfg=cfg))
-        args = (q, q, G, q, vv, st)
         want = mosaic.reverse_smem_bytes(K, 64, 64, 2, steps, fused_dd0=True)
     f.trace(*args).lower(lowering_platforms=("cuda",))
     got = max(seen)
